@@ -1,0 +1,85 @@
+// swift-tools-version: 6.2
+import PackageDescription
+
+let strict: [SwiftSetting] = [
+    .swiftLanguageMode(.v6),
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+    name: "vmsnap",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "SnapshotCore", targets: ["SnapshotCore"]),
+        .library(name: "BackendConformance", targets: ["BackendConformance"]),
+        .library(name: "Qcow2Backend", targets: ["Qcow2Backend"]),
+        .executable(name: "vmsnap", targets: ["vmsnap"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
+        .package(url: "https://github.com/swiftlang/swift-subprocess", from: "1.0.2"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+    ],
+    targets: [
+        // MARK: - Core and kit
+        .target(
+            name: "SnapshotCore",
+            dependencies: [
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "Subprocess", package: "swift-subprocess"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "BackendConformance",
+            dependencies: ["SnapshotCore"],
+            swiftSettings: strict
+        ),
+
+        // MARK: - Backends
+        .target(
+            name: "Qcow2Backend",
+            dependencies: ["SnapshotCore"],
+            path: "backends/qcow2/Sources/Qcow2Backend",
+            swiftSettings: strict
+        ),
+
+        // MARK: - Independent readers (test-only checks against third-party parsers)
+        .systemLibrary(name: "CLibQcow", pkgConfig: "libqcow", providers: [.apt(["libqcow-dev"])]),
+        .target(
+            name: "IndependentReaders",
+            dependencies: ["CLibQcow"],
+            swiftSettings: strict
+        ),
+
+        // MARK: - CLI
+        .executableTarget(
+            name: "vmsnap",
+            dependencies: [
+                "SnapshotCore", "BackendConformance", "Qcow2Backend",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strict
+        ),
+
+        // MARK: - Tests
+        .testTarget(
+            name: "SnapshotCoreTests",
+            dependencies: ["SnapshotCore"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "Qcow2BackendTests",
+            dependencies: ["Qcow2Backend", "SnapshotCore", "BackendConformance", "IndependentReaders"],
+            path: "backends/qcow2/Tests/Qcow2BackendTests",
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "VMSnapCLITests",
+            dependencies: ["SnapshotCore"],
+            swiftSettings: strict
+        ),
+    ]
+)

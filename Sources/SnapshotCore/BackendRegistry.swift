@@ -1,0 +1,66 @@
+import Synchronization
+
+/// How a backend is made, given the runner and settings of the process that uses it.
+public struct BackendFactory: Sendable {
+    public var kind: BackendKind
+    public var apiVersion: Int
+    public var make: @Sendable (BackendEnvironment) throws -> any DiskSnapshotBackend
+
+    public init(kind: BackendKind, apiVersion: Int = diskSnapshotBackendAPIVersion, make: @escaping @Sendable (BackendEnvironment) throws -> any DiskSnapshotBackend) {
+        self.kind = kind
+        self.apiVersion = apiVersion
+        self.make = make
+    }
+}
+
+/// What every backend is constructed with.
+public struct BackendEnvironment: Sendable {
+    public var runner: any CommandRunning
+    /// Settings from configuration (`cow-size`, `overlay-dir`, ...), by key.
+    public var settings: [String: String]
+
+    public init(runner: any CommandRunning = SubprocessRunner(), settings: [String: String] = [:]) {
+        self.runner = runner
+        self.settings = settings
+    }
+}
+
+/// Backends by kind name. Thread-safe; a process usually fills it once at start.
+public final class BackendRegistry: Sendable {
+    private let factories = Mutex<[BackendKind: BackendFactory]>([:])
+
+    public init() {}
+
+    /// Adds a backend. Refuses a kind that is already registered or an API version this core cannot drive.
+    public func register(_ factory: BackendFactory) throws {
+        guard factory.apiVersion == diskSnapshotBackendAPIVersion else {
+            throw SnapshotError(
+                .incompatibleBackend,
+                "backend '\(factory.kind)' was written for backend API version \(factory.apiVersion); this vmsnap speaks version \(diskSnapshotBackendAPIVersion)"
+            )
+        }
+        try factories.withLock { table in
+            guard table[factory.kind] == nil else {
+                throw SnapshotError(.alreadyExists, "a backend named '\(factory.kind)' is already registered")
+            }
+            table[factory.kind] = factory
+        }
+    }
+
+    /// The registered kinds, sorted.
+    public var kinds: [BackendKind] { factories.withLock { Array($0.keys) }.sorted() }
+
+    /// Makes the backend registered as `kind`.
+    public func backend(_ kind: BackendKind, environment: BackendEnvironment = BackendEnvironment()) throws -> any DiskSnapshotBackend {
+        guard let factory = factories.withLock({ $0[kind] }) else {
+            let known = kinds.map(\.rawValue).joined(separator: ", ")
+            throw SnapshotError(.notFound, "no backend named '\(kind)'; registered backends: \(known.isEmpty ? "none" : known)")
+        }
+        return try factory.make(environment)
+    }
+
+    /// Makes every registered backend.
+    public func allBackends(environment: BackendEnvironment = BackendEnvironment()) throws -> [any DiskSnapshotBackend] {
+        try kinds.map { try backend($0, environment: environment) }
+    }
+}

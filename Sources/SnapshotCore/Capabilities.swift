@@ -1,0 +1,61 @@
+/// An operation a backend may offer on a snapshot.
+public enum SnapshotOperation: String, Codable, Sendable, CaseIterable, Hashable {
+    case create, list, revert
+    /// Delete one snapshot, merging its changes into its children.
+    case delete
+    /// Delete a snapshot and its whole subtree.
+    case deleteSubtree = "delete-subtree"
+}
+
+/// One cell of a capability table: operation x snapshot kind x disk state.
+public struct Capability: Codable, Sendable, Hashable, CustomStringConvertible, Comparable {
+    public var operation: SnapshotOperation
+    public var kind: SnapshotKind
+    public var state: DiskState
+
+    public init(_ operation: SnapshotOperation, _ kind: SnapshotKind, _ state: DiskState) {
+        self.operation = operation
+        self.kind = kind
+        self.state = state
+    }
+
+    public var description: String { "\(operation.rawValue) of \(kind.rawValue) snapshots on \(state.rawValue) disks" }
+
+    public static func < (a: Self, b: Self) -> Bool {
+        (a.state.rawValue, a.kind.rawValue, a.operation.rawValue) < (b.state.rawValue, b.kind.rawValue, b.operation.rawValue)
+    }
+}
+
+/// What a backend can do, as data. Checked before any step runs.
+public struct CapabilityTable: Codable, Sendable, Hashable {
+    /// The cells the backend supports.
+    public var supported: Set<Capability>
+    /// Notes a user should read with the table (limits, conditions).
+    public var notes: [String]
+
+    public init(_ supported: Set<Capability>, notes: [String] = []) {
+        self.supported = supported
+        self.notes = notes
+    }
+
+    /// Every operation for the given kinds and states.
+    public static func all(kinds: [SnapshotKind], states: [DiskState], notes: [String] = []) -> CapabilityTable {
+        var cells: Set<Capability> = []
+        for op in SnapshotOperation.allCases { for kind in kinds { for state in states { cells.insert(Capability(op, kind, state)) } } }
+        return CapabilityTable(cells, notes: notes)
+    }
+
+    public func supports(_ capability: Capability) -> Bool { supported.contains(capability) }
+
+    public func supports(_ op: SnapshotOperation, _ kind: SnapshotKind, _ state: DiskState) -> Bool {
+        supports(Capability(op, kind, state))
+    }
+
+    /// Throws `.unsupported`, naming the backend and the capability, unless it is supported.
+    public func require(_ capability: Capability, backend: BackendKind) throws {
+        guard supports(capability) else { throw SnapshotError.unsupported(backend, capability) }
+    }
+
+    /// The kinds that have at least one supported cell.
+    public var kinds: [SnapshotKind] { SnapshotKind.allCases.filter { k in supported.contains { $0.kind == k } } }
+}

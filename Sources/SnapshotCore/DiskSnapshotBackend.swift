@@ -1,0 +1,142 @@
+import Foundation
+
+/// The version of the backend protocol this core speaks. A backend declares the version it was
+/// written against; the registry refuses one it cannot drive.
+public let diskSnapshotBackendAPIVersion = 1
+
+/// Who a backend is and what it can do.
+public struct BackendDescriptor: Codable, Sendable, Hashable {
+    public var kind: BackendKind
+    public var apiVersion: Int
+    /// One line for `vmsnap backend list`.
+    public var summary: String
+    public var capabilities: CapabilityTable
+
+    public init(kind: BackendKind, apiVersion: Int = diskSnapshotBackendAPIVersion, summary: String, capabilities: CapabilityTable) {
+        self.kind = kind
+        self.apiVersion = apiVersion
+        self.summary = summary
+        self.capabilities = capabilities
+    }
+}
+
+/// A request to take a disk snapshot.
+public struct SnapshotRequest: Codable, Sendable, Hashable {
+    public var name: String
+    public var kind: SnapshotKind
+    public var description: String?
+    /// Where the new active layer goes (file backends); nil keeps it beside the active image.
+    public var overlayDirectory: String?
+
+    public init(name: String, kind: SnapshotKind, description: String? = nil, overlayDirectory: String? = nil) {
+        self.name = name
+        self.kind = kind
+        self.description = description
+        self.overlayDirectory = overlayDirectory
+    }
+}
+
+/// How to delete a snapshot.
+public enum DeleteMode: String, Codable, Sendable, CaseIterable {
+    /// Remove the snapshot and merge its changes into its children so they stay valid.
+    case merge
+    /// Remove the snapshot and its whole subtree.
+    case children
+    /// Remove the subtree below the snapshot, keep the snapshot.
+    case childrenOnly = "children-only"
+}
+
+/// Which view of a disk to read or write in the data-access calls.
+public enum DataView: Sendable, Hashable {
+    /// What the VM sees now.
+    case active
+    /// The disk as it was at a snapshot (read only).
+    case snapshot(String)
+}
+
+/// A storage backend: inspects disks and plans snapshot operations that the core journals and runs.
+///
+/// Backends plan; they do not keep metadata. Every change comes back as a ``Plan`` of idempotent
+/// steps and the ``DiskLayout`` that results, so the core can journal it, run it, and recover
+/// it after a crash. Validation (names, locks, formats, capabilities) happens while planning,
+/// before anything changes.
+public protocol DiskSnapshotBackend: Sendable {
+    /// Kind, API version, summary and capability table.
+    var descriptor: BackendDescriptor { get }
+
+    /// The canonical form of a locator (an absolute path for file backends); the default keeps it.
+    func normalize(locator: String) -> String
+
+    /// True if `locator` looks like a disk of this backend (cheap: a magic number, a name form).
+    func recognizes(locator: String) async -> Bool
+
+    /// The disk as its storage describes it.
+    func inspect(locator: String) async throws -> DiskInfo
+
+    /// The layout of a disk vmsnap starts to manage: snapshots already in the storage are imported.
+    func adopt(locator: String) async throws -> DiskLayout
+
+    /// Whether the disk is open by a running VM now.
+    func state(of layout: DiskLayout) async throws -> DiskState
+
+    /// Plan a snapshot of the disk. `request.name` has passed ``SnapshotName/validate(_:)``.
+    func planCreate(_ request: SnapshotRequest, layout: DiskLayout) async throws -> Plan
+
+    /// Plan a revert of the disk to `snapshot`.
+    func planRevert(to snapshot: String, layout: DiskLayout) async throws -> Plan
+
+    /// Plan the deletion of `snapshot`.
+    func planDelete(_ snapshot: String, mode: DeleteMode, layout: DiskLayout) async throws -> Plan
+
+    /// Perform a `.backend` step action (native engines). Must be idempotent.
+    func perform(_ name: String, arguments: [String: String]) async throws
+
+    /// Check every layer of the disk with the format's own checker; returns the problems found.
+    func verify(layout: DiskLayout) async throws -> [String]
+
+    // MARK: Data access (the conformance suite and the demo read and write guest bytes)
+
+    /// Create a new empty disk of `size` bytes named `name` in `pool`, returning its locator.
+    func createDisk(named name: String, size: UInt64, in pool: BackendPool) async throws -> String
+
+    /// Remove a disk made by ``createDisk(named:size:in:)`` and every layer vmsnap made for it.
+    func destroyDisk(layout: DiskLayout) async throws
+
+    /// Write `bytes` at `offset` of the disk's active view.
+    func write(_ bytes: [UInt8], at offset: UInt64, layout: DiskLayout) async throws
+
+    /// Read `length` bytes at `offset` of a view of the disk.
+    func read(_ view: DataView, at offset: UInt64, length: Int, layout: DiskLayout) async throws -> [UInt8]
+
+    /// Things in the pool that a failed operation could have left behind (files, volumes), so a
+    /// test can check that nothing was created.
+    func poolInventory(_ pool: BackendPool) async throws -> [String]
+}
+
+extension DiskSnapshotBackend {
+    public var kind: BackendKind { descriptor.kind }
+
+    public func perform(_ name: String, arguments: [String: String]) async throws {
+        throw SnapshotError(.unsupported, "backend '\(kind)' has no native step '\(name)'")
+    }
+
+    public func state(of layout: DiskLayout) async throws -> DiskState { .offline }
+
+    public func normalize(locator: String) -> String { locator }
+
+    public func verify(layout: DiskLayout) async throws -> [String] { [] }
+}
+
+/// Where a backend may create scratch disks: a directory for file formats, a volume group for
+/// LVM, with backend-specific options.
+public struct BackendPool: Codable, Sendable, Hashable {
+    /// A directory for file-based backends (and for scratch files of any backend).
+    public var directory: String
+    /// Backend-specific settings (`vg`, `thin-pool`, `cow-size`, ...).
+    public var options: [String: String]
+
+    public init(directory: String, options: [String: String] = [:]) {
+        self.directory = directory
+        self.options = options
+    }
+}

@@ -1,0 +1,135 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Fault-injection points for crash tests: `VMSNAP_FAULT=before-step:N` or `after-step:N` makes
+/// the process kill itself with SIGKILL right before step N starts, or right after step N is
+/// journaled as done. Used by the tests that prove recovery works from every step.
+public enum FaultInjection {
+    public enum Phase: String, Sendable { case before = "before-step", after = "after-step" }
+
+    static let spec: (Phase, Int)? = {
+        guard let raw = ProcessInfo.processInfo.environment["VMSNAP_FAULT"] else { return nil }
+        let parts = raw.split(separator: ":")
+        guard parts.count == 2, let phase = Phase(rawValue: String(parts[0])), let n = Int(parts[1]) else { return nil }
+        return (phase, n)
+    }()
+
+    static func point(_ phase: Phase, step: Int) {
+        guard let (p, n) = spec, p == phase, n == step else { return }
+        FileHandle.standardError.write(Data("vmsnap: fault injection: killing myself at \(phase.rawValue) \(step)\n".utf8))
+        kill(getpid(), SIGKILL)
+    }
+}
+
+/// Runs plans step by step under the journal, rolls back before the point of no return,
+/// and finishes or rolls back interrupted plans on recovery.
+public struct PlanExecutor: Sendable {
+    public let store: MetadataStore
+    public let runner: any CommandRunning
+
+    public init(store: MetadataStore, runner: any CommandRunning) {
+        self.store = store
+        self.runner = runner
+    }
+
+    /// Journals `plan`, runs it and records its result. The caller holds the disk's lock.
+    @discardableResult
+    public func execute(_ plan: Plan, before: DiskLayout, backend: any DiskSnapshotBackend) async throws -> DiskLayout {
+        let journalID = try store.beginJournal(diskID: before.disk.id, plan: plan, before: before)
+        var index = 0
+        do {
+            while index < plan.steps.count {
+                FaultInjection.point(.before, step: index)
+                try await perform(plan.steps[index].action, backend: backend)
+                try store.markSteps(journal: journalID, done: index + 1)
+                FaultInjection.point(.after, step: index)
+                index += 1
+            }
+            try store.completeJournal(journalID, from: before, to: plan.result)
+            return plan.result
+        } catch {
+            if index < plan.pointOfNoReturn {
+                await rollBack(plan, through: index, backend: backend)
+                try? store.rollBackJournal(journalID)
+                throw error
+            }
+            throw SnapshotError(
+                .recoveryNeeded,
+                "\(plan.operation) stopped at step \(index + 1) of \(plan.steps.count) (\(plan.steps[min(index, plan.steps.count - 1)].summary)), past the point where it can be undone; fix the cause and run `vmsnap recover` to finish it",
+                cause: error)
+        }
+    }
+
+    /// Finishes or rolls back an interrupted operation. The caller holds the disk's lock.
+    public func recover(_ entry: JournalEntry, backend: any DiskSnapshotBackend) async throws -> RecoveryReport {
+        let plan = entry.plan
+        if entry.stepsDone < plan.pointOfNoReturn {
+            await rollBack(plan, through: min(entry.stepsDone, plan.steps.count - 1), backend: backend)
+            try store.rollBackJournal(entry.id)
+            return RecoveryReport(diskID: entry.diskID, operation: plan.operation, outcome: .rolledBack, stepsDone: entry.stepsDone, stepCount: plan.steps.count)
+        }
+        var index = entry.stepsDone
+        while index < plan.steps.count {
+            try await perform(plan.steps[index].action, backend: backend)
+            try store.markSteps(journal: entry.id, done: index + 1)
+            index += 1
+        }
+        let current = try store.layout(diskID: entry.diskID) ?? entry.before
+        try store.completeJournal(entry.id, from: current, to: plan.result)
+        return RecoveryReport(diskID: entry.diskID, operation: plan.operation, outcome: .completed, stepsDone: entry.stepsDone, stepCount: plan.steps.count)
+    }
+
+    /// Undoes steps 0...`last` (the last one possibly half done), newest first. Undo actions are
+    /// idempotent; one that fails is reported on stderr and the rest still run.
+    private func rollBack(_ plan: Plan, through last: Int, backend: any DiskSnapshotBackend) async {
+        guard last >= 0, !plan.steps.isEmpty else { return }
+        for step in plan.steps[0...min(last, plan.steps.count - 1)].reversed() {
+            guard let undo = step.undo else { continue }
+            do { try await perform(undo, backend: backend) } catch {
+                FileHandle.standardError.write(Data("vmsnap: warning: undo of '\(step.summary)' failed: \(error)\n".utf8))
+            }
+        }
+    }
+
+    /// Runs one action. Each is idempotent so a crash in the middle can run it again.
+    public func perform(_ action: StepAction, backend: any DiskSnapshotBackend) async throws {
+        switch action {
+        case .run(let argv):
+            try await runner.run(argv)
+        case .removeFile(let path):
+            if unlink(path) != 0 && errno != ENOENT {
+                throw SnapshotError(.io, "cannot remove \(path): \(String(cString: strerror(errno)))")
+            }
+        case .rename(let from, let to):
+            let fm = FileManager.default
+            if !fm.fileExists(atPath: from) && fm.fileExists(atPath: to) { return }
+            if Glibc.rename(from, to) != 0 {
+                throw SnapshotError(.io, "cannot rename \(from) to \(to): \(String(cString: strerror(errno)))")
+            }
+        case .backend(let name, let arguments):
+            try await backend.perform(name, arguments: arguments)
+        }
+    }
+}
+
+/// What recovery did with one interrupted operation.
+public struct RecoveryReport: Codable, Sendable, Hashable {
+    public enum Outcome: String, Codable, Sendable { case completed, rolledBack = "rolled-back", skipped }
+    public var diskID: String
+    public var operation: String
+    public var outcome: Outcome
+    public var stepsDone: Int
+    public var stepCount: Int
+    public var detail: String?
+
+    public init(diskID: String, operation: String, outcome: Outcome, stepsDone: Int, stepCount: Int, detail: String? = nil) {
+        self.diskID = diskID
+        self.operation = operation
+        self.outcome = outcome
+        self.stepsDone = stepsDone
+        self.stepCount = stepCount
+        self.detail = detail
+    }
+}

@@ -1,0 +1,174 @@
+import ArgumentParser
+import Foundation
+import SnapshotCore
+
+/// `vmsnap disk ...`: snapshots of one disk, through its backend.
+struct DiskCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "disk",
+        abstract: "Snapshots of a single disk (qcow2 file, LVM volume, VHD file).",
+        subcommands: [DiskInfoCommand.self, DiskSnapshotCommand.self]
+    )
+}
+
+struct DiskOptions: ParsableArguments {
+    @Argument(help: "The disk: an image path, or a volume for block backends.")
+    var disk: String
+
+    @Option(name: .long, help: "The backend to use (default: the one that manages or recognizes the disk).")
+    var backend: BackendKind?
+}
+
+struct DiskInfoCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "info", abstract: "What the storage and vmsnap know of a disk.")
+    @OptionGroup var storeOptions: StoreOptions
+    @OptionGroup var diskOptions: DiskOptions
+    @Flag(name: .long, help: "Print JSON.") var json = false
+
+    struct Report: Codable {
+        var disk: DiskRecord
+        var info: DiskInfo
+        var layers: [DiskLayer]
+        var managed: Bool
+    }
+
+    func run() async throws {
+        try await guarded {
+            let service = try storeOptions.service()
+            let (backend, layout) = try await service.layout(of: diskOptions.disk, kind: diskOptions.backend)
+            let managed = try service.store.layout(diskID: layout.disk.id) != nil
+            let info = try await backend.inspect(locator: layout.disk.active)
+            let report = Report(disk: layout.disk, info: info, layers: layout.layers, managed: managed)
+            if json { return try printJSON(report) }
+            print("disk:         \(layout.disk.id)\(managed ? "" : " (not yet managed by vmsnap)")")
+            print("backend:      \(layout.disk.kind)")
+            print("active:       \(layout.disk.active)")
+            print("format:       \(info.format)")
+            print("virtual size: \(info.virtualSize) bytes")
+            if !info.backingChain.isEmpty { print("backing:      \(info.backingChain.joined(separator: " <- "))") }
+            print("current:      \(layout.disk.current ?? "-")")
+            print("in the image: \(info.snapshots.count) internal snapshot(s)")
+        }
+    }
+}
+
+struct DiskSnapshotCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "snapshot",
+        abstract: "Create, list, revert and delete disk snapshots.",
+        subcommands: [Create.self, List.self, Revert.self, Delete.self]
+    )
+
+    struct Create: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Take a snapshot of a disk.")
+        @OptionGroup var storeOptions: StoreOptions
+        @OptionGroup var diskOptions: DiskOptions
+        @Argument(help: "The snapshot's name.") var name: String
+        @Option(name: .long, help: "internal (inside the image) or external (new overlay / volume).") var kind: SnapshotKind = .internal
+        @Option(name: .long, help: "A description kept with the snapshot.") var description: String?
+        @Option(name: .long, help: "Directory for the new overlay (external snapshots of file formats).") var overlayDir: String?
+        @Flag(name: .long, help: "Print the new snapshot as JSON.") var json = false
+
+        func validate() throws {
+            if kind == .internal && overlayDir != nil {
+                throw ValidationError("--overlay-dir applies to --kind external only; an internal snapshot stays inside the image")
+            }
+        }
+
+        func run() async throws {
+            try await guarded {
+                let service = try storeOptions.service()
+                let snap = try await service.create(
+                    SnapshotRequest(name: name, kind: kind, description: description, overlayDirectory: overlayDir),
+                    disk: diskOptions.disk, kind: diskOptions.backend)
+                if json { return try printJSON(snap) }
+                print("created \(snap.kind.rawValue) snapshot '\(snap.name)' of \(diskOptions.disk)")
+            }
+        }
+    }
+
+    struct List: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List a disk's snapshots.")
+        @OptionGroup var storeOptions: StoreOptions
+        @OptionGroup var diskOptions: DiskOptions
+        @Flag(name: .long, help: "Draw the snapshot tree.") var tree = false
+        @Flag(name: .long, help: "Print JSON.") var json = false
+
+        func validate() throws {
+            if tree && json { throw ValidationError("--tree and --json conflict: JSON already carries each snapshot's parent") }
+        }
+
+        struct Listing: Codable {
+            var disk: String
+            var active: String
+            var current: String?
+            var snapshots: [DiskSnapshot]
+        }
+
+        func run() async throws {
+            try await guarded {
+                let service = try storeOptions.service()
+                let (_, layout) = try await service.layout(of: diskOptions.disk, kind: diskOptions.backend)
+                if json {
+                    return try printJSON(Listing(disk: layout.disk.id, active: layout.disk.active, current: layout.disk.current, snapshots: layout.snapshots))
+                }
+                if tree {
+                    print(layout.tree.rendered(marking: layout.disk.current) { "\($0.name) (\($0.kind.rawValue))" })
+                    return
+                }
+                let rows = layout.snapshots.map { s in
+                    [s.name + (s.name == layout.disk.current ? " *" : ""), s.kind.rawValue, s.parent ?? "-", utcString(s.createdAt), s.image]
+                }
+                printTable(["NAME", "KIND", "PARENT", "CREATED (UTC)", "IMAGE"], rows)
+            }
+        }
+    }
+
+    struct Revert: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Make the disk what it was at a snapshot (the current state is discarded).")
+        @OptionGroup var storeOptions: StoreOptions
+        @OptionGroup var diskOptions: DiskOptions
+        @Argument(help: "The snapshot to revert to.") var name: String
+
+        func run() async throws {
+            try await guarded {
+                let service = try storeOptions.service()
+                let layout = try await service.revert(disk: diskOptions.disk, to: name, kind: diskOptions.backend)
+                print("reverted \(layout.disk.id) to '\(name)'; active layer: \(layout.disk.active)")
+            }
+        }
+    }
+
+    struct Delete: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Delete a snapshot, merging its changes into its children.")
+        @OptionGroup var storeOptions: StoreOptions
+        @OptionGroup var diskOptions: DiskOptions
+        @Argument(help: "The snapshot to delete.") var name: String
+        @Flag(name: .long, help: "Delete the snapshot and all its descendants.") var children = false
+        @Flag(name: .long, help: "Delete only the descendants; keep the snapshot.") var childrenOnly = false
+        @Flag(name: .long, help: "Forget the snapshot(s) but leave storage as it is.") var metadataOnly = false
+
+        func validate() throws {
+            if children && childrenOnly { throw ValidationError("--children and --children-only conflict: choose one") }
+        }
+
+        func run() async throws {
+            try await guarded {
+                let service = try storeOptions.service()
+                let mode: DeleteMode = children ? .children : (childrenOnly ? .childrenOnly : .merge)
+                try await service.delete(disk: diskOptions.disk, snapshot: name, mode: mode, metadataOnly: metadataOnly, kind: diskOptions.backend)
+                let what = mode == .merge ? "snapshot '\(name)'" : (mode == .children ? "snapshot '\(name)' and its descendants" : "the descendants of '\(name)'")
+                print("deleted \(what)\(metadataOnly ? " (metadata only; storage kept)" : "")")
+            }
+        }
+    }
+}
+
+/// Prints rows under a header, columns padded to their widest cell.
+func printTable(_ header: [String], _ rows: [[String]]) {
+    let all = [header] + rows
+    let widths = header.indices.map { i in all.map { $0[i].count }.max() ?? 0 }
+    for row in all {
+        print(row.enumerated().map { i, cell in i == row.count - 1 ? cell : cell.padding(toLength: widths[i], withPad: " ", startingAt: 0) }.joined(separator: "  "))
+    }
+}

@@ -1,0 +1,24 @@
+import ArgumentParser
+import Foundation
+import SnapshotCore
+
+/// `vmsnap recover`: finish or roll back operations a crash interrupted.
+struct RecoverCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "recover",
+        abstract: "Finish or roll back snapshot operations that were interrupted (crash, kill, power loss)."
+    )
+    @OptionGroup var storeOptions: StoreOptions
+    @Flag(name: .long, help: "Print JSON.") var json = false
+
+    func run() async throws {
+        try await guarded {
+            let reports = try await storeOptions.service().recoverAll()
+            if json { return try printJSON(reports) }
+            if reports.isEmpty { print("nothing to recover") }
+            for r in reports {
+                print("\(r.outcome.rawValue): \(r.operation) (\(r.stepsDone) of \(r.stepCount) steps had run)\(r.detail.map { "; \($0)" } ?? "")")
+            }
+        }
+    }
+}
