@@ -78,7 +78,7 @@ let package = Package(
         ),
         .testTarget(
             name: "VMSnapCLITests",
-            dependencies: ["SnapshotCore"],
+            dependencies: ["SnapshotCore", "vmsnap"],
             swiftSettings: strict
         ),
     ]

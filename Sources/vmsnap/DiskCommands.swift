@@ -7,7 +7,7 @@ struct DiskCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "disk",
         abstract: "Snapshots of a single disk (qcow2 file, LVM volume, VHD file).",
-        subcommands: [DiskInfoCommand.self, DiskSnapshotCommand.self]
+        subcommands: [DiskInfoCommand.self, DiskCheckCommand.self, DiskSnapshotCommand.self]
     )
 }
 
@@ -48,6 +48,33 @@ struct DiskInfoCommand: AsyncParsableCommand {
             if !info.backingChain.isEmpty { print("backing:      \(info.backingChain.joined(separator: " <- "))") }
             print("current:      \(layout.disk.current ?? "-")")
             print("in the image: \(info.snapshots.count) internal snapshot(s)")
+        }
+    }
+}
+
+struct DiskCheckCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "check",
+        abstract: "Check every layer of a disk with its format's checker, and vmsnap's metadata against the storage."
+    )
+    @OptionGroup var storeOptions: StoreOptions
+    @OptionGroup var diskOptions: DiskOptions
+    @Flag(name: .long, help: "Print JSON.") var json = false
+
+    func run() async throws {
+        try await guarded {
+            let service = try storeOptions.service()
+            let (backend, layout) = try await service.layout(of: diskOptions.disk, kind: diskOptions.backend)
+            var problems = try await backend.verify(layout: layout)
+            let pending = try service.store.openJournals(diskID: layout.disk.id)
+            problems += pending.map { "interrupted operation '\($0.plan.operation)' is pending: run `vmsnap recover`" }
+            if json {
+                try printJSON(["disk": layout.disk.id, "problems": problems.joined(separator: "\n")])
+            } else {
+                problems.forEach { print("problem: \($0)") }
+                print(problems.isEmpty ? "\(layout.disk.id): \(layout.layers.count) layer(s), \(layout.snapshots.count) snapshot(s), no problems" : "\(problems.count) problem(s)")
+            }
+            if !problems.isEmpty { throw ExitCode(1) }
         }
     }
 }

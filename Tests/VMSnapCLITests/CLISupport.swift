@@ -1,0 +1,107 @@
+import Foundation
+import SnapshotCore
+import Testing
+
+/// Runs the built `vmsnap` binary, as an operator would.
+struct CLI {
+    static let binary: String = {
+        if let env = ProcessInfo.processInfo.environment["VMSNAP_BIN"] { return env }
+        let dir = (CommandLine.arguments[0] as NSString).deletingLastPathComponent
+        for candidate in [dir + "/vmsnap", (dir as NSString).deletingLastPathComponent + "/vmsnap"] where FileManager.default.isExecutableFile(atPath: candidate) {
+            return candidate
+        }
+        return URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path + "/.build/debug/vmsnap"
+    }()
+
+    let root: String
+    var store: String { root + "/store" }
+    var pool: String { root + "/pool" }
+
+    init() throws {
+        root = (NSTemporaryDirectory() as NSString).appendingPathComponent("vmsnap-cli-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(atPath: root + "/pool", withIntermediateDirectories: true)
+    }
+
+    struct Result {
+        var status: Int32
+        var out: String
+        var err: String
+    }
+
+    /// `vmsnap ARGS --store STORE`, with extra environment (fault injection).
+    @discardableResult
+    func run(_ args: [String], fault: String? = nil) async throws -> Result {
+        var argv = ["env"]
+        if let fault { argv.append("VMSNAP_FAULT=\(fault)") }
+        argv += ["VMSNAP_STORE=\(store)", CLI.binary] + args
+        let out = try await SubprocessRunner().execute(argv)
+        return Result(status: out.status, out: out.standardOutput, err: out.standardError)
+    }
+
+    /// Runs and requires exit status 0.
+    @discardableResult
+    func ok(_ args: String...) async throws -> String {
+        let r = try await run(args)
+        guard r.status == 0 else { throw CLIFailure("vmsnap \(args.joined(separator: " ")) exited \(r.status): \(r.err)") }
+        return r.out
+    }
+
+    func sh(_ argv: String...) async throws {
+        try await SubprocessRunner().run(argv)
+    }
+
+    /// A new qcow2 disk in the pool.
+    func disk(_ name: String = "vm", size: String = "16M") async throws -> String {
+        let path = pool + "/\(name).qcow2"
+        try await sh("qemu-img", "create", "-q", "-f", "qcow2", path, size)
+        return path
+    }
+
+    /// Writes byte `value` over `length` bytes at `offset` of a qcow2 image, through QEMU's block layer.
+    func fill(_ image: String, _ value: UInt8, at offset: Int = 0, length: Int = 65536) async throws {
+        try await sh("qemu-io", "-f", "qcow2", "-c", "write -P \(value) \(offset) \(length)", image)
+    }
+
+    /// True if `image` (through its chain) holds byte `value` over the range.
+    func holds(_ image: String, _ value: UInt8, at offset: Int = 0, length: Int = 65536, snapshot: String? = nil) async throws -> Bool {
+        var target = image, format = "qcow2"
+        if let snapshot {
+            // qemu-io cannot open an internal snapshot; qemu-img convert -l can copy it out.
+            target = root + "/snapshot-\(UUID().uuidString.prefix(6)).raw"
+            format = "raw"
+            try await sh("qemu-img", "convert", "-f", "qcow2", "-l", "snapshot.name=\(snapshot)", "-O", "raw", image, target)
+        }
+        defer { if snapshot != nil { unlink(target) } }
+        let out = try await SubprocessRunner().execute(["qemu-io", "-r", "-f", format, "-c", "read -P \(value) \(offset) \(length)", target])
+        return out.status == 0 && !out.standardOutput.contains("Pattern verification failed")
+    }
+
+    /// Records an issue unless `image` holds byte `value` over the range.
+    func expectHolds(_ image: String, _ value: UInt8, at offset: Int = 0, snapshot: String? = nil, sourceLocation: SourceLocation = #_sourceLocation) async throws {
+        let ok = try await holds(image, value, at: offset, snapshot: snapshot)
+        #expect(ok, "\(image)\(snapshot.map { " at snapshot \($0)" } ?? "") should hold byte \(value) at offset \(offset)", sourceLocation: sourceLocation)
+    }
+
+    struct Listing: Decodable {
+        var disk: String
+        var active: String
+        var current: String?
+        var snapshots: [DiskSnapshot]
+    }
+
+    func list(_ disk: String) async throws -> Listing {
+        let out = try await ok("disk", "snapshot", "list", disk, "--json")
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        return try decoder.decode(Listing.self, from: Data(out.utf8))
+    }
+
+    func files() throws -> [String] { try FileManager.default.contentsOfDirectory(atPath: pool).sorted() }
+}
+
+struct CLIFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ d: String) { description = d }
+}
+
+let hasQemuIO = FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-io")
