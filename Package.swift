@@ -13,6 +13,7 @@ let package = Package(
         .library(name: "SnapshotCore", targets: ["SnapshotCore"]),
         .library(name: "BackendConformance", targets: ["BackendConformance"]),
         .library(name: "Qcow2Backend", targets: ["Qcow2Backend"]),
+        .library(name: "VHDBackend", targets: ["VHDBackend"]),
         .executable(name: "vmsnap", targets: ["vmsnap"]),
     ],
     dependencies: [
@@ -46,11 +47,19 @@ let package = Package(
             swiftSettings: strict
         ),
 
+        .target(
+            name: "VHDBackend",
+            dependencies: ["SnapshotCore"],
+            path: "backends/vhd/Sources/VHDBackend",
+            swiftSettings: strict
+        ),
+
         // MARK: - Independent readers (test-only checks against third-party parsers)
         .systemLibrary(name: "CLibQcow", pkgConfig: "libqcow", providers: [.apt(["libqcow-dev"])]),
+        .systemLibrary(name: "CLibVhdi", pkgConfig: "libvhdi", providers: [.apt(["libvhdi-dev"])]),
         .target(
             name: "IndependentReaders",
-            dependencies: ["CLibQcow"],
+            dependencies: ["CLibQcow", "CLibVhdi"],
             swiftSettings: strict
         ),
 
@@ -58,9 +67,15 @@ let package = Package(
         .executableTarget(
             name: "vmsnap",
             dependencies: [
-                "SnapshotCore", "BackendConformance", "Qcow2Backend",
+                "SnapshotCore", "BackendConformance", "Qcow2Backend", "VHDBackend",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
+            swiftSettings: strict
+        ),
+
+        .executableTarget(
+            name: "vmsnap-bench",
+            dependencies: ["SnapshotCore", "Qcow2Backend"],
             swiftSettings: strict
         ),
 
@@ -74,6 +89,12 @@ let package = Package(
             name: "Qcow2BackendTests",
             dependencies: ["Qcow2Backend", "SnapshotCore", "BackendConformance", "IndependentReaders"],
             path: "backends/qcow2/Tests/Qcow2BackendTests",
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "VHDBackendTests",
+            dependencies: ["VHDBackend", "SnapshotCore", "BackendConformance", "IndependentReaders"],
+            path: "backends/vhd/Tests/VHDBackendTests",
             swiftSettings: strict
         ),
         .testTarget(

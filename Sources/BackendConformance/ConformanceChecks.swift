@@ -5,7 +5,7 @@ enum ConformanceChecks {
     static func cap(_ op: SnapshotOperation, _ kind: SnapshotKind) -> Capability { Capability(op, kind, .offline) }
 
     static var all: [ConformanceCheck] {
-        SnapshotKind.allCases.flatMap(perKind) + [mixedKinds, treeMetadata] + SnapshotKind.allCases.flatMap(badInput)
+        SnapshotKind.allCases.flatMap(perKind) + [mixedKinds] + SnapshotKind.allCases.flatMap(badInput)
     }
 
     // MARK: - Per snapshot kind
@@ -129,10 +129,23 @@ enum ConformanceChecks {
                 try c.require(names == ["top"], "after children-only delete: \(names)")
                 try await c.expect(.snapshot("top"), equals: a, "top after its children were deleted")
             },
+            ConformanceCheck("\(k).tree", "the current snapshot is the parent of the next one, across reverts",
+                             requires: [cap(.create, kind), cap(.revert, kind)]) { c in
+                try await c.write(seed: 1)
+                try await c.snapshot("a", kind)
+                try await c.snapshot("b", kind)
+                try await c.revert("a")
+                try await c.snapshot("c", kind)
+                let layout = try await c.layout()
+                try c.require(layout.disk.current == "c", "current is \(layout.disk.current ?? "none"), expected c")
+                try c.require(layout.tree["b"]?.parent == "a" && layout.tree["c"]?.parent == "a", "b and c should both descend from a")
+                try c.require(Set(layout.tree.leaves.map(\.name)) == ["b", "c"], "leaves are \(layout.tree.leaves.map(\.name))")
+                try c.require(layout.tree.roots.map(\.name) == ["a"], "roots are \(layout.tree.roots.map(\.name))")
+            },
         ]
     }
 
-    // MARK: - Mixed kinds and the tree
+    // MARK: - Mixed kinds
 
     static let mixedKinds = ConformanceCheck(
         "mixed.internal-external",
@@ -165,23 +178,6 @@ enum ConformanceChecks {
             try await c.delete("e1")
             try await c.expect(.active, equals: b, "active disk after deleting e1")
         }
-    }
-
-    static let treeMetadata = ConformanceCheck(
-        "tree.current-and-parents",
-        "the current snapshot is the parent of the next one, across reverts",
-        requires: [cap(.create, .internal), cap(.revert, .internal)]
-    ) { c in
-        try await c.write(seed: 1)
-        try await c.snapshot("a", .internal)
-        try await c.snapshot("b", .internal)
-        try await c.revert("a")
-        try await c.snapshot("c", .internal)
-        let layout = try await c.layout()
-        try c.require(layout.disk.current == "c", "current is \(layout.disk.current ?? "none"), expected c")
-        try c.require(layout.tree["b"]?.parent == "a" && layout.tree["c"]?.parent == "a", "b and c should both descend from a")
-        try c.require(Set(layout.tree.leaves.map(\.name)) == ["b", "c"], "leaves are \(layout.tree.leaves.map(\.name))")
-        try c.require(layout.tree.roots.map(\.name) == ["a"], "roots are \(layout.tree.roots.map(\.name))")
     }
 
     // MARK: - Bad input

@@ -1,5 +1,18 @@
 import Foundation
 
+/// `VMSNAP_TRACE=1`: phase timings on stderr, for profiling.
+enum Trace {
+    static let enabled = ProcessInfo.processInfo.environment["VMSNAP_TRACE"] != nil
+    nonisolated(unsafe) static var last = DispatchTime.now().uptimeNanoseconds
+    static func mark(_ what: String) {
+        guard enabled else { return }
+        let previous = last
+        let now = DispatchTime.now().uptimeNanoseconds
+        FileHandle.standardError.write(Data(String(format: "trace %7.2f ms  %@\n", Double(now &- previous) / 1e6, what).utf8))
+        last = now
+    }
+}
+
 /// Disk-level snapshot operations over any registered backend: resolves a disk, checks names and
 /// capabilities, takes the disk's lock, recovers interrupted work, then journals and runs the
 /// backend's plan. The CLI's `vmsnap disk ...` commands and the conformance suite go through it.
@@ -22,28 +35,32 @@ public struct DiskSnapshotService: Sendable {
 
     // MARK: - Resolving disks
 
-    /// The backend for a disk: the one named, the one that manages it, or the first that recognizes it.
-    public func backend(for locator: String, kind: BackendKind?) async throws -> any DiskSnapshotBackend {
-        if let kind { return try registry.backend(kind, environment: environment) }
-        if let managed = try store.findDisk(locator: locator) { return try registry.backend(managed.disk.kind, environment: environment) }
-        for backend in try registry.allBackends(environment: environment) where await backend.recognizes(locator: locator) {
-            return backend
-        }
-        throw SnapshotError(.invalidImage, "no backend recognizes \(locator): it is missing or not in a format vmsnap knows (\(registry.kinds.map(\.rawValue).joined(separator: ", "))); pass --backend KIND to say which it is")
+    /// The backend for a disk and its layout: the stored layout if vmsnap manages the disk, else
+    /// what the backend reads off the storage (not stored yet). The backend is the one named, the
+    /// one that manages the disk, or the first that recognizes it.
+    public func layout(of locator: String, kind: BackendKind? = nil) async throws -> (any DiskSnapshotBackend, DiskLayout) {
+        let (backend, id, managed) = try await resolve(locator, kind: kind)
+        if managed, let stored = try store.layout(diskID: id) { return (backend, stored) }
+        return (backend, try await backend.adopt(locator: id))
     }
 
-    /// The disk's layout: the stored one if vmsnap manages it, else what the backend reads off the
-    /// storage (not stored).
-    public func layout(of locator: String, kind: BackendKind? = nil) async throws -> (any DiskSnapshotBackend, DiskLayout) {
-        let backend = try await backend(for: locator, kind: kind)
-        let normalized = backend.normalize(locator: locator)
-        if let layout = try store.findDisk(locator: normalized) {
-            guard layout.disk.kind == backend.kind else {
-                throw SnapshotError(.conflict, "\(locator) is managed by backend '\(layout.disk.kind)', not '\(backend.kind)'")
+    /// The backend and identity of a disk, and whether vmsnap manages it already. Cheap: an
+    /// indexed lookup, or the backends' format probes.
+    func resolve(_ locator: String, kind: BackendKind?) async throws -> (any DiskSnapshotBackend, String, Bool) {
+        let candidates = try kind.map { [try registry.backend($0, environment: environment)] } ?? registry.allBackends(environment: environment)
+        for backend in candidates {
+            if let (id, owner) = try store.diskID(locator: backend.normalize(locator: locator)) {
+                if let kind, owner != kind {
+                    throw SnapshotError(.conflict, "\(locator) is managed by backend '\(owner)', not '\(kind)'")
+                }
+                return (owner == backend.kind ? backend : try registry.backend(owner, environment: environment), id, true)
             }
-            return (backend, layout)
         }
-        return (backend, try await backend.adopt(locator: normalized))
+        if kind != nil { return (candidates[0], candidates[0].normalize(locator: locator), false) }
+        for backend in candidates where await backend.recognizes(locator: locator) {
+            return (backend, backend.normalize(locator: locator), false)
+        }
+        throw SnapshotError(.invalidImage, "no backend recognizes \(locator): it is missing or not in a format vmsnap knows (\(registry.kinds.map(\.rawValue).joined(separator: ", "))); pass --backend KIND to say which it is")
     }
 
     /// Runs `body` with the disk's lock held, after recovering interrupted work on it, and with
@@ -52,19 +69,23 @@ public struct DiskSnapshotService: Sendable {
         _ locator: String, kind: BackendKind?,
         _ body: (any DiskSnapshotBackend, DiskLayout) async throws -> T
     ) async throws -> T {
-        let (backend, found) = try await layout(of: locator, kind: kind)
-        let lock = try DiskLock(store: store, diskID: found.disk.id)
+        Trace.mark("start")
+        let (backend, id, _) = try await resolve(locator, kind: kind)
+        let lock = try DiskLock(store: store, diskID: id)
         defer { withExtendedLifetime(lock) {} }
-        for entry in try store.openJournals(diskID: found.disk.id) {
+        for entry in try store.openJournals(diskID: id) {
             let report = try await executor.recover(entry, backend: backend)
             notify("recovered an interrupted '\(report.operation)' on \(report.diskID): \(report.outcome.rawValue)")
         }
-        var layout = try store.layout(diskID: found.disk.id) ?? found
-        if try store.layout(diskID: layout.disk.id) == nil {
-            layout = found
-            try store.insert(layout)
+        Trace.mark("resolve + lock + journal check")
+        // Read under the lock: nobody else changes the disk while the operation runs.
+        if let layout = try store.layout(diskID: id) {
+            Trace.mark("layout")
+            return try await body(backend, layout)
         }
-        return try await body(backend, layout)
+        let adopted = try await backend.adopt(locator: id)
+        try store.insert(adopted)
+        return try await body(backend, adopted)
     }
 
     // MARK: - Operations
@@ -82,8 +103,11 @@ public struct DiskSnapshotService: Sendable {
             }
             let state = try await backend.state(of: layout)
             try backend.descriptor.capabilities.require(Capability(.create, request.kind, state), backend: backend.kind)
+            Trace.mark("state")
             let plan = try await backend.planCreate(request, layout: layout)
+            Trace.mark("plan")
             let result = try await executor.execute(plan, before: layout, backend: backend)
+            Trace.mark("execute")
             plan.notes.forEach(notify)
             guard let made = result.snapshot(named: request.name) else {
                 throw SnapshotError(.conflict, "backend '\(backend.kind)' finished but recorded no snapshot named \(SnapshotName.quoted(request.name))")
@@ -120,7 +144,9 @@ public struct DiskSnapshotService: Sendable {
                 try backend.descriptor.capabilities.require(Capability(mode == .merge ? .delete : .deleteSubtree, s.kind, state), backend: backend.kind)
             }
             if mode == .childrenOnly && affected.isEmpty { return layout }
+            Trace.mark("capabilities")
             let plan = try await backend.planDelete(name, mode: mode, layout: layout)
+            Trace.mark("plan")
             let result = try await executor.execute(plan, before: layout, backend: backend)
             plan.notes.forEach(notify)
             return result
@@ -160,11 +186,10 @@ public struct DiskSnapshotService: Sendable {
         for entry in try store.openJournals() {
             let lock: DiskLock
             do { lock = try DiskLock(store: store, diskID: entry.diskID, timeout: 0) } catch {
-                reports.append(RecoveryReport(diskID: entry.diskID, operation: entry.plan.operation, outcome: .skipped, stepsDone: entry.stepsDone, stepCount: entry.plan.steps.count, detail: "another vmsnap holds the disk"))
+                reports.append(RecoveryReport(diskID: entry.diskID, operation: entry.operation, outcome: .skipped, stepsDone: entry.stepsDone, stepCount: entry.steps.count, detail: "another vmsnap holds the disk"))
                 continue
             }
-            let kind = entry.before.disk.kind
-            let backend = try registry.backend(kind, environment: environment)
+            let backend = try registry.backend(entry.kind, environment: environment)
             reports.append(try await executor.recover(entry, backend: backend))
             withExtendedLifetime(lock) {}
         }

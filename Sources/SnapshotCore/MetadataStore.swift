@@ -5,13 +5,40 @@ import GRDB
 public struct JournalEntry: Sendable, Hashable {
     public var id: Int64
     public var diskID: String
-    public var plan: Plan
-    /// The layout before the operation, restored if it rolls back.
-    public var before: DiskLayout
+    /// The backend that planned it (recovery needs it for `.backend` steps).
+    public var kind: BackendKind
+    public var operation: String
+    public var steps: [PlanStep]
+    public var pointOfNoReturn: Int
+    /// The metadata rows the operation changes once its steps have run.
+    public var change: LayoutChange
     /// Steps finished so far.
     public var stepsDone: Int
     public var startedAt: Date
     public var pid: Int32
+}
+
+/// The rows that differ between two layouts of one disk: what a journal entry records and what
+/// completing it writes, so neither grows with the number of snapshots a disk has.
+public struct LayoutChange: Codable, Sendable, Hashable {
+    public var disk: DiskRecord
+    public var upsertSnapshots: [DiskSnapshot] = []
+    public var removeSnapshots: [String] = []
+    public var upsertLayers: [DiskLayer] = []
+    public var removeLayers: [String] = []
+
+    public static func between(_ before: DiskLayout?, _ after: DiskLayout) -> LayoutChange {
+        var change = LayoutChange(disk: after.disk)
+        let oldSnaps = Dictionary((before?.snapshots ?? []).map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        let newNames = Set(after.snapshots.map(\.name))
+        change.removeSnapshots = oldSnaps.keys.filter { !newNames.contains($0) }.sorted()
+        change.upsertSnapshots = after.snapshots.filter { oldSnaps[$0.name] != $0 }
+        let oldLayers = Dictionary((before?.layers ?? []).map { ($0.image, $0) }, uniquingKeysWith: { a, _ in a })
+        let newImages = Set(after.layers.map(\.image))
+        change.removeLayers = oldLayers.keys.filter { !newImages.contains($0) }.sorted()
+        change.upsertLayers = after.layers.filter { oldLayers[$0.image] != $0 }
+        return change
+    }
 }
 
 /// vmsnap's metadata: disks, their snapshot trees and layers, and the journal of operations in
@@ -113,12 +140,15 @@ public final class MetadataStore: Sendable {
                     PRIMARY KEY (disk_id, image)
                 );
                 CREATE INDEX disk_layers_by_image ON disk_layers(image);
+                CREATE INDEX disks_by_active ON disks(active);
                 CREATE TABLE journal (
                     id INTEGER PRIMARY KEY AUTOINCREMENT,
                     disk_id TEXT NOT NULL,
+                    kind TEXT NOT NULL,
                     operation TEXT NOT NULL,
-                    plan_json BLOB NOT NULL,
-                    before_json BLOB NOT NULL,
+                    steps_json BLOB NOT NULL,
+                    point_of_no_return INTEGER NOT NULL,
+                    change_json BLOB NOT NULL,
                     steps_done INTEGER NOT NULL DEFAULT 0,
                     state TEXT NOT NULL DEFAULT 'open',
                     started_at INTEGER NOT NULL,
@@ -190,7 +220,7 @@ public final class MetadataStore: Sendable {
                 if try Bool.fetchOne(db, sql: "SELECT 1 FROM disks WHERE id = ?", arguments: [layout.disk.id]) == true {
                     throw SnapshotError(.alreadyExists, "disk \(layout.disk.id) is already managed")
                 }
-                try Self.apply(db, from: nil, to: layout)
+                try Self.apply(db, LayoutChange.between(nil, layout))
             }
         }
     }
@@ -202,70 +232,58 @@ public final class MetadataStore: Sendable {
 
     /// Replaces `before` by `after` in one transaction (metadata-only changes).
     public func update(from before: DiskLayout, to after: DiskLayout) throws {
-        try wrap { try dbQueue.write { db in try Self.apply(db, from: before, to: after) } }
+        guard before.disk.id == after.disk.id else { throw SnapshotError(.conflict, "a layout change cannot change the disk's identity") }
+        try wrap { try dbQueue.write { db in try Self.apply(db, LayoutChange.between(before, after)) } }
     }
 
-    /// Writes only the rows that differ between two layouts, so the cost of a change does not grow
-    /// with the number of snapshots the disk has.
-    private static func apply(_ db: Database, from before: DiskLayout?, to after: DiskLayout) throws {
-        let d = after.disk
-        if let before, before.disk.id != d.id { throw SnapshotError(.conflict, "layout changed disk identity") }
-        if before?.disk != d {
-            try db.execute(
-                sql: """
-                    INSERT INTO disks (id, kind, active, current_snapshot, created_at) VALUES (?, ?, ?, ?, ?)
-                    ON CONFLICT(id) DO UPDATE SET kind = excluded.kind, active = excluded.active, current_snapshot = excluded.current_snapshot
-                    """,
-                arguments: [d.id, d.kind.rawValue, d.active, d.current, Int64(d.createdAt.timeIntervalSince1970)])
-        }
-        let oldSnaps = Dictionary((before?.snapshots ?? []).map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
-        let newNames = Set(after.snapshots.map(\.name))
-        for name in oldSnaps.keys where !newNames.contains(name) {
+    /// Writes only the rows a change names, so the cost of a change does not grow with the number
+    /// of snapshots the disk has. New rows go after the disk's existing ones (creation order).
+    private static func apply(_ db: Database, _ change: LayoutChange) throws {
+        let d = change.disk
+        try db.execute(
+            sql: """
+                INSERT INTO disks (id, kind, active, current_snapshot, created_at) VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT(id) DO UPDATE SET kind = excluded.kind, active = excluded.active, current_snapshot = excluded.current_snapshot
+                """,
+            arguments: [d.id, d.kind.rawValue, d.active, d.current, Int64(d.createdAt.timeIntervalSince1970)])
+        for name in change.removeSnapshots {
             try db.execute(sql: "DELETE FROM disk_snapshots WHERE disk_id = ? AND name = ?", arguments: [d.id, name])
         }
-        var nextSeq: Int64? = nil
-        for s in after.snapshots where oldSnaps[s.name] != s {
-            if oldSnaps[s.name] == nil {
-                let seq = try nextSeq ?? (Int64.fetchOne(db, sql: "SELECT COALESCE(MAX(seq), 0) + 1 FROM disk_snapshots WHERE disk_id = ?", arguments: [d.id]) ?? 1)
-                nextSeq = seq + 1
-                try db.execute(
-                    sql: "INSERT INTO disk_snapshots (disk_id, name, kind, image, backend_id, parent, created_at, description, virtual_size, seq) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    arguments: [d.id, s.name, s.kind.rawValue, s.image, s.backendID, s.parent, Int64(s.createdAt.timeIntervalSince1970), s.description, Int64(s.virtualSize), seq])
-            } else {
-                try db.execute(
-                    sql: "UPDATE disk_snapshots SET kind = ?, image = ?, backend_id = ?, parent = ?, created_at = ?, description = ?, virtual_size = ? WHERE disk_id = ? AND name = ?",
-                    arguments: [s.kind.rawValue, s.image, s.backendID, s.parent, Int64(s.createdAt.timeIntervalSince1970), s.description, Int64(s.virtualSize), d.id, s.name])
-            }
+        for s in change.upsertSnapshots {
+            try db.execute(
+                sql: """
+                    INSERT INTO disk_snapshots (disk_id, name, kind, image, backend_id, parent, created_at, description, virtual_size, seq)
+                    VALUES (?,?,?,?,?,?,?,?,?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM disk_snapshots WHERE disk_id = ?))
+                    ON CONFLICT(disk_id, name) DO UPDATE SET kind = excluded.kind, image = excluded.image, backend_id = excluded.backend_id,
+                        parent = excluded.parent, created_at = excluded.created_at, description = excluded.description, virtual_size = excluded.virtual_size
+                    """,
+                arguments: [d.id, s.name, s.kind.rawValue, s.image, s.backendID, s.parent, Int64(s.createdAt.timeIntervalSince1970), s.description, Int64(s.virtualSize), d.id])
         }
-        let oldLayers = Dictionary((before?.layers ?? []).map { ($0.image, $0) }, uniquingKeysWith: { a, _ in a })
-        let newImages = Set(after.layers.map(\.image))
-        for image in oldLayers.keys where !newImages.contains(image) {
+        for image in change.removeLayers {
             try db.execute(sql: "DELETE FROM disk_layers WHERE disk_id = ? AND image = ?", arguments: [d.id, image])
         }
-        var nextLayerSeq: Int64? = nil
-        for l in after.layers where oldLayers[l.image] != l {
-            if oldLayers[l.image] == nil {
-                let seq = try nextLayerSeq ?? (Int64.fetchOne(db, sql: "SELECT COALESCE(MAX(seq), 0) + 1 FROM disk_layers WHERE disk_id = ?", arguments: [d.id]) ?? 1)
-                nextLayerSeq = seq + 1
-                try db.execute(sql: "INSERT INTO disk_layers (disk_id, image, backing, seq) VALUES (?,?,?,?)", arguments: [d.id, l.image, l.backing, seq])
-            } else {
-                try db.execute(sql: "UPDATE disk_layers SET backing = ? WHERE disk_id = ? AND image = ?", arguments: [l.backing, d.id, l.image])
-            }
+        for l in change.upsertLayers {
+            try db.execute(
+                sql: """
+                    INSERT INTO disk_layers (disk_id, image, backing, seq) VALUES (?,?,?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM disk_layers WHERE disk_id = ?))
+                    ON CONFLICT(disk_id, image) DO UPDATE SET backing = excluded.backing
+                    """,
+                arguments: [d.id, l.image, l.backing, d.id])
         }
     }
 
     // MARK: - Journal
 
     /// Records an operation before its first step runs; returns the entry's id.
-    public func beginJournal(diskID: String, plan: Plan, before: DiskLayout) throws -> Int64 {
+    public func beginJournal(diskID: String, kind: BackendKind, plan: Plan, change: LayoutChange) throws -> Int64 {
         let encoder = JSONEncoder()
-        let planJSON = try encoder.encode(plan)
-        let beforeJSON = try encoder.encode(before)
+        let stepsJSON = try encoder.encode(plan.steps)
+        let changeJSON = try encoder.encode(change)
         return try wrap {
             try dbQueue.write { db in
                 try db.execute(
-                    sql: "INSERT INTO journal (disk_id, operation, plan_json, before_json, started_at, pid) VALUES (?,?,?,?,?,?)",
-                    arguments: [diskID, plan.operation, planJSON, beforeJSON, Int64(Date().timeIntervalSince1970), Int64(getpid())])
+                    sql: "INSERT INTO journal (disk_id, kind, operation, steps_json, point_of_no_return, change_json, started_at, pid) VALUES (?,?,?,?,?,?,?,?)",
+                    arguments: [diskID, kind.rawValue, plan.operation, stepsJSON, plan.pointOfNoReturn, changeJSON, Int64(Date().timeIntervalSince1970), Int64(getpid())])
                 return db.lastInsertedRowID
             }
         }
@@ -276,12 +294,12 @@ public final class MetadataStore: Sendable {
         try wrap { try dbQueue.write { db in try db.execute(sql: "UPDATE journal SET steps_done = ? WHERE id = ?", arguments: [stepsDone, id]) } }
     }
 
-    /// Writes the resulting layout and closes the entry, in one transaction.
-    public func completeJournal(_ id: Int64, from before: DiskLayout, to after: DiskLayout) throws {
+    /// Writes the entry's change and closes it, in one transaction.
+    public func completeJournal(_ id: Int64, change: LayoutChange, stepCount: Int) throws {
         try wrap {
             try dbQueue.write { db in
-                try Self.apply(db, from: before, to: after)
-                try db.execute(sql: "UPDATE journal SET state = 'done', finished_at = ? WHERE id = ?", arguments: [Int64(Date().timeIntervalSince1970), id])
+                try Self.apply(db, change)
+                try db.execute(sql: "UPDATE journal SET state = 'done', steps_done = ?, finished_at = ? WHERE id = ?", arguments: [stepCount, Int64(Date().timeIntervalSince1970), id])
             }
         }
     }
@@ -308,10 +326,27 @@ public final class MetadataStore: Sendable {
                 }
                 return try rows.map { r in
                     JournalEntry(
-                        id: r["id"], diskID: r["disk_id"], plan: try decoder.decode(Plan.self, from: r["plan_json"] as Data),
-                        before: try decoder.decode(DiskLayout.self, from: r["before_json"] as Data), stepsDone: r["steps_done"],
+                        id: r["id"], diskID: r["disk_id"], kind: BackendKind(rawValue: r["kind"]), operation: r["operation"],
+                        steps: try decoder.decode([PlanStep].self, from: r["steps_json"] as Data), pointOfNoReturn: r["point_of_no_return"],
+                        change: try decoder.decode(LayoutChange.self, from: r["change_json"] as Data), stepsDone: r["steps_done"],
                         startedAt: Date(timeIntervalSince1970: TimeInterval(r["started_at"] as Int64)), pid: Int32(r["pid"] as Int64))
                 }
+            }
+        }
+    }
+
+    /// The identity of the disk whose identity, active layer or any managed layer is `locator`:
+    /// one indexed lookup, without loading the layout.
+    public func diskID(locator: String) throws -> (id: String, kind: BackendKind)? {
+        try wrap {
+            try dbQueue.read { db in
+                if let row = try Row.fetchOne(db, sql: "SELECT id, kind FROM disks WHERE id = ? OR active = ?", arguments: [locator, locator]) {
+                    return (row["id"], BackendKind(rawValue: row["kind"]))
+                }
+                if let row = try Row.fetchOne(db, sql: "SELECT d.id, d.kind FROM disk_layers l JOIN disks d ON d.id = l.disk_id WHERE l.image = ? LIMIT 1", arguments: [locator]) {
+                    return (row["id"], BackendKind(rawValue: row["kind"]))
+                }
+                return nil
             }
         }
     }

@@ -37,17 +37,26 @@ public struct PlanExecutor: Sendable {
     /// Journals `plan`, runs it and records its result. The caller holds the disk's lock.
     @discardableResult
     public func execute(_ plan: Plan, before: DiskLayout, backend: any DiskSnapshotBackend) async throws -> DiskLayout {
-        let journalID = try store.beginJournal(diskID: before.disk.id, plan: plan, before: before)
+        let change = LayoutChange.between(before, plan.result)
+        let journalID = try store.beginJournal(diskID: before.disk.id, kind: backend.kind, plan: plan, change: change)
+        Trace.mark("journal begin")
         var index = 0
         do {
             while index < plan.steps.count {
                 FaultInjection.point(.before, step: index)
                 try await perform(plan.steps[index].action, backend: backend)
-                try store.markSteps(journal: journalID, done: index + 1)
+                Trace.mark("step \(index): \(plan.steps[index].summary)")
+                // The last step is recorded by the completing transaction itself, unless a crash
+                // test wants to stop between the two.
+                if index + 1 < plan.steps.count || FaultInjection.spec != nil {
+                    try store.markSteps(journal: journalID, done: index + 1)
+                }
                 FaultInjection.point(.after, step: index)
                 index += 1
             }
-            try store.completeJournal(journalID, from: before, to: plan.result)
+            Trace.mark("steps")
+            try store.completeJournal(journalID, change: change, stepCount: plan.steps.count)
+            Trace.mark("journal complete")
             return plan.result
         } catch {
             if index < plan.pointOfNoReturn {
@@ -64,7 +73,7 @@ public struct PlanExecutor: Sendable {
 
     /// Finishes or rolls back an interrupted operation. The caller holds the disk's lock.
     public func recover(_ entry: JournalEntry, backend: any DiskSnapshotBackend) async throws -> RecoveryReport {
-        let plan = entry.plan
+        let plan = Plan(operation: entry.operation, steps: entry.steps, pointOfNoReturn: entry.pointOfNoReturn, result: DiskLayout(disk: entry.change.disk))
         if entry.stepsDone < plan.pointOfNoReturn {
             await rollBack(plan, through: min(entry.stepsDone, plan.steps.count - 1), backend: backend)
             try store.rollBackJournal(entry.id)
@@ -76,8 +85,7 @@ public struct PlanExecutor: Sendable {
             try store.markSteps(journal: entry.id, done: index + 1)
             index += 1
         }
-        let current = try store.layout(diskID: entry.diskID) ?? entry.before
-        try store.completeJournal(entry.id, from: current, to: plan.result)
+        try store.completeJournal(entry.id, change: entry.change, stepCount: plan.steps.count)
         return RecoveryReport(diskID: entry.diskID, operation: plan.operation, outcome: .completed, stepsDone: entry.stepsDone, stepCount: plan.steps.count)
     }
 

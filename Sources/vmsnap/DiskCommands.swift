@@ -67,7 +67,7 @@ struct DiskCheckCommand: AsyncParsableCommand {
             let (backend, layout) = try await service.layout(of: diskOptions.disk, kind: diskOptions.backend)
             var problems = try await backend.verify(layout: layout)
             let pending = try service.store.openJournals(diskID: layout.disk.id)
-            problems += pending.map { "interrupted operation '\($0.plan.operation)' is pending: run `vmsnap recover`" }
+            problems += pending.map { "interrupted operation '\($0.operation)' is pending: run `vmsnap recover`" }
             if json {
                 try printJSON(["disk": layout.disk.id, "problems": problems.joined(separator: "\n")])
             } else {

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Qcow2Backend
 import SnapshotCore
+import VHDBackend
 
 @main
 struct VMSnap: AsyncParsableCommand {
@@ -32,6 +33,7 @@ enum Backends {
     static func registry() throws -> BackendRegistry {
         let registry = BackendRegistry()
         try registry.register(Qcow2Backend.factory)
+        try registry.register(VHDBackend.factory)
         return registry
     }
 }

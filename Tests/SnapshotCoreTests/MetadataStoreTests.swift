@@ -40,21 +40,24 @@ struct MetadataStoreTests {
         #expect(throws: SnapshotError.self) { try store.insert(layout) }
     }
 
-    @Test("the journal records a plan, its progress and its completion")
+    @Test("the journal records the steps, the row change and progress; completing applies the change")
     func journal() throws {
         let store = try MetadataStore(directory: scratchDirectory())
         let before = sampleLayout()
         try store.insert(before)
         var after = before
         after.disk.current = "a"
-        let plan = Plan(operation: "demo", steps: [PlanStep("one", .removeFile("/nonexistent"))], result: after)
-        let id = try store.beginJournal(diskID: before.disk.id, plan: plan, before: before)
+        after.snapshots.removeAll { $0.name == "b" }
+        let plan = Plan(operation: "demo", steps: [PlanStep("one", .removeFile("/nonexistent"))], pointOfNoReturn: 0, result: after)
+        let change = LayoutChange.between(before, after)
+        #expect(change.removeSnapshots == ["b"] && change.upsertSnapshots.isEmpty, "only the changed rows are journaled")
+        let id = try store.beginJournal(diskID: before.disk.id, kind: "qcow2", plan: plan, change: change)
         try store.markSteps(journal: id, done: 1)
         let open = try store.openJournals(diskID: before.disk.id)
-        #expect(open.count == 1 && open[0].stepsDone == 1 && open[0].plan == plan && open[0].before == before)
-        try store.completeJournal(id, from: before, to: after)
+        #expect(open.count == 1 && open[0].stepsDone == 1 && open[0].steps == plan.steps && open[0].change == change && open[0].pointOfNoReturn == 0)
+        try store.completeJournal(id, change: change, stepCount: 1)
         #expect(try store.openJournals().isEmpty)
-        #expect(try store.layout(diskID: before.disk.id)?.disk.current == "a")
+        #expect(try store.layout(diskID: before.disk.id) == after)
     }
 
     @Test("a file that is not a database is reported, not overwritten", arguments: [

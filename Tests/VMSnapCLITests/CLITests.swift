@@ -118,7 +118,7 @@ struct CLITests {
         #expect(r.status == 0, "\(r.out)\(r.err)")
         #expect(r.out.contains("PASS  internal.revert") && r.out.contains("PASS  external.delete-middle"))
         #expect(r.out.contains("3 passed, 0 failed, 0 skipped"), "\(r.out)")
-        let json = try await cli.run(["backend", "test", "qcow2", "--only", "tree", "--json"])
+        let json = try await cli.run(["backend", "test", "qcow2", "--only", "internal.tree", "--json"])
         let lines = json.out.split(separator: "\n")
         #expect(json.status == 0 && lines.count == 2 && lines[0].contains("\"outcome\":\"passed\""))
         let bad = try await cli.run(["backend", "test", "nosuch"])

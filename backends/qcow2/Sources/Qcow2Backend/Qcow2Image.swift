@@ -131,23 +131,9 @@ public struct Qcow2Image: Sendable, Hashable {
 
 // MARK: - QEMU's image locks
 
-/// QEMU locks bytes 100-299 of every image it opens (open file description locks, one byte per
-/// permission it uses or refuses to share). Any lock there means a QEMU process holds the image.
+/// Whether a QEMU process holds an image open (it locks bytes 100-299 of every image it opens).
 public enum QemuImageLock {
-    /// True if a process other than this one holds a QEMU lock on `path`.
-    public static func isHeld(_ path: String) -> Bool {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
-        var probe = flock()
-        probe.l_type = Int16(F_WRLCK)
-        probe.l_whence = Int16(SEEK_SET)
-        probe.l_start = 100
-        probe.l_len = 200
-        let F_OFD_GETLK: Int32 = 36  // <fcntl.h>, Linux-specific, not imported by Glibc
-        guard fcntl(fd, F_OFD_GETLK, &probe) == 0 else { return false }
-        return probe.l_type != Int16(F_UNLCK)
-    }
+    public static func isHeld(_ path: String) -> Bool { FileLockProbe.isLocked(path, range: FileLockProbe.qemuLockBytes) }
 }
 
 // MARK: - Small file helpers
