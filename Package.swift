@@ -79,6 +79,12 @@ let package = Package(
             swiftSettings: strict
         ),
 
+        .executableTarget(
+            name: "vhd-bench",
+            dependencies: ["VHDBackend", "IndependentReaders"],
+            swiftSettings: strict
+        ),
+
         // MARK: - Tests
         .testTarget(
             name: "SnapshotCoreTests",
