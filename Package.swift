@@ -14,6 +14,7 @@ let package = Package(
         .library(name: "BackendConformance", targets: ["BackendConformance"]),
         .library(name: "Qcow2Backend", targets: ["Qcow2Backend"]),
         .library(name: "VHDBackend", targets: ["VHDBackend"]),
+        .library(name: "LVMBackend", targets: ["LVMBackend"]),
         .executable(name: "vmsnap", targets: ["vmsnap"]),
     ],
     dependencies: [
@@ -54,6 +55,13 @@ let package = Package(
             swiftSettings: strict
         ),
 
+        .target(
+            name: "LVMBackend",
+            dependencies: ["SnapshotCore"],
+            path: "backends/lvm/Sources/LVMBackend",
+            swiftSettings: strict
+        ),
+
         // MARK: - Independent readers (test-only checks against third-party parsers)
         .systemLibrary(name: "CLibQcow", pkgConfig: "libqcow", providers: [.apt(["libqcow-dev"])]),
         .systemLibrary(name: "CLibVhdi", pkgConfig: "libvhdi", providers: [.apt(["libvhdi-dev"])]),
@@ -67,7 +75,7 @@ let package = Package(
         .executableTarget(
             name: "vmsnap",
             dependencies: [
-                "SnapshotCore", "BackendConformance", "Qcow2Backend", "VHDBackend",
+                "SnapshotCore", "BackendConformance", "Qcow2Backend", "VHDBackend", "LVMBackend",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict
@@ -101,6 +109,12 @@ let package = Package(
             name: "VHDBackendTests",
             dependencies: ["VHDBackend", "SnapshotCore", "BackendConformance", "IndependentReaders"],
             path: "backends/vhd/Tests/VHDBackendTests",
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "LVMBackendTests",
+            dependencies: ["LVMBackend", "SnapshotCore"],
+            path: "backends/lvm/Tests/LVMBackendTests",
             swiftSettings: strict
         ),
         .testTarget(

@@ -209,7 +209,10 @@ enum ConformanceChecks {
             },
             ConformanceCheck("\(k).missing-disk", "a snapshot of a disk that does not exist is refused and nothing is created",
                              requires: [cap(.create, kind)]) { c in
-                let missing = c.pool.directory + "/no-such-disk-\(k)"
+                // A disk that existed and is gone: a locator of the backend's own form.
+                let missing = try await c.backend.createDisk(named: "gone-\(k)-\(UInt32.random(in: 0...UInt32.max))", size: 1 << 20, in: c.pool)
+                let gone = try await c.backend.adopt(locator: missing)
+                try await c.backend.destroyDisk(layout: gone)
                 let before = try await c.backend.poolInventory(c.pool)
                 do {
                     try await c.service.create(SnapshotRequest(name: "s", kind: kind), disk: missing, kind: c.backend.kind)

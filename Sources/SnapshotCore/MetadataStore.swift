@@ -81,9 +81,12 @@ public final class MetadataStore: Sendable {
         }
         do {
             dbQueue = try DatabaseQueue(path: path, configuration: config)
+            // WAL needs shared memory the kernel maps; network and 9p filesystems cannot give it,
+            // so there the store keeps SQLite's rollback journal.
+            let mode = Self.supportsSharedMemory(directory) ? "wal" : "delete"
             try dbQueue.writeWithoutTransaction { db in
-                if try String.fetchOne(db, sql: "PRAGMA journal_mode") != "wal" {
-                    try db.execute(sql: "PRAGMA journal_mode = WAL")
+                if try String.fetchOne(db, sql: "PRAGMA journal_mode") != mode {
+                    try db.execute(sql: "PRAGMA journal_mode = \(mode)")
                 }
             }
             try Self.migrator.migrate(dbQueue)
@@ -100,6 +103,23 @@ public final class MetadataStore: Sendable {
                 cause: nil
             )
         }
+    }
+
+    /// False on filesystems where SQLite's WAL index cannot be memory-mapped (NFS, SMB, 9p, FUSE),
+    /// found from the mount table entry that holds `directory`.
+    static func supportsSharedMemory(_ directory: String) -> Bool {
+        guard let mounts = try? String(contentsOfFile: "/proc/self/mounts", encoding: .utf8) else { return true }
+        let path = URL(fileURLWithPath: directory).resolvingSymlinksInPath().path
+        var best = (length: -1, type: "")
+        for line in mounts.split(separator: "\n") {
+            let fields = line.split(separator: " ")
+            guard fields.count >= 3 else { continue }
+            let mountPoint = fields[1].replacingOccurrences(of: "\\040", with: " ")
+            let inside = mountPoint == "/" || path == mountPoint || path.hasPrefix(mountPoint + "/")
+            if inside, mountPoint.count > best.length { best = (mountPoint.count, String(fields[2])) }
+        }
+        let type = best.type
+        return !(["nfs", "nfs4", "cifs", "smb3", "9p"].contains(type) || type.hasPrefix("fuse"))
     }
 
     static func describe(_ error: any Error) -> String {

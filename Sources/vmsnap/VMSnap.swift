@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Qcow2Backend
+import LVMBackend
 import SnapshotCore
 import VHDBackend
 
@@ -34,6 +35,7 @@ enum Backends {
         let registry = BackendRegistry()
         try registry.register(Qcow2Backend.factory)
         try registry.register(VHDBackend.factory)
+        try registry.register(LVMBackend.factory)
         return registry
     }
 }

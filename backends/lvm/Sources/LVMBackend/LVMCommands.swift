@@ -1,0 +1,38 @@
+/// The LVM command lines the backend runs, as argument arrays built by pure functions.
+public enum LVMCommands {
+    /// Columns read with `lvs`, as JSON.
+    public static let lvFields = "lv_name,vg_name,lv_attr,lv_size,origin,pool_lv,data_percent,lv_tags,lv_device_open,lv_merging"
+
+    public static func lvs(_ target: String) -> [String] {
+        ["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", lvFields, target]
+    }
+
+    public static func vgs(_ vg: String) -> [String] {
+        ["vgs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", "vg_name,vg_size,vg_free,vg_extent_size", vg]
+    }
+
+    /// A classic snapshot with a copy-on-write area of `cowSize` (`-L 64m`) or `cowExtents` (`-l 20%ORIGIN`).
+    public static func createClassicSnapshot(_ name: String, of origin: String, size: String, tags: [String]) -> [String] {
+        let sizeArgs = size.contains("%") ? ["-l", size] : ["-L", size]
+        return ["lvcreate", "-q", "-s", "-n", name] + sizeArgs + tags.flatMap { ["--addtag", $0] } + [origin]
+    }
+
+    /// A thin snapshot, activatable (`-kn`: no activation skip) so it can be read and merged.
+    public static func createThinSnapshot(_ name: String, of origin: String, tags: [String]) -> [String] {
+        ["lvcreate", "-q", "-s", "-kn", "-n", name] + tags.flatMap { ["--addtag", $0] } + [origin]
+    }
+
+    /// Merges and waits, polling progress every second (the default interval is 15 s).
+    public static func merge(_ snapshot: String) -> [String] { ["lvconvert", "-q", "--merge", "-i", "1", snapshot] }
+
+    public static func remove(_ lv: String) -> [String] { ["lvremove", "-q", "-y", lv] }
+
+    public static func extend(_ lv: String, by: String) -> [String] { ["lvextend", "-q", "-L", "+\(by)", lv] }
+
+    public static func createVolume(_ name: String, vg: String, size: UInt64, thinPool: String?) -> [String] {
+        if let thinPool { return ["lvcreate", "-q", "-n", name, "-V", "\(size)b", "--thinpool", thinPool, vg] }
+        return ["lvcreate", "-q", "-n", name, "-L", "\(size)b", vg]
+    }
+
+    public static func activate(_ lv: String) -> [String] { ["lvchange", "-q", "-ay", "-K", lv] }
+}
