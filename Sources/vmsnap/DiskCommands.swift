@@ -91,7 +91,7 @@ struct DiskSnapshotCommand: AsyncParsableCommand {
         @OptionGroup var storeOptions: StoreOptions
         @OptionGroup var diskOptions: DiskOptions
         @Argument(help: "The snapshot's name.") var name: String
-        @Option(name: .long, help: "internal (inside the image) or external (new overlay / volume).") var kind: SnapshotKind = .internal
+        @Option(name: .long, help: "internal (inside the image) or external (new overlay / volume); default: internal where the backend has it, else external.") var kind: SnapshotKind?
         @Option(name: .long, help: "A description kept with the snapshot.") var description: String?
         @Option(name: .long, help: "Directory for the new overlay (external snapshots of file formats).") var overlayDir: String?
         @Flag(name: .long, help: "Print the new snapshot as JSON.") var json = false
@@ -105,8 +105,13 @@ struct DiskSnapshotCommand: AsyncParsableCommand {
         func run() async throws {
             try await guarded {
                 let service = try storeOptions.service()
+                var chosen = kind
+                if chosen == nil {
+                    let kinds = try await service.layout(of: diskOptions.disk, kind: diskOptions.backend).0.descriptor.capabilities.kinds
+                    chosen = overlayDir == nil && kinds.contains(.internal) ? .internal : .external
+                }
                 let snap = try await service.create(
-                    SnapshotRequest(name: name, kind: kind, description: description, overlayDirectory: overlayDir),
+                    SnapshotRequest(name: name, kind: chosen ?? .internal, description: description, overlayDirectory: overlayDir),
                     disk: diskOptions.disk, kind: diskOptions.backend)
                 if json { return try printJSON(snap) }
                 print("created \(snap.kind.rawValue) snapshot '\(snap.name)' of \(diskOptions.disk)")

@@ -77,7 +77,7 @@ struct CLITests {
         try await cli.ok("disk", "snapshot", "create", disk, "s1")
         var r = try await cli.run(["disk", "snapshot", "delete", disk, "s1", "--children", "--children-only"])
         #expect(r.status == 64 && r.err.contains("conflict"))
-        r = try await cli.run(["disk", "snapshot", "create", disk, "s2", "--overlay-dir", cli.pool])
+        r = try await cli.run(["disk", "snapshot", "create", disk, "s2", "--kind", "internal", "--overlay-dir", cli.pool])
         #expect(r.status == 64 && r.err.contains("--overlay-dir"))
         r = try await cli.run(["disk", "snapshot", "list", disk, "--tree", "--json"])
         #expect(r.status == 64)
@@ -138,5 +138,20 @@ struct CLITests {
         #expect(try await cli.list(disk).snapshots.isEmpty)
         #expect(try cli.files() == files)
         #expect(try await cli.holds(try await cli.list(disk).active, 7))
+    }
+}
+
+@Suite("vmsnap CLI defaults")
+struct CLIDefaultTests {
+    @Test("without --kind a snapshot is internal where the backend has internal snapshots, external where it has not")
+    func defaultKind() async throws {
+        let cli = try CLI()
+        let qcow = try await cli.disk()
+        try await cli.ok("disk", "snapshot", "create", qcow, "q1")
+        #expect(try await cli.list(qcow).snapshots.first?.kind == .internal)
+        let vhd = cli.pool + "/v.vhd"
+        try await cli.sh("qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=dynamic", vhd, "8M")
+        try await cli.ok("disk", "snapshot", "create", vhd, "v1")
+        #expect(try await cli.list(vhd).snapshots.first?.kind == .external)
     }
 }
