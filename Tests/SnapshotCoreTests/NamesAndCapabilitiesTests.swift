@@ -76,29 +76,14 @@ struct SnapshotTreeTests {
 
 @Suite("Backend registry")
 struct RegistryTests {
-    struct Dummy: DiskSnapshotBackend {
-        var descriptor: BackendDescriptor { BackendDescriptor(kind: "dummy", summary: "test", capabilities: CapabilityTable([])) }
-        func recognizes(locator: String) async -> Bool { false }
-        func inspect(locator: String) async throws -> DiskInfo { DiskInfo(format: "none", virtualSize: 0) }
-        func adopt(locator: String) async throws -> DiskLayout { throw SnapshotError(.unsupported, "dummy") }
-        func planCreate(_ request: SnapshotRequest, layout: DiskLayout) async throws -> Plan { throw SnapshotError(.unsupported, "dummy") }
-        func planRevert(to snapshot: String, layout: DiskLayout) async throws -> Plan { throw SnapshotError(.unsupported, "dummy") }
-        func planDelete(_ snapshot: String, mode: DeleteMode, layout: DiskLayout) async throws -> Plan { throw SnapshotError(.unsupported, "dummy") }
-        func createDisk(named name: String, size: UInt64, in pool: BackendPool) async throws -> String { "" }
-        func destroyDisk(layout: DiskLayout) async throws {}
-        func write(_ bytes: [UInt8], at offset: UInt64, layout: DiskLayout) async throws {}
-        func read(_ view: DataView, at offset: UInt64, length: Int, layout: DiskLayout) async throws -> [UInt8] { [] }
-        func poolInventory(_ pool: BackendPool) async throws -> [String] { [] }
-    }
-
     @Test("backends register by kind; duplicates, unknown kinds and other API versions are refused")
     func registration() throws {
         let registry = BackendRegistry()
-        try registry.register(BackendFactory(kind: "dummy") { _ in Dummy() })
+        try registry.register(BackendFactory(kind: "dummy") { _ in InertBackend(kind: "dummy") })
         #expect(registry.kinds == ["dummy"])
         #expect(try registry.backend("dummy").kind == "dummy")
-        #expect(throws: SnapshotError.self) { try registry.register(BackendFactory(kind: "dummy") { _ in Dummy() }) }
-        let future = #expect(throws: SnapshotError.self) { try registry.register(BackendFactory(kind: "future", apiVersion: 99) { _ in Dummy() }) }
+        #expect(throws: SnapshotError.self) { try registry.register(BackendFactory(kind: "dummy") { _ in InertBackend(kind: "dummy") }) }
+        let future = #expect(throws: SnapshotError.self) { try registry.register(BackendFactory(kind: "future", apiVersion: 99) { _ in InertBackend(kind: "dummy") }) }
         #expect(future?.code == .incompatibleBackend)
         let unknown = #expect(throws: SnapshotError.self) { try registry.backend("nope") }
         #expect(unknown?.code == .notFound && unknown?.message.contains("dummy") == true)

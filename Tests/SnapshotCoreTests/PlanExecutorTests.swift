@@ -5,21 +5,6 @@ import Testing
 /// Plans made of real file actions and real commands: the executor's rollback and recovery.
 @Suite("Plan executor")
 struct PlanExecutorTests {
-    struct NoBackend: DiskSnapshotBackend {
-        var descriptor: BackendDescriptor { BackendDescriptor(kind: "none", summary: "", capabilities: CapabilityTable([])) }
-        func recognizes(locator: String) async -> Bool { false }
-        func inspect(locator: String) async throws -> DiskInfo { DiskInfo(format: "", virtualSize: 0) }
-        func adopt(locator: String) async throws -> DiskLayout { throw SnapshotError(.unsupported, "") }
-        func planCreate(_ request: SnapshotRequest, layout: DiskLayout) async throws -> Plan { throw SnapshotError(.unsupported, "") }
-        func planRevert(to snapshot: String, layout: DiskLayout) async throws -> Plan { throw SnapshotError(.unsupported, "") }
-        func planDelete(_ snapshot: String, mode: DeleteMode, layout: DiskLayout) async throws -> Plan { throw SnapshotError(.unsupported, "") }
-        func createDisk(named name: String, size: UInt64, in pool: BackendPool) async throws -> String { "" }
-        func destroyDisk(layout: DiskLayout) async throws {}
-        func write(_ bytes: [UInt8], at offset: UInt64, layout: DiskLayout) async throws {}
-        func read(_ view: DataView, at offset: UInt64, length: Int, layout: DiskLayout) async throws -> [UInt8] { [] }
-        func poolInventory(_ pool: BackendPool) async throws -> [String] { [] }
-    }
-
     func setUp() throws -> (MetadataStore, PlanExecutor, DiskLayout, String) {
         let dir = scratchDirectory("exec")
         let store = try MetadataStore(directory: (dir as NSString).appendingPathComponent("store"))
@@ -38,7 +23,7 @@ struct PlanExecutorTests {
             PlanStep("make a file", .run(["touch", made]), undo: .removeFile(made)),
             PlanStep("fail", .run(["false"])),
         ], result: result)
-        await #expect(throws: CommandError.self) { try await executor.execute(plan, before: layout, backend: NoBackend()) }
+        await #expect(throws: CommandError.self) { try await executor.execute(plan, before: layout, backend: InertBackend(kind: "none")) }
         #expect(!FileManager.default.fileExists(atPath: made))
         #expect(try store.layout(diskID: layout.disk.id) == layout)
         #expect(try store.openJournals().isEmpty)
@@ -55,12 +40,12 @@ struct PlanExecutorTests {
             PlanStep("rename", .rename(from: a, to: b)),
             PlanStep("needs the gate file", .run(["test", "-e", gate])),
         ], pointOfNoReturn: 0, result: result)
-        let error = try await #require(throws: SnapshotError.self) { try await executor.execute(plan, before: layout, backend: NoBackend()) }
+        let error = try await #require(throws: SnapshotError.self) { try await executor.execute(plan, before: layout, backend: InertBackend(kind: "none")) }
         #expect(error.code == .recoveryNeeded && error.message.contains("vmsnap recover"))
         let open = try store.openJournals()
         #expect(open.count == 1 && open[0].stepsDone == 1)
         _ = FileManager.default.createFile(atPath: gate, contents: nil)
-        let report = try await executor.recover(open[0], backend: NoBackend())
+        let report = try await executor.recover(open[0], backend: InertBackend(kind: "none"))
         #expect(report.outcome == .completed)
         #expect(try store.layout(diskID: layout.disk.id)?.disk.active == b)
         #expect(try String(contentsOfFile: b, encoding: .utf8) == "payload")
@@ -72,10 +57,10 @@ struct PlanExecutorTests {
         let (_, executor, _, dir) = try setUp()
         let a = dir + "/x", b = dir + "/y"
         _ = FileManager.default.createFile(atPath: a, contents: Data("1".utf8))
-        for _ in 0..<2 { try await executor.perform(.rename(from: a, to: b), backend: NoBackend()) }
+        for _ in 0..<2 { try await executor.perform(.rename(from: a, to: b), backend: InertBackend(kind: "none")) }
         #expect(FileManager.default.fileExists(atPath: b) && !FileManager.default.fileExists(atPath: a))
-        for _ in 0..<2 { try await executor.perform(.removeFile(b), backend: NoBackend()) }
+        for _ in 0..<2 { try await executor.perform(.removeFile(b), backend: InertBackend(kind: "none")) }
         #expect(!FileManager.default.fileExists(atPath: b))
-        await #expect(throws: SnapshotError.self) { try await executor.perform(.rename(from: dir + "/none", to: dir + "/none2"), backend: NoBackend()) }
+        await #expect(throws: SnapshotError.self) { try await executor.perform(.rename(from: dir + "/none", to: dir + "/none2"), backend: InertBackend(kind: "none")) }
     }
 }
