@@ -185,14 +185,8 @@ public final class MetadataStore: Sendable {
 
     /// The layout of the disk whose identity, active layer or any managed layer is `locator`.
     public func findDisk(locator: String) throws -> DiskLayout? {
-        try wrap {
-            try dbQueue.read { db in
-                let id = try String.fetchOne(db, sql: "SELECT id FROM disks WHERE id = ? OR active = ?", arguments: [locator, locator])
-                    ?? String.fetchOne(db, sql: "SELECT disk_id FROM disk_layers WHERE image = ? LIMIT 1", arguments: [locator])
-                guard let id else { return nil }
-                return try Self.layout(db, id: id)
-            }
-        }
+        guard let (id, _) = try diskID(locator: locator) else { return nil }
+        return try layout(diskID: id)
     }
 
     /// The layout of the disk with identity `id`.

@@ -85,15 +85,15 @@ public enum VHDEngine {
         if c.type == .differencing, try c.parentPath() == URL(fileURLWithPath: oldParent).standardizedFileURL.path {
             let old = try VHDImage(path: oldParent)
             let missing = subtract(try old.ownedRuns(), try c.ownedRuns())
-            try copyRuns(missing, from: old, to: c, ownLayerOnly: true)
+            try copyRuns(missing, from: old, to: c)
         }
         try c.setParent(newParent)
         try c.sync()
     }
 
-    /// Copies runs of sectors, in pieces of at most 4 MiB. With `ownLayerOnly`, reads the source
-    /// layer itself, not through its parents (the runs are sectors it holds).
-    static func copyRuns(_ runs: [(first: UInt64, count: UInt64)], from source: VHDImage, to target: VHDImage, ownLayerOnly: Bool = false, progress: ((UInt64) -> Void)? = nil) throws {
+    /// Copies runs of sectors the source layer holds (so reads never reach its parents), in pieces
+    /// of at most 4 MiB.
+    static func copyRuns(_ runs: [(first: UInt64, count: UInt64)], from source: VHDImage, to target: VHDImage, progress: ((UInt64) -> Void)? = nil) throws {
         let chunk: UInt64 = 8192
         var copied: UInt64 = 0
         for run in runs {
