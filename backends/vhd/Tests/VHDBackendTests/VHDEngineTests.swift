@@ -155,3 +155,28 @@ struct VHDEngineTests {
         #expect(VHDImage.relativePath(from: root, to: base) == "./base.vhd")
     }
 }
+
+@Suite("vhd-util command lines")
+struct VHDUtilCommandTests {
+    /// Argument building only: Debian has no vhd-util, so the real-tool test of this path waits for
+    /// a host that has it (docs/notes.md).
+    @Test("snapshot, coalesce and check are argument arrays naming the files")
+    func argv() {
+        #expect(VHDUtilCommands.snapshot(child: "/p/c.vhd", parent: "/p/b.vhd") == ["vhd-util", "snapshot", "-n", "/p/c.vhd", "-p", "/p/b.vhd"])
+        #expect(VHDUtilCommands.coalesce(child: "/p/c.vhd") == ["vhd-util", "coalesce", "-n", "/p/c.vhd"])
+        #expect(VHDUtilCommands.check("/p/c.vhd") == ["vhd-util", "check", "-n", "/p/c.vhd"])
+    }
+
+    @Test("asking for the vhd-util engine where it is not installed fails clearly and creates nothing")
+    func missingTool() async throws {
+        guard !VHDUtilCommands.installed else { return }
+        let root = try scratch("noutil")
+        let base = root + "/pool/b.vhd"
+        try VHDEngine.createDynamic(base, size: 1 << 20)
+        let error = try await #require(throws: SnapshotError.self) {
+            try await VHDBackend(settings: ["engine": "vhd-util"]).perform("create-child", arguments: ["parent": base, "child": root + "/pool/c.vhd"])
+        }
+        #expect(error.message.contains("vhd-util"))
+        #expect(!FileManager.default.fileExists(atPath: root + "/pool/c.vhd"))
+    }
+}
