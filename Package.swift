@@ -15,6 +15,8 @@ let package = Package(
         .library(name: "Qcow2Backend", targets: ["Qcow2Backend"]),
         .library(name: "VHDBackend", targets: ["VHDBackend"]),
         .library(name: "LVMBackend", targets: ["LVMBackend"]),
+        .library(name: "QEMUDriver", targets: ["QEMUDriver"]),
+        .library(name: "DomainSnapshots", targets: ["DomainSnapshots"]),
         .executable(name: "vmsnap", targets: ["vmsnap"]),
     ],
     dependencies: [
@@ -37,6 +39,18 @@ let package = Package(
         .target(
             name: "BackendConformance",
             dependencies: ["SnapshotCore"],
+            swiftSettings: strict
+        ),
+
+        // MARK: - Hypervisor driver and domain snapshots
+        .target(
+            name: "QEMUDriver",
+            dependencies: ["SnapshotCore"],
+            swiftSettings: strict
+        ),
+        .target(
+            name: "DomainSnapshots",
+            dependencies: ["SnapshotCore", "QEMUDriver"],
             swiftSettings: strict
         ),
 
@@ -75,7 +89,7 @@ let package = Package(
         .executableTarget(
             name: "vmsnap",
             dependencies: [
-                "SnapshotCore", "BackendConformance", "Qcow2Backend", "VHDBackend", "LVMBackend",
+                "SnapshotCore", "BackendConformance", "Qcow2Backend", "VHDBackend", "LVMBackend", "DomainSnapshots", "QEMUDriver",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict

@@ -111,6 +111,34 @@ public protocol DiskSnapshotBackend: Sendable {
     /// Things in the pool that a failed operation could have left behind (files, volumes), so a
     /// test can check that nothing was created.
     func poolInventory(_ pool: BackendPool) async throws -> [String]
+
+    // MARK: Hypervisor integration (defaults: not openable, no live snapshots)
+
+    /// How a hypervisor opens the disk's active layer: a path and QEMU's format driver name.
+    /// Throws `unsupported` with the reason when the hypervisor cannot open the layering.
+    func hypervisorDrive(_ layout: DiskLayout) throws -> HypervisorDrive
+
+    /// Plans a snapshot that the hypervisor takes while the disk is open (a QMP transaction
+    /// action): the plan's `result` is the layout afterwards and `steps` stay empty; the caller
+    /// performs the live action and records the result. Throws `unsupported` where only the
+    /// backend's own (offline) path works.
+    func planLiveCreate(_ request: SnapshotRequest, layout: DiskLayout) async throws -> Plan
+}
+
+/// A disk as a hypervisor opens it.
+public struct HypervisorDrive: Sendable, Hashable {
+    public var path: String
+    /// QEMU's format driver: qcow2, vpc, raw.
+    public var format: String
+    /// True when the hypervisor can take this disk's snapshots live (QMP); else vmsnap takes
+    /// them through the backend while the vCPUs are paused.
+    public var liveSnapshots: Bool
+
+    public init(path: String, format: String, liveSnapshots: Bool = false) {
+        self.path = path
+        self.format = format
+        self.liveSnapshots = liveSnapshots
+    }
 }
 
 extension DiskSnapshotBackend {
@@ -125,6 +153,14 @@ extension DiskSnapshotBackend {
     public func normalize(locator: String) -> String { locator }
 
     public func verify(layout: DiskLayout) async throws -> [String] { [] }
+
+    public func hypervisorDrive(_ layout: DiskLayout) throws -> HypervisorDrive {
+        throw SnapshotError(.unsupported, "backend '\(kind)' does not say how a hypervisor opens its disks")
+    }
+
+    public func planLiveCreate(_ request: SnapshotRequest, layout: DiskLayout) async throws -> Plan {
+        throw SnapshotError(.unsupported, "backend '\(kind)' takes no snapshots through the hypervisor")
+    }
 }
 
 /// Where a backend may create scratch disks: a directory for file formats, a volume group for

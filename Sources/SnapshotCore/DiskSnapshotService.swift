@@ -88,6 +88,24 @@ public struct DiskSnapshotService: Sendable {
         return try await body(backend, adopted)
     }
 
+    /// The backend and stored layout of a disk, recording it in the store first if vmsnap did
+    /// not manage it yet (after recovering interrupted work on it).
+    public func manage(_ locator: String, kind: BackendKind? = nil) async throws -> (any DiskSnapshotBackend, DiskLayout) {
+        try await withManagedDisk(locator, kind: kind) { ($0, $1) }
+    }
+
+    /// Records a change made outside a backend plan (a snapshot the hypervisor took live), under
+    /// the disk's lock, if the stored layout is still `before`.
+    public func record(_ after: DiskLayout, replacing before: DiskLayout) throws {
+        let lock = try DiskLock(store: store, diskID: before.disk.id)
+        defer { withExtendedLifetime(lock) {} }
+        guard let stored = try store.layout(diskID: before.disk.id), stored.disk.active == before.disk.active,
+              Set(stored.snapshots.map(\.name)) == Set(before.snapshots.map(\.name)) else {
+            throw SnapshotError(.conflict, "disk \(before.disk.id) changed while the hypervisor worked on it; run `vmsnap disk check` on it")
+        }
+        try store.update(from: stored, to: after)
+    }
+
     // MARK: - Operations
 
     /// Takes a snapshot of the disk at `locator`.

@@ -52,7 +52,7 @@ public final class MetadataStore: Sendable {
     public static let databaseName = "vmsnap.sqlite"
 
     public let directory: String
-    private let dbQueue: DatabaseQueue
+    let dbQueue: DatabaseQueue
 
     /// The directory from a flag, then `VMSNAP_STORE`, then the default.
     public static func resolveDirectory(flag: String?, environment: [String: String] = ProcessInfo.processInfo.environment) -> String {
@@ -128,7 +128,7 @@ public final class MetadataStore: Sendable {
         return "\(error)"
     }
 
-    private static var migrator: DatabaseMigrator {
+    static var migrator: DatabaseMigrator {
         var migrator = DatabaseMigrator()
         migrator.registerMigration("v1-disks") { db in
             try db.execute(sql: """
@@ -178,6 +178,7 @@ public final class MetadataStore: Sendable {
                 CREATE INDEX journal_open ON journal(state, disk_id);
                 """)
         }
+        registerDomainMigrations(&migrator)
         return migrator
     }
 
@@ -365,7 +366,7 @@ public final class MetadataStore: Sendable {
         }
     }
 
-    private func wrap<T>(_ body: () throws -> T) throws -> T {
+    func wrap<T>(_ body: () throws -> T) throws -> T {
         do { return try body() } catch let e as SnapshotError { throw e } catch {
             throw SnapshotError(.storeCorrupt, "the metadata store in \(directory) failed: \(Self.describe(error)); nothing further was changed")
         }

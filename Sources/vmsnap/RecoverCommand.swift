@@ -14,8 +14,10 @@ struct RecoverCommand: AsyncParsableCommand {
     func run() async throws {
         try await guarded {
             let reports = try await storeOptions.service().recoverAll()
+            let domains = try await storeOptions.domains().recoverAll()
             if json { return try printJSON(reports) }
-            if reports.isEmpty { print("nothing to recover") }
+            if reports.isEmpty && domains.isEmpty { print("nothing to recover") }
+            for d in domains { print("recovered domain '\(d)'") }
             for r in reports {
                 print("\(r.outcome.rawValue): \(r.operation) (\(r.stepsDone) of \(r.stepCount) steps had run)\(r.detail.map { "; \($0)" } ?? "")")
             }

@@ -11,7 +11,7 @@ struct VMSnap: AsyncParsableCommand {
         commandName: "vmsnap",
         abstract: "Snapshots of virtual machine disks on mixed storage (qcow2, LVM, VHD).",
         version: "0.1.0",
-        subcommands: [DiskCommand.self, BackendCommand.self, RecoverCommand.self]
+        subcommands: [DomainCommand.self, SnapshotCommand.self, DiskCommand.self, BackendCommand.self, RecoverCommand.self]
     )
 }
 

@@ -30,9 +30,10 @@ struct CLI {
 
     /// `vmsnap ARGS --store STORE`, with extra environment (fault injection).
     @discardableResult
-    func run(_ args: [String], fault: String? = nil) async throws -> Result {
+    func run(_ args: [String], fault: String? = nil, environment: [String: String] = [:]) async throws -> Result {
         var argv = ["env"]
         if let fault { argv.append("VMSNAP_FAULT=\(fault)") }
+        argv += environment.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
         argv += ["VMSNAP_STORE=\(store)", CLI.binary] + args
         let out = try await SubprocessRunner().execute(argv)
         return Result(status: out.status, out: out.standardOutput, err: out.standardError)

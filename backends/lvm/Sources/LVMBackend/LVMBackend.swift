@@ -24,12 +24,24 @@ public struct LVMBackend: DiskSnapshotBackend {
         BackendDescriptor(
             kind: Self.kind,
             summary: "LVM logical volumes: classic (CoW) and thin snapshots through lvcreate / lvconvert --merge / lvremove, offline",
-            capabilities: .all(kinds: [.external], states: [.offline], notes: [
+            capabilities: Self.capabilities(notes: [
+                "snapshots of an open origin (a running VM's disk) are taken while the domain's vCPUs are paused and QEMU has flushed; revert and merge need the origin closed",
                 "a classic snapshot cannot itself be snapshotted; snapshots are always of the origin volume",
                 "revert merges the snapshot into the origin; while the origin is open LVM defers the merge to its next activation, and vmsnap reports that instead of claiming the revert is done",
                 "a classic snapshot whose copy-on-write area overflowed is invalid: reported as lost, never reverted to",
                 "copy-on-write size: setting cow-size (default 20%ORIGIN)",
             ]))
+    }
+
+    static func capabilities(notes: [String]) -> CapabilityTable {
+        var table = CapabilityTable.all(kinds: [.external], states: [.offline], notes: notes)
+        table.supported.insert(Capability(.create, .external, .live))
+        return table
+    }
+
+    /// QEMU opens the origin's device node as a raw disk.
+    public func hypervisorDrive(_ layout: DiskLayout) throws -> HypervisorDrive {
+        HypervisorDrive(path: "/dev/" + layout.disk.active, format: "raw", liveSnapshots: false)
     }
 
     // MARK: - Locators and reports

@@ -113,6 +113,11 @@ public struct Qcow2Backend: DiskSnapshotBackend {
     }
 
     public func planCreate(_ request: SnapshotRequest, layout: DiskLayout) async throws -> Plan {
+        try planCreate(request, layout: layout, live: false)
+    }
+
+    /// The create plan; `live` when QEMU has the image open and takes the snapshot itself.
+    func planCreate(_ request: SnapshotRequest, layout: DiskLayout, live: Bool) throws -> Plan {
         try requireBackendName(request.name)
         let active = layout.disk.active
         let img = try image(active)
@@ -121,12 +126,14 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         }
         switch request.kind {
         case .external:
-            return try chain.planCreateExternal(request, layout: layout, virtualSize: img.virtualSize, overlayDirectory: request.overlayDirectory ?? settings["overlay-dir"])
+            var planner = chain
+            if live { planner.actions.requireNotInUse = { _ in } }
+            return try planner.planCreateExternal(request, layout: layout, virtualSize: img.virtualSize, overlayDirectory: request.overlayDirectory ?? settings["overlay-dir"])
         case .internal:
             if request.overlayDirectory != nil {
                 throw SnapshotError(.invalidArgument, "--overlay-dir applies to external snapshots only; an internal snapshot stays inside \(active)")
             }
-            try Self.requireNotInUse([active])
+            if !live { try Self.requireNotInUse([active]) }
             var result = layout
             result.snapshots.append(DiskSnapshot(
                 name: request.name, kind: .internal, image: active, parent: layout.disk.current,
@@ -169,6 +176,21 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         case (.merge, .external): return try chain.planMergeExternal(target, layout: layout)
         case (.children, _), (.childrenOnly, _): return try chain.planSubtree(target, includeSelf: mode == .children, layout: layout)
         }
+    }
+
+    // MARK: - Hypervisor
+
+    public func hypervisorDrive(_ layout: DiskLayout) throws -> HypervisorDrive {
+        HypervisorDrive(path: layout.disk.active, format: "qcow2", liveSnapshots: true)
+    }
+
+    /// The layout after QEMU takes the snapshot (`blockdev-snapshot-sync` to the overlay path
+    /// the offline path would use, or `blockdev-snapshot-internal-sync`); the image is open by
+    /// QEMU, so the offline lock check does not apply.
+    public func planLiveCreate(_ request: SnapshotRequest, layout: DiskLayout) async throws -> Plan {
+        var plan = try planCreate(request, layout: layout, live: true)
+        plan.steps = []
+        return plan
     }
 
     // MARK: - Native steps and checks

@@ -38,6 +38,15 @@ public struct VHDBackend: DiskSnapshotBackend {
             ]))
     }
 
+    /// QEMU opens dynamic and fixed VHDs (`vpc`), never differencing ones.
+    public func hypervisorDrive(_ layout: DiskLayout) throws -> HypervisorDrive {
+        let image = try VHDImage(path: layout.disk.active)
+        guard image.type != .differencing else {
+            throw SnapshotError(.unsupported, "QEMU cannot open the differencing VHD \(layout.disk.active) (the active layer after a VHD snapshot); run this disk under Xen/blktap, or delete its snapshots so the base is active again")
+        }
+        return HypervisorDrive(path: layout.disk.active, format: "vpc")
+    }
+
     public func normalize(locator: String) -> String { URL(fileURLWithPath: locator).standardizedFileURL.path }
 
     public func recognizes(locator: String) async -> Bool {

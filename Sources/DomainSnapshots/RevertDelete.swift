@@ -1,0 +1,356 @@
+import Foundation
+import QEMUDriver
+import SnapshotCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension DomainService {
+    func requireSnapshot(_ domain: String, _ name: String) throws -> DomainSnapshotRecord {
+        let all = try store.domainSnapshots(of: domain)
+        guard let rec = all.first(where: { $0.name == name }) else {
+            let known = all.map(\.name).prefix(10).joined(separator: ", ")
+            throw SnapshotError(.notFound, "domain '\(domain)' has no snapshot named \(SnapshotName.quoted(name)) (it has: \(known.isEmpty ? "none" : known))")
+        }
+        return rec
+    }
+
+    // MARK: - Revert
+
+    /// Makes the domain what it was at `name`: disks, memory and run state (or `runState`).
+    /// Newer disk states are kept as branches of the snapshot tree, never lost.
+    public func revertSnapshot(domain: String, to name: String, runState override: DomainRunState? = nil, force: Bool = false) async throws {
+        let lock = try domainLock(domain)
+        defer { withExtendedLifetime(lock) {} }
+        try await recover(domain: domain)
+        _ = try definition(domain)
+        let record = try requireSnapshot(domain, name)
+        let target = override ?? record.state
+        if record.isDiskOnly, target != .shutoff, !force {
+            throw SnapshotError(.conflict, "snapshot '\(name)' has no memory: reverting to it \(override == nil ? "(it was taken while the domain ran) " : "")boots the domain from crash-consistent disks, like a reset after a power cut. Pass --force to do that")
+        }
+        if let memory = record.memory, memory.location == .external, !FileManager.default.isReadableFile(atPath: memory.path) {
+            throw SnapshotError(.notFound, "the memory image \(memory.path) of snapshot '\(name)' is missing; nothing was changed. Restore the file, or revert with --force to boot from the disks alone")
+        }
+        for disk in record.disks where disk.kind != nil {
+            let (backend, layout) = try await disks.manage(disk.diskID, kind: disk.backend)
+            guard layout.snapshot(named: name) != nil else {
+                throw SnapshotError(.notFound, "disk \(disk.target) (\(disk.diskID)) no longer has the disk snapshot '\(name)'; nothing was changed")
+            }
+            // Plan each disk's revert now, so a refusal comes before the domain is touched. The
+            // running QEMU holds the images; that one refusal goes away once it is stopped.
+            do { _ = try await backend.planRevert(to: name, layout: layout) } catch let e as SnapshotError where e.code == .inUse {} catch let e as SnapshotError {
+                throw SnapshotError(e.code, "disk \(disk.target): \(e.message). Nothing was changed")
+            }
+        }
+        var j = DomainJournal(operation: .revert, snapshot: name, record: record)
+        j.targetState = target
+        let journalID = try store.beginDomainJournal(domain: domain, operation: "revert to '\(name)'", payload: try JSONEncoder().encode(j))
+        do {
+            try await finishRevert(domain: domain, journalID: journalID, j, force: force)
+        } catch {
+            // Not a crash: the reason is known and retrying would meet it again.
+            try? store.finishDomainJournal(journalID, state: "failed")
+            let state = (try? await runState(domain))?.rawValue ?? "unknown"
+            throw SnapshotError((error as? SnapshotError)?.code ?? .commandFailed, "reverting domain '\(domain)' to '\(name)' failed part way: \(error). The domain is \(state) now; disks already reverted stay reverted (`vmsnap disk snapshot list` shows each)")
+        }
+    }
+
+    /// Runs (or, after a crash, resumes) a journaled revert. Every phase can run again.
+    func finishRevert(domain: String, journalID: Int64, _ j0: DomainJournal, force: Bool) async throws {
+        var j = j0
+        guard let record = j.record, let target = j.targetState else { return }
+        if !j.phases.contains("stopped") {
+            try await driver.terminate(runtime(domain))
+            try phase(journalID, &j, "stopped")
+        }
+        for disk in record.disks where disk.kind != nil && !j.disksDone.contains(disk.target) {
+            try await disks.revert(disk: disk.diskID, to: record.name, kind: disk.backend)
+            j.disksDone.append(disk.target)
+            try phase(journalID, &j, "disk-\(disk.target)")
+        }
+        if !j.phases.contains("defined") {
+            try store.define(record.definition)
+            try phase(journalID, &j, "defined")
+        }
+        if target != .shutoff, !j.phases.contains("started") {
+            try await driver.terminate(runtime(domain))  // a half-started QEMU from an interrupted run
+            let drives = try await drives(record.definition)
+            switch record.memory?.location {
+            case .external?:
+                try await restoreMemory(record.definition, drives: drives, from: record.memory!.path, running: target == .running)
+            case .internal?:
+                let client = try await driver.launch(record.definition, drives: drives, runtime: runtime(domain), options: QEMULaunchOptions(paused: true, loadInternal: record.name))
+                if target == .running { try await client.cont() }
+                await client.close()
+            case nil:
+                let client = try await driver.launch(record.definition, drives: drives, runtime: runtime(domain), options: QEMULaunchOptions(paused: target == .paused))
+                await client.close()
+            }
+            try phase(journalID, &j, "started")
+        }
+        try store.updateDomainSnapshots(domain: domain, current: .some(record.name))
+        try store.finishDomainJournal(journalID, state: "done")
+    }
+
+    /// Launches QEMU waiting for a memory image and feeds it the file.
+    func restoreMemory(_ definition: DomainDefinition, drives: [QEMUDrive], from path: String, running: Bool) async throws {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw SnapshotError(.io, "cannot open memory image \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        let total = UInt64(max(lseek(fd, 0, SEEK_END), 0))
+        lseek(fd, 0, SEEK_SET)
+        let rt = runtime(definition.name)
+        let client = try await driver.launch(definition, drives: drives, runtime: rt, options: QEMULaunchOptions(incoming: true))
+        defer { Task { await client.close() } }
+        do {
+            try await client.setMigrationCapabilities(["events": true])
+            try await client.passFile(fd, name: "vmsnap-memory")
+            let mark = await client.eventMark
+            try await client.execute("migrate-incoming", ["uri": "fd:vmsnap-memory"])
+            let started = ContinuousClock.now
+            while true {
+                let status = try await client.migrationInfo().status
+                if status == "completed" { break }
+                if status == "failed" || status == "cancelled" {
+                    throw SnapshotError(.invalidImage, "QEMU could not load the memory image \(path) (migration \(status)); it may be damaged or from another QEMU. The disks are reverted; the domain is left shut off. Revert with --force to boot from the disks")
+                }
+                let elapsed = (ContinuousClock.now - started).seconds
+                if elapsed > 1, let progress {
+                    let done = UInt64(max(lseek(fd, 0, SEEK_CUR), 0))
+                    let rate = Double(done) / elapsed
+                    progress(ProgressReport(phase: "memory restore", done: done, total: total, bytesPerSecond: rate,
+                                            secondsLeft: rate > 0 && total > done ? Double(total - done) / rate : nil))
+                }
+                _ = try? await client.waitForEvent("MIGRATION", since: mark, timeout: .milliseconds(300)) { ["completed", "failed"].contains($0.data["status"]?.string ?? "") }
+            }
+            if running { try await client.cont() }
+        } catch {
+            try? await driver.terminate(rt, client: client)
+            throw error
+        }
+    }
+
+    // MARK: - Delete
+
+    /// Deletes `name` (its disk changes merge into its children), its subtree, or only its
+    /// subtree; `metadataOnly` forgets the records and leaves storage alone.
+    public func deleteSnapshot(domain: String, _ name: String, mode: DeleteMode, metadataOnly: Bool = false) async throws {
+        let lock = try domainLock(domain)
+        defer { withExtendedLifetime(lock) {} }
+        try await recover(domain: domain)
+        _ = try definition(domain)
+        let record = try requireSnapshot(domain, name)
+        let all = try store.domainSnapshots(of: domain)
+        let below = Self.descendants(of: name, in: all)
+        let removing = mode == .merge ? [name] : (mode == .children ? [name] : []) + below.map(\.name)
+        if removing.isEmpty { return }
+        let running = try await runState(domain) != .shutoff
+        if !metadataOnly, running {
+            for disk in record.disks where disk.kind != nil {
+                let (backend, layout) = try await disks.manage(disk.diskID, kind: disk.backend)
+                let drive = try backend.hypervisorDrive(layout)
+                if drive.liveSnapshots {
+                    guard mode == .merge else {
+                        throw SnapshotError(.unsupported, "deleting a subtree while domain '\(domain)' runs is not supported for its qcow2 disk \(disk.target); stop the domain first, or delete the snapshots one at a time")
+                    }
+                    _ = try liveDeleteResult(layout: layout, name: name, target: disk.target)
+                } else if !backend.descriptor.capabilities.supports(.delete, disk.kind!, .live) {
+                    throw SnapshotError(.unsupported, "disk \(disk.target): backend '\(backend.kind)' cannot delete snapshots while the domain runs; stop it first")
+                }
+            }
+        }
+        var j = DomainJournal(operation: .delete, snapshot: name, record: record)
+        j.removing = removing
+        j.mode = mode
+        if metadataOnly { j.phases.append("storage-skipped") }
+        let journalID = try store.beginDomainJournal(domain: domain, operation: "delete '\(name)'", payload: try JSONEncoder().encode(j))
+        try await finishDelete(domain: domain, journalID: journalID, j)
+    }
+
+    func finishDelete(domain: String, journalID: Int64, _ j0: DomainJournal) async throws {
+        var j = j0
+        guard let record = j.record, let mode = j.mode else { return }
+        if !j.phases.contains("storage-skipped") {
+            let rt = runtime(domain)
+            for disk in record.disks where disk.kind != nil && !j.disksDone.contains(disk.target) {
+                let (backend, layout) = try await disks.manage(disk.diskID, kind: disk.backend)
+                let hasIt = layout.snapshot(named: record.name) != nil || (mode == .childrenOnly && !layout.tree.descendants(of: record.name).isEmpty)
+                if hasIt {
+                    if rt.pid() != nil, (try? backend.hypervisorDrive(layout))?.liveSnapshots == true {
+                        try await liveDelete(domain: domain, target: disk.target, layout: layout, name: record.name)
+                    } else {
+                        try await disks.delete(disk: disk.diskID, snapshot: record.name, mode: mode, kind: disk.backend)
+                    }
+                }
+                j.disksDone.append(disk.target)
+                try phase(journalID, &j, "disk-\(disk.target)")
+            }
+            let all = try store.domainSnapshots(of: domain)
+            for gone in all where j.removing.contains(gone.name) {
+                if let memory = gone.memory, memory.location == .external { unlink(memory.path) }
+            }
+            try phase(journalID, &j, "memory-removed")
+        }
+        let all = try store.domainSnapshots(of: domain)
+        var reparented: [DomainSnapshotRecord] = []
+        if mode == .merge {
+            for var child in all where child.parent == record.name {
+                child.parent = record.parent
+                reparented.append(child)
+            }
+        }
+        let current = try store.domain(named: domain)?.current
+        var newCurrent: String?? = nil
+        if let current, j.removing.contains(current) { newCurrent = .some(mode == .childrenOnly ? record.name : record.parent) }
+        try store.updateDomainSnapshots(domain: domain, upsert: reparented, remove: j.removing, current: newCurrent)
+        try store.finishDomainJournal(journalID, state: "done")
+    }
+
+    public static func descendantNames(of name: String, in all: [DomainSnapshotRecord]) -> Set<String> {
+        Set(descendants(of: name, in: all).map(\.name))
+    }
+
+    static func descendants(of name: String, in all: [DomainSnapshotRecord]) -> [DomainSnapshotRecord] {
+        var out: [DomainSnapshotRecord] = []
+        var frontier = [name]
+        while let next = frontier.popLast() {
+            for child in all where child.parent == next {
+                out.append(child)
+                frontier.append(child.name)
+            }
+        }
+        return out
+    }
+
+    /// The layout after deleting `name` from a disk QEMU has open, or why it cannot be done live:
+    /// an internal snapshot must be in the active image, an external one must be the active
+    /// layer's backing file with nothing else built on it.
+    func liveDeleteResult(layout: DiskLayout, name: String, target: String) throws -> DiskLayout {
+        guard let snap = layout.snapshot(named: name) else { return layout }
+        var after = layout
+        after.snapshots.removeAll { $0.name == name }
+        for i in after.snapshots.indices where after.snapshots[i].parent == name { after.snapshots[i].parent = snap.parent }
+        if after.disk.current == name { after.disk.current = snap.parent }
+        switch snap.kind {
+        case .internal:
+            guard snap.image == layout.disk.active else {
+                throw SnapshotError(.unsupported, "disk \(target): internal snapshot '\(name)' is inside \(snap.image), a read-only base of the running domain; stop the domain to delete it")
+            }
+        case .external:
+            let activeLayer = layout.layers.first { $0.image == layout.disk.active }
+            let users = layout.layers.filter { $0.backing == snap.image }
+            guard activeLayer?.backing == snap.image, users.count == 1 else {
+                throw SnapshotError(.unsupported, "disk \(target): external snapshot '\(name)' is not directly below the running layer (other layers build on \(snap.image)); stop the domain to delete it")
+            }
+            if let other = layout.snapshots.first(where: { $0.name != name && $0.image == snap.image }) {
+                throw SnapshotError(.unsupported, "disk \(target): \(snap.image) also holds snapshot '\(other.name)'; merging it into the running layer would lose that one. Stop the domain to delete '\(name)', or delete '\(other.name)' first")
+            }
+            let baseBacking = layout.layers.first { $0.image == snap.image }?.backing
+            after.layers.removeAll { $0.image == snap.image }
+            for i in after.layers.indices where after.layers[i].image == layout.disk.active { after.layers[i].backing = baseBacking }
+        }
+        return after
+    }
+
+    /// Deletes a disk snapshot through QEMU: internal in place, external by streaming the base
+    /// into the running layer (`block-stream`), then removing the base.
+    func liveDelete(domain: String, target: String, layout: DiskLayout, name: String) async throws {
+        let after = try liveDeleteResult(layout: layout, name: name, target: target)
+        guard let snap = layout.snapshot(named: name) else { return }
+        let client = try await driver.connect(runtime(domain), domain: domain)
+        defer { Task { await client.close() } }
+        let device = QEMUDrive(target: target, path: "", format: "").driveID
+        switch snap.kind {
+        case .internal:
+            do {
+                try await client.execute("blockdev-snapshot-delete-internal-sync", ["device": .string(device), "name": .string(name)])
+            } catch let e as QMPError where e.reason.contains("does not exist") || e.reason.contains("not found") {}
+        case .external:
+            let newBase = after.layers.first { $0.image == layout.disk.active }?.backing
+            let job = "vmsnap-stream-\(target)"
+            let mark = await client.eventMark
+            var args: [String: JSONValue] = ["device": .string(device), "job-id": .string(job)]
+            if let newBase { args["base"] = .string(newBase) }
+            try await client.execute("block-stream", .object(args))
+            let started = ContinuousClock.now
+            while true {
+                if let done = try? await client.waitForEvent("BLOCK_JOB_COMPLETED", since: mark, timeout: .milliseconds(500), where: { $0.data["device"]?.string == job }) {
+                    if let error = done.data["error"]?.string { throw SnapshotError(.commandFailed, "merging snapshot '\(name)' of \(target) failed: \(error)") }
+                    break
+                }
+                let jobs = try await client.execute("query-block-jobs").array ?? []
+                if let info = jobs.first(where: { $0["device"]?.string == job }), let progress {
+                    let doneBytes = UInt64(info["offset"]?.int ?? 0), total = UInt64(info["len"]?.int ?? 0)
+                    let elapsed = (ContinuousClock.now - started).seconds
+                    let rate = elapsed > 0 ? Double(doneBytes) / elapsed : 0
+                    if elapsed > 1 { progress(ProgressReport(phase: "merge \(target)", done: doneBytes, total: total, bytesPerSecond: rate, secondsLeft: rate > 0 && total > doneBytes ? Double(total - doneBytes) / rate : nil)) }
+                }
+            }
+        }
+        try disks.record(after, replacing: layout)
+        if snap.kind == .external { unlink(snap.image) }
+    }
+
+    // MARK: - Inspect
+
+    public func snapshots(of domain: String) throws -> (all: [DomainSnapshotRecord], current: String?) {
+        let (_, current) = try definition(domain)
+        return (try store.domainSnapshots(of: domain), current)
+    }
+
+    public func info(domain: String, _ name: String) throws -> DomainSnapshotRecord {
+        _ = try definition(domain)
+        return try requireSnapshot(domain, name)
+    }
+
+    /// Sets the current snapshot (metadata only), as `virsh snapshot-current NAME` does.
+    public func setCurrent(domain: String, _ name: String) throws {
+        let lock = try domainLock(domain)
+        defer { withExtendedLifetime(lock) {} }
+        _ = try requireSnapshot(domain, name)
+        try store.updateDomainSnapshots(domain: domain, current: .some(name))
+    }
+
+    // MARK: - Recovery
+
+    /// Finishes or rolls back interrupted domain operations (the caller holds the domain lock,
+    /// or `recoverAll` takes it).
+    public func recover(domain: String) async throws {
+        for entry in try store.openDomainJournals(domain: domain) {
+            if entry.pid != getpid(), kill(entry.pid, 0) == 0, entry.pid > 0,
+               (try? String(contentsOfFile: "/proc/\(entry.pid)/comm", encoding: .utf8))?.hasPrefix("vmsnap") == true {
+                throw SnapshotError(.busy, "vmsnap process \(entry.pid) is still working on domain '\(domain)' (\(entry.operation))")
+            }
+            let j = try JSONDecoder().decode(DomainJournal.self, from: entry.payload)
+            switch j.operation {
+            case .create:
+                if try store.domainSnapshots(of: domain).contains(where: { $0.name == j.snapshot }) {
+                    try store.finishDomainJournal(entry.id, state: "done")  // committed just before the crash
+                    continue
+                }
+                try await rollBackCreate(domain: domain, j)
+                try store.finishDomainJournal(entry.id, state: "rolled-back")
+                notify("recovered an interrupted '\(entry.operation)' on domain '\(domain)': rolled back")
+            case .revert:
+                try await finishRevert(domain: domain, journalID: entry.id, j, force: true)
+                notify("recovered an interrupted '\(entry.operation)' on domain '\(domain)': finished")
+            case .delete:
+                try await finishDelete(domain: domain, journalID: entry.id, j)
+                notify("recovered an interrupted '\(entry.operation)' on domain '\(domain)': finished")
+            }
+        }
+    }
+
+    /// Recovers every domain with interrupted work.
+    public func recoverAll() async throws -> [String] {
+        var done: [String] = []
+        for domain in Set(try store.openDomainJournals().map(\.domain)).sorted() {
+            let lock = try DiskLock(store: store, diskID: "domain:" + domain, timeout: 0)
+            try await recover(domain: domain)
+            withExtendedLifetime(lock) {}
+            done.append(domain)
+        }
+        return done
+    }
+}

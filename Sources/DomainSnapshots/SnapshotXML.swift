@@ -1,0 +1,152 @@
+import Foundation
+#if canImport(FoundationXML)
+import FoundationXML
+#endif
+import SnapshotCore
+
+/// libvirt's `<domainsnapshot>` XML: written by `snapshot dumpxml`, read by `create --redefine`.
+public enum SnapshotXML {
+    static func escape(_ s: String) -> String {
+        s.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;")
+            .replacingOccurrences(of: ">", with: "&gt;").replacingOccurrences(of: "'", with: "&apos;").replacingOccurrences(of: "\"", with: "&quot;")
+    }
+
+    /// libvirt's state words: a running or paused snapshot without memory is `disk-snapshot`.
+    static func stateWord(_ r: DomainSnapshotRecord) -> String {
+        if r.isDiskOnly, r.state != .shutoff { return "disk-snapshot" }
+        return r.state.rawValue
+    }
+
+    public static func render(_ r: DomainSnapshotRecord, layouts: [String: DiskLayout]) -> String {
+        var x = "<domainsnapshot>\n  <name>\(escape(r.name))</name>\n"
+        if let d = r.description { x += "  <description>\(escape(d))</description>\n" }
+        x += "  <state>\(stateWord(r))</state>\n"
+        if let p = r.parent { x += "  <parent>\n    <name>\(escape(p))</name>\n  </parent>\n" }
+        x += "  <creationTime>\(Int64(r.createdAt.timeIntervalSince1970))</creationTime>\n"
+        switch r.memory?.location {
+        case .external?: x += "  <memory snapshot='external' file='\(escape(r.memory!.path))'/>\n"
+        case .internal?: x += "  <memory snapshot='internal'/>\n"
+        case nil: x += "  <memory snapshot='no'/>\n"
+        }
+        x += "  <disks>\n"
+        for d in r.disks {
+            guard let kind = d.kind else { x += "    <disk name='\(d.target)' snapshot='no'/>\n"; continue }
+            if kind == .external, let layout = layouts[d.diskID], let snap = layout.snapshot(named: r.name) {
+                // libvirt names the overlay the snapshot created (the new active layer then).
+                let overlays = layout.layers.filter { $0.backing == snap.image }.map(\.image)
+                let source = overlays.first { $0.contains(".\(r.name).") } ?? overlays.first ?? snap.image
+                let type = d.backend.rawValue == "lvm" ? "block" : "file"
+                let format = d.backend.rawValue == "vhd" ? "vpc" : (d.backend.rawValue == "lvm" ? "raw" : "qcow2")
+                x += "    <disk name='\(d.target)' snapshot='external' type='\(type)'>\n      <driver type='\(format)'/>\n"
+                x += "      <source \(type == "block" ? "dev" : "file")='\(escape(type == "block" ? "/dev/" + source : source))'/>\n    </disk>\n"
+            } else {
+                x += "    <disk name='\(d.target)' snapshot='\(kind.rawValue)'/>\n"
+            }
+        }
+        x += "  </disks>\n"
+        let def = r.definition
+        x += "  <domain type='\(def.accel == "kvm" ? "kvm" : "qemu")'>\n    <name>\(escape(def.name))</name>\n    <uuid>\(def.uuid.uuidString.lowercased())</uuid>\n"
+        x += "    <memory unit='KiB'>\(def.memoryMiB * 1024)</memory>\n    <vcpu>\(def.vcpus)</vcpu>\n"
+        x += "    <os>\n      <type arch='x86_64' machine='pc'>hvm</type>\n"
+        if let k = def.boot.kernel { x += "      <kernel>\(escape(k))</kernel>\n" }
+        if let i = def.boot.initrd { x += "      <initrd>\(escape(i))</initrd>\n" }
+        if let c = def.boot.cmdline { x += "      <cmdline>\(escape(c))</cmdline>\n" }
+        x += "    </os>\n    <devices>\n"
+        for disk in def.disks {
+            let type = disk.backend.rawValue == "lvm" ? "block" : "file"
+            let locator = disk.backend.rawValue == "lvm" && !disk.locator.hasPrefix("/") ? "/dev/" + disk.locator : disk.locator
+            x += "      <disk type='\(type)' device='disk'>\n        <source \(type == "block" ? "dev" : "file")='\(escape(locator))'/>\n        <target dev='\(disk.target)' bus='virtio'/>\n      </disk>\n"
+        }
+        x += "    </devices>\n  </domain>\n</domainsnapshot>\n"
+        return x
+    }
+
+    /// Reads a `<domainsnapshot>` document into a record for `domain`, whose current definition
+    /// supplies what the XML does not carry (disk backends and identities).
+    public static func parse(_ text: String, domain: DomainDefinition, diskIDs: [String: (String, BackendKind)]) throws -> DomainSnapshotRecord {
+        let doc: XMLDocument
+        do { doc = try XMLDocument(xmlString: text, options: []) } catch {
+            throw SnapshotError(.invalidArgument, "the snapshot XML does not parse: \(error.localizedDescription)")
+        }
+        guard let root = doc.rootElement(), root.name == "domainsnapshot" else {
+            throw SnapshotError(.invalidArgument, "the snapshot XML's root element must be <domainsnapshot>")
+        }
+        func child(_ e: XMLElement, _ n: String) -> XMLElement? { e.elements(forName: n).first }
+        guard let name = child(root, "name")?.stringValue?.trimmingCharacters(in: .whitespacesAndNewlines), !name.isEmpty else {
+            throw SnapshotError(.invalidArgument, "the snapshot XML has no <name>")
+        }
+        try SnapshotName.validate(name)
+        let stateText = child(root, "state")?.stringValue?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "shutoff"
+        let state: DomainRunState
+        switch stateText {
+        case "running", "disk-snapshot": state = .running
+        case "paused": state = .paused
+        case "shutoff", "shutdown": state = .shutoff
+        default: throw SnapshotError(.invalidArgument, "the snapshot XML's <state> '\(stateText)' is not one of running, paused, shutoff, disk-snapshot")
+        }
+        var memory: MemoryImage?
+        if let m = child(root, "memory"), let kind = m.attribute(forName: "snapshot")?.stringValue {
+            switch kind {
+            case "external":
+                guard let file = m.attribute(forName: "file")?.stringValue else { throw SnapshotError(.invalidArgument, "<memory snapshot='external'> needs a file attribute") }
+                guard FileManager.default.fileExists(atPath: file) else { throw SnapshotError(.notFound, "the memory image \(file) named in the XML does not exist") }
+                memory = MemoryImage(location: .external, path: file, size: (try? FileManager.default.attributesOfItem(atPath: file)[.size] as? UInt64) ?? nil)
+            case "internal": memory = MemoryImage(location: .internal, path: domain.disks.first?.target ?? "")
+            case "no": memory = nil
+            default: throw SnapshotError(.invalidArgument, "<memory snapshot='\(kind)'> is not external, internal or no")
+            }
+        }
+        if stateText == "disk-snapshot", memory != nil { throw SnapshotError(.invalidArgument, "a disk-snapshot state cannot carry memory") }
+        var disks: [DomainSnapshotDisk] = []
+        for e in child(root, "disks")?.elements(forName: "disk") ?? [] {
+            guard let target = e.attribute(forName: "name")?.stringValue else { throw SnapshotError(.invalidArgument, "a <disk> in the XML has no name") }
+            guard let (id, backend) = diskIDs[target] else { throw SnapshotError(.notFound, "the XML names disk \(target), which domain '\(domain.name)' does not have") }
+            let kindText = e.attribute(forName: "snapshot")?.stringValue ?? "no"
+            let kind: SnapshotKind? = kindText == "no" ? nil : SnapshotKind(rawValue: kindText)
+            if kindText != "no", kind == nil { throw SnapshotError(.invalidArgument, "disk \(target): snapshot='\(kindText)' is not internal, external or no") }
+            disks.append(DomainSnapshotDisk(target: target, diskID: id, backend: backend, kind: kind))
+        }
+        let created = Int64(child(root, "creationTime")?.stringValue?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") ?? Int64(Date().timeIntervalSince1970)
+        return DomainSnapshotRecord(
+            domain: domain.name, name: name, parent: child(root, "parent").flatMap { child($0, "name")?.stringValue },
+            description: child(root, "description")?.stringValue, createdAt: Date(timeIntervalSince1970: TimeInterval(created)),
+            state: state, memory: memory, disks: disks.sorted { $0.target < $1.target }, definition: domain)
+    }
+}
+
+extension DomainService {
+    public func dumpXML(domain: String, _ name: String) throws -> String {
+        let record = try info(domain: domain, name)
+        var layouts: [String: DiskLayout] = [:]
+        for d in record.disks { layouts[d.diskID] = try store.layout(diskID: d.diskID) }
+        return SnapshotXML.render(record, layouts: layouts)
+    }
+
+    /// Imports a snapshot record from XML (`create --redefine`): every disk snapshot it names
+    /// must exist on its disk already; nothing on storage changes.
+    public func redefine(domain: String, xml: String, makeCurrent: Bool) async throws -> DomainSnapshotRecord {
+        let lock = try domainLock(domain)
+        defer { withExtendedLifetime(lock) {} }
+        let (definition, _) = try definition(domain)
+        var ids: [String: (String, BackendKind)] = [:]
+        for disk in definition.disks {
+            let (backend, layout) = try await disks.manage(disk.locator, kind: disk.backend)
+            ids[disk.target] = (layout.disk.id, backend.kind)
+        }
+        let record = try SnapshotXML.parse(xml, domain: definition, diskIDs: ids)
+        let existing = try store.domainSnapshots(of: domain)
+        if existing.contains(where: { $0.name == record.name }) {
+            throw SnapshotError(.alreadyExists, "domain '\(domain)' already has a snapshot named \(SnapshotName.quoted(record.name))")
+        }
+        if let parent = record.parent, !existing.contains(where: { $0.name == parent }) {
+            throw SnapshotError(.notFound, "the XML's parent '\(parent)' is not a snapshot of domain '\(domain)'; redefine the parent first")
+        }
+        for d in record.disks where d.kind != nil {
+            guard let layout = try store.layout(diskID: d.diskID), layout.snapshot(named: record.name) != nil else {
+                throw SnapshotError(.notFound, "disk \(d.target) has no disk snapshot named '\(record.name)'; --redefine only records snapshots whose disk parts exist")
+            }
+        }
+        try store.updateDomainSnapshots(domain: domain, upsert: [record], current: makeCurrent ? .some(record.name) : nil)
+        return record
+    }
+}

@@ -1,0 +1,349 @@
+import Foundation
+import GRDB
+
+// MARK: - Domains
+
+/// One disk of a domain: the device name the guest sees, the backend and the locator.
+public struct DomainDisk: Codable, Sendable, Hashable {
+    /// Guest device name (`vda`, `vdb`, ...).
+    public var target: String
+    public var backend: BackendKind
+    /// A path (qcow2, VHD, raw LV device) or `vg/lv`.
+    public var locator: String
+
+    public init(target: String, backend: BackendKind, locator: String) {
+        self.target = target
+        self.backend = backend
+        self.locator = locator
+    }
+}
+
+/// How a domain boots: a kernel (and initrd, command line) or the first disk's boot loader.
+public struct DomainBoot: Codable, Sendable, Hashable {
+    public var kernel: String?
+    public var initrd: String?
+    public var cmdline: String?
+
+    public init(kernel: String? = nil, initrd: String? = nil, cmdline: String? = nil) {
+        self.kernel = kernel
+        self.initrd = initrd
+        self.cmdline = cmdline
+    }
+}
+
+/// A virtual machine as vmsnap knows it. `vmsnap domain define FILE` reads this as JSON.
+public struct DomainDefinition: Codable, Sendable, Hashable {
+    public var name: String
+    public var uuid: UUID
+    public var memoryMiB: Int
+    public var vcpus: Int
+    public var disks: [DomainDisk]
+    public var boot: DomainBoot
+    /// `auto` (KVM when it can run this guest, else TCG), `kvm` or `tcg`.
+    public var accel: String
+    /// Extra QEMU arguments appended as given (an array: never parsed by a shell).
+    public var qemuArgs: [String]
+    /// The hypervisor that runs the domain: `qemu` (or `xen`, through libxl).
+    public var hypervisor: String
+
+    public init(name: String, uuid: UUID = UUID(), memoryMiB: Int, vcpus: Int = 1, disks: [DomainDisk], boot: DomainBoot = DomainBoot(),
+                accel: String = "auto", qemuArgs: [String] = [], hypervisor: String = "qemu") {
+        self.name = name
+        self.uuid = uuid
+        self.memoryMiB = memoryMiB
+        self.vcpus = vcpus
+        self.disks = disks
+        self.boot = boot
+        self.accel = accel
+        self.qemuArgs = qemuArgs
+        self.hypervisor = hypervisor
+    }
+
+    enum CodingKeys: String, CodingKey { case name, uuid, memoryMiB, vcpus, disks, boot, accel, qemuArgs, hypervisor }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        name = try c.decode(String.self, forKey: .name)
+        uuid = try c.decodeIfPresent(UUID.self, forKey: .uuid) ?? UUID()
+        memoryMiB = try c.decode(Int.self, forKey: .memoryMiB)
+        vcpus = try c.decodeIfPresent(Int.self, forKey: .vcpus) ?? 1
+        disks = try c.decodeIfPresent([DomainDisk].self, forKey: .disks) ?? []
+        boot = try c.decodeIfPresent(DomainBoot.self, forKey: .boot) ?? DomainBoot()
+        accel = try c.decodeIfPresent(String.self, forKey: .accel) ?? "auto"
+        qemuArgs = try c.decodeIfPresent([String].self, forKey: .qemuArgs) ?? []
+        hypervisor = try c.decodeIfPresent(String.self, forKey: .hypervisor) ?? "qemu"
+    }
+
+    /// Checks everything that can be checked without touching storage.
+    public func validate() throws {
+        try SnapshotName.validate(name)
+        guard (16...(1 << 20)).contains(memoryMiB) else {
+            throw SnapshotError(.invalidArgument, "domain '\(name)': memoryMiB is \(memoryMiB); give a size in MiB between 16 and 1048576")
+        }
+        guard (1...256).contains(vcpus) else { throw SnapshotError(.invalidArgument, "domain '\(name)': vcpus is \(vcpus); give 1 to 256") }
+        guard ["auto", "kvm", "tcg"].contains(accel) else {
+            throw SnapshotError(.invalidArgument, "domain '\(name)': accel '\(accel)' is not one of auto, kvm, tcg")
+        }
+        guard hypervisor == "qemu" else {
+            throw SnapshotError(.unsupported, "domain '\(name)': hypervisor '\(hypervisor)' is not driven by this build (only qemu); see docs/notes.md on Xen")
+        }
+        var targets = Set<String>()
+        for disk in disks {
+            guard disk.target.range(of: "^[a-z]{2,3}[a-z]$", options: .regularExpression) != nil else {
+                throw SnapshotError(.invalidArgument, "domain '\(name)': disk target '\(disk.target)' is not a device name like vda or vdb")
+            }
+            guard targets.insert(disk.target).inserted else {
+                throw SnapshotError(.invalidArgument, "domain '\(name)': disk target '\(disk.target)' appears twice")
+            }
+            guard !disk.locator.isEmpty else { throw SnapshotError(.invalidArgument, "domain '\(name)': disk \(disk.target) has an empty locator") }
+        }
+        if boot.kernel == nil, disks.isEmpty {
+            throw SnapshotError(.invalidArgument, "domain '\(name)': nothing to boot; give boot.kernel or at least one disk")
+        }
+        if boot.kernel == nil, boot.initrd != nil || boot.cmdline != nil {
+            throw SnapshotError(.invalidArgument, "domain '\(name)': boot.initrd and boot.cmdline need boot.kernel")
+        }
+    }
+}
+
+// MARK: - Domain snapshots
+
+/// Where a full-system snapshot keeps the guest's memory.
+public struct MemoryImage: Codable, Sendable, Hashable {
+    public enum Location: String, Codable, Sendable { case external, `internal` }
+    public var location: Location
+    /// The memory file (external), or the disk target whose qcow2 holds the vmstate (internal).
+    public var path: String
+    public var size: UInt64?
+
+    public init(location: Location, path: String, size: UInt64? = nil) {
+        self.location = location
+        self.path = path
+        self.size = size
+    }
+}
+
+/// One disk's part in a domain snapshot.
+public struct DomainSnapshotDisk: Codable, Sendable, Hashable {
+    public var target: String
+    /// The disk's identity in the store.
+    public var diskID: String
+    public var backend: BackendKind
+    /// Nil when the disk was left out of the snapshot (`--disks`).
+    public var kind: SnapshotKind?
+
+    public init(target: String, diskID: String, backend: BackendKind, kind: SnapshotKind?) {
+        self.target = target
+        self.diskID = diskID
+        self.backend = backend
+        self.kind = kind
+    }
+}
+
+/// One named point in time of a domain.
+public struct DomainSnapshotRecord: Codable, Sendable, Hashable {
+    public var domain: String
+    public var name: String
+    public var parent: String?
+    public var description: String?
+    /// UTC, whole seconds.
+    public var createdAt: Date
+    /// The domain's run state when the snapshot was taken.
+    public var state: DomainRunState
+    /// Nil for a disk-only snapshot.
+    public var memory: MemoryImage?
+    public var disks: [DomainSnapshotDisk]
+    /// The domain definition then, so a revert restores memory size and devices too.
+    public var definition: DomainDefinition
+
+    public init(domain: String, name: String, parent: String?, description: String?, createdAt: Date, state: DomainRunState,
+                memory: MemoryImage?, disks: [DomainSnapshotDisk], definition: DomainDefinition) {
+        self.domain = domain
+        self.name = name
+        self.parent = parent
+        self.description = description
+        self.createdAt = createdAt
+        self.state = state
+        self.memory = memory
+        self.disks = disks
+        self.definition = definition
+    }
+
+    public var isDiskOnly: Bool { memory == nil }
+    /// Internal when every included disk snapshot (and the memory) lives inside its image.
+    public var isInternal: Bool {
+        disks.allSatisfy { $0.kind != .external } && memory?.location != .external
+    }
+}
+
+/// An interrupted domain operation: what it meant to do and how far it got.
+public struct DomainJournalEntry: Sendable {
+    public var id: Int64
+    public var domain: String
+    public var operation: String
+    public var payload: Data
+    public var startedAt: Date
+    public var pid: Int32
+}
+
+// MARK: - Store
+
+extension MetadataStore {
+    static func registerDomainMigrations(_ migrator: inout DatabaseMigrator) {
+        migrator.registerMigration("v2-domains") { db in
+            try db.execute(sql: """
+                CREATE TABLE domains (
+                    name TEXT PRIMARY KEY NOT NULL,
+                    uuid TEXT NOT NULL UNIQUE,
+                    definition_json BLOB NOT NULL,
+                    current_snapshot TEXT,
+                    created_at INTEGER NOT NULL
+                );
+                CREATE TABLE domain_snapshots (
+                    domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+                    name TEXT NOT NULL,
+                    record_json BLOB NOT NULL,
+                    created_at INTEGER NOT NULL,
+                    seq INTEGER NOT NULL,
+                    PRIMARY KEY (domain, name)
+                );
+                CREATE TABLE domain_journal (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    domain TEXT NOT NULL,
+                    operation TEXT NOT NULL,
+                    payload_json BLOB NOT NULL,
+                    state TEXT NOT NULL DEFAULT 'open',
+                    started_at INTEGER NOT NULL,
+                    finished_at INTEGER,
+                    pid INTEGER NOT NULL
+                );
+                CREATE INDEX domain_journal_open ON domain_journal(state, domain);
+                """)
+        }
+    }
+
+    private static let encoder: JSONEncoder = {
+        let e = JSONEncoder()
+        e.outputFormatting = [.sortedKeys]
+        e.dateEncodingStrategy = .secondsSince1970
+        return e
+    }()
+    private static let decoder: JSONDecoder = {
+        let d = JSONDecoder()
+        d.dateDecodingStrategy = .secondsSince1970
+        return d
+    }()
+
+    /// Adds a domain, or replaces the definition of one with the same name and UUID.
+    public func define(_ domain: DomainDefinition) throws {
+        let json = try Self.encoder.encode(domain)
+        try wrap {
+            try dbQueue.write { db in
+                if let row = try Row.fetchOne(db, sql: "SELECT name, uuid FROM domains WHERE name = ? OR uuid = ?", arguments: [domain.name, domain.uuid.uuidString]) {
+                    let (name, uuid): (String, String) = (row["name"], row["uuid"])
+                    guard name == domain.name, uuid == domain.uuid.uuidString else {
+                        throw SnapshotError(.alreadyExists, "a domain named '\(name)' with UUID \(uuid) exists already; a definition may keep a name and UUID or change neither")
+                    }
+                    try db.execute(sql: "UPDATE domains SET definition_json = ? WHERE name = ?", arguments: [json, domain.name])
+                } else {
+                    try db.execute(sql: "INSERT INTO domains (name, uuid, definition_json, created_at) VALUES (?, ?, ?, ?)",
+                                   arguments: [domain.name, domain.uuid.uuidString, json, Int64(Date().timeIntervalSince1970)])
+                }
+            }
+        }
+    }
+
+    public func domain(named name: String) throws -> (definition: DomainDefinition, current: String?)? {
+        try wrap {
+            try dbQueue.read { db in
+                guard let row = try Row.fetchOne(db, sql: "SELECT definition_json, current_snapshot FROM domains WHERE name = ?", arguments: [name]) else { return nil }
+                return (try Self.decoder.decode(DomainDefinition.self, from: row["definition_json"] as Data), row["current_snapshot"])
+            }
+        }
+    }
+
+    public func domains() throws -> [DomainDefinition] {
+        try wrap {
+            try dbQueue.read { db in
+                try Row.fetchAll(db, sql: "SELECT definition_json FROM domains ORDER BY name").map {
+                    try Self.decoder.decode(DomainDefinition.self, from: $0["definition_json"] as Data)
+                }
+            }
+        }
+    }
+
+    /// Forgets a domain and its snapshot records (storage is not touched).
+    public func undefine(domain name: String) throws {
+        try wrap { try dbQueue.write { db in try db.execute(sql: "DELETE FROM domains WHERE name = ?", arguments: [name]) } }
+    }
+
+    public func domainSnapshots(of domain: String) throws -> [DomainSnapshotRecord] {
+        try wrap {
+            try dbQueue.read { db in
+                try Row.fetchAll(db, sql: "SELECT record_json FROM domain_snapshots WHERE domain = ? ORDER BY seq", arguments: [domain]).map {
+                    try Self.decoder.decode(DomainSnapshotRecord.self, from: $0["record_json"] as Data)
+                }
+            }
+        }
+    }
+
+    /// Records snapshots, removes others and sets the current snapshot, in one transaction.
+    public func updateDomainSnapshots(domain: String, upsert: [DomainSnapshotRecord] = [], remove: [String] = [], current: String??) throws {
+        try wrap {
+            try dbQueue.write { db in
+                for name in remove {
+                    try db.execute(sql: "DELETE FROM domain_snapshots WHERE domain = ? AND name = ?", arguments: [domain, name])
+                }
+                for record in upsert {
+                    let json = try Self.encoder.encode(record)
+                    let seq = try Int64.fetchOne(db, sql: "SELECT seq FROM domain_snapshots WHERE domain = ? AND name = ?", arguments: [domain, record.name])
+                        ?? ((try Int64.fetchOne(db, sql: "SELECT MAX(seq) FROM domain_snapshots WHERE domain = ?", arguments: [domain]) ?? 0) + 1)
+                    try db.execute(sql: "INSERT OR REPLACE INTO domain_snapshots (domain, name, record_json, created_at, seq) VALUES (?, ?, ?, ?, ?)",
+                                   arguments: [domain, record.name, json, Int64(record.createdAt.timeIntervalSince1970), seq])
+                }
+                if let current {
+                    try db.execute(sql: "UPDATE domains SET current_snapshot = ? WHERE name = ?", arguments: [current, domain])
+                }
+            }
+        }
+    }
+
+    // MARK: Domain journal
+
+    public func beginDomainJournal(domain: String, operation: String, payload: Data) throws -> Int64 {
+        try wrap {
+            try dbQueue.write { db in
+                try db.execute(sql: "INSERT INTO domain_journal (domain, operation, payload_json, started_at, pid) VALUES (?, ?, ?, ?, ?)",
+                               arguments: [domain, operation, payload, Int64(Date().timeIntervalSince1970), Int64(getpid())])
+                return db.lastInsertedRowID
+            }
+        }
+    }
+
+    public func updateDomainJournal(_ id: Int64, payload: Data) throws {
+        try wrap { try dbQueue.write { db in try db.execute(sql: "UPDATE domain_journal SET payload_json = ? WHERE id = ?", arguments: [payload, id]) } }
+    }
+
+    /// Closes a journal entry as `done` or `rolled-back`.
+    public func finishDomainJournal(_ id: Int64, state: String) throws {
+        try wrap {
+            try dbQueue.write { db in
+                try db.execute(sql: "UPDATE domain_journal SET state = ?, finished_at = ? WHERE id = ?", arguments: [state, Int64(Date().timeIntervalSince1970), id])
+            }
+        }
+    }
+
+    public func openDomainJournals(domain: String? = nil) throws -> [DomainJournalEntry] {
+        try wrap {
+            try dbQueue.read { db in
+                let rows = try domain.map {
+                    try Row.fetchAll(db, sql: "SELECT * FROM domain_journal WHERE state = 'open' AND domain = ? ORDER BY id", arguments: [$0])
+                } ?? Row.fetchAll(db, sql: "SELECT * FROM domain_journal WHERE state = 'open' ORDER BY id")
+                return rows.map {
+                    DomainJournalEntry(id: $0["id"], domain: $0["domain"], operation: $0["operation"], payload: $0["payload_json"],
+                                       startedAt: Date(timeIntervalSince1970: TimeInterval($0["started_at"] as Int64)), pid: Int32($0["pid"] as Int64))
+                }
+            }
+        }
+    }
+}
