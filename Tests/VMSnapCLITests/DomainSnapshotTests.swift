@@ -55,6 +55,19 @@ struct DomainSnapshotTests {
         #expect(try await g.status().state == "running")
         let again = try await g.waitCounter(atLeast: 1, after: m2)
         #expect(again <= vda + 3)
+
+        // Memory inside the qcow2 images (QEMU's snapshot-save job), reverted through -loadvm.
+        let atInternal = try await g.waitCounter(atLeast: again + 2, after: m2)
+        try await cli.ok("snapshot", "create", g.name, "--name", "i2", "--memory", "internal")
+        try await g.waitCounter(atLeast: atInternal + 5, after: m2)
+        let m3 = g.mark()
+        try await cli.ok("snapshot", "revert", g.name, "i2")
+        let fromInternal = try await g.waitCounter(atLeast: 1, after: m3)
+        #expect(fromInternal <= atInternal + 3, "resumed from the internal snapshot's memory (\(fromInternal), snapshot near \(atInternal))")
+        let vmstate = try await SubprocessRunner().run(["qemu-img", "snapshot", "-U", "-l", g.disks[0].path]).standardOutput
+        let line = vmstate.split(separator: "\n").first { $0.contains(" i2 ") } ?? ""
+        #expect(!line.contains(" 0 B "), "vda holds i2 with its vmstate: \(line)")
+        #expect(try await g.snapshots("--internal").map(\.name) == ["i2"], "s1 keeps its memory in a file: external")
     }
 
     /// External disk snapshots with external memory, disk-only snapshots of a running guest,
@@ -214,8 +227,9 @@ struct DomainSnapshotTests {
         defer { Task { await g.stop() } }
         try await cli.ok("domain", "start", g.name)
         try await g.waitCounter(atLeast: 2)
-        for (phase, kind) in [("create:paused", "internal"), ("create:transaction", "external"), ("create:disks-recorded", "external"),
-                              ("create:disks-recorded", "internal"), ("create:memory-saved", "external"), ("create:commit", "internal")] {
+        for (phase, kind) in [("create:prepared", "external"), ("create:paused", "internal"), ("create:transaction", "external"),
+                              ("create:transaction", "internal"), ("create:disks-recorded", "external"), ("create:memory-saved", "internal"),
+                              ("create:commit", "external")] {
             let r = try await cli.run(["snapshot", "create", g.name, "--name", "c", "--kind", kind], environment: ["VMSNAP_DOMAIN_FAULT": phase])
             #expect(r.status != 0 && r.err.contains("fault injection"), "\(phase): \(r.err)")
             let rec = try await cli.ok("recover")
