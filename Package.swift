@@ -133,7 +133,7 @@ let package = Package(
         ),
         .testTarget(
             name: "VMSnapCLITests",
-            dependencies: ["SnapshotCore", "vmsnap"],
+            dependencies: ["SnapshotCore", "QEMUDriver", "vmsnap"],
             swiftSettings: strict
         ),
     ]

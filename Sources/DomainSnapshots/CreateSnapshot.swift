@@ -65,6 +65,9 @@ public struct CreateReport: Codable, Sendable, Hashable {
     public var snapshot: DomainSnapshotRecord
     /// Guest pause from QMP STOP to RESUME events, in milliseconds (running domains).
     public var pauseMs: Double?
+    /// vmsnap's share of the pause: from `stop` sent to the memory save started (the rest is
+    /// QEMU setting up the background snapshot).
+    public var ownPauseMs: Double?
     /// Downtime QEMU reported for the memory save.
     public var qemuDowntimeMs: Double?
     /// Wall time of the memory save, in seconds.
@@ -205,7 +208,9 @@ extension DomainService {
                     if withMemory { try await prepareMemory(client: client, fd: memoryFD, live: liveMemory) }
                     j.pausedByUs = state == .running
                     try phase(journalID, &j, "prepared")
+                    let t0 = ContinuousClock.now
                     if state == .running { try await client.stop() }
+                    trace("stop", since: t0)
                     DomainFault.point("create:paused", qemu: runtime(domain))
                     // Backends without a hypervisor path, while the vCPUs are stopped and QEMU has flushed.
                     for part in parts where part.live == nil {
@@ -217,10 +222,13 @@ extension DomainService {
                     if !live.isEmpty {
                         try await client.transaction(live.map { Self.transactionAction(target: $0.disk.target, name: name, kind: $0.kind, result: $0.live!.result) })
                     }
+                    trace("transaction", since: t0)
                     DomainFault.point("create:transaction", qemu: runtime(domain))
                     // The memory point in time is fixed now; with background-snapshot QEMU resumes the guest itself.
                     let started = ContinuousClock.now
                     if withMemory { try await client.execute("migrate", ["uri": .string("fd:\(Self.memoryFDName)")]) }
+                    trace("migrate started", since: t0)
+                    if state == .running { report.ownPauseMs = (ContinuousClock.now - t0).seconds * 1000 }
                     for part in live {
                         try disks.record(part.live!.result, replacing: part.layout)
                         j.disksDone.append(part.disk.target)
@@ -309,9 +317,17 @@ extension DomainService {
     // migration of a stopped guest.
     static let memoryFDName = "vmsnap-memory"
 
+    /// `VMSNAP_TRACE=1`: milliseconds since `start` on stderr, for profiling the pause.
+    func trace(_ what: String, since start: ContinuousClock.Instant) {
+        guard ProcessInfo.processInfo.environment["VMSNAP_TRACE"] != nil else { return }
+        FileHandle.standardError.write(Data(String(format: "trace %8.2f ms  %@\n", (ContinuousClock.now - start).seconds * 1000, what).utf8))
+    }
+
     /// Sets the migration capabilities and hands QEMU the memory file, before the pause.
     func prepareMemory(client: QMPClient, fd: Int32, live: Bool) async throws {
         try await client.setMigrationCapabilities(["background-snapshot": live, "events": true])
+        // QEMU rate-limits migration (128 MiB/s by default); a save to a local file should not be.
+        try await client.execute("migrate-set-parameters", ["max-bandwidth": .int(1 << 40)])
         try await client.passFile(fd, name: Self.memoryFDName)
     }
 

@@ -12,62 +12,63 @@ struct DomainSnapshotTests {
     @Test func liveFullSystemSnapshotRevertsMemoryAndDisks() async throws {
         let cli = try CLI()
         let g = try await Guest.define(cli)
-        defer { Task { await g.stop() } }
-        try await cli.ok("domain", "start", g.name)
-        try await g.waitCounter(atLeast: 3)
-        let created = try await cli.ok("snapshot", "create", g.name, "--name", "s1", "--description", "counter test", "--json")
-        struct Report: Decodable { var pauseMs: Double?; var snapshot: Snap; struct Snap: Decodable { var memory: Memory?; struct Memory: Decodable { var path: String; var size: UInt64? } } }
-        let report = try JSONDecoder().decode(Report.self, from: Data(created.utf8))
-        let pause = try #require(report.pauseMs)
-        #expect(pause > 0 && pause < 5000, "guest pause \(pause) ms")
-        let memory = try #require(report.snapshot.memory)
-        let size = try #require(memory.size)
-        #expect(size > 1 << 20 && size <= UInt64(192 << 20) * 105 / 100, "memory image \(size) bytes for a 192 MiB guest")
-        let attributes = try FileManager.default.attributesOfItem(atPath: memory.path)
-        #expect((attributes[.posixPermissions] as? Int) == 0o600)
+        try await g.running {
+            try await cli.ok("domain", "start", g.name)
+            try await g.waitCounter(atLeast: 3)
+            let created = try await cli.ok("snapshot", "create", g.name, "--name", "s1", "--description", "counter test", "--json")
+            struct Report: Decodable { var pauseMs: Double?; var snapshot: Snap; struct Snap: Decodable { var memory: Memory?; struct Memory: Decodable { var path: String; var size: UInt64? } } }
+            let report = try JSONDecoder().decode(Report.self, from: Data(created.utf8))
+            let pause = try #require(report.pauseMs)
+            #expect(pause > 0 && pause < 5000, "guest pause \(pause) ms")
+            let memory = try #require(report.snapshot.memory)
+            let size = try #require(memory.size)
+            #expect(size > 1 << 20 && size <= UInt64(192 << 20) * 105 / 100, "memory image \(size) bytes for a 192 MiB guest")
+            let attributes = try FileManager.default.attributesOfItem(atPath: memory.path)
+            #expect((attributes[.posixPermissions] as? Int) == 0o600)
 
-        let later = try await g.waitCounter(atLeast: (g.counters(after: 0).last ?? 0) + 5)
-        let mark = g.mark()
-        try await cli.ok("snapshot", "revert", g.name, "s1", "--paused")
-        #expect(try await g.status().state == "paused")
-        // Disks are what they were: both hold the snapshot's counter (vdb written right after vda).
-        let vda = try #require(try await g.diskCounter(try await g.active(g.disks[0]), format: "qcow2"))
-        let vdb = try #require(try await g.diskCounter(try await g.active(g.disks[1]), format: "qcow2"))
-        #expect(vda >= vdb && vda - vdb <= 1, "disks taken at one point in time: vda \(vda), vdb \(vdb)")
-        #expect(vda < later - 2, "disk counter \(vda) is from the snapshot, not from \(later)")
-        try await cli.ok("domain", "resume", g.name)
-        let resumed = try await g.waitCounter(atLeast: 1, after: mark)
-        let first = try #require(g.counters(after: mark).first)
-        #expect(first == vda || first == vda + 1, "memory restored: the guest went on from \(first), its disk held \(vda)")
-        #expect(resumed < later, "the counter restarted from the snapshot (\(resumed) < \(later))")
-        #expect(try await g.status().currentSnapshot == "s1")
+            let later = try await g.waitCounter(atLeast: (g.counters(after: 0).last ?? 0) + 5)
+            let mark = g.mark()
+            try await cli.ok("snapshot", "revert", g.name, "s1", "--paused")
+            #expect(try await g.status().state == "paused")
+            // Disks are what they were: both hold the snapshot's counter (vdb written right after vda).
+            let vda = try #require(try await g.diskCounter(try await g.active(g.disks[0]), format: "qcow2"))
+            let vdb = try #require(try await g.diskCounter(try await g.active(g.disks[1]), format: "qcow2"))
+            #expect(vda >= vdb && vda - vdb <= 1, "disks taken at one point in time: vda \(vda), vdb \(vdb)")
+            #expect(vda < later - 2, "disk counter \(vda) is from the snapshot, not from \(later)")
+            try await cli.ok("domain", "resume", g.name)
+            let resumed = try await g.waitCounter(atLeast: 1, after: mark)
+            let first = try #require(g.counters(after: mark).first)
+            #expect(first == vda || first == vda + 1, "memory restored: the guest went on from \(first), its disk held \(vda)")
+            #expect(resumed < later, "the counter restarted from the snapshot (\(resumed) < \(later))")
+            #expect(try await g.status().currentSnapshot == "s1")
 
-        // The qcow2 images pass qemu-img check and hold the internal snapshot.
-        await g.stop()
-        for disk in g.disks {
-            try await cli.sh("qemu-img", "check", "-q", disk.path)
-            let info = try await SubprocessRunner().run(["qemu-img", "snapshot", "-l", disk.path]).standardOutput
-            #expect(info.contains("s1"))
+            // The qcow2 images pass qemu-img check and hold the internal snapshot.
+            await g.stop()
+            for disk in g.disks {
+                try await cli.sh("qemu-img", "check", "-q", disk.path)
+                let info = try await SubprocessRunner().run(["qemu-img", "snapshot", "-l", disk.path]).standardOutput
+                #expect(info.contains("s1"))
+            }
+            // The shut-off domain reverts back to running from memory.
+            let m2 = g.mark()
+            try await cli.ok("snapshot", "revert", g.name, "s1")
+            #expect(try await g.status().state == "running")
+            let again = try await g.waitCounter(atLeast: 1, after: m2)
+            #expect(again <= vda + 3)
+
+            // Memory inside the qcow2 images (QEMU's snapshot-save job), reverted through -loadvm.
+            let atInternal = try await g.waitCounter(atLeast: again + 2, after: m2)
+            try await cli.ok("snapshot", "create", g.name, "--name", "i2", "--memory", "internal")
+            try await g.waitCounter(atLeast: atInternal + 5, after: m2)
+            let m3 = g.mark()
+            try await cli.ok("snapshot", "revert", g.name, "i2")
+            let fromInternal = try await g.waitCounter(atLeast: 1, after: m3)
+            #expect(fromInternal <= atInternal + 3, "resumed from the internal snapshot's memory (\(fromInternal), snapshot near \(atInternal))")
+            let vmstate = try await SubprocessRunner().run(["qemu-img", "snapshot", "-U", "-l", g.disks[0].path]).standardOutput
+            let line = vmstate.split(separator: "\n").first { $0.contains(" i2 ") } ?? ""
+            #expect(!line.contains(" 0 B "), "vda holds i2 with its vmstate: \(line)")
+            #expect(try await g.snapshots("--internal").map(\.name) == ["i2"], "s1 keeps its memory in a file: external")
         }
-        // The shut-off domain reverts back to running from memory.
-        let m2 = g.mark()
-        try await cli.ok("snapshot", "revert", g.name, "s1")
-        #expect(try await g.status().state == "running")
-        let again = try await g.waitCounter(atLeast: 1, after: m2)
-        #expect(again <= vda + 3)
-
-        // Memory inside the qcow2 images (QEMU's snapshot-save job), reverted through -loadvm.
-        let atInternal = try await g.waitCounter(atLeast: again + 2, after: m2)
-        try await cli.ok("snapshot", "create", g.name, "--name", "i2", "--memory", "internal")
-        try await g.waitCounter(atLeast: atInternal + 5, after: m2)
-        let m3 = g.mark()
-        try await cli.ok("snapshot", "revert", g.name, "i2")
-        let fromInternal = try await g.waitCounter(atLeast: 1, after: m3)
-        #expect(fromInternal <= atInternal + 3, "resumed from the internal snapshot's memory (\(fromInternal), snapshot near \(atInternal))")
-        let vmstate = try await SubprocessRunner().run(["qemu-img", "snapshot", "-U", "-l", g.disks[0].path]).standardOutput
-        let line = vmstate.split(separator: "\n").first { $0.contains(" i2 ") } ?? ""
-        #expect(!line.contains(" 0 B "), "vda holds i2 with its vmstate: \(line)")
-        #expect(try await g.snapshots("--internal").map(\.name) == ["i2"], "s1 keeps its memory in a file: external")
     }
 
     /// External disk snapshots with external memory, disk-only snapshots of a running guest,
@@ -75,52 +76,53 @@ struct DomainSnapshotTests {
     @Test func externalSnapshotsDeleteWhileRunningAndXML() async throws {
         let cli = try CLI()
         let g = try await Guest.define(cli, disks: [("vda", "qcow2")])
-        defer { Task { await g.stop() } }
-        try await cli.ok("domain", "start", g.name)
-        try await g.waitCounter(atLeast: 2)
-        try await cli.ok("snapshot", "create", g.name, "--name", "e1", "--kind", "external")
-        try await cli.ok("snapshot", "create", g.name, "--name", "d2", "--kind", "external", "--disk-only")
-        let c2 = try await g.waitCounter(atLeast: (g.counters(after: 0).last ?? 0) + 2)
-        #expect(try await g.snapshots().map(\.name) == ["e1", "d2"])
-        #expect(try await g.snapshots("--disk-only").map(\.name) == ["d2"])
-        #expect(try await g.snapshots("--active").map(\.name) == ["e1"])
-        #expect(try await g.snapshots("--roots").map(\.name) == ["e1"])
-        #expect(try await g.snapshots("--leaves").map(\.name) == ["d2"])
-        #expect(try await g.snapshots("--from", "e1").map(\.name) == ["d2"])
-        #expect(try await g.snapshots("--external").count == 2)
-        #expect(try await g.snapshots("--internal").isEmpty)
-        let xml = try await cli.ok("snapshot", "dumpxml", g.name, "d2")
-        #expect(xml.contains("<state>disk-snapshot</state>") && xml.contains("<memory snapshot='no'/>") && xml.contains("<parent>"))
-        #expect(xml.contains("snapshot='external'") && xml.contains(".d2.qcow2"), "libvirt names the overlay: \(xml)")
+        try await g.running {
+            try await cli.ok("domain", "start", g.name)
+            try await g.waitCounter(atLeast: 2)
+            try await cli.ok("snapshot", "create", g.name, "--name", "e1", "--kind", "external")
+            try await cli.ok("snapshot", "create", g.name, "--name", "d2", "--kind", "external", "--disk-only")
+            let c2 = try await g.waitCounter(atLeast: (g.counters(after: 0).last ?? 0) + 2)
+            #expect(try await g.snapshots().map(\.name) == ["e1", "d2"])
+            #expect(try await g.snapshots("--disk-only").map(\.name) == ["d2"])
+            #expect(try await g.snapshots("--active").map(\.name) == ["e1"])
+            #expect(try await g.snapshots("--roots").map(\.name) == ["e1"])
+            #expect(try await g.snapshots("--leaves").map(\.name) == ["d2"])
+            #expect(try await g.snapshots("--from", "e1").map(\.name) == ["d2"])
+            #expect(try await g.snapshots("--external").count == 2)
+            #expect(try await g.snapshots("--internal").isEmpty)
+            let xml = try await cli.ok("snapshot", "dumpxml", g.name, "d2")
+            #expect(xml.contains("<state>disk-snapshot</state>") && xml.contains("<memory snapshot='no'/>") && xml.contains("<parent>"))
+            #expect(xml.contains("snapshot='external'") && xml.contains(".d2.qcow2"), "libvirt names the overlay: \(xml)")
 
-        // Delete d2 while the guest runs: QEMU streams its base into the running layer.
-        try await cli.ok("snapshot", "delete", g.name, "d2")
-        #expect(try await g.snapshots().map(\.name) == ["e1"])
-        let active = try await g.active(g.disks[0])
-        let files = try cli.files()
-        #expect(!files.contains { $0.contains(".e1.") }, "d2's image (the overlay e1 made) is merged and gone: \(files)")
-        let after = try await g.waitCounter(atLeast: c2 + 2)
-        #expect(try await g.diskCounter(active, format: "qcow2") ?? 0 >= c2, "guest kept writing to \(active)")
-        try await cli.sh("qemu-img", "check", "-U", "-q", active)
-        _ = after
+            // Delete d2 while the guest runs: QEMU streams its base into the running layer.
+            try await cli.ok("snapshot", "delete", g.name, "d2")
+            #expect(try await g.snapshots().map(\.name) == ["e1"])
+            let active = try await g.active(g.disks[0])
+            let files = try cli.files()
+            #expect(!files.contains { $0.contains(".e1.") }, "d2's image (the overlay e1 made) is merged and gone: \(files)")
+            let after = try await g.waitCounter(atLeast: c2 + 2)
+            #expect(try await g.diskCounter(active, format: "qcow2") ?? 0 >= c2, "guest kept writing to \(active)")
+            try await cli.sh("qemu-img", "check", "-U", "-q", active)
+            _ = after
 
-        // A record can be forgotten and imported again from its XML.
-        let e1xml = try await cli.ok("snapshot", "dumpxml", g.name, "e1")
-        try await cli.ok("snapshot", "delete", g.name, "e1", "--metadata-only")
-        #expect(try await g.snapshots().isEmpty)
-        let file = cli.root + "/e1.xml"
-        try e1xml.write(toFile: file, atomically: true, encoding: .utf8)
-        try await cli.ok("snapshot", "create", g.name, "--redefine", file, "--current")
-        #expect(try await g.snapshots().map(\.name) == ["e1"])
-        #expect(try await cli.ok("snapshot", "current", g.name).trimmingCharacters(in: .whitespacesAndNewlines) == "e1")
-        let dup = try await cli.run(["snapshot", "create", g.name, "--redefine", file])
-        #expect(dup.status != 0 && dup.err.contains("already has a snapshot named"))
+            // A record can be forgotten and imported again from its XML.
+            let e1xml = try await cli.ok("snapshot", "dumpxml", g.name, "e1")
+            try await cli.ok("snapshot", "delete", g.name, "e1", "--metadata-only")
+            #expect(try await g.snapshots().isEmpty)
+            let file = cli.root + "/e1.xml"
+            try e1xml.write(toFile: file, atomically: true, encoding: .utf8)
+            try await cli.ok("snapshot", "create", g.name, "--redefine", file, "--current")
+            #expect(try await g.snapshots().map(\.name) == ["e1"])
+            #expect(try await cli.ok("snapshot", "current", g.name).trimmingCharacters(in: .whitespacesAndNewlines) == "e1")
+            let dup = try await cli.run(["snapshot", "create", g.name, "--redefine", file])
+            #expect(dup.status != 0 && dup.err.contains("already has a snapshot named"))
 
-        // Revert to e1 (external disk + external memory) while running: a branch off e1's image.
-        let mark = g.mark()
-        try await cli.ok("snapshot", "revert", g.name, "e1")
-        let first = try await g.waitCounter(atLeast: 1, after: mark)
-        #expect(first < c2, "resumed from e1's memory (\(first)), not from \(c2)")
+            // Revert to e1 (external disk + external memory) while running: a branch off e1's image.
+            let mark = g.mark()
+            try await cli.ok("snapshot", "revert", g.name, "e1")
+            let first = try await g.waitCounter(atLeast: 1, after: mark)
+            #expect(first < c2, "resumed from e1's memory (\(first)), not from \(c2)")
+        }
     }
 
     /// A shut-off domain with a qcow2 and a VHD disk: disk-only snapshots across both backends,
@@ -128,95 +130,98 @@ struct DomainSnapshotTests {
     @Test func mixedQcow2AndVHDShutOff() async throws {
         let cli = try CLI()
         let g = try await Guest.define(cli, disks: [("vda", "qcow2"), ("vdb", "vhd")])
-        defer { Task { await g.stop() } }
-        try await cli.ok("domain", "start", g.name)
-        let c = try await g.waitCounter(atLeast: 3)
-        // A running domain's VHD disk cannot be snapshotted live: refused, nothing changed.
-        let refused = try await cli.run(["snapshot", "create", g.name, "--name", "live"])
-        #expect(refused.status != 0 && refused.err.contains("vdb") && refused.err.contains("while the domain runs"), "\(refused.err)")
-        #expect(try await g.snapshots().isEmpty)
-        #expect(try cli.files().count == 2)
-        try await cli.ok("domain", "stop", g.name, "--force")
-        let vda0 = try #require(try await g.diskCounter(g.disks[0].path, format: "qcow2"))
-        let vdb0 = try #require(try await g.diskCounter(g.disks[1].path, format: "vpc"))
-        #expect(vda0 >= c - 1 && vdb0 >= c - 1)
+        try await g.running {
+            try await cli.ok("domain", "start", g.name)
+            let c = try await g.waitCounter(atLeast: 3)
+            // A running domain's VHD disk cannot be snapshotted live: refused, nothing changed.
+            let refused = try await cli.run(["snapshot", "create", g.name, "--name", "live"])
+            #expect(refused.status != 0 && refused.err.contains("vdb") && refused.err.contains("while the domain runs"), "\(refused.err)")
+            #expect(try await g.snapshots().isEmpty)
+            #expect(try cli.files().count == 2)
+            try await cli.ok("domain", "stop", g.name, "--force")
+            let vda0 = try #require(try await g.diskCounter(g.disks[0].path, format: "qcow2"))
+            let vdb0 = try #require(try await g.diskCounter(g.disks[1].path, format: "vpc"))
+            #expect(vda0 >= c - 1 && vdb0 >= c - 1)
 
-        try await cli.ok("snapshot", "create", g.name, "--name", "off1")
-        let list = try await g.snapshots()
-        #expect(list.map(\.state) == ["shutoff"] && list.map(\.memory) == ["no"])
-        // QEMU cannot open the differencing VHD that is now vdb's active layer.
-        let start = try await cli.run(["domain", "start", g.name])
-        #expect(start.status != 0 && start.err.contains("differencing VHD"), "\(start.err)")
-        // Write something new on both disks, then revert: the snapshot's data is back.
-        try await cli.sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x55 0 512", try await g.active(g.disks[0]))
-        try await cli.ok("snapshot", "revert", g.name, "off1")
-        #expect(try await g.status().state == "shutoff")
-        #expect(try await g.diskCounter(try await g.active(g.disks[0]), format: "qcow2") == vda0)
-        // Delete merges the VHD child back, so QEMU can run the disk again.
-        try await cli.ok("snapshot", "delete", g.name, "off1")
-        #expect(try await g.snapshots().isEmpty)
-        let vhdActive = try await g.active(g.disks[1])
-        #expect(try await g.diskCounter(vhdActive, format: "vpc") == vdb0)
-        let info = try await SubprocessRunner().run(["vhdiinfo", vhdActive]).standardOutput
-        #expect(info.contains("Dynamic"), "vhdiinfo: \(info)")
-        let m = g.mark()
-        try await cli.ok("domain", "start", g.name)
-        try await g.waitCounter(atLeast: 1, after: m)
+            try await cli.ok("snapshot", "create", g.name, "--name", "off1")
+            let list = try await g.snapshots()
+            #expect(list.map(\.state) == ["shutoff"] && list.map(\.memory) == ["no"])
+            // QEMU cannot open the differencing VHD that is now vdb's active layer.
+            let start = try await cli.run(["domain", "start", g.name])
+            #expect(start.status != 0 && start.err.contains("differencing VHD"), "\(start.err)")
+            // Write something new on both disks, then revert: the snapshot's data is back.
+            try await cli.sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x55 0 512", try await g.active(g.disks[0]))
+            try await cli.ok("snapshot", "revert", g.name, "off1")
+            #expect(try await g.status().state == "shutoff")
+            #expect(try await g.diskCounter(try await g.active(g.disks[0]), format: "qcow2") == vda0)
+            // Delete merges the VHD child back, so QEMU can run the disk again.
+            try await cli.ok("snapshot", "delete", g.name, "off1")
+            #expect(try await g.snapshots().isEmpty)
+            let vhdActive = try await g.active(g.disks[1])
+            #expect(try await g.diskCounter(vhdActive, format: "vpc") == vdb0)
+            let info = try await SubprocessRunner().run(["vhdiinfo", vhdActive]).standardOutput
+            #expect(info.contains("Dynamic"), "vhdiinfo: \(info)")
+            let m = g.mark()
+            try await cli.ok("domain", "start", g.name)
+            try await g.waitCounter(atLeast: 1, after: m)
+        }
     }
 
     /// Bad input and failures: clear errors, nothing changed, the guest keeps running.
     @Test func badInputAndFailuresChangeNothing() async throws {
         let cli = try CLI()
         let g = try await Guest.define(cli, disks: [("vda", "qcow2")])
-        defer { Task { await g.stop() } }
-        func fails(_ args: [String], _ needle: String, environment: [String: String] = [:], sourceLocation: SourceLocation = #_sourceLocation) async throws {
-            let r = try await cli.run(args, environment: environment)
-            #expect(r.status != 0, "vmsnap \(args.joined(separator: " ")) should fail", sourceLocation: sourceLocation)
-            #expect(r.err.contains(needle), "error for \(args): \(r.err)", sourceLocation: sourceLocation)
+        try await g.running {
+            func fails(_ args: [String], _ needle: String, environment: [String: String] = [:], sourceLocation: SourceLocation = #_sourceLocation) async throws {
+                let r = try await cli.run(args, environment: environment)
+                #expect(r.status != 0, "vmsnap \(args.joined(separator: " ")) should fail", sourceLocation: sourceLocation)
+                #expect(r.err.contains(needle), "error for \(args): \(r.err)", sourceLocation: sourceLocation)
+            }
+            try await fails(["snapshot", "create", "nosuch"], "no domain named 'nosuch'")
+            try await fails(["snapshot", "revert", g.name, "nosuch"], "no snapshot named")
+            try await fails(["snapshot", "create", g.name, "--name", "bad/name"], "invalid snapshot name")
+            try await fails(["domain", "start", "nosuch"], "no domain named")
+            let badDef = cli.root + "/bad.json"
+            try #"{"name": "x", "memoryMiB": "lots"}"#.write(toFile: badDef, atomically: true, encoding: .utf8)
+            try await fails(["domain", "define", badDef], "memoryMiB")
+            try #"{"name": "x", "memoryMiB": 64, "disks": [{"target": "vda", "backend": "qcow2", "locator": "/nonexistent.qcow2"}]}"#.write(toFile: badDef, atomically: true, encoding: .utf8)
+            try await fails(["domain", "define", badDef], "does not exist")
+
+            try await cli.ok("domain", "start", g.name)
+            try await g.waitCounter(atLeast: 2)
+            try await fails(["snapshot", "create", g.name, "--disk-only", "--memory-file", cli.root + "/m"], "--disk-only takes no memory")
+            try await fails(["snapshot", "revert", g.name, "x", "--running", "--paused"], "exclude each other")
+            try await cli.ok("snapshot", "create", g.name, "--name", "d1", "--disk-only")
+            try await fails(["snapshot", "create", g.name, "--name", "d1"], "already has a snapshot named")
+            try await fails(["snapshot", "revert", g.name, "d1"], "--force")
+            #expect(try await g.status().state == "running")
+
+            // A memory file on a full filesystem: refused before the guest is touched.
+            let small = cli.root + "/small"
+            try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)
+            try await cli.sh("mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", small)
+            let before = try await g.snapshots().count
+            try await fails(["snapshot", "create", g.name, "--name", "full", "--memory-file", small + "/mem"], "no room for the memory image")
+            let leftInSmall = try FileManager.default.contentsOfDirectory(atPath: small)
+            try await cli.sh("umount", small)
+            #expect(leftInSmall.isEmpty, "no partial memory file")
+            #expect(try await g.snapshots().count == before)
+            #expect(try await cli.list(g.disks[0].path).snapshots.map(\.name) == ["d1"])
+            let m = g.mark()
+            try await g.waitCounter(atLeast: 1, after: m)
+
+            // QEMU dies in the middle of a snapshot (after the disks, during the memory save):
+            // the error says so, the disk snapshot is undone, the memory file removed.
+            let died = try await cli.run(["snapshot", "create", g.name, "--name", "dies"], environment: ["VMSNAP_DOMAIN_FAULT": "qemu@create:disks-recorded"])
+            #expect(died.status != 0 && died.err.contains("QEMU"), "\(died.err)")
+            #expect(try await g.snapshots().map(\.name) == ["d1"])
+            #expect(try await cli.list(g.disks[0].path).snapshots.map(\.name) == ["d1"])
+            #expect(!FileManager.default.fileExists(atPath: cli.store + "/memory/\(g.name)/dies.vmstate"))
+            #expect(try await g.status().state == "shutoff")
+            try await cli.sh("qemu-img", "check", "-q", g.disks[0].path)
+            let names = try await SubprocessRunner().run(["qemu-img", "snapshot", "-l", g.disks[0].path]).standardOutput
+            #expect(!names.contains("dies"))
         }
-        try await fails(["snapshot", "create", "nosuch"], "no domain named 'nosuch'")
-        try await fails(["snapshot", "revert", g.name, "nosuch"], "no snapshot named")
-        try await fails(["snapshot", "create", g.name, "--name", "bad/name"], "invalid snapshot name")
-        try await fails(["domain", "start", "nosuch"], "no domain named")
-        let badDef = cli.root + "/bad.json"
-        try #"{"name": "x", "memoryMiB": "lots"}"#.write(toFile: badDef, atomically: true, encoding: .utf8)
-        try await fails(["domain", "define", badDef], "memoryMiB")
-        try #"{"name": "x", "memoryMiB": 64, "disks": [{"target": "vda", "backend": "qcow2", "locator": "/nonexistent.qcow2"}]}"#.write(toFile: badDef, atomically: true, encoding: .utf8)
-        try await fails(["domain", "define", badDef], "does not exist")
-
-        try await cli.ok("domain", "start", g.name)
-        try await g.waitCounter(atLeast: 2)
-        try await fails(["snapshot", "create", g.name, "--disk-only", "--memory-file", cli.root + "/m"], "--disk-only takes no memory")
-        try await fails(["snapshot", "revert", g.name, "x", "--running", "--paused"], "exclude each other")
-        try await cli.ok("snapshot", "create", g.name, "--name", "d1", "--disk-only")
-        try await fails(["snapshot", "create", g.name, "--name", "d1"], "already has a snapshot named")
-        try await fails(["snapshot", "revert", g.name, "d1"], "--force")
-        #expect(try await g.status().state == "running")
-
-        // A memory file on a full filesystem: refused before the guest is touched.
-        let small = cli.root + "/small"
-        try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)
-        try await cli.sh("mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", small)
-        defer { Task { try? await cli.sh("umount", small) } }
-        let before = try await g.snapshots().count
-        try await fails(["snapshot", "create", g.name, "--name", "full", "--memory-file", small + "/mem"], "no room for the memory image")
-        #expect(try FileManager.default.contentsOfDirectory(atPath: small).isEmpty, "no partial memory file")
-        #expect(try await g.snapshots().count == before)
-        #expect(try await cli.list(g.disks[0].path).snapshots.map(\.name) == ["d1"])
-        let m = g.mark()
-        try await g.waitCounter(atLeast: 1, after: m)
-
-        // QEMU dies in the middle of a snapshot (after the disks, during the memory save):
-        // the error says so, the disk snapshot is undone, the memory file removed.
-        let died = try await cli.run(["snapshot", "create", g.name, "--name", "dies"], environment: ["VMSNAP_DOMAIN_FAULT": "qemu@create:disks-recorded"])
-        #expect(died.status != 0 && died.err.contains("QEMU"), "\(died.err)")
-        #expect(try await g.snapshots().map(\.name) == ["d1"])
-        #expect(try await cli.list(g.disks[0].path).snapshots.map(\.name) == ["d1"])
-        #expect(!FileManager.default.fileExists(atPath: cli.store + "/memory/\(g.name)/dies.vmstate"))
-        #expect(try await g.status().state == "shutoff")
-        try await cli.sh("qemu-img", "check", "-q", g.disks[0].path)
-        let names = try await SubprocessRunner().run(["qemu-img", "snapshot", "-l", g.disks[0].path]).standardOutput
-        #expect(!names.contains("dies"))
     }
 
     /// Kill vmsnap at every journaled phase of create, revert and delete; `vmsnap recover`
@@ -224,58 +229,59 @@ struct DomainSnapshotTests {
     @Test func crashAtEveryPhaseRecovers() async throws {
         let cli = try CLI()
         let g = try await Guest.define(cli, disks: [("vda", "qcow2"), ("vdb", "qcow2")])
-        defer { Task { await g.stop() } }
-        try await cli.ok("domain", "start", g.name)
-        try await g.waitCounter(atLeast: 2)
-        for (phase, kind) in [("create:prepared", "external"), ("create:paused", "internal"), ("create:transaction", "external"),
-                              ("create:transaction", "internal"), ("create:disks-recorded", "external"), ("create:memory-saved", "internal"),
-                              ("create:commit", "external")] {
-            let r = try await cli.run(["snapshot", "create", g.name, "--name", "c", "--kind", kind], environment: ["VMSNAP_DOMAIN_FAULT": phase])
-            #expect(r.status != 0 && r.err.contains("fault injection"), "\(phase): \(r.err)")
-            let rec = try await cli.ok("recover")
-            #expect(rec.contains("recovered domain"), "\(phase): \(rec)")
-            #expect(try await g.snapshots().isEmpty, "\(phase): rolled back")
-            for disk in g.disks {
-                let l = try await cli.list(disk.path)
-                #expect(l.snapshots.isEmpty && l.active == disk.path, "\(phase) \(disk.target): \(l.snapshots.map(\.name)) active \(l.active)")
-                let names = try await SubprocessRunner().run(["qemu-img", "snapshot", "-U", "-l", disk.path]).standardOutput
-                #expect(!names.contains(" c "), "\(phase): no internal snapshot left in \(disk.path)")
+        try await g.running {
+            try await cli.ok("domain", "start", g.name)
+            try await g.waitCounter(atLeast: 2)
+            for (phase, kind) in [("create:prepared", "external"), ("create:paused", "internal"), ("create:transaction", "external"),
+                                  ("create:transaction", "internal"), ("create:disks-recorded", "external"), ("create:memory-saved", "internal"),
+                                  ("create:commit", "external")] {
+                let r = try await cli.run(["snapshot", "create", g.name, "--name", "c", "--kind", kind], environment: ["VMSNAP_DOMAIN_FAULT": phase])
+                #expect(r.status != 0 && r.err.contains("fault injection"), "\(phase): \(r.err)")
+                let rec = try await cli.ok("recover")
+                #expect(rec.contains("recovered domain"), "\(phase): \(rec)")
+                #expect(try await g.snapshots().isEmpty, "\(phase): rolled back")
+                for disk in g.disks {
+                    let l = try await cli.list(disk.path)
+                    #expect(l.snapshots.isEmpty && l.active == disk.path, "\(phase) \(disk.target): \(l.snapshots.map(\.name)) active \(l.active)")
+                    let names = try await SubprocessRunner().run(["qemu-img", "snapshot", "-U", "-l", disk.path]).standardOutput
+                    #expect(!names.contains(" c "), "\(phase): no internal snapshot left in \(disk.path)")
+                }
+                let files = try cli.files()
+                #expect(files.count == 2, "\(phase): no stray overlay: \(files)")
+                #expect(!FileManager.default.fileExists(atPath: cli.store + "/memory/\(g.name)/c.vmstate"), "\(phase): memory file removed")
+                #expect(try await g.status().state == "running", "\(phase): the guest runs again")
+                let m = g.mark()
+                try await g.waitCounter(atLeast: 1, after: m, timeout: 30)
             }
-            let files = try cli.files()
-            #expect(files.count == 2, "\(phase): no stray overlay: \(files)")
-            #expect(!FileManager.default.fileExists(atPath: cli.store + "/memory/\(g.name)/c.vmstate"), "\(phase): memory file removed")
-            #expect(try await g.status().state == "running", "\(phase): the guest runs again")
-            let m = g.mark()
-            try await g.waitCounter(atLeast: 1, after: m, timeout: 30)
-        }
 
-        try await cli.ok("snapshot", "create", g.name, "--name", "s1", "--kind", "external")
-        let atSnapshot = try #require(g.counters(after: 0).last)
-        for phase in ["revert:stopped", "revert:disk-vda", "revert:disk-vdb", "revert:defined"] {
-            try await g.waitCounter(atLeast: atSnapshot + 4)
-            let mark = g.mark()
-            let r = try await cli.run(["snapshot", "revert", g.name, "s1"], environment: ["VMSNAP_DOMAIN_FAULT": phase])
-            #expect(r.status != 0 && r.err.contains("fault injection"), "\(phase): \(r.err)")
-            try await cli.ok("recover")
-            #expect(try await g.status().state == "running", "\(phase): finished, running")
-            let first = try await g.waitCounter(atLeast: 1, after: mark)
-            #expect(first <= atSnapshot + 2, "\(phase): resumed from the snapshot's memory (\(first), snapshot at \(atSnapshot))")
-            for disk in g.disks { try await cli.sh("qemu-img", "check", "-U", "-q", try await g.active(disk)) }
-        }
-
-        try await cli.ok("domain", "stop", g.name, "--force")
-        try await cli.ok("snapshot", "create", g.name, "--name", "s2", "--kind", "external")
-        for (index, phase) in ["delete:disk-vda", "delete:memory-removed"].enumerated() {
-            let name = index == 0 ? "s2" : "s1"
-            let r = try await cli.run(["snapshot", "delete", g.name, name], environment: ["VMSNAP_DOMAIN_FAULT": phase])
-            #expect(r.status != 0, "\(phase)")
-            try await cli.ok("recover")
-            #expect(!(try await g.snapshots().map(\.name).contains(name)), "\(phase): delete finished")
-            for disk in g.disks {
-                #expect(!(try await cli.list(disk.path).snapshots.map(\.name).contains(name)))
-                try await cli.sh("qemu-img", "check", "-q", try await g.active(disk))
+            try await cli.ok("snapshot", "create", g.name, "--name", "s1", "--kind", "external")
+            let atSnapshot = try #require(g.counters(after: 0).last)
+            for phase in ["revert:stopped", "revert:disk-vda", "revert:disk-vdb", "revert:defined"] {
+                try await g.waitCounter(atLeast: atSnapshot + 4)
+                let mark = g.mark()
+                let r = try await cli.run(["snapshot", "revert", g.name, "s1"], environment: ["VMSNAP_DOMAIN_FAULT": phase])
+                #expect(r.status != 0 && r.err.contains("fault injection"), "\(phase): \(r.err)")
+                try await cli.ok("recover")
+                #expect(try await g.status().state == "running", "\(phase): finished, running")
+                let first = try await g.waitCounter(atLeast: 1, after: mark)
+                #expect(first <= atSnapshot + 2, "\(phase): resumed from the snapshot's memory (\(first), snapshot at \(atSnapshot))")
+                for disk in g.disks { try await cli.sh("qemu-img", "check", "-U", "-q", try await g.active(disk)) }
             }
+
+            try await cli.ok("domain", "stop", g.name, "--force")
+            try await cli.ok("snapshot", "create", g.name, "--name", "s2", "--kind", "external")
+            for (index, phase) in ["delete:disk-vda", "delete:memory-removed"].enumerated() {
+                let name = index == 0 ? "s2" : "s1"
+                let r = try await cli.run(["snapshot", "delete", g.name, name], environment: ["VMSNAP_DOMAIN_FAULT": phase])
+                #expect(r.status != 0, "\(phase)")
+                try await cli.ok("recover")
+                #expect(!(try await g.snapshots().map(\.name).contains(name)), "\(phase): delete finished")
+                for disk in g.disks {
+                    #expect(!(try await cli.list(disk.path).snapshots.map(\.name).contains(name)))
+                    try await cli.sh("qemu-img", "check", "-q", try await g.active(disk))
+                }
+            }
+            #expect(!FileManager.default.fileExists(atPath: cli.store + "/memory/\(g.name)/s1.vmstate"))
         }
-        #expect(!FileManager.default.fileExists(atPath: cli.store + "/memory/\(g.name)/s1.vmstate"))
     }
 }

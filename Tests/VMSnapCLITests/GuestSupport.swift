@@ -123,4 +123,14 @@ struct Guest {
     func active(_ disk: Disk) async throws -> String { try await cli.list(disk.path).active }
 
     func stop() async { _ = try? await cli.run(["domain", "stop", name, "--force"]) }
+
+    /// Runs `body`, then stops the guest whether it succeeded or not (a `defer` cannot await,
+    /// and a QEMU left behind would slow every later test).
+    func running(_ body: () async throws -> Void) async throws {
+        do { try await body() } catch {
+            await stop()
+            throw error
+        }
+        await stop()
+    }
 }

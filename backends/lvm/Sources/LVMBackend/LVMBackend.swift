@@ -35,7 +35,8 @@ public struct LVMBackend: DiskSnapshotBackend {
 
     static func capabilities(notes: [String]) -> CapabilityTable {
         var table = CapabilityTable.all(kinds: [.external], states: [.offline], notes: notes)
-        table.supported.insert(Capability(.create, .external, .live))
+        // A snapshot volume is taken or removed without touching the open origin.
+        for op in [SnapshotOperation.create, .delete, .deleteSubtree] { table.supported.insert(Capability(op, .external, .live)) }
         return table
     }
 
