@@ -18,9 +18,17 @@ struct LVMDomainTests {
         return try await client.execute("human-monitor-command", ["command-line": .string(line)]).string ?? ""
     }
 
-    func holds(_ cli: CLI, _ domain: String, _ drive: String, _ value: UInt8) async throws -> Bool {
-        let out = try await hmp(cli, domain, "qemu-io \(drive) \"read -P \(value) 0 64k\"")
-        return out.contains("read 65536/65536") && !out.contains("Pattern verification failed")
+    /// Writes `value` over the first 64 KiB through QEMU's block layer, then flushes, so readers
+    /// on the host see it (HMP `qemu-io` prints its output to QEMU's stdout, not to the monitor).
+    func write(_ cli: CLI, _ domain: String, _ drive: String, _ value: UInt8) async throws {
+        _ = try await hmp(cli, domain, "qemu-io \(drive) \"write -P \(value) 0 64k\"")
+        _ = try await hmp(cli, domain, "qemu-io \(drive) \"flush\"")
+    }
+
+    /// True if the disk holds `value` over its first 64 KiB, read on the host while QEMU runs.
+    func holds(_ path: String, format: String, _ value: UInt8) async throws -> Bool {
+        let out = try await SubprocessRunner().execute(["qemu-io", "-r", "-U", "-f", format, "-c", "read -P \(value) 0 64k", path])
+        return out.status == 0 && out.standardOutput.contains("read 65536/65536") && !out.standardOutput.contains("Pattern verification failed")
     }
 
     @Test func lvmAndQcow2DiskLiveSnapshotRevertDelete() async throws {
@@ -34,23 +42,26 @@ struct LVMDomainTests {
         try await cli.ok("domain", "define", file)
         try await cli.ok("domain", "start", "lvdom")
         do {
-            for drive in ["drive-vda", "drive-vdb"] { _ = try await hmp(cli, "lvdom", "qemu-io \(drive) \"write -P 17 0 64k\"") }
+            let device = "/dev/\(vg)/\(lv)"
+            for drive in ["drive-vda", "drive-vdb"] { try await write(cli, "lvdom", drive, 17) }
+            #expect(try await holds(device, format: "raw", 17))
+            #expect(try await holds(qcow, format: "qcow2", 17))
             try await cli.ok("snapshot", "create", "lvdom", "--name", "s1")
             let lvs = try await SubprocessRunner().run(["lvs", "--noheadings", "-o", "lv_name,origin", vg]).standardOutput
             #expect(lvs.contains(lv), "a snapshot LV of \(lv): \(lvs)")
-            for drive in ["drive-vda", "drive-vdb"] { _ = try await hmp(cli, "lvdom", "qemu-io \(drive) \"write -P 34 0 64k\"") }
-            #expect(try await holds(cli, "lvdom", "drive-vda", 34))
+            for drive in ["drive-vda", "drive-vdb"] { try await write(cli, "lvdom", drive, 34) }
+            #expect(try await holds(device, format: "raw", 34))
 
             try await cli.ok("snapshot", "revert", "lvdom", "s1")
-            #expect(try await holds(cli, "lvdom", "drive-vda", 17), "the LV holds the snapshot's data again")
-            #expect(try await holds(cli, "lvdom", "drive-vdb", 17), "the qcow2 disk holds the snapshot's data again")
+            #expect(try await holds(device, format: "raw", 17), "the LV holds the snapshot's data again")
+            #expect(try await holds(try await cli.list(qcow).active, format: "qcow2", 17), "the qcow2 disk holds the snapshot's data again")
             let status = try await cli.ok("domain", "status", "lvdom")
             #expect(status.contains("running"))
 
             try await cli.ok("snapshot", "delete", "lvdom", "s1")
             let after = try await SubprocessRunner().run(["lvs", "--noheadings", "-o", "lv_name,lv_tags", vg]).standardOutput
             #expect(!after.contains("vmsnap.origin"), "no snapshot LV left: \(after)")
-            #expect(try await holds(cli, "lvdom", "drive-vda", 17))
+            #expect(try await holds(device, format: "raw", 17))
         } catch {
             _ = try? await cli.run(["domain", "stop", "lvdom", "--force"])
             _ = try? await cli.sh("lvremove", "-q", "-y", "\(vg)/\(lv)")
