@@ -69,9 +69,10 @@ let package = Package(
             swiftSettings: strict
         ),
 
+        .systemLibrary(name: "CLVM2Cmd", path: "backends/lvm/Sources/CLVM2Cmd", providers: [.apt(["liblvm2-dev"])]),
         .target(
             name: "LVMBackend",
-            dependencies: ["SnapshotCore"],
+            dependencies: ["SnapshotCore", "CLVM2Cmd"],
             path: "backends/lvm/Sources/LVMBackend",
             swiftSettings: strict
         ),

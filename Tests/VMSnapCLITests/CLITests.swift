@@ -107,8 +107,12 @@ struct CLITests {
         #expect(text.contains("qcow2") && text.contains("delete-subtree") && text.contains("offline"))
         let json = try await cli.ok("backend", "list", "--json")
         let decoded = try JSONDecoder().decode([BackendDescriptor].self, from: Data(json.utf8))
-        #expect(decoded.first?.capabilities.supports(.create, .external, .offline) == true)
-        #expect(decoded.first?.capabilities.supports(.create, .external, .live) == false)
+        let qcow2 = try #require(decoded.first { $0.kind.rawValue == "qcow2" })
+        #expect(qcow2.capabilities.supports(.create, .external, .offline))
+        #expect(!qcow2.capabilities.supports(.create, .external, .live), "live qcow2 goes through the QEMU driver")
+        let lvm = try #require(decoded.first { $0.kind.rawValue == "lvm" })
+        #expect(lvm.capabilities.supports(.create, .external, .live), "a snapshot LV of an open origin")
+        #expect(!lvm.capabilities.supports(.revert, .external, .live), "a merge needs the origin closed")
     }
 
     @Test("backend test runs the conformance suite, prints a line per check and a summary, and fails for an unknown kind")

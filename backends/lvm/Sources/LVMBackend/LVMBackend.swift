@@ -8,7 +8,11 @@ import SnapshotCore
 /// and `vmsnap.name=<snapshot name>`, so ownership can be read from the storage alone.
 public struct LVMBackend: DiskSnapshotBackend {
     public static let kind: BackendKind = "lvm"
-    public static let factory = BackendFactory(kind: kind) { env in LVMBackend(runner: env.runner, settings: env.settings) }
+    /// Reports run in-process through liblvm2cmd (`lvm-library=off` runs them as `lvs`/`vgs`
+    /// child processes like every other command).
+    public static let factory = BackendFactory(kind: kind) { env in
+        LVMBackend(runner: env.settings["lvm-library"] == "off" ? env.runner : LVMLibraryRunner(fallback: env.runner), settings: env.settings)
+    }
 
     let runner: any CommandRunning
     /// `cow-size`: size of a classic snapshot's copy-on-write area, `20%ORIGIN` by default, or a

@@ -1,0 +1,1 @@
+#include <lvm2cmd.h>
