@@ -183,13 +183,17 @@ extension DomainService {
         var j = DomainJournal(operation: .create, snapshot: name, record: record)
         let journalID = try store.beginDomainJournal(domain: domain, operation: "create snapshot '\(name)'", payload: try JSONEncoder().encode(j))
         var report = CreateReport(snapshot: record)
+        /// Disks without a hypervisor path, each through its backend's own journaled plan.
+        func takeThroughBackends(_ chosen: [DiskPart]) async throws {
+            for part in chosen {
+                try await disks.create(SnapshotRequest(name: name, kind: part.kind, description: request.description), disk: part.layout.disk.id, kind: part.backend.kind)
+                j.disksDone.append(part.disk.target)
+                try phase(journalID, &j, "disk-\(part.disk.target)")
+            }
+        }
         do {
             if state == .shutoff {
-                for part in parts {
-                    try await disks.create(SnapshotRequest(name: name, kind: part.kind, description: request.description), disk: part.layout.disk.id, kind: part.backend.kind)
-                    j.disksDone.append(part.disk.target)
-                    try phase(journalID, &j, "disk-\(part.disk.target)")
-                }
+                try await takeThroughBackends(parts)
             } else {
                 let client = try await driver.connect(runtime(domain), domain: domain)
                 defer { Task { await client.close() } }
@@ -209,25 +213,23 @@ extension DomainService {
                     j.pausedByUs = state == .running
                     try phase(journalID, &j, "prepared")
                     let t0 = ContinuousClock.now
+                    Trace.mark("pause prepared")
                     if state == .running { try await client.stop() }
-                    trace("stop", since: t0)
+                    Trace.mark("stop")
                     DomainFault.point("create:paused", qemu: runtime(domain))
                     // Backends without a hypervisor path, while the vCPUs are stopped and QEMU has flushed.
-                    for part in parts where part.live == nil {
-                        try await disks.create(SnapshotRequest(name: name, kind: part.kind, description: request.description), disk: part.layout.disk.id, kind: part.backend.kind)
-                        j.disksDone.append(part.disk.target)
-                        try phase(journalID, &j, "disk-\(part.disk.target)")
-                    }
+                    try await takeThroughBackends(parts.filter { $0.live == nil })
                     // qcow2 disks: one transaction, all or none.
                     if !live.isEmpty {
                         try await client.transaction(live.map { Self.transactionAction(target: $0.disk.target, name: name, kind: $0.kind, result: $0.live!.result) })
                     }
-                    trace("transaction", since: t0)
+                    Trace.mark("transaction")
                     DomainFault.point("create:transaction", qemu: runtime(domain))
                     // The memory point in time is fixed now; with background-snapshot QEMU resumes the guest itself.
                     let started = ContinuousClock.now
+                    let migrationMark = await client.eventMark
                     if withMemory { try await client.execute("migrate", ["uri": .string("fd:\(Self.memoryFDName)")]) }
-                    trace("migrate started", since: t0)
+                    Trace.mark("memory save started")
                     if state == .running { report.ownPauseMs = (ContinuousClock.now - t0).seconds * 1000 }
                     for part in live {
                         try disks.record(part.live!.result, replacing: part.layout)
@@ -235,7 +237,7 @@ extension DomainService {
                     }
                     try phase(journalID, &j, "disks-recorded")
                     if withMemory {
-                        let (size, downtime) = try await finishMemory(client: client, fd: memoryFD, guestBytes: UInt64(definition.memoryMiB) << 20)
+                        let (size, downtime) = try await finishMemory(client: client, fd: memoryFD, guestBytes: UInt64(definition.memoryMiB) << 20, since: migrationMark)
                         report.memorySeconds = (ContinuousClock.now - started).seconds
                         report.qemuDowntimeMs = downtime
                         record.memory?.size = size
@@ -280,7 +282,7 @@ extension DomainService {
     }
 
     static func transactionAction(target: String, name: String, kind: SnapshotKind, result: DiskLayout) -> JSONValue {
-        let device = QEMUDrive(target: target, path: "", format: "").driveID
+        let device = QEMUDrive.driveID(target)
         switch kind {
         case .internal:
             return ["type": "blockdev-snapshot-internal-sync", "data": ["device": .string(device), "name": .string(name)]]
@@ -317,11 +319,6 @@ extension DomainService {
     // migration of a stopped guest.
     static let memoryFDName = "vmsnap-memory"
 
-    /// `VMSNAP_TRACE=1`: milliseconds since `start` on stderr, for profiling the pause.
-    func trace(_ what: String, since start: ContinuousClock.Instant) {
-        guard ProcessInfo.processInfo.environment["VMSNAP_TRACE"] != nil else { return }
-        FileHandle.standardError.write(Data(String(format: "trace %8.2f ms  %@\n", (ContinuousClock.now - start).seconds * 1000, what).utf8))
-    }
 
     /// Sets the migration capabilities and hands QEMU the memory file, before the pause.
     func prepareMemory(client: QMPClient, fd: Int32, live: Bool) async throws {
@@ -332,31 +329,38 @@ extension DomainService {
     }
 
     /// Waits for the memory stream QEMU started into `fd` to finish, showing progress.
-    func finishMemory(client: QMPClient, fd: Int32, guestBytes: UInt64) async throws -> (UInt64, Double?) {
-        let mark = 0
-        let started = ContinuousClock.now
-        var last: MigrationInfo?
-        while true {
-            let info = try await client.migrationInfo()
-            if info.status == "completed" { last = info; break }
-            if info.status == "failed" || info.status == "cancelled" {
-                throw SnapshotError(.io, "saving the guest's memory failed: \(info.errorDescription ?? info.status); the snapshot is rolled back and the guest keeps running")
-            }
-            let elapsed = (ContinuousClock.now - started).seconds
-            if elapsed > 1, let progress {
-                let done = lseek(fd, 0, SEEK_CUR)
-                let rate = Double(max(done, 0)) / elapsed
-                let total = max(guestBytes, UInt64(max(done, 0)))
-                progress(ProgressReport(phase: "memory save", done: UInt64(max(done, 0)), total: total, bytesPerSecond: rate,
-                                        secondsLeft: rate > 0 ? Double(total - UInt64(max(done, 0))) / rate : nil))
-            }
-            _ = try? await client.waitForEvent("MIGRATION", since: mark, timeout: .milliseconds(500)) { ["completed", "failed", "cancelled"].contains($0.data["status"]?.string ?? "") }
+    func finishMemory(client: QMPClient, fd: Int32, guestBytes: UInt64, since mark: Int) async throws -> (UInt64, Double?) {
+        let last = try await followMigration(client: client, fd: fd, total: guestBytes, since: mark, phase: "memory save") { status, info in
+            SnapshotError(.io, "saving the guest's memory failed: \(info?.errorDescription ?? status); the snapshot is rolled back and the guest keeps running")
         }
         let size = lseek(fd, 0, SEEK_CUR)
         guard size > 0, ftruncate(fd, size) == 0, fsync(fd) == 0 else {
             throw SnapshotError(.io, "finishing the memory image failed: \(String(cString: strerror(errno)))")
         }
-        return (UInt64(size), last?.downtimeMs)
+        return (UInt64(size), last.downtimeMs)
+    }
+
+    /// Waits for a migration to or from `fd` (save or restore) to complete, showing progress from
+    /// the file position QEMU's copy of `fd` has reached; throws `failure` if it fails.
+    func followMigration(client: QMPClient, fd: Int32, total: UInt64, since mark: Int, phase: String,
+                         failure: (String, MigrationInfo?) -> SnapshotError) async throws -> MigrationInfo {
+        let started = ContinuousClock.now
+        while true {
+            let info = try await client.migrationInfo()
+            if info.status == "completed" { return info }
+            if info.status == "failed" || info.status == "cancelled" { throw failure(info.status, info) }
+            let elapsed = (ContinuousClock.now - started).seconds
+            if elapsed > 1, let progress {
+                let done = UInt64(max(lseek(fd, 0, SEEK_CUR), 0))
+                let rate = Double(done) / elapsed
+                let whole = max(total, done)
+                progress(ProgressReport(phase: phase, done: done, total: whole, bytesPerSecond: rate,
+                                        secondsLeft: rate > 0 && whole > done ? Double(whole - done) / rate : nil))
+            }
+            _ = try? await client.waitForEvent("MIGRATION", since: mark, timeout: .milliseconds(500)) {
+                ["completed", "failed", "cancelled"].contains($0.data["status"]?.string ?? "")
+            }
+        }
     }
 
     /// Memory and every disk inside the qcow2 images through QEMU's snapshot-save job (the guest
@@ -365,7 +369,7 @@ extension DomainService {
         let devices = try await client.blockDevices()
         var nodes: [String] = []
         for part in parts {
-            guard let node = devices.first(where: { $0.device == QEMUDrive(target: part.target, path: "", format: "").driveID })?.nodeName else {
+            guard let node = devices.first(where: { $0.device == QEMUDrive.driveID(part.target) })?.nodeName else {
                 throw SnapshotError(.conflict, "QEMU has no block device for disk \(part.target)")
             }
             nodes.append(node)
@@ -408,7 +412,7 @@ extension DomainService {
                     if let stored = try store.layout(diskID: disk.diskID), stored.snapshot(named: record.name) != nil {
                         try await disks.delete(disk: disk.diskID, snapshot: record.name, mode: .merge, kind: disk.backend)
                     } else if disk.kind == .external, let after = j.liveAfter[disk.target], FileManager.default.fileExists(atPath: after.disk.active) {
-                        try await undoUnrecordedOverlay(overlay: after.disk.active, before: before)
+                        try await undoUnrecordedOverlay(after.disk.active)
                     } else if disk.kind == .internal {
                         _ = try? await disks.environment.runner.run(["qemu-img", "snapshot", "-d", record.name, before.disk.active])
                     }
@@ -432,14 +436,14 @@ extension DomainService {
 
     /// An overlay QEMU made but the store never recorded, with QEMU gone: merge what the guest
     /// wrote into it back into the base, then remove it.
-    func undoUnrecordedOverlay(overlay: String, before: DiskLayout) async throws {
+    func undoUnrecordedOverlay(_ overlay: String) async throws {
         try await disks.environment.runner.run(["qemu-img", "commit", "-q", overlay])
         unlink(overlay)
     }
 
     /// Undoes one disk snapshot QEMU took while it still runs.
     func undoLive(client: QMPClient, target: String, name: String, kind: SnapshotKind, before: DiskLayout, after: DiskLayout?) async throws {
-        let device = QEMUDrive(target: target, path: "", format: "").driveID
+        let device = QEMUDrive.driveID(target)
         switch kind {
         case .internal:
             do {

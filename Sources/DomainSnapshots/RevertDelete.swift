@@ -108,21 +108,8 @@ extension DomainService {
             try await client.passFile(fd, name: "vmsnap-memory")
             let mark = await client.eventMark
             try await client.execute("migrate-incoming", ["uri": "fd:vmsnap-memory"])
-            let started = ContinuousClock.now
-            while true {
-                let status = try await client.migrationInfo().status
-                if status == "completed" { break }
-                if status == "failed" || status == "cancelled" {
-                    throw SnapshotError(.invalidImage, "QEMU could not load the memory image \(path) (migration \(status)); it may be damaged or from another QEMU. The disks are reverted; the domain is left shut off. Revert with --force to boot from the disks")
-                }
-                let elapsed = (ContinuousClock.now - started).seconds
-                if elapsed > 1, let progress {
-                    let done = UInt64(max(lseek(fd, 0, SEEK_CUR), 0))
-                    let rate = Double(done) / elapsed
-                    progress(ProgressReport(phase: "memory restore", done: done, total: total, bytesPerSecond: rate,
-                                            secondsLeft: rate > 0 && total > done ? Double(total - done) / rate : nil))
-                }
-                _ = try? await client.waitForEvent("MIGRATION", since: mark, timeout: .milliseconds(300)) { ["completed", "failed"].contains($0.data["status"]?.string ?? "") }
+            _ = try await followMigration(client: client, fd: fd, total: total, since: mark, phase: "memory restore") { status, _ in
+                SnapshotError(.invalidImage, "QEMU could not load the memory image \(path) (migration \(status)); it may be damaged or from another QEMU. The disks are reverted; the domain is left shut off. Revert with --force to boot from the disks")
             }
             if running { try await client.cont() }
         } catch {
@@ -260,7 +247,7 @@ extension DomainService {
         guard let snap = layout.snapshot(named: name) else { return }
         let client = try await driver.connect(runtime(domain), domain: domain)
         defer { Task { await client.close() } }
-        let device = QEMUDrive(target: target, path: "", format: "").driveID
+        let device = QEMUDrive.driveID(target)
         switch snap.kind {
         case .internal:
             do {

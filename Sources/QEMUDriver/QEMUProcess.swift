@@ -47,7 +47,10 @@ public struct QEMUDrive: Sendable, Hashable {
     }
 
     /// The `-drive` id QMP commands name the disk by.
-    public var driveID: String { "drive-\(target)" }
+    public var driveID: String { Self.driveID(target) }
+
+    /// The `-drive` id of the disk the guest sees as `target`.
+    public static func driveID(_ target: String) -> String { "drive-\(target)" }
 }
 
 /// How to launch QEMU for a domain.

@@ -134,6 +134,9 @@ public actor QMPClient {
     private var events: [QMPEvent] = []
     private var waiters: [Int: (since: Int, name: String, predicate: @Sendable (QMPEvent) -> Bool, continuation: CheckedContinuation<QMPEvent, any Error>)] = [:]
     private var nextWaiter = 0
+    /// Timeout timers of commands and event waits, cancelled as soon as they are answered.
+    private var commandTimers: [String: Task<Void, Never>] = [:]
+    private var waiterTimers: [Int: Task<Void, Never>] = [:]
     private var subscribers: [AsyncStream<QMPEvent>.Continuation] = []
     private var greetingWaiter: CheckedContinuation<JSONValue, any Error>?
     private var closedReason: String?
@@ -188,9 +191,11 @@ public actor QMPClient {
             for s in subscribers { s.yield(event) }
             for (key, waiter) in waiters where waiter.name == event.name && waiter.predicate(event) {
                 waiters[key] = nil
+                waiterTimers.removeValue(forKey: key)?.cancel()
                 waiter.continuation.resume(returning: event)
             }
         } else if let id = message["id"]?.string, let entry = pending.removeValue(forKey: id) {
+            commandTimers.removeValue(forKey: id)?.cancel()
             if let error = message["error"] {
                 entry.continuation.resume(throwing: QMPError(command: entry.command, errorClass: error["class"]?.string ?? "GenericError",
                                                              reason: error["desc"]?.string ?? "\(error)"))
@@ -205,6 +210,10 @@ public actor QMPClient {
         closedReason = why
         for (_, entry) in pending { entry.continuation.resume(throwing: SnapshotError(.commandFailed, "\(why) while `\(entry.command)` was waiting for its reply")) }
         pending = [:]
+        commandTimers.values.forEach { $0.cancel() }
+        commandTimers = [:]
+        waiterTimers.values.forEach { $0.cancel() }
+        waiterTimers = [:]
         for (_, waiter) in waiters { waiter.continuation.resume(throwing: SnapshotError(.commandFailed, "\(why) while waiting for event \(waiter.name)")) }
         waiters = [:]
         for s in subscribers { s.finish() }
@@ -225,8 +234,8 @@ public actor QMPClient {
         var message: [String: JSONValue] = ["execute": .string(command), "id": .string(id)]
         if let arguments { message["arguments"] = arguments }
         let line = Array((JSONValue.object(message).description + "\n").utf8)
-        Task { [weak self] in
-            try? await Task.sleep(for: timeout)
+        commandTimers[id] = Task { [weak self] in
+            guard (try? await Task.sleep(for: timeout)) != nil else { return }
             await self?.expire(id, after: timeout)
         }
         return try await withCheckedThrowingContinuation { continuation in
@@ -239,6 +248,7 @@ public actor QMPClient {
     }
 
     private func expire(_ id: String, after timeout: Duration) {
+        commandTimers[id] = nil
         guard let entry = pending.removeValue(forKey: id) else { return }
         entry.continuation.resume(throwing: SnapshotError(.commandFailed, "QEMU did not answer `\(entry.command)` within \(timeout)"))
     }
@@ -256,8 +266,8 @@ public actor QMPClient {
         if let closedReason { throw SnapshotError(.commandFailed, "\(closedReason) while waiting for event \(name)") }
         nextWaiter += 1
         let key = nextWaiter
-        Task { [weak self] in
-            try? await Task.sleep(for: timeout)
+        waiterTimers[key] = Task { [weak self] in
+            guard (try? await Task.sleep(for: timeout)) != nil else { return }
             await self?.expireWaiter(key, timeout: timeout)
         }
         return try await withCheckedThrowingContinuation { continuation in
@@ -266,6 +276,7 @@ public actor QMPClient {
     }
 
     private func expireWaiter(_ key: Int, timeout: Duration) {
+        waiterTimers[key] = nil
         guard let waiter = waiters.removeValue(forKey: key) else { return }
         waiter.continuation.resume(throwing: SnapshotError(.commandFailed, "QEMU sent no \(waiter.name) event within \(timeout)"))
     }

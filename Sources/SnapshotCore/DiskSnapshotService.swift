@@ -1,10 +1,10 @@
 import Foundation
 
-/// `VMSNAP_TRACE=1`: phase timings on stderr, for profiling.
-enum Trace {
+/// `VMSNAP_TRACE=1`: phase timings on stderr (milliseconds since the previous mark), for profiling.
+public enum Trace {
     static let enabled = ProcessInfo.processInfo.environment["VMSNAP_TRACE"] != nil
     nonisolated(unsafe) static var last = DispatchTime.now().uptimeNanoseconds
-    static func mark(_ what: String) {
+    public static func mark(_ what: String) {
         guard enabled else { return }
         let previous = last
         let now = DispatchTime.now().uptimeNanoseconds

@@ -31,6 +31,19 @@ public enum VHD {
         case macx = 0x4D61_6358
     }
 
+    /// Checks a structure's length, cookie and checksum (a 32-bit field at `checksumAt`), the
+    /// checks footer and dynamic header share; `bad` names the field and the problem.
+    static func checkFrame(_ b: [UInt8], length: Int, cookie: [UInt8], checksumAt: Int, bad: (String, String) -> SnapshotError) throws {
+        guard b.count == length else { throw bad("", "truncated: \(b.count) of \(length) bytes") }
+        guard Array(b[0..<8]) == cookie else {
+            throw bad("cookie (offset +0)", "expected '\(String(decoding: cookie, as: UTF8.self))', found \(printable(b[0..<8]))")
+        }
+        let stored = b.be32(checksumAt), computed = checksum(b[0..<length], skipping: checksumAt..<(checksumAt + 4))
+        guard stored == computed else {
+            throw bad("checksum (offset +\(checksumAt))", String(format: "stored 0x%08x, computed 0x%08x", stored, computed))
+        }
+    }
+
     static func checksum(_ bytes: ArraySlice<UInt8>, skipping range: Range<Int>) -> UInt32 {
         var sum: UInt32 = 0
         for (i, b) in zip(bytes.indices, bytes) where !range.contains(i - bytes.startIndex) { sum &+= UInt32(b) }
@@ -94,10 +107,7 @@ public struct VHDFooter: Sendable, Hashable {
         func bad(_ field: String, _ why: String) -> SnapshotError {
             SnapshotError(.invalidImage, "\(location): footer \(field): \(why)")
         }
-        guard b.count == 512 else { throw bad("", "truncated: \(b.count) of 512 bytes") }
-        guard Array(b[0..<8]) == VHD.footerCookie else { throw bad("cookie (offset +0)", "expected 'conectix', found \(printable(b[0..<8]))") }
-        let stored = b.be32(64), computed = VHD.checksum(b[0..<512], skipping: 64..<68)
-        guard stored == computed else { throw bad("checksum (offset +64)", String(format: "stored 0x%08x, computed 0x%08x", stored, computed)) }
+        try VHD.checkFrame(b, length: 512, cookie: VHD.footerCookie, checksumAt: 64, bad: bad)
         guard let type = VHD.DiskType(rawValue: b.be32(60)) else { throw bad("disk type (offset +60)", "\(b.be32(60)) is not fixed (2), dynamic (3) or differencing (4)") }
         features = b.be32(8)
         formatVersion = b.be32(12)
@@ -175,10 +185,7 @@ public struct VHDHeader: Sendable, Hashable {
         func bad(_ field: String, _ why: String) -> SnapshotError {
             SnapshotError(.invalidImage, "\(location): dynamic header \(field): \(why)")
         }
-        guard b.count == 1024 else { throw bad("", "truncated: \(b.count) of 1024 bytes") }
-        guard Array(b[0..<8]) == VHD.headerCookie else { throw bad("cookie (offset +0)", "expected 'cxsparse', found \(printable(b[0..<8]))") }
-        let stored = b.be32(36), computed = VHD.checksum(b[0..<1024], skipping: 36..<40)
-        guard stored == computed else { throw bad("checksum (offset +36)", String(format: "stored 0x%08x, computed 0x%08x", stored, computed)) }
+        try VHD.checkFrame(b, length: 1024, cookie: VHD.headerCookie, checksumAt: 36, bad: bad)
         tableOffset = b.be64(16)
         headerVersion = b.be32(24)
         maxTableEntries = b.be32(28)
