@@ -190,6 +190,15 @@ struct DomainSnapshotTests {
             try await cli.ok("domain", "start", g.name)
             try await g.waitCounter(atLeast: 2)
             try await fails(["snapshot", "create", g.name, "--disk-only", "--memory-file", cli.root + "/m"], "--disk-only takes no memory")
+            try await fails(["snapshot", "create", g.name, "--disk-only", "--disks", "vdz"], "has no disk vdz")
+            try await fails(["domain", "undefine", g.name], "is running")
+            // The busybox guest ignores ACPI: a graceful stop times out with the way out named.
+            try await fails(["domain", "stop", g.name, "--timeout", "2"], "--force")
+            #expect(try await g.status().state == "running")
+            try await cli.ok("domain", "suspend", g.name)
+            #expect(try await g.status().state == "paused")
+            try await cli.ok("domain", "resume", g.name)
+            #expect(try await g.status().state == "running")
             try await fails(["snapshot", "revert", g.name, "x", "--running", "--paused"], "exclude each other")
             try await cli.ok("snapshot", "create", g.name, "--name", "d1", "--disk-only")
             try await fails(["snapshot", "create", g.name, "--name", "d1"], "already has a snapshot named")
@@ -221,6 +230,29 @@ struct DomainSnapshotTests {
             try await cli.sh("qemu-img", "check", "-q", g.disks[0].path)
             let names = try await SubprocessRunner().run(["qemu-img", "snapshot", "-l", g.disks[0].path]).standardOutput
             #expect(!names.contains("dies"))
+
+            // Subtrees of a shut-off domain: --children-only keeps the snapshot, --children takes it too.
+            try await cli.ok("snapshot", "create", g.name, "--name", "c1")
+            try await cli.ok("snapshot", "create", g.name, "--name", "c2")
+            #expect(try await g.snapshots("--from", "d1", "--descendants").map(\.name) == ["c1", "c2"])
+            let info = try await cli.ok("snapshot", "info", g.name, "c1")
+            #expect(info.contains("parent:      d1") && info.contains("memory:      no") && info.contains("state:       shutoff"), "\(info)")
+            try await cli.ok("snapshot", "delete", g.name, "d1", "--children-only")
+            #expect(try await g.snapshots().map(\.name) == ["d1"])
+            #expect(try await cli.list(g.disks[0].path).snapshots.map(\.name) == ["d1"])
+            let left = try await SubprocessRunner().run(["qemu-img", "snapshot", "-l", g.disks[0].path]).standardOutput
+            #expect(!left.contains("c1") && !left.contains("c2"), "\(left)")
+            #expect(try await cli.ok("snapshot", "current", g.name).trimmingCharacters(in: .whitespacesAndNewlines) == "d1")
+            try await cli.ok("snapshot", "delete", g.name, "d1", "--children")
+            #expect(try await g.snapshots().isEmpty)
+            #expect(try await cli.list(g.disks[0].path).snapshots.isEmpty)
+
+            // A domain with snapshots is not forgotten by accident.
+            try await cli.ok("snapshot", "create", g.name, "--name", "keep")
+            try await fails(["domain", "undefine", g.name], "--snapshots-metadata")
+            try await cli.ok("domain", "undefine", g.name, "--snapshots-metadata")
+            #expect(!(try await cli.ok("domain", "list")).contains(g.name + "\t"))
+            #expect(try await cli.list(g.disks[0].path).snapshots.map(\.name) == ["keep"], "the disk snapshot stays on the disk")
         }
     }
 
