@@ -64,6 +64,14 @@ extension DomainService {
             try await driver.terminate(runtime(domain))
             try phase(journalID, &j, "stopped")
         }
+        // With QEMU gone every disk must be closed: an LVM merge into a volume someone else
+        // holds would wait for its next activation while the domain ran on the old data.
+        for disk in record.disks where disk.kind != nil && !j.disksDone.contains(disk.target) {
+            let (backend, layout) = try await disks.manage(disk.diskID, kind: disk.backend)
+            if try await backend.state(of: layout) == .live {
+                throw SnapshotError(.inUse, "disk \(disk.target) (\(disk.diskID)) is still open by another process after the domain stopped; close it, then revert again (no further disk was reverted)")
+            }
+        }
         for disk in record.disks where disk.kind != nil && !j.disksDone.contains(disk.target) {
             try await disks.revert(disk: disk.diskID, to: record.name, kind: disk.backend)
             j.disksDone.append(disk.target)

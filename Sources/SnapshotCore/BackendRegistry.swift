@@ -1,3 +1,5 @@
+import Foundation
+
 import Synchronization
 
 /// How a backend is made, given the runner and settings of the process that uses it.
@@ -62,5 +64,40 @@ public final class BackendRegistry: Sendable {
     /// Makes every registered backend.
     public func allBackends(environment: BackendEnvironment = BackendEnvironment()) throws -> [any DiskSnapshotBackend] {
         try kinds.map { try backend($0, environment: environment) }
+    }
+}
+
+/// Backend settings (`cow-size`, `warn-percent`, ...): `KEY=VALUE` pairs from `--set`, over the
+/// lines of `<store>/settings.conf` (`key = value`, `#` comments), so a policy set once applies
+/// to every command that uses the store.
+public enum BackendSettings {
+    public static let fileName = "settings.conf"
+
+    /// Parses `--set` pairs.
+    public static func parse(pairs: [String]) throws -> [String: String] {
+        var out: [String: String] = [:]
+        for pair in pairs {
+            guard let eq = pair.firstIndex(of: "="), eq != pair.startIndex else {
+                throw SnapshotError(.invalidArgument, "--set expects KEY=VALUE (for example --set cow-size=256m), got '\(pair)'")
+            }
+            out[String(pair[..<eq])] = String(pair[pair.index(after: eq)...])
+        }
+        return out
+    }
+
+    /// Reads the store's settings file; a missing file is no settings.
+    public static func load(storeDirectory: String) throws -> [String: String] {
+        let path = (storeDirectory as NSString).appendingPathComponent(fileName)
+        guard let data = FileManager.default.contents(atPath: path) else { return [:] }
+        var out: [String: String] = [:]
+        for (n, raw) in String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let line = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init)?.trimmingCharacters(in: .whitespaces) ?? ""
+            if line.isEmpty { continue }
+            guard let eq = line.firstIndex(of: "="), eq != line.startIndex else {
+                throw SnapshotError(.invalidArgument, "\(path) line \(n + 1): expected `key = value`, got '\(line)'; fix or remove the line")
+            }
+            out[line[..<eq].trimmingCharacters(in: .whitespaces)] = line[line.index(after: eq)...].trimmingCharacters(in: .whitespaces)
+        }
+        return out
     }
 }

@@ -32,11 +32,27 @@ public struct CapabilityTable: Codable, Sendable, Hashable {
     public var supported: Set<Capability>
     /// Notes a user should read with the table (limits, conditions).
     public var notes: [String]
+    /// Supported cells where the operation is started and completes later, outside vmsnap (an LVM
+    /// merge into an open origin waits for its next activation): reported as pending, not done.
+    public var deferred: Set<Capability>
 
-    public init(_ supported: Set<Capability>, notes: [String] = []) {
-        self.supported = supported
+    public init(_ supported: Set<Capability>, notes: [String] = [], deferred: Set<Capability> = []) {
+        self.supported = supported.union(deferred)
         self.notes = notes
+        self.deferred = deferred
     }
+
+    enum CodingKeys: String, CodingKey { case supported, notes, deferred }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        supported = try c.decode(Set<Capability>.self, forKey: .supported)
+        notes = try c.decode([String].self, forKey: .notes)
+        deferred = try c.decodeIfPresent(Set<Capability>.self, forKey: .deferred) ?? []
+    }
+
+    /// Whether the operation may end pending rather than done.
+    public func defers(_ capability: Capability) -> Bool { deferred.contains(capability) }
 
     /// Every operation for the given kinds and states.
     public static func all(kinds: [SnapshotKind], states: [DiskState], notes: [String] = []) -> CapabilityTable {

@@ -94,6 +94,11 @@ public protocol DiskSnapshotBackend: Sendable {
     /// Check every layer of the disk with the format's own checker; returns the problems found.
     func verify(layout: DiskLayout) async throws -> [String]
 
+    /// Upkeep that keeps snapshots valid without changing guest data (`vmsnap disk check
+    /// --repair`), such as growing a copy-on-write area or a thin pool that is filling up. Returns
+    /// one line per action taken; the default takes none.
+    func maintain(layout: DiskLayout) async throws -> [String]
+
     // MARK: Data access (the conformance suite and the demo read and write guest bytes)
 
     /// Create a new empty disk of `size` bytes named `name` in `pool`, returning its locator.
@@ -153,6 +158,8 @@ extension DiskSnapshotBackend {
     public func normalize(locator: String) -> String { locator }
 
     public func verify(layout: DiskLayout) async throws -> [String] { [] }
+
+    public func maintain(layout: DiskLayout) async throws -> [String] { [] }
 
     public func hypervisorDrive(_ layout: DiskLayout) throws -> HypervisorDrive {
         throw SnapshotError(.unsupported, "backend '\(kind)' does not say how a hypervisor opens its disks")

@@ -75,7 +75,10 @@ public struct DiskSnapshotService: Sendable {
         defer { withExtendedLifetime(lock) {} }
         for entry in try store.openJournals(diskID: id) {
             let report = try await executor.recover(entry, backend: backend)
-            notify("recovered an interrupted '\(report.operation)' on \(report.diskID): \(report.outcome.rawValue)")
+            if report.outcome == .pending {
+                throw SnapshotError(.pending, "disk \(id): '\(report.operation)' is still pending, and nothing else can change the disk until it finishes: \(report.detail ?? "")")
+            }
+            notify("recovered an interrupted or pending '\(report.operation)' on \(report.diskID): \(report.outcome.rawValue)")
         }
         Trace.mark("resolve + lock + journal check")
         // Read under the lock: nobody else changes the disk while the operation runs.
@@ -169,6 +172,12 @@ public struct DiskSnapshotService: Sendable {
             plan.notes.forEach(notify)
             return result
         }
+    }
+
+    /// Runs the backend's upkeep on the disk (growing nearly full copy-on-write areas) under its
+    /// lock; returns what was done.
+    public func maintain(disk locator: String, kind: BackendKind? = nil) async throws -> [String] {
+        try await withManagedDisk(locator, kind: kind) { backend, layout in try await backend.maintain(layout: layout) }
     }
 
     /// Removes snapshot records only; children are reparented, storage is untouched.

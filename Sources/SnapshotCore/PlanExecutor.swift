@@ -58,6 +58,11 @@ public struct PlanExecutor: Sendable {
             try store.completeJournal(journalID, change: change, stepCount: plan.steps.count)
             Trace.mark("journal complete")
             return plan.result
+        } catch let e as SnapshotError where e.code == .pending && index >= plan.pointOfNoReturn {
+            // Started, finishing outside vmsnap: the journal stays open so the next command on
+            // the disk (or `vmsnap recover`) finishes the plan once the backend says it can.
+            try? store.markSteps(journal: journalID, done: index)
+            throw e
         } catch {
             if index < plan.pointOfNoReturn {
                 await rollBack(plan, through: index, backend: backend)
@@ -81,7 +86,11 @@ public struct PlanExecutor: Sendable {
         }
         var index = entry.stepsDone
         while index < plan.steps.count {
-            try await perform(plan.steps[index].action, backend: backend)
+            do {
+                try await perform(plan.steps[index].action, backend: backend)
+            } catch let e as SnapshotError where e.code == .pending {
+                return RecoveryReport(diskID: entry.diskID, operation: plan.operation, outcome: .pending, stepsDone: index, stepCount: plan.steps.count, detail: e.message)
+            }
             try store.markSteps(journal: entry.id, done: index + 1)
             index += 1
         }
@@ -124,7 +133,8 @@ public struct PlanExecutor: Sendable {
 
 /// What recovery did with one interrupted operation.
 public struct RecoveryReport: Codable, Sendable, Hashable {
-    public enum Outcome: String, Codable, Sendable { case completed, rolledBack = "rolled-back", skipped }
+    /// `pending`: still waiting on something outside vmsnap (the journal stays open).
+    public enum Outcome: String, Codable, Sendable { case completed, rolledBack = "rolled-back", skipped, pending }
     public var diskID: String
     public var operation: String
     public var outcome: Outcome

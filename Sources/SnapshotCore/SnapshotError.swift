@@ -17,6 +17,11 @@ public struct SnapshotError: Error, CustomStringConvertible, Sendable {
         case io
         case busy
         case incompatibleBackend
+        /// The storage has no room (volume group, thin pool, filesystem).
+        case noSpace
+        /// Started, and finishing later outside vmsnap's control (an LVM merge deferred until the
+        /// origin's next activation). Not done: the message says what completes it.
+        case pending
     }
 
     public var code: Code

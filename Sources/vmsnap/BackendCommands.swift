@@ -24,7 +24,9 @@ struct BackendCommand: AsyncParsableCommand {
                     var rows: [[String]] = []
                     for state in DiskState.allCases {
                         for kind in SnapshotKind.allCases {
-                            rows.append([state.rawValue, kind.rawValue] + SnapshotOperation.allCases.map { d.capabilities.supports($0, kind, state) ? "yes" : "-" })
+                            rows.append([state.rawValue, kind.rawValue] + SnapshotOperation.allCases.map {
+                                d.capabilities.defers(Capability($0, kind, state)) ? "deferred" : d.capabilities.supports($0, kind, state) ? "yes" : "-"
+                            })
                         }
                     }
                     printTable(["  DISK", "KIND"] + SnapshotOperation.allCases.map(\.rawValue), rows.map { ["  " + $0[0]] + $0.dropFirst() })
@@ -48,13 +50,7 @@ struct BackendCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await guarded {
-                var options: [String: String] = [:]
-                for pair in set {
-                    guard let eq = pair.firstIndex(of: "="), eq != pair.startIndex else {
-                        throw SnapshotError(.invalidArgument, "--set expects KEY=VALUE, got '\(pair)'")
-                    }
-                    options[String(pair[..<eq])] = String(pair[pair.index(after: eq)...])
-                }
+                let options = try BackendSettings.parse(pairs: set)
                 let backend = try Backends.registry().backend(kind, environment: BackendEnvironment(settings: options))
                 let directory: String
                 var temporary = false

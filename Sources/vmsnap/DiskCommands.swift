@@ -55,21 +55,28 @@ struct DiskInfoCommand: AsyncParsableCommand {
 struct DiskCheckCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "check",
-        abstract: "Check every layer of a disk with its format's checker, and vmsnap's metadata against the storage."
+        abstract: "Check every layer of a disk with its format's checker, and vmsnap's metadata against the storage.",
+        discussion: "With --repair, first does the upkeep the backend knows that keeps snapshots valid without touching guest data: for LVM, grows copy-on-write areas and thin pools filled past warn-percent (default 80) by extend-percent of their size (default 20). Run it from a timer to keep classic snapshots from overflowing."
     )
     @OptionGroup var storeOptions: StoreOptions
     @OptionGroup var diskOptions: DiskOptions
     @Flag(name: .long, help: "Print JSON.") var json = false
+    @Flag(name: .long, help: "Grow what is filling up (LVM copy-on-write areas, thin pools) before checking.") var repair = false
 
     func run() async throws {
         try await guarded {
             let service = try storeOptions.service()
+            var actions: [String] = []
+            if repair {
+                actions = try await service.maintain(disk: diskOptions.disk, kind: diskOptions.backend)
+                if !json { actions.forEach { print("repaired: \($0)") } }
+            }
             let (backend, layout) = try await service.layout(of: diskOptions.disk, kind: diskOptions.backend)
             var problems = try await backend.verify(layout: layout)
             let pending = try service.store.openJournals(diskID: layout.disk.id)
-            problems += pending.map { "interrupted operation '\($0.operation)' is pending: run `vmsnap recover`" }
+            problems += pending.map { "unfinished operation '\($0.operation)' (interrupted, or waiting on the storage): `vmsnap recover` finishes it or says what it waits for" }
             if json {
-                try printJSON(["disk": layout.disk.id, "problems": problems.joined(separator: "\n")])
+                try printJSON(["disk": layout.disk.id, "problems": problems.joined(separator: "\n"), "repaired": actions.joined(separator: "\n")])
             } else {
                 problems.forEach { print("problem: \($0)") }
                 print(problems.isEmpty ? "\(layout.disk.id): \(layout.layers.count) layer(s), \(layout.snapshots.count) snapshot(s), no problems" : "\(problems.count) problem(s)")
@@ -135,14 +142,20 @@ struct DiskSnapshotCommand: AsyncParsableCommand {
             var active: String
             var current: String?
             var snapshots: [DiskSnapshot]
+            /// Operations started and not finished (a deferred LVM merge, an interrupted plan).
+            var unfinished: [String]
         }
 
         func run() async throws {
             try await guarded {
                 let service = try storeOptions.service()
                 let (_, layout) = try await service.layout(of: diskOptions.disk, kind: diskOptions.backend)
+                let unfinished = try service.store.openJournals(diskID: layout.disk.id).map(\.operation)
                 if json {
-                    return try printJSON(Listing(disk: layout.disk.id, active: layout.disk.active, current: layout.disk.current, snapshots: layout.snapshots))
+                    return try printJSON(Listing(disk: layout.disk.id, active: layout.disk.active, current: layout.disk.current, snapshots: layout.snapshots, unfinished: unfinished))
+                }
+                for op in unfinished {
+                    FileHandle.standardError.write(Data("vmsnap: '\(op)' is not finished (deferred or interrupted); `vmsnap recover` finishes it or says what it waits for\n".utf8))
                 }
                 if tree {
                     print(layout.tree.rendered(marking: layout.disk.current) { "\($0.name) (\($0.kind.rawValue))" })

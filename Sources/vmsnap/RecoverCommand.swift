@@ -15,12 +15,18 @@ struct RecoverCommand: AsyncParsableCommand {
         try await guarded {
             let reports = try await storeOptions.service().recoverAll()
             let domains = try await storeOptions.domains().recoverAll()
-            if json { return try printJSON(reports) }
+            let pending = reports.contains { $0.outcome == .pending }
+            if json {
+                try printJSON(reports)
+                if pending { throw ExitCode(pendingExitCode) }
+                return
+            }
             if reports.isEmpty && domains.isEmpty { print("nothing to recover") }
             for d in domains { print("recovered domain '\(d)'") }
             for r in reports {
                 print("\(r.outcome.rawValue): \(r.operation) (\(r.stepsDone) of \(r.stepCount) steps had run)\(r.detail.map { "; \($0)" } ?? "")")
             }
+            if pending { throw ExitCode(pendingExitCode) }
         }
     }
 }

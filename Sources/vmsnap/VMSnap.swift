@@ -20,12 +20,17 @@ struct StoreOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Metadata store directory (default: $VMSNAP_STORE or /var/lib/vmsnap).", valueName: "dir"))
     var store: String?
 
+    @Option(name: .customLong("set"), help: ArgumentHelp("Backend setting KEY=VALUE (repeatable), over the store's settings.conf: cow-size, warn-percent, extend-percent, lvm-library.", valueName: "key=value"))
+    var settings: [String] = []
+
     func openStore() throws -> MetadataStore {
         try MetadataStore(directory: MetadataStore.resolveDirectory(flag: store))
     }
 
     func service() throws -> DiskSnapshotService {
-        DiskSnapshotService(store: try openStore(), registry: try Backends.registry())
+        let store = try openStore()
+        let merged = try BackendSettings.load(storeDirectory: store.directory).merging(BackendSettings.parse(pairs: settings)) { $1 }
+        return DiskSnapshotService(store: store, registry: try Backends.registry(), environment: BackendEnvironment(settings: merged))
     }
 }
 
@@ -40,10 +45,17 @@ enum Backends {
     }
 }
 
-/// Prints an error the way every command does and exits non-zero.
+/// Exit status of an operation that was started but finishes later (an LVM merge deferred while
+/// the origin is open): 75, sysexits' EX_TEMPFAIL. Not done, not failed.
+let pendingExitCode: Int32 = 75
+
+/// Prints an error the way every command does and exits non-zero (75 for a pending operation).
 func fail(_ error: any Error) -> ExitCode {
     let text: String
     switch error {
+    case let e as SnapshotError where e.code == .pending:
+        FileHandle.standardError.write(Data("vmsnap: pending: \(e.description)\n".utf8))
+        return ExitCode(pendingExitCode)
     case let e as SnapshotError: text = e.description
     case let e as CommandError: text = e.description
     default: text = String(describing: error)

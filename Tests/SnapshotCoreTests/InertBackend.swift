@@ -1,3 +1,4 @@
+import Foundation
 import SnapshotCore
 
 /// A backend that can do nothing: for tests of the registry and the executor, which never ask it
@@ -16,4 +17,11 @@ struct InertBackend: DiskSnapshotBackend {
     func write(_ bytes: [UInt8], at offset: UInt64, layout: DiskLayout) async throws {}
     func read(_ view: DataView, at offset: UInt64, length: Int, layout: DiskLayout) async throws -> [UInt8] { [] }
     func poolInventory(_ pool: BackendPool) async throws -> [String] { [] }
+
+    /// `wait-for-file path=P`: done once P exists; until then pending, like an LVM merge that
+    /// waits for the origin's next activation.
+    func perform(_ name: String, arguments: [String: String]) async throws {
+        guard name == "wait-for-file", let path = arguments["path"] else { throw SnapshotError(.unsupported, "no step \(name)") }
+        if !FileManager.default.fileExists(atPath: path) { throw SnapshotError(.pending, "waiting for \(path)") }
+    }
 }

@@ -52,6 +52,52 @@ struct PlanExecutorTests {
         #expect(try store.openJournals().isEmpty)
     }
 
+    @Test("a step that reports pending past the point of no return keeps the journal open and the old layout; recovery stays pending until it can finish")
+    func pendingStep() async throws {
+        let (store, executor, layout, dir) = try setUp()
+        let a = dir + "/a", b = dir + "/b", gate = dir + "/activated"
+        _ = FileManager.default.createFile(atPath: a, contents: Data("payload".utf8))
+        var result = layout
+        result.disk.active = b
+        let plan = Plan(operation: "deferred move", steps: [
+            PlanStep("rename", .rename(from: a, to: b)),
+            PlanStep("wait for the storage", .backend(name: "wait-for-file", arguments: ["path": gate])),
+            PlanStep("after the wait", .run(["touch", dir + "/after"])),
+        ], pointOfNoReturn: 0, result: result)
+        let backend = InertBackend(kind: "none")
+        let error = try await #require(throws: SnapshotError.self) { try await executor.execute(plan, before: layout, backend: backend) }
+        #expect(error.code == .pending && error.message.contains(gate), "the backend's reason, not a generic failure: \(error)")
+        #expect(try store.layout(diskID: layout.disk.id) == layout, "not claimed done")
+        var open = try store.openJournals()
+        #expect(open.count == 1 && open[0].stepsDone == 1)
+        let still = try await executor.recover(open[0], backend: backend)
+        #expect(still.outcome == .pending && still.detail?.contains(gate) == true)
+        #expect(!FileManager.default.fileExists(atPath: dir + "/after"), "nothing after the pending step ran")
+        open = try store.openJournals()
+        #expect(open.count == 1, "still open")
+        _ = FileManager.default.createFile(atPath: gate, contents: nil)
+        #expect(try await executor.recover(open[0], backend: backend).outcome == .completed)
+        #expect(FileManager.default.fileExists(atPath: dir + "/after"))
+        #expect(try store.layout(diskID: layout.disk.id)?.disk.active == b)
+        #expect(try store.openJournals().isEmpty)
+    }
+
+    @Test("backend settings: --set pairs over the store's settings.conf; a bad line or pair names itself")
+    func settings() throws {
+        let dir = scratchDirectory("settings")
+        #expect(try BackendSettings.load(storeDirectory: dir).isEmpty, "no file, no settings")
+        try "# policy\ncow-size = 256m   # bigger\n\nwarn-percent=70\n".write(toFile: dir + "/settings.conf", atomically: true, encoding: .utf8)
+        let file = try BackendSettings.load(storeDirectory: dir)
+        #expect(file == ["cow-size": "256m", "warn-percent": "70"])
+        let merged = file.merging(try BackendSettings.parse(pairs: ["cow-size=10%ORIGIN", "x=a=b"])) { $1 }
+        #expect(merged == ["cow-size": "10%ORIGIN", "warn-percent": "70", "x": "a=b"])
+        let pair = try #require(throws: SnapshotError.self) { try BackendSettings.parse(pairs: ["cow-size"]) }
+        #expect(pair.message.contains("KEY=VALUE") && pair.message.contains("cow-size"))
+        try "cow-size = 1g\nnonsense\n".write(toFile: dir + "/settings.conf", atomically: true, encoding: .utf8)
+        let line = try #require(throws: SnapshotError.self) { try BackendSettings.load(storeDirectory: dir) }
+        #expect(line.message.contains("line 2") && line.message.contains("nonsense"))
+    }
+
     @Test("steps are idempotent: rename and remove run twice without harm")
     func idempotentSteps() async throws {
         let (_, executor, _, dir) = try setUp()

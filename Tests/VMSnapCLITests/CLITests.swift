@@ -112,7 +112,10 @@ struct CLITests {
         #expect(!qcow2.capabilities.supports(.create, .external, .live), "live qcow2 goes through the QEMU driver")
         let lvm = try #require(decoded.first { $0.kind.rawValue == "lvm" })
         #expect(lvm.capabilities.supports(.create, .external, .live), "a snapshot LV of an open origin")
-        #expect(!lvm.capabilities.supports(.revert, .external, .live), "a merge needs the origin closed")
+        #expect(lvm.capabilities.defers(Capability(.revert, .external, .live)), "a merge into an open origin waits for its next activation")
+        #expect(!lvm.capabilities.defers(Capability(.revert, .external, .offline)))
+        #expect(!qcow2.capabilities.defers(Capability(.revert, .internal, .offline)))
+        #expect(text.contains("deferred"), "the text table marks deferred cells")
     }
 
     @Test("backend test runs the conformance suite, prints a line per check and a summary, and fails for an unknown kind")

@@ -29,11 +29,12 @@ public struct LVMBackend: DiskSnapshotBackend {
             kind: Self.kind,
             summary: "LVM logical volumes: classic (CoW) and thin snapshots through lvcreate / lvconvert --merge / lvremove, offline",
             capabilities: Self.capabilities(notes: [
-                "snapshots of an open origin (a running VM's disk) are taken while the domain's vCPUs are paused and QEMU has flushed; revert and merge need the origin closed",
+                "snapshots of an open origin (a running VM's disk) are taken while the domain's vCPUs are paused and QEMU has flushed",
                 "a classic snapshot cannot itself be snapshotted; snapshots are always of the origin volume",
-                "revert merges the snapshot into the origin; while the origin is open LVM defers the merge to its next activation, and vmsnap reports that instead of claiming the revert is done",
+                "revert of a classic volume that is open: LVM defers the merge to the origin's next activation; vmsnap starts it, reports it pending (exit status 75) and finishes it (merge, snapshot taken again) on the first command after the volume is closed",
+                "revert of an open thin volume is refused: it replaces the volume, which needs it closed",
                 "a classic snapshot whose copy-on-write area overflowed is invalid: reported as lost, never reverted to",
-                "copy-on-write size: setting cow-size (default 20%ORIGIN)",
+                "settings: cow-size (default 20%ORIGIN, or a size like 256m); warn-percent (80): copy-on-write and thin-pool fill reported by `disk check`; extend-percent (20): what `disk check --repair` adds",
             ]))
     }
 
@@ -41,6 +42,9 @@ public struct LVMBackend: DiskSnapshotBackend {
         var table = CapabilityTable.all(kinds: [.external], states: [.offline], notes: notes)
         // A snapshot volume is taken or removed without touching the open origin.
         for op in [SnapshotOperation.create, .delete, .deleteSubtree] { table.supported.insert(Capability(op, .external, .live)) }
+        // A merge into an open origin waits for its next activation.
+        table.deferred.insert(Capability(.revert, .external, .live))
+        table.supported.insert(Capability(.revert, .external, .live))
         return table
     }
 
@@ -63,6 +67,28 @@ public struct LVMBackend: DiskSnapshotBackend {
         return parts.count == 2 && parts.allSatisfy { !$0.isEmpty && $0.allSatisfy { $0.isLetter || $0.isNumber || "+_.-".contains($0) } }
     }
 
+    /// Substrings LVM reserves for its internal volumes.
+    static let reservedInfixes = ["_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_imeta", "_iorig", "_mimage", "_mlog", "_pmspare", "_rimage", "_rmeta", "_tdata", "_tmeta", "_vdata", "_vorigin", "_wcorig"]
+
+    /// Why LVM would refuse `VG/LV` as a volume name, or nil if it would not.
+    static func volumeNameProblem(_ s: String) -> String? {
+        guard isVolumeName(s) else {
+            return "'\(s)' is not a logical volume name: give it as VG/LV, each part made of letters, digits and + _ . - (for example vg0/web)"
+        }
+        let parts = s.split(separator: "/").map(String.init)
+        for part in parts {
+            if part.hasPrefix("-") { return "LVM names cannot start with '-' ('\(part)')" }
+            if part == "." || part == ".." { return "'\(part)' is not a name LVM allows" }
+        }
+        if ["snapshot", "pvmove"].contains(parts[1]) || parts[1].hasPrefix("pvmove") {
+            return "LVM reserves the name '\(parts[1])'"
+        }
+        if let infix = reservedInfixes.first(where: { parts[1].contains($0) }) {
+            return "'\(parts[1])' contains '\(infix)', which LVM reserves for its internal volumes (a pool's data or metadata, a mirror's log)"
+        }
+        return nil
+    }
+
     public func recognizes(locator: String) async -> Bool {
         let l = normalize(locator: locator)
         guard Self.isVolumeName(l), !FileManager.default.fileExists(atPath: l) else { return false }
@@ -81,13 +107,26 @@ public struct LVMBackend: DiskSnapshotBackend {
         var lv_tags: String
         var lv_device_open: String
         var lv_merging: String?
-        var path: String { "\(vg_name)/\(lv_name)" }
-        var isThin: Bool { lv_attr.first == "V" || !pool_lv.isEmpty }
-        var isClassicSnapshot: Bool { lv_attr.first == "s" || lv_attr.first == "S" }
-        /// `S` in the first column, or `I` in the fifth: an overflowed classic snapshot.
-        var isInvalid: Bool { lv_attr.first == "S" || (lv_attr.count > 4 && Array(lv_attr)[4] == "I") }
-        var isOpen: Bool { lv_device_open == "open" || (lv_attr.count > 5 && Array(lv_attr)[5] == "o") }
+        var lv_active: String?
+        var metadata_percent: String?
+        var lv_metadata_size: String?
+        /// A merging snapshot is hidden: LVM shows it as `[name]`.
+        var name: String { lv_name.hasPrefix("[") && lv_name.hasSuffix("]") ? String(lv_name.dropFirst().dropLast()) : lv_name }
+        var path: String { "\(vg_name)/\(name)" }
+        var attr: [Character] { Array(lv_attr) + Array(repeating: "-", count: max(0, 10 - lv_attr.count)) }
+        var isThin: Bool { attr[0] == "V" || !pool_lv.isEmpty }
+        /// `s`, or `S` while it merges.
+        var isClassicSnapshot: Bool { attr[0] == "s" || attr[0] == "S" }
+        /// State `I` (invalid) or `S` (invalid, suspended): a classic snapshot whose copy-on-write
+        /// area overflowed.
+        var isInvalid: Bool { attr[4] == "I" || attr[4] == "S" }
+        var isOpen: Bool { lv_device_open == "open" || attr[5] == "o" }
+        var isActive: Bool { lv_active == "active" || attr[4] == "a" }
+        /// An origin with a merge under way or deferred (`O`), or the merging snapshot (`S`).
+        var isMerging: Bool { lv_merging == "merging" || attr[0] == "O" || attr[0] == "S" }
         var fill: Double? { Double(data_percent) }
+        var metadataFill: Double? { metadata_percent.flatMap(Double.init) }
+        var metadataSize: UInt64 { lv_metadata_size.flatMap { UInt64($0) } ?? 0 }
         var tags: [String] { lv_tags.split(separator: ",").map(String.init) }
         var size: UInt64 { UInt64(lv_size) ?? 0 }
     }
@@ -108,6 +147,18 @@ public struct LVMBackend: DiskSnapshotBackend {
         return try JSONDecoder().decode(Report.self, from: Data(out.standardOutput.utf8)).report.flatMap { $0.lv ?? [] }
     }
 
+    /// Free space and extent size of a volume group (`vgs`).
+    func volumeGroup(_ vg: String) async throws -> (free: UInt64, extentSize: UInt64) {
+        struct Row: Decodable { var vg_free: String; var vg_extent_size: String }
+        struct VGReport: Decodable { struct Inner: Decodable { var vg: [Row]? }; var report: [Inner] }
+        let out = try await runner.execute(LVMCommands.vgs(vg))
+        guard out.status == 0, let row = try JSONDecoder().decode(VGReport.self, from: Data(out.standardOutput.utf8)).report.first?.vg?.first,
+              let free = UInt64(row.vg_free), let extent = UInt64(row.vg_extent_size) else {
+            throw SnapshotError(.notFound, "volume group \(vg): vgs gave no report (\(out.standardError.trimmingCharacters(in: .whitespacesAndNewlines)))")
+        }
+        return (free, extent)
+    }
+
     func volume(_ path: String) async throws -> Volume {
         guard let v = try await volumes(path).first else { throw SnapshotError(.notFound, "logical volume \(path) does not exist") }
         return v
@@ -117,14 +168,16 @@ public struct LVMBackend: DiskSnapshotBackend {
 
     /// The LV name for snapshot `name` of origin `lv`: readable where LVM allows, unique always.
     static func snapshotVolumeName(origin lv: String, snapshot name: String) -> String {
-        let safe = String(name.map { $0.isASCII && ($0.isLetter || $0.isNumber || "+_.-".contains($0)) ? $0 : "_" }.prefix(40))
+        // No `_` at all: LVM reserves names containing `_tmeta`, `_rimage`, `_mlog` and others.
+        let safe = String(name.map { $0.isASCII && ($0.isLetter || $0.isNumber || "+.-".contains($0)) ? $0 : "-" }.prefix(40))
         var hash: UInt32 = 2_166_136_261
         for b in "\(lv)/\(name)".utf8 { hash = (hash ^ UInt32(b)) &* 16_777_619 }
         return "\(lv.prefix(60))-vs-\(safe)-\(String(hash, radix: 16))"
     }
 
-    /// Tags for a snapshot volume: `vmsnap`, the origin, and the snapshot name percent-encoded
-    /// into the characters LVM tags allow.
+    /// Tags for a snapshot volume: `vmsnap`, the origin, and the snapshot name encoded into the
+    /// characters LVM tags allow (letters, digits, `+_.-` as they are; any other byte as `:XX`,
+    /// since LVM refuses `%` in a tag).
     static func tags(origin: String, snapshot name: String) -> [String] {
         ["vmsnap", "vmsnap.origin=\(encode(origin))", "vmsnap.name=\(encode(name))"]
     }
@@ -133,7 +186,7 @@ public struct LVMBackend: DiskSnapshotBackend {
         var out = ""
         for b in s.utf8 {
             let c = Character(UnicodeScalar(b))
-            if b < 0x80, c.isLetter || c.isNumber || "+_.-".contains(c) { out.append(c) } else { out += String(format: "%%%02X", b) }
+            if b < 0x80, c.isLetter || c.isNumber || "+_.-".contains(c) { out.append(c) } else { out += String(format: ":%02X", b) }
         }
         return out
     }
@@ -142,7 +195,7 @@ public struct LVMBackend: DiskSnapshotBackend {
         var bytes: [UInt8] = []
         var i = s.startIndex
         while i < s.endIndex {
-            if s[i] == "%", let end = s.index(i, offsetBy: 3, limitedBy: s.endIndex), let b = UInt8(s[s.index(after: i)..<end], radix: 16) {
+            if s[i] == ":", let end = s.index(i, offsetBy: 3, limitedBy: s.endIndex), let b = UInt8(s[s.index(after: i)..<end], radix: 16) {
                 bytes.append(b); i = end
             } else { bytes += Array(String(s[i]).utf8); i = s.index(after: i) }
         }
@@ -165,12 +218,16 @@ public struct LVMBackend: DiskSnapshotBackend {
     /// are imported, so the metadata can be rebuilt from the storage.
     public func adopt(locator: String) async throws -> DiskLayout {
         let path = normalize(locator: locator)
-        guard Self.isVolumeName(path) else {
-            throw SnapshotError(.invalidArgument, "\(locator) is not a logical volume name; give it as VG/LV (for example vg0/web)")
-        }
+        if let problem = Self.volumeNameProblem(path) { throw SnapshotError(.invalidName, problem) }
         let origin = try await volume(path)
         if origin.isClassicSnapshot || !origin.origin.isEmpty && origin.tags.contains("vmsnap") {
-            throw SnapshotError(.unsupported, "\(path) is itself a snapshot of \(origin.vg_name)/\(origin.origin); snapshot the origin volume instead")
+            throw SnapshotError(.unsupported, "\(path) is itself a snapshot of \(origin.vg_name)/\(origin.origin), not an origin; snapshot \(origin.vg_name)/\(origin.origin) instead")
+        }
+        switch origin.attr[0] {
+        case "t": throw SnapshotError(.unsupported, "\(path) is a thin pool, not a volume a VM uses; snapshot the thin volumes in it")
+        case "-", "o", "O", "V", "r", "R", "m", "M", "C": break
+        default:
+            throw SnapshotError(.unsupported, "\(path) is an internal or special volume (lv_attr \(origin.lv_attr)), not one vmsnap can snapshot; give the volume the VM uses")
         }
         let all = try await volumes(origin.vg_name)
         let mine = "vmsnap.origin=\(Self.encode(origin.lv_name))"
@@ -187,8 +244,70 @@ public struct LVMBackend: DiskSnapshotBackend {
 
     // MARK: - Planning
 
-    /// The copy-on-write size for a classic snapshot of `origin`.
-    func cowSize(_ origin: Volume) -> String { settings["cow-size"] ?? "20%ORIGIN" }
+    /// The copy-on-write size for a classic snapshot: `cow-size`, a percentage (`20%ORIGIN`, the
+    /// default, or of the VG: `%VG`, `%FREE`, `%PVS`) or a size (`256m`, `2g`, `1048576b`).
+    func cowSize() throws -> String {
+        let value = settings["cow-size"] ?? "20%ORIGIN"
+        guard Self.parseCowSize(value) != nil else {
+            throw SnapshotError(.invalidArgument, "setting cow-size=\(value) is not a size LVM understands: give a percentage of the origin (20%ORIGIN) or a size with a unit (256m, 2g)")
+        }
+        return value
+    }
+
+    /// `cow-size` as (number, unit): unit is a percent suffix (`%ORIGIN`) or a size letter.
+    static func parseCowSize(_ s: String) -> (Double, String)? {
+        let lower = s.lowercased()
+        for suffix in ["%origin", "%vg", "%free", "%pvs"] where lower.hasSuffix(suffix) {
+            guard let n = Double(lower.dropLast(suffix.count)), n > 0, n <= 100 else { return nil }
+            return (n, suffix)
+        }
+        let units = "bskmgtpe"
+        var number = Substring(lower)
+        var unit = "m"  // LVM's default unit
+        if let last = lower.last, units.contains(last) { unit = String(last); number = lower.dropLast() }
+        guard let n = Double(number), n > 0 else { return nil }
+        return (n, unit)
+    }
+
+    /// The bytes a classic snapshot of `origin` reserves, where the setting says (nil for VG-relative ones).
+    func cowBytes(_ origin: Volume) throws -> UInt64? {
+        guard let (n, unit) = Self.parseCowSize(try cowSize()) else { return nil }
+        let shifts: [String: Double] = ["b": 1, "s": 512, "k": 0x1p10, "m": 0x1p20, "g": 0x1p30, "t": 0x1p40, "p": 0x1p50, "e": 0x1p60]
+        let bytes: Double
+        if unit == "%origin" { bytes = Double(origin.size) * n / 100 } else if let m = shifts[unit] { bytes = n * m } else { return nil }
+        // LVM caps a copy-on-write area near the origin's size.
+        return min(UInt64(bytes.rounded(.up)), origin.size)
+    }
+
+    /// `warn-percent` (default 80): fill at which copy-on-write areas and thin pools are reported
+    /// and `--repair` grows them. `extend-percent` (default 20): how much `--repair` adds, as a
+    /// percentage of the current size.
+    func percentSetting(_ key: String, default value: Double, range: ClosedRange<Double>) throws -> Double {
+        guard let raw = settings[key] else { return value }
+        guard let v = Double(raw.hasSuffix("%") ? String(raw.dropLast()) : raw), range.contains(v) else {
+            throw SnapshotError(.invalidArgument, "setting \(key)=\(raw) must be a number from \(Int(range.lowerBound)) to \(Int(range.upperBound))")
+        }
+        return v
+    }
+    func warnPercent() throws -> Double { try percentSetting("warn-percent", default: 80, range: 1...100) }
+    func extendPercent() throws -> Double { try percentSetting("extend-percent", default: 20, range: 1...1000) }
+
+    static func bytesText(_ n: UInt64) -> String {
+        n >= 1 << 30 ? String(format: "%.1f GiB", Double(n) / Double(1 << 30)) : n >= 1 << 20 ? String(format: "%.1f MiB", Double(n) / Double(1 << 20)) : "\(n) B"
+    }
+
+    /// Refuses to plan against an origin with a merge vmsnap did not start (it completes at the
+    /// origin's next activation and blocks new snapshots until then).
+    func requireNoForeignMerge(_ origin: Volume) throws {
+        if origin.isMerging {
+            throw SnapshotError(.conflict, "a snapshot merge into \(origin.path) is pending (started outside vmsnap); LVM finishes it when \(origin.path) is next activated and allows no new snapshot until then: close it and run lvchange -an then -ay \(origin.path)")
+        }
+    }
+
+    /// The thin pool row of a thin origin, from the same report.
+    func thinPool(of origin: Volume, in all: [Volume]) -> Volume? {
+        origin.pool_lv.isEmpty ? nil : all.first { $0.name == origin.pool_lv }
+    }
 
     func requireNotOpen(_ v: Volume, _ what: String) throws {
         if v.isOpen {
@@ -206,16 +325,40 @@ public struct LVMBackend: DiskSnapshotBackend {
         if all.contains(where: { $0.lv_name == lv }) {
             throw SnapshotError(.alreadyExists, "volume \(target) already exists; pick another snapshot name")
         }
+        try requireNoForeignMerge(origin)
         let tags = Self.tags(origin: origin.lv_name, snapshot: request.name)
-        let argv = origin.isThin
-            ? LVMCommands.createThinSnapshot(lv, of: origin.path, tags: tags)
-            : LVMCommands.createClassicSnapshot(lv, of: origin.path, size: cowSize(origin), tags: tags)
+        var notes: [String] = []
+        let argv: [String]
+        if origin.isThin {
+            if let pool = thinPool(of: origin, in: all) {
+                let data = pool.fill ?? 0, meta = pool.metadataFill ?? 0
+                if data >= 100 || meta >= 100 {
+                    throw SnapshotError(.noSpace, "thin pool \(pool.path) is full (data \(pool.data_percent)%, metadata \(pool.metadata_percent ?? "?")%): \(origin.path) could not be written after a snapshot. Extend the pool (lvextend -L +SIZE \(pool.path), or `vmsnap disk check --repair \(origin.path)`) or free space in it first")
+                }
+                let warn = try warnPercent()
+                if max(data, meta) >= warn {
+                    notes.append("thin pool \(pool.path) is \(String(format: "%.0f", max(data, meta)))% full (\(data >= meta ? "data" : "metadata")); extend it before it fills (`vmsnap disk check --repair \(origin.path)`)")
+                }
+            }
+            argv = LVMCommands.createThinSnapshot(lv, of: origin.path, tags: tags)
+        } else {
+            let size = try cowSize()
+            if let needed = try cowBytes(origin) {
+                let vg = try await volumeGroup(origin.vg_name)
+                // LVM allocates whole extents.
+                let extents = (needed + vg.extentSize - 1) / max(vg.extentSize, 1)
+                if extents * vg.extentSize > vg.free {
+                    throw SnapshotError(.noSpace, "volume group \(origin.vg_name) has \(Self.bytesText(vg.free)) free; the copy-on-write area of this snapshot needs \(Self.bytesText(extents * vg.extentSize)) (cow-size=\(size)). Make free space in the VG (vgextend, or delete snapshots), or pass a smaller --set cow-size=SIZE")
+                }
+            }
+            argv = LVMCommands.createClassicSnapshot(lv, of: origin.path, size: size, tags: tags)
+        }
         var result = layout
         result.snapshots.append(DiskSnapshot(name: request.name, kind: .external, image: target, parent: layout.disk.current, description: request.description, virtualSize: origin.size))
         result.disk.current = request.name
         let step = PlanStep("create \(origin.isThin ? "thin" : "classic") snapshot \(target) of \(origin.path)", .run(argv),
                             undo: .backend(name: "remove-if-present", arguments: ["lv": target]))
-        return Plan(operation: "create snapshot '\(request.name)' of \(layout.disk.id)", steps: [step], result: result)
+        return Plan(operation: "create snapshot '\(request.name)' of \(layout.disk.id)", steps: [step], result: result, notes: notes)
     }
 
     public func planRevert(to name: String, layout: DiskLayout) async throws -> Plan {
@@ -229,11 +372,12 @@ public struct LVMBackend: DiskSnapshotBackend {
             throw SnapshotError(.invalidImage, "snapshot '\(name)' (\(snap.path)) overflowed its copy-on-write area and is invalid: its data is lost; delete it (a larger cow-size avoids this)")
         }
         try requireNotOpen(snap, "close it before reverting")
-        try requireNotOpen(origin, "LVM would defer the merge to the origin's next activation; stop the VM (or use `vmsnap snapshot revert` on the domain) first")
+        try requireNoForeignMerge(origin)
         var result = layout
         result.disk.current = name
         let tags = Self.tags(origin: origin.lv_name, snapshot: name)
         if origin.isThin {
+            try requireNotOpen(origin, "a thin revert replaces the volume, which needs it closed: stop the VM (or revert the domain with `vmsnap snapshot revert`) first. (Classic volumes instead start a merge LVM finishes at the next activation.)")
             // A thin merge would cut every other thin snapshot off from the origin, so the origin is
             // replaced instead: renamed aside, re-made as a thin snapshot of the snapshot, then removed.
             let aside = "\(origin.vg_name)/\(origin.lv_name.prefix(100))-vs-reverting"
@@ -247,12 +391,17 @@ public struct LVMBackend: DiskSnapshotBackend {
             ]
             return Plan(operation: "revert \(layout.disk.id) to '\(name)'", steps: steps, pointOfNoReturn: 2, result: result)
         }
-        let again = LVMCommands.createClassicSnapshot(snap.lv_name, of: origin.path, size: cowSize(origin), tags: tags)
+        // Taken again with the copy-on-write size it had (it may have been grown).
+        let again = LVMCommands.createClassicSnapshot(snap.name, of: origin.path, size: "\(snap.size)b", tags: tags)
+        var notes: [String] = []
+        if origin.isOpen {
+            notes.append("\(origin.path) is open: LVM defers the merge until its next activation, so the revert will be pending")
+        }
         let steps = [
             PlanStep("merge \(snap.path) into \(origin.path)", .backend(name: "merge", arguments: ["snapshot": snap.path, "origin": origin.path])),
             PlanStep("take \(snap.path) again so the snapshot stays available", .backend(name: "create-if-absent", arguments: ["lv": snap.path, "argv": again.joined(separator: "\u{1f}")])),
         ]
-        return Plan(operation: "revert \(layout.disk.id) to '\(name)'", steps: steps, pointOfNoReturn: 0, result: result)
+        return Plan(operation: "revert \(layout.disk.id) to '\(name)'", steps: steps, pointOfNoReturn: 0, result: result, notes: notes)
     }
 
     public func planDelete(_ name: String, mode: DeleteMode, layout: DiskLayout) async throws -> Plan {
@@ -286,13 +435,7 @@ public struct LVMBackend: DiskSnapshotBackend {
             return
         case "merge":
             guard let snap = a["snapshot"], let origin = a["origin"] else { break }
-            // Gone already: the merge finished (LVM removes the snapshot when it does).
-            guard let v = try? await volume(snap), v.origin.isEmpty == false || v.lv_merging != nil else { return }
-            let out = try await runner.run(LVMCommands.merge(snap))
-            let stillThere = (try? await volume(snap)) != nil
-            if (out.standardOutput + out.standardError).contains("Delaying merge") || stillThere {
-                throw SnapshotError(.recoveryNeeded, "LVM deferred the merge of \(snap) into \(origin) until \(origin) is next activated (it is open); the revert completes then: deactivate and activate \(origin) (lvchange -an / -ay), then run `vmsnap recover`")
-            }
+            try await merge(snap, into: origin)
             return
         case "rename-if-present":
             guard let from = a["from"], let to = a["to"] else { break }
@@ -309,12 +452,100 @@ public struct LVMBackend: DiskSnapshotBackend {
         throw SnapshotError(.unsupported, "backend 'lvm' has no native step '\(name)'")
     }
 
+    /// Merges a classic snapshot into its origin, idempotently: done when the snapshot is gone
+    /// and the origin no longer merges. LVM defers the merge while the origin is open; then this
+    /// throws `.pending`, and a later run (once the origin is closed) reactivates the origin, which
+    /// starts the merge, and waits for it.
+    func merge(_ snap: String, into origin: String) async throws {
+        var o = try await volume(origin)
+        if !o.isMerging {
+            // Gone and not merging: the merge finished (LVM removes the snapshot when it does).
+            guard (try? await volume(snap)) != nil else { return }
+            try await runner.run(LVMCommands.merge(snap))
+            o = try await volume(origin)
+            if !o.isMerging { return }
+        }
+        if o.isOpen {
+            throw SnapshotError(.pending, "LVM deferred the merge of \(snap) into \(origin) because \(origin) is open (a running VM or another process); it merges when \(origin) is next activated. Until then \(origin) keeps its current data, and whatever is written to it meanwhile is discarded by the merge. Close it (stop the VM), then run `vmsnap recover` (or any vmsnap command on the disk): vmsnap reactivates the volume, waits for the merge and takes the snapshot again")
+        }
+        let wasActive = o.isActive
+        if wasActive { try await runner.run(LVMCommands.deactivate(origin)) }
+        try await runner.run(LVMCommands.activateMerging(origin))
+        // The kernel merges; LVM's poller drops the snapshot from the metadata when it is done.
+        // Wait while it makes progress; ask again now and then in case no poller runs.
+        var lastProgress = Date(), lastFill = o.fill, nudged = Date()
+        while true {
+            o = try await volume(origin)
+            if !o.isMerging { break }
+            if o.fill != lastFill { lastFill = o.fill; lastProgress = Date() }
+            if Date().timeIntervalSince(lastProgress) > 300 {
+                throw SnapshotError(.commandFailed, "the merge of \(snap) into \(origin) made no progress for 5 minutes (\(o.data_percent)% left); check `lvs -a \(origin)` and the kernel log, then run `vmsnap recover`")
+            }
+            if Date().timeIntervalSince(nudged) > 5 {
+                try await runner.run(LVMCommands.activateMerging(origin))
+                nudged = Date()
+            }
+            try await Task.sleep(nanoseconds: 200_000_000)
+        }
+        if !wasActive { try await runner.run(LVMCommands.deactivate(origin)) }
+    }
+
+    /// Grows copy-on-write areas and thin pools filled past `warn-percent` by `extend-percent`
+    /// of their size. Guest data is untouched; an overflowed snapshot cannot be saved.
+    public func maintain(layout: DiskLayout) async throws -> [String] {
+        let warn = try warnPercent(), grow = try extendPercent()
+        var actions: [String] = []
+        let vg = String(layout.disk.id.split(separator: "/").first ?? "")
+        let all = try await volumes(vg)
+        guard let origin = all.first(where: { $0.path == layout.disk.id }) else { throw SnapshotError(.notFound, "logical volume \(layout.disk.id) does not exist") }
+        func extend(_ argv: [String], _ what: String) async throws {
+            let out = try await runner.execute(argv)
+            guard out.status == 0 else {
+                let err = out.standardError.trimmingCharacters(in: .whitespacesAndNewlines)
+                if err.contains("nsufficient") || err.contains("free space") {
+                    throw SnapshotError(.noSpace, "cannot grow \(what): volume group \(vg) has too little free space (\(err)); add a physical volume (vgextend) or delete snapshots", cause: nil)
+                }
+                throw CommandError(argv: argv, status: out.status, standardError: err)
+            }
+        }
+        for s in layout.snapshots {
+            guard let v = all.first(where: { $0.path == s.image }), v.isClassicSnapshot, !v.isInvalid, let fill = v.fill, fill >= warn else { continue }
+            let bytes = max(UInt64((Double(v.size) * grow / 100).rounded(.up)), 1)
+            try await extend(LVMCommands.extend(v.path, bytes: bytes), "the copy-on-write area of '\(s.name)'")
+            let after = try await volume(v.path)
+            actions.append("grew the copy-on-write area of snapshot '\(s.name)' (\(v.path)) from \(Self.bytesText(v.size)) to \(Self.bytesText(after.size)): it was \(v.data_percent)% full, now \(after.data_percent)%")
+        }
+        if let pool = thinPool(of: origin, in: all) {
+            if let fill = pool.fill, fill >= warn {
+                try await extend(LVMCommands.extend(pool.path, bytes: max(UInt64((Double(pool.size) * grow / 100).rounded(.up)), 1)), "thin pool \(pool.path)")
+                let after = try await volume(pool.path)
+                actions.append("grew thin pool \(pool.path) from \(Self.bytesText(pool.size)) to \(Self.bytesText(after.size)): data was \(pool.data_percent)% full, now \(after.data_percent)%")
+            }
+            if let fill = pool.metadataFill, fill >= warn, pool.metadataSize > 0 {
+                try await extend(LVMCommands.extendPoolMetadata(pool.path, bytes: max(UInt64((Double(pool.metadataSize) * grow / 100).rounded(.up)), 1)), "the metadata of thin pool \(pool.path)")
+                let after = try await volume(pool.path)
+                actions.append("grew the metadata of thin pool \(pool.path) from \(Self.bytesText(pool.metadataSize)) to \(Self.bytesText(after.metadataSize)): it was \(pool.metadata_percent ?? "?")% full, now \(after.metadata_percent ?? "?")%")
+            }
+        }
+        return actions
+    }
+
     /// Snapshots that overflowed, are missing, or belong to another origin; CoW areas nearly full.
     public func verify(layout: DiskLayout) async throws -> [String] {
         var problems: [String] = []
         let all = try await volumes(String(layout.disk.id.split(separator: "/").first ?? ""))
         guard let origin = all.first(where: { $0.path == layout.disk.id }) else { return ["origin volume \(layout.disk.id) is missing"] }
-        let warn = Double(settings["warn-percent"] ?? "80") ?? 80
+        let warn = try warnPercent()
+        if origin.isMerging {
+            problems.append("a snapshot merge into \(origin.path) is pending; it finishes when \(origin.path) is next activated")
+        }
+        if let pool = thinPool(of: origin, in: all) {
+            for (what, fill) in [("data", pool.fill), ("metadata", pool.metadataFill)] {
+                if let fill, fill >= warn {
+                    problems.append("thin pool \(pool.path): \(what) \(fill)% full; extend it (`vmsnap disk check --repair \(origin.path)`, or lvextend) before it fills and writes fail")
+                }
+            }
+        }
         for s in layout.snapshots {
             guard let v = all.first(where: { $0.path == s.image }) else { problems.append("snapshot '\(s.name)': volume \(s.image) is missing"); continue }
             if v.isInvalid { problems.append("snapshot '\(s.name)': \(v.path) overflowed its copy-on-write area; its data is lost") }
@@ -322,7 +553,9 @@ public struct LVMBackend: DiskSnapshotBackend {
             if v.origin != origin.lv_name && !v.tags.contains("vmsnap.origin=\(Self.encode(origin.lv_name))") {
                 problems.append("snapshot '\(s.name)': \(v.path) is not a snapshot of \(origin.path)")
             }
-            if !v.isThin, let fill = v.fill, fill >= warn { problems.append("snapshot '\(s.name)': copy-on-write area \(fill)% full; extend it (lvextend -L +SIZE \(v.path)) before it overflows") }
+            if !v.isThin, !v.isInvalid, let fill = v.fill, fill >= warn {
+                problems.append("snapshot '\(s.name)': copy-on-write area \(fill)% full; grow it (`vmsnap disk check --repair \(layout.disk.id)`, or lvextend -L +SIZE \(v.path)) before it overflows and the snapshot is lost")
+            }
         }
         return problems
     }

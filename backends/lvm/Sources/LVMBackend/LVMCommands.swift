@@ -1,7 +1,7 @@
 /// The LVM command lines the backend runs, as argument arrays built by pure functions.
 public enum LVMCommands {
     /// Columns read with `lvs`, as JSON.
-    public static let lvFields = "lv_name,vg_name,lv_attr,lv_size,origin,pool_lv,data_percent,lv_tags,lv_device_open,lv_merging"
+    public static let lvFields = "lv_name,vg_name,lv_attr,lv_size,origin,pool_lv,data_percent,lv_tags,lv_device_open,lv_merging,lv_active,metadata_percent,lv_metadata_size"
 
     public static func lvs(_ target: String) -> [String] {
         ["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", lvFields, target]
@@ -27,12 +27,24 @@ public enum LVMCommands {
 
     public static func remove(_ lv: String) -> [String] { ["lvremove", "-q", "-y", lv] }
 
-    public static func extend(_ lv: String, by: String) -> [String] { ["lvextend", "-q", "-L", "+\(by)", lv] }
-
     public static func createVolume(_ name: String, vg: String, size: UInt64, thinPool: String?) -> [String] {
         if let thinPool { return ["lvcreate", "-q", "-n", name, "-V", "\(size)b", "--thinpool", thinPool, vg] }
         return ["lvcreate", "-q", "-n", name, "-L", "\(size)b", vg]
     }
 
     public static func activate(_ lv: String) -> [String] { ["lvchange", "-q", "-ay", "-K", lv] }
+
+    public static func deactivate(_ lv: String) -> [String] { ["lvchange", "-q", "-an", lv] }
+
+    /// Activates an origin whose merge LVM deferred: the kernel merges on activation, and the
+    /// poller LVM starts (checking every second, not the default 15) removes the snapshot when done.
+    public static func activateMerging(_ lv: String) -> [String] {
+        ["lvchange", "-q", "-ay", "--config", "activation/polling_interval=1", lv]
+    }
+
+    /// Grows a classic snapshot's copy-on-write area, or a thin pool's data, by `bytes`.
+    public static func extend(_ lv: String, bytes: UInt64) -> [String] { ["lvextend", "-q", "-L", "+\(bytes)b", lv] }
+
+    /// Grows a thin pool's metadata by `bytes`.
+    public static func extendPoolMetadata(_ pool: String, bytes: UInt64) -> [String] { ["lvextend", "-q", "--poolmetadatasize", "+\(bytes)b", pool] }
 }
