@@ -84,4 +84,49 @@ struct LVMCLITests {
         #expect(try await cli.list(disk).snapshots.map(\.name) == ["s1"], "still there: taken again")
         try await cli.ok("disk", "snapshot", "delete", disk, "s1")
     }
+
+    /// vmsnap killed between the steps of a revert, then `vmsnap recover`: a classic revert
+    /// (merge, take again) always goes forward; a thin revert (set the volume aside, re-make it
+    /// from the snapshot, remove the old one) rolls back until the volume is re-made, forward after.
+    /// Either way the volume holds one whole state, the snapshot survives and nothing is left over.
+    @Test(arguments: [
+        (false, "before-step:0", true), (false, "after-step:0", true), (false, "after-step:1", true),
+        (true, "after-step:0", false), (true, "after-step:1", true),
+    ])
+    func revertKilledAtEachStep(thin: Bool, fault: String, reverted: Bool) async throws {
+        if thin && ProcessInfo.processInfo.environment["VMSNAP_LVM_THIN_POOL"] == nil { return }
+        let cli = try CLI()
+        let lv = "vmsnap-crash-\(UUID().uuidString.prefix(6).lowercased())"
+        let disk = "\(vg)/\(lv)"
+        if thin {
+            try await cli.sh("lvcreate", "-q", "-V", "16m", "--thinpool", ProcessInfo.processInfo.environment["VMSNAP_LVM_THIN_POOL"]!, "-n", lv, vg)
+        } else {
+            try await cli.sh("lvcreate", "-q", "-y", "-L", "16m", "-n", lv, vg)
+        }
+        do {
+            let device = "/dev/\(disk)"
+            try fill(device, 0x31)
+            try await cli.ok("disk", "snapshot", "create", disk, "s1", "--set", "cow-size=8m")
+            try fill(device, 0x32)
+            let killed = try await cli.run(["disk", "snapshot", "revert", disk, "s1"], fault: fault)
+            #expect(killed.status == 128 + 9, "killed at \(fault): \(killed.status) \(killed.err)")
+            let recovered = try await cli.run(["recover"])
+            #expect(recovered.status == 0 && recovered.out.contains(reverted ? "completed" : "rolled-back"), "\(fault): \(recovered.out)\(recovered.err)")
+            #expect(try holds(device, reverted ? 0x31 : 0x32), "\(fault): one whole state")
+            let listing = try await cli.list(disk)
+            #expect(listing.snapshots.map(\.name) == ["s1"])
+            let check = try await cli.run(["disk", "check", disk])
+            #expect(check.status == 0, "\(fault): \(check.out)")
+            let names = try await SubprocessRunner().run(["lvs", "--noheadings", "-o", "lv_name", "-S", "lv_name=~^\(lv)", vg]).standardOutput
+            #expect(names.split(whereSeparator: \.isWhitespace).count == 2, "\(fault): the volume and its snapshot, nothing set aside: \(names)")
+            // The snapshot still reverts.
+            try fill(device, 0x33)
+            try await cli.ok("disk", "snapshot", "revert", disk, "s1")
+            #expect(try holds(device, 0x31))
+        } catch {
+            await removeVolumes(prefix: lv)
+            throw error
+        }
+        await removeVolumes(prefix: lv)
+    }
 }
