@@ -1,5 +1,25 @@
 import Foundation
 import SnapshotCore
+import Synchronization
+
+/// The volume group report `state(of:)` read, handed to the plan that follows it in the same
+/// operation (the service asks for the state, then plans, under the disk's lock): one in-process
+/// `lvs` instead of two. Taken once, and only if fresh; steps never use it.
+final class ReportHandOff: Sendable {
+    private let slot = Mutex<(vg: String, at: UInt64, rows: [LVMBackend.Volume])?>(nil)
+
+    func put(_ vg: String, _ rows: [LVMBackend.Volume]) {
+        slot.withLock { $0 = (vg, DispatchTime.now().uptimeNanoseconds, rows) }
+    }
+
+    func take(_ vg: String) -> [LVMBackend.Volume]? {
+        slot.withLock { value in
+            defer { value = nil }
+            guard let v = value, v.vg == vg, DispatchTime.now().uptimeNanoseconds &- v.at < 2_000_000_000 else { return nil }
+            return v.rows
+        }
+    }
+}
 
 /// Disks on LVM logical volumes: classic (copy-on-write) snapshots of thick volumes and thin
 /// snapshots of thin volumes. A snapshot is a separate volume while the origin stays active
@@ -18,6 +38,7 @@ public struct LVMBackend: DiskSnapshotBackend {
     /// `cow-size`: size of a classic snapshot's copy-on-write area, `20%ORIGIN` by default, or a
     /// size such as `256m`. `vg`, `thin-pool`: where test disks go. `warn-percent`: CoW fill warning.
     let settings: [String: String]
+    let handOff = ReportHandOff()
 
     public init(runner: any CommandRunning = SubprocessRunner(), settings: [String: String] = [:]) {
         self.runner = runner
@@ -110,6 +131,8 @@ public struct LVMBackend: DiskSnapshotBackend {
         var lv_active: String?
         var metadata_percent: String?
         var lv_metadata_size: String?
+        var vg_free: String?
+        var vg_extent_size: String?
         /// A merging snapshot is hidden: LVM shows it as `[name]`.
         var name: String { lv_name.hasPrefix("[") && lv_name.hasSuffix("]") ? String(lv_name.dropFirst().dropLast()) : lv_name }
         var path: String { "\(vg_name)/\(name)" }
@@ -148,7 +171,9 @@ public struct LVMBackend: DiskSnapshotBackend {
     }
 
     /// Free space and extent size of a volume group (`vgs`).
-    func volumeGroup(_ vg: String) async throws -> (free: UInt64, extentSize: UInt64) {
+    func volumeGroup(_ vg: String, from row: Volume? = nil) async throws -> (free: UInt64, extentSize: UInt64) {
+        // The lvs report carries its VG's columns.
+        if let row, let free = row.vg_free.flatMap({ UInt64($0) }), let extent = row.vg_extent_size.flatMap({ UInt64($0) }) { return (free, extent) }
         struct Row: Decodable { var vg_free: String; var vg_extent_size: String }
         struct VGReport: Decodable { struct Inner: Decodable { var vg: [Row]? }; var report: [Inner] }
         let out = try await runner.execute(LVMCommands.vgs(vg))
@@ -239,7 +264,20 @@ public struct LVMBackend: DiskSnapshotBackend {
     }
 
     public func state(of layout: DiskLayout) async throws -> DiskState {
-        try await volume(layout.disk.active).isOpen ? .live : .offline
+        let vg = Self.vgName(layout.disk.active)
+        let all = try await volumes(vg)
+        guard let v = all.first(where: { $0.path == layout.disk.active }) else { throw SnapshotError(.notFound, "logical volume \(layout.disk.active) does not exist") }
+        handOff.put(vg, all)
+        return v.isOpen ? .live : .offline
+    }
+
+    static func vgName(_ path: String) -> String { String(path.split(separator: "/").first ?? "") }
+
+    /// The VG's volumes for planning: the report `state(of:)` just read, or a new one.
+    func planningReport(_ layout: DiskLayout) async throws -> [Volume] {
+        let vg = Self.vgName(layout.disk.id)
+        if let rows = handOff.take(vg) { return rows }
+        return try await volumes(vg)
     }
 
     // MARK: - Planning
@@ -318,7 +356,7 @@ public struct LVMBackend: DiskSnapshotBackend {
     public func planCreate(_ request: SnapshotRequest, layout: DiskLayout) async throws -> Plan {
         guard request.kind == .external else { throw SnapshotError.unsupported(Self.kind, Capability(.create, .internal, .offline)) }
         if request.overlayDirectory != nil { throw SnapshotError(.invalidArgument, "--overlay-dir does not apply to LVM: snapshot volumes live in the origin's volume group") }
-        let all = try await volumes(String(layout.disk.id.split(separator: "/").first ?? ""))
+        let all = try await planningReport(layout)
         guard let origin = all.first(where: { $0.path == layout.disk.id }) else { throw SnapshotError(.notFound, "logical volume \(layout.disk.id) does not exist") }
         let lv = Self.snapshotVolumeName(origin: origin.lv_name, snapshot: request.name)
         let target = "\(origin.vg_name)/\(lv)"
@@ -344,7 +382,7 @@ public struct LVMBackend: DiskSnapshotBackend {
         } else {
             let size = try cowSize()
             if let needed = try cowBytes(origin) {
-                let vg = try await volumeGroup(origin.vg_name)
+                let vg = try await volumeGroup(origin.vg_name, from: origin)
                 // LVM allocates whole extents.
                 let extents = (needed + vg.extentSize - 1) / max(vg.extentSize, 1)
                 if extents * vg.extentSize > vg.free {
@@ -363,7 +401,7 @@ public struct LVMBackend: DiskSnapshotBackend {
 
     public func planRevert(to name: String, layout: DiskLayout) async throws -> Plan {
         guard let target = layout.snapshot(named: name) else { throw SnapshotError(.notFound, "no snapshot '\(name)' on \(layout.disk.id)") }
-        let all = try await volumes(String(layout.disk.id.split(separator: "/").first ?? ""))
+        let all = try await planningReport(layout)
         guard let origin = all.first(where: { $0.path == layout.disk.id }) else { throw SnapshotError(.notFound, "logical volume \(layout.disk.id) does not exist") }
         guard let snap = all.first(where: { $0.path == target.image }) else {
             throw SnapshotError(.notFound, "snapshot '\(name)': volume \(target.image) is missing (removed outside vmsnap?); forget it with --metadata-only")
@@ -410,7 +448,7 @@ public struct LVMBackend: DiskSnapshotBackend {
         // so "merging into children" is reparenting them in the tree.
         var doomed = [target]
         if mode != .merge { doomed = (mode == .children ? [target] : []) + layout.tree.descendants(of: name) }
-        let all = try await volumes(String(layout.disk.id.split(separator: "/").first ?? ""))
+        let all = try await planningReport(layout)
         for s in doomed {
             if let v = all.first(where: { $0.path == s.image }) { try requireNotOpen(v, "close it before deleting the snapshot") }
         }

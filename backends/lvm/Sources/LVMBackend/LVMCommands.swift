@@ -1,7 +1,7 @@
 /// The LVM command lines the backend runs, as argument arrays built by pure functions.
 public enum LVMCommands {
     /// Columns read with `lvs`, as JSON.
-    public static let lvFields = "lv_name,vg_name,lv_attr,lv_size,origin,pool_lv,data_percent,lv_tags,lv_device_open,lv_merging,lv_active,metadata_percent,lv_metadata_size"
+    public static let lvFields = "lv_name,vg_name,lv_attr,lv_size,origin,pool_lv,data_percent,lv_tags,lv_device_open,lv_merging,lv_active,metadata_percent,lv_metadata_size,vg_free,vg_extent_size"
 
     public static func lvs(_ target: String) -> [String] {
         ["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", lvFields, target]
