@@ -58,6 +58,21 @@ struct LVMDomainTests {
             let status = try await cli.ok("domain", "status", "lvdom")
             #expect(status.contains("running"))
 
+            // Another process holds the LV: once QEMU is stopped the revert refuses before any
+            // disk changes (a merge into the held volume would wait while the domain ran on).
+            try await write(cli, "lvdom", "drive-vda", 51)
+            let holder = open(device, O_RDONLY)
+            try #require(holder >= 0)
+            let held = try await cli.run(["snapshot", "revert", "lvdom", "s1"])
+            close(holder)
+            #expect(held.status == 1 && held.err.contains("still open by another process"), "\(held.status) \(held.err)")
+            #expect(try await holds(device, format: "raw", 51), "the LV was not reverted")
+            #expect(try await cli.ok("domain", "status", "lvdom").contains("shut"), "left shut off, as the error says")
+            let journals = try await SubprocessRunner().run(["lvs", "--noheadings", "-o", "lv_name,lv_merging", vg]).standardOutput
+            #expect(!journals.contains("merging"), "no merge queued: \(journals)")
+            try await cli.ok("snapshot", "revert", "lvdom", "s1")
+            #expect(try await holds(device, format: "raw", 17), "closed again: the revert works")
+
             try await cli.ok("snapshot", "delete", "lvdom", "s1")
             let after = try await SubprocessRunner().run(["lvs", "--noheadings", "-o", "lv_name,lv_tags", vg]).standardOutput
             #expect(!after.contains("vmsnap.origin"), "no snapshot LV left: \(after)")
