@@ -128,7 +128,7 @@ let package = Package(
         ),
         .testTarget(
             name: "LVMBackendTests",
-            dependencies: ["LVMBackend", "SnapshotCore"],
+            dependencies: ["LVMBackend", "SnapshotCore", "BackendConformance"],
             path: "backends/lvm/Tests/LVMBackendTests",
             swiftSettings: strict
         ),

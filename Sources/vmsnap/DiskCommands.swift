@@ -11,6 +11,19 @@ struct DiskCommand: AsyncParsableCommand {
     )
 }
 
+/// How `delete` treats a snapshot's subtree, for disk and domain snapshots alike.
+struct DeleteOptions: ParsableArguments {
+    @Flag(name: .long, help: "Delete the snapshot and all its descendants.") var children = false
+    @Flag(name: .long, help: "Delete only the descendants; keep the snapshot.") var childrenOnly = false
+    @Flag(name: .long, help: "Forget the snapshot(s) but leave storage as it is.") var metadataOnly = false
+
+    func validate() throws {
+        if children && childrenOnly { throw ValidationError("--children and --children-only conflict: choose one") }
+    }
+
+    var mode: DeleteMode { children ? .children : (childrenOnly ? .childrenOnly : .merge) }
+}
+
 struct DiskOptions: ParsableArguments {
     @Argument(help: "The disk: an image path, or a volume for block backends.")
     var disk: String
@@ -189,21 +202,15 @@ struct DiskSnapshotCommand: AsyncParsableCommand {
         @OptionGroup var storeOptions: StoreOptions
         @OptionGroup var diskOptions: DiskOptions
         @Argument(help: "The snapshot to delete.") var name: String
-        @Flag(name: .long, help: "Delete the snapshot and all its descendants.") var children = false
-        @Flag(name: .long, help: "Delete only the descendants; keep the snapshot.") var childrenOnly = false
-        @Flag(name: .long, help: "Forget the snapshot(s) but leave storage as it is.") var metadataOnly = false
-
-        func validate() throws {
-            if children && childrenOnly { throw ValidationError("--children and --children-only conflict: choose one") }
-        }
+        @OptionGroup var deletion: DeleteOptions
 
         func run() async throws {
             try await guarded {
                 let service = try storeOptions.service()
-                let mode: DeleteMode = children ? .children : (childrenOnly ? .childrenOnly : .merge)
-                try await service.delete(disk: diskOptions.disk, snapshot: name, mode: mode, metadataOnly: metadataOnly, kind: diskOptions.backend)
+                let mode = deletion.mode
+                try await service.delete(disk: diskOptions.disk, snapshot: name, mode: mode, metadataOnly: deletion.metadataOnly, kind: diskOptions.backend)
                 let what = mode == .merge ? "snapshot '\(name)'" : (mode == .children ? "snapshot '\(name)' and its descendants" : "the descendants of '\(name)'")
-                print("deleted \(what)\(metadataOnly ? " (metadata only; storage kept)" : "")")
+                print("deleted \(what)\(deletion.metadataOnly ? " (metadata only; storage kept)" : "")")
             }
         }
     }

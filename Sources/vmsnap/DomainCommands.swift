@@ -236,20 +236,13 @@ struct SnapshotCommand: AsyncParsableCommand {
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         @Argument(help: "The snapshot.") var name: String
-        @Flag(name: .long, help: "Delete its whole subtree.") var children = false
-        @Flag(name: .long, help: "Delete its subtree, keep it.") var childrenOnly = false
-        @Flag(name: .long, help: "Forget the records, leave storage alone.") var metadataOnly = false
+        @OptionGroup var deletion: DeleteOptions
         @Flag(name: .long, help: "Progress as JSON lines.") var json = false
-
-        func validate() throws {
-            if children && childrenOnly { throw ValidationError("--children and --children-only exclude each other") }
-        }
 
         func run() async throws {
             try await guarded {
-                let mode: DeleteMode = children ? .children : (childrenOnly ? .childrenOnly : .merge)
-                try await storeOptions.domains(json: json).deleteSnapshot(domain: domain, name, mode: mode, metadataOnly: metadataOnly)
-                print("deleted \(children ? "snapshot '\(name)' and its children" : childrenOnly ? "the children of '\(name)'" : "snapshot '\(name)'") of domain '\(domain)'")
+                try await storeOptions.domains(json: json).deleteSnapshot(domain: domain, name, mode: deletion.mode, metadataOnly: deletion.metadataOnly)
+                print("deleted \(deletion.children ? "snapshot '\(name)' and its children" : deletion.childrenOnly ? "the children of '\(name)'" : "snapshot '\(name)'") of domain '\(domain)'")
             }
         }
     }

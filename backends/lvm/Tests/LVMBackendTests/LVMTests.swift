@@ -1,3 +1,4 @@
+import BackendConformance
 import Foundation
 @testable import LVMBackend
 import SnapshotCore
@@ -100,7 +101,7 @@ struct LVMFixture {
     func layout() async throws -> DiskLayout { try await service.layout(of: disk, kind: "lvm").1 }
 
     func write(seed: UInt64, length: Int = 64 << 10, at offset: UInt64 = 0) async throws -> [UInt8] {
-        let bytes = ConformancePattern.bytes(seed: seed, length: length)
+        let bytes = ConformanceContext.pattern(seed: seed, length: length)
         try await backend.write(bytes, at: offset, layout: layout())
         return bytes
     }
@@ -128,17 +129,6 @@ struct LVMFixture {
     func destroy() async {
         if let layout = try? await layout() { try? await backend.destroyDisk(layout: layout) }
         try? FileManager.default.removeItem(atPath: directory)
-    }
-}
-
-/// Deterministic bytes, different for each seed.
-enum ConformancePattern {
-    static func bytes(seed: UInt64, length: Int) -> [UInt8] {
-        var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
-        return (0..<length).map { _ in
-            state ^= state << 13; state ^= state >> 7; state ^= state << 17
-            return UInt8(truncatingIfNeeded: state)
-        }
     }
 }
 
@@ -254,7 +244,7 @@ struct LVMStateTests {
             // Fill the pool: writes past its 8 MiB fail (errorwhenfull).
             let fd = open("/dev/\(f.disk)", O_WRONLY)
             try #require(fd >= 0)
-            let chunk = ConformancePattern.bytes(seed: 9, length: 1 << 20)
+            let chunk = ConformanceContext.pattern(seed: 9, length: 1 << 20)
             for i in 0..<16 { _ = chunk.withUnsafeBytes { pwrite(fd, $0.baseAddress, chunk.count, off_t(i << 20)) } }
             fsync(fd); close(fd)
             #expect(try await f.volume("\(vg)/\(pool)").fill ?? 0 >= 100)
@@ -321,7 +311,7 @@ struct LVMStateTests {
             let (_, layout) = try await fresh.layout(of: f.disk, kind: "lvm")
             #expect(Set(layout.snapshots.map(\.name)) == Set(names))
             #expect(try await f.backend.verify(layout: layout).isEmpty)
-            let b = ConformancePattern.bytes(seed: 1, length: 64 << 10)
+            let b = ConformanceContext.pattern(seed: 1, length: 64 << 10)
             #expect(try await f.backend.read(.snapshot("before upgrade"), at: 0, length: b.count, layout: layout) == b)
         }
     }
