@@ -59,11 +59,16 @@ public struct ConformanceSuite: Sendable {
     /// Every check, in the order they run.
     public static var checks: [ConformanceCheck] { ConformanceChecks.all }
 
-    /// Runs the checks whose name starts with one of `filter` (all when empty), reporting each as it ends.
-    public func run(filter: [String] = [], onResult: @Sendable (ConformanceResult) -> Void = { _ in }) async -> [ConformanceResult] {
+    /// The checks, with the crash checks (a crash simulated at every step, then recovery) when asked.
+    public static func checks(includingCrash: Bool) -> [ConformanceCheck] { checks + (includingCrash ? CrashChecks.all : []) }
+
+    /// Runs the checks whose name starts with one of `filter` (all when empty), reporting each as
+    /// it ends. Crash checks run with `includingCrash`, or when `filter` names them.
+    public func run(filter: [String] = [], includingCrash: Bool = false, onResult: @Sendable (ConformanceResult) -> Void = { _ in }) async -> [ConformanceResult] {
         var results: [ConformanceResult] = []
         let table = backend.descriptor.capabilities
-        for check in Self.checks where filter.isEmpty || filter.contains(where: { check.name.hasPrefix($0) }) {
+        let crashNamed = filter.contains { $0.hasPrefix("crash") }
+        for check in Self.checks(includingCrash: includingCrash || crashNamed) where filter.isEmpty || filter.contains(where: { check.name.hasPrefix($0) }) {
             let start = Date()
             var result = ConformanceResult(check: check.name, summary: check.summary, outcome: .passed, detail: nil, seconds: 0)
             if let missing = check.requires.first(where: { !table.supports($0) }) {

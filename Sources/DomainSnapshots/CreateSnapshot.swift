@@ -153,8 +153,8 @@ extension DomainService {
             parts.append(part)
         }
         if request.internalMemory {
-            guard parts.allSatisfy({ $0.backend.kind.rawValue == "qcow2" && $0.kind == .internal }), excluded.isEmpty else {
-                throw SnapshotError(.unsupported, "--memory internal keeps the memory inside qcow2 images: every disk must be qcow2 with an internal snapshot; use an external memory file (the default) for mixed domains")
+            guard parts.allSatisfy({ $0.drive?.holdsInternalMemory == true && $0.kind == .internal }), excluded.isEmpty else {
+                throw SnapshotError(.unsupported, "--memory internal keeps the memory inside the disk images: every disk must be an image that can hold it (qcow2) with an internal snapshot; use an external memory file (the default) for mixed domains")
             }
         }
         guard !parts.isEmpty else { throw SnapshotError(.invalidArgument, "the snapshot would include no disk") }
@@ -411,10 +411,9 @@ extension DomainService {
                     // QEMU is gone: the snapshot, if QEMU took it, is in the image; undo it offline.
                     if let stored = try store.layout(diskID: disk.diskID), stored.snapshot(named: record.name) != nil {
                         try await disks.delete(disk: disk.diskID, snapshot: record.name, mode: .merge, kind: disk.backend)
-                    } else if disk.kind == .external, let after = j.liveAfter[disk.target], FileManager.default.fileExists(atPath: after.disk.active) {
-                        try await undoUnrecordedOverlay(after.disk.active)
-                    } else if disk.kind == .internal {
-                        _ = try? await disks.environment.runner.run(["qemu-img", "snapshot", "-d", record.name, before.disk.active])
+                    } else {
+                        let (backend, _) = try await disks.manage(disk.diskID, kind: disk.backend)
+                        try await backend.undoUnrecordedLiveSnapshot(record.name, kind: disk.kind!, before: before, after: j.liveAfter[disk.target])
                     }
                 }
             } else if let stored = try store.layout(diskID: disk.diskID), stored.snapshot(named: record.name) != nil {
@@ -424,21 +423,15 @@ extension DomainService {
         if client == nil {
             // QEMU died (or was killed) with the images open: free the clusters it had allocated
             // but not yet referenced, so `qemu-img check` is clean again.
-            for disk in record.disks where disk.backend.rawValue == "qcow2" {
+            for disk in record.disks {
                 if let layout = try store.layout(diskID: disk.diskID) {
-                    _ = try? await disks.environment.runner.execute(["qemu-img", "check", "-q", "-r", "leaks", layout.disk.active])
+                    let (backend, _) = try await disks.manage(disk.diskID, kind: disk.backend)
+                    try? await backend.repairAfterHypervisorCrash(layout)
                 }
             }
         }
         if let memory = record.memory, memory.location == .external { unlink(memory.path) }
         if let client, j.pausedByUs, await client.isClosed == false { try? await client.cont() }
-    }
-
-    /// An overlay QEMU made but the store never recorded, with QEMU gone: merge what the guest
-    /// wrote into it back into the base, then remove it.
-    func undoUnrecordedOverlay(_ overlay: String) async throws {
-        try await disks.environment.runner.run(["qemu-img", "commit", "-q", overlay])
-        unlink(overlay)
     }
 
     /// Undoes one disk snapshot QEMU took while it still runs.

@@ -17,7 +17,18 @@ public enum SnapshotXML {
         return r.state.rawValue
     }
 
-    public static func render(_ r: DomainSnapshotRecord, layouts: [String: DiskLayout]) -> String {
+    /// A disk's `<source>` element: a file, a block device (LVM's `vg/lv` under /dev), a
+    /// network volume.
+    static func source(_ locator: String, type: DiskSourceType) -> String {
+        switch type {
+        case .file: return "<source file='\(escape(locator))'/>"
+        case .block: return "<source dev='\(escape(locator.hasPrefix("/") ? locator : "/dev/" + locator))'/>"
+        case .network: return "<source name='\(escape(locator))'/>"
+        }
+    }
+
+    /// `descriptors` says, per backend kind, how libvirt names its disks (source type, format).
+    public static func render(_ r: DomainSnapshotRecord, layouts: [String: DiskLayout], descriptors: [BackendKind: BackendDescriptor]) -> String {
         var x = "<domainsnapshot>\n  <name>\(escape(r.name))</name>\n"
         if let d = r.description { x += "  <description>\(escape(d))</description>\n" }
         x += "  <state>\(stateWord(r))</state>\n"
@@ -35,10 +46,10 @@ public enum SnapshotXML {
                 // libvirt names the overlay the snapshot created (the new active layer then).
                 let overlays = layout.layers.filter { $0.backing == snap.image }.map(\.image)
                 let source = overlays.first { $0.contains(".\(r.name).") } ?? overlays.first ?? snap.image
-                let type = d.backend.rawValue == "lvm" ? "block" : "file"
-                let format = d.backend.rawValue == "vhd" ? "vpc" : (d.backend.rawValue == "lvm" ? "raw" : "qcow2")
-                x += "    <disk name='\(d.target)' snapshot='external' type='\(type)'>\n      <driver type='\(format)'/>\n"
-                x += "      <source \(type == "block" ? "dev" : "file")='\(escape(type == "block" ? "/dev/" + source : source))'/>\n    </disk>\n"
+                let type = descriptors[d.backend]?.sourceType ?? .file
+                let format = descriptors[d.backend]?.imageFormat ?? "raw"
+                x += "    <disk name='\(d.target)' snapshot='external' type='\(type.rawValue)'>\n      <driver type='\(format)'/>\n"
+                x += "      \(Self.source(source, type: type))\n    </disk>\n"
             } else {
                 x += "    <disk name='\(d.target)' snapshot='\(kind.rawValue)'/>\n"
             }
@@ -53,9 +64,10 @@ public enum SnapshotXML {
         if let c = def.boot.cmdline { x += "      <cmdline>\(escape(c))</cmdline>\n" }
         x += "    </os>\n    <devices>\n"
         for disk in def.disks {
-            let type = disk.backend.rawValue == "lvm" ? "block" : "file"
-            let locator = disk.backend.rawValue == "lvm" && !disk.locator.hasPrefix("/") ? "/dev/" + disk.locator : disk.locator
-            x += "      <disk type='\(type)' device='disk'>\n        <source \(type == "block" ? "dev" : "file")='\(escape(locator))'/>\n        <target dev='\(disk.target)' bus='virtio'/>\n      </disk>\n"
+            let type = descriptors[disk.backend]?.sourceType ?? .file
+            let format = descriptors[disk.backend]?.imageFormat ?? "raw"
+            x += "      <disk type='\(type.rawValue)' device='disk'>\n        <driver name='qemu' type='\(format)'/>\n"
+            x += "        \(Self.source(disk.locator, type: type))\n        <target dev='\(disk.target)' bus='virtio'/>\n      </disk>\n"
         }
         x += "    </devices>\n  </domain>\n</domainsnapshot>\n"
         return x
@@ -118,8 +130,12 @@ extension DomainService {
     public func dumpXML(domain: String, _ name: String) throws -> String {
         let record = try info(domain: domain, name)
         var layouts: [String: DiskLayout] = [:]
-        for d in record.disks { layouts[d.diskID] = try store.layout(diskID: d.diskID) }
-        return SnapshotXML.render(record, layouts: layouts)
+        var descriptors: [BackendKind: BackendDescriptor] = [:]
+        for d in record.disks {
+            layouts[d.diskID] = try store.layout(diskID: d.diskID)
+            if descriptors[d.backend] == nil { descriptors[d.backend] = try disks.registry.backend(d.backend, environment: disks.environment).descriptor }
+        }
+        return SnapshotXML.render(record, layouts: layouts, descriptors: descriptors)
     }
 
     /// Imports a snapshot record from XML (`create --redefine`): every disk snapshot it names

@@ -6,13 +6,35 @@ import Synchronization
 public struct BackendFactory: Sendable {
     public var kind: BackendKind
     public var apiVersion: Int
+    /// Where the backend comes from: compiled in, or a plug-in executable.
+    public var origin: BackendOrigin
+    /// The settings it declares, when known without making it (built-in backends); plug-ins
+    /// declare theirs when asked (`describe`).
+    public var settings: [SettingSpec]?
     public var make: @Sendable (BackendEnvironment) throws -> any DiskSnapshotBackend
 
-    public init(kind: BackendKind, apiVersion: Int = diskSnapshotBackendAPIVersion, make: @escaping @Sendable (BackendEnvironment) throws -> any DiskSnapshotBackend) {
+    public init(kind: BackendKind, apiVersion: Int = diskSnapshotBackendAPIVersion, origin: BackendOrigin = .builtIn, settings: [SettingSpec]? = nil,
+                make: @escaping @Sendable (BackendEnvironment) throws -> any DiskSnapshotBackend) {
         self.kind = kind
         self.apiVersion = apiVersion
+        self.origin = origin
+        self.settings = settings
         self.make = make
     }
+}
+
+/// Where a backend comes from, for `vmsnap backend list`.
+public struct BackendOrigin: Codable, Sendable, Hashable, CustomStringConvertible {
+    /// `built-in` or `plug-in`.
+    public var kind: String
+    /// The plug-in executable.
+    public var path: String?
+
+    public static let builtIn = BackendOrigin(kind: "built-in", path: nil)
+    public static func plugin(_ path: String) -> BackendOrigin { BackendOrigin(kind: "plug-in", path: path) }
+
+    public var isPlugin: Bool { path != nil }
+    public var description: String { path.map { "plug-in \($0)" } ?? kind }
 }
 
 /// What every backend is constructed with.
@@ -35,7 +57,7 @@ public final class BackendRegistry: Sendable {
 
     /// Adds a backend. Refuses a kind that is already registered or an API version this core cannot drive.
     public func register(_ factory: BackendFactory) throws {
-        guard factory.apiVersion == diskSnapshotBackendAPIVersion else {
+        guard factory.origin.isPlugin || factory.apiVersion == diskSnapshotBackendAPIVersion else {
             throw SnapshotError(
                 .incompatibleBackend,
                 "backend '\(factory.kind)' was written for backend API version \(factory.apiVersion); this vmsnap speaks version \(diskSnapshotBackendAPIVersion)"
@@ -61,43 +83,27 @@ public final class BackendRegistry: Sendable {
         return try factory.make(environment)
     }
 
+    /// The factory registered as `kind`, if any.
+    public func factory(_ kind: BackendKind) -> BackendFactory? { factories.withLock { $0[kind] } }
+
+    /// Checks settings against the schemas of the registered backends (built-in schemas first;
+    /// plug-ins are asked only for keys no built-in backend declares).
+    public func validate(_ settings: [String: String], source: String, environment: BackendEnvironment = BackendEnvironment()) throws {
+        guard !settings.isEmpty else { return }
+        var schemas: [BackendKind: [SettingSpec]] = [:]
+        for kind in kinds { if let known = factory(kind)?.settings { schemas[kind] = known } }
+        let declared = Set(schemas.values.flatMap { $0.map(\.name) })
+        if !Set(settings.keys).isSubset(of: declared) {
+            for kind in kinds where schemas[kind] == nil {
+                let bare = BackendEnvironment(runner: environment.runner, settings: [:])
+                schemas[kind] = try backend(kind, environment: bare).descriptor.settings
+            }
+        }
+        try BackendSettings.validate(settings, against: schemas, source: source)
+    }
+
     /// Makes every registered backend.
     public func allBackends(environment: BackendEnvironment = BackendEnvironment()) throws -> [any DiskSnapshotBackend] {
         try kinds.map { try backend($0, environment: environment) }
-    }
-}
-
-/// Backend settings (`cow-size`, `warn-percent`, ...): `KEY=VALUE` pairs from `--set`, over the
-/// lines of `<store>/settings.conf` (`key = value`, `#` comments), so a policy set once applies
-/// to every command that uses the store.
-public enum BackendSettings {
-    public static let fileName = "settings.conf"
-
-    /// Parses `--set` pairs.
-    public static func parse(pairs: [String]) throws -> [String: String] {
-        var out: [String: String] = [:]
-        for pair in pairs {
-            guard let eq = pair.firstIndex(of: "="), eq != pair.startIndex else {
-                throw SnapshotError(.invalidArgument, "--set expects KEY=VALUE (for example --set cow-size=256m), got '\(pair)'")
-            }
-            out[String(pair[..<eq])] = String(pair[pair.index(after: eq)...])
-        }
-        return out
-    }
-
-    /// Reads the store's settings file; a missing file is no settings.
-    public static func load(storeDirectory: String) throws -> [String: String] {
-        let path = (storeDirectory as NSString).appendingPathComponent(fileName)
-        guard let data = FileManager.default.contents(atPath: path) else { return [:] }
-        var out: [String: String] = [:]
-        for (n, raw) in String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
-            let line = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init)?.trimmingCharacters(in: .whitespaces) ?? ""
-            if line.isEmpty { continue }
-            guard let eq = line.firstIndex(of: "="), eq != line.startIndex else {
-                throw SnapshotError(.invalidArgument, "\(path) line \(n + 1): expected `key = value`, got '\(line)'; fix or remove the line")
-            }
-            out[line[..<eq].trimmingCharacters(in: .whitespaces)] = line[line.index(after: eq)...].trimmingCharacters(in: .whitespaces)
-        }
-        return out
     }
 }

@@ -11,13 +11,52 @@ public struct BackendDescriptor: Codable, Sendable, Hashable {
     /// One line for `vmsnap backend list`.
     public var summary: String
     public var capabilities: CapabilityTable
+    /// The settings the backend reads, with their types, defaults and help.
+    public var settings: [SettingSpec]
+    /// Who takes a snapshot while a running guest has the disk open.
+    public var liveSnapshots: LiveSnapshotTaker
+    /// The image format hypervisors and libvirt name the disk with (`qcow2`, `vpc`, `raw`).
+    public var imageFormat: String
+    /// How a domain definition names the disk: a file, a block device, a network volume.
+    public var sourceType: DiskSourceType
 
-    public init(kind: BackendKind, apiVersion: Int = diskSnapshotBackendAPIVersion, summary: String, capabilities: CapabilityTable) {
+    public init(kind: BackendKind, apiVersion: Int = diskSnapshotBackendAPIVersion, summary: String, capabilities: CapabilityTable,
+                settings: [SettingSpec] = [], liveSnapshots: LiveSnapshotTaker = .none, imageFormat: String = "raw", sourceType: DiskSourceType = .file) {
         self.kind = kind
         self.apiVersion = apiVersion
         self.summary = summary
         self.capabilities = capabilities
+        self.settings = settings
+        self.liveSnapshots = liveSnapshots
+        self.imageFormat = imageFormat
+        self.sourceType = sourceType
     }
+
+    enum CodingKeys: String, CodingKey { case kind, apiVersion, summary, capabilities, settings, liveSnapshots, imageFormat, sourceType }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        kind = try c.decode(BackendKind.self, forKey: .kind)
+        apiVersion = try c.decodeIfPresent(Int.self, forKey: .apiVersion) ?? diskSnapshotBackendAPIVersion
+        summary = try c.decode(String.self, forKey: .summary)
+        capabilities = try c.decode(CapabilityTable.self, forKey: .capabilities)
+        settings = try c.decodeIfPresent([SettingSpec].self, forKey: .settings) ?? []
+        liveSnapshots = try c.decodeIfPresent(LiveSnapshotTaker.self, forKey: .liveSnapshots) ?? .none
+        imageFormat = try c.decodeIfPresent(String.self, forKey: .imageFormat) ?? "raw"
+        sourceType = try c.decodeIfPresent(DiskSourceType.self, forKey: .sourceType) ?? .file
+    }
+}
+
+/// Who takes a disk snapshot while a running guest has the disk open.
+public enum LiveSnapshotTaker: String, Codable, Sendable, Hashable, CaseIterable {
+    /// The hypervisor, inside its block layer (a QMP transaction for qcow2).
+    case hypervisor
+    /// The storage, while the hypervisor holds the guest paused and flushed (LVM, copies).
+    case storage
+    /// Either, depending on the snapshot kind or the hypervisor.
+    case both
+    /// Not while a guest runs.
+    case none
 }
 
 /// A request to take a disk snapshot.
@@ -128,21 +167,73 @@ public protocol DiskSnapshotBackend: Sendable {
     /// performs the live action and records the result. Throws `unsupported` where only the
     /// backend's own (offline) path works.
     func planLiveCreate(_ request: SnapshotRequest, layout: DiskLayout) async throws -> Plan
+
+    /// What a revert to `snapshot` would discard or what stands in its way (newer snapshots,
+    /// clones), asked before anything changes; the default finds nothing.
+    func rollbackBlockers(to snapshot: String, layout: DiskLayout) async throws -> [RollbackBlocker]
+
+    /// Undoes, offline, a snapshot a hypervisor took (``planLiveCreate``) that vmsnap never
+    /// recorded because the hypervisor died first: `before` is the layout then, `after` the one
+    /// the live plan promised. Idempotent; the default has nothing to undo.
+    func undoUnrecordedLiveSnapshot(_ name: String, kind: SnapshotKind, before: DiskLayout, after: DiskLayout?) async throws
+
+    /// Repairs what a hypervisor that died with the disk open can leave behind (leaked
+    /// clusters), without changing guest data; the default has nothing to repair.
+    func repairAfterHypervisorCrash(_ layout: DiskLayout) async throws
+}
+
+/// Something a revert would discard (shown to the operator) or that stands in its way (a
+/// blocking one refuses the revert before anything changes).
+public struct RollbackBlocker: Codable, Sendable, Hashable, CustomStringConvertible {
+    /// `newer-snapshot`, `clone`, `unsaved-changes`, ...
+    public var kind: String
+    public var detail: String
+    public var blocking: Bool
+
+    public init(kind: String, detail: String, blocking: Bool) {
+        self.kind = kind
+        self.detail = detail
+        self.blocking = blocking
+    }
+
+    enum CodingKeys: String, CodingKey { case kind, detail, blocking }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        kind = try c.decode(String.self, forKey: .kind)
+        detail = try c.decode(String.self, forKey: .detail)
+        blocking = try c.decodeIfPresent(Bool.self, forKey: .blocking) ?? false
+    }
+
+    public var description: String { "\(kind): \(detail)" }
+}
+
+/// How a domain definition names a disk's source (libvirt's `<disk type=...>`).
+public enum DiskSourceType: String, Codable, Sendable, Hashable {
+    case file, block, network
 }
 
 /// A disk as a hypervisor opens it.
 public struct HypervisorDrive: Sendable, Hashable {
     public var path: String
-    /// QEMU's format driver: qcow2, vpc, raw.
+    /// The image format a hypervisor opens it with (QEMU's and libvirt's driver name): qcow2,
+    /// vpc, raw.
     public var format: String
     /// True when the hypervisor can take this disk's snapshots live (QMP); else vmsnap takes
     /// them through the backend while the vCPUs are paused.
     public var liveSnapshots: Bool
+    /// A file, a block device or a network volume.
+    public var sourceType: DiskSourceType
+    /// The hypervisor can keep a full-system snapshot's memory inside this image (qcow2's
+    /// vmstate area).
+    public var holdsInternalMemory: Bool
 
-    public init(path: String, format: String, liveSnapshots: Bool = false) {
+    public init(path: String, format: String, liveSnapshots: Bool = false, sourceType: DiskSourceType = .file, holdsInternalMemory: Bool = false) {
         self.path = path
         self.format = format
         self.liveSnapshots = liveSnapshots
+        self.sourceType = sourceType
+        self.holdsInternalMemory = holdsInternalMemory
     }
 }
 
@@ -168,6 +259,12 @@ extension DiskSnapshotBackend {
     public func planLiveCreate(_ request: SnapshotRequest, layout: DiskLayout) async throws -> Plan {
         throw SnapshotError(.unsupported, "backend '\(kind)' takes no snapshots through the hypervisor")
     }
+
+    public func rollbackBlockers(to snapshot: String, layout: DiskLayout) async throws -> [RollbackBlocker] { [] }
+
+    public func undoUnrecordedLiveSnapshot(_ name: String, kind: SnapshotKind, before: DiskLayout, after: DiskLayout?) async throws {}
+
+    public func repairAfterHypervisorCrash(_ layout: DiskLayout) async throws {}
 }
 
 /// Where a backend may create scratch disks: a directory for file formats, a volume group for

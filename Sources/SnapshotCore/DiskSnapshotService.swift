@@ -22,6 +22,8 @@ public struct DiskSnapshotService: Sendable {
     public let environment: BackendEnvironment
     /// Receives notes for the operator (recovered work, kept layers); stderr by default.
     public var notify: @Sendable (String) -> Void
+    /// Where plans stop as if vmsnap were killed (the conformance suite's crash checks).
+    public var crashPoint: CrashPoint?
 
     public init(store: MetadataStore, registry: BackendRegistry, environment: BackendEnvironment = BackendEnvironment(),
                 notify: @escaping @Sendable (String) -> Void = { FileHandle.standardError.write(Data("vmsnap: \($0)\n".utf8)) }) {
@@ -31,7 +33,7 @@ public struct DiskSnapshotService: Sendable {
         self.notify = notify
     }
 
-    var executor: PlanExecutor { PlanExecutor(store: store, runner: environment.runner) }
+    var executor: PlanExecutor { PlanExecutor(store: store, runner: environment.runner, crashPoint: crashPoint) }
 
     // MARK: - Resolving disks
 
@@ -144,11 +146,21 @@ public struct DiskSnapshotService: Sendable {
             let snapshot = try Self.require(name, in: layout)
             let state = try await backend.state(of: layout)
             try backend.descriptor.capabilities.require(Capability(.revert, snapshot.kind, state), backend: backend.kind)
+            try checkBlockers(try await backend.rollbackBlockers(to: name, layout: layout), disk: layout.disk.id, snapshot: name)
             let plan = try await backend.planRevert(to: name, layout: layout)
             let result = try await executor.execute(plan, before: layout, backend: backend)
             plan.notes.forEach(notify)
             return result
         }
+    }
+
+    /// Shows what a revert discards; refuses it, before anything changes, if something blocks it.
+    private func checkBlockers(_ blockers: [RollbackBlocker], disk: String, snapshot: String) throws {
+        let blocking = blockers.filter(\.blocking)
+        guard blocking.isEmpty else {
+            throw SnapshotError(.conflict, "reverting disk \(disk) to \(SnapshotName.quoted(snapshot)) is blocked: \(blocking.map(\.description).joined(separator: "; ")). Nothing was changed")
+        }
+        for b in blockers { notify("revert of \(disk) to \(SnapshotName.quoted(snapshot)) discards \(b)") }
     }
 
     /// Deletes `name` (merging into its children), its subtree, or only its subtree; with

@@ -19,6 +19,51 @@ public enum StepAction: Codable, Sendable, Hashable, CustomStringConvertible {
     }
 }
 
+extension StepAction {
+    // The protocol's form (docs/plugin-protocol.md): `{"run": [argv]}`, `{"removeFile": path}`,
+    // `{"rename": {"from", "to"}}`, `{"backend": {"name", "arguments"}}`. Journals written by
+    // earlier versions (`{"run": {"_0": [argv]}}`) still decode.
+    enum CodingKeys: String, CodingKey { case run, removeFile, rename, backend }
+    enum PairKeys: String, CodingKey { case from, to, name, arguments, _0 }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        guard c.allKeys.count == 1, let key = c.allKeys.first else {
+            throw DecodingError.dataCorrupted(.init(codingPath: c.codingPath, debugDescription: "a step action has exactly one of run, removeFile, rename, backend"))
+        }
+        switch key {
+        case .run:
+            if let argv = try? c.decode([String].self, forKey: .run) { self = .run(argv); return }
+            self = .run(try c.nestedContainer(keyedBy: PairKeys.self, forKey: .run).decode([String].self, forKey: ._0))
+        case .removeFile:
+            if let path = try? c.decode(String.self, forKey: .removeFile) { self = .removeFile(path); return }
+            self = .removeFile(try c.nestedContainer(keyedBy: PairKeys.self, forKey: .removeFile).decode(String.self, forKey: ._0))
+        case .rename:
+            let pair = try c.nestedContainer(keyedBy: PairKeys.self, forKey: .rename)
+            self = .rename(from: try pair.decode(String.self, forKey: .from), to: try pair.decode(String.self, forKey: .to))
+        case .backend:
+            let pair = try c.nestedContainer(keyedBy: PairKeys.self, forKey: .backend)
+            self = .backend(name: try pair.decode(String.self, forKey: .name), arguments: try pair.decodeIfPresent([String: String].self, forKey: .arguments) ?? [:])
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        switch self {
+        case .run(let argv): try c.encode(argv, forKey: .run)
+        case .removeFile(let path): try c.encode(path, forKey: .removeFile)
+        case .rename(let from, let to):
+            var pair = c.nestedContainer(keyedBy: PairKeys.self, forKey: .rename)
+            try pair.encode(from, forKey: .from)
+            try pair.encode(to, forKey: .to)
+        case .backend(let name, let arguments):
+            var pair = c.nestedContainer(keyedBy: PairKeys.self, forKey: .backend)
+            try pair.encode(name, forKey: .name)
+            try pair.encode(arguments, forKey: .arguments)
+        }
+    }
+}
+
 /// A step of a plan and how to undo it before the point of no return.
 public struct PlanStep: Codable, Sendable, Hashable {
     /// A short sentence for progress output and the journal.
@@ -55,5 +100,16 @@ public struct Plan: Codable, Sendable, Hashable {
         self.pointOfNoReturn = pointOfNoReturn ?? steps.count
         self.result = result
         self.notes = notes
+    }
+
+    enum CodingKeys: String, CodingKey { case operation, steps, pointOfNoReturn, result, notes }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        operation = try c.decode(String.self, forKey: .operation)
+        steps = try c.decode([PlanStep].self, forKey: .steps)
+        pointOfNoReturn = try c.decodeIfPresent(Int.self, forKey: .pointOfNoReturn) ?? steps.count
+        result = try c.decode(DiskLayout.self, forKey: .result)
+        notes = try c.decodeIfPresent([String].self, forKey: .notes) ?? []
     }
 }

@@ -23,15 +23,42 @@ public enum FaultInjection {
     }
 }
 
+/// A crash at a chosen point of a plan, simulated inside the process: the executor stops there
+/// as a killed process would (nothing rolled back, the journal left as it is), so the
+/// conformance suite can check recovery from every step of every backend, plug-ins included.
+public struct CrashPoint: Sendable, Hashable, CustomStringConvertible {
+    public var phase: FaultInjection.Phase
+    public var step: Int
+    public init(_ phase: FaultInjection.Phase, step: Int) {
+        self.phase = phase
+        self.step = step
+    }
+    public var description: String { "\(phase.rawValue):\(step)" }
+}
+
+/// Thrown where a ``CrashPoint`` is reached.
+public struct SimulatedCrash: Error, CustomStringConvertible, Sendable {
+    public var point: CrashPoint
+    public var description: String { "simulated crash at \(point)" }
+}
+
 /// Runs plans step by step under the journal, rolls back before the point of no return,
 /// and finishes or rolls back interrupted plans on recovery.
 public struct PlanExecutor: Sendable {
     public let store: MetadataStore
     public let runner: any CommandRunning
+    /// Where to stop as if killed (conformance crash checks); nil in normal use.
+    public var crashPoint: CrashPoint?
 
-    public init(store: MetadataStore, runner: any CommandRunning) {
+    public init(store: MetadataStore, runner: any CommandRunning, crashPoint: CrashPoint? = nil) {
         self.store = store
         self.runner = runner
+        self.crashPoint = crashPoint
+    }
+
+    private func crash(_ phase: FaultInjection.Phase, step: Int) throws {
+        FaultInjection.point(phase, step: step)
+        if let crashPoint, crashPoint == CrashPoint(phase, step: step) { throw SimulatedCrash(point: crashPoint) }
     }
 
     /// Journals `plan`, runs it and records its result. The caller holds the disk's lock.
@@ -43,21 +70,27 @@ public struct PlanExecutor: Sendable {
         var index = 0
         do {
             while index < plan.steps.count {
-                FaultInjection.point(.before, step: index)
-                try await perform(plan.steps[index].action, backend: backend)
+                try crash(.before, step: index)
+                do { try await perform(plan.steps[index].action, backend: backend) } catch let e as SnapshotError where e.code == .pending {
+                    throw e
+                } catch {
+                    throw stepFailure(backend: backend.kind, index: index, count: plan.steps.count, summary: plan.steps[index].summary, cause: error)
+                }
                 Trace.mark("step \(index): \(plan.steps[index].summary)")
                 // The last step is recorded by the completing transaction itself, unless a crash
                 // test wants to stop between the two.
-                if index + 1 < plan.steps.count || FaultInjection.spec != nil {
+                if index + 1 < plan.steps.count || FaultInjection.spec != nil || crashPoint != nil {
                     try store.markSteps(journal: journalID, done: index + 1)
                 }
-                FaultInjection.point(.after, step: index)
+                try crash(.after, step: index)
                 index += 1
             }
             Trace.mark("steps")
             try store.completeJournal(journalID, change: change, stepCount: plan.steps.count)
             Trace.mark("journal complete")
             return plan.result
+        } catch let e as SimulatedCrash {
+            throw e
         } catch let e as SnapshotError where e.code == .pending && index >= plan.pointOfNoReturn {
             // Started, finishing outside vmsnap: the journal stays open so the next command on
             // the disk (or `vmsnap recover`) finishes the plan once the backend says it can.
@@ -129,6 +162,14 @@ public struct PlanExecutor: Sendable {
             try await backend.perform(name, arguments: arguments)
         }
     }
+}
+
+/// A failed plan step as the layer's error: the code of the cause (`commandFailed` for a
+/// command), and a message that names the backend (a plug-in's kind) and the step.
+func stepFailure(backend: BackendKind, index: Int, count: Int, summary: String, cause: any Error) -> SnapshotError {
+    let code = (cause as? SnapshotError)?.code ?? .commandFailed
+    let why = (cause as? SnapshotError)?.message ?? String(describing: cause)
+    return SnapshotError(code, "backend '\(backend)', step \(index + 1) of \(count) (\(summary)): \(why)", cause: (cause as? SnapshotError)?.cause ?? cause)
 }
 
 /// What recovery did with one interrupted operation.

@@ -22,6 +22,8 @@ public struct SnapshotError: Error, CustomStringConvertible, Sendable {
         /// Started, and finishing later outside vmsnap's control (an LVM merge deferred until the
         /// origin's next activation). Not done: the message says what completes it.
         case pending
+        /// A backend plug-in crashed, hung, answered out of protocol, or broke its own promises.
+        case pluginFailed
     }
 
     public var code: Code

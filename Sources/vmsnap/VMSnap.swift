@@ -1,4 +1,5 @@
 import ArgumentParser
+import BackendPluginKit
 import Foundation
 import Qcow2Backend
 import LVMBackend
@@ -20,7 +21,7 @@ struct StoreOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Metadata store directory (default: $VMSNAP_STORE or /var/lib/vmsnap).", valueName: "dir"))
     var store: String?
 
-    @Option(name: .customLong("set"), help: ArgumentHelp("Backend setting KEY=VALUE (repeatable), over the store's settings.conf: cow-size, warn-percent, extend-percent, lvm-library.", valueName: "key=value"))
+    @Option(name: .customLong("set"), help: ArgumentHelp("Backend setting KEY=VALUE (repeatable), over the store's settings.conf; `vmsnap backend describe KIND` lists each backend's settings.", valueName: "key=value"))
     var settings: [String] = []
 
     func openStore() throws -> MetadataStore {
@@ -29,20 +30,32 @@ struct StoreOptions: ParsableArguments {
 
     func service() throws -> DiskSnapshotService {
         let store = try openStore()
-        let merged = try BackendSettings.load(storeDirectory: store.directory).merging(BackendSettings.parse(pairs: settings)) { $1 }
-        return DiskSnapshotService(store: store, registry: try Backends.registry(), environment: BackendEnvironment(settings: merged))
+        let registry = try Backends.registry()
+        let file = try BackendSettings.load(storeDirectory: store.directory)
+        try registry.validate(file, source: (store.directory as NSString).appendingPathComponent(BackendSettings.fileName))
+        let flags = try BackendSettings.parse(pairs: settings)
+        try registry.validate(flags, source: "--set")
+        return DiskSnapshotService(store: store, registry: registry, environment: BackendEnvironment(settings: file.merging(flags) { $1 }))
     }
 }
 
-/// The backends this build of vmsnap carries.
+/// The backends this build of vmsnap carries, and the plug-ins it finds.
 enum Backends {
+    /// The one place built-in backends are registered.
+    static let builtIn: [BackendFactory] = [Qcow2Backend.factory, VHDBackend.factory, LVMBackend.factory]
+
+    /// Plug-in processes of this command, shared by every caller.
+    static let sessions = PluginSessions()
+
     static func registry() throws -> BackendRegistry {
         let registry = BackendRegistry()
-        try registry.register(Qcow2Backend.factory)
-        try registry.register(VHDBackend.factory)
-        try registry.register(LVMBackend.factory)
+        for factory in builtIn { try registry.register(factory) }
+        for plugin in discovered.found { try registry.register(PluginDiscovery.factory(for: plugin, sessions: sessions)) }
         return registry
     }
+
+    /// Plug-ins found on the search path, and the ones refused with the reason.
+    static let discovered = PluginDiscovery.discover(builtIn: Set(builtIn.map(\.kind)))
 }
 
 /// Exit status of an operation that was started but finishes later (an LVM merge deferred while

@@ -23,7 +23,9 @@ struct PlanExecutorTests {
             PlanStep("make a file", .run(["touch", made]), undo: .removeFile(made)),
             PlanStep("fail", .run(["false"])),
         ], result: result)
-        await #expect(throws: CommandError.self) { try await executor.execute(plan, before: layout, backend: InertBackend(kind: "none")) }
+        let error = await #expect(throws: SnapshotError.self) { try await executor.execute(plan, before: layout, backend: InertBackend(kind: "none")) }
+        #expect(error?.code == .commandFailed && error?.message.contains("backend 'none', step 2 of 2 (fail)") == true, "\(String(describing: error))")
+        #expect(error?.cause is CommandError, "the command's own error is kept as the cause")
         #expect(!FileManager.default.fileExists(atPath: made))
         #expect(try store.layout(diskID: layout.disk.id) == layout)
         #expect(try store.openJournals().isEmpty)

@@ -106,7 +106,11 @@ struct CLITests {
         let text = try await cli.ok("backend", "list")
         #expect(text.contains("qcow2") && text.contains("delete-subtree") && text.contains("offline"))
         let json = try await cli.ok("backend", "list", "--json")
-        let decoded = try JSONDecoder().decode([BackendDescriptor].self, from: Data(json.utf8))
+        struct Row: Decodable { var kind: BackendKind; var origin: BackendOrigin; var descriptor: BackendDescriptor }
+        struct Listing: Decodable { var backends: [Row] }
+        let rows = try JSONDecoder().decode(Listing.self, from: Data(json.utf8)).backends
+        #expect(rows.filter { ["qcow2", "lvm", "vhd"].contains($0.kind.rawValue) }.allSatisfy { $0.origin == .builtIn }, "built-in origins")
+        let decoded = rows.map(\.descriptor)
         let qcow2 = try #require(decoded.first { $0.kind.rawValue == "qcow2" })
         #expect(qcow2.capabilities.supports(.create, .external, .offline))
         #expect(!qcow2.capabilities.supports(.create, .external, .live), "live qcow2 goes through the QEMU driver")

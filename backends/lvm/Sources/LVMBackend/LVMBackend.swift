@@ -30,7 +30,7 @@ public struct LVMBackend: DiskSnapshotBackend {
     public static let kind: BackendKind = "lvm"
     /// Reports run in-process through liblvm2cmd (`lvm-library=off` runs them as `lvs`/`vgs`
     /// child processes like every other command).
-    public static let factory = BackendFactory(kind: kind) { env in
+    public static let factory = BackendFactory(kind: kind, settings: settingsSchema) { env in
         LVMBackend(runner: env.settings["lvm-library"] == "off" ? env.runner : LVMLibraryRunner(fallback: env.runner), settings: env.settings)
     }
 
@@ -55,9 +55,23 @@ public struct LVMBackend: DiskSnapshotBackend {
                 "revert of a classic volume that is open: LVM defers the merge to the origin's next activation; vmsnap starts it, reports it pending (exit status 75) and finishes it (merge, snapshot taken again) on the first command after the volume is closed",
                 "revert of an open thin volume is refused: it replaces the volume, which needs it closed",
                 "a classic snapshot whose copy-on-write area overflowed is invalid: reported as lost, never reverted to",
-                "settings: cow-size (default 20%ORIGIN, or a size like 256m); warn-percent (80): copy-on-write and thin-pool fill reported by `disk check`; extend-percent (20): what `disk check --repair` adds",
-            ]))
+            ]),
+            settings: Self.settingsSchema, liveSnapshots: .storage, imageFormat: "raw", sourceType: .block)
     }
+
+    /// The settings the backend reads.
+    public static let settingsSchema: [SettingSpec] = [
+        SettingSpec("cow-size", .text, default: "20%ORIGIN", pattern: "[0-9]+(\\.[0-9]+)?(%ORIGIN|%VG|%FREE|%PVS|[bskmgtpe])?",
+                    help: "a classic snapshot's copy-on-write area: a percentage of the origin or VG (20%ORIGIN) or a size (256m)"),
+        SettingSpec("warn-percent", .integer, default: "80", min: 1, max: 100,
+                    help: "fill of a copy-on-write area or thin pool that `disk check` reports and `--repair` acts on"),
+        SettingSpec("extend-percent", .integer, default: "20", min: 1, max: 1000,
+                    help: "how much `disk check --repair` grows a filling area, as a percentage of its size"),
+        SettingSpec("lvm-library", .choice, default: "on", choices: ["on", "off"],
+                    help: "read LVM reports in-process through liblvm2cmd (on) or run lvs/vgs (off)"),
+        SettingSpec("vg", .text, pattern: "[A-Za-z0-9+_.-]+", help: "the volume group scratch disks go into (conformance suite, demo)"),
+        SettingSpec("thin-pool", .text, pattern: "[A-Za-z0-9+_.-]+", help: "the thin pool scratch disks go into; unset for classic volumes"),
+    ]
 
     static func capabilities(notes: [String]) -> CapabilityTable {
         var table = CapabilityTable.all(kinds: [.external], states: [.offline], notes: notes)
@@ -71,7 +85,7 @@ public struct LVMBackend: DiskSnapshotBackend {
 
     /// QEMU opens the origin's device node as a raw disk.
     public func hypervisorDrive(_ layout: DiskLayout) throws -> HypervisorDrive {
-        HypervisorDrive(path: "/dev/" + layout.disk.active, format: "raw", liveSnapshots: false)
+        HypervisorDrive(path: "/dev/" + layout.disk.active, format: "raw", liveSnapshots: false, sourceType: .block)
     }
 
     // MARK: - Locators and reports

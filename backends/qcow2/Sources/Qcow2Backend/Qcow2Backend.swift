@@ -10,7 +10,12 @@ public struct Qcow2Backend: DiskSnapshotBackend {
     public static let kind: BackendKind = "qcow2"
 
     /// Registers the backend under `qcow2`.
-    public static let factory = BackendFactory(kind: kind) { env in Qcow2Backend(runner: env.runner, settings: env.settings) }
+    public static let factory = BackendFactory(kind: kind, settings: settingsSchema) { env in Qcow2Backend(runner: env.runner, settings: env.settings) }
+
+    /// The settings the backend reads.
+    public static let settingsSchema: [SettingSpec] = [
+        SettingSpec("overlay-dir", .path, help: "where new overlays go (default: beside the active image)"),
+    ]
 
     let runner: any CommandRunning
     /// `overlay-dir`: where new overlays go by default (else beside the active image).
@@ -29,7 +34,8 @@ public struct Qcow2Backend: DiskSnapshotBackend {
                 "live disks (open by a running QEMU) go through the QEMU driver's QMP path, not this backend",
                 "snapshot names made only of digits are refused: qemu-img would read them as snapshot IDs",
                 "an internal snapshot inside an image that external snapshots now build on cannot be reverted in place",
-            ]))
+            ]),
+            settings: Self.settingsSchema, liveSnapshots: .hypervisor, imageFormat: "qcow2", sourceType: .file)
     }
 
     public func normalize(locator: String) -> String {
@@ -181,7 +187,7 @@ public struct Qcow2Backend: DiskSnapshotBackend {
     // MARK: - Hypervisor
 
     public func hypervisorDrive(_ layout: DiskLayout) throws -> HypervisorDrive {
-        HypervisorDrive(path: layout.disk.active, format: "qcow2", liveSnapshots: true)
+        HypervisorDrive(path: layout.disk.active, format: "qcow2", liveSnapshots: true, holdsInternalMemory: true)
     }
 
     /// The layout after QEMU takes the snapshot (`blockdev-snapshot-sync` to the overlay path
@@ -191,6 +197,24 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         var plan = try planCreate(request, layout: layout, live: true)
         plan.steps = []
         return plan
+    }
+
+    /// QEMU died after taking a snapshot vmsnap never recorded: an internal one is deleted from
+    /// the image; an overlay has what the guest wrote since merged back into its base, then goes.
+    public func undoUnrecordedLiveSnapshot(_ name: String, kind: SnapshotKind, before: DiskLayout, after: DiskLayout?) async throws {
+        switch kind {
+        case .internal:
+            try await perform("delete-internal-if-present", arguments: ["image": before.disk.active, "name": name])
+        case .external:
+            guard let overlay = after?.disk.active, overlay != before.disk.active, FileManager.default.fileExists(atPath: overlay) else { return }
+            try await runner.run(Qcow2Commands.commit(overlay))
+            unlink(overlay)
+        }
+    }
+
+    /// A QEMU killed with the image open leaves leaked clusters (`qemu-img check` exit 3).
+    public func repairAfterHypervisorCrash(_ layout: DiskLayout) async throws {
+        _ = try await runner.execute(["qemu-img", "check", "-q", "-r", "leaks", layout.disk.active])
     }
 
     // MARK: - Native steps and checks

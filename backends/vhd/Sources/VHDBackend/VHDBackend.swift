@@ -8,7 +8,14 @@ import SnapshotCore
 /// and coalescing can go through it instead (`--set engine=vhd-util`).
 public struct VHDBackend: DiskSnapshotBackend {
     public static let kind: BackendKind = "vhd"
-    public static let factory = BackendFactory(kind: kind) { env in VHDBackend(runner: env.runner, settings: env.settings) }
+    public static let factory = BackendFactory(kind: kind, settings: settingsSchema) { env in VHDBackend(runner: env.runner, settings: env.settings) }
+
+    /// The settings the backend reads.
+    public static let settingsSchema: [SettingSpec] = [
+        SettingSpec("engine", .choice, default: "auto", choices: ["auto", "native", "vhd-util"],
+                    help: "who writes the VHD files: the native Swift engine, blktap's vhd-util, or vhd-util where installed"),
+        SettingSpec("overlay-dir", .path, help: "where new differencing disks go (default: beside the active image)"),
+    ]
 
     let runner: any CommandRunning
     let settings: [String: String]
@@ -35,7 +42,8 @@ public struct VHDBackend: DiskSnapshotBackend {
                 "VHD has no internal snapshots",
                 "QEMU cannot open differencing VHDs: a running QEMU domain's VHD disk gets qcow2 overlays (domain snapshots); native VHD chains serve Xen/blktap hosts",
                 "engine: \(useVhdUtil ? "vhd-util" : "native")",
-            ]))
+            ]),
+            settings: Self.settingsSchema, imageFormat: "vpc", sourceType: .file)
     }
 
     /// QEMU opens dynamic and fixed VHDs (`vpc`), never differencing ones.
