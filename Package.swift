@@ -16,6 +16,7 @@ let package = Package(
         .library(name: "Qcow2Backend", targets: ["Qcow2Backend"]),
         .library(name: "VHDBackend", targets: ["VHDBackend"]),
         .library(name: "LVMBackend", targets: ["LVMBackend"]),
+        .library(name: "HypervisorDriver", targets: ["HypervisorDriver"]),
         .library(name: "QEMUDriver", targets: ["QEMUDriver"]),
         .library(name: "DomainSnapshots", targets: ["DomainSnapshots"]),
         .executable(name: "vmsnap", targets: ["vmsnap"]),
@@ -50,15 +51,22 @@ let package = Package(
             swiftSettings: strict
         ),
 
-        // MARK: - Hypervisor driver and domain snapshots
+        // MARK: - Hypervisor drivers and domain snapshots
+        // The protocol a hypervisor conforms to, with the domain definition it runs.
         .target(
-            name: "QEMUDriver",
+            name: "HypervisorDriver",
             dependencies: ["SnapshotCore"],
             swiftSettings: strict
         ),
         .target(
+            name: "QEMUDriver",
+            dependencies: ["SnapshotCore", "HypervisorDriver"],
+            swiftSettings: strict
+        ),
+        // Names no hypervisor and no backend kind: asks the drivers and the backends.
+        .target(
             name: "DomainSnapshots",
-            dependencies: ["SnapshotCore", "QEMUDriver"],
+            dependencies: ["SnapshotCore", "HypervisorDriver", .product(name: "GRDB", package: "GRDB.swift")],
             swiftSettings: strict
         ),
 
@@ -106,7 +114,8 @@ let package = Package(
         .executableTarget(
             name: "vmsnap",
             dependencies: [
-                "SnapshotCore", "BackendConformance", "BackendPluginKit", "Qcow2Backend", "VHDBackend", "LVMBackend", "DomainSnapshots", "QEMUDriver",
+                "SnapshotCore", "BackendConformance", "BackendPluginKit", "Qcow2Backend", "VHDBackend", "LVMBackend", "DomainSnapshots",
+                "HypervisorDriver", "QEMUDriver",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict
@@ -162,7 +171,7 @@ let package = Package(
         ),
         .testTarget(
             name: "VMSnapCLITests",
-            dependencies: ["SnapshotCore", "QEMUDriver", "vmsnap"],
+            dependencies: ["SnapshotCore", "HypervisorDriver", "QEMUDriver", "DomainSnapshots", "vmsnap"],
             swiftSettings: strict
         ),
     ]

@@ -77,6 +77,11 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
     // MARK: - Calls
 
     private static func launch(_ executable: String) throws -> PluginProcess {
+        // ETXTBSY: a file just written can still be open for writing in a child another thread
+        // forked meanwhile (it closes on exec); a short retry outlasts that.
+        for _ in 0..<50 {
+            do { return try PluginProcess(executable: executable) } catch PluginProcessFailure.spawnFailed(errno: ETXTBSY) { usleep(10_000) } catch { break }
+        }
         do { return try PluginProcess(executable: executable) } catch {
             let why: String
             switch error {

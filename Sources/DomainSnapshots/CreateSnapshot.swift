@@ -1,5 +1,5 @@
 import Foundation
-import QEMUDriver
+import HypervisorDriver
 import SnapshotCore
 #if canImport(Glibc)
 import Glibc
@@ -68,7 +68,7 @@ public struct CreateReport: Codable, Sendable, Hashable {
     /// vmsnap's share of the pause: from `stop` sent to the memory save started (the rest is
     /// QEMU setting up the background snapshot).
     public var ownPauseMs: Double?
-    /// Downtime QEMU reported for the memory save.
+    /// Downtime the hypervisor reported for the memory save.
     public var qemuDowntimeMs: Double?
     /// Wall time of the memory save, in seconds.
     public var memorySeconds: Double?
@@ -82,82 +82,41 @@ extension DomainService {
     func phase(_ id: Int64, _ j: inout DomainJournal, _ name: String) throws {
         j.phases.append(name)
         try journal(id, j)
-        DomainFault.point("\(j.operation.rawValue):\(name)", qemu: j.record.map { runtime($0.domain) })
+        DomainFault.point("\(j.operation.rawValue):\(name)", hypervisor: j.record.flatMap { hypervisorProcess($0.domain) })
     }
 
-    /// Takes a domain snapshot.
+    /// One disk's part in a snapshot being taken.
+    struct DiskPart: Sendable {
+        var disk: DomainDisk
+        var backend: any DiskSnapshotBackend
+        var layout: DiskLayout
+        var kind: SnapshotKind
+        /// The hypervisor takes this disk's snapshot: the layout it will have.
+        var live: Plan?
+        var drive: HypervisorDrive?
+
+        /// What the hypervisor is asked to take.
+        func liveSnapshot(_ name: String) -> LiveDiskSnapshot {
+            LiveDiskSnapshot(target: disk.target, name: name, kind: kind, overlay: kind == .external ? live?.result.disk.active : nil, format: drive?.format ?? "")
+        }
+    }
+
+    /// Takes a domain snapshot: checks the request, plans every disk and reserves the memory
+    /// image before anything changes, then journals and takes it (offline, or live with the
+    /// guest paused only for the disk snapshots).
     @discardableResult
     public func createSnapshot(domain: String, _ request: DomainSnapshotRequest) async throws -> CreateReport {
         let lock = try domainLock(domain)
         defer { withExtendedLifetime(lock) {} }
         try await recover(domain: domain)
         let (definition, current) = try definition(domain)
+        let driver = try drivers.driver(for: definition)
         let existing = try store.domainSnapshots(of: domain)
         let name = request.name ?? Self.generatedName(existing: Set(existing.map(\.name)))
-        try SnapshotName.validate(name)
-        if existing.contains(where: { $0.name == name }) {
-            throw SnapshotError(.alreadyExists, "domain '\(domain)' already has a snapshot named \(SnapshotName.quoted(name)); pick another name or delete that one first")
-        }
-        if let d = request.description, d.utf8.count > 4096 {
-            throw SnapshotError(.invalidArgument, "the description is \(d.utf8.count) bytes; the limit is 4096")
-        }
-        let state = try await runState(domain)
-        if request.diskOnly, request.memoryFile != nil || request.internalMemory || request.pausedSave {
-            throw SnapshotError(.invalidArgument, "--disk-only takes no memory: drop --memory-file / --memory internal / --paused-save")
-        }
-        if request.memoryFile != nil, request.internalMemory {
-            throw SnapshotError(.invalidArgument, "--memory-file names an external memory image; --memory internal keeps memory inside the qcow2 images: pick one")
-        }
-        if request.quiesce, state == .shutoff { throw SnapshotError(.invalidArgument, "--quiesce needs a running domain with a guest agent; '\(domain)' is shut off") }
-        if request.quiesce { throw SnapshotError(.unsupported, "--quiesce needs a QEMU guest agent channel; this build does not configure one (docs/notes.md)") }
+        let state = try await driver.runState(domain)
+        try checkRequest(request, name: name, domain: domain, definition: definition, existing: existing, state: state)
         let withMemory = !request.diskOnly && state != .shutoff
-        if state == .shutoff, request.memoryFile != nil || request.internalMemory {
-            throw SnapshotError(.invalidArgument, "domain '\(domain)' is shut off: there is no memory to save; drop the memory options (the snapshot is disk-only)")
-        }
-        if let targets = request.targets {
-            for t in targets where !definition.disks.contains(where: { $0.target == t }) {
-                throw SnapshotError(.notFound, "domain '\(domain)' has no disk \(t) (it has \(definition.disks.map(\.target).joined(separator: ", ")))")
-            }
-            if withMemory, Set(targets) != Set(definition.disks.map(\.target)) {
-                throw SnapshotError(.invalidArgument, "a snapshot with memory must include every disk (the memory refers to all of them); drop --disks or add --disk-only")
-            }
-        }
-
-        // Plan every disk before anything changes.
-        struct DiskPart { var disk: DomainDisk; var backend: any DiskSnapshotBackend; var layout: DiskLayout; var kind: SnapshotKind; var live: Plan?; var drive: HypervisorDrive? }
-        var parts: [DiskPart] = []
-        var excluded: [DomainSnapshotDisk] = []
-        for disk in definition.disks {
-            let (backend, layout) = try await disks.manage(disk.locator, kind: disk.backend)
-            guard request.targets?.contains(disk.target) ?? true else {
-                excluded.append(DomainSnapshotDisk(target: disk.target, diskID: layout.disk.id, backend: backend.kind, kind: nil))
-                continue
-            }
-            let caps = backend.descriptor.capabilities
-            let kind = request.kind ?? (request.internalMemory || caps.supports(.create, .internal, .offline) ? .internal : .external)
-            if layout.snapshot(named: name) != nil {
-                throw SnapshotError(.alreadyExists, "disk \(disk.target) (\(layout.disk.id)) already has a disk snapshot named \(SnapshotName.quoted(name)); pick another name")
-            }
-            var part = DiskPart(disk: disk, backend: backend, layout: layout, kind: kind)
-            if state != .shutoff {
-                let drive = try backend.hypervisorDrive(layout)
-                part.drive = drive
-                if drive.liveSnapshots {
-                    part.live = try await backend.planLiveCreate(SnapshotRequest(name: name, kind: kind, description: request.description), layout: layout)
-                } else if !caps.supports(.create, kind, .live) {
-                    throw SnapshotError(.unsupported, "disk \(disk.target): backend '\(backend.kind)' cannot take \(kind) snapshots while the domain runs; stop the domain, or leave the disk out with --disks")
-                }
-            } else {
-                try caps.require(Capability(.create, kind, .offline), backend: backend.kind)
-            }
-            parts.append(part)
-        }
-        if request.internalMemory {
-            guard parts.allSatisfy({ $0.drive?.holdsInternalMemory == true && $0.kind == .internal }), excluded.isEmpty else {
-                throw SnapshotError(.unsupported, "--memory internal keeps the memory inside the disk images: every disk must be an image that can hold it (qcow2) with an internal snapshot; use an external memory file (the default) for mixed domains")
-            }
-        }
-        guard !parts.isEmpty else { throw SnapshotError(.invalidArgument, "the snapshot would include no disk") }
+        let (parts, excluded) = try await planDisks(request, name: name, definition: definition, driver: driver, state: state)
 
         // The memory image: reserve its space first, so a full filesystem fails before anything changes.
         var memory: MemoryImage?
@@ -183,73 +142,25 @@ extension DomainService {
         var j = DomainJournal(operation: .create, snapshot: name, record: record)
         let journalID = try store.beginDomainJournal(domain: domain, operation: "create snapshot '\(name)'", payload: try JSONEncoder().encode(j))
         var report = CreateReport(snapshot: record)
-        /// Disks without a hypervisor path, each through its backend's own journaled plan.
-        func takeThroughBackends(_ chosen: [DiskPart]) async throws {
-            for part in chosen {
-                try await disks.create(SnapshotRequest(name: name, kind: part.kind, description: request.description), disk: part.layout.disk.id, kind: part.backend.kind)
-                j.disksDone.append(part.disk.target)
-                try phase(journalID, &j, "disk-\(part.disk.target)")
-            }
-        }
         do {
             if state == .shutoff {
-                try await takeThroughBackends(parts)
+                try await takeThroughBackends(parts, name: name, request: request, journalID: journalID, j: &j)
             } else {
-                let client = try await driver.connect(runtime(domain), domain: domain)
-                defer { Task { await client.close() } }
-                let mark = await client.eventMark
-                if request.internalMemory {
-                    try await internalFullSystem(client: client, name: name, parts: parts.map { ($0.disk.target, $0.layout, $0.live!) }, journalID: journalID, j: &j)
-                } else {
-                    // Everything that can happen before the pause does: the journal knows the
-                    // overlays and that vmsnap pauses the guest, QEMU has the memory file.
-                    let live = parts.filter { $0.live != nil }
-                    for part in live {
-                        j.liveBefore[part.disk.target] = part.layout
-                        j.liveAfter[part.disk.target] = part.live!.result
+                let live = try await driver.connect(domain)
+                do {
+                    let mark = await live.mark()
+                    if request.internalMemory {
+                        try await takeInternal(live, name: name, parts: parts, journalID: journalID, j: &j)
+                    } else {
+                        try await takeLive(live, request: request, name: name, parts: parts, state: state, withMemory: withMemory,
+                                           memoryFD: memoryFD, guestBytes: UInt64(definition.memoryMiB) << 20,
+                                           record: &record, report: &report, journalID: journalID, j: &j)
                     }
-                    let liveMemory = withMemory && state == .running && !request.pausedSave
-                    if withMemory { try await prepareMemory(client: client, fd: memoryFD, live: liveMemory) }
-                    j.pausedByUs = state == .running
-                    try phase(journalID, &j, "prepared")
-                    let t0 = ContinuousClock.now
-                    Trace.mark("pause prepared")
-                    if state == .running { try await client.stop() }
-                    Trace.mark("stop")
-                    DomainFault.point("create:paused", qemu: runtime(domain))
-                    // Backends without a hypervisor path, while the vCPUs are stopped and QEMU has flushed.
-                    try await takeThroughBackends(parts.filter { $0.live == nil })
-                    // qcow2 disks: one transaction, all or none.
-                    if !live.isEmpty {
-                        try await client.transaction(live.map { Self.transactionAction(target: $0.disk.target, name: name, kind: $0.kind, result: $0.live!.result) })
-                    }
-                    Trace.mark("transaction")
-                    DomainFault.point("create:transaction", qemu: runtime(domain))
-                    // The memory point in time is fixed now; with background-snapshot QEMU resumes the guest itself.
-                    let started = ContinuousClock.now
-                    let migrationMark = await client.eventMark
-                    if withMemory { try await client.execute("migrate", ["uri": .string("fd:\(Self.memoryFDName)")]) }
-                    Trace.mark("memory save started")
-                    if state == .running { report.ownPauseMs = (ContinuousClock.now - t0).seconds * 1000 }
-                    for part in live {
-                        try disks.record(part.live!.result, replacing: part.layout)
-                        j.disksDone.append(part.disk.target)
-                    }
-                    try phase(journalID, &j, "disks-recorded")
-                    if withMemory {
-                        let (size, downtime) = try await finishMemory(client: client, fd: memoryFD, guestBytes: UInt64(definition.memoryMiB) << 20, since: migrationMark)
-                        report.memorySeconds = (ContinuousClock.now - started).seconds
-                        report.qemuDowntimeMs = downtime
-                        record.memory?.size = size
-                        j.record = record
-                        try phase(journalID, &j, "memory-saved")
-                    }
-                    if state == .running, try await !client.status().running { try await client.cont() }
-                    j.pausedByUs = false
-                }
-                let events = await client.events(since: mark)
-                if let stop = events.first(where: { $0.name == "STOP" }), let resume = events.last(where: { $0.name == "RESUME" }) {
-                    report.pauseMs = (resume.timestamp - stop.timestamp) * 1000
+                    report.pauseMs = await live.pauseWindow(since: mark)
+                    await live.close()
+                } catch {
+                    await live.close()
+                    throw error
                 }
             }
             try phase(journalID, &j, "commit")
@@ -262,11 +173,139 @@ extension DomainService {
                 throw cause
             }
             try? store.finishDomainJournal(journalID, state: "rolled-back")
-            if let e = cause as? QMPError { throw e.snapshotError }
             throw cause
         }
         report.snapshot = record
         return report
+    }
+
+    /// Refuses what cannot be done, before anything is planned.
+    func checkRequest(_ request: DomainSnapshotRequest, name: String, domain: String, definition: DomainDefinition,
+                      existing: [DomainSnapshotRecord], state: DomainRunState) throws {
+        try SnapshotName.validate(name)
+        if existing.contains(where: { $0.name == name }) {
+            throw SnapshotError(.alreadyExists, "domain '\(domain)' already has a snapshot named \(SnapshotName.quoted(name)); pick another name or delete that one first")
+        }
+        if let d = request.description, d.utf8.count > 4096 {
+            throw SnapshotError(.invalidArgument, "the description is \(d.utf8.count) bytes; the limit is 4096")
+        }
+        if request.diskOnly, request.memoryFile != nil || request.internalMemory || request.pausedSave {
+            throw SnapshotError(.invalidArgument, "--disk-only takes no memory: drop --memory-file / --memory internal / --paused-save")
+        }
+        if request.memoryFile != nil, request.internalMemory {
+            throw SnapshotError(.invalidArgument, "--memory-file names an external memory image; --memory internal keeps memory inside the disk images: pick one")
+        }
+        if request.quiesce, state == .shutoff { throw SnapshotError(.invalidArgument, "--quiesce needs a running domain with a guest agent; '\(domain)' is shut off") }
+        if request.quiesce { throw SnapshotError(.unsupported, "--quiesce needs a guest agent channel; this build does not configure one (docs/notes.md)") }
+        let withMemory = !request.diskOnly && state != .shutoff
+        if state == .shutoff, request.memoryFile != nil || request.internalMemory {
+            throw SnapshotError(.invalidArgument, "domain '\(domain)' is shut off: there is no memory to save; drop the memory options (the snapshot is disk-only)")
+        }
+        if let targets = request.targets {
+            for t in targets where !definition.disks.contains(where: { $0.target == t }) {
+                throw SnapshotError(.notFound, "domain '\(domain)' has no disk \(t) (it has \(definition.disks.map(\.target).joined(separator: ", ")))")
+            }
+            if withMemory, Set(targets) != Set(definition.disks.map(\.target)) {
+                throw SnapshotError(.invalidArgument, "a snapshot with memory must include every disk (the memory refers to all of them); drop --disks or add --disk-only")
+            }
+        }
+    }
+
+    /// Plans every disk before anything changes: which kind, and who takes it (the hypervisor,
+    /// where both it and the backend say so, else the backend while the guest is paused).
+    func planDisks(_ request: DomainSnapshotRequest, name: String, definition: DomainDefinition, driver: any HypervisorDriver,
+                   state: DomainRunState) async throws -> ([DiskPart], [DomainSnapshotDisk]) {
+        var parts: [DiskPart] = []
+        var excluded: [DomainSnapshotDisk] = []
+        for disk in definition.disks {
+            let (backend, layout) = try await disks.manage(disk.locator, kind: disk.backend)
+            guard request.targets?.contains(disk.target) ?? true else {
+                excluded.append(DomainSnapshotDisk(target: disk.target, diskID: layout.disk.id, backend: backend.kind, kind: nil))
+                continue
+            }
+            let caps = backend.descriptor.capabilities
+            let kind = request.kind ?? (request.internalMemory || caps.supports(.create, .internal, .offline) ? .internal : .external)
+            if layout.snapshot(named: name) != nil {
+                throw SnapshotError(.alreadyExists, "disk \(disk.target) (\(layout.disk.id)) already has a disk snapshot named \(SnapshotName.quoted(name)); pick another name")
+            }
+            var part = DiskPart(disk: disk, backend: backend, layout: layout, kind: kind)
+            if state != .shutoff {
+                let drive = try backend.hypervisorDrive(layout)
+                part.drive = drive
+                if drive.liveSnapshots, driver.capabilities.snapshotsLive(format: drive.format, kind: kind) {
+                    part.live = try await backend.planLiveCreate(SnapshotRequest(name: name, kind: kind, description: request.description), layout: layout)
+                } else if !caps.supports(.create, kind, .live) {
+                    throw SnapshotError(.unsupported, "disk \(disk.target): backend '\(backend.kind)' cannot take \(kind) snapshots while the domain runs, and the \(driver.name) driver cannot take them for it; stop the domain, or leave the disk out with --disks")
+                }
+            } else {
+                try caps.require(Capability(.create, kind, .offline), backend: backend.kind)
+            }
+            parts.append(part)
+        }
+        if request.internalMemory {
+            guard driver.capabilities.internalMemory, parts.allSatisfy({ $0.drive?.holdsInternalMemory == true && $0.kind == .internal && $0.live != nil }), excluded.isEmpty else {
+                throw SnapshotError(.unsupported, "--memory internal keeps the memory inside the disk images: every disk must be an image that can hold it (qcow2) with an internal snapshot, under a hypervisor that writes it; use an external memory file (the default) for mixed domains")
+            }
+        }
+        guard !parts.isEmpty else { throw SnapshotError(.invalidArgument, "the snapshot would include no disk") }
+        return (parts, excluded)
+    }
+
+    /// Disks without a hypervisor path, each through its backend's own journaled plan.
+    func takeThroughBackends(_ chosen: [DiskPart], name: String, request: DomainSnapshotRequest, journalID: Int64, j: inout DomainJournal) async throws {
+        for part in chosen {
+            try await disks.create(SnapshotRequest(name: name, kind: part.kind, description: request.description), disk: part.layout.disk.id, kind: part.backend.kind)
+            j.disksDone.append(part.disk.target)
+            try phase(journalID, &j, "disk-\(part.disk.target)")
+        }
+    }
+
+    /// A live snapshot: everything that can happen before the pause does (the journal knows the
+    /// overlays and that vmsnap pauses the guest, the hypervisor has the memory file); then
+    /// pause, storage-side snapshots, the hypervisor's snapshots at one instant, the memory
+    /// save started (the guest resumes with a live save), the disks recorded, the save finished.
+    func takeLive(_ live: any LiveDomain, request: DomainSnapshotRequest, name: String, parts: [DiskPart], state: DomainRunState, withMemory: Bool,
+                  memoryFD: Int32, guestBytes: UInt64, record: inout DomainSnapshotRecord, report: inout CreateReport,
+                  journalID: Int64, j: inout DomainJournal) async throws {
+        let byHypervisor = parts.filter { $0.live != nil }
+        for part in byHypervisor {
+            j.liveBefore[part.disk.target] = part.layout
+            j.liveAfter[part.disk.target] = part.live!.result
+        }
+        let liveMemory = withMemory && state == .running && !request.pausedSave
+        if withMemory { try await live.prepareMemorySave(to: memoryFD, live: liveMemory) }
+        j.pausedByUs = state == .running
+        try phase(journalID, &j, "prepared")
+        let t0 = ContinuousClock.now
+        Trace.mark("pause prepared")
+        if state == .running { try await live.pause() }
+        Trace.mark("stop")
+        DomainFault.point("create:paused", hypervisor: hypervisorProcess(record.domain))
+        // Storage-side snapshots while the vCPUs are stopped and the hypervisor has flushed.
+        try await takeThroughBackends(parts.filter { $0.live == nil }, name: name, request: request, journalID: journalID, j: &j)
+        if !byHypervisor.isEmpty { try await live.snapshotDisks(byHypervisor.map { $0.liveSnapshot(name) }) }
+        Trace.mark("transaction")
+        DomainFault.point("create:transaction", hypervisor: hypervisorProcess(record.domain))
+        let started = ContinuousClock.now
+        let memoryMark = await live.mark()
+        if withMemory { try await live.startMemorySave() }
+        Trace.mark("memory save started")
+        if state == .running { report.ownPauseMs = (ContinuousClock.now - t0).seconds * 1000 }
+        for part in byHypervisor {
+            try disks.record(part.live!.result, replacing: part.layout)
+            j.disksDone.append(part.disk.target)
+        }
+        try phase(journalID, &j, "disks-recorded")
+        if withMemory {
+            let (size, downtime) = try await finishMemory(live, fd: memoryFD, guestBytes: guestBytes, since: memoryMark)
+            report.memorySeconds = (ContinuousClock.now - started).seconds
+            report.qemuDowntimeMs = downtime
+            record.memory?.size = size
+            j.record = record
+            try phase(journalID, &j, "memory-saved")
+        }
+        if state == .running, try await !live.isRunning() { try await live.resume() }
+        j.pausedByUs = false
     }
 
     static func generatedName(existing: Set<String>) -> String {
@@ -281,23 +320,12 @@ extension DomainService {
         return name
     }
 
-    static func transactionAction(target: String, name: String, kind: SnapshotKind, result: DiskLayout) -> JSONValue {
-        let device = QEMUDrive.driveID(target)
-        switch kind {
-        case .internal:
-            return ["type": "blockdev-snapshot-internal-sync", "data": ["device": .string(device), "name": .string(name)]]
-        case .external:
-            return ["type": "blockdev-snapshot-sync", "data": [
-                "device": .string(device), "snapshot-file": .string(result.disk.active), "format": "qcow2", "mode": "absolute-paths"]]
-        }
-    }
-
     /// Creates the memory file (0600, new) and reserves room for a guest's memory, so a full
     /// filesystem is found before the guest is touched.
     static func reserveMemoryFile(_ path: String, bytes: UInt64) throws -> Int32 {
         let dir = (path as NSString).deletingLastPathComponent
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
-        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard fd >= 0 else {
             let why = errno == EEXIST ? "it exists already; pick another --memory-file or remove it" : String(cString: strerror(errno))
             throw SnapshotError(errno == EEXIST ? .alreadyExists : .io, "cannot create memory image \(path): \(why)")
@@ -314,115 +342,74 @@ extension DomainService {
         return fd
     }
 
-    // The guest's memory goes into `fd` through QEMU's migration: background-snapshot (the
-    // memory point in time is fixed while paused and the guest resumes at once) or a plain
-    // migration of a stopped guest.
-    static let memoryFDName = "vmsnap-memory"
-
-
-    /// Sets the migration capabilities and hands QEMU the memory file, before the pause.
-    func prepareMemory(client: QMPClient, fd: Int32, live: Bool) async throws {
-        try await client.setMigrationCapabilities(["background-snapshot": live, "events": true])
-        // QEMU rate-limits migration (128 MiB/s by default); a save to a local file should not be.
-        try await client.execute("migrate-set-parameters", ["max-bandwidth": .int(1 << 40)])
-        try await client.passFile(fd, name: Self.memoryFDName)
-    }
-
-    /// Waits for the memory stream QEMU started into `fd` to finish, showing progress.
-    func finishMemory(client: QMPClient, fd: Int32, guestBytes: UInt64, since mark: Int) async throws -> (UInt64, Double?) {
-        let last = try await followMigration(client: client, fd: fd, total: guestBytes, since: mark, phase: "memory save") { status, info in
-            SnapshotError(.io, "saving the guest's memory failed: \(info?.errorDescription ?? status); the snapshot is rolled back and the guest keeps running")
-        }
+    /// Waits for the memory save to finish, then cuts the file to what was written and syncs it.
+    func finishMemory(_ live: any LiveDomain, fd: Int32, guestBytes: UInt64, since mark: Int) async throws -> (UInt64, Double?) {
+        let downtime = try await live.finishMemorySave(fd: fd, guestBytes: guestBytes, since: mark, progress: progress)
         let size = lseek(fd, 0, SEEK_CUR)
         guard size > 0, ftruncate(fd, size) == 0, fsync(fd) == 0 else {
             throw SnapshotError(.io, "finishing the memory image failed: \(String(cString: strerror(errno)))")
         }
-        return (UInt64(size), last.downtimeMs)
+        return (UInt64(size), downtime)
     }
 
-    /// Waits for a migration to or from `fd` (save or restore) to complete, showing progress from
-    /// the file position QEMU's copy of `fd` has reached; throws `failure` if it fails.
-    func followMigration(client: QMPClient, fd: Int32, total: UInt64, since mark: Int, phase: String,
-                         failure: (String, MigrationInfo?) -> SnapshotError) async throws -> MigrationInfo {
-        let started = ContinuousClock.now
-        while true {
-            let info = try await client.migrationInfo()
-            if info.status == "completed" { return info }
-            if info.status == "failed" || info.status == "cancelled" { throw failure(info.status, info) }
-            let elapsed = (ContinuousClock.now - started).seconds
-            if elapsed > 1, let progress {
-                let done = UInt64(max(lseek(fd, 0, SEEK_CUR), 0))
-                let rate = Double(done) / elapsed
-                let whole = max(total, done)
-                progress(ProgressReport(phase: phase, done: done, total: whole, bytesPerSecond: rate,
-                                        secondsLeft: rate > 0 && whole > done ? Double(whole - done) / rate : nil))
-            }
-            _ = try? await client.waitForEvent("MIGRATION", since: mark, timeout: .milliseconds(500)) {
-                ["completed", "failed", "cancelled"].contains($0.data["status"]?.string ?? "")
-            }
-        }
-    }
-
-    /// Memory and every disk inside the qcow2 images through QEMU's snapshot-save job (the guest
-    /// stays paused while it runs, as savevm does).
-    func internalFullSystem(client: QMPClient, name: String, parts: [(target: String, layout: DiskLayout, plan: Plan)], journalID: Int64, j: inout DomainJournal) async throws {
-        let devices = try await client.blockDevices()
-        var nodes: [String] = []
+    /// Memory and every disk inside the images (QEMU's snapshot-save: the guest stays paused
+    /// while it runs, as savevm does).
+    func takeInternal(_ live: any LiveDomain, name: String, parts: [DiskPart], journalID: Int64, j: inout DomainJournal) async throws {
         for part in parts {
-            guard let node = devices.first(where: { $0.device == QEMUDrive.driveID(part.target) })?.nodeName else {
-                throw SnapshotError(.conflict, "QEMU has no block device for disk \(part.target)")
-            }
-            nodes.append(node)
-            j.liveBefore[part.target] = part.layout
-            j.liveAfter[part.target] = part.plan.result
+            j.liveBefore[part.disk.target] = part.layout
+            j.liveAfter[part.disk.target] = part.live!.result
         }
         try phase(journalID, &j, "transaction")
-        let job = "vmsnap-save-\(name)"
-        try await client.execute("snapshot-save", ["job-id": .string(job), "tag": .string(name), "vmstate": .string(nodes[0]), "devices": .array(nodes.map { .string($0) })])
-        try await client.waitForJob(job, progress: nil)
+        try await live.saveInternal(name: name, targets: parts.map(\.disk.target))
         for part in parts {
-            try disks.record(part.plan.result, replacing: part.layout)
-            j.disksDone.append(part.target)
+            try disks.record(part.live!.result, replacing: part.layout)
+            j.disksDone.append(part.disk.target)
         }
         try phase(journalID, &j, "disks-recorded")
     }
 
-    /// Undoes whatever part of a create happened: disk snapshots (through QEMU while it runs),
-    /// the memory file; resumes a guest vmsnap paused.
+    /// Undoes whatever part of a create happened: disk snapshots (through the hypervisor while
+    /// it runs, else offline through the backend), the memory file; resumes a guest vmsnap paused.
     func rollBackCreate(domain: String, _ j: DomainJournal) async throws {
         guard let record = j.record else { return }
-        let rt = runtime(domain)
-        let client: QMPClient? = rt.pid() != nil ? try? await driver.connect(rt, domain: domain) : nil
-        defer { if let client { Task { await client.close() } } }
-        if let client, await client.isClosed == false {
-            // Let a memory save that is still streaming finish (into the file removed below):
-            // cancelling a background-snapshot migration leaves QEMU 7.2's guest hung on its
-            // write-protected pages (measured here; docs/notes.md).
-            let deadline = ContinuousClock.now + .seconds(1800)
-            while let info = try? await client.migrationInfo(), ["active", "setup", "device", "pre-switchover"].contains(info.status), ContinuousClock.now < deadline {
-                try await Task.sleep(for: .milliseconds(100))
-            }
+        let driver = try drivers.driver(for: record.definition)
+        let live: (any LiveDomain)? = driver.isRunning(domain) ? try? await driver.connect(domain) : nil
+        do {
+            try await undoCreate(record, j, live: live)
+            await live?.close()
+        } catch {
+            await live?.close()
+            throw error
         }
+    }
+
+    private func undoCreate(_ record: DomainSnapshotRecord, _ j: DomainJournal, live: (any LiveDomain)?) async throws {
+        let connected: (any LiveDomain)? = if let live, await live.isConnected() { live } else { nil }
+        // A memory save that is still streaming finishes (into the file removed below).
+        await connected?.drainMemorySave()
         for disk in record.disks where disk.kind != nil {
             if let before = j.liveBefore[disk.target] {
-                if let client {
-                    try await undoLive(client: client, target: disk.target, name: record.name, kind: disk.kind!, before: before, after: j.liveAfter[disk.target])
-                } else {
-                    // QEMU is gone: the snapshot, if QEMU took it, is in the image; undo it offline.
-                    if let stored = try store.layout(diskID: disk.diskID), stored.snapshot(named: record.name) != nil {
-                        try await disks.delete(disk: disk.diskID, snapshot: record.name, mode: .merge, kind: disk.backend)
-                    } else {
-                        let (backend, _) = try await disks.manage(disk.diskID, kind: disk.backend)
-                        try await backend.undoUnrecordedLiveSnapshot(record.name, kind: disk.kind!, before: before, after: j.liveAfter[disk.target])
+                let after = j.liveAfter[disk.target]
+                if let connected {
+                    try await connected.undoDiskSnapshot(LiveDiskSnapshot(target: disk.target, name: record.name, kind: disk.kind!,
+                                                                          overlay: disk.kind == .external ? after?.disk.active : nil, format: ""))
+                    if let stored = try store.layout(diskID: before.disk.id), stored.snapshot(named: record.name) != nil {
+                        try store.update(from: stored, to: before)
                     }
+                } else if let stored = try store.layout(diskID: disk.diskID), stored.snapshot(named: record.name) != nil {
+                    // The hypervisor is gone: the snapshot, if it took it, is in the image; undo it offline.
+                    try await disks.delete(disk: disk.diskID, snapshot: record.name, mode: .merge, kind: disk.backend)
+                } else {
+                    let (backend, _) = try await disks.manage(disk.diskID, kind: disk.backend)
+                    try await backend.undoUnrecordedLiveSnapshot(record.name, kind: disk.kind!, before: before, after: after)
                 }
             } else if let stored = try store.layout(diskID: disk.diskID), stored.snapshot(named: record.name) != nil {
                 try await disks.delete(disk: disk.diskID, snapshot: record.name, mode: .merge, kind: disk.backend)
             }
         }
-        if client == nil {
-            // QEMU died (or was killed) with the images open: free the clusters it had allocated
-            // but not yet referenced, so `qemu-img check` is clean again.
+        if connected == nil {
+            // The hypervisor died (or was killed) with the images open: let each backend repair
+            // what that leaves (qcow2: leaked clusters).
             for disk in record.disks {
                 if let layout = try store.layout(diskID: disk.diskID) {
                     let (backend, _) = try await disks.manage(disk.diskID, kind: disk.backend)
@@ -431,35 +418,7 @@ extension DomainService {
             }
         }
         if let memory = record.memory, memory.location == .external { unlink(memory.path) }
-        if let client, j.pausedByUs, await client.isClosed == false { try? await client.cont() }
-    }
-
-    /// Undoes one disk snapshot QEMU took while it still runs.
-    func undoLive(client: QMPClient, target: String, name: String, kind: SnapshotKind, before: DiskLayout, after: DiskLayout?) async throws {
-        let device = QEMUDrive.driveID(target)
-        switch kind {
-        case .internal:
-            do {
-                try await client.execute("blockdev-snapshot-delete-internal-sync", ["device": .string(device), "name": .string(name)])
-            } catch let e as QMPError where e.reason.contains("does not exist") || e.reason.contains("not found") {}
-        case .external:
-            guard let overlay = after?.disk.active else { break }
-            let open = try await client.blockDevices().first { $0.device == device }?.file
-            if open == overlay {
-                // Commit the guest's writes since the snapshot back into the base, then pivot.
-                let job = "vmsnap-undo-\(target)"
-                let mark = await client.eventMark
-                try await client.execute("block-commit", ["device": .string(device), "job-id": .string(job)])
-                _ = try await client.waitForEvent("BLOCK_JOB_READY", since: mark, timeout: .seconds(600)) { $0.data["device"]?.string == job }
-                try await client.execute("block-job-complete", ["device": .string(job)])
-                let done = try await client.waitForEvent("BLOCK_JOB_COMPLETED", since: mark, timeout: .seconds(600)) { $0.data["device"]?.string == job }
-                if let error = done.data["error"]?.string { throw SnapshotError(.commandFailed, "undoing the snapshot of \(target) failed: \(error)") }
-            }
-            unlink(overlay)
-        }
-        if let stored = try store.layout(diskID: before.disk.id), stored.snapshot(named: name) != nil {
-            try store.update(from: stored, to: before)
-        }
+        if let connected, j.pausedByUs, await connected.isConnected() { try? await connected.resume() }
     }
 }
 

@@ -1,15 +1,6 @@
 import Foundation
-import QEMUDriver
+import HypervisorDriver
 import SnapshotCore
-
-/// Progress of a long step (memory save or restore, merge), for terminals and `--json`.
-public struct ProgressReport: Codable, Sendable, Hashable {
-    public var phase: String
-    public var done: UInt64
-    public var total: UInt64
-    public var bytesPerSecond: Double
-    public var secondsLeft: Double?
-}
 
 /// A domain and what it is doing now.
 public struct DomainStatus: Codable, Sendable, Hashable {
@@ -23,38 +14,47 @@ public struct DomainStatus: Codable, Sendable, Hashable {
 }
 
 /// `VMSNAP_DOMAIN_FAULT=<operation>:<phase>`: the process kills itself when a domain operation
-/// reaches that phase; `qemu@<operation>:<phase>` kills the domain's QEMU there instead. Tests
-/// use it to check recovery from each step and from a hypervisor that dies mid-operation.
+/// reaches that phase; `qemu@<operation>:<phase>` (the prefix is the hypervisor's name) kills the
+/// domain's hypervisor process there instead. Tests use it to check recovery from each step and
+/// from a hypervisor that dies mid-operation.
 enum DomainFault {
     static let spec = ProcessInfo.processInfo.environment["VMSNAP_DOMAIN_FAULT"]
-    static func point(_ phase: String, qemu: QEMURuntime? = nil) {
+    static func point(_ phase: String, hypervisor: (name: String, pid: Int32?)? = nil) {
         guard let spec else { return }
         if spec == phase {
             FileHandle.standardError.write(Data("vmsnap: fault injection: killing myself at domain phase \(phase)\n".utf8))
             kill(getpid(), SIGKILL)
-        } else if spec == "qemu@" + phase, let pid = qemu?.pid() {
-            FileHandle.standardError.write(Data("vmsnap: fault injection: killing QEMU (pid \(pid)) at domain phase \(phase)\n".utf8))
+        } else if let hypervisor, spec == hypervisor.name + "@" + phase, let pid = hypervisor.pid {
+            FileHandle.standardError.write(Data("vmsnap: fault injection: killing the hypervisor (pid \(pid)) at domain phase \(phase)\n".utf8))
             kill(pid, SIGKILL)
         }
     }
 }
 
-/// Domains and their snapshots: composes the disk backends, the QEMU driver and the store.
+/// Domains and their snapshots: composes the disk backends, the hypervisor drivers and the store.
 public struct DomainService: Sendable {
     public let disks: DiskSnapshotService
-    public let driver: QEMUDriver
-    public var progress: (@Sendable (ProgressReport) -> Void)?
+    public let drivers: HypervisorDrivers
+    public var progress: ProgressHandler?
 
     public var store: MetadataStore { disks.store }
     var notify: @Sendable (String) -> Void { disks.notify }
 
-    public init(disks: DiskSnapshotService, driver: QEMUDriver = QEMUDriver(), progress: (@Sendable (ProgressReport) -> Void)? = nil) {
+    public init(disks: DiskSnapshotService, drivers: HypervisorDrivers, progress: ProgressHandler? = nil) {
         self.disks = disks
-        self.driver = driver
+        self.drivers = drivers
         self.progress = progress
     }
 
-    func runtime(_ domain: String) -> QEMURuntime { QEMURuntime(storeDirectory: store.directory, domain: domain) }
+    /// The driver of a defined domain's hypervisor.
+    func driver(_ domain: String) throws -> any HypervisorDriver {
+        try drivers.driver(for: try definition(domain).definition)
+    }
+
+    /// For fault injection: the hypervisor's name and process.
+    func hypervisorProcess(_ domain: String) -> (name: String, pid: Int32?)? {
+        (try? driver(domain)).map { ($0.name, $0.pid(domain)) }
+    }
 
     // MARK: - Domains
 
@@ -62,6 +62,8 @@ public struct DomainService: Sendable {
     /// backend manages it.
     public func define(_ definition: DomainDefinition) async throws {
         try definition.validate()
+        let driver = try drivers.driver(for: definition)
+        try driver.validate(definition)
         for disk in definition.disks {
             do { _ = try await disks.manage(disk.locator, kind: disk.backend) } catch let e as SnapshotError {
                 throw SnapshotError(e.code, "domain '\(definition.name)', disk \(disk.target): \(e.message)")
@@ -73,7 +75,7 @@ public struct DomainService: Sendable {
         if let initrd = definition.boot.initrd, !FileManager.default.isReadableFile(atPath: initrd) {
             throw SnapshotError(.notFound, "domain '\(definition.name)': initrd \(initrd) is missing or unreadable")
         }
-        if let (old, _) = try store.domain(named: definition.name), runtime(old.name).pid() != nil, old.disks != definition.disks {
+        if let (old, _) = try store.domain(named: definition.name), driver.isRunning(old.name), old.disks != definition.disks {
             throw SnapshotError(.inUse, "domain '\(definition.name)' is running; stop it before changing its disks")
         }
         try store.define(definition)
@@ -87,20 +89,17 @@ public struct DomainService: Sendable {
         return found
     }
 
-    /// The run state, from the QEMU process and its QMP status.
+    /// The run state, as the domain's hypervisor reports it.
     public func runState(_ name: String) async throws -> DomainRunState {
-        let rt = runtime(name)
-        guard rt.pid() != nil else { return .shutoff }
-        let client = try await driver.connect(rt, domain: name)
-        defer { Task { await client.close() } }
-        return try await client.status().running ? .running : .paused
+        try await driver(name).runState(name)
     }
 
     public func status(_ name: String) async throws -> DomainStatus {
         let (definition, current) = try definition(name)
-        return DomainStatus(name: name, uuid: definition.uuid, state: try await runState(name), pid: runtime(name).pid(),
+        let driver = try drivers.driver(for: definition)
+        return DomainStatus(name: name, uuid: definition.uuid, state: try await driver.runState(name), pid: driver.pid(name),
                             currentSnapshot: current, snapshotCount: try store.domainSnapshots(of: name).count,
-                            accelerator: QEMUDriver.chooseAccelerator(definition.accel))
+                            accelerator: driver.accelerator(definition))
     }
 
     public func list() async throws -> [DomainStatus] {
@@ -109,16 +108,16 @@ public struct DomainService: Sendable {
         return out
     }
 
-    /// The drives QEMU opens: each disk's active layer as its backend says QEMU opens it.
-    func drives(_ definition: DomainDefinition) async throws -> [QEMUDrive] {
-        var drives: [QEMUDrive] = []
+    /// The drives the hypervisor opens: each disk's active layer as its backend says to open it.
+    func drives(_ definition: DomainDefinition) async throws -> [DomainDrive] {
+        var drives: [DomainDrive] = []
         for disk in definition.disks {
             let (backend, layout) = try await disks.manage(disk.locator, kind: disk.backend)
             let drive: HypervisorDrive
             do { drive = try backend.hypervisorDrive(layout) } catch let e as SnapshotError {
                 throw SnapshotError(e.code, "domain '\(definition.name)', disk \(disk.target): \(e.message)")
             }
-            drives.append(QEMUDrive(target: disk.target, path: drive.path, format: drive.format))
+            drives.append(DomainDrive(target: disk.target, drive: drive))
         }
         return drives
     }
@@ -129,36 +128,32 @@ public struct DomainService: Sendable {
         defer { withExtendedLifetime(lock) {} }
         try await recover(domain: name)
         let (definition, _) = try definition(name)
-        guard runtime(name).pid() == nil else { throw SnapshotError(.conflict, "domain '\(name)' is running already") }
-        let client = try await driver.launch(definition, drives: try await drives(definition), runtime: runtime(name), options: QEMULaunchOptions(paused: paused))
-        await client.close()
+        let driver = try drivers.driver(for: definition)
+        guard !driver.isRunning(name) else { throw SnapshotError(.conflict, "domain '\(name)' is running already") }
+        try await driver.start(definition, drives: try await drives(definition), mode: .boot(paused: paused), progress: progress)
     }
 
     /// Stops the domain: with `force` at once (like pulling the plug), else by asking the guest to
     /// power off and waiting up to `timeout`.
     public func stop(_ name: String, force: Bool, timeout: Duration = .seconds(60)) async throws {
-        _ = try definition(name)
-        let rt = runtime(name)
-        guard rt.pid() != nil else { throw SnapshotError(.conflict, "domain '\(name)' is not running") }
-        if force { try await driver.terminate(rt); return }
-        guard try await driver.powerdown(rt, timeout: timeout) else {
+        let driver = try driver(name)
+        guard driver.isRunning(name) else { throw SnapshotError(.conflict, "domain '\(name)' is not running") }
+        if force { try await driver.destroy(name); return }
+        guard try await driver.shutdown(name, timeout: timeout) else {
             throw SnapshotError(.busy, "domain '\(name)' did not power off within \(timeout); its guest may ignore ACPI. Use `vmsnap domain stop --force` to stop it at once")
         }
     }
 
     /// Pauses or resumes the vCPUs.
     public func setPaused(_ name: String, _ paused: Bool) async throws {
-        _ = try definition(name)
-        let client = try await driver.connect(runtime(name), domain: name)
-        defer { Task { await client.close() } }
-        if paused { try await client.stop() } else { try await client.cont() }
+        let driver = try driver(name)
+        if paused { try await driver.pause(name) } else { try await driver.resume(name) }
     }
 
     /// Forgets a domain. Refused while it runs, and while it has snapshots unless
     /// `dropSnapshotMetadata` (the disk snapshots stay on the disks).
     public func undefine(_ name: String, dropSnapshotMetadata: Bool) async throws {
-        _ = try definition(name)
-        guard runtime(name).pid() == nil else { throw SnapshotError(.inUse, "domain '\(name)' is running; stop it first") }
+        guard try !driver(name).isRunning(name) else { throw SnapshotError(.inUse, "domain '\(name)' is running; stop it first") }
         let snapshots = try store.domainSnapshots(of: name)
         if !snapshots.isEmpty, !dropSnapshotMetadata {
             throw SnapshotError(.conflict, "domain '\(name)' has \(snapshots.count) snapshot(s); delete them first, or pass --snapshots-metadata to forget their records (the disk snapshots stay on the disks)")
@@ -170,6 +165,6 @@ public struct DomainService: Sendable {
         try DiskLock(store: store, diskID: "domain:" + name)
     }
 
-    /// The guest's serial console log (appended across launches).
-    public func serialLog(_ name: String) -> String { runtime(name).serialLog }
+    /// The guest's console log (appended across launches).
+    public func serialLog(_ name: String) throws -> String { try driver(name).consoleLog(name) }
 }

@@ -1,5 +1,5 @@
 import Foundation
-import QEMUDriver
+import HypervisorDriver
 import SnapshotCore
 #if canImport(Glibc)
 import Glibc
@@ -38,7 +38,7 @@ extension DomainService {
                 throw SnapshotError(.notFound, "disk \(disk.target) (\(disk.diskID)) no longer has the disk snapshot '\(name)'; nothing was changed")
             }
             // Plan each disk's revert now, so a refusal comes before the domain is touched. The
-            // running QEMU holds the images; that one refusal goes away once it is stopped.
+            // running hypervisor holds the images; that one refusal goes away once it is stopped.
             do { _ = try await backend.planRevert(to: name, layout: layout) } catch let e as SnapshotError where e.code == .inUse {} catch let e as SnapshotError {
                 throw SnapshotError(e.code, "disk \(disk.target): \(e.message). Nothing was changed")
             }
@@ -60,11 +60,12 @@ extension DomainService {
     func finishRevert(domain: String, journalID: Int64, _ j0: DomainJournal, force: Bool) async throws {
         var j = j0
         guard let record = j.record, let target = j.targetState else { return }
+        let driver = try drivers.driver(for: record.definition)
         if !j.phases.contains("stopped") {
-            try await driver.terminate(runtime(domain))
+            try await driver.destroy(domain)
             try phase(journalID, &j, "stopped")
         }
-        // With QEMU gone every disk must be closed: an LVM merge into a volume someone else
+        // With the hypervisor gone every disk must be closed: an LVM merge into a volume someone else
         // holds would wait for its next activation while the domain ran on the old data.
         for disk in record.disks where disk.kind != nil && !j.disksDone.contains(disk.target) {
             let (backend, layout) = try await disks.manage(disk.diskID, kind: disk.backend)
@@ -82,48 +83,18 @@ extension DomainService {
             try phase(journalID, &j, "defined")
         }
         if target != .shutoff, !j.phases.contains("started") {
-            try await driver.terminate(runtime(domain))  // a half-started QEMU from an interrupted run
+            try await driver.destroy(domain)  // a half-started hypervisor from an interrupted run
             let drives = try await drives(record.definition)
-            switch record.memory?.location {
-            case .external?:
-                try await restoreMemory(record.definition, drives: drives, from: record.memory!.path, running: target == .running)
-            case .internal?:
-                let client = try await driver.launch(record.definition, drives: drives, runtime: runtime(domain), options: QEMULaunchOptions(paused: true, loadInternal: record.name))
-                if target == .running { try await client.cont() }
-                await client.close()
-            case nil:
-                let client = try await driver.launch(record.definition, drives: drives, runtime: runtime(domain), options: QEMULaunchOptions(paused: target == .paused))
-                await client.close()
+            let mode: StartMode = switch record.memory?.location {
+            case .external?: .restoreMemory(path: record.memory!.path, running: target == .running)
+            case .internal?: .loadInternal(name: record.name, running: target == .running)
+            case nil: .boot(paused: target == .paused)
             }
+            try await driver.start(record.definition, drives: drives, mode: mode, progress: progress)
             try phase(journalID, &j, "started")
         }
         try store.updateDomainSnapshots(domain: domain, current: .some(record.name))
         try store.finishDomainJournal(journalID, state: "done")
-    }
-
-    /// Launches QEMU waiting for a memory image and feeds it the file.
-    func restoreMemory(_ definition: DomainDefinition, drives: [QEMUDrive], from path: String, running: Bool) async throws {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw SnapshotError(.io, "cannot open memory image \(path): \(String(cString: strerror(errno)))") }
-        defer { close(fd) }
-        let total = UInt64(max(lseek(fd, 0, SEEK_END), 0))
-        lseek(fd, 0, SEEK_SET)
-        let rt = runtime(definition.name)
-        let client = try await driver.launch(definition, drives: drives, runtime: rt, options: QEMULaunchOptions(incoming: true))
-        defer { Task { await client.close() } }
-        do {
-            try await client.setMigrationCapabilities(["events": true])
-            try await client.passFile(fd, name: "vmsnap-memory")
-            let mark = await client.eventMark
-            try await client.execute("migrate-incoming", ["uri": "fd:vmsnap-memory"])
-            _ = try await followMigration(client: client, fd: fd, total: total, since: mark, phase: "memory restore") { status, _ in
-                SnapshotError(.invalidImage, "QEMU could not load the memory image \(path) (migration \(status)); it may be damaged or from another QEMU. The disks are reverted; the domain is left shut off. Revert with --force to boot from the disks")
-            }
-            if running { try await client.cont() }
-        } catch {
-            try? await driver.terminate(rt, client: client)
-            throw error
-        }
     }
 
     // MARK: - Delete
@@ -145,9 +116,9 @@ extension DomainService {
             for disk in record.disks where disk.kind != nil {
                 let (backend, layout) = try await disks.manage(disk.diskID, kind: disk.backend)
                 let drive = try backend.hypervisorDrive(layout)
-                if drive.liveSnapshots {
+                if try hypervisorDeletes(drive, kind: disk.kind!, domain: domain) {
                     guard mode == .merge else {
-                        throw SnapshotError(.unsupported, "deleting a subtree while domain '\(domain)' runs is not supported for its qcow2 disk \(disk.target); stop the domain first, or delete the snapshots one at a time")
+                        throw SnapshotError(.unsupported, "deleting a subtree while domain '\(domain)' runs is not supported for its \(drive.format) disk \(disk.target); stop the domain first, or delete the snapshots one at a time")
                     }
                     _ = try liveDeleteResult(layout: layout, name: name, target: disk.target)
                 } else if !backend.descriptor.capabilities.supports(.delete, disk.kind!, .live) {
@@ -167,12 +138,12 @@ extension DomainService {
         var j = j0
         guard let record = j.record, let mode = j.mode else { return }
         if !j.phases.contains("storage-skipped") {
-            let rt = runtime(domain)
+            let running = try driver(domain).isRunning(domain)
             for disk in record.disks where disk.kind != nil && !j.disksDone.contains(disk.target) {
                 let (backend, layout) = try await disks.manage(disk.diskID, kind: disk.backend)
                 let hasIt = layout.snapshot(named: record.name) != nil || (mode == .childrenOnly && !layout.tree.descendants(of: record.name).isEmpty)
                 if hasIt {
-                    if rt.pid() != nil, (try? backend.hypervisorDrive(layout))?.liveSnapshots == true {
+                    if running, let drive = try? backend.hypervisorDrive(layout), try hypervisorDeletes(drive, kind: disk.kind!, domain: domain) {
                         try await liveDelete(domain: domain, target: disk.target, layout: layout, name: record.name)
                     } else {
                         try await disks.delete(disk: disk.diskID, snapshot: record.name, mode: mode, kind: disk.backend)
@@ -218,7 +189,7 @@ extension DomainService {
         return out
     }
 
-    /// The layout after deleting `name` from a disk QEMU has open, or why it cannot be done live:
+    /// The layout after deleting `name` from a disk the hypervisor has open, or why it cannot be done live:
     /// an internal snapshot must be in the active image, an external one must be the active
     /// layer's backing file with nothing else built on it.
     func liveDeleteResult(layout: DiskLayout, name: String, target: String) throws -> DiskLayout {
@@ -248,40 +219,30 @@ extension DomainService {
         return after
     }
 
-    /// Deletes a disk snapshot through QEMU: internal in place, external by streaming the base
-    /// into the running layer (`block-stream`), then removing the base.
+    /// Whether the domain's hypervisor deletes this disk's snapshots while it runs (where it
+    /// took them: its formats, and the backend lets it), rather than the backend.
+    func hypervisorDeletes(_ drive: HypervisorDrive, kind: SnapshotKind, domain: String) throws -> Bool {
+        let caps = try driver(domain).capabilities
+        return drive.liveSnapshots && caps.liveMerge && caps.snapshotsLive(format: drive.format, kind: kind)
+    }
+
+    /// Deletes a disk snapshot through the hypervisor: internal in place, external by merging
+    /// the base into the running layer, then removing the base.
     func liveDelete(domain: String, target: String, layout: DiskLayout, name: String) async throws {
         let after = try liveDeleteResult(layout: layout, name: name, target: target)
         guard let snap = layout.snapshot(named: name) else { return }
-        let client = try await driver.connect(runtime(domain), domain: domain)
-        defer { Task { await client.close() } }
-        let device = QEMUDrive.driveID(target)
-        switch snap.kind {
-        case .internal:
-            do {
-                try await client.execute("blockdev-snapshot-delete-internal-sync", ["device": .string(device), "name": .string(name)])
-            } catch let e as QMPError where e.reason.contains("does not exist") || e.reason.contains("not found") {}
-        case .external:
-            let newBase = after.layers.first { $0.image == layout.disk.active }?.backing
-            let job = "vmsnap-stream-\(target)"
-            let mark = await client.eventMark
-            var args: [String: JSONValue] = ["device": .string(device), "job-id": .string(job)]
-            if let newBase { args["base"] = .string(newBase) }
-            try await client.execute("block-stream", .object(args))
-            let started = ContinuousClock.now
-            while true {
-                if let done = try? await client.waitForEvent("BLOCK_JOB_COMPLETED", since: mark, timeout: .milliseconds(500), where: { $0.data["device"]?.string == job }) {
-                    if let error = done.data["error"]?.string { throw SnapshotError(.commandFailed, "merging snapshot '\(name)' of \(target) failed: \(error)") }
-                    break
-                }
-                let jobs = try await client.execute("query-block-jobs").array ?? []
-                if let info = jobs.first(where: { $0["device"]?.string == job }), let progress {
-                    let doneBytes = UInt64(info["offset"]?.int ?? 0), total = UInt64(info["len"]?.int ?? 0)
-                    let elapsed = (ContinuousClock.now - started).seconds
-                    let rate = elapsed > 0 ? Double(doneBytes) / elapsed : 0
-                    if elapsed > 1 { progress(ProgressReport(phase: "merge \(target)", done: doneBytes, total: total, bytesPerSecond: rate, secondsLeft: rate > 0 && total > doneBytes ? Double(total - doneBytes) / rate : nil)) }
-                }
+        let live = try await driver(domain).connect(domain)
+        do {
+            switch snap.kind {
+            case .internal:
+                try await live.deleteInternalSnapshot(target: target, name: name)
+            case .external:
+                try await live.mergeIntoActive(target: target, base: after.layers.first { $0.image == layout.disk.active }?.backing, progress: progress)
             }
+            await live.close()
+        } catch {
+            await live.close()
+            throw error
         }
         try disks.record(after, replacing: layout)
         if snap.kind == .external { unlink(snap.image) }

@@ -2,6 +2,7 @@ import Foundation
 #if canImport(FoundationXML)
 import FoundationXML
 #endif
+import HypervisorDriver
 import SnapshotCore
 
 /// libvirt's `<domainsnapshot>` XML: written by `snapshot dumpxml`, read by `create --redefine`.

@@ -14,12 +14,18 @@ public struct QMPEvent: Sendable, Hashable {
 /// QEMU refused a command: its error class and description, and the command.
 public struct QMPError: Error, Sendable, CustomStringConvertible {
     public var command: String
-    public var errorClass: String
+    /// QEMU's class name as sent.
+    public var errorClassName: String
     public var reason: String
 
-    public var description: String { "QEMU refused `\(command)`: \(reason) (\(errorClass))" }
+    public var errorClass: QMPErrorClass { QMPErrorClass(rawValue: errorClassName) ?? .unknown }
 
-    public var snapshotError: SnapshotError { SnapshotError(.commandFailed, description) }
+    public var description: String { "QEMU refused `\(command)`: \(reason) (\(errorClassName))" }
+
+    /// The layer's error type: a device QEMU does not have is `notFound`, the rest `commandFailed`.
+    public var snapshotError: SnapshotError {
+        SnapshotError(errorClass == .deviceNotFound ? .notFound : .commandFailed, description, cause: self)
+    }
 }
 
 /// The unix socket under a QMP connection: writes (with an optional file descriptor passed
@@ -159,7 +165,7 @@ public actor QMPClient {
         guard greeting["QMP"] != nil else {
             throw SnapshotError(.commandFailed, "\(path) did not greet like QMP (got \(greeting)); is it QEMU's QMP socket?")
         }
-        _ = try await client.execute("qmp_capabilities")
+        try await client.run(QMP.Capabilities())
         return client
     }
 
@@ -197,7 +203,7 @@ public actor QMPClient {
         } else if let id = message["id"]?.string, let entry = pending.removeValue(forKey: id) {
             commandTimers.removeValue(forKey: id)?.cancel()
             if let error = message["error"] {
-                entry.continuation.resume(throwing: QMPError(command: entry.command, errorClass: error["class"]?.string ?? "GenericError",
+                entry.continuation.resume(throwing: QMPError(command: entry.command, errorClassName: error["class"]?.string ?? "GenericError",
                                                              reason: error["desc"]?.string ?? "\(error)"))
             } else {
                 entry.continuation.resume(returning: message["return"] ?? .null)
@@ -290,6 +296,9 @@ public actor QMPClient {
 
     /// Closes the connection.
     public func close() { socket.shutdownBoth() }
+
+    /// Closes the connection from anywhere, at once (for `defer`).
+    public nonisolated func closeNow() { socket.shutdownBoth() }
 }
 
 // MARK: - Typed commands
@@ -305,6 +314,8 @@ public struct QEMUBlockDevice: Sendable, Hashable {
     public var device: String
     public var nodeName: String?
     public var file: String?
+    /// Names of the internal snapshots in the open image.
+    public var internalSnapshots: [String] = []
 }
 
 /// Migration progress (`query-migrate`).
@@ -318,60 +329,40 @@ public struct MigrationInfo: Sendable, Hashable {
 }
 
 extension QMPClient {
-    public func status() async throws -> QEMUStatus {
-        let r = try await execute("query-status")
-        return QEMUStatus(running: r["running"]?.bool ?? false, status: r["status"]?.string ?? "unknown")
-    }
-
-    public func stop() async throws { try await execute("stop") }
-    public func cont() async throws { try await execute("cont") }
-
-    public func blockDevices() async throws -> [QEMUBlockDevice] {
-        (try await execute("query-block")).array?.map {
-            QEMUBlockDevice(device: $0["device"]?.string ?? "", nodeName: $0["inserted"]?["node-name"]?.string, file: $0["inserted"]?["file"]?.string)
-        } ?? []
-    }
+    public func status() async throws -> QEMUStatus { try await run(QMP.QueryStatus()) }
+    public func stop() async throws { try await run(QMP.Stop()) }
+    public func cont() async throws { try await run(QMP.Cont()) }
+    public func blockDevices() async throws -> [QEMUBlockDevice] { try await run(QMP.QueryBlock()) }
 
     /// Runs actions as one QMP `transaction`: all happen or none does.
-    public func transaction(_ actions: [JSONValue]) async throws {
-        try await execute("transaction", ["actions": .array(actions)])
-    }
+    public func transaction(_ actions: [QMP.TransactionAction]) async throws { try await run(QMP.Transaction(actions: actions)) }
 
     /// Hands QEMU an open file under `name` (SCM_RIGHTS); QEMU keeps its own copy.
-    public func passFile(_ fd: Int32, name: String) async throws {
-        try await execute("getfd", ["fdname": .string(name)], passing: fd)
-    }
+    public func passFile(_ fd: Int32, name: String) async throws { try await run(QMP.GetFD(name: name), passing: fd) }
 
-    public func migrationInfo() async throws -> MigrationInfo {
-        let r = try await execute("query-migrate")
-        let ram = r["ram"]
-        return MigrationInfo(status: r["status"]?.string ?? "none",
-                             transferred: UInt64(ram?["transferred"]?.int ?? 0), total: UInt64(ram?["total"]?.int ?? 0),
-                             remaining: UInt64(ram?["remaining"]?.int ?? 0), downtimeMs: r["downtime"]?.double,
-                             errorDescription: r["error-desc"]?.string)
-    }
+    public func migrationInfo() async throws -> MigrationInfo { try await run(QMP.QueryMigrate()) }
 
     public func setMigrationCapabilities(_ capabilities: [String: Bool]) async throws {
-        let list: [JSONValue] = capabilities.sorted { $0.key < $1.key }.map { ["capability": .string($0.key), "state": .bool($0.value)] }
-        try await execute("migrate-set-capabilities", ["capabilities": .array(list)])
+        try await run(QMP.MigrateSetCapabilities(capabilities: capabilities))
     }
 
     /// Waits for a job (`job-id`) to conclude, then dismisses it; throws with the job's error.
+    /// Polls `query-jobs` between JOB_STATUS_CHANGE events (or every 500 ms at most).
     public func waitForJob(_ id: String, timeout: Duration = .seconds(600), progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) async throws {
         let deadline = ContinuousClock.now + timeout
         while true {
-            let jobs = try await execute("query-jobs").array ?? []
-            guard let job = jobs.first(where: { $0["id"]?.string == id }) else {
+            let mark = eventMark
+            guard let job = try await run(QMP.QueryJobs()).first(where: { $0.id == id }) else {
                 throw SnapshotError(.commandFailed, "QEMU job \(id) disappeared before it concluded")
             }
-            if let done = job["current-progress"]?.int, let total = job["total-progress"]?.int { progress?(UInt64(done), UInt64(total)) }
-            if job["status"]?.string == "concluded" {
-                try await execute("job-dismiss", ["id": .string(id)])
-                if let error = job["error"]?.string { throw SnapshotError(.commandFailed, "QEMU job \(id) failed: \(error)") }
+            if let done = job.done, let total = job.total { progress?(done, total) }
+            if job.status == "concluded" {
+                try await run(QMP.JobDismiss(id: id))
+                if let error = job.error { throw SnapshotError(.commandFailed, "QEMU job \(id) failed: \(error)") }
                 return
             }
             guard ContinuousClock.now < deadline else { throw SnapshotError(.commandFailed, "QEMU job \(id) did not finish within \(timeout)") }
-            try await Task.sleep(for: .milliseconds(20))
+            _ = try? await waitForEvent("JOB_STATUS_CHANGE", since: mark, timeout: .milliseconds(500)) { $0.data["id"]?.string == id }
         }
     }
 }

@@ -33,7 +33,7 @@ public final class DiskLock: @unchecked Sendable {
 }
 
 /// Probes for open-file-description locks other processes hold on a byte range of a file
-/// (F_OFD_GETLK). QEMU locks bytes 100-299 of every image it opens, one per permission, so a
+/// (F_OFD_GETLK). Hypervisors lock bytes 100-299 of every image they open, one per permission, so a
 /// lock there means a hypervisor holds the image.
 public enum FileLockProbe {
     /// True if another open file description holds a lock overlapping `range` of `path`.
@@ -51,6 +51,7 @@ public enum FileLockProbe {
         return probe.l_type != Int16(F_UNLCK)
     }
 
-    /// QEMU's lock bytes: permission locks at 100+n, "shared" locks at 200+n.
-    public static let qemuLockBytes: Range<Int64> = 100..<300
+    /// The bytes a hypervisor locks in an image it opens: permission locks at 100+n, "shared"
+    /// locks at 200+n.
+    public static let imageLockBytes: Range<Int64> = 100..<300
 }

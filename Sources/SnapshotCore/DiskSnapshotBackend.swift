@@ -158,7 +158,7 @@ public protocol DiskSnapshotBackend: Sendable {
 
     // MARK: Hypervisor integration (defaults: not openable, no live snapshots)
 
-    /// How a hypervisor opens the disk's active layer: a path and QEMU's format driver name.
+    /// How a hypervisor opens the disk's active layer: a path and its image format.
     /// Throws `unsupported` with the reason when the hypervisor cannot open the layering.
     func hypervisorDrive(_ layout: DiskLayout) throws -> HypervisorDrive
 
@@ -216,7 +216,7 @@ public enum DiskSourceType: String, Codable, Sendable, Hashable {
 /// A disk as a hypervisor opens it.
 public struct HypervisorDrive: Sendable, Hashable {
     public var path: String
-    /// The image format a hypervisor opens it with (QEMU's and libvirt's driver name): qcow2,
+    /// The image format a hypervisor opens it with (libvirt's driver type): qcow2,
     /// vpc, raw.
     public var format: String
     /// True when the hypervisor can take this disk's snapshots live (QMP); else vmsnap takes

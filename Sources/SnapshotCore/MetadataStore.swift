@@ -52,7 +52,7 @@ public final class MetadataStore: Sendable {
     public static let databaseName = "vmsnap.sqlite"
 
     public let directory: String
-    let dbQueue: DatabaseQueue
+    package let dbQueue: DatabaseQueue
 
     /// The directory from a flag, then `VMSNAP_STORE`, then the default.
     public static func resolveDirectory(flag: String?, environment: [String: String] = ProcessInfo.processInfo.environment) -> String {
@@ -366,7 +366,7 @@ public final class MetadataStore: Sendable {
         }
     }
 
-    func wrap<T>(_ body: () throws -> T) throws -> T {
+    package func wrap<T>(_ body: () throws -> T) throws -> T {
         do { return try body() } catch let e as SnapshotError { throw e } catch {
             throw SnapshotError(.storeCorrupt, "the metadata store in \(directory) failed: \(Self.describe(error)); nothing further was changed")
         }

@@ -29,11 +29,6 @@ public enum DiskState: String, Codable, Sendable, CaseIterable, Hashable {
     case live
 }
 
-/// The run state of a domain, recorded with a domain snapshot (lowercase, as in libvirt).
-public enum DomainRunState: String, Codable, Sendable, CaseIterable, Hashable {
-    case running, paused, shutoff
-}
-
 // MARK: - Disks and disk snapshots
 
 /// One disk under vmsnap's management: its identity, backend and current active layer.

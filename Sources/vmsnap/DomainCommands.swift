@@ -1,6 +1,8 @@
 import ArgumentParser
 import DomainSnapshots
 import Foundation
+import HypervisorDriver
+import QEMUDriver
 import SnapshotCore
 
 extension StoreOptions {
@@ -8,7 +10,15 @@ extension StoreOptions {
         let show = json || isatty(STDERR_FILENO) == 1
         var reporter: (@Sendable (ProgressReport) -> Void)?
         if show { reporter = { @Sendable (report: ProgressReport) -> Void in showProgress(report, json: json) } }
-        return DomainService(disks: try service(), progress: reporter)
+        let disks = try service()
+        return DomainService(disks: disks, drivers: Hypervisors.drivers(storeDirectory: disks.store.directory), progress: reporter)
+    }
+}
+
+/// The hypervisor drivers this build carries: the one place they are registered.
+enum Hypervisors {
+    static func drivers(storeDirectory: String) -> HypervisorDrivers {
+        HypervisorDrivers([QEMUDriver(storeDirectory: storeDirectory)])
     }
 }
 

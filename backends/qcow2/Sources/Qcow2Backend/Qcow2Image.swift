@@ -133,7 +133,7 @@ public struct Qcow2Image: Sendable, Hashable {
 
 /// Whether a QEMU process holds an image open (it locks bytes 100-299 of every image it opens).
 public enum QemuImageLock {
-    public static func isHeld(_ path: String) -> Bool { FileLockProbe.isLocked(path, range: FileLockProbe.qemuLockBytes) }
+    public static func isHeld(_ path: String) -> Bool { FileLockProbe.isLocked(path, range: FileLockProbe.imageLockBytes) }
 }
 
 // MARK: - Small file helpers

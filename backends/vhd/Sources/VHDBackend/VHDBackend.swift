@@ -97,11 +97,11 @@ public struct VHDBackend: DiskSnapshotBackend {
     }
 
     public func state(of layout: DiskLayout) async throws -> DiskState {
-        FileLockProbe.isLocked(layout.disk.active, range: FileLockProbe.qemuLockBytes) ? .live : .offline
+        FileLockProbe.isLocked(layout.disk.active, range: FileLockProbe.imageLockBytes) ? .live : .offline
     }
 
     static func requireNotInUse(_ images: [String]) throws {
-        for image in Set(images) where FileLockProbe.isLocked(image, range: FileLockProbe.qemuLockBytes) {
+        for image in Set(images) where FileLockProbe.isLocked(image, range: FileLockProbe.imageLockBytes) {
             throw SnapshotError(.inUse, "\(image) is in use by a running hypervisor (it holds the image lock); shut the VM down first")
         }
     }

@@ -1,4 +1,5 @@
 import Foundation
+import HypervisorDriver
 import SnapshotCore
 #if canImport(Glibc)
 import Glibc
@@ -10,6 +11,10 @@ public struct QEMURuntime: Sendable, Hashable {
 
     public init(storeDirectory: String, domain: String) {
         directory = (storeDirectory as NSString).appendingPathComponent("run/\(domain)")
+    }
+
+    public init(runDirectory: String, domain: String) {
+        directory = (runDirectory as NSString).appendingPathComponent(domain)
     }
 
     public var qmpSocket: String { (directory as NSString).appendingPathComponent("qmp.sock") }
@@ -33,26 +38,6 @@ public struct QEMURuntime: Sendable, Hashable {
     }
 }
 
-/// One disk as QEMU opens it.
-public struct QEMUDrive: Sendable, Hashable {
-    public var target: String
-    public var path: String
-    /// QEMU's format driver: qcow2, vpc, raw.
-    public var format: String
-
-    public init(target: String, path: String, format: String) {
-        self.target = target
-        self.path = path
-        self.format = format
-    }
-
-    /// The `-drive` id QMP commands name the disk by.
-    public var driveID: String { Self.driveID(target) }
-
-    /// The `-drive` id of the disk the guest sees as `target`.
-    public static func driveID(_ target: String) -> String { "drive-\(target)" }
-}
-
 /// How to launch QEMU for a domain.
 public struct QEMULaunchOptions: Sendable, Hashable {
     /// Start with the vCPUs stopped (`-S`).
@@ -70,14 +55,123 @@ public struct QEMULaunchOptions: Sendable, Hashable {
 }
 
 /// Launches, connects to and stops QEMU for a domain. QEMU daemonizes, writes a pid file and
-/// listens on a QMP socket, so any later vmsnap process can drive it.
-public struct QEMUDriver: Sendable {
+/// listens on a QMP socket under `<store>/run/<domain>/`, so any later vmsnap process can drive it.
+public struct QEMUDriver: HypervisorDriver {
     public let runner: any CommandRunning
     public var binary: String
+    /// Where each domain's control files go (`<store>/run`).
+    public let runDirectory: String
 
-    public init(runner: any CommandRunning = SubprocessRunner(), binary: String = ProcessInfo.processInfo.environment["VMSNAP_QEMU"] ?? "qemu-system-x86_64") {
+    public init(storeDirectory: String, runner: any CommandRunning = SubprocessRunner(),
+                binary: String = ProcessInfo.processInfo.environment["VMSNAP_QEMU"] ?? "qemu-system-x86_64") {
         self.runner = runner
         self.binary = binary
+        runDirectory = (storeDirectory as NSString).appendingPathComponent("run")
+    }
+
+    public var name: String { "qemu" }
+
+    public var capabilities: HypervisorCapabilities {
+        HypervisorCapabilities(liveMemorySave: true, suspendedMemorySave: true, internalMemory: true, liveDiskSnapshotFormats: ["qcow2"],
+                               liveDiskSnapshotKinds: [.internal, .external], quiesce: false, liveMerge: true, dirtyBitmaps: false, blockExport: false)
+    }
+
+    public func runtime(_ domain: String) -> QEMURuntime { QEMURuntime(runDirectory: runDirectory, domain: domain) }
+
+    /// The `-drive` id QMP commands name the disk by.
+    public static func driveID(_ target: String) -> String { "drive-\(target)" }
+
+    public func validate(_ definition: DomainDefinition) throws {
+        guard ["auto", "kvm", "tcg"].contains(definition.accel) else {
+            throw SnapshotError(.invalidArgument, "domain '\(definition.name)': accel '\(definition.accel)' is not one of auto, kvm, tcg")
+        }
+    }
+
+    public func pid(_ domain: String) -> Int32? { runtime(domain).pid() }
+
+    public func accelerator(_ definition: DomainDefinition) -> String { Self.chooseAccelerator(definition.accel) }
+
+    public func consoleLog(_ domain: String) -> String { runtime(domain).serialLog }
+
+    public func runState(_ domain: String) async throws -> DomainRunState {
+        guard pid(domain) != nil else { return .shutoff }
+        let client = try await connect(runtime(domain), domain: domain)
+        do {
+            let running = try await client.status().running
+            await client.close()
+            return running ? .running : .paused
+        } catch {
+            await client.close()
+            throw Self.layerError(error)
+        }
+    }
+
+    public func start(_ definition: DomainDefinition, drives: [DomainDrive], mode: StartMode, progress: ProgressHandler?) async throws {
+        let options: QEMULaunchOptions
+        switch mode {
+        case .boot(let paused): options = QEMULaunchOptions(paused: paused)
+        case .loadInternal(let name, _): options = QEMULaunchOptions(paused: true, loadInternal: name)
+        case .restoreMemory: options = QEMULaunchOptions(incoming: true)
+        }
+        let rt = runtime(definition.name)
+        let client = try await launch(definition, drives: drives, runtime: rt, options: options)
+        do {
+            switch mode {
+            case .boot: break
+            case .loadInternal(_, let running): if running { try await client.cont() }
+            case .restoreMemory(let path, let running): try await restoreMemory(client, from: path, running: running, progress: progress)
+            }
+            await client.close()
+        } catch {
+            try? await terminate(rt, client: client)
+            await client.close()
+            throw Self.layerError(error)
+        }
+    }
+
+    public func destroy(_ domain: String) async throws { try await terminate(runtime(domain)) }
+
+    public func shutdown(_ domain: String, timeout: Duration) async throws -> Bool { try await powerdown(runtime(domain), timeout: timeout) }
+
+    public func pause(_ domain: String) async throws {
+        let client = try await connect(runtime(domain), domain: domain)
+        defer { client.closeNow() }
+        do { try await client.stop() } catch { throw Self.layerError(error) }
+    }
+
+    public func resume(_ domain: String) async throws {
+        let client = try await connect(runtime(domain), domain: domain)
+        defer { client.closeNow() }
+        do { try await client.cont() } catch { throw Self.layerError(error) }
+    }
+
+    public func connect(_ domain: String) async throws -> any LiveDomain {
+        QEMULiveDomain(client: try await connect(runtime(domain), domain: domain))
+    }
+
+    /// QMP refusals as the layer's error type.
+    static func layerError(_ error: any Error) -> any Error {
+        (error as? QMPError)?.snapshotError ?? error
+    }
+
+    /// The name QEMU knows a memory file by (passed with `getfd`).
+    static let memoryFDName = "vmsnap-memory"
+
+    /// Feeds a QEMU started with `-incoming defer` the memory image at `path`.
+    func restoreMemory(_ client: QMPClient, from path: String, running: Bool, progress: ProgressHandler?) async throws {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw SnapshotError(.io, "cannot open memory image \(path): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        let total = UInt64(max(lseek(fd, 0, SEEK_END), 0))
+        lseek(fd, 0, SEEK_SET)
+        try await client.setMigrationCapabilities(["events": true])
+        try await client.passFile(fd, name: Self.memoryFDName)
+        let mark = await client.eventMark
+        try await client.run(QMP.MigrateIncoming(uri: "fd:\(Self.memoryFDName)"))
+        _ = try await QEMULiveDomain.followMigration(client: client, fd: fd, total: total, since: mark, phase: "memory restore", progress: progress) { status, _ in
+            SnapshotError(.invalidImage, "QEMU could not load the memory image \(path) (migration \(status)); it may be damaged or from another QEMU. The disks are reverted; the domain is left shut off. Revert with --force to boot from the disks")
+        }
+        if running { try await client.cont() }
     }
 
     /// `kvm` when /dev/kvm opens and the CPU exposes hardware virtualization (a nested,
@@ -97,7 +191,7 @@ public struct QEMUDriver: Sendable {
     static func escape(_ value: String) -> String { value.replacingOccurrences(of: ",", with: ",,") }
 
     /// The command line for `definition` with `drives`, as an argument array.
-    public func argv(_ definition: DomainDefinition, drives: [QEMUDrive], runtime: QEMURuntime, options: QEMULaunchOptions) -> [String] {
+    public func argv(_ definition: DomainDefinition, drives: [DomainDrive], runtime: QEMURuntime, options: QEMULaunchOptions) -> [String] {
         var argv = [binary,
                     "-name", "guest=\(Self.escape(definition.name)),debug-threads=on",
                     "-uuid", definition.uuid.uuidString.lowercased(),
@@ -113,9 +207,10 @@ public struct QEMUDriver: Sendable {
             if let initrd = definition.boot.initrd { argv += ["-initrd", initrd] }
             if let cmdline = definition.boot.cmdline { argv += ["-append", cmdline] }
         }
-        for (index, drive) in drives.enumerated() {
-            argv += ["-drive", "file=\(Self.escape(drive.path)),format=\(drive.format),if=none,id=\(drive.driveID),cache=writeback,discard=unmap",
-                     "-device", "virtio-blk-pci,drive=\(drive.driveID),id=\(drive.target)\(index == 0 && definition.boot.kernel == nil ? ",bootindex=1" : "")"]
+        for (index, disk) in drives.enumerated() {
+            let id = Self.driveID(disk.target)
+            argv += ["-drive", "file=\(Self.escape(disk.drive.path)),format=\(disk.drive.format),if=none,id=\(id),cache=writeback,discard=unmap",
+                     "-device", "virtio-blk-pci,drive=\(id),id=\(disk.target)\(index == 0 && definition.boot.kernel == nil ? ",bootindex=1" : "")"]
         }
         if options.paused || options.incoming { argv.append("-S") }
         if options.incoming { argv += ["-incoming", "defer"] }
@@ -124,7 +219,7 @@ public struct QEMUDriver: Sendable {
     }
 
     /// Launches QEMU and connects to its QMP socket.
-    public func launch(_ definition: DomainDefinition, drives: [QEMUDrive], runtime: QEMURuntime, options: QEMULaunchOptions = QEMULaunchOptions()) async throws -> QMPClient {
+    public func launch(_ definition: DomainDefinition, drives: [DomainDrive], runtime: QEMURuntime, options: QEMULaunchOptions = QEMULaunchOptions()) async throws -> QMPClient {
         if runtime.pid() != nil {
             throw SnapshotError(.conflict, "domain '\(definition.name)' is running already")
         }
@@ -149,9 +244,10 @@ public struct QEMUDriver: Sendable {
     /// process is gone so its image locks are released.
     public func terminate(_ runtime: QEMURuntime, client: QMPClient? = nil) async throws {
         guard let pid = runtime.pid() else { return }
-        if let client { _ = try? await client.execute("quit", timeout: .seconds(5)) }
+        if let client { _ = try? await client.run(QMP.Quit(), timeout: .seconds(5)) }
         else if let c = try? await QMPClient.connect(path: runtime.qmpSocket, timeout: .seconds(2)) {
-            _ = try? await c.execute("quit", timeout: .seconds(5))
+            _ = try? await c.run(QMP.Quit(), timeout: .seconds(5))
+            await c.close()
         }
         let deadline = ContinuousClock.now + .seconds(10)
         while runtime.pid() != nil, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
@@ -166,7 +262,8 @@ public struct QEMUDriver: Sendable {
     public func powerdown(_ runtime: QEMURuntime, timeout: Duration) async throws -> Bool {
         guard runtime.pid() != nil else { return true }
         let client = try await QMPClient.connect(path: runtime.qmpSocket, timeout: .seconds(5))
-        try await client.execute("system_powerdown")
+        defer { client.closeNow() }
+        try await client.run(QMP.SystemPowerdown())
         let deadline = ContinuousClock.now + timeout
         while runtime.pid() != nil {
             guard ContinuousClock.now < deadline else { return false }

@@ -1,0 +1,203 @@
+import Foundation
+import SnapshotCore
+
+/// What a hypervisor can do for domain snapshots, as data: the domain layer checks it before it
+/// plans, never the driver's name.
+public struct HypervisorCapabilities: Codable, Sendable, Hashable {
+    /// Memory saved while the guest keeps running (QEMU's background snapshot).
+    public var liveMemorySave: Bool
+    /// Memory saved with the guest paused for the save (`xl save -c`, a stopped migration).
+    public var suspendedMemorySave: Bool
+    /// Memory kept inside the disk images (QEMU's snapshot-save into qcow2).
+    public var internalMemory: Bool
+    /// Image formats whose snapshots the hypervisor takes itself while the guest runs, and which
+    /// kinds (qcow2 internal and external through a QMP transaction).
+    public var liveDiskSnapshotFormats: [String]
+    public var liveDiskSnapshotKinds: [SnapshotKind]
+    /// Filesystems frozen through a guest agent around a snapshot.
+    public var quiesce: Bool
+    /// A snapshot merged into the running layer while the guest runs (block-stream).
+    public var liveMerge: Bool
+    /// Changed-block tracking inside the hypervisor (dirty bitmaps).
+    public var dirtyBitmaps: Bool
+    /// Disks exported to backup clients while the guest runs (NBD).
+    public var blockExport: Bool
+
+    public init(liveMemorySave: Bool, suspendedMemorySave: Bool, internalMemory: Bool, liveDiskSnapshotFormats: [String],
+                liveDiskSnapshotKinds: [SnapshotKind], quiesce: Bool, liveMerge: Bool, dirtyBitmaps: Bool, blockExport: Bool) {
+        self.liveMemorySave = liveMemorySave
+        self.suspendedMemorySave = suspendedMemorySave
+        self.internalMemory = internalMemory
+        self.liveDiskSnapshotFormats = liveDiskSnapshotFormats
+        self.liveDiskSnapshotKinds = liveDiskSnapshotKinds
+        self.quiesce = quiesce
+        self.liveMerge = liveMerge
+        self.dirtyBitmaps = dirtyBitmaps
+        self.blockExport = blockExport
+    }
+
+    /// Whether the hypervisor snapshots a disk of this format and kind itself while it runs.
+    public func snapshotsLive(format: String, kind: SnapshotKind) -> Bool {
+        liveDiskSnapshotFormats.contains(format) && liveDiskSnapshotKinds.contains(kind)
+    }
+}
+
+/// One disk as a hypervisor opens it: the guest's device name and what its backend says.
+public struct DomainDrive: Sendable, Hashable {
+    public var target: String
+    public var drive: HypervisorDrive
+
+    public init(target: String, drive: HypervisorDrive) {
+        self.target = target
+        self.drive = drive
+    }
+}
+
+/// How a domain starts.
+public enum StartMode: Sendable, Hashable {
+    /// Boot (vCPUs stopped with `paused`).
+    case boot(paused: Bool)
+    /// Load a memory image saved by ``LiveDomain/startMemorySave()``, then run or stay paused.
+    case restoreMemory(path: String, running: Bool)
+    /// Load a full-system snapshot kept inside the disk images.
+    case loadInternal(name: String, running: Bool)
+}
+
+/// Progress of a long step (memory save or restore, merge), for terminals and `--json`.
+public struct ProgressReport: Codable, Sendable, Hashable {
+    public var phase: String
+    public var done: UInt64
+    public var total: UInt64
+    public var bytesPerSecond: Double
+    public var secondsLeft: Double?
+
+    public init(phase: String, done: UInt64, total: UInt64, bytesPerSecond: Double, secondsLeft: Double?) {
+        self.phase = phase
+        self.done = done
+        self.total = total
+        self.bytesPerSecond = bytesPerSecond
+        self.secondsLeft = secondsLeft
+    }
+
+    /// A report from bytes done of `total` after `seconds`.
+    public static func measured(_ phase: String, done: UInt64, total: UInt64, seconds: Double) -> ProgressReport {
+        let rate = seconds > 0 ? Double(done) / seconds : 0
+        let whole = max(total, done)
+        return ProgressReport(phase: phase, done: done, total: whole, bytesPerSecond: rate,
+                              secondsLeft: rate > 0 && whole > done ? Double(whole - done) / rate : nil)
+    }
+}
+
+public typealias ProgressHandler = @Sendable (ProgressReport) -> Void
+
+/// A disk snapshot the hypervisor takes while the guest runs.
+public struct LiveDiskSnapshot: Sendable, Hashable {
+    public var target: String
+    public var name: String
+    public var kind: SnapshotKind
+    /// External: the new overlay that becomes the active layer.
+    public var overlay: String?
+    /// The overlay's image format.
+    public var format: String
+
+    public init(target: String, name: String, kind: SnapshotKind, overlay: String?, format: String) {
+        self.target = target
+        self.name = name
+        self.kind = kind
+        self.overlay = overlay
+        self.format = format
+    }
+}
+
+/// A running domain, as the domain layer drives it during a snapshot: a typed handle, not the
+/// hypervisor's own protocol. Scoped: close it when done.
+public protocol LiveDomain: Sendable {
+    /// A mark in the domain's event history: pause windows and memory saves are measured and
+    /// waited for from a mark on.
+    func mark() async -> Int
+    /// Milliseconds from the first pause to the last resume after `mark`, if both happened.
+    func pauseWindow(since mark: Int) async -> Double?
+    /// True while the vCPUs run.
+    func isRunning() async throws -> Bool
+    func pause() async throws
+    func resume() async throws
+    /// Everything a memory save needs before the pause: the file, the save's mode (live: the
+    /// guest resumes as soon as the save starts).
+    func prepareMemorySave(to fd: Int32, live: Bool) async throws
+    /// Starts the prepared save; the memory's point in time is now.
+    func startMemorySave() async throws
+    /// Waits for the save started after `mark` to finish, reporting progress from the file
+    /// position; returns the downtime the hypervisor reports, in milliseconds.
+    func finishMemorySave(fd: Int32, guestBytes: UInt64, since mark: Int, progress: ProgressHandler?) async throws -> Double?
+    /// Lets a started memory save run to its end (rollback: cancelling one may hang the guest).
+    func drainMemorySave() async
+    /// Takes these disk snapshots at one instant: all or none.
+    func snapshotDisks(_ snapshots: [LiveDiskSnapshot]) async throws
+    /// Memory and every named disk inside the disk images (the guest stays paused meanwhile).
+    func saveInternal(name: String, targets: [String]) async throws
+    /// Undoes a disk snapshot taken by ``snapshotDisks(_:)`` while the domain still runs.
+    func undoDiskSnapshot(_ snapshot: LiveDiskSnapshot) async throws
+    /// Deletes an internal snapshot from the image the domain has open; nothing if it is gone.
+    func deleteInternalSnapshot(target: String, name: String) async throws
+    /// Merges the running layer's backing image into it, so the layer reads through `base`
+    /// (nil: nothing) instead; the snapshot frozen in the backing image can then go.
+    func mergeIntoActive(target: String, base: String?, progress: ProgressHandler?) async throws
+    /// True while the connection to the hypervisor is open.
+    func isConnected() async -> Bool
+    func close() async
+}
+
+/// A hypervisor as domain snapshots need it: lifecycle, memory save and restore, and the
+/// live-disk handle. Conformers: QEMUDriver (QMP); the Xen driver comes next.
+public protocol HypervisorDriver: Sendable {
+    /// The name a domain definition's `hypervisor` field uses (`qemu`).
+    var name: String { get }
+    var capabilities: HypervisorCapabilities { get }
+    /// Refuses what this hypervisor cannot run (accelerator names, options), before anything changes.
+    func validate(_ definition: DomainDefinition) throws
+    /// The hypervisor process of the domain, if it runs.
+    func pid(_ domain: String) -> Int32?
+    /// The accelerator the domain runs (or would run) with, for `domain status`.
+    func accelerator(_ definition: DomainDefinition) -> String
+    func runState(_ domain: String) async throws -> DomainRunState
+    func start(_ definition: DomainDefinition, drives: [DomainDrive], mode: StartMode, progress: ProgressHandler?) async throws
+    /// Ends the domain at once (a pulled plug); nothing if it does not run.
+    func destroy(_ domain: String) async throws
+    /// Asks the guest to power off; false if it did not within `timeout`.
+    func shutdown(_ domain: String, timeout: Duration) async throws -> Bool
+    func pause(_ domain: String) async throws
+    func resume(_ domain: String) async throws
+    /// A handle on the running domain.
+    func connect(_ domain: String) async throws -> any LiveDomain
+    /// The guest's console log.
+    func consoleLog(_ domain: String) -> String
+}
+
+extension HypervisorDriver {
+    public func isRunning(_ domain: String) -> Bool { pid(domain) != nil }
+}
+
+/// Hypervisor drivers by name: a domain definition names its hypervisor, the registry
+/// resolves it.
+public struct HypervisorDrivers: Sendable {
+    private var drivers: [String: any HypervisorDriver] = [:]
+
+    public init(_ drivers: [any HypervisorDriver] = []) {
+        for d in drivers { self.drivers[d.name] = d }
+    }
+
+    public var names: [String] { drivers.keys.sorted() }
+
+    public func driver(_ name: String) throws -> any HypervisorDriver {
+        guard let d = drivers[name] else {
+            throw SnapshotError(.unsupported, "no hypervisor driver named '\(name)' in this build (drivers: \(names.joined(separator: ", ")))")
+        }
+        return d
+    }
+
+    public func driver(for definition: DomainDefinition) throws -> any HypervisorDriver {
+        do { return try driver(definition.hypervisor) } catch let e as SnapshotError {
+            throw SnapshotError(e.code, "domain '\(definition.name)': \(e.message)")
+        }
+    }
+}

@@ -1,0 +1,226 @@
+import Foundation
+import SnapshotCore
+
+/// One QMP command as a type: its name, its arguments and how its `return` value reads.
+public protocol QMPCommand: Sendable {
+    associatedtype Response: Sendable
+    static var name: String { get }
+    var arguments: JSONValue? { get }
+    func response(_ value: JSONValue) throws -> Response
+}
+
+extension QMPCommand where Response == Void {
+    public func response(_ value: JSONValue) throws {}
+}
+
+extension QMPCommand {
+    public var arguments: JSONValue? { nil }
+}
+
+/// QEMU's error classes (qapi/error.json); a refusal is matched by its class, never by its text.
+public enum QMPErrorClass: String, Sendable {
+    case genericError = "GenericError"
+    case commandNotFound = "CommandNotFound"
+    case deviceNotActive = "DeviceNotActive"
+    case deviceNotFound = "DeviceNotFound"
+    case kvmMissingCap = "KVMMissingCap"
+    case unknown
+}
+
+extension QMPClient {
+    /// Runs a typed command.
+    @discardableResult
+    public func run<C: QMPCommand>(_ command: C, passing fd: Int32? = nil, timeout: Duration = .seconds(60)) async throws -> C.Response {
+        try command.response(try await execute(C.name, command.arguments, passing: fd, timeout: timeout))
+    }
+}
+
+/// The commands vmsnap sends, one type each.
+public enum QMP {
+    public struct Capabilities: QMPCommand { public typealias Response = Void; public static let name = "qmp_capabilities" }
+    public struct Stop: QMPCommand { public typealias Response = Void; public static let name = "stop" }
+    public struct Cont: QMPCommand { public typealias Response = Void; public static let name = "cont" }
+    public struct Quit: QMPCommand { public typealias Response = Void; public static let name = "quit" }
+    public struct SystemPowerdown: QMPCommand { public typealias Response = Void; public static let name = "system_powerdown" }
+
+    public struct QueryStatus: QMPCommand {
+        public static let name = "query-status"
+        public func response(_ r: JSONValue) -> QEMUStatus {
+            QEMUStatus(running: r["running"]?.bool ?? false, status: r["status"]?.string ?? "unknown")
+        }
+    }
+
+    public struct QueryBlock: QMPCommand {
+        public static let name = "query-block"
+        public func response(_ r: JSONValue) -> [QEMUBlockDevice] {
+            r.array?.map {
+                QEMUBlockDevice(device: $0["device"]?.string ?? "", nodeName: $0["inserted"]?["node-name"]?.string, file: $0["inserted"]?["file"]?.string,
+                                internalSnapshots: $0["inserted"]?["image"]?["snapshots"]?.array?.compactMap { $0["name"]?.string } ?? [])
+            } ?? []
+        }
+    }
+
+    /// One action of a `transaction`.
+    public enum TransactionAction: Sendable, Hashable {
+        case externalSnapshot(device: String, overlay: String, format: String)
+        case internalSnapshot(device: String, name: String)
+
+        var json: JSONValue {
+            switch self {
+            case .externalSnapshot(let device, let overlay, let format):
+                return ["type": "blockdev-snapshot-sync", "data": ["device": .string(device), "snapshot-file": .string(overlay), "format": .string(format), "mode": "absolute-paths"]]
+            case .internalSnapshot(let device, let name):
+                return ["type": "blockdev-snapshot-internal-sync", "data": ["device": .string(device), "name": .string(name)]]
+            }
+        }
+    }
+
+    /// Actions that happen all together or not at all.
+    public struct Transaction: QMPCommand {
+        public typealias Response = Void
+        public static let name = "transaction"
+        public var actions: [TransactionAction]
+        public var arguments: JSONValue? { ["actions": .array(actions.map(\.json))] }
+    }
+
+    /// Hands QEMU the file descriptor sent along with the command (SCM_RIGHTS) under `name`.
+    public struct GetFD: QMPCommand {
+        public typealias Response = Void
+        public static let name = "getfd"
+        public var name: String
+        public var arguments: JSONValue? { ["fdname": .string(name)] }
+    }
+
+    public struct QueryMigrate: QMPCommand {
+        public static let name = "query-migrate"
+        public func response(_ r: JSONValue) -> MigrationInfo {
+            let ram = r["ram"]
+            return MigrationInfo(status: r["status"]?.string ?? "none",
+                                 transferred: UInt64(ram?["transferred"]?.int ?? 0), total: UInt64(ram?["total"]?.int ?? 0),
+                                 remaining: UInt64(ram?["remaining"]?.int ?? 0), downtimeMs: r["downtime"]?.double,
+                                 errorDescription: r["error-desc"]?.string)
+        }
+    }
+
+    public struct MigrateSetCapabilities: QMPCommand {
+        public typealias Response = Void
+        public static let name = "migrate-set-capabilities"
+        public var capabilities: [String: Bool]
+        public var arguments: JSONValue? {
+            ["capabilities": .array(capabilities.sorted { $0.key < $1.key }.map { ["capability": .string($0.key), "state": .bool($0.value)] })]
+        }
+    }
+
+    /// Migration bandwidth (bytes per second).
+    public struct MigrateSetParameters: QMPCommand {
+        public typealias Response = Void
+        public static let name = "migrate-set-parameters"
+        public var maxBandwidth: Int
+        public var arguments: JSONValue? { ["max-bandwidth": .int(Int64(maxBandwidth))] }
+    }
+
+    public struct Migrate: QMPCommand {
+        public typealias Response = Void
+        public static let name = "migrate"
+        public var uri: String
+        public var arguments: JSONValue? { ["uri": .string(uri)] }
+    }
+
+    public struct MigrateIncoming: QMPCommand {
+        public typealias Response = Void
+        public static let name = "migrate-incoming"
+        public var uri: String
+        public var arguments: JSONValue? { ["uri": .string(uri)] }
+    }
+
+    /// Memory and disks into the qcow2 images, as a job.
+    public struct SnapshotSave: QMPCommand {
+        public typealias Response = Void
+        public static let name = "snapshot-save"
+        public var jobID: String, tag: String, vmstate: String, devices: [String]
+        public var arguments: JSONValue? {
+            ["job-id": .string(jobID), "tag": .string(tag), "vmstate": .string(vmstate), "devices": .array(devices.map { .string($0) })]
+        }
+    }
+
+    /// One job of `query-jobs`.
+    public struct Job: Sendable, Hashable {
+        public var id: String
+        public var status: String
+        public var done: UInt64?
+        public var total: UInt64?
+        public var error: String?
+    }
+
+    public struct QueryJobs: QMPCommand {
+        public static let name = "query-jobs"
+        public func response(_ r: JSONValue) -> [Job] {
+            r.array?.map {
+                Job(id: $0["id"]?.string ?? "", status: $0["status"]?.string ?? "", done: $0["current-progress"]?.int.map(UInt64.init),
+                    total: $0["total-progress"]?.int.map(UInt64.init), error: $0["error"]?.string)
+            } ?? []
+        }
+    }
+
+    public struct JobDismiss: QMPCommand {
+        public typealias Response = Void
+        public static let name = "job-dismiss"
+        public var id: String
+        public var arguments: JSONValue? { ["id": .string(id)] }
+    }
+
+    /// Copies the data of the layers below the device's active layer (down to `base`) into it.
+    public struct BlockStream: QMPCommand {
+        public typealias Response = Void
+        public static let name = "block-stream"
+        public var device: String, jobID: String, base: String?
+        public var arguments: JSONValue? {
+            var args: [String: JSONValue] = ["device": .string(device), "job-id": .string(jobID)]
+            if let base { args["base"] = .string(base) }
+            return .object(args)
+        }
+    }
+
+    /// Commits the active layer into its backing image (then `BlockJobComplete` pivots).
+    public struct BlockCommit: QMPCommand {
+        public typealias Response = Void
+        public static let name = "block-commit"
+        public var device: String, jobID: String
+        public var arguments: JSONValue? { ["device": .string(device), "job-id": .string(jobID)] }
+    }
+
+    public struct BlockJobComplete: QMPCommand {
+        public typealias Response = Void
+        public static let name = "block-job-complete"
+        public var device: String
+        public var arguments: JSONValue? { ["device": .string(device)] }
+    }
+
+    /// One block job of `query-block-jobs`: its bytes done and total.
+    public struct BlockJob: Sendable, Hashable {
+        public var device: String
+        public var offset: UInt64
+        public var length: UInt64
+    }
+
+    public struct QueryBlockJobs: QMPCommand {
+        public static let name = "query-block-jobs"
+        public func response(_ r: JSONValue) -> [BlockJob] {
+            r.array?.map { BlockJob(device: $0["device"]?.string ?? "", offset: UInt64($0["offset"]?.int ?? 0), length: UInt64($0["len"]?.int ?? 0)) } ?? []
+        }
+    }
+
+    public struct DeleteInternalSnapshot: QMPCommand {
+        public typealias Response = Void
+        public static let name = "blockdev-snapshot-delete-internal-sync"
+        public var device: String, name: String
+        public var arguments: JSONValue? { ["device": .string(device), "name": .string(name)] }
+    }
+
+    public struct HumanMonitorCommand: QMPCommand {
+        public static let name = "human-monitor-command"
+        public var commandLine: String
+        public var arguments: JSONValue? { ["command-line": .string(commandLine)] }
+        public func response(_ r: JSONValue) -> String { r.string ?? "" }
+    }
+}
