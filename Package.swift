@@ -102,11 +102,12 @@ let package = Package(
         ),
 
         // MARK: - Independent readers (test-only checks against third-party parsers)
-        .systemLibrary(name: "CLibQcow", pkgConfig: "libqcow", providers: [.apt(["libqcow-dev"])]),
-        .systemLibrary(name: "CLibVhdi", pkgConfig: "libvhdi", providers: [.apt(["libvhdi-dev"])]),
+        .systemLibrary(name: "CLibQcow", path: "TestSupport/CLibQcow", pkgConfig: "libqcow", providers: [.apt(["libqcow-dev"])]),
+        .systemLibrary(name: "CLibVhdi", path: "TestSupport/CLibVhdi", pkgConfig: "libvhdi", providers: [.apt(["libvhdi-dev"])]),
         .target(
             name: "IndependentReaders",
             dependencies: ["CLibQcow", "CLibVhdi"],
+            path: "TestSupport/IndependentReaders",
             swiftSettings: strict
         ),
 
@@ -121,9 +122,11 @@ let package = Package(
             swiftSettings: strict
         ),
 
+        // MARK: - Benchmarks (scripts/bench*)
         .executableTarget(
             name: "vmsnap-bench",
             dependencies: ["SnapshotCore", "Qcow2Backend"],
+            path: "Benchmarks/VMSnapBench",
             swiftSettings: strict
         ),
 
@@ -137,6 +140,7 @@ let package = Package(
         .executableTarget(
             name: "vhd-bench",
             dependencies: ["VHDBackend", "IndependentReaders"],
+            path: "Benchmarks/VHDBench",
             swiftSettings: strict
         ),
 
@@ -162,6 +166,16 @@ let package = Package(
             name: "LVMBackendTests",
             dependencies: ["LVMBackend", "SnapshotCore", "BackendConformance"],
             path: "backends/lvm/Tests/LVMBackendTests",
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "DomainSnapshotsTests",
+            dependencies: ["DomainSnapshots", "HypervisorDriver", "QEMUDriver", "SnapshotCore", "Qcow2Backend", "VHDBackend", "LVMBackend"],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "QEMUDriverTests",
+            dependencies: ["QEMUDriver", "HypervisorDriver", "SnapshotCore"],
             swiftSettings: strict
         ),
         .testTarget(

@@ -167,9 +167,18 @@ public struct QEMUDriver: HypervisorDriver {
         try await client.setMigrationCapabilities(["events": true])
         try await client.passFile(fd, name: Self.memoryFDName)
         let mark = await client.eventMark
+        let unreadable = { (why: String) in
+            SnapshotError(.invalidImage, "QEMU could not load the memory image \(path) (\(why)); it may be damaged or from another QEMU. The disks are reverted; the domain is left shut off. Revert with --force to boot from the disks")
+        }
         try await client.run(QMP.MigrateIncoming(uri: "fd:\(Self.memoryFDName)"))
-        _ = try await QEMULiveDomain.followMigration(client: client, fd: fd, total: total, since: mark, phase: "memory restore", progress: progress) { status, _ in
-            SnapshotError(.invalidImage, "QEMU could not load the memory image \(path) (migration \(status)); it may be damaged or from another QEMU. The disks are reverted; the domain is left shut off. Revert with --force to boot from the disks")
+        do {
+            _ = try await QEMULiveDomain.followMigration(client: client, fd: fd, total: total, since: mark, phase: "memory restore", progress: progress) { status, _ in
+                unreadable("migration \(status)")
+            }
+        } catch let e as SnapshotError where e.code != .invalidImage {
+            // QEMU exits when the incoming stream is not one it can load.
+            guard await client.isClosed else { throw e }
+            throw unreadable("QEMU exited while loading it")
         }
         if running { try await client.cont() }
     }

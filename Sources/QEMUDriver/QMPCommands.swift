@@ -220,6 +220,7 @@ public enum QMP {
     public struct HumanMonitorCommand: QMPCommand {
         public static let name = "human-monitor-command"
         public var commandLine: String
+        public init(commandLine: String) { self.commandLine = commandLine }
         public var arguments: JSONValue? { ["command-line": .string(commandLine)] }
         public func response(_ r: JSONValue) -> String { r.string ?? "" }
     }

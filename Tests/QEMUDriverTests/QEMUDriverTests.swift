@@ -1,0 +1,159 @@
+import Foundation
+import HypervisorDriver
+import QEMUDriver
+import SnapshotCore
+import Testing
+
+let hasQEMU = FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-system-x86_64") && FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-io")
+
+/// The driver alone against a real QEMU (TCG, no guest OS: the firmware idles), through the
+/// protocol the domain layer uses: lifecycle, the live-disk handle, memory save and restore.
+@Suite("QEMU driver against a real QEMU", .serialized, .enabled(if: hasQEMU, "needs qemu-system-x86_64 and qemu-io"))
+struct QEMUDriverTests {
+    let dir: String
+    let driver: QEMUDriver
+    let runner = SubprocessRunner()
+
+    init() throws {
+        dir = NSTemporaryDirectory() + "vmsnap-qemu-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        driver = QEMUDriver(storeDirectory: dir)
+    }
+
+    func image(_ name: String) async throws -> String {
+        let path = dir + "/\(name).qcow2"
+        try await runner.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "16M"])
+        return path
+    }
+
+    func definition(_ disks: [String]) -> DomainDefinition {
+        DomainDefinition(name: "d", memoryMiB: 32, disks: disks.enumerated().map { DomainDisk(target: "vd\(Character(UnicodeScalar(97 + $0.offset)!))", backend: "qcow2", locator: $0.element) }, accel: "tcg")
+    }
+
+    func drives(_ disks: [String]) -> [DomainDrive] {
+        disks.enumerated().map { DomainDrive(target: "vd\(Character(UnicodeScalar(97 + $0.offset)!))", drive: HypervisorDrive(path: $0.element, format: "qcow2", liveSnapshots: true)) }
+    }
+
+    /// Writes `value` over the first 64 KiB of a drive through QEMU's block layer (HMP qemu-io),
+    /// on the handle's connection (QEMU serves one QMP client at a time).
+    func write(_ live: any LiveDomain, _ drive: String, _ value: UInt8) async throws {
+        let qemu = try #require(live as? QEMULiveDomain)
+        try await qemu.client.run(QMP.HumanMonitorCommand(commandLine: "qemu-io \(drive) \"write -P \(value) 0 64k\""))
+        try await qemu.client.run(QMP.HumanMonitorCommand(commandLine: "qemu-io \(drive) \"flush\""))
+    }
+
+    /// True if the image holds `value` over its first 64 KiB, read beside the running QEMU.
+    func holds(_ path: String, _ value: UInt8) async throws -> Bool {
+        let out = try await runner.execute(["qemu-io", "-r", "-U", "-f", "qcow2", "-c", "read -P \(value) 0 64k", path])
+        return out.standardOutput.contains("read 65536/65536") && !out.standardOutput.contains("Pattern verification failed")
+    }
+
+    @Test("lifecycle: start paused, resume, pause, state, destroy; a second start is refused")
+    func lifecycle() async throws {
+        let disk = try await image("a")
+        try driver.validate(definition([disk]))
+        #expect(throws: SnapshotError.self) { try driver.validate(DomainDefinition(name: "d", memoryMiB: 32, disks: [], accel: "hvf")) }
+        #expect(try await driver.runState("d") == .shutoff)
+        try await driver.start(definition([disk]), drives: drives([disk]), mode: .boot(paused: true), progress: nil)
+        #expect(driver.pid("d") != nil)
+        #expect(try await driver.runState("d") == .paused)
+        try await driver.resume("d")
+        #expect(try await driver.runState("d") == .running)
+        try await driver.pause("d")
+        #expect(try await driver.runState("d") == .paused)
+        await #expect(throws: SnapshotError.self) { try await driver.start(definition([disk]), drives: drives([disk]), mode: .boot(paused: false), progress: nil) }
+        try await driver.destroy("d")
+        #expect(driver.pid("d") == nil)
+        #expect(try await driver.runState("d") == .shutoff)
+        try await driver.destroy("d")  // idempotent
+    }
+
+    @Test("live disks: an internal and an external snapshot at one instant, undone while running; a merge into the running layer")
+    func liveDisks() async throws {
+        let a = try await image("a"), b = try await image("b")
+        try await driver.start(definition([a, b]), drives: drives([a, b]), mode: .boot(paused: false), progress: nil)
+        defer { if let pid = driver.pid("d") { kill(pid, SIGKILL) } }
+        let live = try await driver.connect("d")
+        try await write(live, "drive-vda", 1)
+        try await write(live, "drive-vdb", 1)
+        let overlay = dir + "/b.s1.qcow2"
+        let snaps = [LiveDiskSnapshot(target: "vda", name: "s1", kind: .internal, overlay: nil, format: "qcow2"),
+                     LiveDiskSnapshot(target: "vdb", name: "s1", kind: .external, overlay: overlay, format: "qcow2")]
+        try await live.pause()
+        try await live.snapshotDisks(snaps)
+        try await live.resume()
+        #expect(FileManager.default.fileExists(atPath: overlay))
+        try await write(live, "drive-vdb", 2)
+        #expect(try await holds(overlay, 2))
+        // Undo both while running: the internal snapshot goes, the overlay's writes go back into b.
+        for s in snaps { try await live.undoDiskSnapshot(s) }
+        try await live.undoDiskSnapshot(snaps[0])  // idempotent
+        #expect(!FileManager.default.fileExists(atPath: overlay))
+        #expect(try await holds(b, 2), "the guest's write since the snapshot is kept in the base")
+        let info = try await runner.run(["qemu-img", "snapshot", "-U", "-l", a]).standardOutput
+        #expect(!info.contains("s1"), "the internal snapshot is gone: \(info)")
+
+        // A merge into the running layer: snapshot again, write, stream the base in.
+        try await live.snapshotDisks([snaps[1]])
+        try await write(live, "drive-vdb", 3)
+        try await live.mergeIntoActive(target: "vdb", base: nil, progress: nil)
+        let chain = try await runner.run(["qemu-img", "info", "-U", "--output=json", overlay]).standardOutput
+        #expect(!chain.contains("backing-filename"), "the running layer stands alone after the merge: \(chain)")
+        #expect(try await holds(overlay, 3))
+        await live.close()
+        try await driver.destroy("d")
+    }
+
+    @Test("memory: a live save while the guest runs, measured pause; restore into a fresh QEMU, paused or running")
+    func memory() async throws {
+        let a = try await image("a")
+        try await driver.start(definition([a]), drives: drives([a]), mode: .boot(paused: false), progress: nil)
+        let path = dir + "/mem.vmstate"
+        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        try #require(fd >= 0)
+        let live = try await driver.connect("d")
+        let mark = await live.mark()
+        try await live.prepareMemorySave(to: fd, live: true)
+        try await live.pause()
+        let saveMark = await live.mark()
+        try await live.startMemorySave()
+        _ = try await live.finishMemorySave(fd: fd, guestBytes: 32 << 20, since: saveMark, progress: nil)
+        if try await !live.isRunning() { try await live.resume() }
+        let pause = await live.pauseWindow(since: mark)
+        #expect(pause != nil && pause! > 0, "STOP and RESUME were seen: \(String(describing: pause))")
+        let size = lseek(fd, 0, SEEK_CUR)
+        close(fd)
+        #expect(size > 0)
+        await live.close()
+        try await driver.destroy("d")
+
+        try await driver.start(definition([a]), drives: drives([a]), mode: .restoreMemory(path: path, running: false), progress: nil)
+        #expect(try await driver.runState("d") == .paused)
+        try await driver.destroy("d")
+        try await driver.start(definition([a]), drives: drives([a]), mode: .restoreMemory(path: path, running: true), progress: nil)
+        #expect(try await driver.runState("d") == .running)
+        try await driver.destroy("d")
+
+        // A damaged image is refused with the reason, and QEMU does not stay behind.
+        try Data(repeating: 0x42, count: 4096).write(to: URL(fileURLWithPath: dir + "/bad.vmstate"))
+        let error = await #expect(throws: SnapshotError.self) {
+            try await driver.start(definition([a]), drives: drives([a]), mode: .restoreMemory(path: dir + "/bad.vmstate", running: true), progress: nil)
+        }
+        #expect(error?.code == .invalidImage, "\(String(describing: error))")
+        #expect(driver.pid("d") == nil)
+    }
+
+    @Test("QMP refusals come back as the layer's error, classified by QEMU's error class")
+    func refusals() async throws {
+        let a = try await image("a")
+        try await driver.start(definition([a]), drives: drives([a]), mode: .boot(paused: true), progress: nil)
+        let live = try await driver.connect("d")
+        let error = await #expect(throws: SnapshotError.self) {
+            try await live.snapshotDisks([LiveDiskSnapshot(target: "vdz", name: "x", kind: .internal, overlay: nil, format: "qcow2")])
+        }
+        let qmp = error?.cause as? QMPError
+        #expect(qmp != nil && qmp?.errorClass != .unknown, "\(String(describing: error))")
+        await live.close()
+        try await driver.destroy("d")
+    }
+}
