@@ -102,8 +102,10 @@ let package = Package(
         ),
 
         // MARK: - Independent readers (test-only checks against third-party parsers)
-        .systemLibrary(name: "CLibQcow", path: "TestSupport/CLibQcow", pkgConfig: "libqcow", providers: [.apt(["libqcow-dev"])]),
-        .systemLibrary(name: "CLibVhdi", path: "TestSupport/CLibVhdi", pkgConfig: "libvhdi", providers: [.apt(["libvhdi-dev"])]),
+        .systemLibrary(
+            name: "CLibQcow", path: "TestSupport/CLibQcow", pkgConfig: "libqcow", providers: [.apt(["libqcow-dev"])]),
+        .systemLibrary(
+            name: "CLibVhdi", path: "TestSupport/CLibVhdi", pkgConfig: "libvhdi", providers: [.apt(["libvhdi-dev"])]),
         .target(
             name: "IndependentReaders",
             dependencies: ["CLibQcow", "CLibVhdi"],
@@ -115,7 +117,8 @@ let package = Package(
         .executableTarget(
             name: "vmsnap",
             dependencies: [
-                "SnapshotCore", "BackendConformance", "BackendPluginKit", "Qcow2Backend", "VHDBackend", "LVMBackend", "DomainSnapshots",
+                "SnapshotCore", "BackendConformance", "BackendPluginKit", "Qcow2Backend", "VHDBackend", "LVMBackend",
+                "DomainSnapshots",
                 "HypervisorDriver", "QEMUDriver",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
@@ -170,7 +173,10 @@ let package = Package(
         ),
         .testTarget(
             name: "DomainSnapshotsTests",
-            dependencies: ["DomainSnapshots", "HypervisorDriver", "QEMUDriver", "SnapshotCore", "Qcow2Backend", "VHDBackend", "LVMBackend"],
+            dependencies: [
+                "DomainSnapshots", "HypervisorDriver", "QEMUDriver", "SnapshotCore", "Qcow2Backend", "VHDBackend",
+                "LVMBackend",
+            ],
             swiftSettings: strict
         ),
         .testTarget(

@@ -63,9 +63,11 @@ for _ in 0..<n {
 func service(_ backend: any DiskSnapshotBackend, _ name: String) throws -> DiskSnapshotService {
     let registry = BackendRegistry()
     try registry.register(BackendFactory(kind: backend.kind) { _ in backend })
-    return DiskSnapshotService(store: try MetadataStore(directory: work + "/store-" + name), registry: registry, notify: { _ in })
+    return DiskSnapshotService(
+        store: try MetadataStore(directory: work + "/store-" + name), registry: registry, notify: { _ in })
 }
-let svcIn = try service(inProcess, "in"), svcSwift = try service(swift, "swift"), svcPython = try service(python, "python")
+let svcIn = try service(inProcess, "in"), svcSwift = try service(swift, "swift"),
+    svcPython = try service(python, "python")
 let diskIn = try await inProcess.createDisk(named: "op-in", size: 1 << 30, in: pool)
 let diskSwift = try await inProcess.createDisk(named: "op-swift", size: 1 << 30, in: pool)
 let diskRaw = try await python.createDisk(named: "op", size: 256 << 20, in: pool)
@@ -74,36 +76,56 @@ var createIn: [Double] = [], createSwift: [Double] = [], deleteIn: [Double] = []
 var createRaw: [Double] = [], cpRaw: [Double] = []
 var callsPerCreate = 0
 for i in 0..<n {
-    createIn.append(try await time { try await svcIn.create(SnapshotRequest(name: "s\(i)", kind: .internal), disk: diskIn, kind: inProcess.kind) })
+    createIn.append(
+        try await time {
+            try await svcIn.create(SnapshotRequest(name: "s\(i)", kind: .internal), disk: diskIn, kind: inProcess.kind)
+        })
     let before = swift.callCount
-    createSwift.append(try await time { try await svcSwift.create(SnapshotRequest(name: "s\(i)", kind: .internal), disk: diskSwift, kind: swift.kind) })
+    createSwift.append(
+        try await time {
+            try await svcSwift.create(
+                SnapshotRequest(name: "s\(i)", kind: .internal), disk: diskSwift, kind: swift.kind)
+        })
     callsPerCreate = swift.callCount - before
-    deleteIn.append(try await time { try await svcIn.delete(disk: diskIn, snapshot: "s\(i)", mode: .merge, kind: inProcess.kind) })
-    deleteSwift.append(try await time { try await svcSwift.delete(disk: diskSwift, snapshot: "s\(i)", mode: .merge, kind: swift.kind) })
-    createRaw.append(try await time { try await svcPython.create(SnapshotRequest(name: "r\(i)", kind: .external), disk: diskRaw, kind: python.kind) })
-    cpRaw.append(try await time { try await SubprocessRunner().run(["cp", "--reflink=auto", "--sparse=always", diskRaw, work + "/cp-\(i).raw"]) })
+    deleteIn.append(
+        try await time { try await svcIn.delete(disk: diskIn, snapshot: "s\(i)", mode: .merge, kind: inProcess.kind) })
+    deleteSwift.append(
+        try await time { try await svcSwift.delete(disk: diskSwift, snapshot: "s\(i)", mode: .merge, kind: swift.kind) }
+    )
+    createRaw.append(
+        try await time {
+            try await svcPython.create(
+                SnapshotRequest(name: "r\(i)", kind: .external), disk: diskRaw, kind: python.kind)
+        })
+    cpRaw.append(
+        try await time {
+            try await SubprocessRunner().run([
+                "cp", "--reflink=auto", "--sparse=always", diskRaw, work + "/cp-\(i).raw",
+            ])
+        })
     try await svcPython.delete(disk: diskRaw, snapshot: "r\(i)", mode: .merge, kind: python.kind)
     unlink(work + "/cp-\(i).raw")
 }
 
 func f(_ x: Double) -> String { String(format: "%.2f", x) }
 let date = ISO8601DateFormatter().string(from: Date()).prefix(10)
-print("""
-## Backend plug-ins (`scripts/bench-plugins \(n)`, \(date), release build, medians)
+print(
+    """
+    ## Backend plug-ins (`scripts/bench-plugins \(n)`, \(date), release build, medians)
 
-One plug-in process serves a whole command; each backend call is one JSON line each way over
-its stdin and stdout. Measured in one run on this machine: the in-process qcow2 backend, the same
-backend served by the Swift plug-in SDK (`vmsnap-backend-qcow2-plugin`), and the Python raw
-plug-in (`backends/raw`).
+    One plug-in process serves a whole command; each backend call is one JSON line each way over
+    its stdin and stdout. Measured in one run on this machine: the in-process qcow2 backend, the same
+    backend served by the Swift plug-in SDK (`vmsnap-backend-qcow2-plugin`), and the Python raw
+    plug-in (`backends/raw`).
 
-| measurement | in process | Swift plug-in | Python plug-in | plug-in cost |
-| --- | ---: | ---: | ---: | --- |
-| one call (`state` of a disk: a lock probe), ms | \(f(median(stateIn))) | \(f(median(stateSwift))) | \(f(median(statePython))) | Swift +\(f(median(stateSwift) - median(stateIn))) ms, Python +\(f(median(statePython) - median(stateIn))) ms |
-| plug-in start (spawn, hello, describe, configure), once per command, ms | - | \(f(median(startSwift))) | \(f(median(startPython))) | |
-| internal snapshot create through the service, ms | \(f(median(createIn))) | \(f(median(createSwift))) | | \(f(median(createSwift) / median(createIn)))x, +\(f(median(createSwift) - median(createIn))) ms |
-| internal snapshot delete through the service, ms | \(f(median(deleteIn))) | \(f(median(deleteSwift))) | | \(f(median(deleteSwift) / median(deleteIn)))x, +\(f(median(deleteSwift) - median(deleteIn))) ms |
-| raw copy snapshot create (1 MiB data, 256 MiB sparse) vs bare `cp`, ms | \(f(median(cpRaw))) (cp) | | \(f(median(createRaw))) | \(f(median(createRaw) / median(cpRaw)))x |
+    | measurement | in process | Swift plug-in | Python plug-in | plug-in cost |
+    | --- | ---: | ---: | ---: | --- |
+    | one call (`state` of a disk: a lock probe), ms | \(f(median(stateIn))) | \(f(median(stateSwift))) | \(f(median(statePython))) | Swift +\(f(median(stateSwift) - median(stateIn))) ms, Python +\(f(median(statePython) - median(stateIn))) ms |
+    | plug-in start (spawn, hello, describe, configure), once per command, ms | - | \(f(median(startSwift))) | \(f(median(startPython))) | |
+    | internal snapshot create through the service, ms | \(f(median(createIn))) | \(f(median(createSwift))) | | \(f(median(createSwift) / median(createIn)))x, +\(f(median(createSwift) - median(createIn))) ms |
+    | internal snapshot delete through the service, ms | \(f(median(deleteIn))) | \(f(median(deleteSwift))) | | \(f(median(deleteSwift) / median(deleteIn)))x, +\(f(median(deleteSwift) - median(deleteIn))) ms |
+    | raw copy snapshot create (1 MiB data, 256 MiB sparse) vs bare `cp`, ms | \(f(median(cpRaw))) (cp) | | \(f(median(createRaw))) | \(f(median(createRaw) / median(cpRaw)))x |
 
-A create through a plug-in makes \(callsPerCreate) calls (state, plan; the steps run in vmsnap), none
-per existing snapshot. Target: a Swift plug-in adds at most 10 ms per operation.
-""")
+    A create through a plug-in makes \(callsPerCreate) calls (state, plan; the steps run in vmsnap), none
+    per existing snapshot. Target: a Swift plug-in adds at most 10 ms per operation.
+    """)

@@ -7,7 +7,8 @@ import Foundation
 import IndependentReaders
 import VHDBackend
 
-let work = (NSTemporaryDirectory() as NSString).appendingPathComponent("vmsnap-vhd-bench-\(UUID().uuidString.prefix(6))")
+let work = (NSTemporaryDirectory() as NSString).appendingPathComponent(
+    "vmsnap-vhd-bench-\(UUID().uuidString.prefix(6))")
 try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
 defer { try? FileManager.default.removeItem(atPath: work) }
 
@@ -16,14 +17,19 @@ func seconds(_ body: () throws -> Void) rethrows -> Double {
     try body()
     return Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
 }
-func median(_ xs: [Double]) -> Double { let s = xs.sorted(); return s[s.count / 2] }
+func median(_ xs: [Double]) -> Double {
+    let s = xs.sorted()
+    return s[s.count / 2]
+}
 func fill(_ n: Int, _ seed: UInt8) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 31) ^ seed } }
 
 // 1. Snapshot create (a differencing child) on 100 GiB and 1 GiB parents.
 for (label, size) in [("100GiB", UInt64(100) << 30), ("1GiB", UInt64(1) << 30)] {
     let base = work + "/base-\(label).vhd"
     try VHDEngine.createDynamic(base, size: size)
-    let times = try (0..<15).map { i in try seconds { try VHDEngine.createDifferencing(work + "/snap-\(label)-\(i).vhd", parent: base) } * 1000 }
+    let times = try (0..<15).map { i in
+        try seconds { try VHDEngine.createDifferencing(work + "/snap-\(label)-\(i).vhd", parent: base) } * 1000
+    }
     print(String(format: "snapshot-create-%@-ms %.3f 5", label, median(times)))
 }
 
@@ -39,7 +45,12 @@ try writer.sync()
 let src = work + "/copy-src", dst = work + "/copy-dst"
 _ = FileManager.default.createFile(atPath: src, contents: Data(repeating: 0x5a, count: amount))
 let copyTime = try seconds {
-    let input = FileHandle(forReadingAtPath: src)!, output = FileHandle(forWritingAtPath: { _ = FileManager.default.createFile(atPath: dst, contents: nil); return dst }())!
+    let input = FileHandle(forReadingAtPath: src)!,
+        output = FileHandle(
+            forWritingAtPath: {
+                _ = FileManager.default.createFile(atPath: dst, contents: nil)
+                return dst
+            }())!
     while let data = try input.read(upToCount: 4 << 20), !data.isEmpty { try output.write(contentsOf: data) }
     try output.synchronize()
 }
@@ -61,15 +72,26 @@ for layer in 0..<10 {
 let leaf = chain.removeLast()
 var engineTimes: [Double] = [], libTimes: [Double] = []
 for _ in 0..<3 {
-    engineTimes.append(try seconds {
-        let image = try VHDImage(path: leaf)
-        var at = 0
-        while at < readSize { _ = try image.read(at: UInt64(at), count: 4 << 20); at += 4 << 20 }
-    })
-    libTimes.append(try seconds {
-        let reader = try LibVhdiReader(path: leaf, parentChain: chain.reversed())
-        var at = 0
-        while at < readSize { _ = try reader.read(at: UInt64(at), length: 4 << 20); at += 4 << 20 }
-    })
+    engineTimes.append(
+        try seconds {
+            let image = try VHDImage(path: leaf)
+            var at = 0
+            while at < readSize {
+                _ = try image.read(at: UInt64(at), count: 4 << 20)
+                at += 4 << 20
+            }
+        })
+    libTimes.append(
+        try seconds {
+            let reader = try LibVhdiReader(path: leaf, parentChain: chain.reversed())
+            var at = 0
+            while at < readSize {
+                _ = try reader.read(at: UInt64(at), length: 4 << 20)
+                at += 4 << 20
+            }
+        })
 }
-print(String(format: "chain10-read-MBps %.1f %.1f", Double(readSize) / median(engineTimes) / 1e6, Double(readSize) / median(libTimes) / 1e6))
+print(
+    String(
+        format: "chain10-read-MBps %.1f %.1f", Double(readSize) / median(engineTimes) / 1e6,
+        Double(readSize) / median(libTimes) / 1e6))

@@ -6,13 +6,15 @@ import Qcow2Backend
 import SnapshotCore
 
 let n = Int(CommandLine.arguments.dropFirst().first ?? "") ?? 20
-let work = (NSTemporaryDirectory() as NSString).appendingPathComponent("vmsnap-bench-lib-\(UUID().uuidString.prefix(6))")
+let work = (NSTemporaryDirectory() as NSString).appendingPathComponent(
+    "vmsnap-bench-lib-\(UUID().uuidString.prefix(6))")
 try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
 defer { try? FileManager.default.removeItem(atPath: work) }
 let runner = SubprocessRunner()
 let registry = BackendRegistry()
 try registry.register(Qcow2Backend.factory)
-let service = DiskSnapshotService(store: try MetadataStore(directory: work + "/store"), registry: registry, notify: { _ in })
+let service = DiskSnapshotService(
+    store: try MetadataStore(directory: work + "/store"), registry: registry, notify: { _ in })
 
 func ms(_ body: () async throws -> Void) async rethrows -> Double {
     let start = DispatchTime.now().uptimeNanoseconds
@@ -34,7 +36,8 @@ func report(_ name: String, _ vm: [Double], _ bare: [Double]) {
 }
 
 // Internal snapshot create.
-let bareInt = try await image("bare-int.qcow2", data: "write -P 1 0 64M"), vmInt = try await image("vm-int.qcow2", data: "write -P 1 0 64M")
+let bareInt = try await image("bare-int.qcow2", data: "write -P 1 0 64M"),
+    vmInt = try await image("vm-int.qcow2", data: "write -P 1 0 64M")
 try await service.create(SnapshotRequest(name: "warmup", kind: .internal), disk: vmInt)
 try await runner.run(Qcow2Commands.createInternal("warmup", image: bareInt))
 var vm: [Double] = [], bare: [Double] = []
@@ -47,7 +50,8 @@ report("internal-create", vm, bare)
 // External snapshot create.
 var top = try await image("bare-ext.qcow2")
 let vmExt = try await image("vm-ext.qcow2")
-vm = []; bare = []
+vm = []
+bare = []
 for i in 0..<n {
     let next = work + "/bare-ext.\(i).qcow2"
     let backing = top
@@ -59,7 +63,8 @@ report("external-create", vm, bare)
 
 // Delete with merge (one child: commit + rename, which frees the merged overlay) against plain
 // `qemu-img commit` (which empties the overlay) and against `qemu-img commit -d` + rm.
-vm = []; bare = []
+vm = []
+bare = []
 var bareDRm: [Double] = []
 for i in 0..<min(n, 8) {
     for anchor in ["plain", "d-rm"] {
@@ -70,7 +75,11 @@ for i in 0..<min(n, 8) {
         if anchor == "plain" {
             bare.append(try await ms { try await runner.run(["qemu-img", "commit", "-q", "-f", "qcow2", o]) })
         } else {
-            bareDRm.append(try await ms { try await runner.run(Qcow2Commands.commit(o)); unlink(o) })
+            bareDRm.append(
+                try await ms {
+                    try await runner.run(Qcow2Commands.commit(o))
+                    unlink(o)
+                })
         }
     }
     let v = try await image("mv\(i).qcow2", data: "write -P 1 0 256M")

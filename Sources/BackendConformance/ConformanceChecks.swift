@@ -13,8 +13,10 @@ enum ConformanceChecks {
     static func perKind(_ kind: SnapshotKind) -> [ConformanceCheck] {
         let k = kind.rawValue
         return [
-            ConformanceCheck("\(k).revert", "write A, snapshot, overwrite with B, revert: the disk reads A again",
-                             requires: [cap(.create, kind), cap(.revert, kind)]) { c in
+            ConformanceCheck(
+                "\(k).revert", "write A, snapshot, overwrite with B, revert: the disk reads A again",
+                requires: [cap(.create, kind), cap(.revert, kind)]
+            ) { c in
                 let a = try await c.write(seed: 1)
                 let a2 = try await c.write(seed: 11, at: 8 << 20, length: 4096)
                 try await c.snapshot("s1", kind)
@@ -24,25 +26,37 @@ enum ConformanceChecks {
                 try await c.expect(.active, equals: a, "after revert to s1")
                 try await c.expect(.active, at: 8 << 20, equals: a2, "after revert to s1, second region")
                 let layout = try await c.layout()
-                try c.require(layout.disk.current == "s1", "current snapshot after revert is \(layout.disk.current ?? "none"), expected s1")
+                try c.require(
+                    layout.disk.current == "s1",
+                    "current snapshot after revert is \(layout.disk.current ?? "none"), expected s1")
                 let b = try await c.write(seed: 3)
                 try await c.expect(.active, equals: b, "writing after the revert")
             },
-            ConformanceCheck("\(k).list", "snapshots are listed with name, kind, parent and creation time",
-                             requires: [cap(.create, kind), cap(.list, kind)]) { c in
+            ConformanceCheck(
+                "\(k).list", "snapshots are listed with name, kind, parent and creation time",
+                requires: [cap(.create, kind), cap(.list, kind)]
+            ) { c in
                 try await c.write(seed: 1)
                 try await c.snapshot("first", kind)
                 try await c.write(seed: 2)
                 try await c.snapshot("second", kind)
                 let snaps = try await c.layout().snapshots
-                try c.require(snaps.map(\.name) == ["first", "second"], "listed \(snaps.map(\.name)), expected [first, second]")
+                try c.require(
+                    snaps.map(\.name) == ["first", "second"], "listed \(snaps.map(\.name)), expected [first, second]")
                 try c.require(snaps.allSatisfy { $0.kind == kind }, "a snapshot is listed with the wrong kind")
-                try c.require(snaps[1].parent == "first", "second's parent is \(snaps[1].parent ?? "none"), expected first")
-                try c.require(snaps.allSatisfy { abs($0.createdAt.timeIntervalSinceNow) < 600 }, "creation times are not now")
-                try await c.expect(.snapshot("first"), equals: ConformanceContext.pattern(seed: 1, length: 64 << 10), "snapshot 'first' content")
+                try c.require(
+                    snaps[1].parent == "first", "second's parent is \(snaps[1].parent ?? "none"), expected first")
+                try c.require(
+                    snaps.allSatisfy { abs($0.createdAt.timeIntervalSinceNow) < 600 }, "creation times are not now")
+                try await c.expect(
+                    .snapshot("first"), equals: ConformanceContext.pattern(seed: 1, length: 64 << 10),
+                    "snapshot 'first' content")
             },
-            ConformanceCheck("\(k).revert-branch", "revert to an older snapshot keeps the newer ones: a branch, and each still reads its own bytes",
-                             requires: [cap(.create, kind), cap(.revert, kind)]) { c in
+            ConformanceCheck(
+                "\(k).revert-branch",
+                "revert to an older snapshot keeps the newer ones: a branch, and each still reads its own bytes",
+                requires: [cap(.create, kind), cap(.revert, kind)]
+            ) { c in
                 let a = try await c.write(seed: 1)
                 try await c.snapshot("s1", kind)
                 let b = try await c.write(seed: 2)
@@ -57,10 +71,15 @@ enum ConformanceChecks {
                 try await c.expect(.snapshot("s1"), equals: a, "s1 after both reverts")
                 let tree = try await c.layout().tree
                 try c.require(tree["s3"]?.parent == "s1", "s3's parent is \(tree["s3"]?.parent ?? "none"), expected s1")
-                try c.require(Set(tree.children(of: "s1").map(\.name)) == ["s2", "s3"], "s1's children are \(tree.children(of: "s1").map(\.name))")
+                try c.require(
+                    Set(tree.children(of: "s1").map(\.name)) == ["s2", "s3"],
+                    "s1's children are \(tree.children(of: "s1").map(\.name))")
             },
-            ConformanceCheck("\(k).delete-middle", "delete the middle of a chain: the survivors and the active disk read the same bytes",
-                             requires: [cap(.create, kind), cap(.delete, kind)]) { c in
+            ConformanceCheck(
+                "\(k).delete-middle",
+                "delete the middle of a chain: the survivors and the active disk read the same bytes",
+                requires: [cap(.create, kind), cap(.delete, kind)]
+            ) { c in
                 let a = try await c.write(seed: 1)
                 try await c.snapshot("s1", kind)
                 try await c.write(seed: 2, at: 1 << 20)
@@ -74,13 +93,21 @@ enum ConformanceChecks {
                 try c.require(layout.snapshot(named: "s3")?.parent == "s1", "s3 was not reparented to s1")
                 try await c.expect(.snapshot("s1"), equals: a, "s1 after deleting s2")
                 try await c.expect(.snapshot("s3"), equals: a, "s3 (first region) after deleting s2")
-                try await c.expect(.snapshot("s3"), at: 1 << 20, equals: ConformanceContext.pattern(seed: 2, length: 64 << 10), "s3 keeps s2's changes")
-                try await c.expect(.snapshot("s3"), at: 2 << 20, equals: ConformanceContext.pattern(seed: 3, length: 64 << 10), "s3's own changes")
+                try await c.expect(
+                    .snapshot("s3"), at: 1 << 20, equals: ConformanceContext.pattern(seed: 2, length: 64 << 10),
+                    "s3 keeps s2's changes")
+                try await c.expect(
+                    .snapshot("s3"), at: 2 << 20, equals: ConformanceContext.pattern(seed: 3, length: 64 << 10),
+                    "s3's own changes")
                 try await c.expect(.active, equals: d, "active disk after deleting s2")
-                try await c.expect(.active, at: 1 << 20, equals: ConformanceContext.pattern(seed: 2, length: 64 << 10), "active disk keeps s2's changes")
+                try await c.expect(
+                    .active, at: 1 << 20, equals: ConformanceContext.pattern(seed: 2, length: 64 << 10),
+                    "active disk keeps s2's changes")
             },
-            ConformanceCheck("\(k).delete-branch-point", "delete a snapshot with two children: both branches read the same bytes",
-                             requires: [cap(.create, kind), cap(.revert, kind), cap(.delete, kind)]) { c in
+            ConformanceCheck(
+                "\(k).delete-branch-point", "delete a snapshot with two children: both branches read the same bytes",
+                requires: [cap(.create, kind), cap(.revert, kind), cap(.delete, kind)]
+            ) { c in
                 try await c.write(seed: 1)
                 try await c.snapshot("base", kind)
                 let b1 = try await c.write(seed: 2, at: 1 << 20)
@@ -91,17 +118,22 @@ enum ConformanceChecks {
                 let base = ConformanceContext.pattern(seed: 1, length: 64 << 10)
                 try await c.delete("base")
                 for (name, mine) in [("left", b1), ("right", b2)] {
-                    try await c.expect(.snapshot(name), equals: base, "\(name) reads base's bytes after base is deleted")
+                    try await c.expect(
+                        .snapshot(name), equals: base, "\(name) reads base's bytes after base is deleted")
                     try await c.expect(.snapshot(name), at: 1 << 20, equals: mine, "\(name) reads its own bytes")
                 }
                 try await c.expect(.active, at: 1 << 20, equals: b2, "active disk after deleting the branch point")
                 let roots = try await c.layout().tree.roots.map(\.name)
-                try c.require(Set(roots) == ["left", "right"], "roots after delete are \(roots), expected left and right")
+                try c.require(
+                    Set(roots) == ["left", "right"], "roots after delete are \(roots), expected left and right")
                 try await c.revert("left")
                 try await c.expect(.active, at: 1 << 20, equals: b1, "revert to left after its parent was deleted")
             },
-            ConformanceCheck("\(k).delete-subtree", "delete a snapshot with its children: the subtree is gone, the rest and the active disk intact",
-                             requires: [cap(.create, kind), cap(.deleteSubtree, kind)]) { c in
+            ConformanceCheck(
+                "\(k).delete-subtree",
+                "delete a snapshot with its children: the subtree is gone, the rest and the active disk intact",
+                requires: [cap(.create, kind), cap(.deleteSubtree, kind)]
+            ) { c in
                 let a = try await c.write(seed: 1)
                 try await c.snapshot("keep", kind)
                 try await c.write(seed: 2)
@@ -111,15 +143,22 @@ enum ConformanceChecks {
                 let now = try await c.write(seed: 4)
                 try await c.delete("drop", .children)
                 let layout = try await c.layout()
-                try c.require(layout.snapshots.map(\.name) == ["keep"], "after deleting the subtree: \(layout.snapshots.map(\.name))")
-                try c.require(layout.disk.current == "keep", "current is \(layout.disk.current ?? "none"), expected keep")
+                try c.require(
+                    layout.snapshots.map(\.name) == ["keep"],
+                    "after deleting the subtree: \(layout.snapshots.map(\.name))")
+                try c.require(
+                    layout.disk.current == "keep", "current is \(layout.disk.current ?? "none"), expected keep")
                 try await c.expect(.active, equals: now, "active disk after deleting the subtree")
                 try await c.expect(.snapshot("keep"), equals: a, "keep after deleting the subtree")
                 try await c.snapshot("again", kind)
-                try c.require(try await c.layout().snapshot(named: "again")?.parent == "keep", "a new snapshot does not descend from keep")
+                try c.require(
+                    try await c.layout().snapshot(named: "again")?.parent == "keep",
+                    "a new snapshot does not descend from keep")
             },
-            ConformanceCheck("\(k).delete-children-only", "delete only the children of a snapshot: it stays, its descendants go",
-                             requires: [cap(.create, kind), cap(.deleteSubtree, kind)]) { c in
+            ConformanceCheck(
+                "\(k).delete-children-only", "delete only the children of a snapshot: it stays, its descendants go",
+                requires: [cap(.create, kind), cap(.deleteSubtree, kind)]
+            ) { c in
                 let a = try await c.write(seed: 1)
                 try await c.snapshot("top", kind)
                 try await c.write(seed: 2)
@@ -129,8 +168,10 @@ enum ConformanceChecks {
                 try c.require(names == ["top"], "after children-only delete: \(names)")
                 try await c.expect(.snapshot("top"), equals: a, "top after its children were deleted")
             },
-            ConformanceCheck("\(k).tree", "the current snapshot is the parent of the next one, across reverts",
-                             requires: [cap(.create, kind), cap(.revert, kind)]) { c in
+            ConformanceCheck(
+                "\(k).tree", "the current snapshot is the parent of the next one, across reverts",
+                requires: [cap(.create, kind), cap(.revert, kind)]
+            ) { c in
                 try await c.write(seed: 1)
                 try await c.snapshot("a", kind)
                 try await c.snapshot("b", kind)
@@ -138,8 +179,11 @@ enum ConformanceChecks {
                 try await c.snapshot("c", kind)
                 let layout = try await c.layout()
                 try c.require(layout.disk.current == "c", "current is \(layout.disk.current ?? "none"), expected c")
-                try c.require(layout.tree["b"]?.parent == "a" && layout.tree["c"]?.parent == "a", "b and c should both descend from a")
-                try c.require(Set(layout.tree.leaves.map(\.name)) == ["b", "c"], "leaves are \(layout.tree.leaves.map(\.name))")
+                try c.require(
+                    layout.tree["b"]?.parent == "a" && layout.tree["c"]?.parent == "a",
+                    "b and c should both descend from a")
+                try c.require(
+                    Set(layout.tree.leaves.map(\.name)) == ["b", "c"], "leaves are \(layout.tree.leaves.map(\.name))")
                 try c.require(layout.tree.roots.map(\.name) == ["a"], "roots are \(layout.tree.roots.map(\.name))")
             },
         ]
@@ -150,7 +194,10 @@ enum ConformanceChecks {
     static let mixedKinds = ConformanceCheck(
         "mixed.internal-external",
         "internal and external snapshots on one disk: each operation either keeps every byte right or is refused and changes nothing",
-        requires: [cap(.create, .internal), cap(.create, .external), cap(.revert, .internal), cap(.revert, .external), cap(.delete, .external), cap(.delete, .internal)]
+        requires: [
+            cap(.create, .internal), cap(.create, .external), cap(.revert, .internal), cap(.revert, .external),
+            cap(.delete, .external), cap(.delete, .internal),
+        ]
     ) { c in
         let a = try await c.write(seed: 1)
         try await c.snapshot("i1", .internal)
@@ -168,9 +215,12 @@ enum ConformanceChecks {
         if try await c.layout().disk.current == "i1" { try await c.expect(.active, equals: a, "after revert to i1") }
         try await c.revert("e1")
         try await c.expect(.active, equals: b, "after revert to e1")
-        try await c.expect(.snapshot("i2"), equals: ConformanceContext.pattern(seed: 3, length: 64 << 10), "i2 after revert to e1")
+        try await c.expect(
+            .snapshot("i2"), equals: ConformanceContext.pattern(seed: 3, length: 64 << 10), "i2 after revert to e1")
         do { try await c.delete("e1") } catch let e as SnapshotError where refusals.contains(e.code) {
-            try await c.expect(.snapshot("i2"), equals: ConformanceContext.pattern(seed: 3, length: 64 << 10), "i2 after a refused delete of e1")
+            try await c.expect(
+                .snapshot("i2"), equals: ConformanceContext.pattern(seed: 3, length: 64 << 10),
+                "i2 after a refused delete of e1")
         }
         try await c.delete("i2")
         try await c.expect(.active, equals: b, "active disk after deleting i2")
@@ -183,42 +233,60 @@ enum ConformanceChecks {
     // MARK: - Bad input
 
     static let badNames: [(String, String)] = [
-        ("", "empty"), ("a/b", "contains a slash"), ("a\u{0}b", "contains NUL"), ("tab\there", "contains a control character"),
-        ("line\nbreak", "contains a newline"), ("-rf", "starts with a dash"), (String(repeating: "x", count: 256), "is 256 bytes long"),
+        ("", "empty"), ("a/b", "contains a slash"), ("a\u{0}b", "contains NUL"),
+        ("tab\there", "contains a control character"),
+        ("line\nbreak", "contains a newline"), ("-rf", "starts with a dash"),
+        (String(repeating: "x", count: 256), "is 256 bytes long"),
     ]
 
     static func badInput(_ kind: SnapshotKind) -> [ConformanceCheck] {
         let k = kind.rawValue
         return [
-            ConformanceCheck("\(k).bad-names", "names that are empty, contain '/', NUL or control characters, start with '-' or exceed 255 bytes are refused and nothing changes",
-                             requires: [cap(.create, kind)]) { c in
+            ConformanceCheck(
+                "\(k).bad-names",
+                "names that are empty, contain '/', NUL or control characters, start with '-' or exceed 255 bytes are refused and nothing changes",
+                requires: [cap(.create, kind)]
+            ) { c in
                 try await c.write(seed: 1)
                 try await c.snapshot("existing", kind)
                 for (name, why) in badNames {
                     try await c.expectRefusal([.invalidName], "a name that \(why)") { try await c.snapshot(name, kind) }
                 }
-                try await c.expectRefusal([.alreadyExists], "a name that already exists") { try await c.snapshot("existing", kind) }
+                try await c.expectRefusal([.alreadyExists], "a name that already exists") {
+                    try await c.snapshot("existing", kind)
+                }
             },
-            ConformanceCheck("\(k).unknown-snapshot", "reverting or deleting a snapshot that does not exist is refused and nothing changes",
-                             requires: [cap(.create, kind), cap(.revert, kind), cap(.delete, kind)]) { c in
+            ConformanceCheck(
+                "\(k).unknown-snapshot",
+                "reverting or deleting a snapshot that does not exist is refused and nothing changes",
+                requires: [cap(.create, kind), cap(.revert, kind), cap(.delete, kind)]
+            ) { c in
                 try await c.write(seed: 1)
                 try await c.snapshot("real", kind)
                 try await c.expectRefusal([.notFound], "revert to a missing snapshot") { try await c.revert("ghost") }
                 try await c.expectRefusal([.notFound], "delete of a missing snapshot") { try await c.delete("ghost") }
-                try await c.expectRefusal([.notFound], "delete with children of a missing snapshot") { try await c.delete("ghost", .children) }
+                try await c.expectRefusal([.notFound], "delete with children of a missing snapshot") {
+                    try await c.delete("ghost", .children)
+                }
             },
-            ConformanceCheck("\(k).missing-disk", "a snapshot of a disk that does not exist is refused and nothing is created",
-                             requires: [cap(.create, kind)]) { c in
+            ConformanceCheck(
+                "\(k).missing-disk", "a snapshot of a disk that does not exist is refused and nothing is created",
+                requires: [cap(.create, kind)]
+            ) { c in
                 // A disk that existed and is gone: a locator of the backend's own form.
-                let missing = try await c.backend.createDisk(named: "gone-\(k)-\(UInt32.random(in: 0...UInt32.max))", size: 1 << 20, in: c.pool)
+                let missing = try await c.backend.createDisk(
+                    named: "gone-\(k)-\(UInt32.random(in: 0...UInt32.max))", size: 1 << 20, in: c.pool)
                 let gone = try await c.backend.adopt(locator: missing)
                 try await c.backend.destroyDisk(layout: gone)
                 let before = try await c.backend.poolInventory(c.pool)
                 do {
-                    try await c.service.create(SnapshotRequest(name: "s", kind: kind), disk: missing, kind: c.backend.kind)
+                    try await c.service.create(
+                        SnapshotRequest(name: "s", kind: kind), disk: missing, kind: c.backend.kind)
                     throw ConformanceFailure("snapshot of a missing disk succeeded")
                 } catch let e as SnapshotError {
-                    try c.require([.notFound, .invalidImage].contains(e.code), "missing disk gave \(e.code.rawValue): \(e.message)")
+                    try c.require(
+                        [.notFound, .invalidImage].contains(e.code),
+                        "missing disk gave \(e.code.rawValue): \(e.message)")
                 }
                 let after = try await c.backend.poolInventory(c.pool)
                 try c.require(before == after, "the pool changed: \(before) -> \(after)")

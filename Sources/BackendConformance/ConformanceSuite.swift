@@ -19,7 +19,10 @@ public struct ConformanceCheck: Sendable {
     public var requires: [Capability]
     public var body: @Sendable (ConformanceContext) async throws -> Void
 
-    public init(_ name: String, _ summary: String, requires: [Capability] = [], body: @escaping @Sendable (ConformanceContext) async throws -> Void) {
+    public init(
+        _ name: String, _ summary: String, requires: [Capability] = [],
+        body: @escaping @Sendable (ConformanceContext) async throws -> Void
+    ) {
         self.name = name
         self.summary = summary
         self.requires = requires
@@ -60,23 +63,30 @@ public struct ConformanceSuite: Sendable {
     public static var checks: [ConformanceCheck] { ConformanceChecks.all }
 
     /// The checks, with the crash checks (a crash simulated at every step, then recovery) when asked.
-    public static func checks(includingCrash: Bool) -> [ConformanceCheck] { checks + (includingCrash ? CrashChecks.all : []) }
+    public static func checks(includingCrash: Bool) -> [ConformanceCheck] {
+        checks + (includingCrash ? CrashChecks.all : [])
+    }
 
     /// Runs the checks whose name starts with one of `filter` (all when empty), reporting each as
     /// it ends. Crash checks run with `includingCrash`, or when `filter` names them.
-    public func run(filter: [String] = [], includingCrash: Bool = false, onResult: @Sendable (ConformanceResult) -> Void = { _ in }) async -> [ConformanceResult] {
+    public func run(
+        filter: [String] = [], includingCrash: Bool = false, onResult: @Sendable (ConformanceResult) -> Void = { _ in }
+    ) async -> [ConformanceResult] {
         var results: [ConformanceResult] = []
         let table = backend.descriptor.capabilities
         let crashNamed = filter.contains { $0.hasPrefix("crash") }
-        for check in Self.checks(includingCrash: includingCrash || crashNamed) where filter.isEmpty || filter.contains(where: { check.name.hasPrefix($0) }) {
+        for check in Self.checks(includingCrash: includingCrash || crashNamed)
+        where filter.isEmpty || filter.contains(where: { check.name.hasPrefix($0) }) {
             let start = Date()
-            var result = ConformanceResult(check: check.name, summary: check.summary, outcome: .passed, detail: nil, seconds: 0)
+            var result = ConformanceResult(
+                check: check.name, summary: check.summary, outcome: .passed, detail: nil, seconds: 0)
             if let missing = check.requires.first(where: { !table.supports($0) }) {
                 result.outcome = .skipped
                 result.detail = "backend does not advertise \(missing)"
             } else {
                 do {
-                    let context = try await ConformanceContext(backend: backend, pool: pool, diskSize: diskSize, checkName: check.name)
+                    let context = try await ConformanceContext(
+                        backend: backend, pool: pool, diskSize: diskSize, checkName: check.name)
                     do {
                         try await check.body(context)
                         try await context.verifyAll()
@@ -113,13 +123,15 @@ public final class ConformanceContext: Sendable {
         self.backend = backend
         self.pool = pool
         self.diskSize = diskSize
-        storeDirectory = (NSTemporaryDirectory() as NSString).appendingPathComponent("vmsnap-conformance-\(UUID().uuidString.prefix(8))")
+        storeDirectory = (NSTemporaryDirectory() as NSString).appendingPathComponent(
+            "vmsnap-conformance-\(UUID().uuidString.prefix(8))")
         let store = try MetadataStore(directory: storeDirectory)
         let registry = BackendRegistry()
         let instance = backend
         try registry.register(BackendFactory(kind: backend.kind) { _ in instance })
         service = DiskSnapshotService(store: store, registry: registry, notify: { _ in })
-        let diskName = "ct-" + checkName.map { $0.isLetter || $0.isNumber ? $0 : "-" } + "-" + UUID().uuidString.prefix(6)
+        let diskName =
+            "ct-" + checkName.map { $0.isLetter || $0.isNumber ? $0 : "-" } + "-" + UUID().uuidString.prefix(6)
         disk = try await backend.createDisk(named: String(diskName), size: diskSize, in: pool)
     }
 
@@ -132,7 +144,9 @@ public final class ConformanceContext: Sendable {
     public static func pattern(seed: UInt64, length: Int) -> [UInt8] {
         var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
         return (0..<length).map { _ in
-            state ^= state << 13; state ^= state >> 7; state ^= state << 17
+            state ^= state << 13
+            state ^= state >> 7
+            state ^= state << 17
             return UInt8(truncatingIfNeeded: state)
         }
     }
@@ -149,8 +163,11 @@ public final class ConformanceContext: Sendable {
     public func expect(_ view: DataView, at offset: UInt64 = 0, equals expected: [UInt8], _ what: String) async throws {
         let got = try await backend.read(view, at: offset, length: expected.count, layout: layout())
         if got != expected {
-            let index = (0..<min(got.count, expected.count)).first { got[$0] != expected[$0] } ?? min(got.count, expected.count)
-            throw ConformanceFailure("\(what): bytes differ at offset \(offset + UInt64(index)) (read \(got.count) bytes, expected \(expected.count))")
+            let index =
+                (0..<min(got.count, expected.count)).first { got[$0] != expected[$0] } ?? min(got.count, expected.count)
+            throw ConformanceFailure(
+                "\(what): bytes differ at offset \(offset + UInt64(index)) (read \(got.count) bytes, expected \(expected.count))"
+            )
         }
     }
 
@@ -162,20 +179,31 @@ public final class ConformanceContext: Sendable {
 
     /// Runs `body`, which must fail with a `SnapshotError` of one of `codes` and change nothing:
     /// neither the pool's contents nor the disk's metadata.
-    public func expectRefusal(_ codes: Set<SnapshotError.Code>, _ what: String, _ body: () async throws -> Void) async throws {
+    public func expectRefusal(_ codes: Set<SnapshotError.Code>, _ what: String, _ body: () async throws -> Void)
+        async throws
+    {
         let inventoryBefore = try await backend.poolInventory(pool)
         let layoutBefore = try await layout()
         do {
             try await body()
-            throw ConformanceFailure("\(what): expected an error (\(codes.map(\.rawValue).sorted().joined(separator: " or "))), but it succeeded")
+            throw ConformanceFailure(
+                "\(what): expected an error (\(codes.map(\.rawValue).sorted().joined(separator: " or "))), but it succeeded"
+            )
         } catch let error as SnapshotError {
             guard codes.contains(error.code) else {
-                throw ConformanceFailure("\(what): expected \(codes.map(\.rawValue).sorted().joined(separator: " or ")), got \(error.code.rawValue): \(error.message)")
+                throw ConformanceFailure(
+                    "\(what): expected \(codes.map(\.rawValue).sorted().joined(separator: " or ")), got \(error.code.rawValue): \(error.message)"
+                )
             }
-            guard error.message.count >= 20 else { throw ConformanceFailure("\(what): the error message is too terse to act on: '\(error.message)'") }
+            guard error.message.count >= 20 else {
+                throw ConformanceFailure("\(what): the error message is too terse to act on: '\(error.message)'")
+            }
         }
         let inventoryAfter = try await backend.poolInventory(pool)
-        try require(inventoryBefore == inventoryAfter, "\(what): the pool changed although the operation failed: before \(inventoryBefore), after \(inventoryAfter)")
+        try require(
+            inventoryBefore == inventoryAfter,
+            "\(what): the pool changed although the operation failed: before \(inventoryBefore), after \(inventoryAfter)"
+        )
         let layoutAfter = try await layout()
         try require(layoutBefore == layoutAfter, "\(what): the disk's metadata changed although the operation failed")
     }
@@ -198,7 +226,9 @@ public final class ConformanceContext: Sendable {
         try await service.create(SnapshotRequest(name: name, kind: kind), disk: disk, kind: backend.kind)
     }
 
-    public func revert(_ name: String) async throws { try await service.revert(disk: disk, to: name, kind: backend.kind) }
+    public func revert(_ name: String) async throws {
+        try await service.revert(disk: disk, to: name, kind: backend.kind)
+    }
 
     public func delete(_ name: String, _ mode: DeleteMode = .merge) async throws {
         try await service.delete(disk: disk, snapshot: name, mode: mode, kind: backend.kind)

@@ -10,7 +10,10 @@ struct PlanCheck {
     let method: PluginMethod
 
     private func refuse(_ why: String) -> SnapshotError {
-        SnapshotError(.pluginFailed, "backend plug-in '\(plugin.kind)' (\(plugin.executable)) answered '\(method.rawValue)' with \(why); nothing was changed. This is a bug in the plug-in")
+        SnapshotError(
+            .pluginFailed,
+            "backend plug-in '\(plugin.kind)' (\(plugin.executable)) answered '\(method.rawValue)' with \(why); nothing was changed. This is a bug in the plug-in"
+        )
     }
 
     func layout(_ layout: DiskLayout, of id: String) throws {
@@ -18,13 +21,19 @@ struct PlanCheck {
         guard layout.disk.kind == plugin.kind else { throw refuse("a disk of backend '\(layout.disk.kind)'") }
         var names = Set<String>()
         for snapshot in layout.snapshots {
-            do { try SnapshotName.validate(snapshot.name) } catch { throw refuse("a snapshot with an invalid name: \(error)") }
+            do { try SnapshotName.validate(snapshot.name) } catch {
+                throw refuse("a snapshot with an invalid name: \(error)")
+            }
             guard names.insert(snapshot.name).inserted else { throw refuse("the snapshot '\(snapshot.name)' twice") }
         }
         for snapshot in layout.snapshots {
-            if let parent = snapshot.parent, !names.contains(parent) { throw refuse("snapshot '\(snapshot.name)' whose parent '\(parent)' does not exist") }
+            if let parent = snapshot.parent, !names.contains(parent) {
+                throw refuse("snapshot '\(snapshot.name)' whose parent '\(parent)' does not exist")
+            }
         }
-        if let current = layout.disk.current, !names.contains(current) { throw refuse("a current snapshot '\(current)' that does not exist") }
+        if let current = layout.disk.current, !names.contains(current) {
+            throw refuse("a current snapshot '\(current)' that does not exist")
+        }
         guard !layout.disk.active.isEmpty else { throw refuse("an empty active image") }
     }
 
@@ -42,7 +51,8 @@ struct PlanCheck {
 
     private func problem(_ action: StepAction) -> String? {
         func path(_ p: String) -> String? {
-            p.hasPrefix("/") && !p.contains("\0") && !p.split(separator: "/").contains("..") ? nil : "'\(p)' is not an absolute path without '..'"
+            p.hasPrefix("/") && !p.contains("\0") && !p.split(separator: "/").contains("..")
+                ? nil : "'\(p)' is not an absolute path without '..'"
         }
         switch action {
         case .run(let argv):
@@ -59,7 +69,9 @@ struct PlanCheck {
         guard let made = plan.result.snapshot(named: request.name) else {
             throw refuse("a plan whose result has no snapshot named '\(request.name)'")
         }
-        guard made.kind == request.kind else { throw refuse("a \(made.kind.rawValue) snapshot when \(request.kind.rawValue) was asked for") }
+        guard made.kind == request.kind else {
+            throw refuse("a \(made.kind.rawValue) snapshot when \(request.kind.rawValue) was asked for")
+        }
         let kept = Set(before.snapshots.map(\.name))
         let lost = kept.subtracting(plan.result.snapshots.map(\.name))
         guard lost.isEmpty else { throw refuse("a create that drops snapshots \(lost.sorted())") }
@@ -67,7 +79,9 @@ struct PlanCheck {
 
     func revert(_ plan: Plan, to snapshot: String, before: DiskLayout) throws {
         try steps(plan, before: before)
-        guard plan.result.disk.current == snapshot else { throw refuse("a revert whose result's current snapshot is not '\(snapshot)'") }
+        guard plan.result.disk.current == snapshot else {
+            throw refuse("a revert whose result's current snapshot is not '\(snapshot)'")
+        }
         let lost = Set(before.snapshots.map(\.name)).subtracting(plan.result.snapshots.map(\.name))
         guard lost.isEmpty else { throw refuse("a revert that drops snapshots \(lost.sorted())") }
     }
@@ -75,14 +89,17 @@ struct PlanCheck {
     func delete(_ plan: Plan, snapshot: String, mode: DeleteMode, before: DiskLayout) throws {
         try steps(plan, before: before)
         let below = Set(before.tree.descendants(of: snapshot).map(\.name))
-        let expected: Set<String> = switch mode {
-        case .merge: [snapshot]
-        case .children: below.union([snapshot])
-        case .childrenOnly: below
-        }
+        let expected: Set<String> =
+            switch mode {
+            case .merge: [snapshot]
+            case .children: below.union([snapshot])
+            case .childrenOnly: below
+            }
         let removed = Set(before.snapshots.map(\.name)).subtracting(plan.result.snapshots.map(\.name))
         guard removed == expected else {
-            throw refuse("a \(mode.rawValue) delete of '\(snapshot)' that removes \(removed.sorted()) instead of \(expected.sorted())")
+            throw refuse(
+                "a \(mode.rawValue) delete of '\(snapshot)' that removes \(removed.sorted()) instead of \(expected.sorted())"
+            )
         }
     }
 }

@@ -29,36 +29,52 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
     public var callCount: Int { lock.withLock { calls } }
 
     /// Starts the plug-in, agrees on a version, reads its description and hands it its settings.
-    public init(executable: String, settings: [String: String] = [:], timeout: Double = PluginBackend.defaultTimeout) throws {
+    public init(executable: String, settings: [String: String] = [:], timeout: Double = PluginBackend.defaultTimeout)
+        throws
+    {
         self.executable = executable
         self.timeout = timeout
         let process = try Self.launch(executable)
         let kindFromName = Self.kind(ofExecutable: executable)
-        let hello: HelloResult = try Self.call(process, id: 0, .hello, HelloParams(host: "vmsnap", apiVersion: PluginAPIVersion.current.apiVersion, apiAge: PluginAPIVersion.current.apiAge),
-                                               kind: kindFromName, timeout: timeout)
+        let hello: HelloResult = try Self.call(
+            process, id: 0, .hello,
+            HelloParams(
+                host: "vmsnap", apiVersion: PluginAPIVersion.current.apiVersion, apiAge: PluginAPIVersion.current.apiAge
+            ),
+            kind: kindFromName, timeout: timeout)
         let theirs = PluginAPIVersion(apiVersion: hello.apiVersion, apiAge: hello.apiAge)
         guard let agreed = PluginAPIVersion.current.agreed(with: theirs) else {
             process.stop()
-            throw SnapshotError(.incompatibleBackend, "backend plug-in '\(kindFromName)' (\(executable)) speaks plug-in API \(theirs); this vmsnap speaks \(PluginAPIVersion.current). Install a plug-in built for API \(PluginAPIVersion.current.apiVersion), or a vmsnap that speaks \(theirs)")
+            throw SnapshotError(
+                .incompatibleBackend,
+                "backend plug-in '\(kindFromName)' (\(executable)) speaks plug-in API \(theirs); this vmsnap speaks \(PluginAPIVersion.current). Install a plug-in built for API \(PluginAPIVersion.current.apiVersion), or a vmsnap that speaks \(theirs)"
+            )
         }
-        let described: DescribeResult = try Self.call(process, id: 1, .describe, Empty(), kind: kindFromName, timeout: timeout)
+        let described: DescribeResult = try Self.call(
+            process, id: 1, .describe, Empty(), kind: kindFromName, timeout: timeout)
         guard described.kind == kindFromName, hello.kind == kindFromName else {
             process.stop()
-            throw SnapshotError(.pluginFailed, "backend plug-in \(executable) calls itself '\(described.kind)', but its file name says '\(kindFromName)'; rename the file or fix the plug-in")
+            throw SnapshotError(
+                .pluginFailed,
+                "backend plug-in \(executable) calls itself '\(described.kind)', but its file name says '\(kindFromName)'; rename the file or fix the plug-in"
+            )
         }
         let schema = described.settings ?? []
         let own = settings.filter { key, _ in schema.contains { $0.name == key } }
-        try BackendSettings.validate(own, against: [described.kind: schema], source: "settings for plug-in '\(described.kind)'")
-        let _: Empty = try Self.call(process, id: 2, .configure, SettingsParams(settings: own), kind: kindFromName, timeout: timeout)
+        try BackendSettings.validate(
+            own, against: [described.kind: schema], source: "settings for plug-in '\(described.kind)'")
+        let _: Empty = try Self.call(
+            process, id: 2, .configure, SettingsParams(settings: own), kind: kindFromName, timeout: timeout)
         self.process = process
         self.settings = own
         self.description = described
         agreedVersion = agreed
         pluginVersion = hello.version
         nextID = 3
-        descriptor = BackendDescriptor(kind: described.kind, apiVersion: agreed, summary: described.summary, capabilities: described.capabilities,
-                                       settings: schema, liveSnapshots: described.liveSnapshots ?? .none,
-                                       imageFormat: described.driveFormat ?? "raw", sourceType: described.sourceType ?? .file)
+        descriptor = BackendDescriptor(
+            kind: described.kind, apiVersion: agreed, summary: described.summary, capabilities: described.capabilities,
+            settings: schema, liveSnapshots: described.liveSnapshots ?? .none,
+            imageFormat: described.driveFormat ?? "raw", sourceType: described.sourceType ?? .file)
     }
 
     deinit { process?.stop() }
@@ -71,7 +87,9 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
     /// `vmsnap-backend-raw` -> `raw`.
     public static func kind(ofExecutable path: String) -> BackendKind {
         let name = (path as NSString).lastPathComponent
-        return BackendKind(rawValue: name.hasPrefix(PluginDiscovery.prefix) ? String(name.dropFirst(PluginDiscovery.prefix.count)) : name)
+        return BackendKind(
+            rawValue: name.hasPrefix(PluginDiscovery.prefix)
+                ? String(name.dropFirst(PluginDiscovery.prefix.count)) : name)
     }
 
     // MARK: - Calls
@@ -80,7 +98,9 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
         // ETXTBSY: a file just written can still be open for writing in a child another thread
         // forked meanwhile (it closes on exec); a short retry outlasts that.
         for _ in 0..<50 {
-            do { return try PluginProcess(executable: executable) } catch PluginProcessFailure.spawnFailed(errno: ETXTBSY) { usleep(10_000) } catch { break }
+            do { return try PluginProcess(executable: executable) } catch PluginProcessFailure.spawnFailed(
+                errno: ETXTBSY)
+            { usleep(10_000) } catch { break }
         }
         do { return try PluginProcess(executable: executable) } catch {
             let why: String
@@ -94,10 +114,14 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
 
     /// One request and its answer on `process`, every failure as the layer's error naming the
     /// plug-in, its path and the call.
-    private static func call<P: Encodable, R: Decodable>(_ process: PluginProcess, id: Int, _ method: PluginMethod, _ params: P, kind: BackendKind, timeout: Double) throws -> R {
+    private static func call<P: Encodable, R: Decodable>(
+        _ process: PluginProcess, id: Int, _ method: PluginMethod, _ params: P, kind: BackendKind, timeout: Double
+    ) throws -> R {
         let who = "backend plug-in '\(kind)' (\(process.executable))"
         let line: [UInt8]
-        do { line = Array(try PluginCoding.encoder.encode(PluginRequest(id: id, method: method, params: params))) } catch {
+        do {
+            line = Array(try PluginCoding.encoder.encode(PluginRequest(id: id, method: method, params: params)))
+        } catch {
             throw SnapshotError(.invalidArgument, "cannot encode the '\(method.rawValue)' request for \(who): \(error)")
         }
         let answer: [UInt8]
@@ -105,7 +129,10 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
             answer = try process.exchange(line, timeout: timeout) { candidate in
                 let head = try Self.head(candidate, who: who, method: method)
                 guard head.id == id || (head.id == nil && head.error != nil) else {
-                    throw SnapshotError(.pluginFailed, "\(who) answered '\(method.rawValue)' with the id \(head.id.map(String.init) ?? "null") of another request; nothing was changed")
+                    throw SnapshotError(
+                        .pluginFailed,
+                        "\(who) answered '\(method.rawValue)' with the id \(head.id.map(String.init) ?? "null") of another request; nothing was changed"
+                    )
                 }
                 return !head.isProgress
             }
@@ -114,9 +141,15 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
             let said = tail.isEmpty ? "" : "; its last error output: \(tail)"
             switch failure {
             case .timedOut(let seconds):
-                throw SnapshotError(.pluginFailed, "\(who) did not answer '\(method.rawValue)' within \(Int(seconds)) s and was stopped\(said). Nothing was changed by this call; raise VMSNAP_PLUGIN_TIMEOUT if the plug-in is only slow")
+                throw SnapshotError(
+                    .pluginFailed,
+                    "\(who) did not answer '\(method.rawValue)' within \(Int(seconds)) s and was stopped\(said). Nothing was changed by this call; raise VMSNAP_PLUGIN_TIMEOUT if the plug-in is only slow"
+                )
             case .exited(let status):
-                throw SnapshotError(.pluginFailed, "\(who) exited (status \(status)) during '\(method.rawValue)'\(said). Nothing was changed by this call")
+                throw SnapshotError(
+                    .pluginFailed,
+                    "\(who) exited (status \(status)) during '\(method.rawValue)'\(said). Nothing was changed by this call"
+                )
             case .spawnFailed(let code):
                 throw SnapshotError(.pluginFailed, "\(who) could not be started: \(String(cString: strerror(code)))")
             }
@@ -127,16 +160,25 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
             throw SnapshotError(code, "\(who), '\(method.rawValue)': \(error.message)")
         }
         guard head.hasResult else {
-            throw SnapshotError(.pluginFailed, "\(who) answered '\(method.rawValue)' with neither a result nor an error: \(Self.excerpt(answer)); nothing was changed")
+            throw SnapshotError(
+                .pluginFailed,
+                "\(who) answered '\(method.rawValue)' with neither a result nor an error: \(Self.excerpt(answer)); nothing was changed"
+            )
         }
         do { return try PluginCoding.decoder.decode(PluginAnswer<R>.self, from: Data(answer)).result } catch {
-            throw SnapshotError(.pluginFailed, "\(who) answered '\(method.rawValue)' with a result vmsnap cannot read (\(Self.decodingProblem(error))): \(Self.excerpt(answer)); nothing was changed")
+            throw SnapshotError(
+                .pluginFailed,
+                "\(who) answered '\(method.rawValue)' with a result vmsnap cannot read (\(Self.decodingProblem(error))): \(Self.excerpt(answer)); nothing was changed"
+            )
         }
     }
 
     private static func head(_ line: [UInt8], who: String, method: PluginMethod) throws -> PluginAnswerHead {
         do { return try PluginCoding.decoder.decode(PluginAnswerHead.self, from: Data(line)) } catch {
-            throw SnapshotError(.pluginFailed, "\(who) answered '\(method.rawValue)' with something that is not protocol JSON: \(excerpt(line)); nothing was changed. Plug-ins write only answer lines to stdout (logs go to stderr)")
+            throw SnapshotError(
+                .pluginFailed,
+                "\(who) answered '\(method.rawValue)' with something that is not protocol JSON: \(excerpt(line)); nothing was changed. Plug-ins write only answer lines to stdout (logs go to stderr)"
+            )
         }
     }
 
@@ -148,7 +190,8 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
     static func decodingProblem(_ error: any Error) -> String {
         guard let error = error as? DecodingError else { return "\(error)" }
         switch error {
-        case .keyNotFound(let key, let context): return "missing \((context.codingPath + [key]).map(\.stringValue).joined(separator: "."))"
+        case .keyNotFound(let key, let context):
+            return "missing \((context.codingPath + [key]).map(\.stringValue).joined(separator: "."))"
         case .typeMismatch(_, let context), .valueNotFound(_, let context), .dataCorrupted(let context):
             return "\(context.codingPath.map(\.stringValue).joined(separator: ".")): \(context.debugDescription)"
         @unknown default: return "\(error)"
@@ -165,12 +208,20 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
                 return (process, nextID)
             }
             guard restarts < 3 else {
-                throw SnapshotError(.pluginFailed, "backend plug-in '\(kind)' (\(executable)) has died \(restarts + 1) times in this command; not starting it again. Its last error output: \(self.process?.lastErrorOutput ?? "none")")
+                throw SnapshotError(
+                    .pluginFailed,
+                    "backend plug-in '\(kind)' (\(executable)) has died \(restarts + 1) times in this command; not starting it again. Its last error output: \(self.process?.lastErrorOutput ?? "none")"
+                )
             }
             restarts += 1
             let fresh = try Self.launch(executable)
-            let _: HelloResult = try Self.call(fresh, id: 0, .hello, HelloParams(host: "vmsnap", apiVersion: PluginAPIVersion.current.apiVersion, apiAge: PluginAPIVersion.current.apiAge), kind: kind, timeout: timeout)
-            let _: Empty = try Self.call(fresh, id: 1, .configure, SettingsParams(settings: settings), kind: kind, timeout: timeout)
+            let _: HelloResult = try Self.call(
+                fresh, id: 0, .hello,
+                HelloParams(
+                    host: "vmsnap", apiVersion: PluginAPIVersion.current.apiVersion,
+                    apiAge: PluginAPIVersion.current.apiAge), kind: kind, timeout: timeout)
+            let _: Empty = try Self.call(
+                fresh, id: 1, .configure, SettingsParams(settings: settings), kind: kind, timeout: timeout)
             process = fresh
             nextID = 2
             return (fresh, nextID)
@@ -179,7 +230,9 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
     }
 
     /// The same, off the cooperative thread pool: the call blocks on the plug-in's pipe.
-    func callAsync<P: Encodable & Sendable, R: Decodable & Sendable>(_ method: PluginMethod, _ params: P) async throws -> R {
+    func callAsync<P: Encodable & Sendable, R: Decodable & Sendable>(_ method: PluginMethod, _ params: P) async throws
+        -> R
+    {
         try await withCheckedThrowingContinuation { continuation in
             DispatchQueue.global().async {
                 continuation.resume(with: Result { try self.call(method, params) })
@@ -194,7 +247,8 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
     }
 
     public func recognizes(locator: String) async -> Bool {
-        let answer: RecognizedResult? = try? await callAsync(.recognizes, LocatorParams(locator: normalize(locator: locator)))
+        let answer: RecognizedResult? = try? await callAsync(
+            .recognizes, LocatorParams(locator: normalize(locator: locator)))
         return answer?.recognized ?? false
     }
 
@@ -234,7 +288,8 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
 
     public func rollbackBlockers(to snapshot: String, layout: DiskLayout) async throws -> [RollbackBlocker] {
         do {
-            let answer: BlockersResult = try await callAsync(.rollbackBlockers, SnapshotParams(snapshot: snapshot, layout: layout))
+            let answer: BlockersResult = try await callAsync(
+                .rollbackBlockers, SnapshotParams(snapshot: snapshot, layout: layout))
             return answer.blockers
         } catch let e as SnapshotError where e.code == .unsupported { return [] }
     }
@@ -260,13 +315,18 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
     public func hypervisorDrive(_ layout: DiskLayout) throws -> HypervisorDrive {
         let answer: DriveResult = try call(.hypervisorDrive, LayoutParams(layout: layout))
         guard answer.path.hasPrefix("/") else {
-            throw SnapshotError(.pluginFailed, "backend plug-in '\(kind)' (\(executable)) gave the hypervisor a relative path '\(answer.path)' for \(layout.disk.id)")
+            throw SnapshotError(
+                .pluginFailed,
+                "backend plug-in '\(kind)' (\(executable)) gave the hypervisor a relative path '\(answer.path)' for \(layout.disk.id)"
+            )
         }
-        return HypervisorDrive(path: answer.path, format: answer.format, liveSnapshots: false, sourceType: answer.sourceType ?? .file)
+        return HypervisorDrive(
+            path: answer.path, format: answer.format, liveSnapshots: false, sourceType: answer.sourceType ?? .file)
     }
 
     public func createDisk(named name: String, size: UInt64, in pool: BackendPool) async throws -> String {
-        let answer: LocatorResult = try await callAsync(.createDisk, CreateDiskParams(name: name, size: size, pool: pool))
+        let answer: LocatorResult = try await callAsync(
+            .createDisk, CreateDiskParams(name: name, size: size, pool: pool))
         return answer.locator
     }
 
@@ -279,9 +339,13 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
     }
 
     public func read(_ view: DataView, at offset: UInt64, length: Int, layout: DiskLayout) async throws -> [UInt8] {
-        let answer: BytesResult = try await callAsync(.read, ReadParams(view: ViewParam(view), offset: offset, length: length, layout: layout))
+        let answer: BytesResult = try await callAsync(
+            .read, ReadParams(view: ViewParam(view), offset: offset, length: length, layout: layout))
         guard answer.bytes.count == length else {
-            throw SnapshotError(.pluginFailed, "backend plug-in '\(kind)' (\(executable)) answered a read of \(length) bytes with \(answer.bytes.count)")
+            throw SnapshotError(
+                .pluginFailed,
+                "backend plug-in '\(kind)' (\(executable)) answered a read of \(length) bytes with \(answer.bytes.count)"
+            )
         }
         return Array(answer.bytes)
     }

@@ -1,7 +1,7 @@
 import Foundation
 import SnapshotCore
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A plug-in executable found in a plug-in directory.
@@ -24,7 +24,9 @@ public enum PluginDiscovery {
 
     /// The directories searched, in order.
     public static func directories(environment: [String: String] = ProcessInfo.processInfo.environment) -> [String] {
-        var dirs = (environment["VMSNAP_BACKEND_PATH"] ?? "").split(separator: ":").map(String.init).filter { !$0.isEmpty }
+        var dirs = (environment["VMSNAP_BACKEND_PATH"] ?? "").split(separator: ":").map(String.init).filter {
+            !$0.isEmpty
+        }
         if let home = environment["HOME"], !home.isEmpty { dirs.append(home + "/.local/lib/vmsnap/backends") }
         dirs += ["/usr/local/lib/vmsnap/backends", "/usr/lib/vmsnap/backends"]
         return dirs
@@ -32,7 +34,9 @@ public enum PluginDiscovery {
 
     /// Plug-ins in `directories`, first one per kind; `builtIn` kinds are shadowed (refused with
     /// that reason).
-    public static func discover(in directories: [String] = directories(), builtIn: Set<BackendKind> = []) -> (found: [DiscoveredPlugin], refused: [RefusedPlugin]) {
+    public static func discover(in directories: [String] = directories(), builtIn: Set<BackendKind> = []) -> (
+        found: [DiscoveredPlugin], refused: [RefusedPlugin]
+    ) {
         var found: [DiscoveredPlugin] = []
         var refused: [RefusedPlugin] = []
         var seen = Set<BackendKind>(builtIn)
@@ -41,14 +45,17 @@ public enum PluginDiscovery {
             for name in names.sorted() where name.hasPrefix(prefix) {
                 let path = URL(fileURLWithPath: directory).appendingPathComponent(name).standardizedFileURL.path
                 var isDirectory: ObjCBool = false
-                if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), isDirectory.boolValue { continue }
+                if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), isDirectory.boolValue {
+                    continue
+                }
                 let kind = BackendKind(rawValue: String(name.dropFirst(prefix.count)))
                 if let why = kindProblem(kind) ?? trustProblem(path) {
                     refused.append(RefusedPlugin(path: path, reason: why))
                     continue
                 }
                 guard !seen.contains(kind) else {
-                    let by = builtIn.contains(kind) ? "the built-in backend" : "a plug-in found earlier on the search path"
+                    let by =
+                        builtIn.contains(kind) ? "the built-in backend" : "a plug-in found earlier on the search path"
                     refused.append(RefusedPlugin(path: path, reason: "shadowed: '\(kind)' is \(by)"))
                     continue
                 }
@@ -71,9 +78,15 @@ public enum PluginDiscovery {
         var st = stat()
         guard lstat(path, &st) == 0 else { return "cannot be read: \(String(cString: strerror(errno)))" }
         if (st.st_mode & S_IFMT) == S_IFLNK {
-            guard let real = try? FileManager.default.destinationOfSymbolicLink(atPath: path) else { return "is a dangling symbolic link" }
-            let target = real.hasPrefix("/") ? real : ((path as NSString).deletingLastPathComponent as NSString).appendingPathComponent(real)
-            return trustProblem(URL(fileURLWithPath: target).standardizedFileURL.path).map { "links to a file that \($0)" }
+            guard let real = try? FileManager.default.destinationOfSymbolicLink(atPath: path) else {
+                return "is a dangling symbolic link"
+            }
+            let target =
+                real.hasPrefix("/")
+                ? real : ((path as NSString).deletingLastPathComponent as NSString).appendingPathComponent(real)
+            return trustProblem(URL(fileURLWithPath: target).standardizedFileURL.path).map {
+                "links to a file that \($0)"
+            }
         }
         guard (st.st_mode & S_IFMT) == S_IFREG else { return "is not a regular file" }
         guard st.st_mode & 0o111 != 0 else { return "is not executable" }
@@ -88,7 +101,8 @@ public enum PluginDiscovery {
     private static func ownershipProblem(_ st: stat, what: String) -> String? {
         let sticky = (st.st_mode & S_IFMT) == S_IFDIR && st.st_mode & S_ISVTX != 0
         if st.st_mode & 0o022 != 0, !sticky {
-            return "\(what) is writable by group or others (mode \(String(st.st_mode & 0o7777, radix: 8))): anyone who can change it could make vmsnap run anything; chmod go-w"
+            return
+                "\(what) is writable by group or others (mode \(String(st.st_mode & 0o7777, radix: 8))): anyone who can change it could make vmsnap run anything; chmod go-w"
         }
         if st.st_uid != 0, st.st_uid != geteuid() {
             return "\(what) is owned by uid \(st.st_uid), neither root nor the user running vmsnap; chown it"
@@ -99,7 +113,8 @@ public enum PluginDiscovery {
     /// A factory per plug-in: the plug-in starts when a command first needs the backend, and
     /// that one process serves the whole command.
     public static func factory(for plugin: DiscoveredPlugin, sessions: PluginSessions) -> BackendFactory {
-        BackendFactory(kind: plugin.kind, apiVersion: PluginAPIVersion.current.apiVersion, origin: .plugin(plugin.path)) { env in
+        BackendFactory(kind: plugin.kind, apiVersion: PluginAPIVersion.current.apiVersion, origin: .plugin(plugin.path))
+        { env in
             try sessions.backend(plugin.path, settings: env.settings)
         }
     }
@@ -114,7 +129,9 @@ public final class PluginSessions: @unchecked Sendable {
     public init() {}
 
     public func backend(_ executable: String, settings: [String: String]) throws -> PluginBackend {
-        let key = executable + "\u{0}" + settings.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: "\u{0}")
+        let key =
+            executable + "\u{0}"
+            + settings.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: "\u{0}")
         if let live = lock.withLock({ running[key] }) { return live }
         let made = try PluginBackend(executable: executable, settings: settings)
         return lock.withLock {

@@ -110,19 +110,40 @@ struct LocatorParams: Codable, Sendable { var locator: String }
 struct LayoutParams: Codable, Sendable { var layout: DiskLayout }
 struct RecognizedResult: Codable, Sendable { var recognized: Bool }
 struct StateResult: Codable, Sendable { var state: DiskState }
-struct CreateParams: Codable, Sendable { var request: SnapshotRequest; var layout: DiskLayout }
-struct SnapshotParams: Codable, Sendable { var snapshot: String; var layout: DiskLayout }
-struct DeleteParams: Codable, Sendable { var snapshot: String; var mode: DeleteMode; var layout: DiskLayout }
+struct CreateParams: Codable, Sendable {
+    var request: SnapshotRequest
+    var layout: DiskLayout
+}
+struct SnapshotParams: Codable, Sendable {
+    var snapshot: String
+    var layout: DiskLayout
+}
+struct DeleteParams: Codable, Sendable {
+    var snapshot: String
+    var mode: DeleteMode
+    var layout: DiskLayout
+}
 struct BlockersResult: Codable, Sendable { var blockers: [RollbackBlocker] }
-struct PerformParams: Codable, Sendable { var name: String; var arguments: [String: String] }
+struct PerformParams: Codable, Sendable {
+    var name: String
+    var arguments: [String: String]
+}
 struct ProblemsResult: Codable, Sendable { var problems: [String] }
 struct ActionsResult: Codable, Sendable { var actions: [String] }
-struct CreateDiskParams: Codable, Sendable { var name: String; var size: UInt64; var pool: BackendPool }
+struct CreateDiskParams: Codable, Sendable {
+    var name: String
+    var size: UInt64
+    var pool: BackendPool
+}
 struct LocatorResult: Codable, Sendable { var locator: String }
 struct PoolParams: Codable, Sendable { var pool: BackendPool }
 struct ItemsResult: Codable, Sendable { var items: [String] }
 struct BytesResult: Codable, Sendable { var bytes: Data }
-struct WriteParams: Codable, Sendable { var bytes: Data; var offset: UInt64; var layout: DiskLayout }
+struct WriteParams: Codable, Sendable {
+    var bytes: Data
+    var offset: UInt64
+    var layout: DiskLayout
+}
 
 struct DriveResult: Codable, Sendable {
     var path: String
@@ -148,7 +169,12 @@ struct ViewParam: Codable, Sendable {
     }
 }
 
-struct ReadParams: Codable, Sendable { var view: ViewParam; var offset: UInt64; var length: Int; var layout: DiskLayout }
+struct ReadParams: Codable, Sendable {
+    var view: ViewParam
+    var offset: UInt64
+    var length: Int
+    var layout: DiskLayout
+}
 
 // MARK: - Coding
 

@@ -1,7 +1,7 @@
 import Foundation
 import SnapshotCore
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Why a plug-in process stopped answering: the connection-level failures every call can meet.
@@ -57,9 +57,13 @@ final class PluginProcess: @unchecked Sendable {
         let argv: [UnsafeMutablePointer<CChar>?] = [strdup(executable), nil]
         defer { argv.forEach { free($0) } }
         let rc = posix_spawn(&child, executable, &actions, &attributes, argv, environ)
-        close(toChild[0]); close(fromChild[1]); close(errChild[1])
+        close(toChild[0])
+        close(fromChild[1])
+        close(errChild[1])
         guard rc == 0 else {
-            close(toChild[1]); close(fromChild[0]); close(errChild[0])
+            close(toChild[1])
+            close(fromChild[0])
+            close(errChild[0])
             throw .spawnFailed(errno: rc)
         }
         self.executable = executable
@@ -76,7 +80,9 @@ final class PluginProcess: @unchecked Sendable {
     /// The last lines the plug-in wrote to stderr, joined for a message.
     var lastErrorOutput: String {
         lock.withLock {
-            let lines = String(decoding: errorTail, as: UTF8.self).split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }
+            let lines = String(decoding: errorTail, as: UTF8.self).split(whereSeparator: \.isNewline).map {
+                $0.trimmingCharacters(in: .whitespaces)
+            }
             return lines.filter { !$0.isEmpty }.suffix(6).joined(separator: "; ")
         }
     }
@@ -120,7 +126,10 @@ final class PluginProcess: @unchecked Sendable {
                 reapLocked(wait: false)
                 if exitStatus == nil { usleep(2_000) }
             }
-            if exitStatus == nil { kill(pid, SIGKILL); reapLocked(wait: true) }
+            if exitStatus == nil {
+                kill(pid, SIGKILL)
+                reapLocked(wait: true)
+            }
             close(output)
             close(errors)
         }
@@ -159,7 +168,10 @@ final class PluginProcess: @unchecked Sendable {
             guard stdoutOpen else { throw PluginProcessFailure.exited(status: reapLocked(wait: true)) }
             let left = deadline - Self.now
             guard left > 0 else { throw PluginProcessFailure.timedOut(seconds: timeout) }
-            var fds = [pollfd(fd: output, events: Int16(POLLIN), revents: 0), pollfd(fd: errors, events: Int16(POLLIN), revents: 0)]
+            var fds = [
+                pollfd(fd: output, events: Int16(POLLIN), revents: 0),
+                pollfd(fd: errors, events: Int16(POLLIN), revents: 0),
+            ]
             let ready = poll(&fds, 2, Int32(min(left * 1000, 60_000).rounded(.up)))
             if ready < 0 {
                 if errno == EINTR { continue }

@@ -14,7 +14,10 @@ public struct PluginServer: Sendable {
     public let version: String
     let make: @Sendable ([String: String]) throws -> any DiskSnapshotBackend
 
-    public init(kind: BackendKind, version: String = "1.0", make: @escaping @Sendable ([String: String]) throws -> any DiskSnapshotBackend) {
+    public init(
+        kind: BackendKind, version: String = "1.0",
+        make: @escaping @Sendable ([String: String]) throws -> any DiskSnapshotBackend
+    ) {
         self.kind = kind
         self.version = version
         self.make = make
@@ -67,17 +70,23 @@ public struct PluginServer: Sendable {
     }
 
     private static func error(_ id: Int?, _ error: any Error) -> Data {
-        struct Answer: Encodable { var id: Int?; var error: PluginErrorBody }
+        struct Answer: Encodable {
+            var id: Int?
+            var error: PluginErrorBody
+        }
         let body: PluginErrorBody
         if let e = error as? SnapshotError {
             body = PluginErrorBody(code: e.code.rawValue, message: e.description)
         } else {
             body = PluginErrorBody(code: SnapshotError.Code.commandFailed.rawValue, message: String(describing: error))
         }
-        return (try? PluginCoding.encoder.encode(Answer(id: id, error: body))) ?? Data("{\"id\":null,\"error\":{\"code\":\"io\",\"message\":\"encoding failed\"}}".utf8)
+        return (try? PluginCoding.encoder.encode(Answer(id: id, error: body)))
+            ?? Data("{\"id\":null,\"error\":{\"code\":\"io\",\"message\":\"encoding failed\"}}".utf8)
     }
 
-    private func dispatch(_ method: PluginMethod, id: Int?, line: Data, backend: any DiskSnapshotBackend) async throws -> Data {
+    private func dispatch(_ method: PluginMethod, id: Int?, line: Data, backend: any DiskSnapshotBackend) async throws
+        -> Data
+    {
         switch method {
         case .hello:
             let host = try Self.params(HelloParams.self, line)
@@ -86,23 +95,33 @@ public struct PluginServer: Sendable {
             guard mine.agreed(with: theirs) != nil else {
                 throw SnapshotError(.unsupported, "this plug-in speaks plug-in API \(mine); the host speaks \(theirs)")
             }
-            return try Self.result(id, HelloResult(kind: kind, apiVersion: mine.apiVersion, apiAge: mine.apiAge, version: version))
+            return try Self.result(
+                id, HelloResult(kind: kind, apiVersion: mine.apiVersion, apiAge: mine.apiAge, version: version))
         case .describe:
             let d = backend.descriptor
-            return try Self.result(id, DescribeResult(kind: kind, summary: d.summary, capabilities: d.capabilities, settings: d.settings,
-                                                      locators: .path, liveSnapshots: d.liveSnapshots, driveFormat: d.imageFormat, sourceType: d.sourceType))
+            return try Self.result(
+                id,
+                DescribeResult(
+                    kind: kind, summary: d.summary, capabilities: d.capabilities, settings: d.settings,
+                    locators: .path, liveSnapshots: d.liveSnapshots, driveFormat: d.imageFormat,
+                    sourceType: d.sourceType))
         case .configure:
             return try Self.result(id, Empty())
         case .recognizes:
-            return try Self.result(id, RecognizedResult(recognized: await backend.recognizes(locator: Self.params(LocatorParams.self, line).locator)))
+            return try Self.result(
+                id,
+                RecognizedResult(
+                    recognized: await backend.recognizes(locator: Self.params(LocatorParams.self, line).locator)))
         case .inspect:
-            return try Self.result(id, try await backend.inspect(locator: Self.params(LocatorParams.self, line).locator))
+            return try Self.result(
+                id, try await backend.inspect(locator: Self.params(LocatorParams.self, line).locator))
         case .adopt:
             var layout = try await backend.adopt(locator: Self.params(LocatorParams.self, line).locator)
             layout.disk.kind = kind
             return try Self.result(id, layout)
         case .state:
-            return try Self.result(id, StateResult(state: try await backend.state(of: Self.params(LayoutParams.self, line).layout)))
+            return try Self.result(
+                id, StateResult(state: try await backend.state(of: Self.params(LayoutParams.self, line).layout)))
         case .planCreate:
             let p = try Self.params(CreateParams.self, line)
             return try Self.result(id, try await backend.planCreate(p.request, layout: p.layout))
@@ -114,34 +133,47 @@ public struct PluginServer: Sendable {
             return try Self.result(id, try await backend.planDelete(p.snapshot, mode: p.mode, layout: p.layout))
         case .rollbackBlockers:
             let p = try Self.params(SnapshotParams.self, line)
-            return try Self.result(id, BlockersResult(blockers: try await backend.rollbackBlockers(to: p.snapshot, layout: p.layout)))
+            return try Self.result(
+                id, BlockersResult(blockers: try await backend.rollbackBlockers(to: p.snapshot, layout: p.layout)))
         case .perform:
             let p = try Self.params(PerformParams.self, line)
             try await backend.perform(p.name, arguments: p.arguments)
             return try Self.result(id, Empty())
         case .verify:
-            return try Self.result(id, ProblemsResult(problems: try await backend.verify(layout: Self.params(LayoutParams.self, line).layout)))
+            return try Self.result(
+                id,
+                ProblemsResult(problems: try await backend.verify(layout: Self.params(LayoutParams.self, line).layout)))
         case .maintain:
-            return try Self.result(id, ActionsResult(actions: try await backend.maintain(layout: Self.params(LayoutParams.self, line).layout)))
+            return try Self.result(
+                id,
+                ActionsResult(actions: try await backend.maintain(layout: Self.params(LayoutParams.self, line).layout)))
         case .hypervisorDrive:
             let drive = try backend.hypervisorDrive(Self.params(LayoutParams.self, line).layout)
-            return try Self.result(id, DriveResult(path: drive.path, format: drive.format, sourceType: drive.sourceType))
+            return try Self.result(
+                id, DriveResult(path: drive.path, format: drive.format, sourceType: drive.sourceType))
         case .createDisk:
             let p = try Self.params(CreateDiskParams.self, line)
-            return try Self.result(id, LocatorResult(locator: try await backend.createDisk(named: p.name, size: p.size, in: p.pool)))
+            return try Self.result(
+                id, LocatorResult(locator: try await backend.createDisk(named: p.name, size: p.size, in: p.pool)))
         case .destroyDisk:
             try await backend.destroyDisk(layout: Self.params(LayoutParams.self, line).layout)
             return try Self.result(id, Empty())
         case .read:
             let p = try Self.params(ReadParams.self, line)
-            guard let view = p.view.view else { throw SnapshotError(.invalidArgument, "a read needs view {\"active\": true} or {\"snapshot\": NAME}") }
-            return try Self.result(id, BytesResult(bytes: Data(try await backend.read(view, at: p.offset, length: p.length, layout: p.layout))))
+            guard let view = p.view.view else {
+                throw SnapshotError(.invalidArgument, "a read needs view {\"active\": true} or {\"snapshot\": NAME}")
+            }
+            return try Self.result(
+                id,
+                BytesResult(bytes: Data(try await backend.read(view, at: p.offset, length: p.length, layout: p.layout)))
+            )
         case .write:
             let p = try Self.params(WriteParams.self, line)
             try await backend.write(Array(p.bytes), at: p.offset, layout: p.layout)
             return try Self.result(id, Empty())
         case .poolInventory:
-            return try Self.result(id, ItemsResult(items: try await backend.poolInventory(Self.params(PoolParams.self, line).pool)))
+            return try Self.result(
+                id, ItemsResult(items: try await backend.poolInventory(Self.params(PoolParams.self, line).pool)))
         }
     }
 }

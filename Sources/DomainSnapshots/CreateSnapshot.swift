@@ -2,7 +2,7 @@ import Foundation
 import HypervisorDriver
 import SnapshotCore
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// What `vmsnap snapshot create` asks for.
@@ -24,8 +24,11 @@ public struct DomainSnapshotRequest: Sendable, Hashable {
     /// Freeze guest filesystems through the QEMU guest agent first.
     public var quiesce = false
 
-    public init(name: String? = nil, description: String? = nil, diskOnly: Bool = false, targets: [String]? = nil, kind: SnapshotKind? = nil,
-                memoryFile: String? = nil, internalMemory: Bool = false, pausedSave: Bool = false, quiesce: Bool = false) {
+    public init(
+        name: String? = nil, description: String? = nil, diskOnly: Bool = false, targets: [String]? = nil,
+        kind: SnapshotKind? = nil,
+        memoryFile: String? = nil, internalMemory: Bool = false, pausedSave: Bool = false, quiesce: Bool = false
+    ) {
         self.name = name
         self.description = description
         self.diskOnly = diskOnly
@@ -82,7 +85,8 @@ extension DomainService {
     func phase(_ id: Int64, _ j: inout DomainJournal, _ name: String) throws {
         j.phases.append(name)
         try journal(id, j)
-        DomainFault.point("\(j.operation.rawValue):\(name)", hypervisor: j.record.flatMap { hypervisorProcess($0.domain) })
+        DomainFault.point(
+            "\(j.operation.rawValue):\(name)", hypervisor: j.record.flatMap { hypervisorProcess($0.domain) })
     }
 
     /// One disk's part in a snapshot being taken.
@@ -97,7 +101,9 @@ extension DomainService {
 
         /// What the hypervisor is asked to take.
         func liveSnapshot(_ name: String) -> LiveDiskSnapshot {
-            LiveDiskSnapshot(target: disk.target, name: name, kind: kind, overlay: kind == .external ? live?.result.disk.active : nil, format: drive?.format ?? "")
+            LiveDiskSnapshot(
+                target: disk.target, name: name, kind: kind,
+                overlay: kind == .external ? live?.result.disk.active : nil, format: drive?.format ?? "")
         }
     }
 
@@ -116,7 +122,8 @@ extension DomainService {
         let state = try await driver.runState(domain)
         try checkRequest(request, name: name, domain: domain, definition: definition, existing: existing, state: state)
         let withMemory = !request.diskOnly && state != .shutoff
-        let (parts, excluded) = try await planDisks(request, name: name, definition: definition, driver: driver, state: state)
+        let (parts, excluded) = try await planDisks(
+            request, name: name, definition: definition, driver: driver, state: state)
 
         // The memory image: reserve its space first, so a full filesystem fails before anything changes.
         var memory: MemoryImage?
@@ -125,7 +132,8 @@ extension DomainService {
             if request.internalMemory {
                 memory = MemoryImage(location: .internal, path: parts[0].disk.target)
             } else {
-                let path = request.memoryFile.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
+                let path =
+                    request.memoryFile.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
                     ?? (store.directory as NSString).appendingPathComponent("memory/\(domain)/\(name).vmstate")
                 memoryFD = try Self.reserveMemoryFile(path, bytes: UInt64(definition.memoryMiB) << 20)
                 memory = MemoryImage(location: .external, path: path)
@@ -135,12 +143,17 @@ extension DomainService {
 
         var record = DomainSnapshotRecord(
             domain: domain, name: name, parent: current, description: request.description,
-            createdAt: Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down)), state: state, memory: memory,
-            disks: parts.map { DomainSnapshotDisk(target: $0.disk.target, diskID: $0.layout.disk.id, backend: $0.backend.kind, kind: $0.kind) } + excluded,
+            createdAt: Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down)), state: state,
+            memory: memory,
+            disks: parts.map {
+                DomainSnapshotDisk(
+                    target: $0.disk.target, diskID: $0.layout.disk.id, backend: $0.backend.kind, kind: $0.kind)
+            } + excluded,
             definition: definition)
         record.disks.sort { $0.target < $1.target }
         var j = DomainJournal(operation: .create, snapshot: name, record: record)
-        let journalID = try store.beginDomainJournal(domain: domain, operation: "create snapshot '\(name)'", payload: try JSONEncoder().encode(j))
+        let journalID = try store.beginDomainJournal(
+            domain: domain, operation: "create snapshot '\(name)'", payload: try JSONEncoder().encode(j))
         var report = CreateReport(snapshot: record)
         do {
             if state == .shutoff {
@@ -152,9 +165,10 @@ extension DomainService {
                     if request.internalMemory {
                         try await takeInternal(live, name: name, parts: parts, journalID: journalID, j: &j)
                     } else {
-                        try await takeLive(live, request: request, name: name, parts: parts, state: state, withMemory: withMemory,
-                                           memoryFD: memoryFD, guestBytes: UInt64(definition.memoryMiB) << 20,
-                                           record: &record, report: &report, journalID: journalID, j: &j)
+                        try await takeLive(
+                            live, request: request, name: name, parts: parts, state: state, withMemory: withMemory,
+                            memoryFD: memoryFD, guestBytes: UInt64(definition.memoryMiB) << 20,
+                            record: &record, report: &report, journalID: journalID, j: &j)
                     }
                     report.pauseMs = await live.pauseWindow(since: mark)
                     await live.close()
@@ -180,62 +194,99 @@ extension DomainService {
     }
 
     /// Refuses what cannot be done, before anything is planned.
-    func checkRequest(_ request: DomainSnapshotRequest, name: String, domain: String, definition: DomainDefinition,
-                      existing: [DomainSnapshotRecord], state: DomainRunState) throws {
+    func checkRequest(
+        _ request: DomainSnapshotRequest, name: String, domain: String, definition: DomainDefinition,
+        existing: [DomainSnapshotRecord], state: DomainRunState
+    ) throws {
         try SnapshotName.validate(name)
         if existing.contains(where: { $0.name == name }) {
-            throw SnapshotError(.alreadyExists, "domain '\(domain)' already has a snapshot named \(SnapshotName.quoted(name)); pick another name or delete that one first")
+            throw SnapshotError(
+                .alreadyExists,
+                "domain '\(domain)' already has a snapshot named \(SnapshotName.quoted(name)); pick another name or delete that one first"
+            )
         }
         if let d = request.description, d.utf8.count > 4096 {
             throw SnapshotError(.invalidArgument, "the description is \(d.utf8.count) bytes; the limit is 4096")
         }
         if request.diskOnly, request.memoryFile != nil || request.internalMemory || request.pausedSave {
-            throw SnapshotError(.invalidArgument, "--disk-only takes no memory: drop --memory-file / --memory internal / --paused-save")
+            throw SnapshotError(
+                .invalidArgument, "--disk-only takes no memory: drop --memory-file / --memory internal / --paused-save")
         }
         if request.memoryFile != nil, request.internalMemory {
-            throw SnapshotError(.invalidArgument, "--memory-file names an external memory image; --memory internal keeps memory inside the disk images: pick one")
+            throw SnapshotError(
+                .invalidArgument,
+                "--memory-file names an external memory image; --memory internal keeps memory inside the disk images: pick one"
+            )
         }
-        if request.quiesce, state == .shutoff { throw SnapshotError(.invalidArgument, "--quiesce needs a running domain with a guest agent; '\(domain)' is shut off") }
-        if request.quiesce { throw SnapshotError(.unsupported, "--quiesce needs a guest agent channel; this build does not configure one (docs/notes.md)") }
+        if request.quiesce, state == .shutoff {
+            throw SnapshotError(
+                .invalidArgument, "--quiesce needs a running domain with a guest agent; '\(domain)' is shut off")
+        }
+        if request.quiesce {
+            throw SnapshotError(
+                .unsupported, "--quiesce needs a guest agent channel; this build does not configure one (docs/notes.md)"
+            )
+        }
         let withMemory = !request.diskOnly && state != .shutoff
         if state == .shutoff, request.memoryFile != nil || request.internalMemory {
-            throw SnapshotError(.invalidArgument, "domain '\(domain)' is shut off: there is no memory to save; drop the memory options (the snapshot is disk-only)")
+            throw SnapshotError(
+                .invalidArgument,
+                "domain '\(domain)' is shut off: there is no memory to save; drop the memory options (the snapshot is disk-only)"
+            )
         }
         if let targets = request.targets {
             for t in targets where !definition.disks.contains(where: { $0.target == t }) {
-                throw SnapshotError(.notFound, "domain '\(domain)' has no disk \(t) (it has \(definition.disks.map(\.target).joined(separator: ", ")))")
+                throw SnapshotError(
+                    .notFound,
+                    "domain '\(domain)' has no disk \(t) (it has \(definition.disks.map(\.target).joined(separator: ", ")))"
+                )
             }
             if withMemory, Set(targets) != Set(definition.disks.map(\.target)) {
-                throw SnapshotError(.invalidArgument, "a snapshot with memory must include every disk (the memory refers to all of them); drop --disks or add --disk-only")
+                throw SnapshotError(
+                    .invalidArgument,
+                    "a snapshot with memory must include every disk (the memory refers to all of them); drop --disks or add --disk-only"
+                )
             }
         }
     }
 
     /// Plans every disk before anything changes: which kind, and who takes it (the hypervisor,
     /// where both it and the backend say so, else the backend while the guest is paused).
-    func planDisks(_ request: DomainSnapshotRequest, name: String, definition: DomainDefinition, driver: any HypervisorDriver,
-                   state: DomainRunState) async throws -> ([DiskPart], [DomainSnapshotDisk]) {
+    func planDisks(
+        _ request: DomainSnapshotRequest, name: String, definition: DomainDefinition, driver: any HypervisorDriver,
+        state: DomainRunState
+    ) async throws -> ([DiskPart], [DomainSnapshotDisk]) {
         var parts: [DiskPart] = []
         var excluded: [DomainSnapshotDisk] = []
         for disk in definition.disks {
             let (backend, layout) = try await disks.manage(disk.locator, kind: disk.backend)
             guard request.targets?.contains(disk.target) ?? true else {
-                excluded.append(DomainSnapshotDisk(target: disk.target, diskID: layout.disk.id, backend: backend.kind, kind: nil))
+                excluded.append(
+                    DomainSnapshotDisk(target: disk.target, diskID: layout.disk.id, backend: backend.kind, kind: nil))
                 continue
             }
             let caps = backend.descriptor.capabilities
-            let kind = request.kind ?? (request.internalMemory || caps.supports(.create, .internal, .offline) ? .internal : .external)
+            let kind =
+                request.kind
+                ?? (request.internalMemory || caps.supports(.create, .internal, .offline) ? .internal : .external)
             if layout.snapshot(named: name) != nil {
-                throw SnapshotError(.alreadyExists, "disk \(disk.target) (\(layout.disk.id)) already has a disk snapshot named \(SnapshotName.quoted(name)); pick another name")
+                throw SnapshotError(
+                    .alreadyExists,
+                    "disk \(disk.target) (\(layout.disk.id)) already has a disk snapshot named \(SnapshotName.quoted(name)); pick another name"
+                )
             }
             var part = DiskPart(disk: disk, backend: backend, layout: layout, kind: kind)
             if state != .shutoff {
                 let drive = try backend.hypervisorDrive(layout)
                 part.drive = drive
                 if drive.liveSnapshots, driver.capabilities.snapshotsLive(format: drive.format, kind: kind) {
-                    part.live = try await backend.planLiveCreate(SnapshotRequest(name: name, kind: kind, description: request.description), layout: layout)
+                    part.live = try await backend.planLiveCreate(
+                        SnapshotRequest(name: name, kind: kind, description: request.description), layout: layout)
                 } else if !caps.supports(.create, kind, .live) {
-                    throw SnapshotError(.unsupported, "disk \(disk.target): backend '\(backend.kind)' cannot take \(kind) snapshots while the domain runs, and the \(driver.name) driver cannot take them for it; stop the domain, or leave the disk out with --disks")
+                    throw SnapshotError(
+                        .unsupported,
+                        "disk \(disk.target): backend '\(backend.kind)' cannot take \(kind) snapshots while the domain runs, and the \(driver.name) driver cannot take them for it; stop the domain, or leave the disk out with --disks"
+                    )
                 }
             } else {
                 try caps.require(Capability(.create, kind, .offline), backend: backend.kind)
@@ -243,8 +294,14 @@ extension DomainService {
             parts.append(part)
         }
         if request.internalMemory {
-            guard driver.capabilities.internalMemory, parts.allSatisfy({ $0.drive?.holdsInternalMemory == true && $0.kind == .internal && $0.live != nil }), excluded.isEmpty else {
-                throw SnapshotError(.unsupported, "--memory internal keeps the memory inside the disk images: every disk must be an image that can hold it (qcow2) with an internal snapshot, under a hypervisor that writes it; use an external memory file (the default) for mixed domains")
+            guard driver.capabilities.internalMemory,
+                parts.allSatisfy({ $0.drive?.holdsInternalMemory == true && $0.kind == .internal && $0.live != nil }),
+                excluded.isEmpty
+            else {
+                throw SnapshotError(
+                    .unsupported,
+                    "--memory internal keeps the memory inside the disk images: every disk must be an image that can hold it (qcow2) with an internal snapshot, under a hypervisor that writes it; use an external memory file (the default) for mixed domains"
+                )
             }
         }
         guard !parts.isEmpty else { throw SnapshotError(.invalidArgument, "the snapshot would include no disk") }
@@ -252,9 +309,13 @@ extension DomainService {
     }
 
     /// Disks without a hypervisor path, each through its backend's own journaled plan.
-    func takeThroughBackends(_ chosen: [DiskPart], name: String, request: DomainSnapshotRequest, journalID: Int64, j: inout DomainJournal) async throws {
+    func takeThroughBackends(
+        _ chosen: [DiskPart], name: String, request: DomainSnapshotRequest, journalID: Int64, j: inout DomainJournal
+    ) async throws {
         for part in chosen {
-            try await disks.create(SnapshotRequest(name: name, kind: part.kind, description: request.description), disk: part.layout.disk.id, kind: part.backend.kind)
+            try await disks.create(
+                SnapshotRequest(name: name, kind: part.kind, description: request.description),
+                disk: part.layout.disk.id, kind: part.backend.kind)
             j.disksDone.append(part.disk.target)
             try phase(journalID, &j, "disk-\(part.disk.target)")
         }
@@ -264,9 +325,12 @@ extension DomainService {
     /// overlays and that vmsnap pauses the guest, the hypervisor has the memory file); then
     /// pause, storage-side snapshots, the hypervisor's snapshots at one instant, the memory
     /// save started (the guest resumes with a live save), the disks recorded, the save finished.
-    func takeLive(_ live: any LiveDomain, request: DomainSnapshotRequest, name: String, parts: [DiskPart], state: DomainRunState, withMemory: Bool,
-                  memoryFD: Int32, guestBytes: UInt64, record: inout DomainSnapshotRecord, report: inout CreateReport,
-                  journalID: Int64, j: inout DomainJournal) async throws {
+    func takeLive(
+        _ live: any LiveDomain, request: DomainSnapshotRequest, name: String, parts: [DiskPart], state: DomainRunState,
+        withMemory: Bool,
+        memoryFD: Int32, guestBytes: UInt64, record: inout DomainSnapshotRecord, report: inout CreateReport,
+        journalID: Int64, j: inout DomainJournal
+    ) async throws {
         let byHypervisor = parts.filter { $0.live != nil }
         for part in byHypervisor {
             j.liveBefore[part.disk.target] = part.layout
@@ -282,7 +346,8 @@ extension DomainService {
         Trace.mark("stop")
         DomainFault.point("create:paused", hypervisor: hypervisorProcess(record.domain))
         // Storage-side snapshots while the vCPUs are stopped and the hypervisor has flushed.
-        try await takeThroughBackends(parts.filter { $0.live == nil }, name: name, request: request, journalID: journalID, j: &j)
+        try await takeThroughBackends(
+            parts.filter { $0.live == nil }, name: name, request: request, journalID: journalID, j: &j)
         if !byHypervisor.isEmpty { try await live.snapshotDisks(byHypervisor.map { $0.liveSnapshot(name) }) }
         Trace.mark("transaction")
         DomainFault.point("create:transaction", hypervisor: hypervisorProcess(record.domain))
@@ -316,7 +381,10 @@ extension DomainService {
         let base = f.string(from: Date())
         var name = base
         var n = 1
-        while existing.contains(name) { n += 1; name = "\(base)-\(n)" }
+        while existing.contains(name) {
+            n += 1
+            name = "\(base)-\(n)"
+        }
         return name
     }
 
@@ -324,10 +392,13 @@ extension DomainService {
     /// filesystem is found before the guest is touched.
     static func reserveMemoryFile(_ path: String, bytes: UInt64) throws -> Int32 {
         let dir = (path as NSString).deletingLastPathComponent
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        try FileManager.default.createDirectory(
+            atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard fd >= 0 else {
-            let why = errno == EEXIST ? "it exists already; pick another --memory-file or remove it" : String(cString: strerror(errno))
+            let why =
+                errno == EEXIST
+                ? "it exists already; pick another --memory-file or remove it" : String(cString: strerror(errno))
             throw SnapshotError(errno == EEXIST ? .alreadyExists : .io, "cannot create memory image \(path): \(why)")
         }
         // Guest RAM plus device state and stream overhead.
@@ -336,14 +407,20 @@ extension DomainService {
         if rc != 0 {
             close(fd)
             unlink(path)
-            let free = (try? FileManager.default.attributesOfFileSystem(forPath: dir)[.systemFreeSize] as? NSNumber)?.uint64Value
-            throw SnapshotError(.io, "no room for the memory image in \(dir): it needs about \(reserve >> 20) MiB\(free.map { ", the filesystem has \($0 >> 20) MiB free" } ?? "") (\(String(cString: strerror(rc)))). Nothing was changed; free space or give --memory-file on another filesystem")
+            let free = (try? FileManager.default.attributesOfFileSystem(forPath: dir)[.systemFreeSize] as? NSNumber)?
+                .uint64Value
+            throw SnapshotError(
+                .io,
+                "no room for the memory image in \(dir): it needs about \(reserve >> 20) MiB\(free.map { ", the filesystem has \($0 >> 20) MiB free" } ?? "") (\(String(cString: strerror(rc)))). Nothing was changed; free space or give --memory-file on another filesystem"
+            )
         }
         return fd
     }
 
     /// Waits for the memory save to finish, then cuts the file to what was written and syncs it.
-    func finishMemory(_ live: any LiveDomain, fd: Int32, guestBytes: UInt64, since mark: Int) async throws -> (UInt64, Double?) {
+    func finishMemory(_ live: any LiveDomain, fd: Int32, guestBytes: UInt64, since mark: Int) async throws -> (
+        UInt64, Double?
+    ) {
         let downtime = try await live.finishMemorySave(fd: fd, guestBytes: guestBytes, since: mark, progress: progress)
         let size = lseek(fd, 0, SEEK_CUR)
         guard size > 0, ftruncate(fd, size) == 0, fsync(fd) == 0 else {
@@ -354,7 +431,9 @@ extension DomainService {
 
     /// Memory and every disk inside the images (QEMU's snapshot-save: the guest stays paused
     /// while it runs, as savevm does).
-    func takeInternal(_ live: any LiveDomain, name: String, parts: [DiskPart], journalID: Int64, j: inout DomainJournal) async throws {
+    func takeInternal(_ live: any LiveDomain, name: String, parts: [DiskPart], journalID: Int64, j: inout DomainJournal)
+        async throws
+    {
         for part in parts {
             j.liveBefore[part.disk.target] = part.layout
             j.liveAfter[part.disk.target] = part.live!.result
@@ -391,17 +470,22 @@ extension DomainService {
             if let before = j.liveBefore[disk.target] {
                 let after = j.liveAfter[disk.target]
                 if let connected {
-                    try await connected.undoDiskSnapshot(LiveDiskSnapshot(target: disk.target, name: record.name, kind: disk.kind!,
-                                                                          overlay: disk.kind == .external ? after?.disk.active : nil, format: ""))
-                    if let stored = try store.layout(diskID: before.disk.id), stored.snapshot(named: record.name) != nil {
+                    try await connected.undoDiskSnapshot(
+                        LiveDiskSnapshot(
+                            target: disk.target, name: record.name, kind: disk.kind!,
+                            overlay: disk.kind == .external ? after?.disk.active : nil, format: ""))
+                    if let stored = try store.layout(diskID: before.disk.id), stored.snapshot(named: record.name) != nil
+                    {
                         try store.update(from: stored, to: before)
                     }
-                } else if let stored = try store.layout(diskID: disk.diskID), stored.snapshot(named: record.name) != nil {
+                } else if let stored = try store.layout(diskID: disk.diskID), stored.snapshot(named: record.name) != nil
+                {
                     // The hypervisor is gone: the snapshot, if it took it, is in the image; undo it offline.
                     try await disks.delete(disk: disk.diskID, snapshot: record.name, mode: .merge, kind: disk.backend)
                 } else {
                     let (backend, _) = try await disks.manage(disk.diskID, kind: disk.backend)
-                    try await backend.undoUnrecordedLiveSnapshot(record.name, kind: disk.kind!, before: before, after: after)
+                    try await backend.undoUnrecordedLiveSnapshot(
+                        record.name, kind: disk.kind!, before: before, after: after)
                 }
             } else if let stored = try store.layout(diskID: disk.diskID), stored.snapshot(named: record.name) != nil {
                 try await disks.delete(disk: disk.diskID, snapshot: record.name, mode: .merge, kind: disk.backend)

@@ -53,8 +53,10 @@ public struct DomainSnapshotRecord: Codable, Sendable, Hashable {
     /// The domain definition then, so a revert restores memory size and devices too.
     public var definition: DomainDefinition
 
-    public init(domain: String, name: String, parent: String?, description: String?, createdAt: Date, state: DomainRunState,
-                memory: MemoryImage?, disks: [DomainSnapshotDisk], definition: DomainDefinition) {
+    public init(
+        domain: String, name: String, parent: String?, description: String?, createdAt: Date, state: DomainRunState,
+        memory: MemoryImage?, disks: [DomainSnapshotDisk], definition: DomainDefinition
+    ) {
         self.domain = domain
         self.name = name
         self.parent = parent
@@ -103,15 +105,23 @@ extension MetadataStore {
         let json = try Self.encoder.encode(domain)
         try wrap {
             try dbQueue.write { db in
-                if let row = try Row.fetchOne(db, sql: "SELECT name, uuid FROM domains WHERE name = ? OR uuid = ?", arguments: [domain.name, domain.uuid.uuidString]) {
+                if let row = try Row.fetchOne(
+                    db, sql: "SELECT name, uuid FROM domains WHERE name = ? OR uuid = ?",
+                    arguments: [domain.name, domain.uuid.uuidString])
+                {
                     let (name, uuid): (String, String) = (row["name"], row["uuid"])
                     guard name == domain.name, uuid == domain.uuid.uuidString else {
-                        throw SnapshotError(.alreadyExists, "a domain named '\(name)' with UUID \(uuid) exists already; a definition may keep a name and UUID or change neither")
+                        throw SnapshotError(
+                            .alreadyExists,
+                            "a domain named '\(name)' with UUID \(uuid) exists already; a definition may keep a name and UUID or change neither"
+                        )
                     }
-                    try db.execute(sql: "UPDATE domains SET definition_json = ? WHERE name = ?", arguments: [json, domain.name])
+                    try db.execute(
+                        sql: "UPDATE domains SET definition_json = ? WHERE name = ?", arguments: [json, domain.name])
                 } else {
-                    try db.execute(sql: "INSERT INTO domains (name, uuid, definition_json, created_at) VALUES (?, ?, ?, ?)",
-                                   arguments: [domain.name, domain.uuid.uuidString, json, Int64(Date().timeIntervalSince1970)])
+                    try db.execute(
+                        sql: "INSERT INTO domains (name, uuid, definition_json, created_at) VALUES (?, ?, ?, ?)",
+                        arguments: [domain.name, domain.uuid.uuidString, json, Int64(Date().timeIntervalSince1970)])
                 }
             }
         }
@@ -120,8 +130,15 @@ extension MetadataStore {
     public func domain(named name: String) throws -> (definition: DomainDefinition, current: String?)? {
         try wrap {
             try dbQueue.read { db in
-                guard let row = try Row.fetchOne(db, sql: "SELECT definition_json, current_snapshot FROM domains WHERE name = ?", arguments: [name]) else { return nil }
-                return (try Self.decoder.decode(DomainDefinition.self, from: row["definition_json"] as Data), row["current_snapshot"])
+                guard
+                    let row = try Row.fetchOne(
+                        db, sql: "SELECT definition_json, current_snapshot FROM domains WHERE name = ?",
+                        arguments: [name])
+                else { return nil }
+                return (
+                    try Self.decoder.decode(DomainDefinition.self, from: row["definition_json"] as Data),
+                    row["current_snapshot"]
+                )
             }
         }
     }
@@ -138,13 +155,18 @@ extension MetadataStore {
 
     /// Forgets a domain and its snapshot records (storage is not touched).
     public func undefine(domain name: String) throws {
-        try wrap { try dbQueue.write { db in try db.execute(sql: "DELETE FROM domains WHERE name = ?", arguments: [name]) } }
+        try wrap {
+            try dbQueue.write { db in try db.execute(sql: "DELETE FROM domains WHERE name = ?", arguments: [name]) }
+        }
     }
 
     public func domainSnapshots(of domain: String) throws -> [DomainSnapshotRecord] {
         try wrap {
             try dbQueue.read { db in
-                try Row.fetchAll(db, sql: "SELECT record_json FROM domain_snapshots WHERE domain = ? ORDER BY seq", arguments: [domain]).map {
+                try Row.fetchAll(
+                    db, sql: "SELECT record_json FROM domain_snapshots WHERE domain = ? ORDER BY seq",
+                    arguments: [domain]
+                ).map {
                     try Self.decoder.decode(DomainSnapshotRecord.self, from: $0["record_json"] as Data)
                 }
             }
@@ -152,21 +174,32 @@ extension MetadataStore {
     }
 
     /// Records snapshots, removes others and sets the current snapshot, in one transaction.
-    public func updateDomainSnapshots(domain: String, upsert: [DomainSnapshotRecord] = [], remove: [String] = [], current: String??) throws {
+    public func updateDomainSnapshots(
+        domain: String, upsert: [DomainSnapshotRecord] = [], remove: [String] = [], current: String??
+    ) throws {
         try wrap {
             try dbQueue.write { db in
                 for name in remove {
-                    try db.execute(sql: "DELETE FROM domain_snapshots WHERE domain = ? AND name = ?", arguments: [domain, name])
+                    try db.execute(
+                        sql: "DELETE FROM domain_snapshots WHERE domain = ? AND name = ?", arguments: [domain, name])
                 }
                 for record in upsert {
                     let json = try Self.encoder.encode(record)
-                    let seq = try Int64.fetchOne(db, sql: "SELECT seq FROM domain_snapshots WHERE domain = ? AND name = ?", arguments: [domain, record.name])
-                        ?? ((try Int64.fetchOne(db, sql: "SELECT MAX(seq) FROM domain_snapshots WHERE domain = ?", arguments: [domain]) ?? 0) + 1)
-                    try db.execute(sql: "INSERT OR REPLACE INTO domain_snapshots (domain, name, record_json, created_at, seq) VALUES (?, ?, ?, ?, ?)",
-                                   arguments: [domain, record.name, json, Int64(record.createdAt.timeIntervalSince1970), seq])
+                    let seq =
+                        try Int64.fetchOne(
+                            db, sql: "SELECT seq FROM domain_snapshots WHERE domain = ? AND name = ?",
+                            arguments: [domain, record.name])
+                        ?? ((try Int64.fetchOne(
+                            db, sql: "SELECT MAX(seq) FROM domain_snapshots WHERE domain = ?", arguments: [domain]) ?? 0)
+                            + 1)
+                    try db.execute(
+                        sql:
+                            "INSERT OR REPLACE INTO domain_snapshots (domain, name, record_json, created_at, seq) VALUES (?, ?, ?, ?, ?)",
+                        arguments: [domain, record.name, json, Int64(record.createdAt.timeIntervalSince1970), seq])
                 }
                 if let current {
-                    try db.execute(sql: "UPDATE domains SET current_snapshot = ? WHERE name = ?", arguments: [current, domain])
+                    try db.execute(
+                        sql: "UPDATE domains SET current_snapshot = ? WHERE name = ?", arguments: [current, domain])
                 }
             }
         }
@@ -177,22 +210,31 @@ extension MetadataStore {
     public func beginDomainJournal(domain: String, operation: String, payload: Data) throws -> Int64 {
         try wrap {
             try dbQueue.write { db in
-                try db.execute(sql: "INSERT INTO domain_journal (domain, operation, payload_json, started_at, pid) VALUES (?, ?, ?, ?, ?)",
-                               arguments: [domain, operation, payload, Int64(Date().timeIntervalSince1970), Int64(getpid())])
+                try db.execute(
+                    sql:
+                        "INSERT INTO domain_journal (domain, operation, payload_json, started_at, pid) VALUES (?, ?, ?, ?, ?)",
+                    arguments: [domain, operation, payload, Int64(Date().timeIntervalSince1970), Int64(getpid())])
                 return db.lastInsertedRowID
             }
         }
     }
 
     public func updateDomainJournal(_ id: Int64, payload: Data) throws {
-        try wrap { try dbQueue.write { db in try db.execute(sql: "UPDATE domain_journal SET payload_json = ? WHERE id = ?", arguments: [payload, id]) } }
+        try wrap {
+            try dbQueue.write { db in
+                try db.execute(
+                    sql: "UPDATE domain_journal SET payload_json = ? WHERE id = ?", arguments: [payload, id])
+            }
+        }
     }
 
     /// Closes a journal entry as `done` or `rolled-back`.
     public func finishDomainJournal(_ id: Int64, state: String) throws {
         try wrap {
             try dbQueue.write { db in
-                try db.execute(sql: "UPDATE domain_journal SET state = ?, finished_at = ? WHERE id = ?", arguments: [state, Int64(Date().timeIntervalSince1970), id])
+                try db.execute(
+                    sql: "UPDATE domain_journal SET state = ?, finished_at = ? WHERE id = ?",
+                    arguments: [state, Int64(Date().timeIntervalSince1970), id])
             }
         }
     }
@@ -200,12 +242,17 @@ extension MetadataStore {
     public func openDomainJournals(domain: String? = nil) throws -> [DomainJournalEntry] {
         try wrap {
             try dbQueue.read { db in
-                let rows = try domain.map {
-                    try Row.fetchAll(db, sql: "SELECT * FROM domain_journal WHERE state = 'open' AND domain = ? ORDER BY id", arguments: [$0])
-                } ?? Row.fetchAll(db, sql: "SELECT * FROM domain_journal WHERE state = 'open' ORDER BY id")
+                let rows =
+                    try domain.map {
+                        try Row.fetchAll(
+                            db, sql: "SELECT * FROM domain_journal WHERE state = 'open' AND domain = ? ORDER BY id",
+                            arguments: [$0])
+                    } ?? Row.fetchAll(db, sql: "SELECT * FROM domain_journal WHERE state = 'open' ORDER BY id")
                 return rows.map {
-                    DomainJournalEntry(id: $0["id"], domain: $0["domain"], operation: $0["operation"], payload: $0["payload_json"],
-                                       startedAt: Date(timeIntervalSince1970: TimeInterval($0["started_at"] as Int64)), pid: Int32($0["pid"] as Int64))
+                    DomainJournalEntry(
+                        id: $0["id"], domain: $0["domain"], operation: $0["operation"], payload: $0["payload_json"],
+                        startedAt: Date(timeIntervalSince1970: TimeInterval($0["started_at"] as Int64)),
+                        pid: Int32($0["pid"] as Int64))
                 }
             }
         }

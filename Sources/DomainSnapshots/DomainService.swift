@@ -22,10 +22,12 @@ enum DomainFault {
     static func point(_ phase: String, hypervisor: (name: String, pid: Int32?)? = nil) {
         guard let spec else { return }
         if spec == phase {
-            FileHandle.standardError.write(Data("vmsnap: fault injection: killing myself at domain phase \(phase)\n".utf8))
+            FileHandle.standardError.write(
+                Data("vmsnap: fault injection: killing myself at domain phase \(phase)\n".utf8))
             kill(getpid(), SIGKILL)
         } else if let hypervisor, spec == hypervisor.name + "@" + phase, let pid = hypervisor.pid {
-            FileHandle.standardError.write(Data("vmsnap: fault injection: killing the hypervisor (pid \(pid)) at domain phase \(phase)\n".utf8))
+            FileHandle.standardError.write(
+                Data("vmsnap: fault injection: killing the hypervisor (pid \(pid)) at domain phase \(phase)\n".utf8))
             kill(pid, SIGKILL)
         }
     }
@@ -75,7 +77,9 @@ public struct DomainService: Sendable {
         if let initrd = definition.boot.initrd, !FileManager.default.isReadableFile(atPath: initrd) {
             throw SnapshotError(.notFound, "domain '\(definition.name)': initrd \(initrd) is missing or unreadable")
         }
-        if let (old, _) = try store.domain(named: definition.name), driver.isRunning(old.name), old.disks != definition.disks {
+        if let (old, _) = try store.domain(named: definition.name), driver.isRunning(old.name),
+            old.disks != definition.disks
+        {
             throw SnapshotError(.inUse, "domain '\(definition.name)' is running; stop it before changing its disks")
         }
         try store.define(definition)
@@ -84,7 +88,10 @@ public struct DomainService: Sendable {
     public func definition(_ name: String) throws -> (definition: DomainDefinition, current: String?) {
         guard let found = try store.domain(named: name) else {
             let known = (try? store.domains().map(\.name).prefix(10).joined(separator: ", ")) ?? ""
-            throw SnapshotError(.notFound, "no domain named '\(name)' (defined: \(known.isEmpty ? "none" : known)); define it with `vmsnap domain define FILE`")
+            throw SnapshotError(
+                .notFound,
+                "no domain named '\(name)' (defined: \(known.isEmpty ? "none" : known)); define it with `vmsnap domain define FILE`"
+            )
         }
         return found
     }
@@ -97,9 +104,10 @@ public struct DomainService: Sendable {
     public func status(_ name: String) async throws -> DomainStatus {
         let (definition, current) = try definition(name)
         let driver = try drivers.driver(for: definition)
-        return DomainStatus(name: name, uuid: definition.uuid, state: try await driver.runState(name), pid: driver.pid(name),
-                            currentSnapshot: current, snapshotCount: try store.domainSnapshots(of: name).count,
-                            accelerator: driver.accelerator(definition))
+        return DomainStatus(
+            name: name, uuid: definition.uuid, state: try await driver.runState(name), pid: driver.pid(name),
+            currentSnapshot: current, snapshotCount: try store.domainSnapshots(of: name).count,
+            accelerator: driver.accelerator(definition))
     }
 
     public func list() async throws -> [DomainStatus] {
@@ -130,7 +138,8 @@ public struct DomainService: Sendable {
         let (definition, _) = try definition(name)
         let driver = try drivers.driver(for: definition)
         guard !driver.isRunning(name) else { throw SnapshotError(.conflict, "domain '\(name)' is running already") }
-        try await driver.start(definition, drives: try await drives(definition), mode: .boot(paused: paused), progress: progress)
+        try await driver.start(
+            definition, drives: try await drives(definition), mode: .boot(paused: paused), progress: progress)
     }
 
     /// Stops the domain: with `force` at once (like pulling the plug), else by asking the guest to
@@ -138,9 +147,15 @@ public struct DomainService: Sendable {
     public func stop(_ name: String, force: Bool, timeout: Duration = .seconds(60)) async throws {
         let driver = try driver(name)
         guard driver.isRunning(name) else { throw SnapshotError(.conflict, "domain '\(name)' is not running") }
-        if force { try await driver.destroy(name); return }
+        if force {
+            try await driver.destroy(name)
+            return
+        }
         guard try await driver.shutdown(name, timeout: timeout) else {
-            throw SnapshotError(.busy, "domain '\(name)' did not power off within \(timeout); its guest may ignore ACPI. Use `vmsnap domain stop --force` to stop it at once")
+            throw SnapshotError(
+                .busy,
+                "domain '\(name)' did not power off within \(timeout); its guest may ignore ACPI. Use `vmsnap domain stop --force` to stop it at once"
+            )
         }
     }
 
@@ -153,10 +168,15 @@ public struct DomainService: Sendable {
     /// Forgets a domain. Refused while it runs, and while it has snapshots unless
     /// `dropSnapshotMetadata` (the disk snapshots stay on the disks).
     public func undefine(_ name: String, dropSnapshotMetadata: Bool) async throws {
-        guard try !driver(name).isRunning(name) else { throw SnapshotError(.inUse, "domain '\(name)' is running; stop it first") }
+        guard try !driver(name).isRunning(name) else {
+            throw SnapshotError(.inUse, "domain '\(name)' is running; stop it first")
+        }
         let snapshots = try store.domainSnapshots(of: name)
         if !snapshots.isEmpty, !dropSnapshotMetadata {
-            throw SnapshotError(.conflict, "domain '\(name)' has \(snapshots.count) snapshot(s); delete them first, or pass --snapshots-metadata to forget their records (the disk snapshots stay on the disks)")
+            throw SnapshotError(
+                .conflict,
+                "domain '\(name)' has \(snapshots.count) snapshot(s); delete them first, or pass --snapshots-metadata to forget their records (the disk snapshots stay on the disks)"
+            )
         }
         try store.undefine(domain: name)
     }

@@ -2,7 +2,7 @@ import Foundation
 import HypervisorDriver
 import SnapshotCore
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 extension DomainService {
@@ -10,7 +10,10 @@ extension DomainService {
         let all = try store.domainSnapshots(of: domain)
         guard let rec = all.first(where: { $0.name == name }) else {
             let known = all.map(\.name).prefix(10).joined(separator: ", ")
-            throw SnapshotError(.notFound, "domain '\(domain)' has no snapshot named \(SnapshotName.quoted(name)) (it has: \(known.isEmpty ? "none" : known))")
+            throw SnapshotError(
+                .notFound,
+                "domain '\(domain)' has no snapshot named \(SnapshotName.quoted(name)) (it has: \(known.isEmpty ? "none" : known))"
+            )
         }
         return rec
     }
@@ -19,7 +22,9 @@ extension DomainService {
 
     /// Makes the domain what it was at `name`: disks, memory and run state (or `runState`).
     /// Newer disk states are kept as branches of the snapshot tree, never lost.
-    public func revertSnapshot(domain: String, to name: String, runState override: DomainRunState? = nil, force: Bool = false) async throws {
+    public func revertSnapshot(
+        domain: String, to name: String, runState override: DomainRunState? = nil, force: Bool = false
+    ) async throws {
         let lock = try domainLock(domain)
         defer { withExtendedLifetime(lock) {} }
         try await recover(domain: domain)
@@ -27,32 +32,49 @@ extension DomainService {
         let record = try requireSnapshot(domain, name)
         let target = override ?? record.state
         if record.isDiskOnly, target != .shutoff, !force {
-            throw SnapshotError(.conflict, "snapshot '\(name)' has no memory: reverting to it \(override == nil ? "(it was taken while the domain ran) " : "")boots the domain from crash-consistent disks, like a reset after a power cut. Pass --force to do that")
+            throw SnapshotError(
+                .conflict,
+                "snapshot '\(name)' has no memory: reverting to it \(override == nil ? "(it was taken while the domain ran) " : "")boots the domain from crash-consistent disks, like a reset after a power cut. Pass --force to do that"
+            )
         }
-        if let memory = record.memory, memory.location == .external, !FileManager.default.isReadableFile(atPath: memory.path) {
-            throw SnapshotError(.notFound, "the memory image \(memory.path) of snapshot '\(name)' is missing; nothing was changed. Restore the file, or revert with --force to boot from the disks alone")
+        if let memory = record.memory, memory.location == .external,
+            !FileManager.default.isReadableFile(atPath: memory.path)
+        {
+            throw SnapshotError(
+                .notFound,
+                "the memory image \(memory.path) of snapshot '\(name)' is missing; nothing was changed. Restore the file, or revert with --force to boot from the disks alone"
+            )
         }
         for disk in record.disks where disk.kind != nil {
             let (backend, layout) = try await disks.manage(disk.diskID, kind: disk.backend)
             guard layout.snapshot(named: name) != nil else {
-                throw SnapshotError(.notFound, "disk \(disk.target) (\(disk.diskID)) no longer has the disk snapshot '\(name)'; nothing was changed")
+                throw SnapshotError(
+                    .notFound,
+                    "disk \(disk.target) (\(disk.diskID)) no longer has the disk snapshot '\(name)'; nothing was changed"
+                )
             }
             // Plan each disk's revert now, so a refusal comes before the domain is touched. The
             // running hypervisor holds the images; that one refusal goes away once it is stopped.
-            do { _ = try await backend.planRevert(to: name, layout: layout) } catch let e as SnapshotError where e.code == .inUse {} catch let e as SnapshotError {
+            do { _ = try await backend.planRevert(to: name, layout: layout) } catch let e as SnapshotError
+                where e.code == .inUse
+            {} catch let e as SnapshotError {
                 throw SnapshotError(e.code, "disk \(disk.target): \(e.message). Nothing was changed")
             }
         }
         var j = DomainJournal(operation: .revert, snapshot: name, record: record)
         j.targetState = target
-        let journalID = try store.beginDomainJournal(domain: domain, operation: "revert to '\(name)'", payload: try JSONEncoder().encode(j))
+        let journalID = try store.beginDomainJournal(
+            domain: domain, operation: "revert to '\(name)'", payload: try JSONEncoder().encode(j))
         do {
             try await finishRevert(domain: domain, journalID: journalID, j, force: force)
         } catch {
             // Not a crash: the reason is known and retrying would meet it again.
             try? store.finishDomainJournal(journalID, state: "failed")
             let state = (try? await runState(domain))?.rawValue ?? "unknown"
-            throw SnapshotError((error as? SnapshotError)?.code ?? .commandFailed, "reverting domain '\(domain)' to '\(name)' failed part way: \(error). The domain is \(state) now; disks already reverted stay reverted (`vmsnap disk snapshot list` shows each)")
+            throw SnapshotError(
+                (error as? SnapshotError)?.code ?? .commandFailed,
+                "reverting domain '\(domain)' to '\(name)' failed part way: \(error). The domain is \(state) now; disks already reverted stay reverted (`vmsnap disk snapshot list` shows each)"
+            )
         }
     }
 
@@ -70,7 +92,10 @@ extension DomainService {
         for disk in record.disks where disk.kind != nil && !j.disksDone.contains(disk.target) {
             let (backend, layout) = try await disks.manage(disk.diskID, kind: disk.backend)
             if try await backend.state(of: layout) == .live {
-                throw SnapshotError(.inUse, "disk \(disk.target) (\(disk.diskID)) is still open by another process after the domain stopped; close it, then revert again (no further disk was reverted)")
+                throw SnapshotError(
+                    .inUse,
+                    "disk \(disk.target) (\(disk.diskID)) is still open by another process after the domain stopped; close it, then revert again (no further disk was reverted)"
+                )
             }
         }
         for disk in record.disks where disk.kind != nil && !j.disksDone.contains(disk.target) {
@@ -85,11 +110,12 @@ extension DomainService {
         if target != .shutoff, !j.phases.contains("started") {
             try await driver.destroy(domain)  // a half-started hypervisor from an interrupted run
             let drives = try await drives(record.definition)
-            let mode: StartMode = switch record.memory?.location {
-            case .external?: .restoreMemory(path: record.memory!.path, running: target == .running)
-            case .internal?: .loadInternal(name: record.name, running: target == .running)
-            case nil: .boot(paused: target == .paused)
-            }
+            let mode: StartMode =
+                switch record.memory?.location {
+                case .external?: .restoreMemory(path: record.memory!.path, running: target == .running)
+                case .internal?: .loadInternal(name: record.name, running: target == .running)
+                case nil: .boot(paused: target == .paused)
+                }
             try await driver.start(record.definition, drives: drives, mode: mode, progress: progress)
             try phase(journalID, &j, "started")
         }
@@ -101,7 +127,9 @@ extension DomainService {
 
     /// Deletes `name` (its disk changes merge into its children), its subtree, or only its
     /// subtree; `metadataOnly` forgets the records and leaves storage alone.
-    public func deleteSnapshot(domain: String, _ name: String, mode: DeleteMode, metadataOnly: Bool = false) async throws {
+    public func deleteSnapshot(domain: String, _ name: String, mode: DeleteMode, metadataOnly: Bool = false)
+        async throws
+    {
         let lock = try domainLock(domain)
         defer { withExtendedLifetime(lock) {} }
         try await recover(domain: domain)
@@ -118,11 +146,17 @@ extension DomainService {
                 let drive = try backend.hypervisorDrive(layout)
                 if try hypervisorDeletes(drive, kind: disk.kind!, domain: domain) {
                     guard mode == .merge else {
-                        throw SnapshotError(.unsupported, "deleting a subtree while domain '\(domain)' runs is not supported for its \(drive.format) disk \(disk.target); stop the domain first, or delete the snapshots one at a time")
+                        throw SnapshotError(
+                            .unsupported,
+                            "deleting a subtree while domain '\(domain)' runs is not supported for its \(drive.format) disk \(disk.target); stop the domain first, or delete the snapshots one at a time"
+                        )
                     }
                     _ = try liveDeleteResult(layout: layout, name: name, target: disk.target)
                 } else if !backend.descriptor.capabilities.supports(.delete, disk.kind!, .live) {
-                    throw SnapshotError(.unsupported, "disk \(disk.target): backend '\(backend.kind)' cannot delete snapshots while the domain runs; stop it first")
+                    throw SnapshotError(
+                        .unsupported,
+                        "disk \(disk.target): backend '\(backend.kind)' cannot delete snapshots while the domain runs; stop it first"
+                    )
                 }
             }
         }
@@ -130,7 +164,8 @@ extension DomainService {
         j.removing = removing
         j.mode = mode
         if metadataOnly { j.phases.append("storage-skipped") }
-        let journalID = try store.beginDomainJournal(domain: domain, operation: "delete '\(name)'", payload: try JSONEncoder().encode(j))
+        let journalID = try store.beginDomainJournal(
+            domain: domain, operation: "delete '\(name)'", payload: try JSONEncoder().encode(j))
         try await finishDelete(domain: domain, journalID: journalID, j)
     }
 
@@ -141,9 +176,13 @@ extension DomainService {
             let running = try driver(domain).isRunning(domain)
             for disk in record.disks where disk.kind != nil && !j.disksDone.contains(disk.target) {
                 let (backend, layout) = try await disks.manage(disk.diskID, kind: disk.backend)
-                let hasIt = layout.snapshot(named: record.name) != nil || (mode == .childrenOnly && !layout.tree.descendants(of: record.name).isEmpty)
+                let hasIt =
+                    layout.snapshot(named: record.name) != nil
+                    || (mode == .childrenOnly && !layout.tree.descendants(of: record.name).isEmpty)
                 if hasIt {
-                    if running, let drive = try? backend.hypervisorDrive(layout), try hypervisorDeletes(drive, kind: disk.kind!, domain: domain) {
+                    if running, let drive = try? backend.hypervisorDrive(layout),
+                        try hypervisorDeletes(drive, kind: disk.kind!, domain: domain)
+                    {
                         try await liveDelete(domain: domain, target: disk.target, layout: layout, name: record.name)
                     } else {
                         try await disks.delete(disk: disk.diskID, snapshot: record.name, mode: mode, kind: disk.backend)
@@ -168,7 +207,9 @@ extension DomainService {
         }
         let current = try store.domain(named: domain)?.current
         var newCurrent: String?? = nil
-        if let current, j.removing.contains(current) { newCurrent = .some(mode == .childrenOnly ? record.name : record.parent) }
+        if let current, j.removing.contains(current) {
+            newCurrent = .some(mode == .childrenOnly ? record.name : record.parent)
+        }
         try store.updateDomainSnapshots(domain: domain, upsert: reparented, remove: j.removing, current: newCurrent)
         try store.finishDomainJournal(journalID, state: "done")
     }
@@ -196,25 +237,38 @@ extension DomainService {
         guard let snap = layout.snapshot(named: name) else { return layout }
         var after = layout
         after.snapshots.removeAll { $0.name == name }
-        for i in after.snapshots.indices where after.snapshots[i].parent == name { after.snapshots[i].parent = snap.parent }
+        for i in after.snapshots.indices where after.snapshots[i].parent == name {
+            after.snapshots[i].parent = snap.parent
+        }
         if after.disk.current == name { after.disk.current = snap.parent }
         switch snap.kind {
         case .internal:
             guard snap.image == layout.disk.active else {
-                throw SnapshotError(.unsupported, "disk \(target): internal snapshot '\(name)' is inside \(snap.image), a read-only base of the running domain; stop the domain to delete it")
+                throw SnapshotError(
+                    .unsupported,
+                    "disk \(target): internal snapshot '\(name)' is inside \(snap.image), a read-only base of the running domain; stop the domain to delete it"
+                )
             }
         case .external:
             let activeLayer = layout.layers.first { $0.image == layout.disk.active }
             let users = layout.layers.filter { $0.backing == snap.image }
             guard activeLayer?.backing == snap.image, users.count == 1 else {
-                throw SnapshotError(.unsupported, "disk \(target): external snapshot '\(name)' is not directly below the running layer (other layers build on \(snap.image)); stop the domain to delete it")
+                throw SnapshotError(
+                    .unsupported,
+                    "disk \(target): external snapshot '\(name)' is not directly below the running layer (other layers build on \(snap.image)); stop the domain to delete it"
+                )
             }
             if let other = layout.snapshots.first(where: { $0.name != name && $0.image == snap.image }) {
-                throw SnapshotError(.unsupported, "disk \(target): \(snap.image) also holds snapshot '\(other.name)'; merging it into the running layer would lose that one. Stop the domain to delete '\(name)', or delete '\(other.name)' first")
+                throw SnapshotError(
+                    .unsupported,
+                    "disk \(target): \(snap.image) also holds snapshot '\(other.name)'; merging it into the running layer would lose that one. Stop the domain to delete '\(name)', or delete '\(other.name)' first"
+                )
             }
             let baseBacking = layout.layers.first { $0.image == snap.image }?.backing
             after.layers.removeAll { $0.image == snap.image }
-            for i in after.layers.indices where after.layers[i].image == layout.disk.active { after.layers[i].backing = baseBacking }
+            for i in after.layers.indices where after.layers[i].image == layout.disk.active {
+                after.layers[i].backing = baseBacking
+            }
         }
         return after
     }
@@ -237,7 +291,9 @@ extension DomainService {
             case .internal:
                 try await live.deleteInternalSnapshot(target: target, name: name)
             case .external:
-                try await live.mergeIntoActive(target: target, base: after.layers.first { $0.image == layout.disk.active }?.backing, progress: progress)
+                try await live.mergeIntoActive(
+                    target: target, base: after.layers.first { $0.image == layout.disk.active }?.backing,
+                    progress: progress)
             }
             await live.close()
         } catch {
@@ -275,8 +331,10 @@ extension DomainService {
     public func recover(domain: String) async throws {
         for entry in try store.openDomainJournals(domain: domain) {
             if entry.pid != getpid(), kill(entry.pid, 0) == 0, entry.pid > 0,
-               (try? String(contentsOfFile: "/proc/\(entry.pid)/comm", encoding: .utf8))?.hasPrefix("vmsnap") == true {
-                throw SnapshotError(.busy, "vmsnap process \(entry.pid) is still working on domain '\(domain)' (\(entry.operation))")
+                (try? String(contentsOfFile: "/proc/\(entry.pid)/comm", encoding: .utf8))?.hasPrefix("vmsnap") == true
+            {
+                throw SnapshotError(
+                    .busy, "vmsnap process \(entry.pid) is still working on domain '\(domain)' (\(entry.operation))")
             }
             let j = try JSONDecoder().decode(DomainJournal.self, from: entry.payload)
             switch j.operation {

@@ -1,6 +1,6 @@
 import Foundation
 #if canImport(FoundationXML)
-import FoundationXML
+    import FoundationXML
 #endif
 import HypervisorDriver
 import SnapshotCore
@@ -9,7 +9,8 @@ import SnapshotCore
 public enum SnapshotXML {
     static func escape(_ s: String) -> String {
         s.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;")
-            .replacingOccurrences(of: ">", with: "&gt;").replacingOccurrences(of: "'", with: "&apos;").replacingOccurrences(of: "\"", with: "&quot;")
+            .replacingOccurrences(of: ">", with: "&gt;").replacingOccurrences(of: "'", with: "&apos;")
+            .replacingOccurrences(of: "\"", with: "&quot;")
     }
 
     /// libvirt's state words: a running or paused snapshot without memory is `disk-snapshot`.
@@ -29,7 +30,9 @@ public enum SnapshotXML {
     }
 
     /// `descriptors` says, per backend kind, how libvirt names its disks (source type, format).
-    public static func render(_ r: DomainSnapshotRecord, layouts: [String: DiskLayout], descriptors: [BackendKind: BackendDescriptor]) -> String {
+    public static func render(
+        _ r: DomainSnapshotRecord, layouts: [String: DiskLayout], descriptors: [BackendKind: BackendDescriptor]
+    ) -> String {
         var x = "<domainsnapshot>\n  <name>\(escape(r.name))</name>\n"
         if let d = r.description { x += "  <description>\(escape(d))</description>\n" }
         x += "  <state>\(stateWord(r))</state>\n"
@@ -42,14 +45,18 @@ public enum SnapshotXML {
         }
         x += "  <disks>\n"
         for d in r.disks {
-            guard let kind = d.kind else { x += "    <disk name='\(d.target)' snapshot='no'/>\n"; continue }
+            guard let kind = d.kind else {
+                x += "    <disk name='\(d.target)' snapshot='no'/>\n"
+                continue
+            }
             if kind == .external, let layout = layouts[d.diskID], let snap = layout.snapshot(named: r.name) {
                 // libvirt names the overlay the snapshot created (the new active layer then).
                 let overlays = layout.layers.filter { $0.backing == snap.image }.map(\.image)
                 let source = overlays.first { $0.contains(".\(r.name).") } ?? overlays.first ?? snap.image
                 let type = descriptors[d.backend]?.sourceType ?? .file
                 let format = descriptors[d.backend]?.imageFormat ?? "raw"
-                x += "    <disk name='\(d.target)' snapshot='external' type='\(type.rawValue)'>\n      <driver type='\(format)'/>\n"
+                x +=
+                    "    <disk name='\(d.target)' snapshot='external' type='\(type.rawValue)'>\n      <driver type='\(format)'/>\n"
                 x += "      \(Self.source(source, type: type))\n    </disk>\n"
             } else {
                 x += "    <disk name='\(d.target)' snapshot='\(kind.rawValue)'/>\n"
@@ -57,7 +64,8 @@ public enum SnapshotXML {
         }
         x += "  </disks>\n"
         let def = r.definition
-        x += "  <domain type='\(def.accel == "kvm" ? "kvm" : "qemu")'>\n    <name>\(escape(def.name))</name>\n    <uuid>\(def.uuid.uuidString.lowercased())</uuid>\n"
+        x +=
+            "  <domain type='\(def.accel == "kvm" ? "kvm" : "qemu")'>\n    <name>\(escape(def.name))</name>\n    <uuid>\(def.uuid.uuidString.lowercased())</uuid>\n"
         x += "    <memory unit='KiB'>\(def.memoryMiB * 1024)</memory>\n    <vcpu>\(def.vcpus)</vcpu>\n"
         x += "    <os>\n      <type arch='x86_64' machine='pc'>hvm</type>\n"
         if let k = def.boot.kernel { x += "      <kernel>\(escape(k))</kernel>\n" }
@@ -68,7 +76,8 @@ public enum SnapshotXML {
             let type = descriptors[disk.backend]?.sourceType ?? .file
             let format = descriptors[disk.backend]?.imageFormat ?? "raw"
             x += "      <disk type='\(type.rawValue)' device='disk'>\n        <driver name='qemu' type='\(format)'/>\n"
-            x += "        \(Self.source(disk.locator, type: type))\n        <target dev='\(disk.target)' bus='virtio'/>\n      </disk>\n"
+            x +=
+                "        \(Self.source(disk.locator, type: type))\n        <target dev='\(disk.target)' bus='virtio'/>\n      </disk>\n"
         }
         x += "    </devices>\n  </domain>\n</domainsnapshot>\n"
         return x
@@ -76,7 +85,9 @@ public enum SnapshotXML {
 
     /// Reads a `<domainsnapshot>` document into a record for `domain`, whose current definition
     /// supplies what the XML does not carry (disk backends and identities).
-    public static func parse(_ text: String, domain: DomainDefinition, diskIDs: [String: (String, BackendKind)]) throws -> DomainSnapshotRecord {
+    public static func parse(_ text: String, domain: DomainDefinition, diskIDs: [String: (String, BackendKind)]) throws
+        -> DomainSnapshotRecord
+    {
         let doc: XMLDocument
         do { doc = try XMLDocument(xmlString: text, options: []) } catch {
             throw SnapshotError(.invalidArgument, "the snapshot XML does not parse: \(error.localizedDescription)")
@@ -85,7 +96,9 @@ public enum SnapshotXML {
             throw SnapshotError(.invalidArgument, "the snapshot XML's root element must be <domainsnapshot>")
         }
         func child(_ e: XMLElement, _ n: String) -> XMLElement? { e.elements(forName: n).first }
-        guard let name = child(root, "name")?.stringValue?.trimmingCharacters(in: .whitespacesAndNewlines), !name.isEmpty else {
+        guard let name = child(root, "name")?.stringValue?.trimmingCharacters(in: .whitespacesAndNewlines),
+            !name.isEmpty
+        else {
             throw SnapshotError(.invalidArgument, "the snapshot XML has no <name>")
         }
         try SnapshotName.validate(name)
@@ -95,34 +108,57 @@ public enum SnapshotXML {
         case "running", "disk-snapshot": state = .running
         case "paused": state = .paused
         case "shutoff", "shutdown": state = .shutoff
-        default: throw SnapshotError(.invalidArgument, "the snapshot XML's <state> '\(stateText)' is not one of running, paused, shutoff, disk-snapshot")
+        default:
+            throw SnapshotError(
+                .invalidArgument,
+                "the snapshot XML's <state> '\(stateText)' is not one of running, paused, shutoff, disk-snapshot")
         }
         var memory: MemoryImage?
         if let m = child(root, "memory"), let kind = m.attribute(forName: "snapshot")?.stringValue {
             switch kind {
             case "external":
-                guard let file = m.attribute(forName: "file")?.stringValue else { throw SnapshotError(.invalidArgument, "<memory snapshot='external'> needs a file attribute") }
-                guard FileManager.default.fileExists(atPath: file) else { throw SnapshotError(.notFound, "the memory image \(file) named in the XML does not exist") }
-                memory = MemoryImage(location: .external, path: file, size: (try? FileManager.default.attributesOfItem(atPath: file)[.size] as? UInt64) ?? nil)
+                guard let file = m.attribute(forName: "file")?.stringValue else {
+                    throw SnapshotError(.invalidArgument, "<memory snapshot='external'> needs a file attribute")
+                }
+                guard FileManager.default.fileExists(atPath: file) else {
+                    throw SnapshotError(.notFound, "the memory image \(file) named in the XML does not exist")
+                }
+                memory = MemoryImage(
+                    location: .external, path: file,
+                    size: (try? FileManager.default.attributesOfItem(atPath: file)[.size] as? UInt64) ?? nil)
             case "internal": memory = MemoryImage(location: .internal, path: domain.disks.first?.target ?? "")
             case "no": memory = nil
-            default: throw SnapshotError(.invalidArgument, "<memory snapshot='\(kind)'> is not external, internal or no")
+            default:
+                throw SnapshotError(.invalidArgument, "<memory snapshot='\(kind)'> is not external, internal or no")
             }
         }
-        if stateText == "disk-snapshot", memory != nil { throw SnapshotError(.invalidArgument, "a disk-snapshot state cannot carry memory") }
+        if stateText == "disk-snapshot", memory != nil {
+            throw SnapshotError(.invalidArgument, "a disk-snapshot state cannot carry memory")
+        }
         var disks: [DomainSnapshotDisk] = []
         for e in child(root, "disks")?.elements(forName: "disk") ?? [] {
-            guard let target = e.attribute(forName: "name")?.stringValue else { throw SnapshotError(.invalidArgument, "a <disk> in the XML has no name") }
-            guard let (id, backend) = diskIDs[target] else { throw SnapshotError(.notFound, "the XML names disk \(target), which domain '\(domain.name)' does not have") }
+            guard let target = e.attribute(forName: "name")?.stringValue else {
+                throw SnapshotError(.invalidArgument, "a <disk> in the XML has no name")
+            }
+            guard let (id, backend) = diskIDs[target] else {
+                throw SnapshotError(
+                    .notFound, "the XML names disk \(target), which domain '\(domain.name)' does not have")
+            }
             let kindText = e.attribute(forName: "snapshot")?.stringValue ?? "no"
             let kind: SnapshotKind? = kindText == "no" ? nil : SnapshotKind(rawValue: kindText)
-            if kindText != "no", kind == nil { throw SnapshotError(.invalidArgument, "disk \(target): snapshot='\(kindText)' is not internal, external or no") }
+            if kindText != "no", kind == nil {
+                throw SnapshotError(
+                    .invalidArgument, "disk \(target): snapshot='\(kindText)' is not internal, external or no")
+            }
             disks.append(DomainSnapshotDisk(target: target, diskID: id, backend: backend, kind: kind))
         }
-        let created = Int64(child(root, "creationTime")?.stringValue?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") ?? Int64(Date().timeIntervalSince1970)
+        let created =
+            Int64(child(root, "creationTime")?.stringValue?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "")
+            ?? Int64(Date().timeIntervalSince1970)
         return DomainSnapshotRecord(
             domain: domain.name, name: name, parent: child(root, "parent").flatMap { child($0, "name")?.stringValue },
-            description: child(root, "description")?.stringValue, createdAt: Date(timeIntervalSince1970: TimeInterval(created)),
+            description: child(root, "description")?.stringValue,
+            createdAt: Date(timeIntervalSince1970: TimeInterval(created)),
             state: state, memory: memory, disks: disks.sorted { $0.target < $1.target }, definition: domain)
     }
 }
@@ -134,7 +170,10 @@ extension DomainService {
         var descriptors: [BackendKind: BackendDescriptor] = [:]
         for d in record.disks {
             layouts[d.diskID] = try store.layout(diskID: d.diskID)
-            if descriptors[d.backend] == nil { descriptors[d.backend] = try disks.registry.backend(d.backend, environment: disks.environment).descriptor }
+            if descriptors[d.backend] == nil {
+                descriptors[d.backend] = try disks.registry.backend(d.backend, environment: disks.environment)
+                    .descriptor
+            }
         }
         return SnapshotXML.render(record, layouts: layouts, descriptors: descriptors)
     }
@@ -153,17 +192,24 @@ extension DomainService {
         let record = try SnapshotXML.parse(xml, domain: definition, diskIDs: ids)
         let existing = try store.domainSnapshots(of: domain)
         if existing.contains(where: { $0.name == record.name }) {
-            throw SnapshotError(.alreadyExists, "domain '\(domain)' already has a snapshot named \(SnapshotName.quoted(record.name))")
+            throw SnapshotError(
+                .alreadyExists, "domain '\(domain)' already has a snapshot named \(SnapshotName.quoted(record.name))")
         }
         if let parent = record.parent, !existing.contains(where: { $0.name == parent }) {
-            throw SnapshotError(.notFound, "the XML's parent '\(parent)' is not a snapshot of domain '\(domain)'; redefine the parent first")
+            throw SnapshotError(
+                .notFound,
+                "the XML's parent '\(parent)' is not a snapshot of domain '\(domain)'; redefine the parent first")
         }
         for d in record.disks where d.kind != nil {
             guard let layout = try store.layout(diskID: d.diskID), layout.snapshot(named: record.name) != nil else {
-                throw SnapshotError(.notFound, "disk \(d.target) has no disk snapshot named '\(record.name)'; --redefine only records snapshots whose disk parts exist")
+                throw SnapshotError(
+                    .notFound,
+                    "disk \(d.target) has no disk snapshot named '\(record.name)'; --redefine only records snapshots whose disk parts exist"
+                )
             }
         }
-        try store.updateDomainSnapshots(domain: domain, upsert: [record], current: makeCurrent ? .some(record.name) : nil)
+        try store.updateDomainSnapshots(
+            domain: domain, upsert: [record], current: makeCurrent ? .some(record.name) : nil)
         return record
     }
 }

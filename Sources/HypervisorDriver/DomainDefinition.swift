@@ -52,8 +52,11 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
     /// resolves it.
     public var hypervisor: String
 
-    public init(name: String, uuid: UUID = UUID(), memoryMiB: Int, vcpus: Int = 1, disks: [DomainDisk], boot: DomainBoot = DomainBoot(),
-                accel: String = "auto", qemuArgs: [String] = [], hypervisor: String = "qemu") {
+    public init(
+        name: String, uuid: UUID = UUID(), memoryMiB: Int, vcpus: Int = 1, disks: [DomainDisk],
+        boot: DomainBoot = DomainBoot(),
+        accel: String = "auto", qemuArgs: [String] = [], hypervisor: String = "qemu"
+    ) {
         self.name = name
         self.uuid = uuid
         self.memoryMiB = memoryMiB
@@ -84,21 +87,30 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
     public func validate() throws {
         try SnapshotName.validate(name)
         guard (16...(1 << 20)).contains(memoryMiB) else {
-            throw SnapshotError(.invalidArgument, "domain '\(name)': memoryMiB is \(memoryMiB); give a size in MiB between 16 and 1048576")
+            throw SnapshotError(
+                .invalidArgument,
+                "domain '\(name)': memoryMiB is \(memoryMiB); give a size in MiB between 16 and 1048576")
         }
-        guard (1...256).contains(vcpus) else { throw SnapshotError(.invalidArgument, "domain '\(name)': vcpus is \(vcpus); give 1 to 256") }
+        guard (1...256).contains(vcpus) else {
+            throw SnapshotError(.invalidArgument, "domain '\(name)': vcpus is \(vcpus); give 1 to 256")
+        }
         var targets = Set<String>()
         for disk in disks {
             guard disk.target.range(of: "^[a-z]{2,3}[a-z]$", options: .regularExpression) != nil else {
-                throw SnapshotError(.invalidArgument, "domain '\(name)': disk target '\(disk.target)' is not a device name like vda or vdb")
+                throw SnapshotError(
+                    .invalidArgument,
+                    "domain '\(name)': disk target '\(disk.target)' is not a device name like vda or vdb")
             }
             guard targets.insert(disk.target).inserted else {
                 throw SnapshotError(.invalidArgument, "domain '\(name)': disk target '\(disk.target)' appears twice")
             }
-            guard !disk.locator.isEmpty else { throw SnapshotError(.invalidArgument, "domain '\(name)': disk \(disk.target) has an empty locator") }
+            guard !disk.locator.isEmpty else {
+                throw SnapshotError(.invalidArgument, "domain '\(name)': disk \(disk.target) has an empty locator")
+            }
         }
         if boot.kernel == nil, disks.isEmpty {
-            throw SnapshotError(.invalidArgument, "domain '\(name)': nothing to boot; give boot.kernel or at least one disk")
+            throw SnapshotError(
+                .invalidArgument, "domain '\(name)': nothing to boot; give boot.kernel or at least one disk")
         }
         if boot.kernel == nil, boot.initrd != nil || boot.cmdline != nil {
             throw SnapshotError(.invalidArgument, "domain '\(name)': boot.initrd and boot.cmdline need boot.kernel")

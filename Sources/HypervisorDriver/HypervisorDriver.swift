@@ -23,8 +23,10 @@ public struct HypervisorCapabilities: Codable, Sendable, Hashable {
     /// Disks exported to backup clients while the guest runs (NBD).
     public var blockExport: Bool
 
-    public init(liveMemorySave: Bool, suspendedMemorySave: Bool, internalMemory: Bool, liveDiskSnapshotFormats: [String],
-                liveDiskSnapshotKinds: [SnapshotKind], quiesce: Bool, liveMerge: Bool, dirtyBitmaps: Bool, blockExport: Bool) {
+    public init(
+        liveMemorySave: Bool, suspendedMemorySave: Bool, internalMemory: Bool, liveDiskSnapshotFormats: [String],
+        liveDiskSnapshotKinds: [SnapshotKind], quiesce: Bool, liveMerge: Bool, dirtyBitmaps: Bool, blockExport: Bool
+    ) {
         self.liveMemorySave = liveMemorySave
         self.suspendedMemorySave = suspendedMemorySave
         self.internalMemory = internalMemory
@@ -83,8 +85,9 @@ public struct ProgressReport: Codable, Sendable, Hashable {
     public static func measured(_ phase: String, done: UInt64, total: UInt64, seconds: Double) -> ProgressReport {
         let rate = seconds > 0 ? Double(done) / seconds : 0
         let whole = max(total, done)
-        return ProgressReport(phase: phase, done: done, total: whole, bytesPerSecond: rate,
-                              secondsLeft: rate > 0 && whole > done ? Double(whole - done) / rate : nil)
+        return ProgressReport(
+            phase: phase, done: done, total: whole, bytesPerSecond: rate,
+            secondsLeft: rate > 0 && whole > done ? Double(whole - done) / rate : nil)
     }
 }
 
@@ -128,7 +131,8 @@ public protocol LiveDomain: Sendable {
     func startMemorySave() async throws
     /// Waits for the save started after `mark` to finish, reporting progress from the file
     /// position; returns the downtime the hypervisor reports, in milliseconds.
-    func finishMemorySave(fd: Int32, guestBytes: UInt64, since mark: Int, progress: ProgressHandler?) async throws -> Double?
+    func finishMemorySave(fd: Int32, guestBytes: UInt64, since mark: Int, progress: ProgressHandler?) async throws
+        -> Double?
     /// Lets a started memory save run to its end (rollback: cancelling one may hang the guest).
     func drainMemorySave() async
     /// Takes these disk snapshots at one instant: all or none.
@@ -160,7 +164,8 @@ public protocol HypervisorDriver: Sendable {
     /// The accelerator the domain runs (or would run) with, for `domain status`.
     func accelerator(_ definition: DomainDefinition) -> String
     func runState(_ domain: String) async throws -> DomainRunState
-    func start(_ definition: DomainDefinition, drives: [DomainDrive], mode: StartMode, progress: ProgressHandler?) async throws
+    func start(_ definition: DomainDefinition, drives: [DomainDrive], mode: StartMode, progress: ProgressHandler?)
+        async throws
     /// Ends the domain at once (a pulled plug); nothing if it does not run.
     func destroy(_ domain: String) async throws
     /// Asks the guest to power off; false if it did not within `timeout`.
@@ -190,7 +195,9 @@ public struct HypervisorDrivers: Sendable {
 
     public func driver(_ name: String) throws -> any HypervisorDriver {
         guard let d = drivers[name] else {
-            throw SnapshotError(.unsupported, "no hypervisor driver named '\(name)' in this build (drivers: \(names.joined(separator: ", ")))")
+            throw SnapshotError(
+                .unsupported,
+                "no hypervisor driver named '\(name)' in this build (drivers: \(names.joined(separator: ", ")))")
         }
         return d
     }

@@ -2,7 +2,7 @@ import Foundation
 import HypervisorDriver
 import SnapshotCore
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Where a running domain's QEMU keeps its control files: `<store>/run/<domain>/`.
@@ -26,14 +26,19 @@ public struct QEMURuntime: Sendable, Hashable {
     /// The QEMU process of the domain, if one is alive.
     public func pid() -> pid_t? {
         guard let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
-              let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0 else { return nil }
+            let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0
+        else { return nil }
         guard kill(pid, 0) == 0 || errno == EPERM else { return nil }
         // A reused pid is not our QEMU: check its command line names our socket.
         guard let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
-              String(decoding: cmdline, as: UTF8.self).contains(qmpSocket) else { return nil }
+            String(decoding: cmdline, as: UTF8.self).contains(qmpSocket)
+        else { return nil }
         // A zombie has exited.
         if let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-           let close = stat.lastIndex(of: ")"), stat[stat.index(close, offsetBy: 2)] == "Z" { return nil }
+            let close = stat.lastIndex(of: ")"), stat[stat.index(close, offsetBy: 2)] == "Z"
+        {
+            return nil
+        }
         return pid
     }
 }
@@ -62,8 +67,10 @@ public struct QEMUDriver: HypervisorDriver {
     /// Where each domain's control files go (`<store>/run`).
     public let runDirectory: String
 
-    public init(storeDirectory: String, runner: any CommandRunning = SubprocessRunner(),
-                binary: String = ProcessInfo.processInfo.environment["VMSNAP_QEMU"] ?? "qemu-system-x86_64") {
+    public init(
+        storeDirectory: String, runner: any CommandRunning = SubprocessRunner(),
+        binary: String = ProcessInfo.processInfo.environment["VMSNAP_QEMU"] ?? "qemu-system-x86_64"
+    ) {
         self.runner = runner
         self.binary = binary
         runDirectory = (storeDirectory as NSString).appendingPathComponent("run")
@@ -72,8 +79,10 @@ public struct QEMUDriver: HypervisorDriver {
     public var name: String { "qemu" }
 
     public var capabilities: HypervisorCapabilities {
-        HypervisorCapabilities(liveMemorySave: true, suspendedMemorySave: true, internalMemory: true, liveDiskSnapshotFormats: ["qcow2"],
-                               liveDiskSnapshotKinds: [.internal, .external], quiesce: false, liveMerge: true, dirtyBitmaps: false, blockExport: false)
+        HypervisorCapabilities(
+            liveMemorySave: true, suspendedMemorySave: true, internalMemory: true, liveDiskSnapshotFormats: ["qcow2"],
+            liveDiskSnapshotKinds: [.internal, .external], quiesce: false, liveMerge: true, dirtyBitmaps: false,
+            blockExport: false)
     }
 
     public func runtime(_ domain: String) -> QEMURuntime { QEMURuntime(runDirectory: runDirectory, domain: domain) }
@@ -83,7 +92,9 @@ public struct QEMUDriver: HypervisorDriver {
 
     public func validate(_ definition: DomainDefinition) throws {
         guard ["auto", "kvm", "tcg"].contains(definition.accel) else {
-            throw SnapshotError(.invalidArgument, "domain '\(definition.name)': accel '\(definition.accel)' is not one of auto, kvm, tcg")
+            throw SnapshotError(
+                .invalidArgument,
+                "domain '\(definition.name)': accel '\(definition.accel)' is not one of auto, kvm, tcg")
         }
     }
 
@@ -106,7 +117,9 @@ public struct QEMUDriver: HypervisorDriver {
         }
     }
 
-    public func start(_ definition: DomainDefinition, drives: [DomainDrive], mode: StartMode, progress: ProgressHandler?) async throws {
+    public func start(
+        _ definition: DomainDefinition, drives: [DomainDrive], mode: StartMode, progress: ProgressHandler?
+    ) async throws {
         let options: QEMULaunchOptions
         switch mode {
         case .boot(let paused): options = QEMULaunchOptions(paused: paused)
@@ -119,7 +132,8 @@ public struct QEMUDriver: HypervisorDriver {
             switch mode {
             case .boot: break
             case .loadInternal(_, let running): if running { try await client.cont() }
-            case .restoreMemory(let path, let running): try await restoreMemory(client, from: path, running: running, progress: progress)
+            case .restoreMemory(let path, let running):
+                try await restoreMemory(client, from: path, running: running, progress: progress)
             }
             await client.close()
         } catch {
@@ -131,7 +145,9 @@ public struct QEMUDriver: HypervisorDriver {
 
     public func destroy(_ domain: String) async throws { try await terminate(runtime(domain)) }
 
-    public func shutdown(_ domain: String, timeout: Duration) async throws -> Bool { try await powerdown(runtime(domain), timeout: timeout) }
+    public func shutdown(_ domain: String, timeout: Duration) async throws -> Bool {
+        try await powerdown(runtime(domain), timeout: timeout)
+    }
 
     public func pause(_ domain: String) async throws {
         let client = try await connect(runtime(domain), domain: domain)
@@ -160,7 +176,9 @@ public struct QEMUDriver: HypervisorDriver {
     /// Feeds a QEMU started with `-incoming defer` the memory image at `path`.
     func restoreMemory(_ client: QMPClient, from path: String, running: Bool, progress: ProgressHandler?) async throws {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw SnapshotError(.io, "cannot open memory image \(path): \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else {
+            throw SnapshotError(.io, "cannot open memory image \(path): \(String(cString: strerror(errno)))")
+        }
         defer { close(fd) }
         let total = UInt64(max(lseek(fd, 0, SEEK_END), 0))
         lseek(fd, 0, SEEK_SET)
@@ -168,11 +186,16 @@ public struct QEMUDriver: HypervisorDriver {
         try await client.passFile(fd, name: Self.memoryFDName)
         let mark = await client.eventMark
         let unreadable = { (why: String) in
-            SnapshotError(.invalidImage, "QEMU could not load the memory image \(path) (\(why)); it may be damaged or from another QEMU. The disks are reverted; the domain is left shut off. Revert with --force to boot from the disks")
+            SnapshotError(
+                .invalidImage,
+                "QEMU could not load the memory image \(path) (\(why)); it may be damaged or from another QEMU. The disks are reverted; the domain is left shut off. Revert with --force to boot from the disks"
+            )
         }
         try await client.run(QMP.MigrateIncoming(uri: "fd:\(Self.memoryFDName)"))
         do {
-            _ = try await QEMULiveDomain.followMigration(client: client, fd: fd, total: total, since: mark, phase: "memory restore", progress: progress) { status, _ in
+            _ = try await QEMULiveDomain.followMigration(
+                client: client, fd: fd, total: total, since: mark, phase: "memory restore", progress: progress
+            ) { status, _ in
                 unreadable("migration \(status)")
             }
         } catch let e as SnapshotError where e.code != .invalidImage {
@@ -200,17 +223,21 @@ public struct QEMUDriver: HypervisorDriver {
     static func escape(_ value: String) -> String { value.replacingOccurrences(of: ",", with: ",,") }
 
     /// The command line for `definition` with `drives`, as an argument array.
-    public func argv(_ definition: DomainDefinition, drives: [DomainDrive], runtime: QEMURuntime, options: QEMULaunchOptions) -> [String] {
-        var argv = [binary,
-                    "-name", "guest=\(Self.escape(definition.name)),debug-threads=on",
-                    "-uuid", definition.uuid.uuidString.lowercased(),
-                    "-machine", "pc", "-accel", Self.chooseAccelerator(definition.accel),
-                    "-m", "\(definition.memoryMiB)", "-smp", "\(definition.vcpus)",
-                    "-nodefaults", "-no-user-config", "-display", "none",
-                    "-daemonize", "-pidfile", runtime.pidFile,
-                    "-qmp", "unix:\(Self.escape(runtime.qmpSocket)),server=on,wait=off",
-                    "-chardev", "file,id=serial0,path=\(Self.escape(runtime.serialLog)),append=on",
-                    "-serial", "chardev:serial0"]
+    public func argv(
+        _ definition: DomainDefinition, drives: [DomainDrive], runtime: QEMURuntime, options: QEMULaunchOptions
+    ) -> [String] {
+        var argv = [
+            binary,
+            "-name", "guest=\(Self.escape(definition.name)),debug-threads=on",
+            "-uuid", definition.uuid.uuidString.lowercased(),
+            "-machine", "pc", "-accel", Self.chooseAccelerator(definition.accel),
+            "-m", "\(definition.memoryMiB)", "-smp", "\(definition.vcpus)",
+            "-nodefaults", "-no-user-config", "-display", "none",
+            "-daemonize", "-pidfile", runtime.pidFile,
+            "-qmp", "unix:\(Self.escape(runtime.qmpSocket)),server=on,wait=off",
+            "-chardev", "file,id=serial0,path=\(Self.escape(runtime.serialLog)),append=on",
+            "-serial", "chardev:serial0",
+        ]
         if let kernel = definition.boot.kernel {
             argv += ["-kernel", kernel]
             if let initrd = definition.boot.initrd { argv += ["-initrd", initrd] }
@@ -218,8 +245,12 @@ public struct QEMUDriver: HypervisorDriver {
         }
         for (index, disk) in drives.enumerated() {
             let id = Self.driveID(disk.target)
-            argv += ["-drive", "file=\(Self.escape(disk.drive.path)),format=\(disk.drive.format),if=none,id=\(id),cache=writeback,discard=unmap",
-                     "-device", "virtio-blk-pci,drive=\(id),id=\(disk.target)\(index == 0 && definition.boot.kernel == nil ? ",bootindex=1" : "")"]
+            argv += [
+                "-drive",
+                "file=\(Self.escape(disk.drive.path)),format=\(disk.drive.format),if=none,id=\(id),cache=writeback,discard=unmap",
+                "-device",
+                "virtio-blk-pci,drive=\(id),id=\(disk.target)\(index == 0 && definition.boot.kernel == nil ? ",bootindex=1" : "")",
+            ]
         }
         if options.paused || options.incoming { argv.append("-S") }
         if options.incoming { argv += ["-incoming", "defer"] }
@@ -228,17 +259,24 @@ public struct QEMUDriver: HypervisorDriver {
     }
 
     /// Launches QEMU and connects to its QMP socket.
-    public func launch(_ definition: DomainDefinition, drives: [DomainDrive], runtime: QEMURuntime, options: QEMULaunchOptions = QEMULaunchOptions()) async throws -> QMPClient {
+    public func launch(
+        _ definition: DomainDefinition, drives: [DomainDrive], runtime: QEMURuntime,
+        options: QEMULaunchOptions = QEMULaunchOptions()
+    ) async throws -> QMPClient {
         if runtime.pid() != nil {
             throw SnapshotError(.conflict, "domain '\(definition.name)' is running already")
         }
-        try FileManager.default.createDirectory(atPath: runtime.directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        try FileManager.default.createDirectory(
+            atPath: runtime.directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         unlink(runtime.qmpSocket)
         unlink(runtime.pidFile)
         let argv = argv(definition, drives: drives, runtime: runtime, options: options)
         let out = try await runner.execute(argv)
         guard out.status == 0 else {
-            throw SnapshotError(.commandFailed, "QEMU did not start for domain '\(definition.name)': \(CommandError(argv: argv, status: out.status, standardError: out.standardError.trimmingCharacters(in: .whitespacesAndNewlines)).description)")
+            throw SnapshotError(
+                .commandFailed,
+                "QEMU did not start for domain '\(definition.name)': \(CommandError(argv: argv, status: out.status, standardError: out.standardError.trimmingCharacters(in: .whitespacesAndNewlines)).description)"
+            )
         }
         return try await QMPClient.connect(path: runtime.qmpSocket, timeout: .seconds(20))
     }
@@ -253,8 +291,9 @@ public struct QEMUDriver: HypervisorDriver {
     /// process is gone so its image locks are released.
     public func terminate(_ runtime: QEMURuntime, client: QMPClient? = nil) async throws {
         guard let pid = runtime.pid() else { return }
-        if let client { _ = try? await client.run(QMP.Quit(), timeout: .seconds(5)) }
-        else if let c = try? await QMPClient.connect(path: runtime.qmpSocket, timeout: .seconds(2)) {
+        if let client {
+            _ = try? await client.run(QMP.Quit(), timeout: .seconds(5))
+        } else if let c = try? await QMPClient.connect(path: runtime.qmpSocket, timeout: .seconds(2)) {
             _ = try? await c.run(QMP.Quit(), timeout: .seconds(5))
             await c.close()
         }

@@ -2,7 +2,7 @@ import Foundation
 import HypervisorDriver
 import SnapshotCore
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A running QEMU domain behind the driver protocol's typed handle: every QMP detail (the
@@ -17,7 +17,9 @@ public struct QEMULiveDomain: LiveDomain {
 
     public func pauseWindow(since mark: Int) async -> Double? {
         let events = await client.events(since: mark)
-        guard let stop = events.first(where: { $0.name == "STOP" }), let resume = events.last(where: { $0.name == "RESUME" }) else { return nil }
+        guard let stop = events.first(where: { $0.name == "STOP" }),
+            let resume = events.last(where: { $0.name == "RESUME" })
+        else { return nil }
         return (resume.timestamp - stop.timestamp) * 1000
     }
 
@@ -47,9 +49,16 @@ public struct QEMULiveDomain: LiveDomain {
         try await layer { try await client.run(QMP.Migrate(uri: "fd:\(QEMUDriver.memoryFDName)")) }
     }
 
-    public func finishMemorySave(fd: Int32, guestBytes: UInt64, since mark: Int, progress: ProgressHandler?) async throws -> Double? {
-        let last = try await Self.followMigration(client: client, fd: fd, total: guestBytes, since: mark, phase: "memory save", progress: progress) { status, info in
-            SnapshotError(.io, "saving the guest's memory failed: \(info?.errorDescription ?? status); the snapshot is rolled back and the guest keeps running")
+    public func finishMemorySave(fd: Int32, guestBytes: UInt64, since mark: Int, progress: ProgressHandler?)
+        async throws -> Double?
+    {
+        let last = try await Self.followMigration(
+            client: client, fd: fd, total: guestBytes, since: mark, phase: "memory save", progress: progress
+        ) { status, info in
+            SnapshotError(
+                .io,
+                "saving the guest's memory failed: \(info?.errorDescription ?? status); the snapshot is rolled back and the guest keeps running"
+            )
         }
         return last.downtimeMs
     }
@@ -60,7 +69,9 @@ public struct QEMULiveDomain: LiveDomain {
         let deadline = ContinuousClock.now + .seconds(1800)
         while ContinuousClock.now < deadline {
             let mark = await client.eventMark
-            guard let info = try? await client.migrationInfo(), ["active", "setup", "device", "pre-switchover"].contains(info.status) else { return }
+            guard let info = try? await client.migrationInfo(),
+                ["active", "setup", "device", "pre-switchover"].contains(info.status)
+            else { return }
             _ = try? await client.waitForEvent("MIGRATION", since: mark, timeout: .milliseconds(500)) {
                 ["completed", "failed", "cancelled"].contains($0.data["status"]?.string ?? "")
             }
@@ -69,8 +80,10 @@ public struct QEMULiveDomain: LiveDomain {
 
     /// Waits for a migration to or from `fd` (save or restore) to complete, showing progress
     /// from the file position QEMU's copy of `fd` has reached; throws `failure` if it fails.
-    static func followMigration(client: QMPClient, fd: Int32, total: UInt64, since mark: Int, phase: String, progress: ProgressHandler?,
-                                failure: (String, MigrationInfo?) -> SnapshotError) async throws -> MigrationInfo {
+    static func followMigration(
+        client: QMPClient, fd: Int32, total: UInt64, since mark: Int, phase: String, progress: ProgressHandler?,
+        failure: (String, MigrationInfo?) -> SnapshotError
+    ) async throws -> MigrationInfo {
         let started = ContinuousClock.now
         while true {
             let info = try await client.migrationInfo()
@@ -91,13 +104,14 @@ public struct QEMULiveDomain: LiveDomain {
 
     public func snapshotDisks(_ snapshots: [LiveDiskSnapshot]) async throws {
         try await layer {
-            try await client.transaction(snapshots.map { s in
-                let device = QEMUDriver.driveID(s.target)
-                switch s.kind {
-                case .internal: return .internalSnapshot(device: device, name: s.name)
-                case .external: return .externalSnapshot(device: device, overlay: s.overlay ?? "", format: s.format)
-                }
-            })
+            try await client.transaction(
+                snapshots.map { s in
+                    let device = QEMUDriver.driveID(s.target)
+                    switch s.kind {
+                    case .internal: return .internalSnapshot(device: device, name: s.name)
+                    case .external: return .externalSnapshot(device: device, overlay: s.overlay ?? "", format: s.format)
+                    }
+                })
         }
     }
 
@@ -121,7 +135,10 @@ public struct QEMULiveDomain: LiveDomain {
         let device = QEMUDriver.driveID(target)
         try await layer {
             // Idempotent: only a snapshot the open image holds is deleted.
-            guard try await client.blockDevices().first(where: { $0.device == device })?.internalSnapshots.contains(name) == true else { return }
+            guard
+                try await client.blockDevices().first(where: { $0.device == device })?.internalSnapshots.contains(name)
+                    == true
+            else { return }
             try await client.run(QMP.DeleteInternalSnapshot(device: device, name: name))
         }
     }
@@ -140,10 +157,16 @@ public struct QEMULiveDomain: LiveDomain {
                     let job = "vmsnap-undo-\(snapshot.target)"
                     let mark = await client.eventMark
                     try await client.run(QMP.BlockCommit(device: device, jobID: job))
-                    _ = try await client.waitForEvent("BLOCK_JOB_READY", since: mark, timeout: .seconds(600)) { $0.data["device"]?.string == job }
+                    _ = try await client.waitForEvent("BLOCK_JOB_READY", since: mark, timeout: .seconds(600)) {
+                        $0.data["device"]?.string == job
+                    }
                     try await client.run(QMP.BlockJobComplete(device: job))
-                    let done = try await client.waitForEvent("BLOCK_JOB_COMPLETED", since: mark, timeout: .seconds(600)) { $0.data["device"]?.string == job }
-                    if let error = done.data["error"]?.string { throw SnapshotError(.commandFailed, "undoing the snapshot of \(snapshot.target) failed: \(error)") }
+                    let done = try await client.waitForEvent("BLOCK_JOB_COMPLETED", since: mark, timeout: .seconds(600))
+                    { $0.data["device"]?.string == job }
+                    if let error = done.data["error"]?.string {
+                        throw SnapshotError(
+                            .commandFailed, "undoing the snapshot of \(snapshot.target) failed: \(error)")
+                    }
                 }
                 unlink(overlay)
             }
@@ -157,12 +180,20 @@ public struct QEMULiveDomain: LiveDomain {
             try await client.run(QMP.BlockStream(device: QEMUDriver.driveID(target), jobID: job, base: base))
             let started = ContinuousClock.now
             while true {
-                if let done = try? await client.waitForEvent("BLOCK_JOB_COMPLETED", since: mark, timeout: .milliseconds(500), where: { $0.data["device"]?.string == job }) {
-                    if let error = done.data["error"]?.string { throw SnapshotError(.commandFailed, "merging into the running layer of \(target) failed: \(error)") }
+                if let done = try? await client.waitForEvent(
+                    "BLOCK_JOB_COMPLETED", since: mark, timeout: .milliseconds(500),
+                    where: { $0.data["device"]?.string == job })
+                {
+                    if let error = done.data["error"]?.string {
+                        throw SnapshotError(
+                            .commandFailed, "merging into the running layer of \(target) failed: \(error)")
+                    }
                     return
                 }
                 let elapsed = ContinuousClock.now - started
-                if elapsed > .seconds(1), let progress, let info = try await client.run(QMP.QueryBlockJobs()).first(where: { $0.device == job }) {
+                if elapsed > .seconds(1), let progress,
+                    let info = try await client.run(QMP.QueryBlockJobs()).first(where: { $0.device == job })
+                {
                     let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
                     progress(.measured("merge \(target)", done: info.offset, total: info.length, seconds: seconds))
                 }

@@ -1,7 +1,7 @@
 import Foundation
 import SnapshotCore
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// An asynchronous QMP event: its name, data and QEMU's timestamp (seconds since the epoch).
@@ -39,26 +39,39 @@ final class QMPSocket: @unchecked Sendable {
         var lastError: Int32 = 0
         while true {
             let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            guard s >= 0 else { throw SnapshotError(.io, "cannot create a socket: \(String(cString: strerror(errno)))") }
+            guard s >= 0 else {
+                throw SnapshotError(.io, "cannot create a socket: \(String(cString: strerror(errno)))")
+            }
             var address = sockaddr_un()
             address.sun_family = sa_family_t(AF_UNIX)
             let bytes = Array(path.utf8)
             guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
                 close(s)
-                throw SnapshotError(.invalidArgument, "QMP socket path \(path) is longer than a unix socket path may be (107 bytes); use a shorter store directory")
+                throw SnapshotError(
+                    .invalidArgument,
+                    "QMP socket path \(path) is longer than a unix socket path may be (107 bytes); use a shorter store directory"
+                )
             }
             withUnsafeMutableBytes(of: &address.sun_path) { raw in
                 raw.copyBytes(from: bytes)
                 raw[bytes.count] = 0
             }
             let rc = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    connect(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+                }
             }
-            if rc == 0 { fd = s; return }
+            if rc == 0 {
+                fd = s
+                return
+            }
             lastError = errno
             close(s)
             guard ContinuousClock.now < deadline else {
-                throw SnapshotError(.io, "cannot connect to QEMU's QMP socket \(path): \(String(cString: strerror(lastError))); is the domain running?")
+                throw SnapshotError(
+                    .io,
+                    "cannot connect to QEMU's QMP socket \(path): \(String(cString: strerror(lastError))); is the domain running?"
+                )
             }
             usleep(20_000)
         }
@@ -70,7 +83,8 @@ final class QMPSocket: @unchecked Sendable {
             var offset = 0
             if let passing {
                 let space = MemoryLayout<cmsghdr>.size + 8
-                let control = UnsafeMutableRawPointer.allocate(byteCount: space, alignment: MemoryLayout<cmsghdr>.alignment)
+                let control = UnsafeMutableRawPointer.allocate(
+                    byteCount: space, alignment: MemoryLayout<cmsghdr>.alignment)
                 defer { control.deallocate() }
                 control.initializeMemory(as: UInt8.self, repeating: 0, count: space)
                 let header = control.bindMemory(to: cmsghdr.self, capacity: 1)
@@ -79,7 +93,8 @@ final class QMPSocket: @unchecked Sendable {
                 header.pointee.cmsg_type = Int32(SCM_RIGHTS)
                 (control + MemoryLayout<cmsghdr>.size).storeBytes(of: passing, as: Int32.self)
                 let sent = bytes.withUnsafeBytes { buffer -> Int in
-                    var iov = iovec(iov_base: UnsafeMutableRawPointer(mutating: buffer.baseAddress), iov_len: buffer.count)
+                    var iov = iovec(
+                        iov_base: UnsafeMutableRawPointer(mutating: buffer.baseAddress), iov_len: buffer.count)
                     return withUnsafeMutablePointer(to: &iov) { iovPointer in
                         var message = msghdr()
                         message.msg_iov = iovPointer
@@ -89,13 +104,20 @@ final class QMPSocket: @unchecked Sendable {
                         return sendmsg(fd, &message, Int32(MSG_NOSIGNAL))
                     }
                 }
-                guard sent > 0 else { throw SnapshotError(.io, "cannot send to QEMU's QMP socket: \(String(cString: strerror(errno)))") }
+                guard sent > 0 else {
+                    throw SnapshotError(.io, "cannot send to QEMU's QMP socket: \(String(cString: strerror(errno)))")
+                }
                 offset = sent
             }
             while offset < bytes.count {
-                let n = bytes[offset...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+                let n = bytes[offset...].withUnsafeBytes {
+                    Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL))
+                }
                 if n < 0, errno == EINTR { continue }
-                guard n > 0 else { throw SnapshotError(.io, "cannot send to QEMU's QMP socket: \(String(cString: strerror(errno))); did QEMU exit?") }
+                guard n > 0 else {
+                    throw SnapshotError(
+                        .io, "cannot send to QEMU's QMP socket: \(String(cString: strerror(errno))); did QEMU exit?")
+                }
                 offset += n
             }
         }
@@ -138,7 +160,11 @@ public actor QMPClient {
     private var nextID = 0
     private var pending: [String: (command: String, continuation: CheckedContinuation<JSONValue, any Error>)] = [:]
     private var events: [QMPEvent] = []
-    private var waiters: [Int: (since: Int, name: String, predicate: @Sendable (QMPEvent) -> Bool, continuation: CheckedContinuation<QMPEvent, any Error>)] = [:]
+    private var waiters:
+        [Int: (
+            since: Int, name: String, predicate: @Sendable (QMPEvent) -> Bool,
+            continuation: CheckedContinuation<QMPEvent, any Error>
+        )] = [:]
     private var nextWaiter = 0
     /// Timeout timers of commands and event waits, cancelled as soon as they are answered.
     private var commandTimers: [String: Task<Void, Never>] = [:]
@@ -163,7 +189,8 @@ public actor QMPClient {
         }
         let greeting = try await client.awaitGreeting(timeout: timeout)
         guard greeting["QMP"] != nil else {
-            throw SnapshotError(.commandFailed, "\(path) did not greet like QMP (got \(greeting)); is it QEMU's QMP socket?")
+            throw SnapshotError(
+                .commandFailed, "\(path) did not greet like QMP (got \(greeting)); is it QEMU's QMP socket?")
         }
         try await client.run(QMP.Capabilities())
         return client
@@ -191,8 +218,9 @@ public actor QMPClient {
             greetingWaiter = nil
         } else if let name = message["event"]?.string {
             let ts = message["timestamp"]
-            let event = QMPEvent(name: name, data: message["data"] ?? .null,
-                                 timestamp: (ts?["seconds"]?.double ?? 0) + (ts?["microseconds"]?.double ?? 0) / 1e6)
+            let event = QMPEvent(
+                name: name, data: message["data"] ?? .null,
+                timestamp: (ts?["seconds"]?.double ?? 0) + (ts?["microseconds"]?.double ?? 0) / 1e6)
             events.append(event)
             for s in subscribers { s.yield(event) }
             for (key, waiter) in waiters where waiter.name == event.name && waiter.predicate(event) {
@@ -203,8 +231,10 @@ public actor QMPClient {
         } else if let id = message["id"]?.string, let entry = pending.removeValue(forKey: id) {
             commandTimers.removeValue(forKey: id)?.cancel()
             if let error = message["error"] {
-                entry.continuation.resume(throwing: QMPError(command: entry.command, errorClassName: error["class"]?.string ?? "GenericError",
-                                                             reason: error["desc"]?.string ?? "\(error)"))
+                entry.continuation.resume(
+                    throwing: QMPError(
+                        command: entry.command, errorClassName: error["class"]?.string ?? "GenericError",
+                        reason: error["desc"]?.string ?? "\(error)"))
             } else {
                 entry.continuation.resume(returning: message["return"] ?? .null)
             }
@@ -214,13 +244,19 @@ public actor QMPClient {
     private func connectionClosed() {
         let why = "QEMU closed the QMP connection (did it exit?)"
         closedReason = why
-        for (_, entry) in pending { entry.continuation.resume(throwing: SnapshotError(.commandFailed, "\(why) while `\(entry.command)` was waiting for its reply")) }
+        for (_, entry) in pending {
+            entry.continuation.resume(
+                throwing: SnapshotError(.commandFailed, "\(why) while `\(entry.command)` was waiting for its reply"))
+        }
         pending = [:]
         commandTimers.values.forEach { $0.cancel() }
         commandTimers = [:]
         waiterTimers.values.forEach { $0.cancel() }
         waiterTimers = [:]
-        for (_, waiter) in waiters { waiter.continuation.resume(throwing: SnapshotError(.commandFailed, "\(why) while waiting for event \(waiter.name)")) }
+        for (_, waiter) in waiters {
+            waiter.continuation.resume(
+                throwing: SnapshotError(.commandFailed, "\(why) while waiting for event \(waiter.name)"))
+        }
         waiters = [:]
         for s in subscribers { s.finish() }
         subscribers = []
@@ -233,7 +269,9 @@ public actor QMPClient {
     /// Runs a command and returns its `return` value; throws `QMPError` with QEMU's error class
     /// and description when QEMU refuses it. `passing` is sent along as a file descriptor.
     @discardableResult
-    public func execute(_ command: String, _ arguments: JSONValue? = nil, passing fd: Int32? = nil, timeout: Duration = .seconds(60)) async throws -> JSONValue {
+    public func execute(
+        _ command: String, _ arguments: JSONValue? = nil, passing fd: Int32? = nil, timeout: Duration = .seconds(60)
+    ) async throws -> JSONValue {
         if let closedReason { throw SnapshotError(.commandFailed, "\(closedReason); cannot run `\(command)`") }
         nextID += 1
         let id = "vmsnap-\(nextID)"
@@ -256,7 +294,8 @@ public actor QMPClient {
     private func expire(_ id: String, after timeout: Duration) {
         commandTimers[id] = nil
         guard let entry = pending.removeValue(forKey: id) else { return }
-        entry.continuation.resume(throwing: SnapshotError(.commandFailed, "QEMU did not answer `\(entry.command)` within \(timeout)"))
+        entry.continuation.resume(
+            throwing: SnapshotError(.commandFailed, "QEMU did not answer `\(entry.command)` within \(timeout)"))
     }
 
     /// How many events have arrived so far: a mark to wait for events after it.
@@ -266,9 +305,13 @@ public actor QMPClient {
     public func events(since mark: Int = 0) -> [QMPEvent] { Array(events[min(mark, events.count)...]) }
 
     /// Waits for the first event named `name` after `mark` that `predicate` accepts.
-    public func waitForEvent(_ name: String, since mark: Int, timeout: Duration = .seconds(60),
-                             where predicate: @escaping @Sendable (QMPEvent) -> Bool = { _ in true }) async throws -> QMPEvent {
-        if let hit = events[min(mark, events.count)...].first(where: { $0.name == name && predicate($0) }) { return hit }
+    public func waitForEvent(
+        _ name: String, since mark: Int, timeout: Duration = .seconds(60),
+        where predicate: @escaping @Sendable (QMPEvent) -> Bool = { _ in true }
+    ) async throws -> QMPEvent {
+        if let hit = events[min(mark, events.count)...].first(where: { $0.name == name && predicate($0) }) {
+            return hit
+        }
         if let closedReason { throw SnapshotError(.commandFailed, "\(closedReason) while waiting for event \(name)") }
         nextWaiter += 1
         let key = nextWaiter
@@ -284,7 +327,8 @@ public actor QMPClient {
     private func expireWaiter(_ key: Int, timeout: Duration) {
         waiterTimers[key] = nil
         guard let waiter = waiters.removeValue(forKey: key) else { return }
-        waiter.continuation.resume(throwing: SnapshotError(.commandFailed, "QEMU sent no \(waiter.name) event within \(timeout)"))
+        waiter.continuation.resume(
+            throwing: SnapshotError(.commandFailed, "QEMU sent no \(waiter.name) event within \(timeout)"))
     }
 
     /// Events from now on, as a stream that ends when the connection closes.
@@ -335,7 +379,9 @@ extension QMPClient {
     public func blockDevices() async throws -> [QEMUBlockDevice] { try await run(QMP.QueryBlock()) }
 
     /// Runs actions as one QMP `transaction`: all happen or none does.
-    public func transaction(_ actions: [QMP.TransactionAction]) async throws { try await run(QMP.Transaction(actions: actions)) }
+    public func transaction(_ actions: [QMP.TransactionAction]) async throws {
+        try await run(QMP.Transaction(actions: actions))
+    }
 
     /// Hands QEMU an open file under `name` (SCM_RIGHTS); QEMU keeps its own copy.
     public func passFile(_ fd: Int32, name: String) async throws { try await run(QMP.GetFD(name: name), passing: fd) }
@@ -348,7 +394,9 @@ extension QMPClient {
 
     /// Waits for a job (`job-id`) to conclude, then dismisses it; throws with the job's error.
     /// Polls `query-jobs` between JOB_STATUS_CHANGE events (or every 500 ms at most).
-    public func waitForJob(_ id: String, timeout: Duration = .seconds(600), progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) async throws {
+    public func waitForJob(
+        _ id: String, timeout: Duration = .seconds(600), progress: (@Sendable (UInt64, UInt64) -> Void)? = nil
+    ) async throws {
         let deadline = ContinuousClock.now + timeout
         while true {
             let mark = eventMark
@@ -361,8 +409,12 @@ extension QMPClient {
                 if let error = job.error { throw SnapshotError(.commandFailed, "QEMU job \(id) failed: \(error)") }
                 return
             }
-            guard ContinuousClock.now < deadline else { throw SnapshotError(.commandFailed, "QEMU job \(id) did not finish within \(timeout)") }
-            _ = try? await waitForEvent("JOB_STATUS_CHANGE", since: mark, timeout: .milliseconds(500)) { $0.data["id"]?.string == id }
+            guard ContinuousClock.now < deadline else {
+                throw SnapshotError(.commandFailed, "QEMU job \(id) did not finish within \(timeout)")
+            }
+            _ = try? await waitForEvent("JOB_STATUS_CHANGE", since: mark, timeout: .milliseconds(500)) {
+                $0.data["id"]?.string == id
+            }
         }
     }
 }

@@ -30,18 +30,35 @@ public enum QMPErrorClass: String, Sendable {
 extension QMPClient {
     /// Runs a typed command.
     @discardableResult
-    public func run<C: QMPCommand>(_ command: C, passing fd: Int32? = nil, timeout: Duration = .seconds(60)) async throws -> C.Response {
+    public func run<C: QMPCommand>(_ command: C, passing fd: Int32? = nil, timeout: Duration = .seconds(60))
+        async throws -> C.Response
+    {
         try command.response(try await execute(C.name, command.arguments, passing: fd, timeout: timeout))
     }
 }
 
 /// The commands vmsnap sends, one type each.
 public enum QMP {
-    public struct Capabilities: QMPCommand { public typealias Response = Void; public static let name = "qmp_capabilities" }
-    public struct Stop: QMPCommand { public typealias Response = Void; public static let name = "stop" }
-    public struct Cont: QMPCommand { public typealias Response = Void; public static let name = "cont" }
-    public struct Quit: QMPCommand { public typealias Response = Void; public static let name = "quit" }
-    public struct SystemPowerdown: QMPCommand { public typealias Response = Void; public static let name = "system_powerdown" }
+    public struct Capabilities: QMPCommand {
+        public typealias Response = Void
+        public static let name = "qmp_capabilities"
+    }
+    public struct Stop: QMPCommand {
+        public typealias Response = Void
+        public static let name = "stop"
+    }
+    public struct Cont: QMPCommand {
+        public typealias Response = Void
+        public static let name = "cont"
+    }
+    public struct Quit: QMPCommand {
+        public typealias Response = Void
+        public static let name = "quit"
+    }
+    public struct SystemPowerdown: QMPCommand {
+        public typealias Response = Void
+        public static let name = "system_powerdown"
+    }
 
     public struct QueryStatus: QMPCommand {
         public static let name = "query-status"
@@ -54,8 +71,11 @@ public enum QMP {
         public static let name = "query-block"
         public func response(_ r: JSONValue) -> [QEMUBlockDevice] {
             r.array?.map {
-                QEMUBlockDevice(device: $0["device"]?.string ?? "", nodeName: $0["inserted"]?["node-name"]?.string, file: $0["inserted"]?["file"]?.string,
-                                internalSnapshots: $0["inserted"]?["image"]?["snapshots"]?.array?.compactMap { $0["name"]?.string } ?? [])
+                QEMUBlockDevice(
+                    device: $0["device"]?.string ?? "", nodeName: $0["inserted"]?["node-name"]?.string,
+                    file: $0["inserted"]?["file"]?.string,
+                    internalSnapshots: $0["inserted"]?["image"]?["snapshots"]?.array?.compactMap { $0["name"]?.string }
+                        ?? [])
             } ?? []
         }
     }
@@ -68,9 +88,18 @@ public enum QMP {
         var json: JSONValue {
             switch self {
             case .externalSnapshot(let device, let overlay, let format):
-                return ["type": "blockdev-snapshot-sync", "data": ["device": .string(device), "snapshot-file": .string(overlay), "format": .string(format), "mode": "absolute-paths"]]
+                return [
+                    "type": "blockdev-snapshot-sync",
+                    "data": [
+                        "device": .string(device), "snapshot-file": .string(overlay), "format": .string(format),
+                        "mode": "absolute-paths",
+                    ],
+                ]
             case .internalSnapshot(let device, let name):
-                return ["type": "blockdev-snapshot-internal-sync", "data": ["device": .string(device), "name": .string(name)]]
+                return [
+                    "type": "blockdev-snapshot-internal-sync",
+                    "data": ["device": .string(device), "name": .string(name)],
+                ]
             }
         }
     }
@@ -95,10 +124,11 @@ public enum QMP {
         public static let name = "query-migrate"
         public func response(_ r: JSONValue) -> MigrationInfo {
             let ram = r["ram"]
-            return MigrationInfo(status: r["status"]?.string ?? "none",
-                                 transferred: UInt64(ram?["transferred"]?.int ?? 0), total: UInt64(ram?["total"]?.int ?? 0),
-                                 remaining: UInt64(ram?["remaining"]?.int ?? 0), downtimeMs: r["downtime"]?.double,
-                                 errorDescription: r["error-desc"]?.string)
+            return MigrationInfo(
+                status: r["status"]?.string ?? "none",
+                transferred: UInt64(ram?["transferred"]?.int ?? 0), total: UInt64(ram?["total"]?.int ?? 0),
+                remaining: UInt64(ram?["remaining"]?.int ?? 0), downtimeMs: r["downtime"]?.double,
+                errorDescription: r["error-desc"]?.string)
         }
     }
 
@@ -107,7 +137,12 @@ public enum QMP {
         public static let name = "migrate-set-capabilities"
         public var capabilities: [String: Bool]
         public var arguments: JSONValue? {
-            ["capabilities": .array(capabilities.sorted { $0.key < $1.key }.map { ["capability": .string($0.key), "state": .bool($0.value)] })]
+            [
+                "capabilities": .array(
+                    capabilities.sorted { $0.key < $1.key }.map {
+                        ["capability": .string($0.key), "state": .bool($0.value)]
+                    })
+            ]
         }
     }
 
@@ -139,7 +174,10 @@ public enum QMP {
         public static let name = "snapshot-save"
         public var jobID: String, tag: String, vmstate: String, devices: [String]
         public var arguments: JSONValue? {
-            ["job-id": .string(jobID), "tag": .string(tag), "vmstate": .string(vmstate), "devices": .array(devices.map { .string($0) })]
+            [
+                "job-id": .string(jobID), "tag": .string(tag), "vmstate": .string(vmstate),
+                "devices": .array(devices.map { .string($0) }),
+            ]
         }
     }
 
@@ -156,7 +194,9 @@ public enum QMP {
         public static let name = "query-jobs"
         public func response(_ r: JSONValue) -> [Job] {
             r.array?.map {
-                Job(id: $0["id"]?.string ?? "", status: $0["status"]?.string ?? "", done: $0["current-progress"]?.int.map(UInt64.init),
+                Job(
+                    id: $0["id"]?.string ?? "", status: $0["status"]?.string ?? "",
+                    done: $0["current-progress"]?.int.map(UInt64.init),
                     total: $0["total-progress"]?.int.map(UInt64.init), error: $0["error"]?.string)
             } ?? []
         }
@@ -206,7 +246,11 @@ public enum QMP {
     public struct QueryBlockJobs: QMPCommand {
         public static let name = "query-block-jobs"
         public func response(_ r: JSONValue) -> [BlockJob] {
-            r.array?.map { BlockJob(device: $0["device"]?.string ?? "", offset: UInt64($0["offset"]?.int ?? 0), length: UInt64($0["len"]?.int ?? 0)) } ?? []
+            r.array?.map {
+                BlockJob(
+                    device: $0["device"]?.string ?? "", offset: UInt64($0["offset"]?.int ?? 0),
+                    length: UInt64($0["len"]?.int ?? 0))
+            } ?? []
         }
     }
 

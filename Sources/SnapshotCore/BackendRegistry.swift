@@ -13,8 +13,11 @@ public struct BackendFactory: Sendable {
     public var settings: [SettingSpec]?
     public var make: @Sendable (BackendEnvironment) throws -> any DiskSnapshotBackend
 
-    public init(kind: BackendKind, apiVersion: Int = diskSnapshotBackendAPIVersion, origin: BackendOrigin = .builtIn, settings: [SettingSpec]? = nil,
-                make: @escaping @Sendable (BackendEnvironment) throws -> any DiskSnapshotBackend) {
+    public init(
+        kind: BackendKind, apiVersion: Int = diskSnapshotBackendAPIVersion, origin: BackendOrigin = .builtIn,
+        settings: [SettingSpec]? = nil,
+        make: @escaping @Sendable (BackendEnvironment) throws -> any DiskSnapshotBackend
+    ) {
         self.kind = kind
         self.apiVersion = apiVersion
         self.origin = origin
@@ -75,10 +78,13 @@ public final class BackendRegistry: Sendable {
     public var kinds: [BackendKind] { factories.withLock { Array($0.keys) }.sorted() }
 
     /// Makes the backend registered as `kind`.
-    public func backend(_ kind: BackendKind, environment: BackendEnvironment = BackendEnvironment()) throws -> any DiskSnapshotBackend {
+    public func backend(_ kind: BackendKind, environment: BackendEnvironment = BackendEnvironment()) throws
+        -> any DiskSnapshotBackend
+    {
         guard let factory = factories.withLock({ $0[kind] }) else {
             let known = kinds.map(\.rawValue).joined(separator: ", ")
-            throw SnapshotError(.notFound, "no backend named '\(kind)'; registered backends: \(known.isEmpty ? "none" : known)")
+            throw SnapshotError(
+                .notFound, "no backend named '\(kind)'; registered backends: \(known.isEmpty ? "none" : known)")
         }
         return try factory.make(environment)
     }
@@ -88,7 +94,9 @@ public final class BackendRegistry: Sendable {
 
     /// Checks settings against the schemas of the registered backends (built-in schemas first;
     /// plug-ins are asked only for keys no built-in backend declares).
-    public func validate(_ settings: [String: String], source: String, environment: BackendEnvironment = BackendEnvironment()) throws {
+    public func validate(
+        _ settings: [String: String], source: String, environment: BackendEnvironment = BackendEnvironment()
+    ) throws {
         guard !settings.isEmpty else { return }
         var schemas: [BackendKind: [SettingSpec]] = [:]
         for kind in kinds { if let known = factory(kind)?.settings { schemas[kind] = known } }
@@ -103,7 +111,8 @@ public final class BackendRegistry: Sendable {
     }
 
     /// Makes every registered backend.
-    public func allBackends(environment: BackendEnvironment = BackendEnvironment()) throws -> [any DiskSnapshotBackend] {
+    public func allBackends(environment: BackendEnvironment = BackendEnvironment()) throws -> [any DiskSnapshotBackend]
+    {
         try kinds.map { try backend($0, environment: environment) }
     }
 }

@@ -29,8 +29,10 @@ public struct SettingSpec: Codable, Sendable, Hashable {
     public var choices: [String]?
     public var pattern: String?
 
-    public init(_ name: String, _ type: ValueType, default defaultValue: String? = nil, min: Int? = nil, max: Int? = nil,
-                choices: [String]? = nil, pattern: String? = nil, help: String) {
+    public init(
+        _ name: String, _ type: ValueType, default defaultValue: String? = nil, min: Int? = nil, max: Int? = nil,
+        choices: [String]? = nil, pattern: String? = nil, help: String
+    ) {
         self.name = name
         self.type = type
         self.help = help
@@ -70,7 +72,8 @@ public struct SettingSpec: Codable, Sendable, Hashable {
         case .boolean:
             return Self.boolean(value) == nil ? "'\(value)' is not true or false" : nil
         case .choice:
-            return (choices ?? []).contains(value) ? nil : "'\(value)' is not one of \((choices ?? []).joined(separator: ", "))"
+            return (choices ?? []).contains(value)
+                ? nil : "'\(value)' is not one of \((choices ?? []).joined(separator: ", "))"
         case .size:
             return Self.bytes(value) == nil ? "'\(value)' is not a size (a number with an optional k, m, g or t)" : nil
         case .path:
@@ -97,7 +100,10 @@ public struct SettingSpec: Codable, Sendable, Hashable {
         let shifts: [Character: UInt64] = ["k": 10, "m": 20, "g": 30, "t": 40]
         var digits = Substring(lower)
         var shift: UInt64 = 0
-        if let last = lower.last, let s = shifts[last] { shift = s; digits = lower.dropLast() }
+        if let last = lower.last, let s = shifts[last] {
+            shift = s
+            digits = lower.dropLast()
+        }
         guard !digits.isEmpty, let n = UInt64(digits) else { return nil }
         let (product, overflow) = n.multipliedReportingOverflow(by: 1 << shift)
         return overflow ? nil : product
@@ -115,7 +121,8 @@ public enum BackendSettings {
         var out: [String: String] = [:]
         for pair in pairs {
             guard let eq = pair.firstIndex(of: "="), eq != pair.startIndex else {
-                throw SnapshotError(.invalidArgument, "--set expects KEY=VALUE (for example --set cow-size=256m), got '\(pair)'")
+                throw SnapshotError(
+                    .invalidArgument, "--set expects KEY=VALUE (for example --set cow-size=256m), got '\(pair)'")
             }
             out[String(pair[..<eq])] = String(pair[pair.index(after: eq)...])
         }
@@ -127,13 +134,20 @@ public enum BackendSettings {
         let path = (storeDirectory as NSString).appendingPathComponent(fileName)
         guard let data = FileManager.default.contents(atPath: path) else { return [:] }
         var out: [String: String] = [:]
-        for (n, raw) in String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
-            let line = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init)?.trimmingCharacters(in: .whitespaces) ?? ""
+        for (n, raw) in String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false)
+            .enumerated()
+        {
+            let line =
+                raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init)?
+                .trimmingCharacters(in: .whitespaces) ?? ""
             if line.isEmpty { continue }
             guard let eq = line.firstIndex(of: "="), eq != line.startIndex else {
-                throw SnapshotError(.invalidArgument, "\(path) line \(n + 1): expected `key = value`, got '\(line)'; fix or remove the line")
+                throw SnapshotError(
+                    .invalidArgument,
+                    "\(path) line \(n + 1): expected `key = value`, got '\(line)'; fix or remove the line")
             }
-            out[line[..<eq].trimmingCharacters(in: .whitespaces)] = line[line.index(after: eq)...].trimmingCharacters(in: .whitespaces)
+            out[line[..<eq].trimmingCharacters(in: .whitespaces)] = line[line.index(after: eq)...].trimmingCharacters(
+                in: .whitespaces)
         }
         return out
     }
@@ -141,16 +155,24 @@ public enum BackendSettings {
     /// Checks every setting against the schemas of the backends that declare it: an unknown key
     /// or a bad value is refused with the valid keys (or values). `source` names where the
     /// settings came from (`--set`, a settings.conf path) for the message.
-    public static func validate(_ settings: [String: String], against schemas: [BackendKind: [SettingSpec]], source: String) throws {
+    public static func validate(
+        _ settings: [String: String], against schemas: [BackendKind: [SettingSpec]], source: String
+    ) throws {
         for (key, value) in settings.sorted(by: { $0.key < $1.key }) {
             let declaring = schemas.compactMap { kind, specs in specs.first { $0.name == key }.map { (kind, $0) } }
             guard !declaring.isEmpty else {
                 let valid = schemas.flatMap { kind, specs in specs.map { "\($0.name) (\(kind))" } }.sorted()
-                throw SnapshotError(.invalidArgument, "\(source): unknown setting '\(key)'; valid settings: \(valid.isEmpty ? "none" : valid.joined(separator: ", ")). See `vmsnap backend describe KIND`")
+                throw SnapshotError(
+                    .invalidArgument,
+                    "\(source): unknown setting '\(key)'; valid settings: \(valid.isEmpty ? "none" : valid.joined(separator: ", ")). See `vmsnap backend describe KIND`"
+                )
             }
             for (kind, spec) in declaring.sorted(by: { $0.0 < $1.0 }) {
                 if let problem = spec.problem(with: value) {
-                    throw SnapshotError(.invalidArgument, "\(source): setting \(key)=\(value) for backend '\(kind)': \(problem); it takes \(spec.valueDescription) (\(spec.help))")
+                    throw SnapshotError(
+                        .invalidArgument,
+                        "\(source): setting \(key)=\(value) for backend '\(kind)': \(problem); it takes \(spec.valueDescription) (\(spec.help))"
+                    )
                 }
             }
         }

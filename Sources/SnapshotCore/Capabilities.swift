@@ -22,7 +22,9 @@ public struct Capability: Codable, Sendable, Hashable, CustomStringConvertible, 
     public var description: String { "\(operation.rawValue) of \(kind.rawValue) snapshots on \(state.rawValue) disks" }
 
     public static func < (a: Self, b: Self) -> Bool {
-        (a.state.rawValue, a.kind.rawValue, a.operation.rawValue) < (b.state.rawValue, b.kind.rawValue, b.operation.rawValue)
+        (a.state.rawValue, a.kind.rawValue, a.operation.rawValue) < (
+            b.state.rawValue, b.kind.rawValue, b.operation.rawValue
+        )
     }
 }
 
@@ -57,7 +59,9 @@ public struct CapabilityTable: Codable, Sendable, Hashable {
     /// Every operation for the given kinds and states.
     public static func all(kinds: [SnapshotKind], states: [DiskState], notes: [String] = []) -> CapabilityTable {
         var cells: Set<Capability> = []
-        for op in SnapshotOperation.allCases { for kind in kinds { for state in states { cells.insert(Capability(op, kind, state)) } } }
+        for op in SnapshotOperation.allCases {
+            for kind in kinds { for state in states { cells.insert(Capability(op, kind, state)) } }
+        }
         return CapabilityTable(cells, notes: notes)
     }
 

@@ -62,7 +62,9 @@ extension CommandRunning {
 
     /// Stderr cut to its last lines: what a person needs to see why a command failed.
     static func trimmed(_ text: String, maxLines: Int = 12) -> String {
-        let lines = text.split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+        let lines = text.split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.filter {
+            !$0.isEmpty
+        }
         return lines.suffix(maxLines).joined(separator: "; ")
     }
 }
@@ -91,11 +93,14 @@ public struct SubprocessRunner: CommandRunning {
             case .exited(let code): status = code
             case .signaled(let signal): status = 128 + signal
             }
-            return CommandOutput(argv: argv, status: status, standardOutput: result.standardOutput, standardError: result.standardError)
+            return CommandOutput(
+                argv: argv, status: status, standardOutput: result.standardOutput, standardError: result.standardError)
         } catch let error as SnapshotError {
             throw error
         } catch {
-            throw SnapshotError(.commandFailed, "could not start `\(tool)`: is it installed? (scripts/setup installs what vmsnap needs)", cause: error)
+            throw SnapshotError(
+                .commandFailed,
+                "could not start `\(tool)`: is it installed? (scripts/setup installs what vmsnap needs)", cause: error)
         }
     }
 }
@@ -107,7 +112,11 @@ public final class RecordingRunner: CommandRunning, @unchecked Sendable {
     private var recorded: [[String]] = []
     private let answer: @Sendable ([String]) -> CommandOutput
 
-    public init(answer: @escaping @Sendable ([String]) -> CommandOutput = { CommandOutput(argv: $0, status: 0, standardOutput: "", standardError: "") }) {
+    public init(
+        answer: @escaping @Sendable ([String]) -> CommandOutput = {
+            CommandOutput(argv: $0, status: 0, standardOutput: "", standardError: "")
+        }
+    ) {
         self.answer = answer
     }
 

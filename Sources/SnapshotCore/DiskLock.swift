@@ -1,6 +1,6 @@
 import Foundation
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// An exclusive lock on one disk across processes (flock on a file in the store's locks/ folder),
@@ -15,12 +15,15 @@ public final class DiskLock: @unchecked Sendable {
         for byte in diskID.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
         path = (store.directory as NSString).appendingPathComponent("locks/\(String(hash, radix: 16)).lock")
         fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw SnapshotError(.io, "cannot open lock file \(path): \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else {
+            throw SnapshotError(.io, "cannot open lock file \(path): \(String(cString: strerror(errno)))")
+        }
         let deadline = Date().addingTimeInterval(timeout)
         while flock(fd, LOCK_EX | LOCK_NB) != 0 {
             guard errno == EWOULDBLOCK || errno == EINTR, Date() < deadline else {
                 close(fd)
-                throw SnapshotError(.busy, "another vmsnap is working on disk \(diskID) (lock \(path)); try again when it has finished")
+                throw SnapshotError(
+                    .busy, "another vmsnap is working on disk \(diskID) (lock \(path)); try again when it has finished")
             }
             usleep(20_000)
         }

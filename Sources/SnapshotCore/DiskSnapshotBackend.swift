@@ -20,8 +20,12 @@ public struct BackendDescriptor: Codable, Sendable, Hashable {
     /// How a domain definition names the disk: a file, a block device, a network volume.
     public var sourceType: DiskSourceType
 
-    public init(kind: BackendKind, apiVersion: Int = diskSnapshotBackendAPIVersion, summary: String, capabilities: CapabilityTable,
-                settings: [SettingSpec] = [], liveSnapshots: LiveSnapshotTaker = .none, imageFormat: String = "raw", sourceType: DiskSourceType = .file) {
+    public init(
+        kind: BackendKind, apiVersion: Int = diskSnapshotBackendAPIVersion, summary: String,
+        capabilities: CapabilityTable,
+        settings: [SettingSpec] = [], liveSnapshots: LiveSnapshotTaker = .none, imageFormat: String = "raw",
+        sourceType: DiskSourceType = .file
+    ) {
         self.kind = kind
         self.apiVersion = apiVersion
         self.summary = summary
@@ -32,7 +36,9 @@ public struct BackendDescriptor: Codable, Sendable, Hashable {
         self.sourceType = sourceType
     }
 
-    enum CodingKeys: String, CodingKey { case kind, apiVersion, summary, capabilities, settings, liveSnapshots, imageFormat, sourceType }
+    enum CodingKeys: String, CodingKey {
+        case kind, apiVersion, summary, capabilities, settings, liveSnapshots, imageFormat, sourceType
+    }
 
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
@@ -175,7 +181,8 @@ public protocol DiskSnapshotBackend: Sendable {
     /// Undoes, offline, a snapshot a hypervisor took (``planLiveCreate``) that vmsnap never
     /// recorded because the hypervisor died first: `before` is the layout then, `after` the one
     /// the live plan promised. Idempotent; the default has nothing to undo.
-    func undoUnrecordedLiveSnapshot(_ name: String, kind: SnapshotKind, before: DiskLayout, after: DiskLayout?) async throws
+    func undoUnrecordedLiveSnapshot(_ name: String, kind: SnapshotKind, before: DiskLayout, after: DiskLayout?)
+        async throws
 
     /// Repairs what a hypervisor that died with the disk open can leave behind (leaked
     /// clusters), without changing guest data; the default has nothing to repair.
@@ -228,7 +235,10 @@ public struct HypervisorDrive: Sendable, Hashable {
     /// vmstate area).
     public var holdsInternalMemory: Bool
 
-    public init(path: String, format: String, liveSnapshots: Bool = false, sourceType: DiskSourceType = .file, holdsInternalMemory: Bool = false) {
+    public init(
+        path: String, format: String, liveSnapshots: Bool = false, sourceType: DiskSourceType = .file,
+        holdsInternalMemory: Bool = false
+    ) {
         self.path = path
         self.format = format
         self.liveSnapshots = liveSnapshots
@@ -262,7 +272,9 @@ extension DiskSnapshotBackend {
 
     public func rollbackBlockers(to snapshot: String, layout: DiskLayout) async throws -> [RollbackBlocker] { [] }
 
-    public func undoUnrecordedLiveSnapshot(_ name: String, kind: SnapshotKind, before: DiskLayout, after: DiskLayout?) async throws {}
+    public func undoUnrecordedLiveSnapshot(_ name: String, kind: SnapshotKind, before: DiskLayout, after: DiskLayout?)
+        async throws
+    {}
 
     public func repairAfterHypervisorCrash(_ layout: DiskLayout) async throws {}
 }

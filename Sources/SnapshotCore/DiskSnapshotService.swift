@@ -8,7 +8,8 @@ public enum Trace {
         guard enabled else { return }
         let previous = last
         let now = DispatchTime.now().uptimeNanoseconds
-        FileHandle.standardError.write(Data(String(format: "trace %7.2f ms  %@\n", Double(now &- previous) / 1e6, what).utf8))
+        FileHandle.standardError.write(
+            Data(String(format: "trace %7.2f ms  %@\n", Double(now &- previous) / 1e6, what).utf8))
         last = now
     }
 }
@@ -25,8 +26,10 @@ public struct DiskSnapshotService: Sendable {
     /// Where plans stop as if vmsnap were killed (the conformance suite's crash checks).
     public var crashPoint: CrashPoint?
 
-    public init(store: MetadataStore, registry: BackendRegistry, environment: BackendEnvironment = BackendEnvironment(),
-                notify: @escaping @Sendable (String) -> Void = { FileHandle.standardError.write(Data("vmsnap: \($0)\n".utf8)) }) {
+    public init(
+        store: MetadataStore, registry: BackendRegistry, environment: BackendEnvironment = BackendEnvironment(),
+        notify: @escaping @Sendable (String) -> Void = { FileHandle.standardError.write(Data("vmsnap: \($0)\n".utf8)) }
+    ) {
         self.store = store
         self.registry = registry
         self.environment = environment
@@ -40,7 +43,9 @@ public struct DiskSnapshotService: Sendable {
     /// The backend for a disk and its layout: the stored layout if vmsnap manages the disk, else
     /// what the backend reads off the storage (not stored yet). The backend is the one named, the
     /// one that manages the disk, or the first that recognizes it.
-    public func layout(of locator: String, kind: BackendKind? = nil) async throws -> (any DiskSnapshotBackend, DiskLayout) {
+    public func layout(of locator: String, kind: BackendKind? = nil) async throws -> (
+        any DiskSnapshotBackend, DiskLayout
+    ) {
         let (backend, id, managed) = try await resolve(locator, kind: kind)
         if managed, let stored = try store.layout(diskID: id) { return (backend, stored) }
         return (backend, try await backend.adopt(locator: id))
@@ -49,20 +54,27 @@ public struct DiskSnapshotService: Sendable {
     /// The backend and identity of a disk, and whether vmsnap manages it already. Cheap: an
     /// indexed lookup, or the backends' format probes.
     func resolve(_ locator: String, kind: BackendKind?) async throws -> (any DiskSnapshotBackend, String, Bool) {
-        let candidates = try kind.map { [try registry.backend($0, environment: environment)] } ?? registry.allBackends(environment: environment)
+        let candidates =
+            try kind.map { [try registry.backend($0, environment: environment)] }
+            ?? registry.allBackends(environment: environment)
         for backend in candidates {
             if let (id, owner) = try store.diskID(locator: backend.normalize(locator: locator)) {
                 if let kind, owner != kind {
                     throw SnapshotError(.conflict, "\(locator) is managed by backend '\(owner)', not '\(kind)'")
                 }
-                return (owner == backend.kind ? backend : try registry.backend(owner, environment: environment), id, true)
+                return (
+                    owner == backend.kind ? backend : try registry.backend(owner, environment: environment), id, true
+                )
             }
         }
         if kind != nil { return (candidates[0], candidates[0].normalize(locator: locator), false) }
         for backend in candidates where await backend.recognizes(locator: locator) {
             return (backend, backend.normalize(locator: locator), false)
         }
-        throw SnapshotError(.invalidImage, "no backend recognizes \(locator): it is missing or not in a format vmsnap knows (\(registry.kinds.map(\.rawValue).joined(separator: ", "))); pass --backend KIND to say which it is")
+        throw SnapshotError(
+            .invalidImage,
+            "no backend recognizes \(locator): it is missing or not in a format vmsnap knows (\(registry.kinds.map(\.rawValue).joined(separator: ", "))); pass --backend KIND to say which it is"
+        )
     }
 
     /// Runs `body` with the disk's lock held, after recovering interrupted work on it, and with
@@ -78,9 +90,14 @@ public struct DiskSnapshotService: Sendable {
         for entry in try store.openJournals(diskID: id) {
             let report = try await executor.recover(entry, backend: backend)
             if report.outcome == .pending {
-                throw SnapshotError(.pending, "disk \(id): '\(report.operation)' is still pending, and nothing else can change the disk until it finishes: \(report.detail ?? "")")
+                throw SnapshotError(
+                    .pending,
+                    "disk \(id): '\(report.operation)' is still pending, and nothing else can change the disk until it finishes: \(report.detail ?? "")"
+                )
             }
-            notify("recovered an interrupted or pending '\(report.operation)' on \(report.diskID): \(report.outcome.rawValue)")
+            notify(
+                "recovered an interrupted or pending '\(report.operation)' on \(report.diskID): \(report.outcome.rawValue)"
+            )
         }
         Trace.mark("resolve + lock + journal check")
         // Read under the lock: nobody else changes the disk while the operation runs.
@@ -95,7 +112,9 @@ public struct DiskSnapshotService: Sendable {
 
     /// The backend and stored layout of a disk, recording it in the store first if vmsnap did
     /// not manage it yet (after recovering interrupted work on it).
-    public func manage(_ locator: String, kind: BackendKind? = nil) async throws -> (any DiskSnapshotBackend, DiskLayout) {
+    public func manage(_ locator: String, kind: BackendKind? = nil) async throws -> (
+        any DiskSnapshotBackend, DiskLayout
+    ) {
         try await withManagedDisk(locator, kind: kind) { ($0, $1) }
     }
 
@@ -105,8 +124,11 @@ public struct DiskSnapshotService: Sendable {
         let lock = try DiskLock(store: store, diskID: before.disk.id)
         defer { withExtendedLifetime(lock) {} }
         guard let stored = try store.layout(diskID: before.disk.id), stored.disk.active == before.disk.active,
-              Set(stored.snapshots.map(\.name)) == Set(before.snapshots.map(\.name)) else {
-            throw SnapshotError(.conflict, "disk \(before.disk.id) changed while the hypervisor worked on it; run `vmsnap disk check` on it")
+            Set(stored.snapshots.map(\.name)) == Set(before.snapshots.map(\.name))
+        else {
+            throw SnapshotError(
+                .conflict,
+                "disk \(before.disk.id) changed while the hypervisor worked on it; run `vmsnap disk check` on it")
         }
         try store.update(from: stored, to: after)
     }
@@ -115,14 +137,20 @@ public struct DiskSnapshotService: Sendable {
 
     /// Takes a snapshot of the disk at `locator`.
     @discardableResult
-    public func create(_ request: SnapshotRequest, disk locator: String, kind: BackendKind? = nil) async throws -> DiskSnapshot {
+    public func create(_ request: SnapshotRequest, disk locator: String, kind: BackendKind? = nil) async throws
+        -> DiskSnapshot
+    {
         try SnapshotName.validate(request.name)
         if let description = request.description, description.utf8.count > 4096 {
-            throw SnapshotError(.invalidArgument, "the description is \(description.utf8.count) bytes; the limit is 4096")
+            throw SnapshotError(
+                .invalidArgument, "the description is \(description.utf8.count) bytes; the limit is 4096")
         }
         return try await withManagedDisk(locator, kind: kind) { backend, layout in
             if layout.snapshot(named: request.name) != nil {
-                throw SnapshotError(.alreadyExists, "disk \(layout.disk.id) already has a snapshot named \(SnapshotName.quoted(request.name)); pick another name or delete that one first")
+                throw SnapshotError(
+                    .alreadyExists,
+                    "disk \(layout.disk.id) already has a snapshot named \(SnapshotName.quoted(request.name)); pick another name or delete that one first"
+                )
             }
             let state = try await backend.state(of: layout)
             try backend.descriptor.capabilities.require(Capability(.create, request.kind, state), backend: backend.kind)
@@ -133,7 +161,10 @@ public struct DiskSnapshotService: Sendable {
             Trace.mark("execute")
             plan.notes.forEach(notify)
             guard let made = result.snapshot(named: request.name) else {
-                throw SnapshotError(.conflict, "backend '\(backend.kind)' finished but recorded no snapshot named \(SnapshotName.quoted(request.name))")
+                throw SnapshotError(
+                    .conflict,
+                    "backend '\(backend.kind)' finished but recorded no snapshot named \(SnapshotName.quoted(request.name))"
+                )
             }
             return made
         }
@@ -145,8 +176,10 @@ public struct DiskSnapshotService: Sendable {
         try await withManagedDisk(locator, kind: kind) { backend, layout in
             let snapshot = try Self.require(name, in: layout)
             let state = try await backend.state(of: layout)
-            try backend.descriptor.capabilities.require(Capability(.revert, snapshot.kind, state), backend: backend.kind)
-            try checkBlockers(try await backend.rollbackBlockers(to: name, layout: layout), disk: layout.disk.id, snapshot: name)
+            try backend.descriptor.capabilities.require(
+                Capability(.revert, snapshot.kind, state), backend: backend.kind)
+            try checkBlockers(
+                try await backend.rollbackBlockers(to: name, layout: layout), disk: layout.disk.id, snapshot: name)
             let plan = try await backend.planRevert(to: name, layout: layout)
             let result = try await executor.execute(plan, before: layout, backend: backend)
             plan.notes.forEach(notify)
@@ -158,7 +191,10 @@ public struct DiskSnapshotService: Sendable {
     private func checkBlockers(_ blockers: [RollbackBlocker], disk: String, snapshot: String) throws {
         let blocking = blockers.filter(\.blocking)
         guard blocking.isEmpty else {
-            throw SnapshotError(.conflict, "reverting disk \(disk) to \(SnapshotName.quoted(snapshot)) is blocked: \(blocking.map(\.description).joined(separator: "; ")). Nothing was changed")
+            throw SnapshotError(
+                .conflict,
+                "reverting disk \(disk) to \(SnapshotName.quoted(snapshot)) is blocked: \(blocking.map(\.description).joined(separator: "; ")). Nothing was changed"
+            )
         }
         for b in blockers { notify("revert of \(disk) to \(SnapshotName.quoted(snapshot)) discards \(b)") }
     }
@@ -166,15 +202,20 @@ public struct DiskSnapshotService: Sendable {
     /// Deletes `name` (merging into its children), its subtree, or only its subtree; with
     /// `metadataOnly`, forgets the snapshots but leaves storage as it is.
     @discardableResult
-    public func delete(disk locator: String, snapshot name: String, mode: DeleteMode, metadataOnly: Bool = false, kind: BackendKind? = nil) async throws -> DiskLayout {
+    public func delete(
+        disk locator: String, snapshot name: String, mode: DeleteMode, metadataOnly: Bool = false,
+        kind: BackendKind? = nil
+    ) async throws -> DiskLayout {
         try await withManagedDisk(locator, kind: kind) { backend, layout in
             let snapshot = try Self.require(name, in: layout)
             if metadataOnly { return try forget(name, mode: mode, layout: layout) }
             let state = try await backend.state(of: layout)
             let tree = layout.tree
-            let affected = mode == .merge ? [snapshot] : (mode == .children ? [snapshot] : []) + tree.descendants(of: name)
+            let affected =
+                mode == .merge ? [snapshot] : (mode == .children ? [snapshot] : []) + tree.descendants(of: name)
             for s in affected {
-                try backend.descriptor.capabilities.require(Capability(mode == .merge ? .delete : .deleteSubtree, s.kind, state), backend: backend.kind)
+                try backend.descriptor.capabilities.require(
+                    Capability(mode == .merge ? .delete : .deleteSubtree, s.kind, state), backend: backend.kind)
             }
             if mode == .childrenOnly && affected.isEmpty { return layout }
             Trace.mark("capabilities")
@@ -214,7 +255,10 @@ public struct DiskSnapshotService: Sendable {
     static func require(_ name: String, in layout: DiskLayout) throws -> DiskSnapshot {
         guard let snapshot = layout.snapshot(named: name) else {
             let known = layout.snapshots.map(\.name).prefix(10).joined(separator: ", ")
-            throw SnapshotError(.notFound, "disk \(layout.disk.id) has no snapshot named \(SnapshotName.quoted(name)) (it has: \(known.isEmpty ? "none" : known))")
+            throw SnapshotError(
+                .notFound,
+                "disk \(layout.disk.id) has no snapshot named \(SnapshotName.quoted(name)) (it has: \(known.isEmpty ? "none" : known))"
+            )
         }
         return snapshot
     }
@@ -225,7 +269,10 @@ public struct DiskSnapshotService: Sendable {
         for entry in try store.openJournals() {
             let lock: DiskLock
             do { lock = try DiskLock(store: store, diskID: entry.diskID, timeout: 0) } catch {
-                reports.append(RecoveryReport(diskID: entry.diskID, operation: entry.operation, outcome: .skipped, stepsDone: entry.stepsDone, stepCount: entry.steps.count, detail: "another vmsnap holds the disk"))
+                reports.append(
+                    RecoveryReport(
+                        diskID: entry.diskID, operation: entry.operation, outcome: .skipped, stepsDone: entry.stepsDone,
+                        stepCount: entry.steps.count, detail: "another vmsnap holds the disk"))
                 continue
             }
             let backend = try registry.backend(entry.kind, environment: environment)
@@ -235,4 +282,3 @@ public struct DiskSnapshotService: Sendable {
         return reports
     }
 }
-

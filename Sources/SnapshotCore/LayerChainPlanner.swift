@@ -53,7 +53,9 @@ public struct LayerChainPlanner: Sendable {
     /// `<dir>/<stem>.<name>.<ext>`, with `.1`, `.2`... when taken: the file that holds the changes
     /// made after snapshot `name` (libvirt's naming).
     public func overlayPath(for name: String, layout: DiskLayout, directory: String?) throws -> String {
-        let dir = directory.map { URL(fileURLWithPath: $0).standardizedFileURL.path } ?? (layout.disk.active as NSString).deletingLastPathComponent
+        let dir =
+            directory.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
+            ?? (layout.disk.active as NSString).deletingLastPathComponent
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: dir, isDirectory: &isDir), isDir.boolValue else {
             throw SnapshotError(.invalidArgument, "overlay directory \(dir) does not exist or is not a directory")
@@ -68,7 +70,8 @@ public struct LayerChainPlanner: Sendable {
             n += 1
         }
         guard (candidate as NSString).lastPathComponent.utf8.count <= 255 else {
-            throw SnapshotError(.invalidName, "the layer file name for snapshot '\(name)' would exceed 255 bytes; use a shorter name")
+            throw SnapshotError(
+                .invalidName, "the layer file name for snapshot '\(name)' would exceed 255 bytes; use a shorter name")
         }
         return candidate
     }
@@ -96,7 +99,9 @@ public struct LayerChainPlanner: Sendable {
         var result = layout
         let parent = layout.snapshot(named: name)?.parent
         result.snapshots.removeAll { $0.name == name }
-        for i in result.snapshots.indices where result.snapshots[i].parent == name { result.snapshots[i].parent = parent }
+        for i in result.snapshots.indices where result.snapshots[i].parent == name {
+            result.snapshots[i].parent = parent
+        }
         if result.disk.current == name { result.disk.current = parent }
         return result
     }
@@ -104,40 +109,55 @@ public struct LayerChainPlanner: Sendable {
     // MARK: - Create and revert
 
     /// An external snapshot: the active image is frozen as the snapshot and a new layer on it becomes active.
-    public func planCreateExternal(_ request: SnapshotRequest, layout: DiskLayout, virtualSize: UInt64, overlayDirectory: String?) throws -> Plan {
+    public func planCreateExternal(
+        _ request: SnapshotRequest, layout: DiskLayout, virtualSize: UInt64, overlayDirectory: String?
+    ) throws -> Plan {
         let active = layout.disk.active
         try actions.requireNotInUse([active])
         let overlay = try overlayPath(for: request.name, layout: layout, directory: overlayDirectory)
         var result = layout
-        result.snapshots.append(DiskSnapshot(
-            name: request.name, kind: .external, image: active, parent: layout.disk.current,
-            description: request.description, virtualSize: virtualSize))
+        result.snapshots.append(
+            DiskSnapshot(
+                name: request.name, kind: .external, image: active, parent: layout.disk.current,
+                description: request.description, virtualSize: virtualSize))
         result.disk.current = request.name
         result.layers.append(DiskLayer(image: overlay, backing: active))
         result.disk.active = overlay
-        let step = PlanStep("create \(overlay) on \(active)", try actions.createOverlay(overlay, active), undo: .removeFile(overlay))
-        return Plan(operation: "create external snapshot '\(request.name)' of \(layout.disk.id)", steps: [step], result: result)
+        let step = PlanStep(
+            "create \(overlay) on \(active)", try actions.createOverlay(overlay, active), undo: .removeFile(overlay))
+        return Plan(
+            operation: "create external snapshot '\(request.name)' of \(layout.disk.id)", steps: [step], result: result)
     }
 
     /// Revert to an external snapshot: a new layer on the snapshot's image (a branch); the old
     /// active layer is discarded when nothing else needs it.
-    public func planRevertExternal(to target: DiskSnapshot, layout: DiskLayout, overlayDirectory: String?) throws -> Plan {
+    public func planRevertExternal(to target: DiskSnapshot, layout: DiskLayout, overlayDirectory: String?) throws
+        -> Plan
+    {
         try actions.requireNotInUse([target.image, layout.disk.active])
         let overlay = try overlayPath(for: target.name, layout: layout, directory: overlayDirectory)
         var result = layout
         result.disk.current = target.name
         result.layers.append(DiskLayer(image: overlay, backing: target.image))
         result.disk.active = overlay
-        var steps = [PlanStep("create \(overlay) on \(target.image)", try actions.createOverlay(overlay, target.image), undo: .removeFile(overlay))]
+        var steps = [
+            PlanStep(
+                "create \(overlay) on \(target.image)", try actions.createOverlay(overlay, target.image),
+                undo: .removeFile(overlay))
+        ]
         let notes = discardingOldActive(layout.disk.active, result: &result, steps: &steps)
-        return Plan(operation: "revert \(layout.disk.id) to '\(target.name)'", steps: steps, pointOfNoReturn: 1, result: result, notes: notes)
+        return Plan(
+            operation: "revert \(layout.disk.id) to '\(target.name)'", steps: steps, pointOfNoReturn: 1, result: result,
+            notes: notes)
     }
 
     /// Adds the removal of the previous active layer when nothing needs it; returns notes.
-    public func discardingOldActive(_ oldActive: String, result: inout DiskLayout, steps: inout [PlanStep]) -> [String] {
+    public func discardingOldActive(_ oldActive: String, result: inout DiskLayout, steps: inout [PlanStep]) -> [String]
+    {
         guard oldActive != result.disk.active else { return [] }
         if disposable(oldActive, in: result) {
-            steps.append(PlanStep("discard the state after the current snapshot (\(oldActive))", .removeFile(oldActive)))
+            steps.append(
+                PlanStep("discard the state after the current snapshot (\(oldActive))", .removeFile(oldActive)))
             result.layers.removeAll { $0.image == oldActive }
             return []
         }
@@ -159,7 +179,10 @@ public struct LayerChainPlanner: Sendable {
         let backing = layout.layer(base)?.backing
         for child in children where !layout.internalSnapshots(in: child.image).isEmpty {
             let held = layout.internalSnapshots(in: child.image).map(\.name).joined(separator: ", ")
-            throw SnapshotError(.conflict, "cannot merge external snapshot '\(target.name)': \(child.image) holds internal snapshots (\(held)) that read through its image; merging would change what they read. Delete those internal snapshots first")
+            throw SnapshotError(
+                .conflict,
+                "cannot merge external snapshot '\(target.name)': \(child.image) holds internal snapshots (\(held)) that read through its image; merging would change what they read. Delete those internal snapshots first"
+            )
         }
         try actions.requireNotInUse([base] + children.map(\.image))
         switch children.count {
@@ -168,26 +191,38 @@ public struct LayerChainPlanner: Sendable {
                 steps.append(PlanStep("remove \(base), which nothing uses any more", .removeFile(base)))
                 result.layers.removeAll { $0.image == base }
             } else {
-                notes.append("kept \(base): \(layout.internalSnapshots(in: base).isEmpty ? "it is the disk's original image" : "it holds internal snapshots")")
+                notes.append(
+                    "kept \(base): \(layout.internalSnapshots(in: base).isEmpty ? "it is the disk's original image" : "it holds internal snapshots")"
+                )
             }
         case 1:
             let child = children[0].image
             steps += try actions.commitAndMove(child, base)
             result.layers.removeAll { $0.image == child }
             if let i = result.layers.firstIndex(where: { $0.image == base }) { result.layers[i].image = child }
-            for i in result.snapshots.indices where result.snapshots[i].image == base { result.snapshots[i].image = child }
+            for i in result.snapshots.indices where result.snapshots[i].image == base {
+                result.snapshots[i].image = child
+            }
         default:
             if !layout.internalSnapshots(in: base).isEmpty {
-                throw SnapshotError(.conflict, "cannot merge external snapshot '\(target.name)': its image \(base) also holds internal snapshots (\(layout.internalSnapshots(in: base).map(\.name).joined(separator: ", "))) and has \(children.count) children; delete the internal snapshots first")
+                throw SnapshotError(
+                    .conflict,
+                    "cannot merge external snapshot '\(target.name)': its image \(base) also holds internal snapshots (\(layout.internalSnapshots(in: base).map(\.name).joined(separator: ", "))) and has \(children.count) children; delete the internal snapshots first"
+                )
             }
             for child in children {
-                steps.append(PlanStep("copy what \(child.image) reads from \(base) into it", try actions.rebase(child.image, base, backing)))
+                steps.append(
+                    PlanStep(
+                        "copy what \(child.image) reads from \(base) into it",
+                        try actions.rebase(child.image, base, backing)))
             }
             steps.append(PlanStep("remove \(base)", .removeFile(base)))
             for i in result.layers.indices where result.layers[i].backing == base { result.layers[i].backing = backing }
             result.layers.removeAll { $0.image == base }
         }
-        return Plan(operation: "delete snapshot '\(target.name)' of \(layout.disk.id)", steps: steps, pointOfNoReturn: 0, result: result, notes: notes)
+        return Plan(
+            operation: "delete snapshot '\(target.name)' of \(layout.disk.id)", steps: steps, pointOfNoReturn: 0,
+            result: result, notes: notes)
     }
 
     /// Delete internal snapshot `target` and the image that held it if nothing needs it any more.
@@ -197,12 +232,18 @@ public struct LayerChainPlanner: Sendable {
         }
         try actions.requireNotInUse([target.image])
         var result = removingRecord(target.name, from: layout)
-        var steps = [PlanStep("delete internal snapshot '\(target.name)' from \(target.image)", deleteInternal(target.image, target.name))]
+        var steps = [
+            PlanStep(
+                "delete internal snapshot '\(target.name)' from \(target.image)",
+                deleteInternal(target.image, target.name))
+        ]
         if disposable(target.image, in: result) {
             steps.append(PlanStep("remove \(target.image), which nothing uses any more", .removeFile(target.image)))
             result.layers.removeAll { $0.image == target.image }
         }
-        return Plan(operation: "delete snapshot '\(target.name)' of \(layout.disk.id)", steps: steps, pointOfNoReturn: 0, result: result)
+        return Plan(
+            operation: "delete snapshot '\(target.name)' of \(layout.disk.id)", steps: steps, pointOfNoReturn: 0,
+            result: result)
     }
 
     /// Delete `target`'s subtree (with `target` itself when `includeSelf`): internal snapshots are
@@ -222,7 +263,10 @@ public struct LayerChainPlanner: Sendable {
         var steps: [PlanStep] = []
         for snap in doomed where snap.kind == .internal && !freed.contains(snap.image) {
             guard let deleteInternal = actions.deleteInternal else { continue }
-            steps.append(PlanStep("delete internal snapshot '\(snap.name)' from \(snap.image)", deleteInternal(snap.image, snap.name)))
+            steps.append(
+                PlanStep(
+                    "delete internal snapshot '\(snap.name)' from \(snap.image)", deleteInternal(snap.image, snap.name))
+            )
         }
         var remaining = freed
         while !remaining.isEmpty {
@@ -237,9 +281,15 @@ public struct LayerChainPlanner: Sendable {
         var notes: [String] = []
         let anonymous = doomed.filter { $0.kind == .external && after.contains($0.image) }
         if !anonymous.isEmpty {
-            notes.append("kept the images of \(anonymous.map { "'\($0.name)'" }.joined(separator: ", ")): the active disk still reads through them")
+            notes.append(
+                "kept the images of \(anonymous.map { "'\($0.name)'" }.joined(separator: ", ")): the active disk still reads through them"
+            )
         }
-        let what = includeSelf ? "snapshot '\(target.name)' and its descendants" : "the descendants of snapshot '\(target.name)'"
-        return Plan(operation: "delete \(what) of \(layout.disk.id)", steps: steps, pointOfNoReturn: 0, result: result, notes: notes)
+        let what =
+            includeSelf
+            ? "snapshot '\(target.name)' and its descendants" : "the descendants of snapshot '\(target.name)'"
+        return Plan(
+            operation: "delete \(what) of \(layout.disk.id)", steps: steps, pointOfNoReturn: 0, result: result,
+            notes: notes)
     }
 }

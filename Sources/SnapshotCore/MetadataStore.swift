@@ -55,7 +55,9 @@ public final class MetadataStore: Sendable {
     package let dbQueue: DatabaseQueue
 
     /// The directory from a flag, then `VMSNAP_STORE`, then the default.
-    public static func resolveDirectory(flag: String?, environment: [String: String] = ProcessInfo.processInfo.environment) -> String {
+    public static func resolveDirectory(
+        flag: String?, environment: [String: String] = ProcessInfo.processInfo.environment
+    ) -> String {
         if let flag, !flag.isEmpty { return flag }
         if let env = environment["VMSNAP_STORE"], !env.isEmpty { return env }
         return defaultDirectory
@@ -67,10 +69,15 @@ public final class MetadataStore: Sendable {
         self.directory = directory
         let path = (directory as NSString).appendingPathComponent(Self.databaseName)
         do {
-            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
-            try FileManager.default.createDirectory(atPath: (directory as NSString).appendingPathComponent("locks"), withIntermediateDirectories: true)
+            try FileManager.default.createDirectory(
+                atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            try FileManager.default.createDirectory(
+                atPath: (directory as NSString).appendingPathComponent("locks"), withIntermediateDirectories: true)
         } catch {
-            throw SnapshotError(.io, "cannot create the metadata store directory \(directory); pass --store DIR or set VMSNAP_STORE to a writable directory", cause: error)
+            throw SnapshotError(
+                .io,
+                "cannot create the metadata store directory \(directory); pass --store DIR or set VMSNAP_STORE to a writable directory",
+                cause: error)
         }
         var config = Configuration()
         config.busyMode = .timeout(30)
@@ -131,52 +138,53 @@ public final class MetadataStore: Sendable {
     static var migrator: DatabaseMigrator {
         var migrator = DatabaseMigrator()
         migrator.registerMigration("v1-disks") { db in
-            try db.execute(sql: """
-                CREATE TABLE disks (
-                    id TEXT PRIMARY KEY NOT NULL,
-                    kind TEXT NOT NULL,
-                    active TEXT NOT NULL,
-                    current_snapshot TEXT,
-                    created_at INTEGER NOT NULL
-                );
-                CREATE TABLE disk_snapshots (
-                    disk_id TEXT NOT NULL REFERENCES disks(id) ON DELETE CASCADE,
-                    name TEXT NOT NULL,
-                    kind TEXT NOT NULL,
-                    image TEXT NOT NULL,
-                    backend_id TEXT,
-                    parent TEXT,
-                    created_at INTEGER NOT NULL,
-                    description TEXT,
-                    virtual_size INTEGER NOT NULL,
-                    seq INTEGER NOT NULL,
-                    PRIMARY KEY (disk_id, name)
-                );
-                CREATE TABLE disk_layers (
-                    disk_id TEXT NOT NULL REFERENCES disks(id) ON DELETE CASCADE,
-                    image TEXT NOT NULL,
-                    backing TEXT,
-                    seq INTEGER NOT NULL,
-                    PRIMARY KEY (disk_id, image)
-                );
-                CREATE INDEX disk_layers_by_image ON disk_layers(image);
-                CREATE INDEX disks_by_active ON disks(active);
-                CREATE TABLE journal (
-                    id INTEGER PRIMARY KEY AUTOINCREMENT,
-                    disk_id TEXT NOT NULL,
-                    kind TEXT NOT NULL,
-                    operation TEXT NOT NULL,
-                    steps_json BLOB NOT NULL,
-                    point_of_no_return INTEGER NOT NULL,
-                    change_json BLOB NOT NULL,
-                    steps_done INTEGER NOT NULL DEFAULT 0,
-                    state TEXT NOT NULL DEFAULT 'open',
-                    started_at INTEGER NOT NULL,
-                    finished_at INTEGER,
-                    pid INTEGER NOT NULL
-                );
-                CREATE INDEX journal_open ON journal(state, disk_id);
-                """)
+            try db.execute(
+                sql: """
+                    CREATE TABLE disks (
+                        id TEXT PRIMARY KEY NOT NULL,
+                        kind TEXT NOT NULL,
+                        active TEXT NOT NULL,
+                        current_snapshot TEXT,
+                        created_at INTEGER NOT NULL
+                    );
+                    CREATE TABLE disk_snapshots (
+                        disk_id TEXT NOT NULL REFERENCES disks(id) ON DELETE CASCADE,
+                        name TEXT NOT NULL,
+                        kind TEXT NOT NULL,
+                        image TEXT NOT NULL,
+                        backend_id TEXT,
+                        parent TEXT,
+                        created_at INTEGER NOT NULL,
+                        description TEXT,
+                        virtual_size INTEGER NOT NULL,
+                        seq INTEGER NOT NULL,
+                        PRIMARY KEY (disk_id, name)
+                    );
+                    CREATE TABLE disk_layers (
+                        disk_id TEXT NOT NULL REFERENCES disks(id) ON DELETE CASCADE,
+                        image TEXT NOT NULL,
+                        backing TEXT,
+                        seq INTEGER NOT NULL,
+                        PRIMARY KEY (disk_id, image)
+                    );
+                    CREATE INDEX disk_layers_by_image ON disk_layers(image);
+                    CREATE INDEX disks_by_active ON disks(active);
+                    CREATE TABLE journal (
+                        id INTEGER PRIMARY KEY AUTOINCREMENT,
+                        disk_id TEXT NOT NULL,
+                        kind TEXT NOT NULL,
+                        operation TEXT NOT NULL,
+                        steps_json BLOB NOT NULL,
+                        point_of_no_return INTEGER NOT NULL,
+                        change_json BLOB NOT NULL,
+                        steps_done INTEGER NOT NULL DEFAULT 0,
+                        state TEXT NOT NULL DEFAULT 'open',
+                        started_at INTEGER NOT NULL,
+                        finished_at INTEGER,
+                        pid INTEGER NOT NULL
+                    );
+                    CREATE INDEX journal_open ON journal(state, disk_id);
+                    """)
         }
         registerDomainMigrations(&migrator)
         return migrator
@@ -207,20 +215,28 @@ public final class MetadataStore: Sendable {
     private static func diskRecord(_ row: Row) -> DiskRecord {
         DiskRecord(
             id: row["id"], kind: BackendKind(rawValue: row["kind"]), active: row["active"],
-            current: row["current_snapshot"], createdAt: Date(timeIntervalSince1970: TimeInterval(row["created_at"] as Int64))
+            current: row["current_snapshot"],
+            createdAt: Date(timeIntervalSince1970: TimeInterval(row["created_at"] as Int64))
         )
     }
 
     private static func layout(_ db: Database, id: String) throws -> DiskLayout? {
-        guard let row = try Row.fetchOne(db, sql: "SELECT * FROM disks WHERE id = ?", arguments: [id]) else { return nil }
-        let snapshots = try Row.fetchAll(db, sql: "SELECT * FROM disk_snapshots WHERE disk_id = ? ORDER BY seq", arguments: [id]).map { r in
+        guard let row = try Row.fetchOne(db, sql: "SELECT * FROM disks WHERE id = ?", arguments: [id]) else {
+            return nil
+        }
+        let snapshots = try Row.fetchAll(
+            db, sql: "SELECT * FROM disk_snapshots WHERE disk_id = ? ORDER BY seq", arguments: [id]
+        ).map { r in
             DiskSnapshot(
-                name: r["name"], kind: SnapshotKind(rawValue: r["kind"]) ?? .internal, image: r["image"], backendID: r["backend_id"],
+                name: r["name"], kind: SnapshotKind(rawValue: r["kind"]) ?? .internal, image: r["image"],
+                backendID: r["backend_id"],
                 parent: r["parent"], createdAt: Date(timeIntervalSince1970: TimeInterval(r["created_at"] as Int64)),
                 description: r["description"], virtualSize: UInt64(r["virtual_size"] as Int64)
             )
         }
-        let layers = try Row.fetchAll(db, sql: "SELECT image, backing FROM disk_layers WHERE disk_id = ? ORDER BY seq", arguments: [id]).map {
+        let layers = try Row.fetchAll(
+            db, sql: "SELECT image, backing FROM disk_layers WHERE disk_id = ? ORDER BY seq", arguments: [id]
+        ).map {
             DiskLayer(image: $0["image"], backing: $0["backing"])
         }
         return DiskLayout(disk: diskRecord(row), snapshots: snapshots, layers: layers)
@@ -247,7 +263,9 @@ public final class MetadataStore: Sendable {
 
     /// Replaces `before` by `after` in one transaction (metadata-only changes).
     public func update(from before: DiskLayout, to after: DiskLayout) throws {
-        guard before.disk.id == after.disk.id else { throw SnapshotError(.conflict, "a layout change cannot change the disk's identity") }
+        guard before.disk.id == after.disk.id else {
+            throw SnapshotError(.conflict, "a layout change cannot change the disk's identity")
+        }
         try wrap { try dbQueue.write { db in try Self.apply(db, LayoutChange.between(before, after)) } }
     }
 
@@ -272,7 +290,10 @@ public final class MetadataStore: Sendable {
                     ON CONFLICT(disk_id, name) DO UPDATE SET kind = excluded.kind, image = excluded.image, backend_id = excluded.backend_id,
                         parent = excluded.parent, created_at = excluded.created_at, description = excluded.description, virtual_size = excluded.virtual_size
                     """,
-                arguments: [d.id, s.name, s.kind.rawValue, s.image, s.backendID, s.parent, Int64(s.createdAt.timeIntervalSince1970), s.description, Int64(s.virtualSize), d.id])
+                arguments: [
+                    d.id, s.name, s.kind.rawValue, s.image, s.backendID, s.parent,
+                    Int64(s.createdAt.timeIntervalSince1970), s.description, Int64(s.virtualSize), d.id,
+                ])
         }
         for image in change.removeLayers {
             try db.execute(sql: "DELETE FROM disk_layers WHERE disk_id = ? AND image = ?", arguments: [d.id, image])
@@ -297,8 +318,12 @@ public final class MetadataStore: Sendable {
         return try wrap {
             try dbQueue.write { db in
                 try db.execute(
-                    sql: "INSERT INTO journal (disk_id, kind, operation, steps_json, point_of_no_return, change_json, started_at, pid) VALUES (?,?,?,?,?,?,?,?)",
-                    arguments: [diskID, kind.rawValue, plan.operation, stepsJSON, plan.pointOfNoReturn, changeJSON, Int64(Date().timeIntervalSince1970), Int64(getpid())])
+                    sql:
+                        "INSERT INTO journal (disk_id, kind, operation, steps_json, point_of_no_return, change_json, started_at, pid) VALUES (?,?,?,?,?,?,?,?)",
+                    arguments: [
+                        diskID, kind.rawValue, plan.operation, stepsJSON, plan.pointOfNoReturn, changeJSON,
+                        Int64(Date().timeIntervalSince1970), Int64(getpid()),
+                    ])
                 return db.lastInsertedRowID
             }
         }
@@ -306,7 +331,11 @@ public final class MetadataStore: Sendable {
 
     /// Records that the first `stepsDone` steps of entry `id` have finished.
     public func markSteps(journal id: Int64, done stepsDone: Int) throws {
-        try wrap { try dbQueue.write { db in try db.execute(sql: "UPDATE journal SET steps_done = ? WHERE id = ?", arguments: [stepsDone, id]) } }
+        try wrap {
+            try dbQueue.write { db in
+                try db.execute(sql: "UPDATE journal SET steps_done = ? WHERE id = ?", arguments: [stepsDone, id])
+            }
+        }
     }
 
     /// Writes the entry's change and closes it, in one transaction.
@@ -314,7 +343,9 @@ public final class MetadataStore: Sendable {
         try wrap {
             try dbQueue.write { db in
                 try Self.apply(db, change)
-                try db.execute(sql: "UPDATE journal SET state = 'done', steps_done = ?, finished_at = ? WHERE id = ?", arguments: [stepCount, Int64(Date().timeIntervalSince1970), id])
+                try db.execute(
+                    sql: "UPDATE journal SET state = 'done', steps_done = ?, finished_at = ? WHERE id = ?",
+                    arguments: [stepCount, Int64(Date().timeIntervalSince1970), id])
             }
         }
     }
@@ -323,7 +354,9 @@ public final class MetadataStore: Sendable {
     public func rollBackJournal(_ id: Int64) throws {
         try wrap {
             try dbQueue.write { db in
-                try db.execute(sql: "UPDATE journal SET state = 'rolled-back', finished_at = ? WHERE id = ?", arguments: [Int64(Date().timeIntervalSince1970), id])
+                try db.execute(
+                    sql: "UPDATE journal SET state = 'rolled-back', finished_at = ? WHERE id = ?",
+                    arguments: [Int64(Date().timeIntervalSince1970), id])
             }
         }
     }
@@ -335,16 +368,22 @@ public final class MetadataStore: Sendable {
             try dbQueue.read { db in
                 let rows: [Row]
                 if let diskID {
-                    rows = try Row.fetchAll(db, sql: "SELECT * FROM journal WHERE state = 'open' AND disk_id = ? ORDER BY id", arguments: [diskID])
+                    rows = try Row.fetchAll(
+                        db, sql: "SELECT * FROM journal WHERE state = 'open' AND disk_id = ? ORDER BY id",
+                        arguments: [diskID])
                 } else {
                     rows = try Row.fetchAll(db, sql: "SELECT * FROM journal WHERE state = 'open' ORDER BY id")
                 }
                 return try rows.map { r in
                     JournalEntry(
-                        id: r["id"], diskID: r["disk_id"], kind: BackendKind(rawValue: r["kind"]), operation: r["operation"],
-                        steps: try decoder.decode([PlanStep].self, from: r["steps_json"] as Data), pointOfNoReturn: r["point_of_no_return"],
-                        change: try decoder.decode(LayoutChange.self, from: r["change_json"] as Data), stepsDone: r["steps_done"],
-                        startedAt: Date(timeIntervalSince1970: TimeInterval(r["started_at"] as Int64)), pid: Int32(r["pid"] as Int64))
+                        id: r["id"], diskID: r["disk_id"], kind: BackendKind(rawValue: r["kind"]),
+                        operation: r["operation"],
+                        steps: try decoder.decode([PlanStep].self, from: r["steps_json"] as Data),
+                        pointOfNoReturn: r["point_of_no_return"],
+                        change: try decoder.decode(LayoutChange.self, from: r["change_json"] as Data),
+                        stepsDone: r["steps_done"],
+                        startedAt: Date(timeIntervalSince1970: TimeInterval(r["started_at"] as Int64)),
+                        pid: Int32(r["pid"] as Int64))
                 }
             }
         }
@@ -355,10 +394,17 @@ public final class MetadataStore: Sendable {
     public func diskID(locator: String) throws -> (id: String, kind: BackendKind)? {
         try wrap {
             try dbQueue.read { db in
-                if let row = try Row.fetchOne(db, sql: "SELECT id, kind FROM disks WHERE id = ? OR active = ?", arguments: [locator, locator]) {
+                if let row = try Row.fetchOne(
+                    db, sql: "SELECT id, kind FROM disks WHERE id = ? OR active = ?", arguments: [locator, locator])
+                {
                     return (row["id"], BackendKind(rawValue: row["kind"]))
                 }
-                if let row = try Row.fetchOne(db, sql: "SELECT d.id, d.kind FROM disk_layers l JOIN disks d ON d.id = l.disk_id WHERE l.image = ? LIMIT 1", arguments: [locator]) {
+                if let row = try Row.fetchOne(
+                    db,
+                    sql:
+                        "SELECT d.id, d.kind FROM disk_layers l JOIN disks d ON d.id = l.disk_id WHERE l.image = ? LIMIT 1",
+                    arguments: [locator])
+                {
                     return (row["id"], BackendKind(rawValue: row["kind"]))
                 }
                 return nil
@@ -368,7 +414,9 @@ public final class MetadataStore: Sendable {
 
     package func wrap<T>(_ body: () throws -> T) throws -> T {
         do { return try body() } catch let e as SnapshotError { throw e } catch {
-            throw SnapshotError(.storeCorrupt, "the metadata store in \(directory) failed: \(Self.describe(error)); nothing further was changed")
+            throw SnapshotError(
+                .storeCorrupt,
+                "the metadata store in \(directory) failed: \(Self.describe(error)); nothing further was changed")
         }
     }
 }

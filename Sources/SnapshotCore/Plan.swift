@@ -14,7 +14,8 @@ public enum StepAction: Codable, Sendable, Hashable, CustomStringConvertible {
         case .run(let argv): return argv.map(CommandError.displayArgument).joined(separator: " ")
         case .removeFile(let path): return "remove \(path)"
         case .rename(let from, let to): return "rename \(from) -> \(to)"
-        case .backend(let name, let args): return "\(name) \(args.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))"
+        case .backend(let name, let args):
+            return "\(name) \(args.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))"
         }
     }
 }
@@ -29,21 +30,34 @@ extension StepAction {
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         guard c.allKeys.count == 1, let key = c.allKeys.first else {
-            throw DecodingError.dataCorrupted(.init(codingPath: c.codingPath, debugDescription: "a step action has exactly one of run, removeFile, rename, backend"))
+            throw DecodingError.dataCorrupted(
+                .init(
+                    codingPath: c.codingPath,
+                    debugDescription: "a step action has exactly one of run, removeFile, rename, backend"))
         }
         switch key {
         case .run:
-            if let argv = try? c.decode([String].self, forKey: .run) { self = .run(argv); return }
+            if let argv = try? c.decode([String].self, forKey: .run) {
+                self = .run(argv)
+                return
+            }
             self = .run(try c.nestedContainer(keyedBy: PairKeys.self, forKey: .run).decode([String].self, forKey: ._0))
         case .removeFile:
-            if let path = try? c.decode(String.self, forKey: .removeFile) { self = .removeFile(path); return }
-            self = .removeFile(try c.nestedContainer(keyedBy: PairKeys.self, forKey: .removeFile).decode(String.self, forKey: ._0))
+            if let path = try? c.decode(String.self, forKey: .removeFile) {
+                self = .removeFile(path)
+                return
+            }
+            self = .removeFile(
+                try c.nestedContainer(keyedBy: PairKeys.self, forKey: .removeFile).decode(String.self, forKey: ._0))
         case .rename:
             let pair = try c.nestedContainer(keyedBy: PairKeys.self, forKey: .rename)
-            self = .rename(from: try pair.decode(String.self, forKey: .from), to: try pair.decode(String.self, forKey: .to))
+            self = .rename(
+                from: try pair.decode(String.self, forKey: .from), to: try pair.decode(String.self, forKey: .to))
         case .backend:
             let pair = try c.nestedContainer(keyedBy: PairKeys.self, forKey: .backend)
-            self = .backend(name: try pair.decode(String.self, forKey: .name), arguments: try pair.decodeIfPresent([String: String].self, forKey: .arguments) ?? [:])
+            self = .backend(
+                name: try pair.decode(String.self, forKey: .name),
+                arguments: try pair.decodeIfPresent([String: String].self, forKey: .arguments) ?? [:])
         }
     }
 
@@ -94,7 +108,9 @@ public struct Plan: Codable, Sendable, Hashable {
     /// Things the operator should know (kept layers, deferred work).
     public var notes: [String]
 
-    public init(operation: String, steps: [PlanStep], pointOfNoReturn: Int? = nil, result: DiskLayout, notes: [String] = []) {
+    public init(
+        operation: String, steps: [PlanStep], pointOfNoReturn: Int? = nil, result: DiskLayout, notes: [String] = []
+    ) {
         self.operation = operation
         self.steps = steps
         self.pointOfNoReturn = pointOfNoReturn ?? steps.count

@@ -1,6 +1,6 @@
 import Foundation
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Fault-injection points for crash tests: `VMSNAP_FAULT=before-step:N` or `after-step:N` makes
@@ -18,7 +18,8 @@ public enum FaultInjection {
 
     static func point(_ phase: Phase, step: Int) {
         guard let (p, n) = spec, p == phase, n == step else { return }
-        FileHandle.standardError.write(Data("vmsnap: fault injection: killing myself at \(phase.rawValue) \(step)\n".utf8))
+        FileHandle.standardError.write(
+            Data("vmsnap: fault injection: killing myself at \(phase.rawValue) \(step)\n".utf8))
         kill(getpid(), SIGKILL)
     }
 }
@@ -71,10 +72,14 @@ public struct PlanExecutor: Sendable {
         do {
             while index < plan.steps.count {
                 try crash(.before, step: index)
-                do { try await perform(plan.steps[index].action, backend: backend) } catch let e as SnapshotError where e.code == .pending {
+                do { try await perform(plan.steps[index].action, backend: backend) } catch let e as SnapshotError
+                    where e.code == .pending
+                {
                     throw e
                 } catch {
-                    throw stepFailure(backend: backend.kind, index: index, count: plan.steps.count, summary: plan.steps[index].summary, cause: error)
+                    throw stepFailure(
+                        backend: backend.kind, index: index, count: plan.steps.count,
+                        summary: plan.steps[index].summary, cause: error)
                 }
                 Trace.mark("step \(index): \(plan.steps[index].summary)")
                 // The last step is recorded by the completing transaction itself, unless a crash
@@ -111,24 +116,32 @@ public struct PlanExecutor: Sendable {
 
     /// Finishes or rolls back an interrupted operation. The caller holds the disk's lock.
     public func recover(_ entry: JournalEntry, backend: any DiskSnapshotBackend) async throws -> RecoveryReport {
-        let plan = Plan(operation: entry.operation, steps: entry.steps, pointOfNoReturn: entry.pointOfNoReturn, result: DiskLayout(disk: entry.change.disk))
+        let plan = Plan(
+            operation: entry.operation, steps: entry.steps, pointOfNoReturn: entry.pointOfNoReturn,
+            result: DiskLayout(disk: entry.change.disk))
         if entry.stepsDone < plan.pointOfNoReturn {
             await rollBack(plan, through: min(entry.stepsDone, plan.steps.count - 1), backend: backend)
             try store.rollBackJournal(entry.id)
-            return RecoveryReport(diskID: entry.diskID, operation: plan.operation, outcome: .rolledBack, stepsDone: entry.stepsDone, stepCount: plan.steps.count)
+            return RecoveryReport(
+                diskID: entry.diskID, operation: plan.operation, outcome: .rolledBack, stepsDone: entry.stepsDone,
+                stepCount: plan.steps.count)
         }
         var index = entry.stepsDone
         while index < plan.steps.count {
             do {
                 try await perform(plan.steps[index].action, backend: backend)
             } catch let e as SnapshotError where e.code == .pending {
-                return RecoveryReport(diskID: entry.diskID, operation: plan.operation, outcome: .pending, stepsDone: index, stepCount: plan.steps.count, detail: e.message)
+                return RecoveryReport(
+                    diskID: entry.diskID, operation: plan.operation, outcome: .pending, stepsDone: index,
+                    stepCount: plan.steps.count, detail: e.message)
             }
             try store.markSteps(journal: entry.id, done: index + 1)
             index += 1
         }
         try store.completeJournal(entry.id, change: entry.change, stepCount: plan.steps.count)
-        return RecoveryReport(diskID: entry.diskID, operation: plan.operation, outcome: .completed, stepsDone: entry.stepsDone, stepCount: plan.steps.count)
+        return RecoveryReport(
+            diskID: entry.diskID, operation: plan.operation, outcome: .completed, stepsDone: entry.stepsDone,
+            stepCount: plan.steps.count)
     }
 
     /// Undoes steps 0...`last` (the last one possibly half done), newest first. Undo actions are
@@ -138,7 +151,8 @@ public struct PlanExecutor: Sendable {
         for step in plan.steps[0...min(last, plan.steps.count - 1)].reversed() {
             guard let undo = step.undo else { continue }
             do { try await perform(undo, backend: backend) } catch {
-                FileHandle.standardError.write(Data("vmsnap: warning: undo of '\(step.summary)' failed: \(error)\n".utf8))
+                FileHandle.standardError.write(
+                    Data("vmsnap: warning: undo of '\(step.summary)' failed: \(error)\n".utf8))
             }
         }
     }
@@ -169,13 +183,19 @@ public struct PlanExecutor: Sendable {
 func stepFailure(backend: BackendKind, index: Int, count: Int, summary: String, cause: any Error) -> SnapshotError {
     let code = (cause as? SnapshotError)?.code ?? .commandFailed
     let why = (cause as? SnapshotError)?.message ?? String(describing: cause)
-    return SnapshotError(code, "backend '\(backend)', step \(index + 1) of \(count) (\(summary)): \(why)", cause: (cause as? SnapshotError)?.cause ?? cause)
+    return SnapshotError(
+        code, "backend '\(backend)', step \(index + 1) of \(count) (\(summary)): \(why)",
+        cause: (cause as? SnapshotError)?.cause ?? cause)
 }
 
 /// What recovery did with one interrupted operation.
 public struct RecoveryReport: Codable, Sendable, Hashable {
     /// `pending`: still waiting on something outside vmsnap (the journal stays open).
-    public enum Outcome: String, Codable, Sendable { case completed, rolledBack = "rolled-back", skipped, pending }
+    public enum Outcome: String, Codable, Sendable {
+        case completed
+        case rolledBack = "rolled-back"
+        case skipped, pending
+    }
     public var diskID: String
     public var operation: String
     public var outcome: Outcome
@@ -183,7 +203,9 @@ public struct RecoveryReport: Codable, Sendable, Hashable {
     public var stepCount: Int
     public var detail: String?
 
-    public init(diskID: String, operation: String, outcome: Outcome, stepsDone: Int, stepCount: Int, detail: String? = nil) {
+    public init(
+        diskID: String, operation: String, outcome: Outcome, stepsDone: Int, stepCount: Int, detail: String? = nil
+    ) {
         self.diskID = diskID
         self.operation = operation
         self.outcome = outcome

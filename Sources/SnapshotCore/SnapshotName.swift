@@ -16,8 +16,11 @@ public enum SnapshotName {
         }
         if name.contains("/") { throw reject("it contains '/'; names become file and volume names, use '-' instead") }
         if name.unicodeScalars.contains(where: { $0.value == 0 }) { throw reject("it contains a NUL character") }
-        if let c = name.unicodeScalars.first(where: { $0.value < 0x20 || $0.value == 0x7f || (0x80..<0xa0).contains($0.value) }) {
-            throw reject("it contains the control character U+\(String(c.value, radix: 16, uppercase: true).leftPadded(4))")
+        if let c = name.unicodeScalars.first(where: {
+            $0.value < 0x20 || $0.value == 0x7f || (0x80..<0xa0).contains($0.value)
+        }) {
+            throw reject(
+                "it contains the control character U+\(String(c.value, radix: 16, uppercase: true).leftPadded(4))")
         }
         if name.hasPrefix("-") { throw reject("it starts with '-', which commands would read as an option") }
         if name == "." || name == ".." { throw reject("'.' and '..' name directories") }
@@ -28,8 +31,11 @@ public enum SnapshotName {
     public static func quoted(_ name: String) -> String {
         var out = "'"
         for scalar in name.unicodeScalars.prefix(80) {
-            if scalar.value < 0x20 || scalar.value == 0x7f { out += "\\u{\(String(scalar.value, radix: 16))}" }
-            else { out.unicodeScalars.append(scalar) }
+            if scalar.value < 0x20 || scalar.value == 0x7f {
+                out += "\\u{\(String(scalar.value, radix: 16))}"
+            } else {
+                out.unicodeScalars.append(scalar)
+            }
         }
         return out + (name.unicodeScalars.count > 80 ? "...'" : "'")
     }

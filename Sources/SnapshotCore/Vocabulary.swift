@@ -152,7 +152,10 @@ public struct DiskInfo: Codable, Sendable, Hashable {
     /// Snapshots the storage itself holds (internal snapshots, snapshot volumes).
     public var snapshots: [StoredSnapshot]
 
-    public init(format: String, virtualSize: UInt64, allocatedSize: UInt64? = nil, backingChain: [String] = [], snapshots: [StoredSnapshot] = []) {
+    public init(
+        format: String, virtualSize: UInt64, allocatedSize: UInt64? = nil, backingChain: [String] = [],
+        snapshots: [StoredSnapshot] = []
+    ) {
         self.format = format
         self.virtualSize = virtualSize
         self.allocatedSize = allocatedSize

@@ -22,7 +22,8 @@ struct BackendCommand: AsyncParsableCommand {
     }
 
     struct List: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Built-in backends and plug-ins: where each comes from, its API version and capability table.")
+        static let configuration = CommandConfiguration(
+            abstract: "Built-in backends and plug-ins: where each comes from, its API version and capability table.")
         @Flag(name: .long, help: "Print JSON.") var json = false
 
         func run() async throws {
@@ -33,20 +34,29 @@ struct BackendCommand: AsyncParsableCommand {
                     guard let factory = registry.factory(kind) else { continue }
                     do {
                         let d = try registry.backend(kind).descriptor
-                        rows.append(Listing(kind: kind, origin: factory.origin, apiVersion: d.apiVersion, descriptor: d))
+                        rows.append(
+                            Listing(kind: kind, origin: factory.origin, apiVersion: d.apiVersion, descriptor: d))
                     } catch {
                         rows.append(Listing(kind: kind, origin: factory.origin, error: String(describing: error)))
                     }
                 }
                 let refused = Backends.discovered.refused
                 if json {
-                    struct Output: Encodable { var backends: [Listing]; var refusedPlugins: [RefusedPlugin] }
+                    struct Output: Encodable {
+                        var backends: [Listing]
+                        var refusedPlugins: [RefusedPlugin]
+                    }
                     return try printJSON(Output(backends: rows, refusedPlugins: refused))
                 }
                 for row in rows {
                     let api = row.origin.isPlugin ? "plug-in API" : "backend API"
-                    print("\(row.kind)  (\(row.origin), \(api) \(row.apiVersion.map(String.init) ?? "?"))\(row.descriptor.map { ": " + $0.summary } ?? "")")
-                    if let error = row.error { print("  error: \(error)\n"); continue }
+                    print(
+                        "\(row.kind)  (\(row.origin), \(api) \(row.apiVersion.map(String.init) ?? "?"))\(row.descriptor.map { ": " + $0.summary } ?? "")"
+                    )
+                    if let error = row.error {
+                        print("  error: \(error)\n")
+                        continue
+                    }
                     if let d = row.descriptor { printCapabilities(d) }
                     print("")
                 }
@@ -67,15 +77,22 @@ struct BackendCommand: AsyncParsableCommand {
                 let d = backend.descriptor
                 let origin = registry.factory(kind)?.origin ?? .builtIn
                 if json {
-                    struct Output: Encodable { var origin: BackendOrigin; var descriptor: BackendDescriptor }
+                    struct Output: Encodable {
+                        var origin: BackendOrigin
+                        var descriptor: BackendDescriptor
+                    }
                     return try printJSON(Output(origin: origin, descriptor: d))
                 }
                 print("\(d.kind): \(d.summary)")
-                print("  origin: \(origin); API version \(d.apiVersion); live snapshots taken by: \(d.liveSnapshots.rawValue)")
+                print(
+                    "  origin: \(origin); API version \(d.apiVersion); live snapshots taken by: \(d.liveSnapshots.rawValue)"
+                )
                 printCapabilities(d)
                 if d.settings.isEmpty { print("  settings: none") }
                 for spec in d.settings {
-                    print("  setting \(spec.name): \(spec.valueDescription)\(spec.defaultValue.map { ", default \($0)" } ?? ""); \(spec.help)")
+                    print(
+                        "  setting \(spec.name): \(spec.valueDescription)\(spec.defaultValue.map { ", default \($0)" } ?? ""); \(spec.help)"
+                    )
                 }
             }
         }
@@ -84,14 +101,23 @@ struct BackendCommand: AsyncParsableCommand {
     struct Test: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Run the conformance suite against a backend on a scratch pool.",
-            discussion: "Creates scratch disks in the pool, writes data, snapshots, reverts and deletes, and compares bytes. Prints a line per check and a summary; exits non-zero if any check fails."
+            discussion:
+                "Creates scratch disks in the pool, writes data, snapshots, reverts and deletes, and compares bytes. Prints a line per check and a summary; exits non-zero if any check fails."
         )
         @Argument(help: "The backend kind, as `vmsnap backend list` shows it.") var kind: BackendKind
-        @Option(name: .long, help: "Scratch directory for test disks (default: a new temporary directory, removed afterwards).") var pool: String?
-        @Option(name: .long, parsing: .upToNextOption, help: "Run only checks whose name starts with one of these.") var only: [String] = []
+        @Option(
+            name: .long,
+            help: "Scratch directory for test disks (default: a new temporary directory, removed afterwards).")
+        var pool: String?
+        @Option(name: .long, parsing: .upToNextOption, help: "Run only checks whose name starts with one of these.")
+        var only: [String] = []
         @Option(name: .long, help: "Backend setting KEY=VALUE (repeatable).") var set: [String] = []
         @Flag(name: .long, help: "Print one JSON object per check, then a summary object.") var json = false
-        @Flag(name: .long, help: "Also run the crash checks: a crash simulated before and after every step of every operation, then recovery (slower).") var crash = false
+        @Flag(
+            name: .long,
+            help:
+                "Also run the crash checks: a crash simulated before and after every step of every operation, then recovery (slower)."
+        ) var crash = false
 
         func run() async throws {
             try await guarded {
@@ -104,38 +130,58 @@ struct BackendCommand: AsyncParsableCommand {
                 if let pool {
                     var isDir: ObjCBool = false
                     guard FileManager.default.fileExists(atPath: pool, isDirectory: &isDir) else {
-                        throw SnapshotError(.invalidArgument, "pool directory \(pool) does not exist; create it or omit --pool")
+                        throw SnapshotError(
+                            .invalidArgument, "pool directory \(pool) does not exist; create it or omit --pool")
                     }
-                    guard isDir.boolValue else { throw SnapshotError(.invalidArgument, "--pool \(pool) is not a directory; give a directory for the scratch disks") }
+                    guard isDir.boolValue else {
+                        throw SnapshotError(
+                            .invalidArgument,
+                            "--pool \(pool) is not a directory; give a directory for the scratch disks")
+                    }
                     directory = URL(fileURLWithPath: pool).standardizedFileURL.path
                 } else {
-                    directory = (NSTemporaryDirectory() as NSString).appendingPathComponent("vmsnap-pool-\(UUID().uuidString.prefix(8))")
+                    directory = (NSTemporaryDirectory() as NSString).appendingPathComponent(
+                        "vmsnap-pool-\(UUID().uuidString.prefix(8))")
                     try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
                     temporary = true
                 }
                 defer { if temporary { try? FileManager.default.removeItem(atPath: directory) } }
-                let suite = ConformanceSuite(backend: backend, pool: BackendPool(directory: directory, options: options))
+                let suite = ConformanceSuite(
+                    backend: backend, pool: BackendPool(directory: directory, options: options))
                 if !json { printNow("conformance suite for backend '\(kind)' in \(directory)") }
                 let emitJSON = json
                 if !only.isEmpty {
                     let names = ConformanceSuite.checks(includingCrash: true).map(\.name)
                     for prefix in only where !names.contains(where: { $0.hasPrefix(prefix) }) {
-                        throw SnapshotError(.invalidArgument, "--only \(prefix) matches no check; checks: \(names.joined(separator: ", "))")
+                        throw SnapshotError(
+                            .invalidArgument,
+                            "--only \(prefix) matches no check; checks: \(names.joined(separator: ", "))")
                     }
                 }
                 let results = await suite.run(filter: only, includingCrash: crash) { r in
                     if emitJSON {
                         printNow((try? jsonLine(r)) ?? "{}")
                     } else {
-                        let mark = switch r.outcome { case .passed: "PASS"; case .failed: "FAIL"; case .skipped: "SKIP" }
-                        printNow("\(mark)  \(r.check.padding(toLength: 34, withPad: " ", startingAt: 0)) \(String(format: "%6.2fs", r.seconds))  \(r.outcome == .passed ? r.summary : (r.detail ?? ""))")
+                        let mark =
+                            switch r.outcome {
+                            case .passed: "PASS"
+                            case .failed: "FAIL"
+                            case .skipped: "SKIP"
+                            }
+                        printNow(
+                            "\(mark)  \(r.check.padding(toLength: 34, withPad: " ", startingAt: 0)) \(String(format: "%6.2fs", r.seconds))  \(r.outcome == .passed ? r.summary : (r.detail ?? ""))"
+                        )
                     }
                 }
                 let passed = results.filter { $0.outcome == .passed }.count
                 let failed = results.filter { $0.outcome == .failed }.count
                 let skipped = results.filter { $0.outcome == .skipped }.count
                 if json {
-                    printNow(try jsonLine(["backend": kind.rawValue, "passed": "\(passed)", "failed": "\(failed)", "skipped": "\(skipped)"]))
+                    printNow(
+                        try jsonLine([
+                            "backend": kind.rawValue, "passed": "\(passed)", "failed": "\(failed)",
+                            "skipped": "\(skipped)",
+                        ]))
                 } else {
                     printNow("\(passed) passed, \(failed) failed, \(skipped) skipped")
                 }
@@ -150,9 +196,12 @@ func printCapabilities(_ d: BackendDescriptor) {
     var rows: [[String]] = []
     for state in DiskState.allCases {
         for kind in SnapshotKind.allCases {
-            rows.append(["  " + state.rawValue, kind.rawValue] + SnapshotOperation.allCases.map {
-                d.capabilities.defers(Capability($0, kind, state)) ? "deferred" : d.capabilities.supports($0, kind, state) ? "yes" : "-"
-            })
+            rows.append(
+                ["  " + state.rawValue, kind.rawValue]
+                    + SnapshotOperation.allCases.map {
+                        d.capabilities.defers(Capability($0, kind, state))
+                            ? "deferred" : d.capabilities.supports($0, kind, state) ? "yes" : "-"
+                    })
         }
     }
     printTable(["  DISK", "KIND"] + SnapshotOperation.allCases.map(\.rawValue), rows)

@@ -33,7 +33,8 @@ struct DiskOptions: ParsableArguments {
 }
 
 struct DiskInfoCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "info", abstract: "What the storage and vmsnap know of a disk.")
+    static let configuration = CommandConfiguration(
+        commandName: "info", abstract: "What the storage and vmsnap know of a disk.")
     @OptionGroup var storeOptions: StoreOptions
     @OptionGroup var diskOptions: DiskOptions
     @Flag(name: .long, help: "Print JSON.") var json = false
@@ -69,12 +70,14 @@ struct DiskCheckCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "check",
         abstract: "Check every layer of a disk with its format's checker, and vmsnap's metadata against the storage.",
-        discussion: "With --repair, first does the upkeep the backend knows that keeps snapshots valid without touching guest data: for LVM, grows copy-on-write areas and thin pools filled past warn-percent (default 80) by extend-percent of their size (default 20). Run it from a timer to keep classic snapshots from overflowing."
+        discussion:
+            "With --repair, first does the upkeep the backend knows that keeps snapshots valid without touching guest data: for LVM, grows copy-on-write areas and thin pools filled past warn-percent (default 80) by extend-percent of their size (default 20). Run it from a timer to keep classic snapshots from overflowing."
     )
     @OptionGroup var storeOptions: StoreOptions
     @OptionGroup var diskOptions: DiskOptions
     @Flag(name: .long, help: "Print JSON.") var json = false
-    @Flag(name: .long, help: "Grow what is filling up (LVM copy-on-write areas, thin pools) before checking.") var repair = false
+    @Flag(name: .long, help: "Grow what is filling up (LVM copy-on-write areas, thin pools) before checking.")
+    var repair = false
 
     func run() async throws {
         try await guarded {
@@ -87,12 +90,20 @@ struct DiskCheckCommand: AsyncParsableCommand {
             let (backend, layout) = try await service.layout(of: diskOptions.disk, kind: diskOptions.backend)
             var problems = try await backend.verify(layout: layout)
             let pending = try service.store.openJournals(diskID: layout.disk.id)
-            problems += pending.map { "unfinished operation '\($0.operation)' (interrupted, or waiting on the storage): `vmsnap recover` finishes it or says what it waits for" }
+            problems += pending.map {
+                "unfinished operation '\($0.operation)' (interrupted, or waiting on the storage): `vmsnap recover` finishes it or says what it waits for"
+            }
             if json {
-                try printJSON(["disk": layout.disk.id, "problems": problems.joined(separator: "\n"), "repaired": actions.joined(separator: "\n")])
+                try printJSON([
+                    "disk": layout.disk.id, "problems": problems.joined(separator: "\n"),
+                    "repaired": actions.joined(separator: "\n"),
+                ])
             } else {
                 problems.forEach { print("problem: \($0)") }
-                print(problems.isEmpty ? "\(layout.disk.id): \(layout.layers.count) layer(s), \(layout.snapshots.count) snapshot(s), no problems" : "\(problems.count) problem(s)")
+                print(
+                    problems.isEmpty
+                        ? "\(layout.disk.id): \(layout.layers.count) layer(s), \(layout.snapshots.count) snapshot(s), no problems"
+                        : "\(problems.count) problem(s)")
             }
             if !problems.isEmpty { throw ExitCode(1) }
         }
@@ -111,14 +122,20 @@ struct DiskSnapshotCommand: AsyncParsableCommand {
         @OptionGroup var storeOptions: StoreOptions
         @OptionGroup var diskOptions: DiskOptions
         @Argument(help: "The snapshot's name.") var name: String
-        @Option(name: .long, help: "internal (inside the image) or external (new overlay / volume); default: internal where the backend has it, else external.") var kind: SnapshotKind?
+        @Option(
+            name: .long,
+            help:
+                "internal (inside the image) or external (new overlay / volume); default: internal where the backend has it, else external."
+        ) var kind: SnapshotKind?
         @Option(name: .long, help: "A description kept with the snapshot.") var description: String?
-        @Option(name: .long, help: "Directory for the new overlay (external snapshots of file formats).") var overlayDir: String?
+        @Option(name: .long, help: "Directory for the new overlay (external snapshots of file formats).")
+        var overlayDir: String?
         @Flag(name: .long, help: "Print the new snapshot as JSON.") var json = false
 
         func validate() throws {
             if kind == .internal && overlayDir != nil {
-                throw ValidationError("--overlay-dir applies to --kind external only; an internal snapshot stays inside the image")
+                throw ValidationError(
+                    "--overlay-dir applies to --kind external only; an internal snapshot stays inside the image")
             }
         }
 
@@ -127,11 +144,13 @@ struct DiskSnapshotCommand: AsyncParsableCommand {
                 let service = try storeOptions.service()
                 var chosen = kind
                 if chosen == nil {
-                    let kinds = try await service.layout(of: diskOptions.disk, kind: diskOptions.backend).0.descriptor.capabilities.kinds
+                    let kinds = try await service.layout(of: diskOptions.disk, kind: diskOptions.backend).0.descriptor
+                        .capabilities.kinds
                     chosen = overlayDir == nil && kinds.contains(.internal) ? .internal : .external
                 }
                 let snap = try await service.create(
-                    SnapshotRequest(name: name, kind: chosen ?? .internal, description: description, overlayDirectory: overlayDir),
+                    SnapshotRequest(
+                        name: name, kind: chosen ?? .internal, description: description, overlayDirectory: overlayDir),
                     disk: diskOptions.disk, kind: diskOptions.backend)
                 if json { return try printJSON(snap) }
                 print("created \(snap.kind.rawValue) snapshot '\(snap.name)' of \(diskOptions.disk)")
@@ -147,7 +166,9 @@ struct DiskSnapshotCommand: AsyncParsableCommand {
         @Flag(name: .long, help: "Print JSON.") var json = false
 
         func validate() throws {
-            if tree && json { throw ValidationError("--tree and --json conflict: JSON already carries each snapshot's parent") }
+            if tree && json {
+                throw ValidationError("--tree and --json conflict: JSON already carries each snapshot's parent")
+            }
         }
 
         struct Listing: Codable {
@@ -165,17 +186,26 @@ struct DiskSnapshotCommand: AsyncParsableCommand {
                 let (_, layout) = try await service.layout(of: diskOptions.disk, kind: diskOptions.backend)
                 let unfinished = try service.store.openJournals(diskID: layout.disk.id).map(\.operation)
                 if json {
-                    return try printJSON(Listing(disk: layout.disk.id, active: layout.disk.active, current: layout.disk.current, snapshots: layout.snapshots, unfinished: unfinished))
+                    return try printJSON(
+                        Listing(
+                            disk: layout.disk.id, active: layout.disk.active, current: layout.disk.current,
+                            snapshots: layout.snapshots, unfinished: unfinished))
                 }
                 for op in unfinished {
-                    FileHandle.standardError.write(Data("vmsnap: '\(op)' is not finished (deferred or interrupted); `vmsnap recover` finishes it or says what it waits for\n".utf8))
+                    FileHandle.standardError.write(
+                        Data(
+                            "vmsnap: '\(op)' is not finished (deferred or interrupted); `vmsnap recover` finishes it or says what it waits for\n"
+                                .utf8))
                 }
                 if tree {
                     print(layout.tree.rendered(marking: layout.disk.current) { "\($0.name) (\($0.kind.rawValue))" })
                     return
                 }
                 let rows = layout.snapshots.map { s in
-                    [s.name + (s.name == layout.disk.current ? " *" : ""), s.kind.rawValue, s.parent ?? "-", utcString(s.createdAt), s.image]
+                    [
+                        s.name + (s.name == layout.disk.current ? " *" : ""), s.kind.rawValue, s.parent ?? "-",
+                        utcString(s.createdAt), s.image,
+                    ]
                 }
                 printTable(["NAME", "KIND", "PARENT", "CREATED (UTC)", "IMAGE"], rows)
             }
@@ -183,7 +213,8 @@ struct DiskSnapshotCommand: AsyncParsableCommand {
     }
 
     struct Revert: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Make the disk what it was at a snapshot (the current state is discarded).")
+        static let configuration = CommandConfiguration(
+            abstract: "Make the disk what it was at a snapshot (the current state is discarded).")
         @OptionGroup var storeOptions: StoreOptions
         @OptionGroup var diskOptions: DiskOptions
         @Argument(help: "The snapshot to revert to.") var name: String
@@ -198,7 +229,8 @@ struct DiskSnapshotCommand: AsyncParsableCommand {
     }
 
     struct Delete: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Delete a snapshot, merging its changes into its children.")
+        static let configuration = CommandConfiguration(
+            abstract: "Delete a snapshot, merging its changes into its children.")
         @OptionGroup var storeOptions: StoreOptions
         @OptionGroup var diskOptions: DiskOptions
         @Argument(help: "The snapshot to delete.") var name: String
@@ -208,8 +240,13 @@ struct DiskSnapshotCommand: AsyncParsableCommand {
             try await guarded {
                 let service = try storeOptions.service()
                 let mode = deletion.mode
-                try await service.delete(disk: diskOptions.disk, snapshot: name, mode: mode, metadataOnly: deletion.metadataOnly, kind: diskOptions.backend)
-                let what = mode == .merge ? "snapshot '\(name)'" : (mode == .children ? "snapshot '\(name)' and its descendants" : "the descendants of '\(name)'")
+                try await service.delete(
+                    disk: diskOptions.disk, snapshot: name, mode: mode, metadataOnly: deletion.metadataOnly,
+                    kind: diskOptions.backend)
+                let what =
+                    mode == .merge
+                    ? "snapshot '\(name)'"
+                    : (mode == .children ? "snapshot '\(name)' and its descendants" : "the descendants of '\(name)'")
                 print("deleted \(what)\(deletion.metadataOnly ? " (metadata only; storage kept)" : "")")
             }
         }
@@ -221,6 +258,9 @@ func printTable(_ header: [String], _ rows: [[String]]) {
     let all = [header] + rows
     let widths = header.indices.map { i in all.map { $0[i].count }.max() ?? 0 }
     for row in all {
-        print(row.enumerated().map { i, cell in i == row.count - 1 ? cell : cell.padding(toLength: widths[i], withPad: " ", startingAt: 0) }.joined(separator: "  "))
+        print(
+            row.enumerated().map { i, cell in
+                i == row.count - 1 ? cell : cell.padding(toLength: widths[i], withPad: " ", startingAt: 0)
+            }.joined(separator: "  "))
     }
 }

@@ -11,7 +11,8 @@ extension StoreOptions {
         var reporter: (@Sendable (ProgressReport) -> Void)?
         if show { reporter = { @Sendable (report: ProgressReport) -> Void in showProgress(report, json: json) } }
         let disks = try service()
-        return DomainService(disks: disks, drivers: Hypervisors.drivers(storeDirectory: disks.store.directory), progress: reporter)
+        return DomainService(
+            disks: disks, drivers: Hypervisors.drivers(storeDirectory: disks.store.directory), progress: reporter)
     }
 }
 
@@ -31,7 +32,11 @@ enum Hypervisors {
     let pct = report.total > 0 ? Double(report.done) * 100 / Double(report.total) : 0
     let eta = report.secondsLeft.map { String(format: ", %.0f s left", $0) } ?? ""
     let mib = Double(1 << 20)
-    let text = "\r\(report.phase): " + String(format: "%.0f%% (%.0f of %.0f MiB, %.0f MiB/s", pct, Double(report.done) / mib, Double(report.total) / mib, report.bytesPerSecond / mib) + eta + ")   "
+    let text =
+        "\r\(report.phase): "
+        + String(
+            format: "%.0f%% (%.0f of %.0f MiB, %.0f MiB/s", pct, Double(report.done) / mib, Double(report.total) / mib,
+            report.bytesPerSecond / mib) + eta + ")   "
     FileHandle.standardError.write(Data(text.utf8))
 }
 
@@ -43,11 +48,16 @@ struct DomainCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "domain",
         abstract: "Define, start, stop and inspect domains (virtual machines run by QEMU).",
-        subcommands: [Define.self, List.self, Start.self, Stop.self, Suspend.self, Resume.self, Status.self, Undefine.self]
+        subcommands: [
+            Define.self, List.self, Start.self, Stop.self, Suspend.self, Resume.self, Status.self, Undefine.self,
+        ]
     )
 
     struct Define: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Define (or update) a domain from a JSON file: name, uuid, memoryMiB, vcpus, disks [{target, backend, locator}], boot {kernel, initrd, cmdline}, accel, qemuArgs.")
+        static let configuration = CommandConfiguration(
+            abstract:
+                "Define (or update) a domain from a JSON file: name, uuid, memoryMiB, vcpus, disks [{target, backend, locator}], boot {kernel, initrd, cmdline}, accel, qemuArgs."
+        )
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The definition file (JSON).") var file: String
 
@@ -58,7 +68,10 @@ struct DomainCommand: AsyncParsableCommand {
                 }
                 let definition: DomainDefinition
                 do { definition = try JSONDecoder().decode(DomainDefinition.self, from: data) } catch {
-                    throw SnapshotError(.invalidArgument, "\(file) is not a valid domain definition: \(Self.explain(error)); see `vmsnap domain define --help` for the fields")
+                    throw SnapshotError(
+                        .invalidArgument,
+                        "\(file) is not a valid domain definition: \(Self.explain(error)); see `vmsnap domain define --help` for the fields"
+                    )
                 }
                 try await storeOptions.domains().define(definition)
                 print("defined domain '\(definition.name)' (\(definition.uuid.uuidString.lowercased()))")
@@ -70,7 +83,10 @@ struct DomainCommand: AsyncParsableCommand {
             case DecodingError.keyNotFound(let key, _): return "field '\(key.stringValue)' is missing"
             case DecodingError.typeMismatch(_, let c), DecodingError.valueNotFound(_, let c):
                 return "field '\(c.codingPath.map(\.stringValue).joined(separator: "."))' has the wrong type"
-            case DecodingError.dataCorrupted(let c): return c.codingPath.isEmpty ? "it is not JSON" : "field '\(c.codingPath.map(\.stringValue).joined(separator: "."))': \(c.debugDescription)"
+            case DecodingError.dataCorrupted(let c):
+                return c.codingPath.isEmpty
+                    ? "it is not JSON"
+                    : "field '\(c.codingPath.map(\.stringValue).joined(separator: "."))': \(c.debugDescription)"
             default: return "\(error)"
             }
         }
@@ -85,7 +101,11 @@ struct DomainCommand: AsyncParsableCommand {
             try await guarded {
                 let all = try await storeOptions.domains().list()
                 if json { return try printJSON(all) }
-                for d in all { print("\(d.name)\t\(d.state.rawValue)\t\(d.snapshotCount) snapshot(s)\tcurrent: \(d.currentSnapshot ?? "-")") }
+                for d in all {
+                    print(
+                        "\(d.name)\t\(d.state.rawValue)\t\(d.snapshotCount) snapshot(s)\tcurrent: \(d.currentSnapshot ?? "-")"
+                    )
+                }
             }
         }
     }
@@ -105,7 +125,8 @@ struct DomainCommand: AsyncParsableCommand {
     }
 
     struct Stop: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Stop a domain: ask the guest to power off, or with --force stop it at once.")
+        static let configuration = CommandConfiguration(
+            abstract: "Stop a domain: ask the guest to power off, or with --force stop it at once.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         @Flag(name: .long, help: "Stop at once, like pulling the plug.") var force = false
@@ -155,7 +176,8 @@ struct DomainCommand: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Forget a shut-off domain (its disks stay).")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
-        @Flag(name: .long, help: "Also forget its snapshot records (the disk snapshots stay on the disks).") var snapshotsMetadata = false
+        @Flag(name: .long, help: "Also forget its snapshot records (the disk snapshots stay on the disks).")
+        var snapshotsMetadata = false
 
         func run() async throws {
             try await guarded {
@@ -175,26 +197,41 @@ struct SnapshotCommand: AsyncParsableCommand {
     )
 
     struct Create: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Take a snapshot: full-system (live) of a running domain by default, disk-only with --disk-only or when shut off.")
+        static let configuration = CommandConfiguration(
+            abstract:
+                "Take a snapshot: full-system (live) of a running domain by default, disk-only with --disk-only or when shut off."
+        )
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         @Option(name: .long, help: "The snapshot's name (default: snap-<UTC date>-<time>).") var name: String?
         @Option(name: .long, help: "A description kept with the snapshot.") var description: String?
         @Flag(name: .long, help: "Disks only, no memory (crash-consistent while running).") var diskOnly = false
-        @Option(name: .long, parsing: .upToNextOption, help: "Only these disk targets (disk-only snapshots).") var disks: [String] = []
-        @Option(name: .long, help: "Disk snapshot kind: internal or external (default: internal where the backend has it).") var kind: SnapshotKind?
-        @Option(name: .long, help: "Where the memory image goes (default: <store>/memory/<domain>/<name>.vmstate).") var memoryFile: String?
-        @Option(name: .long, help: "Memory: external (a file, saved live; default) or internal (inside the qcow2 images, guest paused while saving).") var memory: String = "external"
+        @Option(name: .long, parsing: .upToNextOption, help: "Only these disk targets (disk-only snapshots).")
+        var disks: [String] = []
+        @Option(
+            name: .long, help: "Disk snapshot kind: internal or external (default: internal where the backend has it).")
+        var kind: SnapshotKind?
+        @Option(name: .long, help: "Where the memory image goes (default: <store>/memory/<domain>/<name>.vmstate).")
+        var memoryFile: String?
+        @Option(
+            name: .long,
+            help:
+                "Memory: external (a file, saved live; default) or internal (inside the qcow2 images, guest paused while saving)."
+        ) var memory: String = "external"
         @Flag(name: .long, help: "Keep the guest paused for the whole memory save (not live).") var pausedSave = false
         @Flag(name: .long, help: "Freeze guest filesystems through the QEMU guest agent.") var quiesce = false
-        @Option(name: .long, help: "Import a snapshot record from libvirt <domainsnapshot> XML instead of taking one.") var redefine: String?
+        @Option(name: .long, help: "Import a snapshot record from libvirt <domainsnapshot> XML instead of taking one.")
+        var redefine: String?
         @Flag(name: .long, help: "With --redefine: make it the current snapshot.") var current = false
         @Flag(name: .long, help: "Print the result as JSON (progress as JSON lines).") var json = false
 
         func validate() throws {
-            guard ["external", "internal"].contains(memory) else { throw ValidationError("--memory takes external or internal, not '\(memory)'") }
+            guard ["external", "internal"].contains(memory) else {
+                throw ValidationError("--memory takes external or internal, not '\(memory)'")
+            }
             if redefine != nil, diskOnly || !disks.isEmpty || kind != nil || memoryFile != nil || name != nil {
-                throw ValidationError("--redefine imports a snapshot as the XML describes it; drop the other snapshot options")
+                throw ValidationError(
+                    "--redefine imports a snapshot as the XML describes it; drop the other snapshot options")
             }
             if current, redefine == nil { throw ValidationError("--current applies to --redefine only") }
         }
@@ -203,30 +240,43 @@ struct SnapshotCommand: AsyncParsableCommand {
             try await guarded {
                 let service = try storeOptions.domains(json: json)
                 if let redefine {
-                    guard let data = FileManager.default.contents(atPath: redefine) else { throw SnapshotError(.notFound, "cannot read \(redefine)") }
-                    let record = try await service.redefine(domain: domain, xml: String(decoding: data, as: UTF8.self), makeCurrent: current)
+                    guard let data = FileManager.default.contents(atPath: redefine) else {
+                        throw SnapshotError(.notFound, "cannot read \(redefine)")
+                    }
+                    let record = try await service.redefine(
+                        domain: domain, xml: String(decoding: data, as: UTF8.self), makeCurrent: current)
                     if json { return try printJSON(record) }
                     return print("redefined snapshot '\(record.name)' of domain '\(domain)'")
                 }
-                let report = try await service.createSnapshot(domain: domain, DomainSnapshotRequest(
-                    name: name, description: description, diskOnly: diskOnly, targets: disks.isEmpty ? nil : disks, kind: kind,
-                    memoryFile: memoryFile, internalMemory: memory == "internal", pausedSave: pausedSave, quiesce: quiesce))
+                let report = try await service.createSnapshot(
+                    domain: domain,
+                    DomainSnapshotRequest(
+                        name: name, description: description, diskOnly: diskOnly, targets: disks.isEmpty ? nil : disks,
+                        kind: kind,
+                        memoryFile: memoryFile, internalMemory: memory == "internal", pausedSave: pausedSave,
+                        quiesce: quiesce))
                 if json { return try printJSON(report) }
                 let s = report.snapshot
                 let what = s.memory == nil ? "disk-only" : "full-system (\(s.memory!.location.rawValue) memory)"
-                print("created \(what) snapshot '\(s.name)' of domain '\(domain)'\(report.pauseMs.map { String(format: "; guest paused %.1f ms", $0) } ?? "")")
+                print(
+                    "created \(what) snapshot '\(s.name)' of domain '\(domain)'\(report.pauseMs.map { String(format: "; guest paused %.1f ms", $0) } ?? "")"
+                )
             }
         }
     }
 
     struct Revert: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Make the domain what it was at a snapshot: disks, memory and run state.")
+        static let configuration = CommandConfiguration(
+            abstract: "Make the domain what it was at a snapshot: disks, memory and run state.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         @Argument(help: "The snapshot.") var name: String
         @Flag(name: .long, help: "End running, whatever the snapshot's state.") var running = false
         @Flag(name: .long, help: "End paused, whatever the snapshot's state.") var paused = false
-        @Flag(name: .long, help: "Allow a revert that boots from crash-consistent disks (a disk-only snapshot of a running domain).") var force = false
+        @Flag(
+            name: .long,
+            help: "Allow a revert that boots from crash-consistent disks (a disk-only snapshot of a running domain).")
+        var force = false
         @Flag(name: .long, help: "Progress as JSON lines.") var json = false
 
         func validate() throws {
@@ -235,14 +285,16 @@ struct SnapshotCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await guarded {
-                try await storeOptions.domains(json: json).revertSnapshot(domain: domain, to: name, runState: running ? .running : (paused ? .paused : nil), force: force)
+                try await storeOptions.domains(json: json).revertSnapshot(
+                    domain: domain, to: name, runState: running ? .running : (paused ? .paused : nil), force: force)
                 print("reverted domain '\(domain)' to '\(name)'")
             }
         }
     }
 
     struct Delete: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Delete a snapshot; its disk changes merge into its children (while the domain runs too).")
+        static let configuration = CommandConfiguration(
+            abstract: "Delete a snapshot; its disk changes merge into its children (while the domain runs too).")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         @Argument(help: "The snapshot.") var name: String
@@ -251,8 +303,11 @@ struct SnapshotCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await guarded {
-                try await storeOptions.domains(json: json).deleteSnapshot(domain: domain, name, mode: deletion.mode, metadataOnly: deletion.metadataOnly)
-                print("deleted \(deletion.children ? "snapshot '\(name)' and its children" : deletion.childrenOnly ? "the children of '\(name)'" : "snapshot '\(name)'") of domain '\(domain)'")
+                try await storeOptions.domains(json: json).deleteSnapshot(
+                    domain: domain, name, mode: deletion.mode, metadataOnly: deletion.metadataOnly)
+                print(
+                    "deleted \(deletion.children ? "snapshot '\(name)' and its children" : deletion.childrenOnly ? "the children of '\(name)'" : "snapshot '\(name)'") of domain '\(domain)'"
+                )
             }
         }
     }
@@ -265,7 +320,8 @@ struct SnapshotCommand: AsyncParsableCommand {
         @Flag(name: .long, help: "Only snapshots without a parent.") var roots = false
         @Flag(name: .long, help: "Only snapshots without children.") var leaves = false
         @Flag(name: .long, help: "Show each snapshot's parent.") var parent = false
-        @Option(name: .long, help: "Only the children of this snapshot (with --descendants: all below it).") var from: String?
+        @Option(name: .long, help: "Only the children of this snapshot (with --descendants: all below it).") var from:
+            String?
         @Flag(name: .long, help: "With --from: every descendant, not only children.") var descendants = false
         @Flag(name: .long, help: "Only internal snapshots.") var `internal` = false
         @Flag(name: .long, help: "Only external snapshots.") var external = false
@@ -276,7 +332,9 @@ struct SnapshotCommand: AsyncParsableCommand {
 
         func validate() throws {
             if `internal` && external { throw ValidationError("--internal and --external exclude each other") }
-            if [diskOnly, active, inactive].filter({ $0 }).count > 1 { throw ValidationError("--disk-only, --active and --inactive exclude each other") }
+            if [diskOnly, active, inactive].filter({ $0 }).count > 1 {
+                throw ValidationError("--disk-only, --active and --inactive exclude each other")
+            }
             if roots && from != nil { throw ValidationError("--roots and --from exclude each other") }
             if descendants && from == nil { throw ValidationError("--descendants needs --from") }
         }
@@ -286,8 +344,13 @@ struct SnapshotCommand: AsyncParsableCommand {
                 let (all, current) = try storeOptions.domains().snapshots(of: domain)
                 var chosen = all
                 if let from {
-                    guard all.contains(where: { $0.name == from }) else { throw SnapshotError(.notFound, "domain '\(domain)' has no snapshot named '\(from)'") }
-                    let below = descendants ? DomainService.descendantNames(of: from, in: all) : Set(all.filter { $0.parent == from }.map(\.name))
+                    guard all.contains(where: { $0.name == from }) else {
+                        throw SnapshotError(.notFound, "domain '\(domain)' has no snapshot named '\(from)'")
+                    }
+                    let below =
+                        descendants
+                        ? DomainService.descendantNames(of: from, in: all)
+                        : Set(all.filter { $0.parent == from }.map(\.name))
                     chosen = chosen.filter { below.contains($0.name) }
                 }
                 if roots { chosen = chosen.filter { $0.parent == nil } }
@@ -298,9 +361,23 @@ struct SnapshotCommand: AsyncParsableCommand {
                 if active { chosen = chosen.filter { $0.memory != nil } }
                 if inactive { chosen = chosen.filter { $0.state == .shutoff } }
                 if json {
-                    struct Entry: Codable { var name: String; var parent: String?; var state: String; var createdAt: Date; var memory: String; var current: Bool; var description: String? }
-                    return try printJSON(chosen.map { Entry(name: $0.name, parent: $0.parent, state: $0.isDiskOnly && $0.state != .shutoff ? "disk-snapshot" : $0.state.rawValue,
-                                                            createdAt: $0.createdAt, memory: $0.memory?.location.rawValue ?? "no", current: $0.name == current, description: $0.description) })
+                    struct Entry: Codable {
+                        var name: String
+                        var parent: String?
+                        var state: String
+                        var createdAt: Date
+                        var memory: String
+                        var current: Bool
+                        var description: String?
+                    }
+                    return try printJSON(
+                        chosen.map {
+                            Entry(
+                                name: $0.name, parent: $0.parent,
+                                state: $0.isDiskOnly && $0.state != .shutoff ? "disk-snapshot" : $0.state.rawValue,
+                                createdAt: $0.createdAt, memory: $0.memory?.location.rawValue ?? "no",
+                                current: $0.name == current, description: $0.description)
+                        })
                 }
                 if tree {
                     let names = Set(chosen.map(\.name))
@@ -314,14 +391,17 @@ struct SnapshotCommand: AsyncParsableCommand {
                 print(parent ? "Name\tCreation Time\tState\tParent" : "Name\tCreation Time\tState")
                 for s in chosen {
                     let state = s.isDiskOnly && s.state != .shutoff ? "disk-snapshot" : s.state.rawValue
-                    print("\(s.name)\(s.name == current ? " *" : "")\t\(utcString(s.createdAt))\t\(state)\(parent ? "\t\(s.parent ?? "")" : "")")
+                    print(
+                        "\(s.name)\(s.name == current ? " *" : "")\t\(utcString(s.createdAt))\t\(state)\(parent ? "\t\(s.parent ?? "")" : "")"
+                    )
                 }
             }
         }
     }
 
     struct Current: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Print the current snapshot, or make NAME current (metadata only).")
+        static let configuration = CommandConfiguration(
+            abstract: "Print the current snapshot, or make NAME current (metadata only).")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         @Argument(help: "The snapshot to make current.") var name: String?
@@ -359,15 +439,20 @@ struct SnapshotCommand: AsyncParsableCommand {
                 print("parent:      \(s.parent ?? "-")")
                 print("children:    \(all.filter { $0.parent == s.name }.count)")
                 print("location:    \(s.isInternal ? "internal" : "external")")
-                print("memory:      \(s.memory.map { "\($0.location.rawValue) \($0.path)\($0.size.map { " (\($0) bytes)" } ?? "")" } ?? "no")")
-                for d in s.disks { print("disk \(d.target):    \(d.kind?.rawValue ?? "not included") (\(d.backend), \(d.diskID))") }
+                print(
+                    "memory:      \(s.memory.map { "\($0.location.rawValue) \($0.path)\($0.size.map { " (\($0) bytes)" } ?? "")" } ?? "no")"
+                )
+                for d in s.disks {
+                    print("disk \(d.target):    \(d.kind?.rawValue ?? "not included") (\(d.backend), \(d.diskID))")
+                }
                 if let d = s.description { print("description: \(d)") }
             }
         }
     }
 
     struct DumpXML: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(commandName: "dumpxml", abstract: "Print a snapshot as libvirt <domainsnapshot> XML.")
+        static let configuration = CommandConfiguration(
+            commandName: "dumpxml", abstract: "Print a snapshot as libvirt <domainsnapshot> XML.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         @Argument(help: "The snapshot.") var name: String

@@ -24,7 +24,9 @@ struct RecoverCommand: AsyncParsableCommand {
             if reports.isEmpty && domains.isEmpty { print("nothing to recover") }
             for d in domains { print("recovered domain '\(d)'") }
             for r in reports {
-                print("\(r.outcome.rawValue): \(r.operation) (\(r.stepsDone) of \(r.stepCount) steps had run)\(r.detail.map { "; \($0)" } ?? "")")
+                print(
+                    "\(r.outcome.rawValue): \(r.operation) (\(r.stepsDone) of \(r.stepCount) steps had run)\(r.detail.map { "; \($0)" } ?? "")"
+                )
             }
             if pending { throw ExitCode(pendingExitCode) }
         }

@@ -12,16 +12,24 @@ struct VMSnap: AsyncParsableCommand {
         commandName: "vmsnap",
         abstract: "Snapshots of virtual machine disks on mixed storage (qcow2, LVM, VHD).",
         version: "0.1.0",
-        subcommands: [DomainCommand.self, SnapshotCommand.self, DiskCommand.self, BackendCommand.self, RecoverCommand.self]
+        subcommands: [
+            DomainCommand.self, SnapshotCommand.self, DiskCommand.self, BackendCommand.self, RecoverCommand.self,
+        ]
     )
 }
 
 /// Options every command that touches metadata shares.
 struct StoreOptions: ParsableArguments {
-    @Option(name: .long, help: ArgumentHelp("Metadata store directory (default: $VMSNAP_STORE or /var/lib/vmsnap).", valueName: "dir"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp("Metadata store directory (default: $VMSNAP_STORE or /var/lib/vmsnap).", valueName: "dir"))
     var store: String?
 
-    @Option(name: .customLong("set"), help: ArgumentHelp("Backend setting KEY=VALUE (repeatable), over the store's settings.conf; `vmsnap backend describe KIND` lists each backend's settings.", valueName: "key=value"))
+    @Option(
+        name: .customLong("set"),
+        help: ArgumentHelp(
+            "Backend setting KEY=VALUE (repeatable), over the store's settings.conf; `vmsnap backend describe KIND` lists each backend's settings.",
+            valueName: "key=value"))
     var settings: [String] = []
 
     func openStore() throws -> MetadataStore {
@@ -32,10 +40,12 @@ struct StoreOptions: ParsableArguments {
         let store = try openStore()
         let registry = try Backends.registry()
         let file = try BackendSettings.load(storeDirectory: store.directory)
-        try registry.validate(file, source: (store.directory as NSString).appendingPathComponent(BackendSettings.fileName))
+        try registry.validate(
+            file, source: (store.directory as NSString).appendingPathComponent(BackendSettings.fileName))
         let flags = try BackendSettings.parse(pairs: settings)
         try registry.validate(flags, source: "--set")
-        return DiskSnapshotService(store: store, registry: registry, environment: BackendEnvironment(settings: file.merging(flags) { $1 }))
+        return DiskSnapshotService(
+            store: store, registry: registry, environment: BackendEnvironment(settings: file.merging(flags) { $1 }))
     }
 }
 
@@ -50,7 +60,9 @@ enum Backends {
     static func registry() throws -> BackendRegistry {
         let registry = BackendRegistry()
         for factory in builtIn { try registry.register(factory) }
-        for plugin in discovered.found { try registry.register(PluginDiscovery.factory(for: plugin, sessions: sessions)) }
+        for plugin in discovered.found {
+            try registry.register(PluginDiscovery.factory(for: plugin, sessions: sessions))
+        }
         return registry
     }
 

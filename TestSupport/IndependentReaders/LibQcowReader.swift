@@ -24,7 +24,9 @@ public final class LibQcowReader {
         }
         for i in files.indices.dropLast() {
             var error: UnsafeMutablePointer<libqcow_error_t>?
-            guard libqcow_file_set_parent_file(files[i], files[i + 1], &error) == 1 else { throw Self.failure("set parent", error) }
+            guard libqcow_file_set_parent_file(files[i], files[i + 1], &error) == 1 else {
+                throw Self.failure("set parent", error)
+            }
         }
     }
 
@@ -51,7 +53,9 @@ public final class LibQcowReader {
         get throws {
             var size: UInt64 = 0
             var error: UnsafeMutablePointer<libqcow_error_t>?
-            guard libqcow_file_get_media_size(files[0], &size, &error) == 1 else { throw Self.failure("media size", error) }
+            guard libqcow_file_get_media_size(files[0], &size, &error) == 1 else {
+                throw Self.failure("media size", error)
+            }
             return size
         }
     }
@@ -61,7 +65,9 @@ public final class LibQcowReader {
         get throws {
             var count: Int32 = 0
             var error: UnsafeMutablePointer<libqcow_error_t>?
-            guard libqcow_file_get_number_of_snapshots(files[0], &count, &error) == 1 else { throw Self.failure("snapshot count", error) }
+            guard libqcow_file_get_number_of_snapshots(files[0], &count, &error) == 1 else {
+                throw Self.failure("snapshot count", error)
+            }
             return Int(count)
         }
     }
@@ -75,7 +81,9 @@ public final class LibQcowReader {
             guard found != -1 else { throw Self.failure("backing name size", error) }
             guard found == 1, size > 0 else { return nil }
             var buffer = [UInt8](repeating: 0, count: size)
-            guard libqcow_file_get_utf8_backing_filename(files[0], &buffer, size, &error) == 1 else { throw Self.failure("backing name", error) }
+            guard libqcow_file_get_utf8_backing_filename(files[0], &buffer, size, &error) == 1 else {
+                throw Self.failure("backing name", error)
+            }
             return String(decoding: buffer.prefix { $0 != 0 }, as: UTF8.self)
         }
     }
@@ -84,7 +92,9 @@ public final class LibQcowReader {
     public func read(at offset: UInt64, length: Int) throws -> [UInt8] {
         var buffer = [UInt8](repeating: 0, count: length)
         var error: UnsafeMutablePointer<libqcow_error_t>?
-        let got = buffer.withUnsafeMutableBytes { libqcow_file_read_buffer_at_offset(files[0], $0.baseAddress, length, off64_t(offset), &error) }
+        let got = buffer.withUnsafeMutableBytes {
+            libqcow_file_read_buffer_at_offset(files[0], $0.baseAddress, length, off64_t(offset), &error)
+        }
         guard got == length else { throw Self.failure("read \(length) bytes at \(offset) (got \(got))", error) }
         return buffer
     }

@@ -22,7 +22,9 @@ public final class LibVhdiReader {
         }
         for i in files.indices.dropLast() {
             var error: UnsafeMutablePointer<libvhdi_error_t>?
-            guard libvhdi_file_set_parent_file(files[i], files[i + 1], &error) == 1 else { throw Self.failure("set parent of \(([path] + parentChain)[i])", error) }
+            guard libvhdi_file_set_parent_file(files[i], files[i + 1], &error) == 1 else {
+                throw Self.failure("set parent of \(([path] + parentChain)[i])", error)
+            }
         }
     }
 
@@ -36,15 +38,23 @@ public final class LibVhdiReader {
     private static func failure(_ what: String, _ error: UnsafeMutablePointer<libvhdi_error_t>?) -> Failure {
         var text = [CChar](repeating: 0, count: 2048)
         var err = error
-        if err != nil { libvhdi_error_sprint(err, &text, text.count); libvhdi_error_free(&err) }
-        return Failure(description: "libvhdi: \(what): \(String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))")
+        if err != nil {
+            libvhdi_error_sprint(err, &text, text.count)
+            libvhdi_error_free(&err)
+        }
+        return Failure(
+            description:
+                "libvhdi: \(what): \(String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))"
+        )
     }
 
     public var mediaSize: UInt64 {
         get throws {
             var size: UInt64 = 0
             var error: UnsafeMutablePointer<libvhdi_error_t>?
-            guard libvhdi_file_get_media_size(files[0], &size, &error) == 1 else { throw Self.failure("media size", error) }
+            guard libvhdi_file_get_media_size(files[0], &size, &error) == 1 else {
+                throw Self.failure("media size", error)
+            }
             return size
         }
     }
@@ -54,7 +64,9 @@ public final class LibVhdiReader {
         get throws {
             var type: UInt32 = 0
             var error: UnsafeMutablePointer<libvhdi_error_t>?
-            guard libvhdi_file_get_disk_type(files[0], &type, &error) == 1 else { throw Self.failure("disk type", error) }
+            guard libvhdi_file_get_disk_type(files[0], &type, &error) == 1 else {
+                throw Self.failure("disk type", error)
+            }
             return type
         }
     }
@@ -63,7 +75,9 @@ public final class LibVhdiReader {
         get throws {
             var id = [UInt8](repeating: 0, count: 16)
             var error: UnsafeMutablePointer<libvhdi_error_t>?
-            guard libvhdi_file_get_identifier(files[0], &id, 16, &error) == 1 else { throw Self.failure("identifier", error) }
+            guard libvhdi_file_get_identifier(files[0], &id, 16, &error) == 1 else {
+                throw Self.failure("identifier", error)
+            }
             return id
         }
     }
@@ -86,7 +100,9 @@ public final class LibVhdiReader {
             guard r != -1 else { throw Self.failure("parent name size", error) }
             guard r == 1, size > 0 else { return nil }
             var buffer = [UInt8](repeating: 0, count: size)
-            guard libvhdi_file_get_utf8_parent_filename(files[0], &buffer, size, &error) == 1 else { throw Self.failure("parent name", error) }
+            guard libvhdi_file_get_utf8_parent_filename(files[0], &buffer, size, &error) == 1 else {
+                throw Self.failure("parent name", error)
+            }
             return String(decoding: buffer.prefix { $0 != 0 }, as: UTF8.self)
         }
     }
@@ -94,7 +110,9 @@ public final class LibVhdiReader {
     public func read(at offset: UInt64, length: Int) throws -> [UInt8] {
         var buffer = [UInt8](repeating: 0, count: length)
         var error: UnsafeMutablePointer<libvhdi_error_t>?
-        let got = buffer.withUnsafeMutableBytes { libvhdi_file_read_buffer_at_offset(files[0], $0.baseAddress, length, off64_t(offset), &error) }
+        let got = buffer.withUnsafeMutableBytes {
+            libvhdi_file_read_buffer_at_offset(files[0], $0.baseAddress, length, off64_t(offset), &error)
+        }
         guard got == length else { throw Self.failure("read \(length) bytes at \(offset) (got \(got))", error) }
         return buffer
     }

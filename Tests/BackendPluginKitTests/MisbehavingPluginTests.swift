@@ -4,14 +4,16 @@ import SnapshotCore
 import Testing
 
 /// The raw plug-in (backends/raw), which the misbehaving plug-ins wrap.
-let rawPlugin = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+let rawPlugin = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .deletingLastPathComponent()
     .appendingPathComponent("backends/raw/vmsnap-backend-raw").path
 
 /// A plug-in that behaves like the raw plug-in except where `patch` (Python, with the raw
 /// module as `raw`) changes it: written as `vmsnap-backend-<kind>` into a fresh directory.
 func misbehavingPlugin(_ kind: String, _ patch: String) throws -> String {
     let dir = NSTemporaryDirectory() + "vmsnap-plugins-\(UUID().uuidString.prefix(8))"
-    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
+    try FileManager.default.createDirectory(
+        atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
     let path = dir + "/vmsnap-backend-\(kind)"
     let script = """
         #!/usr/bin/env python3
@@ -37,7 +39,8 @@ struct Snapshot: Equatable {
         for name in try FileManager.default.contentsOfDirectory(atPath: pool) {
             files[name] = FileManager.default.contents(atPath: pool + "/" + name) ?? Data()
         }
-        return Snapshot(files: files, layout: try store.layout(diskID: disk), openJournals: try store.openJournals().count)
+        return Snapshot(
+            files: files, layout: try store.layout(diskID: disk), openJournals: try store.openJournals().count)
     }
 }
 
@@ -67,11 +70,15 @@ struct PluginRig {
 
     /// Runs `body`, which must fail with `code` and a message containing each of `words`, and
     /// change nothing.
-    func expectFailure(_ code: SnapshotError.Code, mentioning words: [String], _ body: () async throws -> Void) async throws {
+    func expectFailure(_ code: SnapshotError.Code, mentioning words: [String], _ body: () async throws -> Void)
+        async throws
+    {
         let before = try state()
         let error = await #expect(throws: SnapshotError.self) { try await body() }
         #expect(error?.code == code, "code: \(String(describing: error))")
-        for word in words { #expect(error?.description.contains(word) == true, "'\(word)' in: \(String(describing: error))") }
+        for word in words {
+            #expect(error?.description.contains(word) == true, "'\(word)' in: \(String(describing: error))")
+        }
         #expect(try state() == before, "the pool, the metadata and the journal are as they were")
     }
 }
@@ -80,7 +87,9 @@ struct PluginRig {
 struct MisbehavingPluginTests {
     @Test("a plug-in that crashes in the middle of a call")
     func crash() async throws {
-        let path = try misbehavingPlugin("crashy", """
+        let path = try misbehavingPlugin(
+            "crashy",
+            """
             original = raw.METHODS["planCreate"]
             def crashing(p):
                 if p["request"]["name"] == "boom":
@@ -89,7 +98,9 @@ struct MisbehavingPluginTests {
             raw.METHODS["planCreate"] = crashing
             """)
         let rig = try await PluginRig(path)
-        try await rig.expectFailure(.pluginFailed, mentioning: ["'crashy'", path, "planCreate", "status 3", "segmentation fault"]) {
+        try await rig.expectFailure(
+            .pluginFailed, mentioning: ["'crashy'", path, "planCreate", "status 3", "segmentation fault"]
+        ) {
             try await rig.service.create(SnapshotRequest(name: "boom", kind: .external), disk: rig.disk, kind: "crashy")
         }
         // The next call starts the plug-in again.
@@ -98,7 +109,9 @@ struct MisbehavingPluginTests {
 
     @Test("a plug-in that hangs is stopped after the timeout")
     func hang() async throws {
-        let path = try misbehavingPlugin("hangs", """
+        let path = try misbehavingPlugin(
+            "hangs",
+            """
             original = raw.METHODS["planCreate"]
             def hanging(p):
                 if p["request"]["name"] == "boom": time.sleep(3600)
@@ -107,7 +120,9 @@ struct MisbehavingPluginTests {
             """)
         let rig = try await PluginRig(path, timeout: 1)
         let started = ContinuousClock.now
-        try await rig.expectFailure(.pluginFailed, mentioning: ["'hangs'", "did not answer 'planCreate' within 1 s", "stopped"]) {
+        try await rig.expectFailure(
+            .pluginFailed, mentioning: ["'hangs'", "did not answer 'planCreate' within 1 s", "stopped"]
+        ) {
             try await rig.service.create(SnapshotRequest(name: "boom", kind: .external), disk: rig.disk, kind: "hangs")
         }
         #expect(ContinuousClock.now - started < .seconds(10), "the timeout, not the plug-in's hour")
@@ -115,7 +130,9 @@ struct MisbehavingPluginTests {
 
     @Test("a plug-in that prints something that is not protocol JSON")
     func garbage() async throws {
-        let path = try misbehavingPlugin("noisy", """
+        let path = try misbehavingPlugin(
+            "noisy",
+            """
             original = raw.METHODS["planRevert"]
             def noisy(p):
                 if p["snapshot"] == "good":
@@ -124,25 +141,33 @@ struct MisbehavingPluginTests {
             raw.METHODS["planRevert"] = noisy
             """)
         let rig = try await PluginRig(path)
-        try await rig.expectFailure(.pluginFailed, mentioning: ["'noisy'", "planRevert", "not protocol JSON", "Reverting, please wait"]) {
+        try await rig.expectFailure(
+            .pluginFailed, mentioning: ["'noisy'", "planRevert", "not protocol JSON", "Reverting, please wait"]
+        ) {
             try await rig.service.revert(disk: rig.disk, to: "good", kind: "noisy")
         }
     }
 
     @Test("a plug-in that speaks another API version is refused before any call")
     func version() async throws {
-        let path = try misbehavingPlugin("future", """
+        let path = try misbehavingPlugin(
+            "future",
+            """
             raw.API_VERSION, raw.API_AGE = 7, 1
             raw.METHODS["hello"] = lambda p: {"kind": raw.KIND, "apiVersion": 7, "apiAge": 1}
             """)
         let error = #expect(throws: SnapshotError.self) { _ = try PluginBackend(executable: path) }
         #expect(error?.code == .incompatibleBackend)
-        #expect(error?.message.contains("speaks plug-in API 6-7; this vmsnap speaks 1") == true, "\(String(describing: error))")
+        #expect(
+            error?.message.contains("speaks plug-in API 6-7; this vmsnap speaks 1") == true,
+            "\(String(describing: error))")
     }
 
     @Test("a plug-in that claims internal snapshots and plans an external one is caught before anything runs")
     func lyingPlan() async throws {
-        let path = try misbehavingPlugin("liar", """
+        let path = try misbehavingPlugin(
+            "liar",
+            """
             describe = raw.METHODS["describe"]
             def claims(p):
                 d = describe(p)
@@ -157,14 +182,19 @@ struct MisbehavingPluginTests {
             """)
         let rig = try await PluginRig(path)
         #expect(rig.backend.descriptor.capabilities.supports(.create, .internal, .offline))
-        try await rig.expectFailure(.pluginFailed, mentioning: ["'liar'", "planCreate", "external snapshot when internal was asked for", "bug in the plug-in"]) {
+        try await rig.expectFailure(
+            .pluginFailed,
+            mentioning: ["'liar'", "planCreate", "external snapshot when internal was asked for", "bug in the plug-in"]
+        ) {
             try await rig.service.create(SnapshotRequest(name: "boom", kind: .internal), disk: rig.disk, kind: "liar")
         }
     }
 
     @Test("a plug-in whose plan fails half way is rolled back: the copy it started is removed")
     func failingStep() async throws {
-        let path = try misbehavingPlugin("fails", """
+        let path = try misbehavingPlugin(
+            "fails",
+            """
             create = raw.METHODS["planCreate"]
             def failing(p):
                 plan = create(p)
@@ -175,7 +205,9 @@ struct MisbehavingPluginTests {
             raw.METHODS["planCreate"] = failing
             """)
         let rig = try await PluginRig(path)
-        try await rig.expectFailure(.commandFailed, mentioning: ["backend 'fails'", "step 2 of 3 (check the copy)", "`false` failed"]) {
+        try await rig.expectFailure(
+            .commandFailed, mentioning: ["backend 'fails'", "step 2 of 3 (check the copy)", "`false` failed"]
+        ) {
             try await rig.service.create(SnapshotRequest(name: "boom", kind: .external), disk: rig.disk, kind: "fails")
         }
     }
@@ -191,9 +223,11 @@ struct MisbehavingPluginTests {
         chmod(path, 0o755)
         chmod(dir, 0o777)
         found = PluginDiscovery.discover(in: [dir])
-        #expect(found.found.isEmpty && found.refused.first?.reason.contains("its directory") == true, "\(found.refused)")
+        #expect(
+            found.found.isEmpty && found.refused.first?.reason.contains("its directory") == true, "\(found.refused)")
         chmod(dir, 0o755)
         #expect(PluginDiscovery.discover(in: [dir]).found.map(\.kind) == ["open"])
-        #expect(PluginDiscovery.discover(in: [dir], builtIn: ["open"]).refused.first?.reason.contains("shadowed") == true)
+        #expect(
+            PluginDiscovery.discover(in: [dir], builtIn: ["open"]).refused.first?.reason.contains("shadowed") == true)
     }
 }

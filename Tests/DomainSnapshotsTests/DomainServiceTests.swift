@@ -35,11 +35,16 @@ struct DomainServiceTests {
     @Test("a domain whose hypervisor has no driver, or with an option its driver refuses, is not defined")
     func unknownHypervisor() async throws {
         let a = try await disk("a")
-        let xen = DomainDefinition(name: "x", memoryMiB: 64, disks: [DomainDisk(target: "vda", backend: "qcow2", locator: a)], hypervisor: "xen")
+        let xen = DomainDefinition(
+            name: "x", memoryMiB: 64, disks: [DomainDisk(target: "vda", backend: "qcow2", locator: a)],
+            hypervisor: "xen")
         let error = await #expect(throws: SnapshotError.self) { try await service.define(xen) }
-        #expect(error?.code == .unsupported && error?.message.contains("no hypervisor driver named 'xen'") == true && error?.message.contains("qemu") == true,
-                "\(String(describing: error))")
-        let bad = DomainDefinition(name: "y", memoryMiB: 64, disks: [DomainDisk(target: "vda", backend: "qcow2", locator: a)], accel: "hvf")
+        #expect(
+            error?.code == .unsupported && error?.message.contains("no hypervisor driver named 'xen'") == true
+                && error?.message.contains("qemu") == true,
+            "\(String(describing: error))")
+        let bad = DomainDefinition(
+            name: "y", memoryMiB: 64, disks: [DomainDisk(target: "vda", backend: "qcow2", locator: a)], accel: "hvf")
         await #expect(throws: SnapshotError.self) { try await service.define(bad) }
         #expect(try service.store.domains().isEmpty, "nothing was defined")
     }
@@ -47,8 +52,13 @@ struct DomainServiceTests {
     @Test("a shut-off domain: disk-only snapshots through the backends, revert and delete, tree and current snapshot")
     func shutOff() async throws {
         let a = try await disk("a"), b = try await disk("b")
-        try await service.define(DomainDefinition(name: "off", memoryMiB: 64, disks: [DomainDisk(target: "vda", backend: "qcow2", locator: a),
-                                                                                     DomainDisk(target: "vdb", backend: "qcow2", locator: b)]))
+        try await service.define(
+            DomainDefinition(
+                name: "off", memoryMiB: 64,
+                disks: [
+                    DomainDisk(target: "vda", backend: "qcow2", locator: a),
+                    DomainDisk(target: "vdb", backend: "qcow2", locator: b),
+                ]))
         let s1 = try await service.createSnapshot(domain: "off", DomainSnapshotRequest(name: "s1")).snapshot
         #expect(s1.isDiskOnly && s1.state == .shutoff && s1.disks.allSatisfy { $0.kind == .internal })
         try await service.createSnapshot(domain: "off", DomainSnapshotRequest(name: "s2"))
@@ -63,17 +73,29 @@ struct DomainServiceTests {
     @Test("snapshot XML names each disk the way its backend declares: driver type and source type")
     func xmlFromDescriptors() async throws {
         let a = try await disk("a")
-        let definition = DomainDefinition(name: "mixed", memoryMiB: 64, disks: [
-            DomainDisk(target: "vda", backend: "qcow2", locator: a), DomainDisk(target: "vdb", backend: "lvm", locator: "vg0/data"),
-            DomainDisk(target: "vdc", backend: "vhd", locator: "/vm/c.vhd")])
-        let record = DomainSnapshotRecord(domain: "mixed", name: "s", parent: nil, description: nil, createdAt: Date(timeIntervalSince1970: 1_700_000_000),
-                                          state: .shutoff, memory: nil, disks: [], definition: definition)
+        let definition = DomainDefinition(
+            name: "mixed", memoryMiB: 64,
+            disks: [
+                DomainDisk(target: "vda", backend: "qcow2", locator: a),
+                DomainDisk(target: "vdb", backend: "lvm", locator: "vg0/data"),
+                DomainDisk(target: "vdc", backend: "vhd", locator: "/vm/c.vhd"),
+            ])
+        let record = DomainSnapshotRecord(
+            domain: "mixed", name: "s", parent: nil, description: nil,
+            createdAt: Date(timeIntervalSince1970: 1_700_000_000),
+            state: .shutoff, memory: nil, disks: [], definition: definition)
         let backends: [any DiskSnapshotBackend] = [Qcow2Backend(), VHDBackend(), LVMBackend()]
         var descriptors: [BackendKind: BackendDescriptor] = [:]
         for backend in backends { descriptors[backend.kind] = backend.descriptor }
         let xml = SnapshotXML.render(record, layouts: [:], descriptors: descriptors)
-        #expect(xml.contains("<disk type='file' device='disk'>\n        <driver name='qemu' type='qcow2'/>\n        <source file='\(a)'/>"), "\(xml)")
-        #expect(xml.contains("<disk type='block' device='disk'>\n        <driver name='qemu' type='raw'/>\n        <source dev='/dev/vg0/data'/>"), "\(xml)")
+        #expect(
+            xml.contains(
+                "<disk type='file' device='disk'>\n        <driver name='qemu' type='qcow2'/>\n        <source file='\(a)'/>"
+            ), "\(xml)")
+        #expect(
+            xml.contains(
+                "<disk type='block' device='disk'>\n        <driver name='qemu' type='raw'/>\n        <source dev='/dev/vg0/data'/>"
+            ), "\(xml)")
         #expect(xml.contains("<driver name='qemu' type='vpc'/>\n        <source file='/vm/c.vhd'/>"), "\(xml)")
     }
 }

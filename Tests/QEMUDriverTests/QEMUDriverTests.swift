@@ -4,7 +4,9 @@ import QEMUDriver
 import SnapshotCore
 import Testing
 
-let hasQEMU = FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-system-x86_64") && FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-io")
+let hasQEMU =
+    FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-system-x86_64")
+    && FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-io")
 
 /// The driver alone against a real QEMU (TCG, no guest OS: the firmware idles), through the
 /// protocol the domain layer uses: lifecycle, the live-disk handle, memory save and restore.
@@ -27,11 +29,20 @@ struct QEMUDriverTests {
     }
 
     func definition(_ disks: [String]) -> DomainDefinition {
-        DomainDefinition(name: "d", memoryMiB: 32, disks: disks.enumerated().map { DomainDisk(target: "vd\(Character(UnicodeScalar(97 + $0.offset)!))", backend: "qcow2", locator: $0.element) }, accel: "tcg")
+        DomainDefinition(
+            name: "d", memoryMiB: 32,
+            disks: disks.enumerated().map {
+                DomainDisk(
+                    target: "vd\(Character(UnicodeScalar(97 + $0.offset)!))", backend: "qcow2", locator: $0.element)
+            }, accel: "tcg")
     }
 
     func drives(_ disks: [String]) -> [DomainDrive] {
-        disks.enumerated().map { DomainDrive(target: "vd\(Character(UnicodeScalar(97 + $0.offset)!))", drive: HypervisorDrive(path: $0.element, format: "qcow2", liveSnapshots: true)) }
+        disks.enumerated().map {
+            DomainDrive(
+                target: "vd\(Character(UnicodeScalar(97 + $0.offset)!))",
+                drive: HypervisorDrive(path: $0.element, format: "qcow2", liveSnapshots: true))
+        }
     }
 
     /// Writes `value` over the first 64 KiB of a drive through QEMU's block layer (HMP qemu-io),
@@ -45,14 +56,17 @@ struct QEMUDriverTests {
     /// True if the image holds `value` over its first 64 KiB, read beside the running QEMU.
     func holds(_ path: String, _ value: UInt8) async throws -> Bool {
         let out = try await runner.execute(["qemu-io", "-r", "-U", "-f", "qcow2", "-c", "read -P \(value) 0 64k", path])
-        return out.standardOutput.contains("read 65536/65536") && !out.standardOutput.contains("Pattern verification failed")
+        return out.standardOutput.contains("read 65536/65536")
+            && !out.standardOutput.contains("Pattern verification failed")
     }
 
     @Test("lifecycle: start paused, resume, pause, state, destroy; a second start is refused")
     func lifecycle() async throws {
         let disk = try await image("a")
         try driver.validate(definition([disk]))
-        #expect(throws: SnapshotError.self) { try driver.validate(DomainDefinition(name: "d", memoryMiB: 32, disks: [], accel: "hvf")) }
+        #expect(throws: SnapshotError.self) {
+            try driver.validate(DomainDefinition(name: "d", memoryMiB: 32, disks: [], accel: "hvf"))
+        }
         #expect(try await driver.runState("d") == .shutoff)
         try await driver.start(definition([disk]), drives: drives([disk]), mode: .boot(paused: true), progress: nil)
         #expect(driver.pid("d") != nil)
@@ -61,14 +75,19 @@ struct QEMUDriverTests {
         #expect(try await driver.runState("d") == .running)
         try await driver.pause("d")
         #expect(try await driver.runState("d") == .paused)
-        await #expect(throws: SnapshotError.self) { try await driver.start(definition([disk]), drives: drives([disk]), mode: .boot(paused: false), progress: nil) }
+        await #expect(throws: SnapshotError.self) {
+            try await driver.start(
+                definition([disk]), drives: drives([disk]), mode: .boot(paused: false), progress: nil)
+        }
         try await driver.destroy("d")
         #expect(driver.pid("d") == nil)
         #expect(try await driver.runState("d") == .shutoff)
         try await driver.destroy("d")  // idempotent
     }
 
-    @Test("live disks: an internal and an external snapshot at one instant, undone while running; a merge into the running layer")
+    @Test(
+        "live disks: an internal and an external snapshot at one instant, undone while running; a merge into the running layer"
+    )
     func liveDisks() async throws {
         let a = try await image("a"), b = try await image("b")
         try await driver.start(definition([a, b]), drives: drives([a, b]), mode: .boot(paused: false), progress: nil)
@@ -77,8 +96,10 @@ struct QEMUDriverTests {
         try await write(live, "drive-vda", 1)
         try await write(live, "drive-vdb", 1)
         let overlay = dir + "/b.s1.qcow2"
-        let snaps = [LiveDiskSnapshot(target: "vda", name: "s1", kind: .internal, overlay: nil, format: "qcow2"),
-                     LiveDiskSnapshot(target: "vdb", name: "s1", kind: .external, overlay: overlay, format: "qcow2")]
+        let snaps = [
+            LiveDiskSnapshot(target: "vda", name: "s1", kind: .internal, overlay: nil, format: "qcow2"),
+            LiveDiskSnapshot(target: "vdb", name: "s1", kind: .external, overlay: overlay, format: "qcow2"),
+        ]
         try await live.pause()
         try await live.snapshotDisks(snaps)
         try await live.resume()
@@ -127,17 +148,21 @@ struct QEMUDriverTests {
         await live.close()
         try await driver.destroy("d")
 
-        try await driver.start(definition([a]), drives: drives([a]), mode: .restoreMemory(path: path, running: false), progress: nil)
+        try await driver.start(
+            definition([a]), drives: drives([a]), mode: .restoreMemory(path: path, running: false), progress: nil)
         #expect(try await driver.runState("d") == .paused)
         try await driver.destroy("d")
-        try await driver.start(definition([a]), drives: drives([a]), mode: .restoreMemory(path: path, running: true), progress: nil)
+        try await driver.start(
+            definition([a]), drives: drives([a]), mode: .restoreMemory(path: path, running: true), progress: nil)
         #expect(try await driver.runState("d") == .running)
         try await driver.destroy("d")
 
         // A damaged image is refused with the reason, and QEMU does not stay behind.
         try Data(repeating: 0x42, count: 4096).write(to: URL(fileURLWithPath: dir + "/bad.vmstate"))
         let error = await #expect(throws: SnapshotError.self) {
-            try await driver.start(definition([a]), drives: drives([a]), mode: .restoreMemory(path: dir + "/bad.vmstate", running: true), progress: nil)
+            try await driver.start(
+                definition([a]), drives: drives([a]), mode: .restoreMemory(path: dir + "/bad.vmstate", running: true),
+                progress: nil)
         }
         #expect(error?.code == .invalidImage, "\(String(describing: error))")
         #expect(driver.pid("d") == nil)
@@ -149,7 +174,9 @@ struct QEMUDriverTests {
         try await driver.start(definition([a]), drives: drives([a]), mode: .boot(paused: true), progress: nil)
         let live = try await driver.connect("d")
         let error = await #expect(throws: SnapshotError.self) {
-            try await live.snapshotDisks([LiveDiskSnapshot(target: "vdz", name: "x", kind: .internal, overlay: nil, format: "qcow2")])
+            try await live.snapshotDisks([
+                LiveDiskSnapshot(target: "vdz", name: "x", kind: .internal, overlay: nil, format: "qcow2")
+            ])
         }
         let qmp = error?.cause as? QMPError
         #expect(qmp != nil && qmp?.errorClass != .unknown, "\(String(describing: error))")

@@ -3,7 +3,8 @@ import SnapshotCore
 import Testing
 
 func scratchDirectory(_ tag: String = "t") -> String {
-    let dir = (NSTemporaryDirectory() as NSString).appendingPathComponent("vmsnap-\(tag)-\(UUID().uuidString.prefix(8))")
+    let dir = (NSTemporaryDirectory() as NSString).appendingPathComponent(
+        "vmsnap-\(tag)-\(UUID().uuidString.prefix(8))")
     try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
     return dir
 }
@@ -15,7 +16,8 @@ struct MetadataStoreTests {
             disk: DiskRecord(id: id, kind: "qcow2", active: id, current: "b"),
             snapshots: [
                 DiskSnapshot(name: "a", kind: .internal, image: id, virtualSize: 1 << 20),
-                DiskSnapshot(name: "b", kind: .internal, image: id, parent: "a", description: "second", virtualSize: 1 << 20),
+                DiskSnapshot(
+                    name: "b", kind: .internal, image: id, parent: "a", description: "second", virtualSize: 1 << 20),
             ],
             layers: [DiskLayer(image: id, backing: nil)])
     }
@@ -29,7 +31,8 @@ struct MetadataStoreTests {
         var after = layout
         after.snapshots.removeAll { $0.name == "a" }
         after.snapshots[0].parent = nil
-        after.snapshots.append(DiskSnapshot(name: "c", kind: .external, image: "/pool/vm.qcow2", parent: "b", virtualSize: 1 << 20))
+        after.snapshots.append(
+            DiskSnapshot(name: "c", kind: .external, image: "/pool/vm.qcow2", parent: "b", virtualSize: 1 << 20))
         after.layers.append(DiskLayer(image: "/pool/vm.c.qcow2", backing: "/pool/vm.qcow2"))
         after.disk.active = "/pool/vm.c.qcow2"
         after.disk.current = "c"
@@ -48,22 +51,28 @@ struct MetadataStoreTests {
         var after = before
         after.disk.current = "a"
         after.snapshots.removeAll { $0.name == "b" }
-        let plan = Plan(operation: "demo", steps: [PlanStep("one", .removeFile("/nonexistent"))], pointOfNoReturn: 0, result: after)
+        let plan = Plan(
+            operation: "demo", steps: [PlanStep("one", .removeFile("/nonexistent"))], pointOfNoReturn: 0, result: after)
         let change = LayoutChange.between(before, after)
-        #expect(change.removeSnapshots == ["b"] && change.upsertSnapshots.isEmpty, "only the changed rows are journaled")
+        #expect(
+            change.removeSnapshots == ["b"] && change.upsertSnapshots.isEmpty, "only the changed rows are journaled")
         let id = try store.beginJournal(diskID: before.disk.id, kind: "qcow2", plan: plan, change: change)
         try store.markSteps(journal: id, done: 1)
         let open = try store.openJournals(diskID: before.disk.id)
-        #expect(open.count == 1 && open[0].stepsDone == 1 && open[0].steps == plan.steps && open[0].change == change && open[0].pointOfNoReturn == 0)
+        #expect(
+            open.count == 1 && open[0].stepsDone == 1 && open[0].steps == plan.steps && open[0].change == change
+                && open[0].pointOfNoReturn == 0)
         try store.completeJournal(id, change: change, stepCount: 1)
         #expect(try store.openJournals().isEmpty)
         #expect(try store.layout(diskID: before.disk.id) == after)
     }
 
-    @Test("a file that is not a database is reported, not overwritten", arguments: [
-        Array("this is not sqlite at all, just text".utf8),
-        Array(repeating: UInt8(0xff), count: 8192),
-    ])
+    @Test(
+        "a file that is not a database is reported, not overwritten",
+        arguments: [
+            Array("this is not sqlite at all, just text".utf8),
+            Array(repeating: UInt8(0xff), count: 8192),
+        ])
     func corruptStore(garbage: [UInt8]) throws {
         let dir = scratchDirectory()
         let path = (dir as NSString).appendingPathComponent(MetadataStore.databaseName)
@@ -94,7 +103,9 @@ struct MetadataStoreTests {
     func diskLock() throws {
         let store = try MetadataStore(directory: scratchDirectory())
         var first: DiskLock? = try DiskLock(store: store, diskID: "/pool/x")
-        let error = try #require(throws: SnapshotError.self) { try DiskLock(store: store, diskID: "/pool/x", timeout: 0.1) }
+        let error = try #require(throws: SnapshotError.self) {
+            try DiskLock(store: store, diskID: "/pool/x", timeout: 0.1)
+        }
         #expect(error.code == .busy)
         _ = try DiskLock(store: store, diskID: "/pool/other", timeout: 0)
         withExtendedLifetime(first) {}

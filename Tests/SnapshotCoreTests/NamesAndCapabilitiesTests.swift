@@ -4,17 +4,23 @@ import Testing
 
 @Suite("Snapshot names")
 struct SnapshotNameTests {
-    @Test("bad names are refused with a reason", arguments: [
-        ("", "empty"), ("a/b", "'/'"), ("a\u{0}b", "NUL"), ("a\tb", "control character"), ("a\u{7f}", "control character"),
-        ("-x", "starts with '-'"), (String(repeating: "é", count: 128), "256 bytes"), (".", "directories"), ("..", "directories"),
-    ])
+    @Test(
+        "bad names are refused with a reason",
+        arguments: [
+            ("", "empty"), ("a/b", "'/'"), ("a\u{0}b", "NUL"), ("a\tb", "control character"),
+            ("a\u{7f}", "control character"),
+            ("-x", "starts with '-'"), (String(repeating: "é", count: 128), "256 bytes"), (".", "directories"),
+            ("..", "directories"),
+        ])
     func refused(name: String, reason: String) throws {
         let error = try #require(throws: SnapshotError.self) { try SnapshotName.validate(name) }
         #expect(error.code == .invalidName)
         #expect(error.message.contains(reason), "message was: \(error.message)")
     }
 
-    @Test("ordinary names pass unchanged", arguments: ["before-upgrade", "s1", "nightly 2026-11-21", "état", String(repeating: "x", count: 255)])
+    @Test(
+        "ordinary names pass unchanged",
+        arguments: ["before-upgrade", "s1", "nightly 2026-11-21", "état", String(repeating: "x", count: 255)])
     func accepted(name: String) throws {
         #expect(try SnapshotName.validate(name) == name)
     }
@@ -31,7 +37,8 @@ struct CapabilityTests {
             try table.require(Capability(.revert, .external, .live), backend: "demo")
         }
         #expect(error.code == .unsupported)
-        #expect(error.message.contains("'demo'") && error.message.contains("revert of external snapshots on live disks"))
+        #expect(
+            error.message.contains("'demo'") && error.message.contains("revert of external snapshots on live disks"))
     }
 
     @Test("all(kinds:states:) fills every operation")
@@ -44,12 +51,18 @@ struct CapabilityTests {
 
 @Suite("Snapshot tree")
 struct SnapshotTreeTests {
-    struct Node: SnapshotTreeNode { var name: String; var parent: String? }
+    struct Node: SnapshotTreeNode {
+        var name: String
+        var parent: String?
+    }
 
     //   a ─ b ─ d
     //    └─ c
     //   e
-    let tree = SnapshotTree([Node(name: "a"), Node(name: "b", parent: "a"), Node(name: "c", parent: "a"), Node(name: "d", parent: "b"), Node(name: "e")])
+    let tree = SnapshotTree([
+        Node(name: "a"), Node(name: "b", parent: "a"), Node(name: "c", parent: "a"), Node(name: "d", parent: "b"),
+        Node(name: "e"),
+    ])
 
     @Test("roots, leaves, children, descendants and ancestors")
     func queries() {
@@ -82,8 +95,12 @@ struct RegistryTests {
         try registry.register(BackendFactory(kind: "dummy") { _ in InertBackend(kind: "dummy") })
         #expect(registry.kinds == ["dummy"])
         #expect(try registry.backend("dummy").kind == "dummy")
-        #expect(throws: SnapshotError.self) { try registry.register(BackendFactory(kind: "dummy") { _ in InertBackend(kind: "dummy") }) }
-        let future = #expect(throws: SnapshotError.self) { try registry.register(BackendFactory(kind: "future", apiVersion: 99) { _ in InertBackend(kind: "dummy") }) }
+        #expect(throws: SnapshotError.self) {
+            try registry.register(BackendFactory(kind: "dummy") { _ in InertBackend(kind: "dummy") })
+        }
+        let future = #expect(throws: SnapshotError.self) {
+            try registry.register(BackendFactory(kind: "future", apiVersion: 99) { _ in InertBackend(kind: "dummy") })
+        }
         #expect(future?.code == .incompatibleBackend)
         let unknown = #expect(throws: SnapshotError.self) { try registry.backend("nope") }
         #expect(unknown?.code == .notFound && unknown?.message.contains("dummy") == true)
@@ -110,7 +127,9 @@ struct CommandRunnerTests {
 
     @Test("a missing program is a clear error")
     func missingProgram() async throws {
-        let error = try await #require(throws: SnapshotError.self) { try await SubprocessRunner().run(["vmsnap-no-such-tool-xyz"]) }
+        let error = try await #require(throws: SnapshotError.self) {
+            try await SubprocessRunner().run(["vmsnap-no-such-tool-xyz"])
+        }
         #expect(error.code == .commandFailed && error.message.contains("vmsnap-no-such-tool-xyz"))
     }
 

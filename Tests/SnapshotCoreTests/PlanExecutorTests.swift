@@ -19,12 +19,18 @@ struct PlanExecutorTests {
         let made = dir + "/made-by-step-1"
         var result = layout
         result.disk.current = "never"
-        let plan = Plan(operation: "doomed", steps: [
-            PlanStep("make a file", .run(["touch", made]), undo: .removeFile(made)),
-            PlanStep("fail", .run(["false"])),
-        ], result: result)
-        let error = await #expect(throws: SnapshotError.self) { try await executor.execute(plan, before: layout, backend: InertBackend(kind: "none")) }
-        #expect(error?.code == .commandFailed && error?.message.contains("backend 'none', step 2 of 2 (fail)") == true, "\(String(describing: error))")
+        let plan = Plan(
+            operation: "doomed",
+            steps: [
+                PlanStep("make a file", .run(["touch", made]), undo: .removeFile(made)),
+                PlanStep("fail", .run(["false"])),
+            ], result: result)
+        let error = await #expect(throws: SnapshotError.self) {
+            try await executor.execute(plan, before: layout, backend: InertBackend(kind: "none"))
+        }
+        #expect(
+            error?.code == .commandFailed && error?.message.contains("backend 'none', step 2 of 2 (fail)") == true,
+            "\(String(describing: error))")
         #expect(error?.cause is CommandError, "the command's own error is kept as the cause")
         #expect(!FileManager.default.fileExists(atPath: made))
         #expect(try store.layout(diskID: layout.disk.id) == layout)
@@ -38,11 +44,15 @@ struct PlanExecutorTests {
         _ = FileManager.default.createFile(atPath: a, contents: Data("payload".utf8))
         var result = layout
         result.disk.active = b
-        let plan = Plan(operation: "move", steps: [
-            PlanStep("rename", .rename(from: a, to: b)),
-            PlanStep("needs the gate file", .run(["test", "-e", gate])),
-        ], pointOfNoReturn: 0, result: result)
-        let error = try await #require(throws: SnapshotError.self) { try await executor.execute(plan, before: layout, backend: InertBackend(kind: "none")) }
+        let plan = Plan(
+            operation: "move",
+            steps: [
+                PlanStep("rename", .rename(from: a, to: b)),
+                PlanStep("needs the gate file", .run(["test", "-e", gate])),
+            ], pointOfNoReturn: 0, result: result)
+        let error = try await #require(throws: SnapshotError.self) {
+            try await executor.execute(plan, before: layout, backend: InertBackend(kind: "none"))
+        }
         #expect(error.code == .recoveryNeeded && error.message.contains("vmsnap recover"))
         let open = try store.openJournals()
         #expect(open.count == 1 && open[0].stepsDone == 1)
@@ -54,21 +64,29 @@ struct PlanExecutorTests {
         #expect(try store.openJournals().isEmpty)
     }
 
-    @Test("a step that reports pending past the point of no return keeps the journal open and the old layout; recovery stays pending until it can finish")
+    @Test(
+        "a step that reports pending past the point of no return keeps the journal open and the old layout; recovery stays pending until it can finish"
+    )
     func pendingStep() async throws {
         let (store, executor, layout, dir) = try setUp()
         let a = dir + "/a", b = dir + "/b", gate = dir + "/activated"
         _ = FileManager.default.createFile(atPath: a, contents: Data("payload".utf8))
         var result = layout
         result.disk.active = b
-        let plan = Plan(operation: "deferred move", steps: [
-            PlanStep("rename", .rename(from: a, to: b)),
-            PlanStep("wait for the storage", .backend(name: "wait-for-file", arguments: ["path": gate])),
-            PlanStep("after the wait", .run(["touch", dir + "/after"])),
-        ], pointOfNoReturn: 0, result: result)
+        let plan = Plan(
+            operation: "deferred move",
+            steps: [
+                PlanStep("rename", .rename(from: a, to: b)),
+                PlanStep("wait for the storage", .backend(name: "wait-for-file", arguments: ["path": gate])),
+                PlanStep("after the wait", .run(["touch", dir + "/after"])),
+            ], pointOfNoReturn: 0, result: result)
         let backend = InertBackend(kind: "none")
-        let error = try await #require(throws: SnapshotError.self) { try await executor.execute(plan, before: layout, backend: backend) }
-        #expect(error.code == .pending && error.message.contains(gate), "the backend's reason, not a generic failure: \(error)")
+        let error = try await #require(throws: SnapshotError.self) {
+            try await executor.execute(plan, before: layout, backend: backend)
+        }
+        #expect(
+            error.code == .pending && error.message.contains(gate),
+            "the backend's reason, not a generic failure: \(error)")
         #expect(try store.layout(diskID: layout.disk.id) == layout, "not claimed done")
         var open = try store.openJournals()
         #expect(open.count == 1 && open[0].stepsDone == 1)
@@ -88,7 +106,8 @@ struct PlanExecutorTests {
     func settings() throws {
         let dir = scratchDirectory("settings")
         #expect(try BackendSettings.load(storeDirectory: dir).isEmpty, "no file, no settings")
-        try "# policy\ncow-size = 256m   # bigger\n\nwarn-percent=70\n".write(toFile: dir + "/settings.conf", atomically: true, encoding: .utf8)
+        try "# policy\ncow-size = 256m   # bigger\n\nwarn-percent=70\n".write(
+            toFile: dir + "/settings.conf", atomically: true, encoding: .utf8)
         let file = try BackendSettings.load(storeDirectory: dir)
         #expect(file == ["cow-size": "256m", "warn-percent": "70"])
         let merged = file.merging(try BackendSettings.parse(pairs: ["cow-size=10%ORIGIN", "x=a=b"])) { $1 }
@@ -109,6 +128,9 @@ struct PlanExecutorTests {
         #expect(FileManager.default.fileExists(atPath: b) && !FileManager.default.fileExists(atPath: a))
         for _ in 0..<2 { try await executor.perform(.removeFile(b), backend: InertBackend(kind: "none")) }
         #expect(!FileManager.default.fileExists(atPath: b))
-        await #expect(throws: SnapshotError.self) { try await executor.perform(.rename(from: dir + "/none", to: dir + "/none2"), backend: InertBackend(kind: "none")) }
+        await #expect(throws: SnapshotError.self) {
+            try await executor.perform(
+                .rename(from: dir + "/none", to: dir + "/none2"), backend: InertBackend(kind: "none"))
+        }
     }
 }

@@ -7,10 +7,12 @@ struct CLI {
     static let binary: String = {
         if let env = ProcessInfo.processInfo.environment["VMSNAP_BIN"] { return env }
         let dir = (CommandLine.arguments[0] as NSString).deletingLastPathComponent
-        for candidate in [dir + "/vmsnap", (dir as NSString).deletingLastPathComponent + "/vmsnap"] where FileManager.default.isExecutableFile(atPath: candidate) {
+        for candidate in [dir + "/vmsnap", (dir as NSString).deletingLastPathComponent + "/vmsnap"]
+        where FileManager.default.isExecutableFile(atPath: candidate) {
             return candidate
         }
-        return URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path + "/.build/debug/vmsnap"
+        return URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().path + "/.build/debug/vmsnap"
     }()
 
     let root: String
@@ -43,7 +45,9 @@ struct CLI {
     @discardableResult
     func ok(_ args: String...) async throws -> String {
         let r = try await run(args)
-        guard r.status == 0 else { throw CLIFailure("vmsnap \(args.joined(separator: " ")) exited \(r.status): \(r.err)") }
+        guard r.status == 0 else {
+            throw CLIFailure("vmsnap \(args.joined(separator: " ")) exited \(r.status): \(r.err)")
+        }
         return r.out
     }
 
@@ -64,23 +68,33 @@ struct CLI {
     }
 
     /// True if `image` (through its chain) holds byte `value` over the range.
-    func holds(_ image: String, _ value: UInt8, at offset: Int = 0, length: Int = 65536, snapshot: String? = nil) async throws -> Bool {
+    func holds(_ image: String, _ value: UInt8, at offset: Int = 0, length: Int = 65536, snapshot: String? = nil)
+        async throws -> Bool
+    {
         var target = image, format = "qcow2"
         if let snapshot {
             // qemu-io cannot open an internal snapshot; qemu-img convert -l can copy it out.
             target = root + "/snapshot-\(UUID().uuidString.prefix(6)).raw"
             format = "raw"
-            try await sh("qemu-img", "convert", "-f", "qcow2", "-l", "snapshot.name=\(snapshot)", "-O", "raw", image, target)
+            try await sh(
+                "qemu-img", "convert", "-f", "qcow2", "-l", "snapshot.name=\(snapshot)", "-O", "raw", image, target)
         }
         defer { if snapshot != nil { unlink(target) } }
-        let out = try await SubprocessRunner().execute(["qemu-io", "-r", "-f", format, "-c", "read -P \(value) \(offset) \(length)", target])
+        let out = try await SubprocessRunner().execute([
+            "qemu-io", "-r", "-f", format, "-c", "read -P \(value) \(offset) \(length)", target,
+        ])
         return out.status == 0 && !out.standardOutput.contains("Pattern verification failed")
     }
 
     /// Records an issue unless `image` holds byte `value` over the range.
-    func expectHolds(_ image: String, _ value: UInt8, at offset: Int = 0, snapshot: String? = nil, sourceLocation: SourceLocation = #_sourceLocation) async throws {
+    func expectHolds(
+        _ image: String, _ value: UInt8, at offset: Int = 0, snapshot: String? = nil,
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) async throws {
         let ok = try await holds(image, value, at: offset, snapshot: snapshot)
-        #expect(ok, "\(image)\(snapshot.map { " at snapshot \($0)" } ?? "") should hold byte \(value) at offset \(offset)", sourceLocation: sourceLocation)
+        #expect(
+            ok, "\(image)\(snapshot.map { " at snapshot \($0)" } ?? "") should hold byte \(value) at offset \(offset)",
+            sourceLocation: sourceLocation)
     }
 
     struct Listing: Decodable {

@@ -30,9 +30,12 @@ struct CLITests {
         #expect(info.contains("\"format\" : \"qcow2\""))
     }
 
-    @Test("each bad snapshot name exits non-zero with a message naming the problem, and changes nothing", arguments: [
-        ("", "empty"), ("a/b", "'/'"), ("tab\there", "control character"), ("-x", "starts with '-'"), (String(repeating: "n", count: 256), "256 bytes"), ("12", "snapshot IDs"),
-    ])
+    @Test(
+        "each bad snapshot name exits non-zero with a message naming the problem, and changes nothing",
+        arguments: [
+            ("", "empty"), ("a/b", "'/'"), ("tab\there", "control character"), ("-x", "starts with '-'"),
+            (String(repeating: "n", count: 256), "256 bytes"), ("12", "snapshot IDs"),
+        ])
     func badNames(name: String, reason: String) async throws {
         let cli = try CLI()
         let disk = try await cli.disk()
@@ -77,7 +80,9 @@ struct CLITests {
         try await cli.ok("disk", "snapshot", "create", disk, "s1")
         var r = try await cli.run(["disk", "snapshot", "delete", disk, "s1", "--children", "--children-only"])
         #expect(r.status == 64 && r.err.contains("conflict"))
-        r = try await cli.run(["disk", "snapshot", "create", disk, "s2", "--kind", "internal", "--overlay-dir", cli.pool])
+        r = try await cli.run([
+            "disk", "snapshot", "create", disk, "s2", "--kind", "internal", "--overlay-dir", cli.pool,
+        ])
         #expect(r.status == 64 && r.err.contains("--overlay-dir"))
         r = try await cli.run(["disk", "snapshot", "list", disk, "--tree", "--json"])
         #expect(r.status == 64)
@@ -106,26 +111,37 @@ struct CLITests {
         let text = try await cli.ok("backend", "list")
         #expect(text.contains("qcow2") && text.contains("delete-subtree") && text.contains("offline"))
         let json = try await cli.ok("backend", "list", "--json")
-        struct Row: Decodable { var kind: BackendKind; var origin: BackendOrigin; var descriptor: BackendDescriptor }
+        struct Row: Decodable {
+            var kind: BackendKind
+            var origin: BackendOrigin
+            var descriptor: BackendDescriptor
+        }
         struct Listing: Decodable { var backends: [Row] }
         let rows = try JSONDecoder().decode(Listing.self, from: Data(json.utf8)).backends
-        #expect(rows.filter { ["qcow2", "lvm", "vhd"].contains($0.kind.rawValue) }.allSatisfy { $0.origin == .builtIn }, "built-in origins")
+        #expect(
+            rows.filter { ["qcow2", "lvm", "vhd"].contains($0.kind.rawValue) }.allSatisfy { $0.origin == .builtIn },
+            "built-in origins")
         let decoded = rows.map(\.descriptor)
         let qcow2 = try #require(decoded.first { $0.kind.rawValue == "qcow2" })
         #expect(qcow2.capabilities.supports(.create, .external, .offline))
         #expect(!qcow2.capabilities.supports(.create, .external, .live), "live qcow2 goes through the QEMU driver")
         let lvm = try #require(decoded.first { $0.kind.rawValue == "lvm" })
         #expect(lvm.capabilities.supports(.create, .external, .live), "a snapshot LV of an open origin")
-        #expect(lvm.capabilities.defers(Capability(.revert, .external, .live)), "a merge into an open origin waits for its next activation")
+        #expect(
+            lvm.capabilities.defers(Capability(.revert, .external, .live)),
+            "a merge into an open origin waits for its next activation")
         #expect(!lvm.capabilities.defers(Capability(.revert, .external, .offline)))
         #expect(!qcow2.capabilities.defers(Capability(.revert, .internal, .offline)))
         #expect(text.contains("deferred"), "the text table marks deferred cells")
     }
 
-    @Test("backend test runs the conformance suite, prints a line per check and a summary, and fails for an unknown kind")
+    @Test(
+        "backend test runs the conformance suite, prints a line per check and a summary, and fails for an unknown kind")
     func backendTest() async throws {
         let cli = try CLI()
-        let r = try await cli.run(["backend", "test", "qcow2", "--pool", cli.pool, "--only", "internal.revert", "external.delete-middle"])
+        let r = try await cli.run([
+            "backend", "test", "qcow2", "--pool", cli.pool, "--only", "internal.revert", "external.delete-middle",
+        ])
         #expect(r.status == 0, "\(r.out)\(r.err)")
         #expect(r.out.contains("PASS  internal.revert") && r.out.contains("PASS  external.delete-middle"))
         #expect(r.out.contains("3 passed, 0 failed, 0 skipped"), "\(r.out)")

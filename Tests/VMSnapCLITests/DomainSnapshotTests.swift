@@ -15,14 +15,27 @@ struct DomainSnapshotTests {
         try await g.running {
             try await cli.ok("domain", "start", g.name)
             try await g.waitCounter(atLeast: 3)
-            let created = try await cli.ok("snapshot", "create", g.name, "--name", "s1", "--description", "counter test", "--json")
-            struct Report: Decodable { var pauseMs: Double?; var snapshot: Snap; struct Snap: Decodable { var memory: Memory?; struct Memory: Decodable { var path: String; var size: UInt64? } } }
+            let created = try await cli.ok(
+                "snapshot", "create", g.name, "--name", "s1", "--description", "counter test", "--json")
+            struct Report: Decodable {
+                var pauseMs: Double?
+                var snapshot: Snap
+                struct Snap: Decodable {
+                    var memory: Memory?
+                    struct Memory: Decodable {
+                        var path: String
+                        var size: UInt64?
+                    }
+                }
+            }
             let report = try JSONDecoder().decode(Report.self, from: Data(created.utf8))
             let pause = try #require(report.pauseMs)
             #expect(pause > 0 && pause < 5000, "guest pause \(pause) ms")
             let memory = try #require(report.snapshot.memory)
             let size = try #require(memory.size)
-            #expect(size > 1 << 20 && size <= UInt64(192 << 20) * 105 / 100, "memory image \(size) bytes for a 192 MiB guest")
+            #expect(
+                size > 1 << 20 && size <= UInt64(192 << 20) * 105 / 100,
+                "memory image \(size) bytes for a 192 MiB guest")
             let attributes = try FileManager.default.attributesOfItem(atPath: memory.path)
             #expect((attributes[.posixPermissions] as? Int) == 0o600)
 
@@ -38,7 +51,9 @@ struct DomainSnapshotTests {
             try await cli.ok("domain", "resume", g.name)
             let resumed = try await g.waitCounter(atLeast: 1, after: mark)
             let first = try #require(g.counters(after: mark).first)
-            #expect(first == vda || first == vda + 1, "memory restored: the guest went on from \(first), its disk held \(vda)")
+            #expect(
+                first == vda || first == vda + 1,
+                "memory restored: the guest went on from \(first), its disk held \(vda)")
             #expect(resumed < later, "the counter restarted from the snapshot (\(resumed) < \(later))")
             #expect(try await g.status().currentSnapshot == "s1")
 
@@ -63,11 +78,15 @@ struct DomainSnapshotTests {
             let m3 = g.mark()
             try await cli.ok("snapshot", "revert", g.name, "i2")
             let fromInternal = try await g.waitCounter(atLeast: 1, after: m3)
-            #expect(fromInternal <= atInternal + 3, "resumed from the internal snapshot's memory (\(fromInternal), snapshot near \(atInternal))")
-            let vmstate = try await SubprocessRunner().run(["qemu-img", "snapshot", "-U", "-l", g.disks[0].path]).standardOutput
+            #expect(
+                fromInternal <= atInternal + 3,
+                "resumed from the internal snapshot's memory (\(fromInternal), snapshot near \(atInternal))")
+            let vmstate = try await SubprocessRunner().run(["qemu-img", "snapshot", "-U", "-l", g.disks[0].path])
+                .standardOutput
             let line = vmstate.split(separator: "\n").first { $0.contains(" i2 ") } ?? ""
             #expect(!line.contains(" 0 B "), "vda holds i2 with its vmstate: \(line)")
-            #expect(try await g.snapshots("--internal").map(\.name) == ["i2"], "s1 keeps its memory in a file: external")
+            #expect(
+                try await g.snapshots("--internal").map(\.name) == ["i2"], "s1 keeps its memory in a file: external")
         }
     }
 
@@ -91,15 +110,20 @@ struct DomainSnapshotTests {
             #expect(try await g.snapshots("--external").count == 2)
             #expect(try await g.snapshots("--internal").isEmpty)
             let xml = try await cli.ok("snapshot", "dumpxml", g.name, "d2")
-            #expect(xml.contains("<state>disk-snapshot</state>") && xml.contains("<memory snapshot='no'/>") && xml.contains("<parent>"))
-            #expect(xml.contains("snapshot='external'") && xml.contains(".d2.qcow2"), "libvirt names the overlay: \(xml)")
+            #expect(
+                xml.contains("<state>disk-snapshot</state>") && xml.contains("<memory snapshot='no'/>")
+                    && xml.contains("<parent>"))
+            #expect(
+                xml.contains("snapshot='external'") && xml.contains(".d2.qcow2"), "libvirt names the overlay: \(xml)")
 
             // Delete d2 while the guest runs: QEMU streams its base into the running layer.
             try await cli.ok("snapshot", "delete", g.name, "d2")
             #expect(try await g.snapshots().map(\.name) == ["e1"])
             let active = try await g.active(g.disks[0])
             let files = try cli.files()
-            #expect(!files.contains { $0.contains(".e1.") }, "d2's image (the overlay e1 made) is merged and gone: \(files)")
+            #expect(
+                !files.contains { $0.contains(".e1.") }, "d2's image (the overlay e1 made) is merged and gone: \(files)"
+            )
             let after = try await g.waitCounter(atLeast: c2 + 2)
             #expect(try await g.diskCounter(active, format: "qcow2") ?? 0 >= c2, "guest kept writing to \(active)")
             try await cli.sh("qemu-img", "check", "-U", "-q", active)
@@ -113,7 +137,8 @@ struct DomainSnapshotTests {
             try e1xml.write(toFile: file, atomically: true, encoding: .utf8)
             try await cli.ok("snapshot", "create", g.name, "--redefine", file, "--current")
             #expect(try await g.snapshots().map(\.name) == ["e1"])
-            #expect(try await cli.ok("snapshot", "current", g.name).trimmingCharacters(in: .whitespacesAndNewlines) == "e1")
+            #expect(
+                try await cli.ok("snapshot", "current", g.name).trimmingCharacters(in: .whitespacesAndNewlines) == "e1")
             let dup = try await cli.run(["snapshot", "create", g.name, "--redefine", file])
             #expect(dup.status != 0 && dup.err.contains("already has a snapshot named"))
 
@@ -135,7 +160,9 @@ struct DomainSnapshotTests {
             let c = try await g.waitCounter(atLeast: 3)
             // A running domain's VHD disk cannot be snapshotted live: refused, nothing changed.
             let refused = try await cli.run(["snapshot", "create", g.name, "--name", "live"])
-            #expect(refused.status != 0 && refused.err.contains("vdb") && refused.err.contains("while the domain runs"), "\(refused.err)")
+            #expect(
+                refused.status != 0 && refused.err.contains("vdb") && refused.err.contains("while the domain runs"),
+                "\(refused.err)")
             #expect(try await g.snapshots().isEmpty)
             #expect(try cli.files().count == 2)
             try await cli.ok("domain", "stop", g.name, "--force")
@@ -172,9 +199,13 @@ struct DomainSnapshotTests {
         let cli = try CLI()
         let g = try await Guest.define(cli, disks: [("vda", "qcow2")])
         try await g.running {
-            func fails(_ args: [String], _ needle: String, environment: [String: String] = [:], sourceLocation: SourceLocation = #_sourceLocation) async throws {
+            func fails(
+                _ args: [String], _ needle: String, environment: [String: String] = [:],
+                sourceLocation: SourceLocation = #_sourceLocation
+            ) async throws {
                 let r = try await cli.run(args, environment: environment)
-                #expect(r.status != 0, "vmsnap \(args.joined(separator: " ")) should fail", sourceLocation: sourceLocation)
+                #expect(
+                    r.status != 0, "vmsnap \(args.joined(separator: " ")) should fail", sourceLocation: sourceLocation)
                 #expect(r.err.contains(needle), "error for \(args): \(r.err)", sourceLocation: sourceLocation)
             }
             try await fails(["snapshot", "create", "nosuch"], "no domain named 'nosuch'")
@@ -184,12 +215,16 @@ struct DomainSnapshotTests {
             let badDef = cli.root + "/bad.json"
             try #"{"name": "x", "memoryMiB": "lots"}"#.write(toFile: badDef, atomically: true, encoding: .utf8)
             try await fails(["domain", "define", badDef], "memoryMiB")
-            try #"{"name": "x", "memoryMiB": 64, "disks": [{"target": "vda", "backend": "qcow2", "locator": "/nonexistent.qcow2"}]}"#.write(toFile: badDef, atomically: true, encoding: .utf8)
+            try
+                #"{"name": "x", "memoryMiB": 64, "disks": [{"target": "vda", "backend": "qcow2", "locator": "/nonexistent.qcow2"}]}"#
+                .write(toFile: badDef, atomically: true, encoding: .utf8)
             try await fails(["domain", "define", badDef], "does not exist")
 
             try await cli.ok("domain", "start", g.name)
             try await g.waitCounter(atLeast: 2)
-            try await fails(["snapshot", "create", g.name, "--disk-only", "--memory-file", cli.root + "/m"], "--disk-only takes no memory")
+            try await fails(
+                ["snapshot", "create", g.name, "--disk-only", "--memory-file", cli.root + "/m"],
+                "--disk-only takes no memory")
             try await fails(["snapshot", "create", g.name, "--disk-only", "--disks", "vdz"], "has no disk vdz")
             try await fails(["domain", "undefine", g.name], "is running")
             // The busybox guest ignores ACPI: a graceful stop times out with the way out named.
@@ -210,7 +245,9 @@ struct DomainSnapshotTests {
             try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)
             try await cli.sh("mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", small)
             let before = try await g.snapshots().count
-            try await fails(["snapshot", "create", g.name, "--name", "full", "--memory-file", small + "/mem"], "no room for the memory image")
+            try await fails(
+                ["snapshot", "create", g.name, "--name", "full", "--memory-file", small + "/mem"],
+                "no room for the memory image")
             let leftInSmall = try FileManager.default.contentsOfDirectory(atPath: small)
             try await cli.sh("umount", small)
             #expect(leftInSmall.isEmpty, "no partial memory file")
@@ -221,7 +258,9 @@ struct DomainSnapshotTests {
 
             // QEMU dies in the middle of a snapshot (after the disks, during the memory save):
             // the error says so, the disk snapshot is undone, the memory file removed.
-            let died = try await cli.run(["snapshot", "create", g.name, "--name", "dies"], environment: ["VMSNAP_DOMAIN_FAULT": "qemu@create:disks-recorded"])
+            let died = try await cli.run(
+                ["snapshot", "create", g.name, "--name", "dies"],
+                environment: ["VMSNAP_DOMAIN_FAULT": "qemu@create:disks-recorded"])
             #expect(died.status != 0 && died.err.contains("QEMU"), "\(died.err)")
             #expect(try await g.snapshots().map(\.name) == ["d1"])
             #expect(try await cli.list(g.disks[0].path).snapshots.map(\.name) == ["d1"])
@@ -236,13 +275,16 @@ struct DomainSnapshotTests {
             try await cli.ok("snapshot", "create", g.name, "--name", "c2")
             #expect(try await g.snapshots("--from", "d1", "--descendants").map(\.name) == ["c1", "c2"])
             let info = try await cli.ok("snapshot", "info", g.name, "c1")
-            #expect(info.contains("parent:      d1") && info.contains("memory:      no") && info.contains("state:       shutoff"), "\(info)")
+            #expect(
+                info.contains("parent:      d1") && info.contains("memory:      no")
+                    && info.contains("state:       shutoff"), "\(info)")
             try await cli.ok("snapshot", "delete", g.name, "d1", "--children-only")
             #expect(try await g.snapshots().map(\.name) == ["d1"])
             #expect(try await cli.list(g.disks[0].path).snapshots.map(\.name) == ["d1"])
             let left = try await SubprocessRunner().run(["qemu-img", "snapshot", "-l", g.disks[0].path]).standardOutput
             #expect(!left.contains("c1") && !left.contains("c2"), "\(left)")
-            #expect(try await cli.ok("snapshot", "current", g.name).trimmingCharacters(in: .whitespacesAndNewlines) == "d1")
+            #expect(
+                try await cli.ok("snapshot", "current", g.name).trimmingCharacters(in: .whitespacesAndNewlines) == "d1")
             try await cli.ok("snapshot", "delete", g.name, "d1", "--children")
             #expect(try await g.snapshots().isEmpty)
             #expect(try await cli.list(g.disks[0].path).snapshots.isEmpty)
@@ -252,7 +294,9 @@ struct DomainSnapshotTests {
             try await fails(["domain", "undefine", g.name], "--snapshots-metadata")
             try await cli.ok("domain", "undefine", g.name, "--snapshots-metadata")
             #expect(!(try await cli.ok("domain", "list")).contains(g.name + "\t"))
-            #expect(try await cli.list(g.disks[0].path).snapshots.map(\.name) == ["keep"], "the disk snapshot stays on the disk")
+            #expect(
+                try await cli.list(g.disks[0].path).snapshots.map(\.name) == ["keep"],
+                "the disk snapshot stays on the disk")
         }
     }
 
@@ -264,23 +308,33 @@ struct DomainSnapshotTests {
         try await g.running {
             try await cli.ok("domain", "start", g.name)
             try await g.waitCounter(atLeast: 2)
-            for (phase, kind) in [("create:prepared", "external"), ("create:paused", "internal"), ("create:transaction", "external"),
-                                  ("create:transaction", "internal"), ("create:disks-recorded", "external"), ("create:memory-saved", "internal"),
-                                  ("create:commit", "external")] {
-                let r = try await cli.run(["snapshot", "create", g.name, "--name", "c", "--kind", kind], environment: ["VMSNAP_DOMAIN_FAULT": phase])
+            for (phase, kind) in [
+                ("create:prepared", "external"), ("create:paused", "internal"), ("create:transaction", "external"),
+                ("create:transaction", "internal"), ("create:disks-recorded", "external"),
+                ("create:memory-saved", "internal"),
+                ("create:commit", "external"),
+            ] {
+                let r = try await cli.run(
+                    ["snapshot", "create", g.name, "--name", "c", "--kind", kind],
+                    environment: ["VMSNAP_DOMAIN_FAULT": phase])
                 #expect(r.status != 0 && r.err.contains("fault injection"), "\(phase): \(r.err)")
                 let rec = try await cli.ok("recover")
                 #expect(rec.contains("recovered domain"), "\(phase): \(rec)")
                 #expect(try await g.snapshots().isEmpty, "\(phase): rolled back")
                 for disk in g.disks {
                     let l = try await cli.list(disk.path)
-                    #expect(l.snapshots.isEmpty && l.active == disk.path, "\(phase) \(disk.target): \(l.snapshots.map(\.name)) active \(l.active)")
-                    let names = try await SubprocessRunner().run(["qemu-img", "snapshot", "-U", "-l", disk.path]).standardOutput
+                    #expect(
+                        l.snapshots.isEmpty && l.active == disk.path,
+                        "\(phase) \(disk.target): \(l.snapshots.map(\.name)) active \(l.active)")
+                    let names = try await SubprocessRunner().run(["qemu-img", "snapshot", "-U", "-l", disk.path])
+                        .standardOutput
                     #expect(!names.contains(" c "), "\(phase): no internal snapshot left in \(disk.path)")
                 }
                 let files = try cli.files()
                 #expect(files.count == 2, "\(phase): no stray overlay: \(files)")
-                #expect(!FileManager.default.fileExists(atPath: cli.store + "/memory/\(g.name)/c.vmstate"), "\(phase): memory file removed")
+                #expect(
+                    !FileManager.default.fileExists(atPath: cli.store + "/memory/\(g.name)/c.vmstate"),
+                    "\(phase): memory file removed")
                 #expect(try await g.status().state == "running", "\(phase): the guest runs again")
                 let m = g.mark()
                 try await g.waitCounter(atLeast: 1, after: m, timeout: 30)
@@ -291,12 +345,15 @@ struct DomainSnapshotTests {
             for phase in ["revert:stopped", "revert:disk-vda", "revert:disk-vdb", "revert:defined"] {
                 try await g.waitCounter(atLeast: atSnapshot + 4)
                 let mark = g.mark()
-                let r = try await cli.run(["snapshot", "revert", g.name, "s1"], environment: ["VMSNAP_DOMAIN_FAULT": phase])
+                let r = try await cli.run(
+                    ["snapshot", "revert", g.name, "s1"], environment: ["VMSNAP_DOMAIN_FAULT": phase])
                 #expect(r.status != 0 && r.err.contains("fault injection"), "\(phase): \(r.err)")
                 try await cli.ok("recover")
                 #expect(try await g.status().state == "running", "\(phase): finished, running")
                 let first = try await g.waitCounter(atLeast: 1, after: mark)
-                #expect(first <= atSnapshot + 2, "\(phase): resumed from the snapshot's memory (\(first), snapshot at \(atSnapshot))")
+                #expect(
+                    first <= atSnapshot + 2,
+                    "\(phase): resumed from the snapshot's memory (\(first), snapshot at \(atSnapshot))")
                 for disk in g.disks { try await cli.sh("qemu-img", "check", "-U", "-q", try await g.active(disk)) }
             }
 
@@ -304,7 +361,8 @@ struct DomainSnapshotTests {
             try await cli.ok("snapshot", "create", g.name, "--name", "s2", "--kind", "external")
             for (index, phase) in ["delete:disk-vda", "delete:memory-removed"].enumerated() {
                 let name = index == 0 ? "s2" : "s1"
-                let r = try await cli.run(["snapshot", "delete", g.name, name], environment: ["VMSNAP_DOMAIN_FAULT": phase])
+                let r = try await cli.run(
+                    ["snapshot", "delete", g.name, name], environment: ["VMSNAP_DOMAIN_FAULT": phase])
                 #expect(r.status != 0, "\(phase)")
                 try await cli.ok("recover")
                 #expect(!(try await g.snapshots().map(\.name).contains(name)), "\(phase): delete finished")

@@ -10,18 +10,23 @@ actor GuestImage {
     private var built: (kernel: String, initrd: String)?
 
     static var repository: String {
-        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().path
     }
 
     func files() async throws -> (kernel: String, initrd: String) {
         if let built { return built }
-        let out = try await SubprocessRunner().run([Self.repository + "/scripts/test-guest", Self.repository + "/.build/guest"])
+        let out = try await SubprocessRunner().run([
+            Self.repository + "/scripts/test-guest", Self.repository + "/.build/guest",
+        ])
         var kernel = "", initrd = ""
         for line in out.standardOutput.split(separator: "\n") {
             if line.hasPrefix("kernel=") { kernel = String(line.dropFirst(7)) }
             if line.hasPrefix("initrd=") { initrd = String(line.dropFirst(7)) }
         }
-        guard !kernel.isEmpty, !initrd.isEmpty else { throw CLIFailure("scripts/test-guest printed no kernel/initrd: \(out.standardOutput)") }
+        guard !kernel.isEmpty, !initrd.isEmpty else {
+            throw CLIFailure("scripts/test-guest printed no kernel/initrd: \(out.standardOutput)")
+        }
         built = (kernel, initrd)
         return (kernel, initrd)
     }
@@ -41,7 +46,10 @@ struct Guest {
     let disks: [Disk]
 
     /// Creates the disks (16 MiB each) and defines the domain.
-    static func define(_ cli: CLI, name: String = "g", disks specs: [(String, String)] = [("vda", "qcow2"), ("vdb", "qcow2")], memoryMiB: Int = 192, fill: Int? = nil) async throws -> Guest {
+    static func define(
+        _ cli: CLI, name: String = "g", disks specs: [(String, String)] = [("vda", "qcow2"), ("vdb", "qcow2")],
+        memoryMiB: Int = 192, fill: Int? = nil
+    ) async throws -> Guest {
         let (kernel, initrd) = try await GuestImage.shared.files()
         var disks: [Disk] = []
         for (target, backend) in specs {
@@ -56,7 +64,10 @@ struct Guest {
         let definition: [String: Any] = [
             "name": name, "memoryMiB": memoryMiB, "vcpus": 1,
             "disks": disks.map { ["target": $0.target, "backend": $0.backend, "locator": $0.path] },
-            "boot": ["kernel": kernel, "initrd": initrd, "cmdline": "console=ttyS0 quiet panic=-1" + (fill.map { " vmsnap.fill=\($0)" } ?? "")],
+            "boot": [
+                "kernel": kernel, "initrd": initrd,
+                "cmdline": "console=ttyS0 quiet panic=-1" + (fill.map { " vmsnap.fill=\($0)" } ?? ""),
+            ],
         ]
         let file = cli.root + "/\(name).json"
         try JSONSerialization.data(withJSONObject: definition).write(to: URL(fileURLWithPath: file))
@@ -86,7 +97,8 @@ struct Guest {
             if let last = counters(after: mark).last, last >= n { return last }
             try await Task.sleep(for: .milliseconds(200))
         }
-        let tail = String(decoding: (FileManager.default.contents(atPath: serialLog) ?? Data()).suffix(600), as: UTF8.self)
+        let tail = String(
+            decoding: (FileManager.default.contents(atPath: serialLog) ?? Data()).suffix(600), as: UTF8.self)
         throw CLIFailure("guest '\(name)' printed no counter >= \(n) within \(Int(timeout)) s; console tail: \(tail)")
     }
 
@@ -103,13 +115,24 @@ struct Guest {
         return Int(text.dropFirst(8))
     }
 
-    struct DomainStatus: Decodable { var state: String; var currentSnapshot: String?; var snapshotCount: Int }
-
-    func status() async throws -> DomainStatus {
-        try JSONDecoder().decode(DomainStatus.self, from: Data(try await cli.ok("domain", "status", name, "--json").utf8))
+    struct DomainStatus: Decodable {
+        var state: String
+        var currentSnapshot: String?
+        var snapshotCount: Int
     }
 
-    struct SnapshotEntry: Decodable { var name: String; var parent: String?; var state: String; var memory: String; var current: Bool }
+    func status() async throws -> DomainStatus {
+        try JSONDecoder().decode(
+            DomainStatus.self, from: Data(try await cli.ok("domain", "status", name, "--json").utf8))
+    }
+
+    struct SnapshotEntry: Decodable {
+        var name: String
+        var parent: String?
+        var state: String
+        var memory: String
+        var current: Bool
+    }
 
     func snapshots(_ filters: String...) async throws -> [SnapshotEntry] {
         let decoder = JSONDecoder()

@@ -15,7 +15,9 @@ final class ReportHandOff: Sendable {
     func take(_ vg: String) -> [LVMBackend.Volume]? {
         slot.withLock { value in
             defer { value = nil }
-            guard let v = value, v.vg == vg, DispatchTime.now().uptimeNanoseconds &- v.at < 2_000_000_000 else { return nil }
+            guard let v = value, v.vg == vg, DispatchTime.now().uptimeNanoseconds &- v.at < 2_000_000_000 else {
+                return nil
+            }
             return v.rows
         }
     }
@@ -31,7 +33,9 @@ public struct LVMBackend: DiskSnapshotBackend {
     /// Reports run in-process through liblvm2cmd (`lvm-library=off` runs them as `lvs`/`vgs`
     /// child processes like every other command).
     public static let factory = BackendFactory(kind: kind, settings: settingsSchema) { env in
-        LVMBackend(runner: env.settings["lvm-library"] == "off" ? env.runner : LVMLibraryRunner(fallback: env.runner), settings: env.settings)
+        LVMBackend(
+            runner: env.settings["lvm-library"] == "off" ? env.runner : LVMLibraryRunner(fallback: env.runner),
+            settings: env.settings)
     }
 
     let runner: any CommandRunning
@@ -48,7 +52,8 @@ public struct LVMBackend: DiskSnapshotBackend {
     public var descriptor: BackendDescriptor {
         BackendDescriptor(
             kind: Self.kind,
-            summary: "LVM logical volumes: classic (CoW) and thin snapshots through lvcreate / lvconvert --merge / lvremove, offline",
+            summary:
+                "LVM logical volumes: classic (CoW) and thin snapshots through lvcreate / lvconvert --merge / lvremove, offline",
             capabilities: Self.capabilities(notes: [
                 "snapshots of an open origin (a running VM's disk) are taken while the domain's vCPUs are paused and QEMU has flushed",
                 "a classic snapshot cannot itself be snapshotted; snapshots are always of the origin volume",
@@ -61,22 +66,34 @@ public struct LVMBackend: DiskSnapshotBackend {
 
     /// The settings the backend reads.
     public static let settingsSchema: [SettingSpec] = [
-        SettingSpec("cow-size", .text, default: "20%ORIGIN", pattern: "[0-9]+(\\.[0-9]+)?(%ORIGIN|%VG|%FREE|%PVS|[bskmgtpe])?",
-                    help: "a classic snapshot's copy-on-write area: a percentage of the origin or VG (20%ORIGIN) or a size (256m)"),
-        SettingSpec("warn-percent", .integer, default: "80", min: 1, max: 100,
-                    help: "fill of a copy-on-write area or thin pool that `disk check` reports and `--repair` acts on"),
-        SettingSpec("extend-percent", .integer, default: "20", min: 1, max: 1000,
-                    help: "how much `disk check --repair` grows a filling area, as a percentage of its size"),
-        SettingSpec("lvm-library", .choice, default: "on", choices: ["on", "off"],
-                    help: "read LVM reports in-process through liblvm2cmd (on) or run lvs/vgs (off)"),
-        SettingSpec("vg", .text, pattern: "[A-Za-z0-9+_.-]+", help: "the volume group scratch disks go into (conformance suite, demo)"),
-        SettingSpec("thin-pool", .text, pattern: "[A-Za-z0-9+_.-]+", help: "the thin pool scratch disks go into; unset for classic volumes"),
+        SettingSpec(
+            "cow-size", .text, default: "20%ORIGIN", pattern: "[0-9]+(\\.[0-9]+)?(%ORIGIN|%VG|%FREE|%PVS|[bskmgtpe])?",
+            help:
+                "a classic snapshot's copy-on-write area: a percentage of the origin or VG (20%ORIGIN) or a size (256m)"
+        ),
+        SettingSpec(
+            "warn-percent", .integer, default: "80", min: 1, max: 100,
+            help: "fill of a copy-on-write area or thin pool that `disk check` reports and `--repair` acts on"),
+        SettingSpec(
+            "extend-percent", .integer, default: "20", min: 1, max: 1000,
+            help: "how much `disk check --repair` grows a filling area, as a percentage of its size"),
+        SettingSpec(
+            "lvm-library", .choice, default: "on", choices: ["on", "off"],
+            help: "read LVM reports in-process through liblvm2cmd (on) or run lvs/vgs (off)"),
+        SettingSpec(
+            "vg", .text, pattern: "[A-Za-z0-9+_.-]+",
+            help: "the volume group scratch disks go into (conformance suite, demo)"),
+        SettingSpec(
+            "thin-pool", .text, pattern: "[A-Za-z0-9+_.-]+",
+            help: "the thin pool scratch disks go into; unset for classic volumes"),
     ]
 
     static func capabilities(notes: [String]) -> CapabilityTable {
         var table = CapabilityTable.all(kinds: [.external], states: [.offline], notes: notes)
         // A snapshot volume is taken or removed without touching the open origin.
-        for op in [SnapshotOperation.create, .delete, .deleteSubtree] { table.supported.insert(Capability(op, .external, .live)) }
+        for op in [SnapshotOperation.create, .delete, .deleteSubtree] {
+            table.supported.insert(Capability(op, .external, .live))
+        }
         // A merge into an open origin waits for its next activation.
         table.deferred.insert(Capability(.revert, .external, .live))
         table.supported.insert(Capability(.revert, .external, .live))
@@ -99,16 +116,21 @@ public struct LVMBackend: DiskSnapshotBackend {
 
     static func isVolumeName(_ s: String) -> Bool {
         let parts = s.split(separator: "/", omittingEmptySubsequences: false)
-        return parts.count == 2 && parts.allSatisfy { !$0.isEmpty && $0.allSatisfy { $0.isLetter || $0.isNumber || "+_.-".contains($0) } }
+        return parts.count == 2
+            && parts.allSatisfy { !$0.isEmpty && $0.allSatisfy { $0.isLetter || $0.isNumber || "+_.-".contains($0) } }
     }
 
     /// Substrings LVM reserves for its internal volumes.
-    static let reservedInfixes = ["_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_imeta", "_iorig", "_mimage", "_mlog", "_pmspare", "_rimage", "_rmeta", "_tdata", "_tmeta", "_vdata", "_vorigin", "_wcorig"]
+    static let reservedInfixes = [
+        "_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_imeta", "_iorig", "_mimage", "_mlog", "_pmspare", "_rimage",
+        "_rmeta", "_tdata", "_tmeta", "_vdata", "_vorigin", "_wcorig",
+    ]
 
     /// Why LVM would refuse `VG/LV` as a volume name, or nil if it would not.
     static func volumeNameProblem(_ s: String) -> String? {
         guard isVolumeName(s) else {
-            return "'\(s)' is not a logical volume name: give it as VG/LV, each part made of letters, digits and + _ . - (for example vg0/web)"
+            return
+                "'\(s)' is not a logical volume name: give it as VG/LV, each part made of letters, digits and + _ . - (for example vg0/web)"
         }
         let parts = s.split(separator: "/").map(String.init)
         for part in parts {
@@ -119,7 +141,8 @@ public struct LVMBackend: DiskSnapshotBackend {
             return "LVM reserves the name '\(parts[1])'"
         }
         if let infix = reservedInfixes.first(where: { parts[1].contains($0) }) {
-            return "'\(parts[1])' contains '\(infix)', which LVM reserves for its internal volumes (a pool's data or metadata, a mirror's log)"
+            return
+                "'\(parts[1])' contains '\(infix)', which LVM reserves for its internal volumes (a pool's data or metadata, a mirror's log)"
         }
         return nil
     }
@@ -148,7 +171,9 @@ public struct LVMBackend: DiskSnapshotBackend {
         var vg_free: String?
         var vg_extent_size: String?
         /// A merging snapshot is hidden: LVM shows it as `[name]`.
-        var name: String { lv_name.hasPrefix("[") && lv_name.hasSuffix("]") ? String(lv_name.dropFirst().dropLast()) : lv_name }
+        var name: String {
+            lv_name.hasPrefix("[") && lv_name.hasSuffix("]") ? String(lv_name.dropFirst().dropLast()) : lv_name
+        }
         var path: String { "\(vg_name)/\(name)" }
         var attr: [Character] { Array(lv_attr) + Array(repeating: "-", count: max(0, 10 - lv_attr.count)) }
         var isThin: Bool { attr[0] == "V" || !pool_lv.isEmpty }
@@ -177,9 +202,13 @@ public struct LVMBackend: DiskSnapshotBackend {
         guard out.status == 0 else {
             let err = out.standardError
             if err.contains("not found") || err.contains("Failed to find") || err.contains("doesn't exist") {
-                throw SnapshotError(.notFound, "\(target): no such volume group or logical volume (\(err.trimmingCharacters(in: .whitespacesAndNewlines)))")
+                throw SnapshotError(
+                    .notFound,
+                    "\(target): no such volume group or logical volume (\(err.trimmingCharacters(in: .whitespacesAndNewlines)))"
+                )
             }
-            throw CommandError(argv: out.argv, status: out.status, standardError: err.trimmingCharacters(in: .whitespacesAndNewlines))
+            throw CommandError(
+                argv: out.argv, status: out.status, standardError: err.trimmingCharacters(in: .whitespacesAndNewlines))
         }
         return try JSONDecoder().decode(Report.self, from: Data(out.standardOutput.utf8)).report.flatMap { $0.lv ?? [] }
     }
@@ -187,19 +216,37 @@ public struct LVMBackend: DiskSnapshotBackend {
     /// Free space and extent size of a volume group (`vgs`).
     func volumeGroup(_ vg: String, from row: Volume? = nil) async throws -> (free: UInt64, extentSize: UInt64) {
         // The lvs report carries its VG's columns.
-        if let row, let free = row.vg_free.flatMap({ UInt64($0) }), let extent = row.vg_extent_size.flatMap({ UInt64($0) }) { return (free, extent) }
-        struct Row: Decodable { var vg_free: String; var vg_extent_size: String }
-        struct VGReport: Decodable { struct Inner: Decodable { var vg: [Row]? }; var report: [Inner] }
+        if let row, let free = row.vg_free.flatMap({ UInt64($0) }),
+            let extent = row.vg_extent_size.flatMap({ UInt64($0) })
+        {
+            return (free, extent)
+        }
+        struct Row: Decodable {
+            var vg_free: String
+            var vg_extent_size: String
+        }
+        struct VGReport: Decodable {
+            struct Inner: Decodable { var vg: [Row]? }
+            var report: [Inner]
+        }
         let out = try await runner.execute(LVMCommands.vgs(vg))
-        guard out.status == 0, let row = try JSONDecoder().decode(VGReport.self, from: Data(out.standardOutput.utf8)).report.first?.vg?.first,
-              let free = UInt64(row.vg_free), let extent = UInt64(row.vg_extent_size) else {
-            throw SnapshotError(.notFound, "volume group \(vg): vgs gave no report (\(out.standardError.trimmingCharacters(in: .whitespacesAndNewlines)))")
+        guard out.status == 0,
+            let row = try JSONDecoder().decode(VGReport.self, from: Data(out.standardOutput.utf8)).report.first?.vg?
+                .first,
+            let free = UInt64(row.vg_free), let extent = UInt64(row.vg_extent_size)
+        else {
+            throw SnapshotError(
+                .notFound,
+                "volume group \(vg): vgs gave no report (\(out.standardError.trimmingCharacters(in: .whitespacesAndNewlines)))"
+            )
         }
         return (free, extent)
     }
 
     func volume(_ path: String) async throws -> Volume {
-        guard let v = try await volumes(path).first else { throw SnapshotError(.notFound, "logical volume \(path) does not exist") }
+        guard let v = try await volumes(path).first else {
+            throw SnapshotError(.notFound, "logical volume \(path) does not exist")
+        }
         return v
     }
 
@@ -208,7 +255,8 @@ public struct LVMBackend: DiskSnapshotBackend {
     /// The LV name for snapshot `name` of origin `lv`: readable where LVM allows, unique always.
     static func snapshotVolumeName(origin lv: String, snapshot name: String) -> String {
         // No `_` at all: LVM reserves names containing `_tmeta`, `_rimage`, `_mlog` and others.
-        let safe = String(name.map { $0.isASCII && ($0.isLetter || $0.isNumber || "+.-".contains($0)) ? $0 : "-" }.prefix(40))
+        let safe = String(
+            name.map { $0.isASCII && ($0.isLetter || $0.isNumber || "+.-".contains($0)) ? $0 : "-" }.prefix(40))
         var hash: UInt32 = 2_166_136_261
         for b in "\(lv)/\(name)".utf8 { hash = (hash ^ UInt32(b)) &* 16_777_619 }
         return "\(lv.prefix(60))-vs-\(safe)-\(String(hash, radix: 16))"
@@ -225,7 +273,11 @@ public struct LVMBackend: DiskSnapshotBackend {
         var out = ""
         for b in s.utf8 {
             let c = Character(UnicodeScalar(b))
-            if b < 0x80, c.isLetter || c.isNumber || "+_.-".contains(c) { out.append(c) } else { out += String(format: ":%02X", b) }
+            if b < 0x80, c.isLetter || c.isNumber || "+_.-".contains(c) {
+                out.append(c)
+            } else {
+                out += String(format: ":%02X", b)
+            }
         }
         return out
     }
@@ -234,9 +286,15 @@ public struct LVMBackend: DiskSnapshotBackend {
         var bytes: [UInt8] = []
         var i = s.startIndex
         while i < s.endIndex {
-            if s[i] == ":", let end = s.index(i, offsetBy: 3, limitedBy: s.endIndex), let b = UInt8(s[s.index(after: i)..<end], radix: 16) {
-                bytes.append(b); i = end
-            } else { bytes += Array(String(s[i]).utf8); i = s.index(after: i) }
+            if s[i] == ":", let end = s.index(i, offsetBy: 3, limitedBy: s.endIndex),
+                let b = UInt8(s[s.index(after: i)..<end], radix: 16)
+            {
+                bytes.append(b)
+                i = end
+            } else {
+                bytes += Array(String(s[i]).utf8)
+                i = s.index(after: i)
+            }
         }
         return String(decoding: bytes, as: UTF8.self)
     }
@@ -247,8 +305,11 @@ public struct LVMBackend: DiskSnapshotBackend {
         let origin = try await volume(normalize(locator: locator))
         let all = try await volumes(origin.vg_name)
         let snaps = all.filter { $0.origin == origin.lv_name }.map {
-            StoredSnapshot(id: $0.path, name: $0.tags.first { $0.hasPrefix("vmsnap.name=") }.map { Self.decode(String($0.dropFirst(12))) } ?? $0.lv_name,
-                           createdAt: Date(timeIntervalSince1970: 0), virtualSize: origin.size)
+            StoredSnapshot(
+                id: $0.path,
+                name: $0.tags.first { $0.hasPrefix("vmsnap.name=") }.map { Self.decode(String($0.dropFirst(12))) }
+                    ?? $0.lv_name,
+                createdAt: Date(timeIntervalSince1970: 0), virtualSize: origin.size)
         }
         return DiskInfo(format: origin.isThin ? "lvm-thin" : "lvm", virtualSize: origin.size, snapshots: snaps)
     }
@@ -260,27 +321,42 @@ public struct LVMBackend: DiskSnapshotBackend {
         if let problem = Self.volumeNameProblem(path) { throw SnapshotError(.invalidName, problem) }
         let origin = try await volume(path)
         if origin.isClassicSnapshot || !origin.origin.isEmpty && origin.tags.contains("vmsnap") {
-            throw SnapshotError(.unsupported, "\(path) is itself a snapshot of \(origin.vg_name)/\(origin.origin), not an origin; snapshot \(origin.vg_name)/\(origin.origin) instead")
+            throw SnapshotError(
+                .unsupported,
+                "\(path) is itself a snapshot of \(origin.vg_name)/\(origin.origin), not an origin; snapshot \(origin.vg_name)/\(origin.origin) instead"
+            )
         }
         switch origin.attr[0] {
-        case "t": throw SnapshotError(.unsupported, "\(path) is a thin pool, not a volume a VM uses; snapshot the thin volumes in it")
+        case "t":
+            throw SnapshotError(
+                .unsupported, "\(path) is a thin pool, not a volume a VM uses; snapshot the thin volumes in it")
         case "-", "o", "O", "V", "r", "R", "m", "M", "C": break
         default:
-            throw SnapshotError(.unsupported, "\(path) is an internal or special volume (lv_attr \(origin.lv_attr)), not one vmsnap can snapshot; give the volume the VM uses")
+            throw SnapshotError(
+                .unsupported,
+                "\(path) is an internal or special volume (lv_attr \(origin.lv_attr)), not one vmsnap can snapshot; give the volume the VM uses"
+            )
         }
         let all = try await volumes(origin.vg_name)
         let mine = "vmsnap.origin=\(Self.encode(origin.lv_name))"
-        let snapshots = all.filter { ($0.origin == origin.lv_name || $0.tags.contains(mine)) && $0.tags.contains("vmsnap") }.compactMap { v -> DiskSnapshot? in
+        let snapshots = all.filter {
+            ($0.origin == origin.lv_name || $0.tags.contains(mine)) && $0.tags.contains("vmsnap")
+        }.compactMap { v -> DiskSnapshot? in
             guard let tag = v.tags.first(where: { $0.hasPrefix("vmsnap.name=") }) else { return nil }
-            return DiskSnapshot(name: Self.decode(String(tag.dropFirst(12))), kind: .external, image: v.path, virtualSize: origin.size)
+            return DiskSnapshot(
+                name: Self.decode(String(tag.dropFirst(12))), kind: .external, image: v.path, virtualSize: origin.size)
         }
-        return DiskLayout(disk: DiskRecord(id: path, kind: Self.kind, active: path), snapshots: snapshots, layers: [DiskLayer(image: path, backing: nil)])
+        return DiskLayout(
+            disk: DiskRecord(id: path, kind: Self.kind, active: path), snapshots: snapshots,
+            layers: [DiskLayer(image: path, backing: nil)])
     }
 
     public func state(of layout: DiskLayout) async throws -> DiskState {
         let vg = Self.vgName(layout.disk.active)
         let all = try await volumes(vg)
-        guard let v = all.first(where: { $0.path == layout.disk.active }) else { throw SnapshotError(.notFound, "logical volume \(layout.disk.active) does not exist") }
+        guard let v = all.first(where: { $0.path == layout.disk.active }) else {
+            throw SnapshotError(.notFound, "logical volume \(layout.disk.active) does not exist")
+        }
         handOff.put(vg, all)
         return v.isOpen ? .live : .offline
     }
@@ -301,7 +377,10 @@ public struct LVMBackend: DiskSnapshotBackend {
     func cowSize() throws -> String {
         let value = settings["cow-size"] ?? "20%ORIGIN"
         guard Self.parseCowSize(value) != nil else {
-            throw SnapshotError(.invalidArgument, "setting cow-size=\(value) is not a size LVM understands: give a percentage of the origin (20%ORIGIN) or a size with a unit (256m, 2g)")
+            throw SnapshotError(
+                .invalidArgument,
+                "setting cow-size=\(value) is not a size LVM understands: give a percentage of the origin (20%ORIGIN) or a size with a unit (256m, 2g)"
+            )
         }
         return value
     }
@@ -316,7 +395,10 @@ public struct LVMBackend: DiskSnapshotBackend {
         let units = "bskmgtpe"
         var number = Substring(lower)
         var unit = "m"  // LVM's default unit
-        if let last = lower.last, units.contains(last) { unit = String(last); number = lower.dropLast() }
+        if let last = lower.last, units.contains(last) {
+            unit = String(last)
+            number = lower.dropLast()
+        }
         guard let n = Double(number), n > 0 else { return nil }
         return (n, unit)
     }
@@ -324,9 +406,17 @@ public struct LVMBackend: DiskSnapshotBackend {
     /// The bytes a classic snapshot of `origin` reserves, where the setting says (nil for VG-relative ones).
     func cowBytes(_ origin: Volume) throws -> UInt64? {
         guard let (n, unit) = Self.parseCowSize(try cowSize()) else { return nil }
-        let shifts: [String: Double] = ["b": 1, "s": 512, "k": 0x1p10, "m": 0x1p20, "g": 0x1p30, "t": 0x1p40, "p": 0x1p50, "e": 0x1p60]
+        let shifts: [String: Double] = [
+            "b": 1, "s": 512, "k": 0x1p10, "m": 0x1p20, "g": 0x1p30, "t": 0x1p40, "p": 0x1p50, "e": 0x1p60,
+        ]
         let bytes: Double
-        if unit == "%origin" { bytes = Double(origin.size) * n / 100 } else if let m = shifts[unit] { bytes = n * m } else { return nil }
+        if unit == "%origin" {
+            bytes = Double(origin.size) * n / 100
+        } else if let m = shifts[unit] {
+            bytes = n * m
+        } else {
+            return nil
+        }
         // LVM caps a copy-on-write area near the origin's size.
         return min(UInt64(bytes.rounded(.up)), origin.size)
     }
@@ -337,7 +427,9 @@ public struct LVMBackend: DiskSnapshotBackend {
     func percentSetting(_ key: String, default value: Double, range: ClosedRange<Double>) throws -> Double {
         guard let raw = settings[key] else { return value }
         guard let v = Double(raw.hasSuffix("%") ? String(raw.dropLast()) : raw), range.contains(v) else {
-            throw SnapshotError(.invalidArgument, "setting \(key)=\(raw) must be a number from \(Int(range.lowerBound)) to \(Int(range.upperBound))")
+            throw SnapshotError(
+                .invalidArgument,
+                "setting \(key)=\(raw) must be a number from \(Int(range.lowerBound)) to \(Int(range.upperBound))")
         }
         return v
     }
@@ -345,14 +437,19 @@ public struct LVMBackend: DiskSnapshotBackend {
     func extendPercent() throws -> Double { try percentSetting("extend-percent", default: 20, range: 1...1000) }
 
     static func bytesText(_ n: UInt64) -> String {
-        n >= 1 << 30 ? String(format: "%.1f GiB", Double(n) / Double(1 << 30)) : n >= 1 << 20 ? String(format: "%.1f MiB", Double(n) / Double(1 << 20)) : "\(n) B"
+        n >= 1 << 30
+            ? String(format: "%.1f GiB", Double(n) / Double(1 << 30))
+            : n >= 1 << 20 ? String(format: "%.1f MiB", Double(n) / Double(1 << 20)) : "\(n) B"
     }
 
     /// Refuses to plan against an origin with a merge vmsnap did not start (it completes at the
     /// origin's next activation and blocks new snapshots until then).
     func requireNoForeignMerge(_ origin: Volume) throws {
         if origin.isMerging {
-            throw SnapshotError(.conflict, "a snapshot merge into \(origin.path) is pending (started outside vmsnap); LVM finishes it when \(origin.path) is next activated and allows no new snapshot until then: close it and run lvchange -an then -ay \(origin.path)")
+            throw SnapshotError(
+                .conflict,
+                "a snapshot merge into \(origin.path) is pending (started outside vmsnap); LVM finishes it when \(origin.path) is next activated and allows no new snapshot until then: close it and run lvchange -an then -ay \(origin.path)"
+            )
         }
     }
 
@@ -368,10 +465,18 @@ public struct LVMBackend: DiskSnapshotBackend {
     }
 
     public func planCreate(_ request: SnapshotRequest, layout: DiskLayout) async throws -> Plan {
-        guard request.kind == .external else { throw SnapshotError.unsupported(Self.kind, Capability(.create, .internal, .offline)) }
-        if request.overlayDirectory != nil { throw SnapshotError(.invalidArgument, "--overlay-dir does not apply to LVM: snapshot volumes live in the origin's volume group") }
+        guard request.kind == .external else {
+            throw SnapshotError.unsupported(Self.kind, Capability(.create, .internal, .offline))
+        }
+        if request.overlayDirectory != nil {
+            throw SnapshotError(
+                .invalidArgument,
+                "--overlay-dir does not apply to LVM: snapshot volumes live in the origin's volume group")
+        }
         let all = try await planningReport(layout)
-        guard let origin = all.first(where: { $0.path == layout.disk.id }) else { throw SnapshotError(.notFound, "logical volume \(layout.disk.id) does not exist") }
+        guard let origin = all.first(where: { $0.path == layout.disk.id }) else {
+            throw SnapshotError(.notFound, "logical volume \(layout.disk.id) does not exist")
+        }
         let lv = Self.snapshotVolumeName(origin: origin.lv_name, snapshot: request.name)
         let target = "\(origin.vg_name)/\(lv)"
         if all.contains(where: { $0.lv_name == lv }) {
@@ -385,11 +490,16 @@ public struct LVMBackend: DiskSnapshotBackend {
             if let pool = thinPool(of: origin, in: all) {
                 let data = pool.fill ?? 0, meta = pool.metadataFill ?? 0
                 if data >= 100 || meta >= 100 {
-                    throw SnapshotError(.noSpace, "thin pool \(pool.path) is full (data \(pool.data_percent)%, metadata \(pool.metadata_percent ?? "?")%): \(origin.path) could not be written after a snapshot. Extend the pool (lvextend -L +SIZE \(pool.path), or `vmsnap disk check --repair \(origin.path)`) or free space in it first")
+                    throw SnapshotError(
+                        .noSpace,
+                        "thin pool \(pool.path) is full (data \(pool.data_percent)%, metadata \(pool.metadata_percent ?? "?")%): \(origin.path) could not be written after a snapshot. Extend the pool (lvextend -L +SIZE \(pool.path), or `vmsnap disk check --repair \(origin.path)`) or free space in it first"
+                    )
                 }
                 let warn = try warnPercent()
                 if max(data, meta) >= warn {
-                    notes.append("thin pool \(pool.path) is \(String(format: "%.0f", max(data, meta)))% full (\(data >= meta ? "data" : "metadata")); extend it before it fills (`vmsnap disk check --repair \(origin.path)`)")
+                    notes.append(
+                        "thin pool \(pool.path) is \(String(format: "%.0f", max(data, meta)))% full (\(data >= meta ? "data" : "metadata")); extend it before it fills (`vmsnap disk check --repair \(origin.path)`)"
+                    )
                 }
             }
             argv = LVMCommands.createThinSnapshot(lv, of: origin.path, tags: tags)
@@ -400,28 +510,47 @@ public struct LVMBackend: DiskSnapshotBackend {
                 // LVM allocates whole extents.
                 let extents = (needed + vg.extentSize - 1) / max(vg.extentSize, 1)
                 if extents * vg.extentSize > vg.free {
-                    throw SnapshotError(.noSpace, "volume group \(origin.vg_name) has \(Self.bytesText(vg.free)) free; the copy-on-write area of this snapshot needs \(Self.bytesText(extents * vg.extentSize)) (cow-size=\(size)). Make free space in the VG (vgextend, or delete snapshots), or pass a smaller --set cow-size=SIZE")
+                    throw SnapshotError(
+                        .noSpace,
+                        "volume group \(origin.vg_name) has \(Self.bytesText(vg.free)) free; the copy-on-write area of this snapshot needs \(Self.bytesText(extents * vg.extentSize)) (cow-size=\(size)). Make free space in the VG (vgextend, or delete snapshots), or pass a smaller --set cow-size=SIZE"
+                    )
                 }
             }
             argv = LVMCommands.createClassicSnapshot(lv, of: origin.path, size: size, tags: tags)
         }
         var result = layout
-        result.snapshots.append(DiskSnapshot(name: request.name, kind: .external, image: target, parent: layout.disk.current, description: request.description, virtualSize: origin.size))
+        result.snapshots.append(
+            DiskSnapshot(
+                name: request.name, kind: .external, image: target, parent: layout.disk.current,
+                description: request.description, virtualSize: origin.size))
         result.disk.current = request.name
-        let step = PlanStep("create \(origin.isThin ? "thin" : "classic") snapshot \(target) of \(origin.path)", .run(argv),
-                            undo: .backend(name: "remove-if-present", arguments: ["lv": target]))
-        return Plan(operation: "create snapshot '\(request.name)' of \(layout.disk.id)", steps: [step], result: result, notes: notes)
+        let step = PlanStep(
+            "create \(origin.isThin ? "thin" : "classic") snapshot \(target) of \(origin.path)", .run(argv),
+            undo: .backend(name: "remove-if-present", arguments: ["lv": target]))
+        return Plan(
+            operation: "create snapshot '\(request.name)' of \(layout.disk.id)", steps: [step], result: result,
+            notes: notes)
     }
 
     public func planRevert(to name: String, layout: DiskLayout) async throws -> Plan {
-        guard let target = layout.snapshot(named: name) else { throw SnapshotError(.notFound, "no snapshot '\(name)' on \(layout.disk.id)") }
+        guard let target = layout.snapshot(named: name) else {
+            throw SnapshotError(.notFound, "no snapshot '\(name)' on \(layout.disk.id)")
+        }
         let all = try await planningReport(layout)
-        guard let origin = all.first(where: { $0.path == layout.disk.id }) else { throw SnapshotError(.notFound, "logical volume \(layout.disk.id) does not exist") }
+        guard let origin = all.first(where: { $0.path == layout.disk.id }) else {
+            throw SnapshotError(.notFound, "logical volume \(layout.disk.id) does not exist")
+        }
         guard let snap = all.first(where: { $0.path == target.image }) else {
-            throw SnapshotError(.notFound, "snapshot '\(name)': volume \(target.image) is missing (removed outside vmsnap?); forget it with --metadata-only")
+            throw SnapshotError(
+                .notFound,
+                "snapshot '\(name)': volume \(target.image) is missing (removed outside vmsnap?); forget it with --metadata-only"
+            )
         }
         if snap.isInvalid {
-            throw SnapshotError(.invalidImage, "snapshot '\(name)' (\(snap.path)) overflowed its copy-on-write area and is invalid: its data is lost; delete it (a larger cow-size avoids this)")
+            throw SnapshotError(
+                .invalidImage,
+                "snapshot '\(name)' (\(snap.path)) overflowed its copy-on-write area and is invalid: its data is lost; delete it (a larger cow-size avoids this)"
+            )
         }
         try requireNotOpen(snap, "close it before reverting")
         try requireNoForeignMerge(origin)
@@ -429,42 +558,69 @@ public struct LVMBackend: DiskSnapshotBackend {
         result.disk.current = name
         let tags = Self.tags(origin: origin.lv_name, snapshot: name)
         if origin.isThin {
-            try requireNotOpen(origin, "a thin revert replaces the volume, which needs it closed: stop the VM (or revert the domain with `vmsnap snapshot revert`) first. (Classic volumes instead start a merge LVM finishes at the next activation.)")
+            try requireNotOpen(
+                origin,
+                "a thin revert replaces the volume, which needs it closed: stop the VM (or revert the domain with `vmsnap snapshot revert`) first. (Classic volumes instead start a merge LVM finishes at the next activation.)"
+            )
             // A thin merge would cut every other thin snapshot off from the origin, so the origin is
             // replaced instead: renamed aside, re-made as a thin snapshot of the snapshot, then removed.
             let aside = "\(origin.vg_name)/\(origin.lv_name.prefix(100))-vs-reverting"
             let steps = [
-                PlanStep("set \(origin.path) aside as \(aside)", .backend(name: "rename-if-present", arguments: ["from": origin.path, "to": aside]),
-                         undo: .backend(name: "rename-if-present", arguments: ["from": aside, "to": origin.path])),
-                PlanStep("make \(origin.path) a thin snapshot of \(snap.path)",
-                         .backend(name: "create-if-absent", arguments: ["lv": origin.path, "argv": LVMCommands.createThinSnapshot(origin.lv_name, of: snap.path, tags: []).joined(separator: "\u{1f}")]),
-                         undo: .backend(name: "remove-if-present", arguments: ["lv": origin.path])),
-                PlanStep("remove the state after the snapshot (\(aside))", .backend(name: "remove-if-present", arguments: ["lv": aside])),
+                PlanStep(
+                    "set \(origin.path) aside as \(aside)",
+                    .backend(name: "rename-if-present", arguments: ["from": origin.path, "to": aside]),
+                    undo: .backend(name: "rename-if-present", arguments: ["from": aside, "to": origin.path])),
+                PlanStep(
+                    "make \(origin.path) a thin snapshot of \(snap.path)",
+                    .backend(
+                        name: "create-if-absent",
+                        arguments: [
+                            "lv": origin.path,
+                            "argv": LVMCommands.createThinSnapshot(origin.lv_name, of: snap.path, tags: []).joined(
+                                separator: "\u{1f}"),
+                        ]),
+                    undo: .backend(name: "remove-if-present", arguments: ["lv": origin.path])),
+                PlanStep(
+                    "remove the state after the snapshot (\(aside))",
+                    .backend(name: "remove-if-present", arguments: ["lv": aside])),
             ]
-            return Plan(operation: "revert \(layout.disk.id) to '\(name)'", steps: steps, pointOfNoReturn: 2, result: result)
+            return Plan(
+                operation: "revert \(layout.disk.id) to '\(name)'", steps: steps, pointOfNoReturn: 2, result: result)
         }
         // Taken again with the copy-on-write size it had (it may have been grown).
         let again = LVMCommands.createClassicSnapshot(snap.name, of: origin.path, size: "\(snap.size)b", tags: tags)
         var notes: [String] = []
         if origin.isOpen {
-            notes.append("\(origin.path) is open: LVM defers the merge until its next activation, so the revert will be pending")
+            notes.append(
+                "\(origin.path) is open: LVM defers the merge until its next activation, so the revert will be pending")
         }
         let steps = [
-            PlanStep("merge \(snap.path) into \(origin.path)", .backend(name: "merge", arguments: ["snapshot": snap.path, "origin": origin.path])),
-            PlanStep("take \(snap.path) again so the snapshot stays available", .backend(name: "create-if-absent", arguments: ["lv": snap.path, "argv": again.joined(separator: "\u{1f}")])),
+            PlanStep(
+                "merge \(snap.path) into \(origin.path)",
+                .backend(name: "merge", arguments: ["snapshot": snap.path, "origin": origin.path])),
+            PlanStep(
+                "take \(snap.path) again so the snapshot stays available",
+                .backend(
+                    name: "create-if-absent", arguments: ["lv": snap.path, "argv": again.joined(separator: "\u{1f}")])),
         ]
-        return Plan(operation: "revert \(layout.disk.id) to '\(name)'", steps: steps, pointOfNoReturn: 0, result: result, notes: notes)
+        return Plan(
+            operation: "revert \(layout.disk.id) to '\(name)'", steps: steps, pointOfNoReturn: 0, result: result,
+            notes: notes)
     }
 
     public func planDelete(_ name: String, mode: DeleteMode, layout: DiskLayout) async throws -> Plan {
-        guard let target = layout.snapshot(named: name) else { throw SnapshotError(.notFound, "no snapshot '\(name)' on \(layout.disk.id)") }
+        guard let target = layout.snapshot(named: name) else {
+            throw SnapshotError(.notFound, "no snapshot '\(name)' on \(layout.disk.id)")
+        }
         // Snapshots of an origin are independent copies: removing one changes no other's data,
         // so "merging into children" is reparenting them in the tree.
         var doomed = [target]
         if mode != .merge { doomed = (mode == .children ? [target] : []) + layout.tree.descendants(of: name) }
         let all = try await planningReport(layout)
         for s in doomed {
-            if let v = all.first(where: { $0.path == s.image }) { try requireNotOpen(v, "close it before deleting the snapshot") }
+            if let v = all.first(where: { $0.path == s.image }) {
+                try requireNotOpen(v, "close it before deleting the snapshot")
+            }
         }
         var result = layout
         let names = Set(doomed.map(\.name))
@@ -472,9 +628,16 @@ public struct LVMBackend: DiskSnapshotBackend {
         for i in result.snapshots.indices where result.snapshots[i].parent.map(names.contains) == true {
             result.snapshots[i].parent = target.parent
         }
-        if let current = layout.disk.current, names.contains(current) { result.disk.current = mode == .childrenOnly ? name : target.parent }
-        let steps = doomed.map { PlanStep("remove \($0.image)", .backend(name: "remove-if-present", arguments: ["lv": $0.image])) }
-        return Plan(operation: "delete \(mode == .merge ? "snapshot '\(name)'" : "the subtree of '\(name)'") of \(layout.disk.id)", steps: steps, pointOfNoReturn: 0, result: result)
+        if let current = layout.disk.current, names.contains(current) {
+            result.disk.current = mode == .childrenOnly ? name : target.parent
+        }
+        let steps = doomed.map {
+            PlanStep("remove \($0.image)", .backend(name: "remove-if-present", arguments: ["lv": $0.image]))
+        }
+        return Plan(
+            operation:
+                "delete \(mode == .merge ? "snapshot '\(name)'" : "the subtree of '\(name)'") of \(layout.disk.id)",
+            steps: steps, pointOfNoReturn: 0, result: result)
     }
 
     // MARK: - Native steps (idempotent)
@@ -518,7 +681,10 @@ public struct LVMBackend: DiskSnapshotBackend {
             if !o.isMerging { return }
         }
         if o.isOpen {
-            throw SnapshotError(.pending, "LVM deferred the merge of \(snap) into \(origin) because \(origin) is open (a running VM or another process); it merges when \(origin) is next activated. Until then \(origin) keeps its current data, and whatever is written to it meanwhile is discarded by the merge. Close it (stop the VM), then run `vmsnap recover` (or any vmsnap command on the disk): vmsnap reactivates the volume, waits for the merge and takes the snapshot again")
+            throw SnapshotError(
+                .pending,
+                "LVM deferred the merge of \(snap) into \(origin) because \(origin) is open (a running VM or another process); it merges when \(origin) is next activated. Until then \(origin) keeps its current data, and whatever is written to it meanwhile is discarded by the merge. Close it (stop the VM), then run `vmsnap recover` (or any vmsnap command on the disk): vmsnap reactivates the volume, waits for the merge and takes the snapshot again"
+            )
         }
         let wasActive = o.isActive
         if wasActive { try await runner.run(LVMCommands.deactivate(origin)) }
@@ -529,9 +695,15 @@ public struct LVMBackend: DiskSnapshotBackend {
         while true {
             o = try await volume(origin)
             if !o.isMerging { break }
-            if o.fill != lastFill { lastFill = o.fill; lastProgress = Date() }
+            if o.fill != lastFill {
+                lastFill = o.fill
+                lastProgress = Date()
+            }
             if Date().timeIntervalSince(lastProgress) > 300 {
-                throw SnapshotError(.commandFailed, "the merge of \(snap) into \(origin) made no progress for 5 minutes (\(o.data_percent)% left); check `lvs -a \(origin)` and the kernel log, then run `vmsnap recover`")
+                throw SnapshotError(
+                    .commandFailed,
+                    "the merge of \(snap) into \(origin) made no progress for 5 minutes (\(o.data_percent)% left); check `lvs -a \(origin)` and the kernel log, then run `vmsnap recover`"
+                )
             }
             if Date().timeIntervalSince(nudged) > 5 {
                 try await runner.run(LVMCommands.activateMerging(origin))
@@ -549,34 +721,52 @@ public struct LVMBackend: DiskSnapshotBackend {
         var actions: [String] = []
         let vg = String(layout.disk.id.split(separator: "/").first ?? "")
         let all = try await volumes(vg)
-        guard let origin = all.first(where: { $0.path == layout.disk.id }) else { throw SnapshotError(.notFound, "logical volume \(layout.disk.id) does not exist") }
+        guard let origin = all.first(where: { $0.path == layout.disk.id }) else {
+            throw SnapshotError(.notFound, "logical volume \(layout.disk.id) does not exist")
+        }
         func extend(_ argv: [String], _ what: String) async throws {
             let out = try await runner.execute(argv)
             guard out.status == 0 else {
                 let err = out.standardError.trimmingCharacters(in: .whitespacesAndNewlines)
                 if err.contains("nsufficient") || err.contains("free space") {
-                    throw SnapshotError(.noSpace, "cannot grow \(what): volume group \(vg) has too little free space (\(err)); add a physical volume (vgextend) or delete snapshots", cause: nil)
+                    throw SnapshotError(
+                        .noSpace,
+                        "cannot grow \(what): volume group \(vg) has too little free space (\(err)); add a physical volume (vgextend) or delete snapshots",
+                        cause: nil)
                 }
                 throw CommandError(argv: argv, status: out.status, standardError: err)
             }
         }
         for s in layout.snapshots {
-            guard let v = all.first(where: { $0.path == s.image }), v.isClassicSnapshot, !v.isInvalid, let fill = v.fill, fill >= warn else { continue }
+            guard let v = all.first(where: { $0.path == s.image }), v.isClassicSnapshot, !v.isInvalid,
+                let fill = v.fill, fill >= warn
+            else { continue }
             let bytes = max(UInt64((Double(v.size) * grow / 100).rounded(.up)), 1)
             try await extend(LVMCommands.extend(v.path, bytes: bytes), "the copy-on-write area of '\(s.name)'")
             let after = try await volume(v.path)
-            actions.append("grew the copy-on-write area of snapshot '\(s.name)' (\(v.path)) from \(Self.bytesText(v.size)) to \(Self.bytesText(after.size)): it was \(v.data_percent)% full, now \(after.data_percent)%")
+            actions.append(
+                "grew the copy-on-write area of snapshot '\(s.name)' (\(v.path)) from \(Self.bytesText(v.size)) to \(Self.bytesText(after.size)): it was \(v.data_percent)% full, now \(after.data_percent)%"
+            )
         }
         if let pool = thinPool(of: origin, in: all) {
             if let fill = pool.fill, fill >= warn {
-                try await extend(LVMCommands.extend(pool.path, bytes: max(UInt64((Double(pool.size) * grow / 100).rounded(.up)), 1)), "thin pool \(pool.path)")
+                try await extend(
+                    LVMCommands.extend(pool.path, bytes: max(UInt64((Double(pool.size) * grow / 100).rounded(.up)), 1)),
+                    "thin pool \(pool.path)")
                 let after = try await volume(pool.path)
-                actions.append("grew thin pool \(pool.path) from \(Self.bytesText(pool.size)) to \(Self.bytesText(after.size)): data was \(pool.data_percent)% full, now \(after.data_percent)%")
+                actions.append(
+                    "grew thin pool \(pool.path) from \(Self.bytesText(pool.size)) to \(Self.bytesText(after.size)): data was \(pool.data_percent)% full, now \(after.data_percent)%"
+                )
             }
             if let fill = pool.metadataFill, fill >= warn, pool.metadataSize > 0 {
-                try await extend(LVMCommands.extendPoolMetadata(pool.path, bytes: max(UInt64((Double(pool.metadataSize) * grow / 100).rounded(.up)), 1)), "the metadata of thin pool \(pool.path)")
+                try await extend(
+                    LVMCommands.extendPoolMetadata(
+                        pool.path, bytes: max(UInt64((Double(pool.metadataSize) * grow / 100).rounded(.up)), 1)),
+                    "the metadata of thin pool \(pool.path)")
                 let after = try await volume(pool.path)
-                actions.append("grew the metadata of thin pool \(pool.path) from \(Self.bytesText(pool.metadataSize)) to \(Self.bytesText(after.metadataSize)): it was \(pool.metadata_percent ?? "?")% full, now \(after.metadata_percent ?? "?")%")
+                actions.append(
+                    "grew the metadata of thin pool \(pool.path) from \(Self.bytesText(pool.metadataSize)) to \(Self.bytesText(after.metadataSize)): it was \(pool.metadata_percent ?? "?")% full, now \(after.metadata_percent ?? "?")%"
+                )
             }
         }
         return actions
@@ -586,27 +776,39 @@ public struct LVMBackend: DiskSnapshotBackend {
     public func verify(layout: DiskLayout) async throws -> [String] {
         var problems: [String] = []
         let all = try await volumes(String(layout.disk.id.split(separator: "/").first ?? ""))
-        guard let origin = all.first(where: { $0.path == layout.disk.id }) else { return ["origin volume \(layout.disk.id) is missing"] }
+        guard let origin = all.first(where: { $0.path == layout.disk.id }) else {
+            return ["origin volume \(layout.disk.id) is missing"]
+        }
         let warn = try warnPercent()
         if origin.isMerging {
-            problems.append("a snapshot merge into \(origin.path) is pending; it finishes when \(origin.path) is next activated")
+            problems.append(
+                "a snapshot merge into \(origin.path) is pending; it finishes when \(origin.path) is next activated")
         }
         if let pool = thinPool(of: origin, in: all) {
             for (what, fill) in [("data", pool.fill), ("metadata", pool.metadataFill)] {
                 if let fill, fill >= warn {
-                    problems.append("thin pool \(pool.path): \(what) \(fill)% full; extend it (`vmsnap disk check --repair \(origin.path)`, or lvextend) before it fills and writes fail")
+                    problems.append(
+                        "thin pool \(pool.path): \(what) \(fill)% full; extend it (`vmsnap disk check --repair \(origin.path)`, or lvextend) before it fills and writes fail"
+                    )
                 }
             }
         }
         for s in layout.snapshots {
-            guard let v = all.first(where: { $0.path == s.image }) else { problems.append("snapshot '\(s.name)': volume \(s.image) is missing"); continue }
-            if v.isInvalid { problems.append("snapshot '\(s.name)': \(v.path) overflowed its copy-on-write area; its data is lost") }
+            guard let v = all.first(where: { $0.path == s.image }) else {
+                problems.append("snapshot '\(s.name)': volume \(s.image) is missing")
+                continue
+            }
+            if v.isInvalid {
+                problems.append("snapshot '\(s.name)': \(v.path) overflowed its copy-on-write area; its data is lost")
+            }
             // Thin snapshots keep no origin link once the origin is replaced by a revert: their tag says whose they are.
             if v.origin != origin.lv_name && !v.tags.contains("vmsnap.origin=\(Self.encode(origin.lv_name))") {
                 problems.append("snapshot '\(s.name)': \(v.path) is not a snapshot of \(origin.path)")
             }
             if !v.isThin, !v.isInvalid, let fill = v.fill, fill >= warn {
-                problems.append("snapshot '\(s.name)': copy-on-write area \(fill)% full; grow it (`vmsnap disk check --repair \(layout.disk.id)`, or lvextend -L +SIZE \(v.path)) before it overflows and the snapshot is lost")
+                problems.append(
+                    "snapshot '\(s.name)': copy-on-write area \(fill)% full; grow it (`vmsnap disk check --repair \(layout.disk.id)`, or lvextend -L +SIZE \(v.path)) before it overflows and the snapshot is lost"
+                )
             }
         }
         return problems
@@ -616,7 +818,9 @@ public struct LVMBackend: DiskSnapshotBackend {
 
     public func createDisk(named name: String, size: UInt64, in pool: BackendPool) async throws -> String {
         guard let vg = pool.options["vg"] ?? settings["vg"] else {
-            throw SnapshotError(.invalidArgument, "the lvm backend needs a volume group: pass --set vg=NAME (and thin-pool=POOL for thin volumes)")
+            throw SnapshotError(
+                .invalidArgument,
+                "the lvm backend needs a volume group: pass --set vg=NAME (and thin-pool=POOL for thin volumes)")
         }
         let lvName = name.map { $0.isLetter || $0.isNumber || "+_.-".contains($0) ? $0 : "_" }
         let thinPool = pool.options["thin-pool"] ?? settings["thin-pool"]
@@ -633,10 +837,15 @@ public struct LVMBackend: DiskSnapshotBackend {
 
     public func write(_ bytes: [UInt8], at offset: UInt64, layout: DiskLayout) async throws {
         let fd = open(devicePath(layout.disk.active), O_WRONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw SnapshotError(.io, "cannot open \(devicePath(layout.disk.active)) for writing: \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else {
+            throw SnapshotError(
+                .io, "cannot open \(devicePath(layout.disk.active)) for writing: \(String(cString: strerror(errno)))")
+        }
         defer { close(fd) }
         let n = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, bytes.count, off_t(offset)) }
-        guard n == bytes.count, fsync(fd) == 0 else { throw SnapshotError(.io, "short write to \(devicePath(layout.disk.active))") }
+        guard n == bytes.count, fsync(fd) == 0 else {
+            throw SnapshotError(.io, "short write to \(devicePath(layout.disk.active))")
+        }
     }
 
     public func read(_ view: DataView, at offset: UInt64, length: Int, layout: DiskLayout) async throws -> [UInt8] {
@@ -647,7 +856,9 @@ public struct LVMBackend: DiskSnapshotBackend {
         }
         if !FileManager.default.fileExists(atPath: devicePath(lv)) { try await runner.run(LVMCommands.activate(lv)) }
         let fd = open(devicePath(lv), O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw SnapshotError(.io, "cannot open \(devicePath(lv)): \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else {
+            throw SnapshotError(.io, "cannot open \(devicePath(lv)): \(String(cString: strerror(errno)))")
+        }
         defer { close(fd) }
         var buffer = [UInt8](repeating: 0, count: length)
         let n = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, length, off_t(offset)) }

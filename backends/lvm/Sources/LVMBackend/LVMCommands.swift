@@ -1,18 +1,24 @@
 /// The LVM command lines the backend runs, as argument arrays built by pure functions.
 public enum LVMCommands {
     /// Columns read with `lvs`, as JSON.
-    public static let lvFields = "lv_name,vg_name,lv_attr,lv_size,origin,pool_lv,data_percent,lv_tags,lv_device_open,lv_merging,lv_active,metadata_percent,lv_metadata_size,vg_free,vg_extent_size"
+    public static let lvFields =
+        "lv_name,vg_name,lv_attr,lv_size,origin,pool_lv,data_percent,lv_tags,lv_device_open,lv_merging,lv_active,metadata_percent,lv_metadata_size,vg_free,vg_extent_size"
 
     public static func lvs(_ target: String) -> [String] {
         ["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", lvFields, target]
     }
 
     public static func vgs(_ vg: String) -> [String] {
-        ["vgs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", "vg_name,vg_size,vg_free,vg_extent_size", vg]
+        [
+            "vgs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o",
+            "vg_name,vg_size,vg_free,vg_extent_size", vg,
+        ]
     }
 
     /// A classic snapshot with a copy-on-write area of `cowSize` (`-L 64m`) or `cowExtents` (`-l 20%ORIGIN`).
-    public static func createClassicSnapshot(_ name: String, of origin: String, size: String, tags: [String]) -> [String] {
+    public static func createClassicSnapshot(_ name: String, of origin: String, size: String, tags: [String])
+        -> [String]
+    {
         let sizeArgs = size.contains("%") ? ["-l", size] : ["-L", size]
         return ["lvcreate", "-q", "-s", "-n", name] + sizeArgs + tags.flatMap { ["--addtag", $0] } + [origin]
     }
@@ -46,5 +52,7 @@ public enum LVMCommands {
     public static func extend(_ lv: String, bytes: UInt64) -> [String] { ["lvextend", "-q", "-L", "+\(bytes)b", lv] }
 
     /// Grows a thin pool's metadata by `bytes`.
-    public static func extendPoolMetadata(_ pool: String, bytes: UInt64) -> [String] { ["lvextend", "-q", "--poolmetadatasize", "+\(bytes)b", pool] }
+    public static func extendPoolMetadata(_ pool: String, bytes: UInt64) -> [String] {
+        ["lvextend", "-q", "--poolmetadatasize", "+\(bytes)b", pool]
+    }
 }

@@ -39,8 +39,11 @@ final class LVMLibraryRunner: CommandRunning, @unchecked Sendable {
             lvm2_log_fn { level, _, _, _, message in
                 guard let message else { return }
                 let line = String(cString: message)
-                if level == LVM2_LOG_PRINT, !line.hasPrefix("WARNING") { LVMLibraryRunner.output.append(line) }
-                else if level <= LVM2_LOG_VERBOSE { LVMLibraryRunner.errors.append(line) }
+                if level == LVM2_LOG_PRINT, !line.hasPrefix("WARNING") {
+                    LVMLibraryRunner.output.append(line)
+                } else if level <= LVM2_LOG_VERBOSE {
+                    LVMLibraryRunner.errors.append(line)
+                }
             }
             handle = lvm2_init()
             umask(mask)
@@ -48,8 +51,9 @@ final class LVMLibraryRunner: CommandRunning, @unchecked Sendable {
         output = []
         errors = []
         let status = lvm2_run(handle, argv.joined(separator: " "))
-        let out = CommandOutput(argv: argv, status: status == LVM2_COMMAND_SUCCEEDED ? 0 : 5,
-                                standardOutput: output.joined(separator: "\n") + "\n", standardError: errors.joined(separator: "\n"))
+        let out = CommandOutput(
+            argv: argv, status: status == LVM2_COMMAND_SUCCEEDED ? 0 : 5,
+            standardOutput: output.joined(separator: "\n") + "\n", standardError: errors.joined(separator: "\n"))
         output = []
         errors = []
         return out

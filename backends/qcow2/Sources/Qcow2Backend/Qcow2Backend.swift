@@ -10,11 +10,13 @@ public struct Qcow2Backend: DiskSnapshotBackend {
     public static let kind: BackendKind = "qcow2"
 
     /// Registers the backend under `qcow2`.
-    public static let factory = BackendFactory(kind: kind, settings: settingsSchema) { env in Qcow2Backend(runner: env.runner, settings: env.settings) }
+    public static let factory = BackendFactory(kind: kind, settings: settingsSchema) { env in
+        Qcow2Backend(runner: env.runner, settings: env.settings)
+    }
 
     /// The settings the backend reads.
     public static let settingsSchema: [SettingSpec] = [
-        SettingSpec("overlay-dir", .path, help: "where new overlays go (default: beside the active image)"),
+        SettingSpec("overlay-dir", .path, help: "where new overlays go (default: beside the active image)")
     ]
 
     let runner: any CommandRunning
@@ -30,11 +32,13 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         BackendDescriptor(
             kind: Self.kind,
             summary: "qcow2 images through qemu-img: internal and external snapshots, offline",
-            capabilities: .all(kinds: [.internal, .external], states: [.offline], notes: [
-                "live disks (open by a running QEMU) go through the QEMU driver's QMP path, not this backend",
-                "snapshot names made only of digits are refused: qemu-img would read them as snapshot IDs",
-                "an internal snapshot inside an image that external snapshots now build on cannot be reverted in place",
-            ]),
+            capabilities: .all(
+                kinds: [.internal, .external], states: [.offline],
+                notes: [
+                    "live disks (open by a running QEMU) go through the QEMU driver's QMP path, not this backend",
+                    "snapshot names made only of digits are refused: qemu-img would read them as snapshot IDs",
+                    "an internal snapshot inside an image that external snapshots now build on cannot be reverted in place",
+                ]),
             settings: Self.settingsSchema, liveSnapshots: .hypervisor, imageFormat: "qcow2", sourceType: .file)
     }
 
@@ -52,7 +56,10 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         }
         let img = try Qcow2Image(path: path)
         if img.isCorrupt {
-            throw SnapshotError(.invalidImage, "\(path) is marked corrupt by QEMU; repair it with `qemu-img check -r all \(path)` (after a backup) before snapshotting")
+            throw SnapshotError(
+                .invalidImage,
+                "\(path) is marked corrupt by QEMU; repair it with `qemu-img check -r all \(path)` (after a backup) before snapshotting"
+            )
         }
         return img
     }
@@ -69,16 +76,24 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         let allocated = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? UInt64) ?? nil
         return DiskInfo(
             format: "qcow2", virtualSize: img.virtualSize, allocatedSize: allocated, backingChain: chain,
-            snapshots: img.snapshots.map { StoredSnapshot(id: $0.id, name: $0.name, createdAt: $0.date, virtualSize: $0.diskSize ?? img.virtualSize, stateSize: $0.vmStateSize) })
+            snapshots: img.snapshots.map {
+                StoredSnapshot(
+                    id: $0.id, name: $0.name, createdAt: $0.date, virtualSize: $0.diskSize ?? img.virtualSize,
+                    stateSize: $0.vmStateSize)
+            })
     }
 
     public func adopt(locator: String) async throws -> DiskLayout {
         let path = normalize(locator: locator)
         let img = try image(path)
         let snapshots = img.snapshots.map {
-            DiskSnapshot(name: $0.name, kind: .internal, image: path, backendID: $0.id, createdAt: $0.date, virtualSize: $0.diskSize ?? img.virtualSize)
+            DiskSnapshot(
+                name: $0.name, kind: .internal, image: path, backendID: $0.id, createdAt: $0.date,
+                virtualSize: $0.diskSize ?? img.virtualSize)
         }
-        return DiskLayout(disk: DiskRecord(id: path, kind: Self.kind, active: path), snapshots: snapshots, layers: [DiskLayer(image: path, backing: img.resolvedBackingFile)])
+        return DiskLayout(
+            disk: DiskRecord(id: path, kind: Self.kind, active: path), snapshots: snapshots,
+            layers: [DiskLayer(image: path, backing: img.resolvedBackingFile)])
     }
 
     public func state(of layout: DiskLayout) async throws -> DiskState {
@@ -88,13 +103,19 @@ public struct Qcow2Backend: DiskSnapshotBackend {
     /// Refuses to touch an image that a QEMU process holds.
     static func requireNotInUse(_ images: [String]) throws {
         for image in Set(images) where QemuImageLock.isHeld(image) {
-            throw SnapshotError(.inUse, "\(image) is in use by a running QEMU (it holds the image lock); shut the VM down, or snapshot it through `vmsnap snapshot` while it runs")
+            throw SnapshotError(
+                .inUse,
+                "\(image) is in use by a running QEMU (it holds the image lock); shut the VM down, or snapshot it through `vmsnap snapshot` while it runs"
+            )
         }
     }
 
     func requireBackendName(_ name: String) throws {
         if !name.isEmpty, name.allSatisfy(\.isASCII), name.allSatisfy(\.isNumber) {
-            throw SnapshotError(.invalidName, "invalid snapshot name '\(name)': qcow2 names made only of digits clash with snapshot IDs; add a letter (for example 's\(name)')")
+            throw SnapshotError(
+                .invalidName,
+                "invalid snapshot name '\(name)': qcow2 names made only of digits clash with snapshot IDs; add a letter (for example 's\(name)')"
+            )
         }
     }
 
@@ -106,14 +127,20 @@ public struct Qcow2Backend: DiskSnapshotBackend {
             actions: .init(
                 createOverlay: { overlay, base in .run(Qcow2Commands.createOverlay(overlay, backing: base)) },
                 commitAndMove: { child, base in
-                    [PlanStep("merge \(child) into \(base)", .run(Qcow2Commands.commit(child))),
-                     PlanStep("move \(base) to \(child)", .rename(from: base, to: child))]
+                    [
+                        PlanStep("merge \(child) into \(base)", .run(Qcow2Commands.commit(child))),
+                        PlanStep("move \(base) to \(child)", .rename(from: base, to: child)),
+                    ]
                 },
                 rebase: { child, oldBase, newBase in
-                    let format = try newBase.map { b in try Qcow2Image.hasMagic(b) ? "qcow2" : (Qcow2Image(path: oldBase).backingFormat ?? "raw") }
+                    let format = try newBase.map { b in
+                        try Qcow2Image.hasMagic(b) ? "qcow2" : (Qcow2Image(path: oldBase).backingFormat ?? "raw")
+                    }
                     return .run(Qcow2Commands.rebase(child, onto: newBase, backingFormat: format))
                 },
-                deleteInternal: { image, name in .backend(name: "delete-internal-if-present", arguments: ["image": image, "name": name]) },
+                deleteInternal: { image, name in
+                    .backend(name: "delete-internal-if-present", arguments: ["image": image, "name": name])
+                },
                 requireNotInUse: { images in try Qcow2Backend.requireNotInUse(images) }),
             fileExtension: "qcow2", knownExtensions: [".qcow2", ".qcow", ".img"])
     }
@@ -128,32 +155,45 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         let active = layout.disk.active
         let img = try image(active)
         if img.snapshots.contains(where: { $0.name == request.name }) {
-            throw SnapshotError(.alreadyExists, "\(active) already holds an internal snapshot named '\(request.name)' (made outside vmsnap); pick another name")
+            throw SnapshotError(
+                .alreadyExists,
+                "\(active) already holds an internal snapshot named '\(request.name)' (made outside vmsnap); pick another name"
+            )
         }
         switch request.kind {
         case .external:
             var planner = chain
             if live { planner.actions.requireNotInUse = { _ in } }
-            return try planner.planCreateExternal(request, layout: layout, virtualSize: img.virtualSize, overlayDirectory: request.overlayDirectory ?? settings["overlay-dir"])
+            return try planner.planCreateExternal(
+                request, layout: layout, virtualSize: img.virtualSize,
+                overlayDirectory: request.overlayDirectory ?? settings["overlay-dir"])
         case .internal:
             if request.overlayDirectory != nil {
-                throw SnapshotError(.invalidArgument, "--overlay-dir applies to external snapshots only; an internal snapshot stays inside \(active)")
+                throw SnapshotError(
+                    .invalidArgument,
+                    "--overlay-dir applies to external snapshots only; an internal snapshot stays inside \(active)")
             }
             if !live { try Self.requireNotInUse([active]) }
             var result = layout
-            result.snapshots.append(DiskSnapshot(
-                name: request.name, kind: .internal, image: active, parent: layout.disk.current,
-                description: request.description, virtualSize: img.virtualSize))
+            result.snapshots.append(
+                DiskSnapshot(
+                    name: request.name, kind: .internal, image: active, parent: layout.disk.current,
+                    description: request.description, virtualSize: img.virtualSize))
             result.disk.current = request.name
             let step = PlanStep(
-                "create internal snapshot '\(request.name)' in \(active)", .run(Qcow2Commands.createInternal(request.name, image: active)),
+                "create internal snapshot '\(request.name)' in \(active)",
+                .run(Qcow2Commands.createInternal(request.name, image: active)),
                 undo: .backend(name: "delete-internal-if-present", arguments: ["image": active, "name": request.name]))
-            return Plan(operation: "create internal snapshot '\(request.name)' of \(layout.disk.id)", steps: [step], result: result)
+            return Plan(
+                operation: "create internal snapshot '\(request.name)' of \(layout.disk.id)", steps: [step],
+                result: result)
         }
     }
 
     public func planRevert(to name: String, layout: DiskLayout) async throws -> Plan {
-        guard let target = layout.snapshot(named: name) else { throw SnapshotError(.notFound, "no snapshot '\(name)' on \(layout.disk.id)") }
+        guard let target = layout.snapshot(named: name) else {
+            throw SnapshotError(.notFound, "no snapshot '\(name)' on \(layout.disk.id)")
+        }
         _ = try image(target.image)
         if target.kind == .external {
             return try chain.planRevertExternal(to: target, layout: layout, overlayDirectory: settings["overlay-dir"])
@@ -161,26 +201,39 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         // Internal: apply it in the image that holds it, which must not be a base other layers read.
         let holder = target.image
         if let frozen = layout.externalSnapshot(frozenAt: holder) {
-            throw SnapshotError(.conflict, "cannot revert to internal snapshot '\(name)': it is inside \(holder), which external snapshot '\(frozen.name)' keeps read-only for the layers built on it; applying it there would change what they read. Delete '\(frozen.name)' first (its changes merge into its children), or copy the snapshot out with `qemu-img convert -l snapshot.name=\(name)`")
+            throw SnapshotError(
+                .conflict,
+                "cannot revert to internal snapshot '\(name)': it is inside \(holder), which external snapshot '\(frozen.name)' keeps read-only for the layers built on it; applying it there would change what they read. Delete '\(frozen.name)' first (its changes merge into its children), or copy the snapshot out with `qemu-img convert -l snapshot.name=\(name)`"
+            )
         }
         if !layout.children(ofLayer: holder).isEmpty {
-            throw SnapshotError(.conflict, "cannot revert to internal snapshot '\(name)': other layers read through \(holder)")
+            throw SnapshotError(
+                .conflict, "cannot revert to internal snapshot '\(name)': other layers read through \(holder)")
         }
         try Self.requireNotInUse([holder, layout.disk.active])
         var result = layout
         result.disk.current = name
         result.disk.active = holder
-        var steps = [PlanStep("apply internal snapshot '\(name)' to \(holder)", .run(Qcow2Commands.applyInternal(name, image: holder)))]
+        var steps = [
+            PlanStep(
+                "apply internal snapshot '\(name)' to \(holder)", .run(Qcow2Commands.applyInternal(name, image: holder))
+            )
+        ]
         let notes = chain.discardingOldActive(layout.disk.active, result: &result, steps: &steps)
-        return Plan(operation: "revert \(layout.disk.id) to '\(name)'", steps: steps, pointOfNoReturn: 0, result: result, notes: notes)
+        return Plan(
+            operation: "revert \(layout.disk.id) to '\(name)'", steps: steps, pointOfNoReturn: 0, result: result,
+            notes: notes)
     }
 
     public func planDelete(_ name: String, mode: DeleteMode, layout: DiskLayout) async throws -> Plan {
-        guard let target = layout.snapshot(named: name) else { throw SnapshotError(.notFound, "no snapshot '\(name)' on \(layout.disk.id)") }
+        guard let target = layout.snapshot(named: name) else {
+            throw SnapshotError(.notFound, "no snapshot '\(name)' on \(layout.disk.id)")
+        }
         switch (mode, target.kind) {
         case (.merge, .internal): return try chain.planDeleteInternal(target, layout: layout)
         case (.merge, .external): return try chain.planMergeExternal(target, layout: layout)
-        case (.children, _), (.childrenOnly, _): return try chain.planSubtree(target, includeSelf: mode == .children, layout: layout)
+        case (.children, _), (.childrenOnly, _):
+            return try chain.planSubtree(target, includeSelf: mode == .children, layout: layout)
         }
     }
 
@@ -201,12 +254,16 @@ public struct Qcow2Backend: DiskSnapshotBackend {
 
     /// QEMU died after taking a snapshot vmsnap never recorded: an internal one is deleted from
     /// the image; an overlay has what the guest wrote since merged back into its base, then goes.
-    public func undoUnrecordedLiveSnapshot(_ name: String, kind: SnapshotKind, before: DiskLayout, after: DiskLayout?) async throws {
+    public func undoUnrecordedLiveSnapshot(_ name: String, kind: SnapshotKind, before: DiskLayout, after: DiskLayout?)
+        async throws
+    {
         switch kind {
         case .internal:
             try await perform("delete-internal-if-present", arguments: ["image": before.disk.active, "name": name])
         case .external:
-            guard let overlay = after?.disk.active, overlay != before.disk.active, FileManager.default.fileExists(atPath: overlay) else { return }
+            guard let overlay = after?.disk.active, overlay != before.disk.active,
+                FileManager.default.fileExists(atPath: overlay)
+            else { return }
             try await runner.run(Qcow2Commands.commit(overlay))
             unlink(overlay)
         }
@@ -237,12 +294,18 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         var problems: [String] = []
         for layer in layout.layers {
             guard FileManager.default.fileExists(atPath: layer.image) else {
-                problems.append("\(layer.image): missing"); continue
+                problems.append("\(layer.image): missing")
+                continue
             }
             let out = try await runner.execute(Qcow2Commands.check(layer.image))
-            if out.status != 0 { problems.append("\(layer.image): qemu-img check exited \(out.status): \(out.standardError)\(out.standardOutput)") }
+            if out.status != 0 {
+                problems.append(
+                    "\(layer.image): qemu-img check exited \(out.status): \(out.standardError)\(out.standardOutput)")
+            }
             if let img = try? Qcow2Image(path: layer.image), img.resolvedBackingFile != layer.backing {
-                problems.append("\(layer.image): backing file is \(img.resolvedBackingFile ?? "none"), metadata says \(layer.backing ?? "none")")
+                problems.append(
+                    "\(layer.image): backing file is \(img.resolvedBackingFile ?? "none"), metadata says \(layer.backing ?? "none")"
+                )
             }
         }
         for snap in layout.snapshots where snap.kind == .internal {
@@ -258,7 +321,9 @@ public struct Qcow2Backend: DiskSnapshotBackend {
     public func createDisk(named name: String, size: UInt64, in pool: BackendPool) async throws -> String {
         try SnapshotName.validate(name)
         let path = (pool.directory as NSString).appendingPathComponent("\(name).qcow2")
-        guard !FileManager.default.fileExists(atPath: path) else { throw SnapshotError(.alreadyExists, "\(path) already exists") }
+        guard !FileManager.default.fileExists(atPath: path) else {
+            throw SnapshotError(.alreadyExists, "\(path) already exists")
+        }
         try await runner.run(Qcow2Commands.createImage(path, size: size))
         return path
     }
@@ -269,14 +334,17 @@ public struct Qcow2Backend: DiskSnapshotBackend {
 
     public func write(_ bytes: [UInt8], at offset: UInt64, layout: DiskLayout) async throws {
         let source = try ScratchFile(contents: bytes)
-        try await runner.run(Qcow2Commands.write(from: source.path, at: offset, length: bytes.count, image: layout.disk.active))
+        try await runner.run(
+            Qcow2Commands.write(from: source.path, at: offset, length: bytes.count, image: layout.disk.active))
     }
 
     public func read(_ view: DataView, at offset: UInt64, length: Int, layout: DiskLayout) async throws -> [UInt8] {
         var image = layout.disk.active
         var snapshotName: String?
         if case .snapshot(let name) = view {
-            guard let snap = layout.snapshot(named: name) else { throw SnapshotError(.notFound, "no snapshot '\(name)'") }
+            guard let snap = layout.snapshot(named: name) else {
+                throw SnapshotError(.notFound, "no snapshot '\(name)'")
+            }
             image = snap.image
             if snap.kind == .internal { snapshotName = name }
         }
@@ -295,9 +363,12 @@ final class ScratchFile {
     let path: String
 
     init(contents: [UInt8]) throws {
-        var template = Array((NSTemporaryDirectory() as NSString).appendingPathComponent("vmsnap-io-XXXXXX").utf8CString)
+        var template = Array(
+            (NSTemporaryDirectory() as NSString).appendingPathComponent("vmsnap-io-XXXXXX").utf8CString)
         let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-        guard fd >= 0 else { throw SnapshotError(.io, "cannot create a temporary file: \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else {
+            throw SnapshotError(.io, "cannot create a temporary file: \(String(cString: strerror(errno)))")
+        }
         path = String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
         let written = contents.withUnsafeBytes { Foundation.write(fd, $0.baseAddress, $0.count) }
         close(fd)

@@ -1,7 +1,7 @@
 import Foundation
 import SnapshotCore
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A read-only view of a qcow2 header and snapshot table, parsed natively: listing 1,000
@@ -58,17 +58,23 @@ public struct Qcow2Image: Sendable, Hashable {
         func bad(_ why: String) -> SnapshotError {
             SnapshotError(.invalidImage, "\(path) is not a usable qcow2 image: \(why)")
         }
-        guard header.count >= 72 else { throw bad("the file is only \(header.count) bytes long, shorter than a qcow2 header") }
+        guard header.count >= 72 else {
+            throw bad("the file is only \(header.count) bytes long, shorter than a qcow2 header")
+        }
         guard header.bigEndianUInt32(at: 0) == Self.magic else {
             let start = header.prefix(4).map { String(format: "%02x", $0) }.joined(separator: " ")
-            throw bad("it does not start with the qcow2 magic 'QFI\\xfb' (it starts with \(start)); convert it with `qemu-img convert -O qcow2`")
+            throw bad(
+                "it does not start with the qcow2 magic 'QFI\\xfb' (it starts with \(start)); convert it with `qemu-img convert -O qcow2`"
+            )
         }
         version = header.bigEndianUInt32(at: 4)
         guard version == 2 || version == 3 else { throw bad("unsupported qcow2 version \(version)") }
         let backingOffset = header.bigEndianUInt64(at: 8)
         let backingSize = header.bigEndianUInt32(at: 16)
         clusterBits = header.bigEndianUInt32(at: 20)
-        guard (9...21).contains(clusterBits) else { throw bad("cluster_bits \(clusterBits) is out of range (9-21) at offset 20") }
+        guard (9...21).contains(clusterBits) else {
+            throw bad("cluster_bits \(clusterBits) is out of range (9-21) at offset 20")
+        }
         virtualSize = header.bigEndianUInt64(at: 24)
         let snapshotCount = header.bigEndianUInt32(at: 60)
         let snapshotsOffset = header.bigEndianUInt64(at: 64)
@@ -102,18 +108,25 @@ public struct Qcow2Image: Sendable, Hashable {
         guard snapshotCount <= 65536 else { throw bad("nb_snapshots \(snapshotCount) exceeds qcow2's limit of 65536") }
         var snaps: [Snapshot] = []
         if snapshotCount > 0 {
-            guard snapshotsOffset < fileSize else { throw bad("the snapshot table offset \(snapshotsOffset) lies past the end of the file") }
-            let table = try file.read(at: snapshotsOffset, count: Int(min(fileSize - snapshotsOffset, UInt64(snapshotCount) * 1200 + 4096)))
+            guard snapshotsOffset < fileSize else {
+                throw bad("the snapshot table offset \(snapshotsOffset) lies past the end of the file")
+            }
+            let table = try file.read(
+                at: snapshotsOffset, count: Int(min(fileSize - snapshotsOffset, UInt64(snapshotCount) * 1200 + 4096)))
             var pos = 0
             snaps.reserveCapacity(Int(snapshotCount))
             for index in 0..<Int(snapshotCount) {
-                guard pos + 40 <= table.count else { throw bad("snapshot table entry \(index) at offset \(snapshotsOffset + UInt64(pos)) is truncated") }
-                let idSize = Int(table.bigEndianUInt16(at: pos + 12)), nameSize = Int(table.bigEndianUInt16(at: pos + 14))
+                guard pos + 40 <= table.count else {
+                    throw bad("snapshot table entry \(index) at offset \(snapshotsOffset + UInt64(pos)) is truncated")
+                }
+                let idSize = Int(table.bigEndianUInt16(at: pos + 12)),
+                    nameSize = Int(table.bigEndianUInt16(at: pos + 14))
                 let seconds = table.bigEndianUInt32(at: pos + 16)
                 var vmState = UInt64(table.bigEndianUInt32(at: pos + 32))
                 let extraSize = Int(table.bigEndianUInt32(at: pos + 36))
                 guard extraSize <= 1024, pos + 40 + extraSize + idSize + nameSize <= table.count else {
-                    throw bad("snapshot table entry \(index) at offset \(snapshotsOffset + UInt64(pos)) runs past the table")
+                    throw bad(
+                        "snapshot table entry \(index) at offset \(snapshotsOffset + UInt64(pos)) runs past the table")
                 }
                 var diskSize: UInt64?
                 if extraSize >= 8 { vmState = max(vmState, table.bigEndianUInt64(at: pos + 40)) }
@@ -121,7 +134,10 @@ public struct Qcow2Image: Sendable, Hashable {
                 let idStart = pos + 40 + extraSize
                 let id = String(decoding: table[idStart..<idStart + idSize], as: UTF8.self)
                 let name = String(decoding: table[idStart + idSize..<idStart + idSize + nameSize], as: UTF8.self)
-                snaps.append(Snapshot(id: id, name: name, date: Date(timeIntervalSince1970: TimeInterval(seconds)), vmStateSize: vmState, diskSize: diskSize))
+                snaps.append(
+                    Snapshot(
+                        id: id, name: name, date: Date(timeIntervalSince1970: TimeInterval(seconds)),
+                        vmStateSize: vmState, diskSize: diskSize))
                 pos = (idStart + idSize + nameSize + 7) / 8 * 8
             }
         }
@@ -133,7 +149,9 @@ public struct Qcow2Image: Sendable, Hashable {
 
 /// Whether a QEMU process holds an image open (it locks bytes 100-299 of every image it opens).
 public enum QemuImageLock {
-    public static func isHeld(_ path: String) -> Bool { FileLockProbe.isLocked(path, range: FileLockProbe.imageLockBytes) }
+    public static func isHeld(_ path: String) -> Bool {
+        FileLockProbe.isLocked(path, range: FileLockProbe.imageLockBytes)
+    }
 }
 
 // MARK: - Small file helpers
@@ -146,7 +164,10 @@ struct ReadOnlyFile: ~Copyable {
         fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw SnapshotError(.notFound, String(cString: strerror(errno))) }
         var st = stat()
-        guard fstat(fd, &st) == 0 else { close(fd); throw SnapshotError(.io, String(cString: strerror(errno))) }
+        guard fstat(fd, &st) == 0 else {
+            close(fd)
+            throw SnapshotError(.io, String(cString: strerror(errno)))
+        }
         guard (st.st_mode & S_IFMT) == S_IFREG || (st.st_mode & S_IFMT) == S_IFBLK else {
             close(fd)
             throw SnapshotError(.invalidImage, "not a regular file")

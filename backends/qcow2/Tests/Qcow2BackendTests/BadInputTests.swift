@@ -16,7 +16,9 @@ struct Qcow2BadInputTests {
         }
         #expect(error.code == .invalidImage && error.message.contains("qcow2 magic"))
         #expect(try f.poolDigest() == before)
-        let auto = try await #require(throws: SnapshotError.self) { try await f.service.create(SnapshotRequest(name: "s", kind: .internal), disk: raw) }
+        let auto = try await #require(throws: SnapshotError.self) {
+            try await f.service.create(SnapshotRequest(name: "s", kind: .internal), disk: raw)
+        }
         #expect(auto.code == .invalidImage && auto.message.contains("no backend recognizes"))
     }
 
@@ -24,7 +26,8 @@ struct Qcow2BadInputTests {
     func missingImage() async throws {
         let f = try Fixture()
         let error = try await #require(throws: SnapshotError.self) {
-            try await f.service.create(SnapshotRequest(name: "s", kind: .external), disk: f.pool + "/absent.qcow2", kind: "qcow2")
+            try await f.service.create(
+                SnapshotRequest(name: "s", kind: .external), disk: f.pool + "/absent.qcow2", kind: "qcow2")
         }
         #expect(error.code == .notFound && error.message.contains("absent.qcow2"))
         #expect(try f.inventory().isEmpty)
@@ -40,7 +43,9 @@ struct Qcow2BadInputTests {
         try handle.write(contentsOf: [0x02])  // incompatible_features bit 1: corrupt
         try handle.close()
         let before = try f.poolDigest()
-        let error = try await #require(throws: SnapshotError.self) { try await f.service.create(SnapshotRequest(name: "s", kind: .internal), disk: disk) }
+        let error = try await #require(throws: SnapshotError.self) {
+            try await f.service.create(SnapshotRequest(name: "s", kind: .internal), disk: disk)
+        }
         #expect(error.code == .invalidImage && error.message.contains("qemu-img check -r all"))
         #expect(try f.poolDigest() == before)
     }
@@ -50,7 +55,9 @@ struct Qcow2BadInputTests {
         let f = try Fixture()
         let disk = try await f.newDisk()
         try await f.service.create(SnapshotRequest(name: "s1", kind: .internal), disk: disk)
-        let error = try await #require(throws: SnapshotError.self) { try await f.service.create(SnapshotRequest(name: "1", kind: .internal), disk: disk) }
+        let error = try await #require(throws: SnapshotError.self) {
+            try await f.service.create(SnapshotRequest(name: "1", kind: .internal), disk: disk)
+        }
         #expect(error.code == .invalidName && error.message.contains("snapshot IDs"))
         #expect(try Qcow2Image(path: disk).snapshots.map(\.name) == ["s1"])
     }
@@ -62,7 +69,9 @@ struct Qcow2BadInputTests {
         _ = try await f.layout(disk)
         try await f.service.create(SnapshotRequest(name: "mine", kind: .internal), disk: disk)
         try await f.runner.run(["qemu-img", "snapshot", "-c", "theirs", disk])
-        let error = try await #require(throws: SnapshotError.self) { try await f.service.create(SnapshotRequest(name: "theirs", kind: .internal), disk: disk) }
+        let error = try await #require(throws: SnapshotError.self) {
+            try await f.service.create(SnapshotRequest(name: "theirs", kind: .internal), disk: disk)
+        }
         #expect(error.code == .alreadyExists && error.message.contains("outside vmsnap"))
     }
 
@@ -72,14 +81,16 @@ struct Qcow2BadInputTests {
         let disk = try await f.newDisk()
         let before = try f.poolDigest()
         let error = try await #require(throws: SnapshotError.self) {
-            try await f.service.create(SnapshotRequest(name: "e", kind: .external, overlayDirectory: f.root + "/nowhere"), disk: disk)
+            try await f.service.create(
+                SnapshotRequest(name: "e", kind: .external, overlayDirectory: f.root + "/nowhere"), disk: disk)
         }
         #expect(error.code == .invalidArgument && error.message.contains("nowhere"))
         #expect(try f.poolDigest() == before)
     }
 
-    @Test("an image a running QEMU holds is refused for every operation, and nothing changes",
-          .enabled(if: hasQemuSystem, "needs qemu-system-x86_64"))
+    @Test(
+        "an image a running QEMU holds is refused for every operation, and nothing changes",
+        .enabled(if: hasQemuSystem, "needs qemu-system-x86_64"))
     func heldByQemu() async throws {
         let f = try Fixture()
         let disk = try await f.newDisk()
@@ -91,11 +102,15 @@ struct Qcow2BadInputTests {
         let layoutBefore = try await f.layout(disk)
         let before = try f.poolDigest()
         for kind in SnapshotKind.allCases {
-            let e = try await #require(throws: SnapshotError.self) { try await f.service.create(SnapshotRequest(name: "s2", kind: kind), disk: disk) }
+            let e = try await #require(throws: SnapshotError.self) {
+                try await f.service.create(SnapshotRequest(name: "s2", kind: kind), disk: disk)
+            }
             #expect(e.code == .unsupported && e.message.contains("live disks"), "\(e)")
         }
         await #expect(throws: SnapshotError.self) { try await f.service.revert(disk: disk, to: "s1") }
-        await #expect(throws: SnapshotError.self) { try await f.service.delete(disk: disk, snapshot: "s1", mode: .merge) }
+        await #expect(throws: SnapshotError.self) {
+            try await f.service.delete(disk: disk, snapshot: "s1", mode: .merge)
+        }
         #expect(try await f.layout(disk) == layoutBefore)
         #expect(try f.poolDigest() == before)
     }
@@ -105,10 +120,22 @@ struct Qcow2BadInputTests {
 struct Qcow2CommandTests {
     @Test("commands are argument arrays with the image last")
     func argv() {
-        #expect(Qcow2Commands.createInternal("a b", image: "/p/x.qcow2") == ["qemu-img", "snapshot", "-q", "-c", "a b", "/p/x.qcow2"])
-        #expect(Qcow2Commands.createOverlay("/p/o.qcow2", backing: "/p/x.qcow2") == ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/p/x.qcow2", "-F", "qcow2", "/p/o.qcow2"])
-        #expect(Qcow2Commands.rebase("/p/c", onto: nil, backingFormat: "qcow2") == ["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "", "/p/c"])
-        #expect(Qcow2Commands.rebase("/p/c", onto: "/p/g", backingFormat: "raw") == ["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "/p/g", "-F", "raw", "/p/c"])
+        #expect(
+            Qcow2Commands.createInternal("a b", image: "/p/x.qcow2") == [
+                "qemu-img", "snapshot", "-q", "-c", "a b", "/p/x.qcow2",
+            ])
+        #expect(
+            Qcow2Commands.createOverlay("/p/o.qcow2", backing: "/p/x.qcow2") == [
+                "qemu-img", "create", "-q", "-f", "qcow2", "-b", "/p/x.qcow2", "-F", "qcow2", "/p/o.qcow2",
+            ])
+        #expect(
+            Qcow2Commands.rebase("/p/c", onto: nil, backingFormat: "qcow2") == [
+                "qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "", "/p/c",
+            ])
+        #expect(
+            Qcow2Commands.rebase("/p/c", onto: "/p/g", backingFormat: "raw") == [
+                "qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "/p/g", "-F", "raw", "/p/c",
+            ])
         #expect(Qcow2Commands.commit("/p/c") == ["qemu-img", "commit", "-q", "-f", "qcow2", "-d", "/p/c"])
     }
 
@@ -118,9 +145,13 @@ struct Qcow2CommandTests {
         let disk = try await f.newDisk("web")
         let backend = Qcow2Backend(runner: RecordingRunner())
         let layout = try await backend.adopt(locator: disk)
-        let plan = try await backend.planCreate(SnapshotRequest(name: "before upgrade", kind: .external), layout: layout)
+        let plan = try await backend.planCreate(
+            SnapshotRequest(name: "before upgrade", kind: .external), layout: layout)
         let overlay = f.pool + "/web.before upgrade.qcow2"
-        #expect(plan.steps.map(\.action) == [.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", disk, "-F", "qcow2", overlay])])
+        #expect(
+            plan.steps.map(\.action) == [
+                .run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", disk, "-F", "qcow2", overlay])
+            ])
         #expect(plan.steps[0].undo == .removeFile(overlay))
         #expect(plan.result.disk.active == overlay && plan.result.disk.current == "before upgrade")
         #expect(plan.result.snapshot(named: "before upgrade")?.image == disk)
@@ -141,10 +172,11 @@ struct Qcow2CommandTests {
         let second = layout.disk.active
         #expect(layout.children(ofLayer: disk).map(\.image) == [child, second])
         plan = try await f.backend.planDelete("a", mode: .merge, layout: layout)
-        #expect(plan.steps.map(\.action) == [
-            .run(Qcow2Commands.rebase(child, onto: nil, backingFormat: nil)),
-            .run(Qcow2Commands.rebase(second, onto: nil, backingFormat: nil)),
-            .removeFile(disk),
-        ])
+        #expect(
+            plan.steps.map(\.action) == [
+                .run(Qcow2Commands.rebase(child, onto: nil, backingFormat: nil)),
+                .run(Qcow2Commands.rebase(second, onto: nil, backingFormat: nil)),
+                .removeFile(disk),
+            ])
     }
 }

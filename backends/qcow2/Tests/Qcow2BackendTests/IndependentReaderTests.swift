@@ -30,7 +30,8 @@ struct IndependentReaderTests {
         }
     }
 
-    @Test("every layer of a snapshot tree reads the same through libqcow as through qemu-img, and passes qemu-img check")
+    @Test(
+        "every layer of a snapshot tree reads the same through libqcow as through qemu-img, and passes qemu-img check")
     func chainReadByLibqcow() async throws {
         let f = try Fixture()
         let disk = try await f.newDisk()
@@ -44,7 +45,9 @@ struct IndependentReaderTests {
         try await f.write(disk, seed: 4, at: 3 << 20)
         try await f.service.create(SnapshotRequest(name: "e3", kind: .external), disk: disk)
         // i1 lives in the layer that reads through e1's image: merging e1 is refused until it goes.
-        let refused = try await #require(throws: SnapshotError.self) { try await f.service.delete(disk: disk, snapshot: "e1", mode: .merge) }
+        let refused = try await #require(throws: SnapshotError.self) {
+            try await f.service.delete(disk: disk, snapshot: "e1", mode: .merge)
+        }
         #expect(refused.code == .conflict && refused.message.contains("i1"))
         try await f.service.delete(disk: disk, snapshot: "i1", mode: .merge)
         try await f.service.delete(disk: disk, snapshot: "e1", mode: .merge)
@@ -53,7 +56,10 @@ struct IndependentReaderTests {
         for layer in layout.layers {
             var chain: [String] = []
             var next = layer.backing
-            while let b = next { chain.append(b); next = layout.layer(b)?.backing }
+            while let b = next {
+                chain.append(b)
+                next = layout.layer(b)?.backing
+            }
             let viaLibqcow = try LibQcowReader(path: layer.image, backingChain: chain).read(at: 0, length: 4 << 20)
             let raw = f.root + "/raw-\(UUID().uuidString.prefix(6))"
             try await f.runner.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", layer.image, raw])
@@ -77,7 +83,10 @@ struct IndependentReaderTests {
     func chainOf(_ image: String, _ layout: DiskLayout) -> [String] {
         var chain: [String] = []
         var next = layout.layer(image)?.backing
-        while let b = next { chain.append(b); next = layout.layer(b)?.backing }
+        while let b = next {
+            chain.append(b)
+            next = layout.layer(b)?.backing
+        }
         return chain
     }
 }

@@ -11,12 +11,14 @@ struct Fixture {
     let runner = SubprocessRunner()
 
     init() throws {
-        root = (NSTemporaryDirectory() as NSString).appendingPathComponent("vmsnap-qcow2-\(UUID().uuidString.prefix(8))")
+        root = (NSTemporaryDirectory() as NSString).appendingPathComponent(
+            "vmsnap-qcow2-\(UUID().uuidString.prefix(8))")
         pool = root + "/pool"
         try FileManager.default.createDirectory(atPath: pool, withIntermediateDirectories: true)
         let registry = BackendRegistry()
         try registry.register(Qcow2Backend.factory)
-        service = DiskSnapshotService(store: try MetadataStore(directory: root + "/store"), registry: registry, notify: { _ in })
+        service = DiskSnapshotService(
+            store: try MetadataStore(directory: root + "/store"), registry: registry, notify: { _ in })
     }
 
     func newDisk(_ name: String = "vm", size: UInt64 = 16 << 20) async throws -> String {
@@ -38,7 +40,9 @@ struct Fixture {
     /// A checksum of every file in the pool, to prove nothing changed.
     func poolDigest() throws -> [String: Int] {
         var out: [String: Int] = [:]
-        for name in try inventory() { out[name] = try Data(contentsOf: URL(fileURLWithPath: pool + "/" + name)).hashValue }
+        for name in try inventory() {
+            out[name] = try Data(contentsOf: URL(fileURLWithPath: pool + "/" + name)).hashValue
+        }
         return out
     }
 }
@@ -46,7 +50,9 @@ struct Fixture {
 func pattern(seed: UInt64, length: Int) -> [UInt8] {
     var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
     return (0..<length).map { _ in
-        state ^= state << 13; state ^= state >> 7; state ^= state << 17
+        state ^= state << 13
+        state ^= state >> 7
+        state ^= state << 17
         return UInt8(truncatingIfNeeded: state)
     }
 }
@@ -66,13 +72,16 @@ final class QemuHolder {
         self.image = image
         pidFile = image + ".holder.pid"
         try await SubprocessRunner().run([
-            "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-S", "-daemonize", "-pidfile", pidFile,
+            "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-S", "-daemonize", "-pidfile",
+            pidFile,
             "-blockdev", "driver=qcow2,node-name=d0,file.driver=file,file.filename=\(image)",
         ])
     }
 
     func stop() {
-        if let text = try? String(contentsOfFile: pidFile, encoding: .utf8), let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
+        if let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
+            let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines))
+        {
             kill(pid, SIGTERM)
             for _ in 0..<100 where kill(pid, 0) == 0 { usleep(20_000) }
         }

@@ -8,12 +8,15 @@ import SnapshotCore
 /// and coalescing can go through it instead (`--set engine=vhd-util`).
 public struct VHDBackend: DiskSnapshotBackend {
     public static let kind: BackendKind = "vhd"
-    public static let factory = BackendFactory(kind: kind, settings: settingsSchema) { env in VHDBackend(runner: env.runner, settings: env.settings) }
+    public static let factory = BackendFactory(kind: kind, settings: settingsSchema) { env in
+        VHDBackend(runner: env.runner, settings: env.settings)
+    }
 
     /// The settings the backend reads.
     public static let settingsSchema: [SettingSpec] = [
-        SettingSpec("engine", .choice, default: "auto", choices: ["auto", "native", "vhd-util"],
-                    help: "who writes the VHD files: the native Swift engine, blktap's vhd-util, or vhd-util where installed"),
+        SettingSpec(
+            "engine", .choice, default: "auto", choices: ["auto", "native", "vhd-util"],
+            help: "who writes the VHD files: the native Swift engine, blktap's vhd-util, or vhd-util where installed"),
         SettingSpec("overlay-dir", .path, help: "where new differencing disks go (default: beside the active image)"),
     ]
 
@@ -37,12 +40,15 @@ public struct VHDBackend: DiskSnapshotBackend {
     public var descriptor: BackendDescriptor {
         BackendDescriptor(
             kind: Self.kind,
-            summary: "VHD dynamic and differencing disks (native Swift engine; vhd-util where installed): external snapshots, offline",
-            capabilities: .all(kinds: [.external], states: [.offline], notes: [
-                "VHD has no internal snapshots",
-                "QEMU cannot open differencing VHDs: a running QEMU domain's VHD disk gets qcow2 overlays (domain snapshots); native VHD chains serve Xen/blktap hosts",
-                "engine: \(useVhdUtil ? "vhd-util" : "native")",
-            ]),
+            summary:
+                "VHD dynamic and differencing disks (native Swift engine; vhd-util where installed): external snapshots, offline",
+            capabilities: .all(
+                kinds: [.external], states: [.offline],
+                notes: [
+                    "VHD has no internal snapshots",
+                    "QEMU cannot open differencing VHDs: a running QEMU domain's VHD disk is refused for snapshots (stop the domain, or leave the disk out with --disks); native VHD chains serve Xen/blktap hosts",
+                    "engine: \(useVhdUtil ? "vhd-util" : "native")",
+                ]),
             settings: Self.settingsSchema, imageFormat: "vpc", sourceType: .file)
     }
 
@@ -50,7 +56,10 @@ public struct VHDBackend: DiskSnapshotBackend {
     public func hypervisorDrive(_ layout: DiskLayout) throws -> HypervisorDrive {
         let image = try VHDImage(path: layout.disk.active)
         guard image.type != .differencing else {
-            throw SnapshotError(.unsupported, "QEMU cannot open the differencing VHD \(layout.disk.active) (the active layer after a VHD snapshot); run this disk under Xen/blktap, or delete its snapshots so the base is active again")
+            throw SnapshotError(
+                .unsupported,
+                "QEMU cannot open the differencing VHD \(layout.disk.active) (the active layer after a VHD snapshot); run this disk under Xen/blktap, or delete its snapshots so the base is active again"
+            )
         }
         return HypervisorDrive(path: layout.disk.active, format: "vpc")
     }
@@ -80,20 +89,29 @@ public struct VHDBackend: DiskSnapshotBackend {
         let image = try open(normalize(locator: locator))
         var chain: [String] = []
         var next = try image.parent()
-        while let p = next { chain.append(p.path); next = try p.parent() }
+        while let p = next {
+            chain.append(p.path)
+            next = try p.parent()
+        }
         let allocated = (try? FileManager.default.attributesOfItem(atPath: image.path)[.size] as? UInt64) ?? nil
-        return DiskInfo(format: "vpc-\(image.type)", virtualSize: image.virtualSize, allocatedSize: allocated, backingChain: chain)
+        return DiskInfo(
+            format: "vpc-\(image.type)", virtualSize: image.virtualSize, allocatedSize: allocated, backingChain: chain)
     }
 
     public func adopt(locator: String) async throws -> DiskLayout {
         let path = normalize(locator: locator)
         let image = try open(path)
         guard image.type != .fixed else {
-            throw SnapshotError(.unsupported, "\(path) is a fixed VHD; snapshots need a dynamic disk: convert it with `qemu-img convert -O vpc -o subformat=dynamic`")
+            throw SnapshotError(
+                .unsupported,
+                "\(path) is a fixed VHD; snapshots need a dynamic disk: convert it with `qemu-img convert -O vpc -o subformat=dynamic`"
+            )
         }
         let backing = image.type == .differencing ? try image.parentPath() : nil
         if image.type == .differencing { _ = try image.parent() }
-        return DiskLayout(disk: DiskRecord(id: path, kind: Self.kind, active: path), layers: [DiskLayer(image: path, backing: backing)])
+        return DiskLayout(
+            disk: DiskRecord(id: path, kind: Self.kind, active: path),
+            layers: [DiskLayer(image: path, backing: backing)])
     }
 
     public func state(of layout: DiskLayout) async throws -> DiskState {
@@ -102,7 +120,8 @@ public struct VHDBackend: DiskSnapshotBackend {
 
     static func requireNotInUse(_ images: [String]) throws {
         for image in Set(images) where FileLockProbe.isLocked(image, range: FileLockProbe.imageLockBytes) {
-            throw SnapshotError(.inUse, "\(image) is in use by a running hypervisor (it holds the image lock); shut the VM down first")
+            throw SnapshotError(
+                .inUse, "\(image) is in use by a running hypervisor (it holds the image lock); shut the VM down first")
         }
     }
 
@@ -111,17 +130,31 @@ public struct VHDBackend: DiskSnapshotBackend {
     var chain: LayerChainPlanner {
         LayerChainPlanner(
             actions: .init(
-                createOverlay: { overlay, base in .backend(name: "create-child", arguments: ["parent": base, "child": overlay]) },
+                createOverlay: { overlay, base in
+                    .backend(name: "create-child", arguments: ["parent": base, "child": overlay])
+                },
                 commitAndMove: { child, base in
                     let childUUID = try VHDImage(path: child).footer.uuid
-                    let grandparent = try VHDImage(path: base).type == .differencing ? try VHDImage(path: base).parentPath() : nil
+                    let grandparent =
+                        try VHDImage(path: base).type == .differencing ? try VHDImage(path: base).parentPath() : nil
                     var steps = [
-                        PlanStep("merge \(child) into \(base)", .backend(name: "coalesce", arguments: ["child": child, "parent": base])),
-                        PlanStep("give \(base) the identity of \(child)", .backend(name: "set-uuid", arguments: ["image": base, "uuid": childUUID.map { String(format: "%02x", $0) }.joined()])),
+                        PlanStep(
+                            "merge \(child) into \(base)",
+                            .backend(name: "coalesce", arguments: ["child": child, "parent": base])),
+                        PlanStep(
+                            "give \(base) the identity of \(child)",
+                            .backend(
+                                name: "set-uuid",
+                                arguments: [
+                                    "image": base, "uuid": childUUID.map { String(format: "%02x", $0) }.joined(),
+                                ])),
                         PlanStep("move \(base) to \(child)", .rename(from: base, to: child)),
                     ]
                     if let grandparent {
-                        steps.append(PlanStep("point \(child) at \(grandparent) from its new place", .backend(name: "relink", arguments: ["image": child, "parent": grandparent])))
+                        steps.append(
+                            PlanStep(
+                                "point \(child) at \(grandparent) from its new place",
+                                .backend(name: "relink", arguments: ["image": child, "parent": grandparent])))
                     }
                     return steps
                 },
@@ -137,20 +170,27 @@ public struct VHDBackend: DiskSnapshotBackend {
         guard request.kind == .external else {
             throw SnapshotError.unsupported(Self.kind, Capability(.create, .internal, .offline))
         }
-        return try chain.planCreateExternal(request, layout: layout, virtualSize: image.virtualSize, overlayDirectory: request.overlayDirectory ?? settings["overlay-dir"])
+        return try chain.planCreateExternal(
+            request, layout: layout, virtualSize: image.virtualSize,
+            overlayDirectory: request.overlayDirectory ?? settings["overlay-dir"])
     }
 
     public func planRevert(to name: String, layout: DiskLayout) async throws -> Plan {
-        guard let target = layout.snapshot(named: name) else { throw SnapshotError(.notFound, "no snapshot '\(name)' on \(layout.disk.id)") }
+        guard let target = layout.snapshot(named: name) else {
+            throw SnapshotError(.notFound, "no snapshot '\(name)' on \(layout.disk.id)")
+        }
         _ = try open(target.image)
         return try chain.planRevertExternal(to: target, layout: layout, overlayDirectory: settings["overlay-dir"])
     }
 
     public func planDelete(_ name: String, mode: DeleteMode, layout: DiskLayout) async throws -> Plan {
-        guard let target = layout.snapshot(named: name) else { throw SnapshotError(.notFound, "no snapshot '\(name)' on \(layout.disk.id)") }
+        guard let target = layout.snapshot(named: name) else {
+            throw SnapshotError(.notFound, "no snapshot '\(name)' on \(layout.disk.id)")
+        }
         switch mode {
         case .merge: return try chain.planMergeExternal(target, layout: layout)
-        case .children, .childrenOnly: return try chain.planSubtree(target, includeSelf: mode == .children, layout: layout)
+        case .children, .childrenOnly:
+            return try chain.planSubtree(target, includeSelf: mode == .children, layout: layout)
         }
     }
 
@@ -166,11 +206,19 @@ public struct VHDBackend: DiskSnapshotBackend {
                 if existing.type == .differencing, try existing.parentPath() == parent { return }
                 throw SnapshotError(.alreadyExists, "\(child) already exists")
             }
-            if useVhdUtil { try await runner.run(VHDUtilCommands.snapshot(child: child, parent: parent)) } else { try VHDEngine.createDifferencing(child, parent: parent) }
+            if useVhdUtil {
+                try await runner.run(VHDUtilCommands.snapshot(child: child, parent: parent))
+            } else {
+                try VHDEngine.createDifferencing(child, parent: parent)
+            }
             return
         case "coalesce":
             guard let child = a["child"], let parent = a["parent"] else { break }
-            if useVhdUtil { try await runner.run(VHDUtilCommands.coalesce(child: child)) } else { try VHDEngine.coalesce(child: child, into: parent) }
+            if useVhdUtil {
+                try await runner.run(VHDUtilCommands.coalesce(child: child))
+            } else {
+                try VHDEngine.coalesce(child: child, into: parent)
+            }
             return
         case "set-uuid":
             guard let image = a["image"], let hex = a["uuid"], hex.count == 32 else { break }
@@ -195,17 +243,24 @@ public struct VHDBackend: DiskSnapshotBackend {
             return
         default: break
         }
-        throw SnapshotError(.unsupported, "backend 'vhd' has no native step '\(name)' with arguments \(a.keys.sorted())")
+        throw SnapshotError(
+            .unsupported, "backend 'vhd' has no native step '\(name)' with arguments \(a.keys.sorted())")
     }
 
     public func verify(layout: DiskLayout) async throws -> [String] {
         var problems: [String] = []
         for layer in layout.layers {
-            guard FileManager.default.fileExists(atPath: layer.image) else { problems.append("\(layer.image): missing"); continue }
+            guard FileManager.default.fileExists(atPath: layer.image) else {
+                problems.append("\(layer.image): missing")
+                continue
+            }
             problems += VHDEngine.check(layer.image)
             if let image = try? VHDImage(path: layer.image) {
                 let parent = image.type == .differencing ? try? image.parentPath() : nil
-                if parent != layer.backing { problems.append("\(layer.image): parent is \(parent ?? "none"), metadata says \(layer.backing ?? "none")") }
+                if parent != layer.backing {
+                    problems.append(
+                        "\(layer.image): parent is \(parent ?? "none"), metadata says \(layer.backing ?? "none")")
+                }
             }
         }
         return problems
@@ -233,7 +288,9 @@ public struct VHDBackend: DiskSnapshotBackend {
     public func read(_ view: DataView, at offset: UInt64, length: Int, layout: DiskLayout) async throws -> [UInt8] {
         var path = layout.disk.active
         if case .snapshot(let name) = view {
-            guard let snap = layout.snapshot(named: name) else { throw SnapshotError(.notFound, "no snapshot '\(name)'") }
+            guard let snap = layout.snapshot(named: name) else {
+                throw SnapshotError(.notFound, "no snapshot '\(name)'")
+            }
             path = snap.image
         }
         return try open(path).read(at: offset, count: length)
@@ -252,7 +309,9 @@ public enum VHDUtilCommands {
         }
     }
 
-    public static func snapshot(child: String, parent: String) -> [String] { ["vhd-util", "snapshot", "-n", child, "-p", parent] }
+    public static func snapshot(child: String, parent: String) -> [String] {
+        ["vhd-util", "snapshot", "-n", child, "-p", parent]
+    }
     public static func coalesce(child: String) -> [String] { ["vhd-util", "coalesce", "-n", child] }
     public static func check(_ image: String) -> [String] { ["vhd-util", "check", "-n", image] }
 }

@@ -1,7 +1,7 @@
 import Foundation
 import SnapshotCore
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Whole-file operations of the native engine: create, snapshot, coalesce, rebase, check.
@@ -10,10 +10,13 @@ public enum VHDEngine {
     /// Creates a dynamic disk of `size` bytes (rounded up to whole sectors).
     public static func createDynamic(_ path: String, size: UInt64, blockSize: UInt32 = VHD.defaultBlockSize) throws {
         let size = (size + 511) / 512 * 512
-        guard size > 0, size <= 2040 << 30 else { throw SnapshotError(.invalidArgument, "a VHD holds 1 byte to 2040 GiB; \(size) bytes asked") }
+        guard size > 0, size <= 2040 << 30 else {
+            throw SnapshotError(.invalidArgument, "a VHD holds 1 byte to 2040 GiB; \(size) bytes asked")
+        }
         let entries = UInt32((size + UInt64(blockSize) - 1) / UInt64(blockSize))
         let header = VHDHeader(tableOffset: 1536, maxTableEntries: entries, blockSize: blockSize)
-        let footer = VHDFooter(size: size, type: .dynamic, uuid: newUUID(), timestamp: VHD.timestamp(Date()), dataOffset: 512)
+        let footer = VHDFooter(
+            size: size, type: .dynamic, uuid: newUUID(), timestamp: VHD.timestamp(Date()), dataOffset: 512)
         try writeNew(path, footer: footer, header: header, locators: [])
     }
 
@@ -26,21 +29,29 @@ public enum VHDEngine {
         header.parentUUID = p.footer.uuid
         header.parentTimestamp = VHDImage.modificationStamp(parent)
         header.parentName = (parent as NSString).lastPathComponent
-        let footer = VHDFooter(size: p.virtualSize, type: .differencing, uuid: newUUID(), timestamp: VHD.timestamp(Date()), dataOffset: 512)
-        try writeNew(child, footer: footer, header: header, locators: VHDImage.locatorData(child: child, parent: parent))
+        let footer = VHDFooter(
+            size: p.virtualSize, type: .differencing, uuid: newUUID(), timestamp: VHD.timestamp(Date()), dataOffset: 512
+        )
+        try writeNew(
+            child, footer: footer, header: header, locators: VHDImage.locatorData(child: child, parent: parent))
     }
 
     /// Lays out a new file: footer copy, header, BAT, locator data, footer. Written to a temporary
     /// name and renamed, so `path` never exists half-made.
-    static func writeNew(_ path: String, footer: VHDFooter, header: VHDHeader, locators: [(VHD.PlatformCode, [UInt8])]) throws {
-        guard !FileManager.default.fileExists(atPath: path) else { throw SnapshotError(.alreadyExists, "\(path) already exists") }
+    static func writeNew(_ path: String, footer: VHDFooter, header: VHDHeader, locators: [(VHD.PlatformCode, [UInt8])])
+        throws
+    {
+        guard !FileManager.default.fileExists(atPath: path) else {
+            throw SnapshotError(.alreadyExists, "\(path) already exists")
+        }
         var header = header
         let batBytes = (Int(header.maxTableEntries) * 4 + 511) / 512 * 512
         var offset = header.tableOffset + UInt64(batBytes)
         var blob: [(UInt64, [UInt8])] = []
         for (i, (code, data)) in locators.prefix(8).enumerated() {
             let space = max(512, (data.count + 511) / 512 * 512)
-            header.locators[i] = VHDParentLocator(code: code.rawValue, dataSpace: UInt32(space), dataLength: UInt32(data.count), dataOffset: offset)
+            header.locators[i] = VHDParentLocator(
+                code: code.rawValue, dataSpace: UInt32(space), dataLength: UInt32(data.count), dataOffset: offset)
             blob.append((offset, data + [UInt8](repeating: 0, count: space - data.count)))
             offset += UInt64(space)
         }
@@ -51,12 +62,17 @@ public enum VHDEngine {
         defer { Glibc.close(fd) }
         func put(_ bytes: [UInt8], _ at: UInt64) throws {
             let n = bytes.withUnsafeBytes { Glibc.pwrite(fd, $0.baseAddress, bytes.count, off_t(at)) }
-            guard n == bytes.count else { unlink(temp); throw SnapshotError(.io, "cannot write \(temp): \(String(cString: strerror(errno)))") }
+            guard n == bytes.count else {
+                unlink(temp)
+                throw SnapshotError(.io, "cannot write \(temp): \(String(cString: strerror(errno)))")
+            }
         }
         let f = footer.serialized()
         try put(f, 0)
         try put(header.serialized(), footer.dataOffset)
-        try put([UInt8](repeating: 0xff, count: Int(header.maxTableEntries) * 4) + [UInt8](repeating: 0, count: batBytes - Int(header.maxTableEntries) * 4), header.tableOffset)
+        try put(
+            [UInt8](repeating: 0xff, count: Int(header.maxTableEntries) * 4)
+                + [UInt8](repeating: 0, count: batBytes - Int(header.maxTableEntries) * 4), header.tableOffset)
         for (at, bytes) in blob { try put(bytes, at) }
         try put(f, offset)
         guard fsync(fd) == 0, Glibc.rename(temp, path) == 0 else {
@@ -70,7 +86,8 @@ public enum VHDEngine {
     public static func coalesce(child: String, into parent: String, progress: ((UInt64) -> Void)? = nil) throws {
         let c = try VHDImage(path: child)
         let p = try VHDImage(path: parent, writable: true)
-        guard c.type == .differencing, try c.parentPath() == URL(fileURLWithPath: parent).standardizedFileURL.path else {
+        guard c.type == .differencing, try c.parentPath() == URL(fileURLWithPath: parent).standardizedFileURL.path
+        else {
             throw SnapshotError(.invalidArgument, "\(child) does not read through \(parent)")
         }
         try copyRuns(try c.ownedRuns(), from: c, to: p, progress: progress)
@@ -93,7 +110,10 @@ public enum VHDEngine {
 
     /// Copies runs of sectors the source layer holds (so reads never reach its parents), in pieces
     /// of at most 4 MiB.
-    static func copyRuns(_ runs: [(first: UInt64, count: UInt64)], from source: VHDImage, to target: VHDImage, progress: ((UInt64) -> Void)? = nil) throws {
+    static func copyRuns(
+        _ runs: [(first: UInt64, count: UInt64)], from source: VHDImage, to target: VHDImage,
+        progress: ((UInt64) -> Void)? = nil
+    ) throws {
         let chunk: UInt64 = 8192
         var copied: UInt64 = 0
         for run in runs {
@@ -111,7 +131,9 @@ public enum VHDEngine {
     }
 
     /// Runs of `a` not covered by `b` (both sorted, non-overlapping).
-    static func subtract(_ a: [(first: UInt64, count: UInt64)], _ b: [(first: UInt64, count: UInt64)]) -> [(first: UInt64, count: UInt64)] {
+    static func subtract(_ a: [(first: UInt64, count: UInt64)], _ b: [(first: UInt64, count: UInt64)]) -> [(
+        first: UInt64, count: UInt64
+    )] {
         var out: [(first: UInt64, count: UInt64)] = []
         var j = 0
         for run in a {
@@ -120,7 +142,10 @@ public enum VHDEngine {
             while j < b.count, b[j].first + b[j].count <= start { j += 1 }
             var k = j
             while start < end {
-                guard k < b.count, b[k].first < end else { out.append((start, end - start)); break }
+                guard k < b.count, b[k].first < end else {
+                    out.append((start, end - start))
+                    break
+                }
                 if b[k].first > start { out.append((start, b[k].first - start)) }
                 start = max(start, b[k].first + b[k].count)
                 k += 1
@@ -137,17 +162,25 @@ public enum VHDEngine {
         var seen: Set<String> = []
         while let p = current {
             guard seen.insert(URL(fileURLWithPath: p).resolvingSymlinksInPath().path).inserted, seen.count < 256 else {
-                problems.append("\(p): the parent chain loops"); break
+                problems.append("\(p): the parent chain loops")
+                break
             }
             do {
                 let image = try VHDImage(path: p)
                 if let h = image.header {
                     for (i, l) in h.locators.enumerated() where l.code != 0 {
                         if VHD.PlatformCode(rawValue: l.code) == nil {
-                            problems.append(String(format: "%@: parent locator %d (offset %llu) has unknown platform code 0x%08x", p, i, image.footer.dataOffset + 576 + UInt64(i) * 24, l.code))
+                            problems.append(
+                                String(
+                                    format: "%@: parent locator %d (offset %llu) has unknown platform code 0x%08x", p,
+                                    i, image.footer.dataOffset + 576 + UInt64(i) * 24, l.code))
                         }
-                        if l.dataOffset + UInt64(l.dataLength) > image.footerOffset || l.dataOffset < image.footer.dataOffset + 1024 {
-                            problems.append("\(p): parent locator \(i) data (offset \(l.dataOffset), \(l.dataLength) bytes) lies outside the file's data area")
+                        if l.dataOffset + UInt64(l.dataLength) > image.footerOffset
+                            || l.dataOffset < image.footer.dataOffset + 1024
+                        {
+                            problems.append(
+                                "\(p): parent locator \(i) data (offset \(l.dataOffset), \(l.dataLength) bytes) lies outside the file's data area"
+                            )
                         }
                     }
                 }

@@ -16,7 +16,11 @@ public enum VHD {
     public enum DiskType: UInt32, Sendable, CustomStringConvertible {
         case fixed = 2, dynamic = 3, differencing = 4
         public var description: String {
-            switch self { case .fixed: "fixed"; case .dynamic: "dynamic"; case .differencing: "differencing" }
+            switch self {
+            case .fixed: "fixed"
+            case .dynamic: "dynamic"
+            case .differencing: "differencing"
+            }
         }
     }
 
@@ -33,14 +37,19 @@ public enum VHD {
 
     /// Checks a structure's length, cookie and checksum (a 32-bit field at `checksumAt`), the
     /// checks footer and dynamic header share; `bad` names the field and the problem.
-    static func checkFrame(_ b: [UInt8], length: Int, cookie: [UInt8], checksumAt: Int, bad: (String, String) -> SnapshotError) throws {
+    static func checkFrame(
+        _ b: [UInt8], length: Int, cookie: [UInt8], checksumAt: Int, bad: (String, String) -> SnapshotError
+    ) throws {
         guard b.count == length else { throw bad("", "truncated: \(b.count) of \(length) bytes") }
         guard Array(b[0..<8]) == cookie else {
-            throw bad("cookie (offset +0)", "expected '\(String(decoding: cookie, as: UTF8.self))', found \(printable(b[0..<8]))")
+            throw bad(
+                "cookie (offset +0)",
+                "expected '\(String(decoding: cookie, as: UTF8.self))', found \(printable(b[0..<8]))")
         }
         let stored = b.be32(checksumAt), computed = checksum(b[0..<length], skipping: checksumAt..<(checksumAt + 4))
         guard stored == computed else {
-            throw bad("checksum (offset +\(checksumAt))", String(format: "stored 0x%08x, computed 0x%08x", stored, computed))
+            throw bad(
+                "checksum (offset +\(checksumAt))", String(format: "stored 0x%08x, computed 0x%08x", stored, computed))
         }
     }
 
@@ -56,13 +65,23 @@ public enum VHD {
         if totalSectors > 65535 * 16 * 255 { totalSectors = 65535 * 16 * 255 }
         var sectorsPerTrack: UInt64, heads: UInt64, cylinderTimesHeads: UInt64
         if totalSectors >= 65535 * 16 * 63 {
-            sectorsPerTrack = 255; heads = 16; cylinderTimesHeads = totalSectors / sectorsPerTrack
+            sectorsPerTrack = 255
+            heads = 16
+            cylinderTimesHeads = totalSectors / sectorsPerTrack
         } else {
             sectorsPerTrack = 17
             cylinderTimesHeads = totalSectors / sectorsPerTrack
             heads = max((cylinderTimesHeads + 1023) / 1024, 4)
-            if cylinderTimesHeads >= heads * 1024 || heads > 16 { sectorsPerTrack = 31; heads = 16; cylinderTimesHeads = totalSectors / sectorsPerTrack }
-            if cylinderTimesHeads >= heads * 1024 { sectorsPerTrack = 63; heads = 16; cylinderTimesHeads = totalSectors / sectorsPerTrack }
+            if cylinderTimesHeads >= heads * 1024 || heads > 16 {
+                sectorsPerTrack = 31
+                heads = 16
+                cylinderTimesHeads = totalSectors / sectorsPerTrack
+            }
+            if cylinderTimesHeads >= heads * 1024 {
+                sectorsPerTrack = 63
+                heads = 16
+                cylinderTimesHeads = totalSectors / sectorsPerTrack
+            }
         }
         return (UInt16(min(cylinderTimesHeads / heads, 65535)), UInt8(heads), UInt8(sectorsPerTrack))
     }
@@ -97,7 +116,9 @@ public struct VHDFooter: Sendable, Hashable {
         self.timestamp = timestamp
         originalSize = size
         currentSize = size
-        cylinders = g.cylinders; heads = g.heads; sectorsPerTrack = g.sectors
+        cylinders = g.cylinders
+        heads = g.heads
+        sectorsPerTrack = g.sectors
         diskType = type
         self.uuid = uuid
     }
@@ -108,10 +129,14 @@ public struct VHDFooter: Sendable, Hashable {
             SnapshotError(.invalidImage, "\(location): footer \(field): \(why)")
         }
         try VHD.checkFrame(b, length: 512, cookie: VHD.footerCookie, checksumAt: 64, bad: bad)
-        guard let type = VHD.DiskType(rawValue: b.be32(60)) else { throw bad("disk type (offset +60)", "\(b.be32(60)) is not fixed (2), dynamic (3) or differencing (4)") }
+        guard let type = VHD.DiskType(rawValue: b.be32(60)) else {
+            throw bad("disk type (offset +60)", "\(b.be32(60)) is not fixed (2), dynamic (3) or differencing (4)")
+        }
         features = b.be32(8)
         formatVersion = b.be32(12)
-        guard formatVersion >> 16 == 1 else { throw bad("file format version (offset +12)", String(format: "0x%08x is not 1.x", formatVersion)) }
+        guard formatVersion >> 16 == 1 else {
+            throw bad("file format version (offset +12)", String(format: "0x%08x is not 1.x", formatVersion))
+        }
         dataOffset = b.be64(16)
         timestamp = b.be32(24)
         creatorApplication = Array(b[28..<32])
@@ -125,7 +150,9 @@ public struct VHDFooter: Sendable, Hashable {
         diskType = type
         uuid = Array(b[68..<84])
         savedState = b[84]
-        guard currentSize % 512 == 0, currentSize > 0 else { throw bad("current size (offset +48)", "\(currentSize) is not a positive multiple of 512") }
+        guard currentSize % 512 == 0, currentSize > 0 else {
+            throw bad("current size (offset +48)", "\(currentSize) is not a positive multiple of 512")
+        }
         if type != .fixed, dataOffset == UInt64.max || dataOffset % 512 != 0 {
             throw bad("data offset (offset +16)", "\(dataOffset) does not point at a dynamic header")
         }
@@ -134,10 +161,19 @@ public struct VHDFooter: Sendable, Hashable {
     public func serialized() -> [UInt8] {
         var b = [UInt8](repeating: 0, count: 512)
         b.replaceSubrange(0..<8, with: VHD.footerCookie)
-        b.put32(features, at: 8); b.put32(formatVersion, at: 12); b.put64(dataOffset, at: 16); b.put32(timestamp, at: 24)
+        b.put32(features, at: 8)
+        b.put32(formatVersion, at: 12)
+        b.put64(dataOffset, at: 16)
+        b.put32(timestamp, at: 24)
         b.replaceSubrange(28..<32, with: creatorApplication.prefix(4))
-        b.put32(creatorVersion, at: 32); b.put32(creatorHostOS, at: 36); b.put64(originalSize, at: 40); b.put64(currentSize, at: 48)
-        b[56] = UInt8(cylinders >> 8); b[57] = UInt8(cylinders & 0xff); b[58] = heads; b[59] = sectorsPerTrack
+        b.put32(creatorVersion, at: 32)
+        b.put32(creatorHostOS, at: 36)
+        b.put64(originalSize, at: 40)
+        b.put64(currentSize, at: 48)
+        b[56] = UInt8(cylinders >> 8)
+        b[57] = UInt8(cylinders & 0xff)
+        b[58] = heads
+        b[59] = sectorsPerTrack
         b.put32(diskType.rawValue, at: 60)
         b.replaceSubrange(68..<84, with: uuid.prefix(16))
         b[84] = savedState
@@ -193,7 +229,9 @@ public struct VHDHeader: Sendable, Hashable {
         guard blockSize >= 512, blockSize <= 256 << 20, blockSize & (blockSize - 1) == 0 else {
             throw bad("block size (offset +32)", "\(blockSize) is not a power of two between 512 bytes and 256 MiB")
         }
-        guard tableOffset % 512 == 0 else { throw bad("table offset (offset +16)", "\(tableOffset) is not sector-aligned") }
+        guard tableOffset % 512 == 0 else {
+            throw bad("table offset (offset +16)", "\(tableOffset) is not sector-aligned")
+        }
         parentUUID = Array(b[40..<56])
         parentTimestamp = b.be32(56)
         var units: [UInt16] = []
@@ -205,21 +243,31 @@ public struct VHDHeader: Sendable, Hashable {
         parentName = String(decoding: units, as: UTF16.self)
         locators = (0..<8).map { i in
             let o = 576 + i * 24
-            return VHDParentLocator(code: b.be32(o), dataSpace: b.be32(o + 4), dataLength: b.be32(o + 8), dataOffset: b.be64(o + 16))
+            return VHDParentLocator(
+                code: b.be32(o), dataSpace: b.be32(o + 4), dataLength: b.be32(o + 8), dataOffset: b.be64(o + 16))
         }
     }
 
     public func serialized() -> [UInt8] {
         var b = [UInt8](repeating: 0, count: 1024)
         b.replaceSubrange(0..<8, with: VHD.headerCookie)
-        b.put64(UInt64.max, at: 8); b.put64(tableOffset, at: 16); b.put32(headerVersion, at: 24)
-        b.put32(maxTableEntries, at: 28); b.put32(blockSize, at: 32)
+        b.put64(UInt64.max, at: 8)
+        b.put64(tableOffset, at: 16)
+        b.put32(headerVersion, at: 24)
+        b.put32(maxTableEntries, at: 28)
+        b.put32(blockSize, at: 32)
         b.replaceSubrange(40..<56, with: parentUUID.prefix(16))
         b.put32(parentTimestamp, at: 56)
-        for (i, u) in parentName.utf16.prefix(256).enumerated() { b[64 + 2 * i] = UInt8(u >> 8); b[65 + 2 * i] = UInt8(u & 0xff) }
+        for (i, u) in parentName.utf16.prefix(256).enumerated() {
+            b[64 + 2 * i] = UInt8(u >> 8)
+            b[65 + 2 * i] = UInt8(u & 0xff)
+        }
         for (i, l) in locators.prefix(8).enumerated() {
             let o = 576 + i * 24
-            b.put32(l.code, at: o); b.put32(l.dataSpace, at: o + 4); b.put32(l.dataLength, at: o + 8); b.put64(l.dataOffset, at: o + 16)
+            b.put32(l.code, at: o)
+            b.put32(l.dataSpace, at: o + 4)
+            b.put32(l.dataLength, at: o + 8)
+            b.put64(l.dataOffset, at: o + 16)
         }
         b.put32(VHD.checksum(b[0..<1024], skipping: 36..<40), at: 36)
         return b
@@ -227,14 +275,19 @@ public struct VHDHeader: Sendable, Hashable {
 }
 
 func printable(_ bytes: ArraySlice<UInt8>) -> String {
-    "'" + bytes.map { (0x20..<0x7f).contains($0) ? String(UnicodeScalar($0)) : String(format: "\\x%02x", $0) }.joined() + "'"
+    "'" + bytes.map { (0x20..<0x7f).contains($0) ? String(UnicodeScalar($0)) : String(format: "\\x%02x", $0) }.joined()
+        + "'"
 }
 
 extension Array where Element == UInt8 {
     func be32(_ i: Int) -> UInt32 { (0..<4).reduce(UInt32(0)) { $0 << 8 | UInt32(self[i + $1]) } }
     func be64(_ i: Int) -> UInt64 { (0..<8).reduce(UInt64(0)) { $0 << 8 | UInt64(self[i + $1]) } }
-    mutating func put32(_ v: UInt32, at i: Int) { for k in 0..<4 { self[i + k] = UInt8(truncatingIfNeeded: v >> (24 - 8 * k)) } }
-    mutating func put64(_ v: UInt64, at i: Int) { for k in 0..<8 { self[i + k] = UInt8(truncatingIfNeeded: v >> (56 - 8 * k)) } }
+    mutating func put32(_ v: UInt32, at i: Int) {
+        for k in 0..<4 { self[i + k] = UInt8(truncatingIfNeeded: v >> (24 - 8 * k)) }
+    }
+    mutating func put64(_ v: UInt64, at i: Int) {
+        for k in 0..<8 { self[i + k] = UInt8(truncatingIfNeeded: v >> (56 - 8 * k)) }
+    }
 }
 
 /// A random version-4 UUID as 16 bytes.
@@ -245,5 +298,7 @@ func newUUID() -> [UInt8] {
 
 func uuidString(_ b: [UInt8]) -> String {
     guard b.count == 16 else { return "?" }
-    return UUID(uuid: (b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15])).uuidString.lowercased()
+    return UUID(
+        uuid: (b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15])
+    ).uuidString.lowercased()
 }

@@ -1,7 +1,7 @@
 import Foundation
 import SnapshotCore
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// One VHD file, opened and checked: footer, header, BAT, and (for differencing disks) its
@@ -37,7 +37,8 @@ public final class VHDImage {
         self.below = below
         fd = Glibc.open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC)
         guard fd >= 0 else {
-            throw SnapshotError(errno == ENOENT ? .notFound : .io, "\(path): cannot open: \(String(cString: strerror(errno)))")
+            throw SnapshotError(
+                errno == ENOENT ? .notFound : .io, "\(path): cannot open: \(String(cString: strerror(errno)))")
         }
         do {
             var st = stat()
@@ -54,32 +55,53 @@ public final class VHDImage {
                 // A dynamic disk keeps a copy at offset 0; a damaged end is still reported.
                 let head = try Self.pread(fd, at: 0, count: 512, path: path)
                 guard (try? VHDFooter(parsing: head, where: path)) != nil else { throw endError }
-                throw SnapshotError(.invalidImage, "\(endError); the copy at offset 0 is intact: the file was probably truncated or cut off while growing")
+                throw SnapshotError(
+                    .invalidImage,
+                    "\(endError); the copy at offset 0 is intact: the file was probably truncated or cut off while growing"
+                )
             }
             header = nil
             bat = []
             if footer.diskType != .fixed {
-                let copy = try VHDFooter(parsing: try Self.pread(fd, at: 0, count: 512, path: path), where: "\(path) (offset 0)")
-                guard copy == footer else { throw SnapshotError(.invalidImage, "\(path): the footer at offset 0 differs from the one at offset \(footerOffset)") }
-                guard footer.dataOffset + 1024 <= footerOffset else {
-                    throw SnapshotError(.invalidImage, "\(path): footer data offset \(footer.dataOffset) points past the end of the data (\(footerOffset))")
+                let copy = try VHDFooter(
+                    parsing: try Self.pread(fd, at: 0, count: 512, path: path), where: "\(path) (offset 0)")
+                guard copy == footer else {
+                    throw SnapshotError(
+                        .invalidImage, "\(path): the footer at offset 0 differs from the one at offset \(footerOffset)")
                 }
-                let h = try VHDHeader(parsing: try Self.pread(fd, at: footer.dataOffset, count: 1024, path: path), where: "\(path) (offset \(footer.dataOffset))")
+                guard footer.dataOffset + 1024 <= footerOffset else {
+                    throw SnapshotError(
+                        .invalidImage,
+                        "\(path): footer data offset \(footer.dataOffset) points past the end of the data (\(footerOffset))"
+                    )
+                }
+                let h = try VHDHeader(
+                    parsing: try Self.pread(fd, at: footer.dataOffset, count: 1024, path: path),
+                    where: "\(path) (offset \(footer.dataOffset))")
                 let needed = (footer.currentSize + UInt64(h.blockSize) - 1) / UInt64(h.blockSize)
                 guard UInt64(h.maxTableEntries) >= needed else {
-                    throw SnapshotError(.invalidImage, "\(path): dynamic header max table entries (offset \(footer.dataOffset + 28)) is \(h.maxTableEntries), but \(needed) blocks are needed for \(footer.currentSize) bytes")
+                    throw SnapshotError(
+                        .invalidImage,
+                        "\(path): dynamic header max table entries (offset \(footer.dataOffset + 28)) is \(h.maxTableEntries), but \(needed) blocks are needed for \(footer.currentSize) bytes"
+                    )
                 }
                 let batBytes = UInt64(h.maxTableEntries) * 4
-                guard h.tableOffset >= footer.dataOffset + 1024 || h.tableOffset + batBytes <= footer.dataOffset, h.tableOffset >= 512,
-                      h.tableOffset + batBytes <= footerOffset else {
-                    throw SnapshotError(.invalidImage, "\(path): the block allocation table (offset \(h.tableOffset), \(batBytes) bytes) overlaps the headers or runs past the end of the data (\(footerOffset))")
+                guard h.tableOffset >= footer.dataOffset + 1024 || h.tableOffset + batBytes <= footer.dataOffset,
+                    h.tableOffset >= 512,
+                    h.tableOffset + batBytes <= footerOffset
+                else {
+                    throw SnapshotError(
+                        .invalidImage,
+                        "\(path): the block allocation table (offset \(h.tableOffset), \(batBytes) bytes) overlaps the headers or runs past the end of the data (\(footerOffset))"
+                    )
                 }
                 let raw = try Self.pread(fd, at: h.tableOffset, count: Int(batBytes), path: path)
                 bat = (0..<Int(h.maxTableEntries)).map { raw.be32($0 * 4) }
                 header = h
                 try checkBlocks()
             } else if footer.currentSize + 512 > UInt64(size) {
-                throw SnapshotError(.invalidImage, "\(path): fixed disk of \(footer.currentSize) bytes in a file of \(size) bytes")
+                throw SnapshotError(
+                    .invalidImage, "\(path): fixed disk of \(footer.currentSize) bytes in a file of \(size) bytes")
             }
         } catch {
             Glibc.close(fd)
@@ -95,7 +117,10 @@ public final class VHDImage {
         var regions: [(String, Range<UInt64>)] = [
             ("the footer copy", 0..<512),
             ("the dynamic header", footer.dataOffset..<footer.dataOffset + 1024),
-            ("the block allocation table", h.tableOffset..<h.tableOffset + (UInt64(h.maxTableEntries) * 4 + 511) / 512 * 512),
+            (
+                "the block allocation table",
+                h.tableOffset..<h.tableOffset + (UInt64(h.maxTableEntries) * 4 + 511) / 512 * 512
+            ),
         ]
         for (i, l) in h.locators.enumerated() where l.code != 0 && l.dataLength > 0 {
             regions.append(("parent locator \(i)", l.dataOffset..<l.dataOffset + max(UInt64(l.dataLength), 1)))
@@ -114,16 +139,23 @@ public final class VHDImage {
             let at = UInt64(entry) * 512
             let entryOffset = h.tableOffset + UInt64(i) * 4
             if at + span > footerOffset {
-                throw SnapshotError(.invalidImage, "\(path): BAT entry \(i) (offset \(entryOffset)) points at \(at), past the end of the data (\(footerOffset))")
+                throw SnapshotError(
+                    .invalidImage,
+                    "\(path): BAT entry \(i) (offset \(entryOffset)) points at \(at), past the end of the data (\(footerOffset))"
+                )
             }
             if let (name, range) = regions.first(where: { $0.1.overlaps(at..<at + span) }) {
-                throw SnapshotError(.invalidImage, "\(path): BAT entry \(i) (offset \(entryOffset)) points at \(at), inside the metadata (\(name), bytes \(range.lowerBound)-\(range.upperBound))")
+                throw SnapshotError(
+                    .invalidImage,
+                    "\(path): BAT entry \(i) (offset \(entryOffset)) points at \(at), inside the metadata (\(name), bytes \(range.lowerBound)-\(range.upperBound))"
+                )
             }
             used.append((at, i))
         }
         used.sort { $0.0 < $1.0 }
         for (a, b) in zip(used, used.dropFirst()) where a.0 + span > b.0 {
-            throw SnapshotError(.invalidImage, "\(path): BAT entries \(a.1) and \(b.1) point at overlapping blocks (\(a.0) and \(b.0))")
+            throw SnapshotError(
+                .invalidImage, "\(path): BAT entries \(a.1) and \(b.1) point at overlapping blocks (\(a.0) and \(b.0))")
         }
     }
 
@@ -131,9 +163,13 @@ public final class VHDImage {
         var buffer = [UInt8](repeating: 0, count: count)
         var done = 0
         while done < count {
-            let got = buffer.withUnsafeMutableBytes { Glibc.pread(fd, $0.baseAddress! + done, count - done, off_t(offset) + off_t(done)) }
+            let got = buffer.withUnsafeMutableBytes {
+                Glibc.pread(fd, $0.baseAddress! + done, count - done, off_t(offset) + off_t(done))
+            }
             if got < 0 { throw SnapshotError(.io, "\(path): read at \(offset): \(String(cString: strerror(errno)))") }
-            if got == 0 { throw SnapshotError(.invalidImage, "\(path): truncated: wanted \(count) bytes at offset \(offset)") }
+            if got == 0 {
+                throw SnapshotError(.invalidImage, "\(path): truncated: wanted \(count) bytes at offset \(offset)")
+            }
             done += got
         }
         return buffer
@@ -142,7 +178,9 @@ public final class VHDImage {
     func pwrite(_ bytes: [UInt8], at offset: UInt64) throws {
         var done = 0
         while done < bytes.count {
-            let put = bytes.withUnsafeBytes { Glibc.pwrite(fd, $0.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done)) }
+            let put = bytes.withUnsafeBytes {
+                Glibc.pwrite(fd, $0.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
+            }
             if put < 0 { throw SnapshotError(.io, "\(path): write at \(offset): \(String(cString: strerror(errno)))") }
             done += put
         }
@@ -152,13 +190,18 @@ public final class VHDImage {
 
     /// The parent's path, from the parent locators (MACX, W2RU, W2KU), relative to this file's folder.
     public func parentPath() throws -> String {
-        guard type == .differencing, let h = header else { throw SnapshotError(.invalidArgument, "\(path) is not a differencing disk") }
+        guard type == .differencing, let h = header else {
+            throw SnapshotError(.invalidArgument, "\(path) is not a differencing disk")
+        }
         var tried: [String] = []
         let order: [VHD.PlatformCode] = [.macx, .w2ru, .w2ku]
         for code in order {
             for l in h.locators where l.code == code.rawValue && l.dataLength > 0 {
                 guard l.dataLength <= 4096, l.dataOffset + UInt64(l.dataLength) <= footerOffset else {
-                    throw SnapshotError(.invalidImage, "\(path): parent locator data (offset \(l.dataOffset), \(l.dataLength) bytes) lies outside the file")
+                    throw SnapshotError(
+                        .invalidImage,
+                        "\(path): parent locator data (offset \(l.dataOffset), \(l.dataLength) bytes) lies outside the file"
+                    )
                 }
                 let raw = try Self.pread(fd, at: l.dataOffset, count: Int(l.dataLength), path: path)
                 var name: String
@@ -167,17 +210,24 @@ public final class VHDImage {
                     guard name.hasPrefix("file://") else { continue }
                     name.removeFirst(7)
                 } else {
-                    let units = stride(from: 0, to: raw.count - 1, by: 2).map { UInt16(raw[$0]) | UInt16(raw[$0 + 1]) << 8 }
+                    let units = stride(from: 0, to: raw.count - 1, by: 2).map {
+                        UInt16(raw[$0]) | UInt16(raw[$0 + 1]) << 8
+                    }
                     name = String(decoding: units, as: UTF16.self).replacingOccurrences(of: "\\", with: "/")
                     if name.lowercased().hasPrefix("c:") { name.removeFirst(2) }
                 }
-                let full = name.hasPrefix("/") ? name : ((path as NSString).deletingLastPathComponent as NSString).appendingPathComponent(name)
+                let full =
+                    name.hasPrefix("/")
+                    ? name : ((path as NSString).deletingLastPathComponent as NSString).appendingPathComponent(name)
                 let resolved = URL(fileURLWithPath: full).standardizedFileURL.path
                 if FileManager.default.fileExists(atPath: resolved) { return resolved }
                 tried.append(resolved)
             }
         }
-        throw SnapshotError(.notFound, "\(path): parent \(h.parentName.isEmpty ? "" : "'\(h.parentName)' ")not found (looked for \(tried.isEmpty ? "no usable locator" : tried.joined(separator: ", ")))")
+        throw SnapshotError(
+            .notFound,
+            "\(path): parent \(h.parentName.isEmpty ? "" : "'\(h.parentName)' ")not found (looked for \(tried.isEmpty ? "no usable locator" : tried.joined(separator: ", ")))"
+        )
     }
 
     /// The parent image, opened and checked against this disk's parent UUID.
@@ -192,10 +242,14 @@ public final class VHDImage {
         }
         let image = try VHDImage(path: p, below: below.union([me]))
         guard image.footer.uuid == header!.parentUUID else {
-            throw SnapshotError(.invalidImage, "\(path): parent \(p) has UUID \(uuidString(image.footer.uuid)), but this disk expects \(uuidString(header!.parentUUID))")
+            throw SnapshotError(
+                .invalidImage,
+                "\(path): parent \(p) has UUID \(uuidString(image.footer.uuid)), but this disk expects \(uuidString(header!.parentUUID))"
+            )
         }
         guard image.virtualSize == virtualSize else {
-            throw SnapshotError(.invalidImage, "\(path): parent \(p) is \(image.virtualSize) bytes, this disk \(virtualSize)")
+            throw SnapshotError(
+                .invalidImage, "\(path): parent \(p) is \(image.virtualSize) bytes, this disk \(virtualSize)")
         }
         parentImage = image
         parentResolved = true
@@ -214,7 +268,9 @@ public final class VHDImage {
     /// `count` bytes of the virtual disk at `offset`, read through the chain.
     public func read(at offset: UInt64, count: Int) throws -> [UInt8] {
         guard offset + UInt64(count) <= virtualSize else {
-            throw SnapshotError(.invalidArgument, "\(path): read of \(count) bytes at \(offset) goes past the disk's \(virtualSize) bytes")
+            throw SnapshotError(
+                .invalidArgument,
+                "\(path): read of \(count) bytes at \(offset) goes past the disk's \(virtualSize) bytes")
         }
         let first = offset / 512, last = (offset + UInt64(count) + 511) / 512
         var sectors = [UInt8](repeating: 0, count: Int(last - first) * 512)
@@ -247,7 +303,8 @@ public final class VHDImage {
                     while e < blockEnd, Self.bit(map, Int(e % UInt64(sectorsPerBlock))) == present { e += 1 }
                     let at = base + Int(s - first) * 512
                     if present {
-                        let fileOffset = UInt64(bat[block]) * 512 + UInt64(bitmapBytes) + (s % UInt64(sectorsPerBlock)) * 512
+                        let fileOffset =
+                            UInt64(bat[block]) * 512 + UInt64(bitmapBytes) + (s % UInt64(sectorsPerBlock)) * 512
                         let bytes = try Self.pread(fd, at: fileOffset, count: Int(e - s) * 512, path: path)
                         buffer.replaceSubrange(at..<at + bytes.count, with: bytes)
                     } else {
@@ -281,7 +338,11 @@ public final class VHDImage {
             let base = UInt64(block) * UInt64(sectorsPerBlock)
             for i in 0..<sectorsPerBlock where base + UInt64(i) < totalSectors && Self.bit(map, i) {
                 let s = base + UInt64(i)
-                if let last = runs.last, last.first + last.count == s { runs[runs.count - 1].count += 1 } else { runs.append((s, 1)) }
+                if let last = runs.last, last.first + last.count == s {
+                    runs[runs.count - 1].count += 1
+                } else {
+                    runs.append((s, 1))
+                }
             }
         }
         return runs
@@ -293,7 +354,9 @@ public final class VHDImage {
     public func write(_ bytes: [UInt8], at offset: UInt64) throws {
         guard writable else { throw SnapshotError(.invalidArgument, "\(path) is open read-only") }
         guard offset + UInt64(bytes.count) <= virtualSize else {
-            throw SnapshotError(.invalidArgument, "\(path): write of \(bytes.count) bytes at \(offset) goes past the disk's \(virtualSize) bytes")
+            throw SnapshotError(
+                .invalidArgument,
+                "\(path): write of \(bytes.count) bytes at \(offset) goes past the disk's \(virtualSize) bytes")
         }
         guard !bytes.isEmpty else { return }
         let first = offset / 512, last = (offset + UInt64(bytes.count) + 511) / 512
@@ -375,7 +438,8 @@ public final class VHDImage {
             try pwrite(h.serialized(), at: footer.dataOffset)
             header = h
             try writeFooters()
-            parentImage = nil; parentResolved = true
+            parentImage = nil
+            parentResolved = true
             return
         }
         let parent = try VHDImage(path: newParent)
@@ -393,7 +457,9 @@ public final class VHDImage {
                 offset = next
                 next += space
             }
-            locators[i] = VHDParentLocator(code: code.rawValue, dataSpace: UInt32(max(space, old?.reservedBytes ?? 0)), dataLength: UInt32(data.count), dataOffset: offset)
+            locators[i] = VHDParentLocator(
+                code: code.rawValue, dataSpace: UInt32(max(space, old?.reservedBytes ?? 0)),
+                dataLength: UInt32(data.count), dataOffset: offset)
             relocated.append((offset, data + [UInt8](repeating: 0, count: Int(space) - data.count)))
         }
         if next > footerOffset {
@@ -401,7 +467,9 @@ public final class VHDImage {
             try pwrite(footer.serialized(), at: next)
             footerOffset = next
         }
-        for (offset, bytes) in relocated { try pwrite(Array(bytes.prefix(Int(min(UInt64(bytes.count), 4096)))), at: offset) }
+        for (offset, bytes) in relocated {
+            try pwrite(Array(bytes.prefix(Int(min(UInt64(bytes.count), 4096)))), at: offset)
+        }
         h.locators = locators
         h.parentUUID = parent.footer.uuid
         h.parentTimestamp = Self.modificationStamp(newParent)
@@ -410,7 +478,8 @@ public final class VHDImage {
         try pwrite(h.serialized(), at: footer.dataOffset)
         header = h
         try writeFooters()
-        parentImage = nil; parentResolved = false
+        parentImage = nil
+        parentResolved = false
     }
 
     static func modificationStamp(_ path: String) -> UInt32 {

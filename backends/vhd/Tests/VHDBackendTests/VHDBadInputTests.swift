@@ -27,7 +27,9 @@ struct VHDBadInputTests {
         try h.close()
     }
 
-    func be32(_ v: UInt32) -> [UInt8] { [UInt8(v >> 24), UInt8(v >> 16 & 0xff), UInt8(v >> 8 & 0xff), UInt8(v & 0xff)] }
+    func be32(_ v: UInt32) -> [UInt8] {
+        [UInt8(v >> 24), UInt8(v >> 16 & 0xff), UInt8(v >> 8 & 0xff), UInt8(v & 0xff)]
+    }
 
     /// Rewrites the dynamic header of `path` with `change` applied and a correct checksum.
     func editHeader(_ path: String, _ change: (inout VHDHeader) -> Void) throws {
@@ -42,7 +44,8 @@ struct VHDBadInputTests {
         ("truncated file", "truncated"), ("footer cookie", "expected 'conectix'"), ("footer checksum", "checksum"),
         ("header cookie", "expected 'cxsparse'"), ("header checksum", "checksum"), ("BAT past the end", "past the end"),
         ("BAT into the metadata", "inside the metadata"), ("BAT table too large", "block allocation table"),
-        ("block size", "power of two"), ("parent missing", "not found"), ("parent UUID", "expects"), ("parent loop", "loops"),
+        ("block size", "power of two"), ("parent missing", "not found"), ("parent UUID", "expects"),
+        ("parent loop", "loops"),
         ("footer copies differ", "differs"),
     ]
 
@@ -50,21 +53,49 @@ struct VHDBadInputTests {
         let image = try VHDImage(path: s.base)
         let tableOffset = Int64(image.header!.tableOffset)
         switch name {
-        case "truncated file": try FileHandle(forUpdating: URL(fileURLWithPath: s.base)).truncate(atOffset: 300); return s.base
-        case "footer cookie": try poke(s.base, at: -512, Array("connectx".utf8), fromEnd: true); try poke(s.base, at: 0, Array("connectx".utf8)); return s.base
-        case "footer checksum": try poke(s.base, at: -512 + 48, [0xff], fromEnd: true); return s.base
-        case "header cookie": try poke(s.base, at: 512, Array("cxsp4rse".utf8)); return s.base
-        case "header checksum": try poke(s.base, at: 512 + 30, [0x7f]); return s.base
-        case "BAT past the end": try poke(s.base, at: tableOffset, be32(0x00ff_ffff)); return s.base
-        case "BAT into the metadata": try poke(s.base, at: tableOffset, be32(2)); return s.base
-        case "BAT table too large": try editHeader(s.base) { $0.maxTableEntries = 0x0fff_ffff }; return s.base
-        case "block size": try editHeader(s.base) { $0.blockSize = 3000 }; return s.base
-        case "parent missing": try FileManager.default.moveItem(atPath: s.base, toPath: s.base + ".moved"); return s.child
+        case "truncated file":
+            try FileHandle(forUpdating: URL(fileURLWithPath: s.base)).truncate(atOffset: 300)
+            return s.base
+        case "footer cookie":
+            try poke(s.base, at: -512, Array("connectx".utf8), fromEnd: true)
+            try poke(s.base, at: 0, Array("connectx".utf8))
+            return s.base
+        case "footer checksum":
+            try poke(s.base, at: -512 + 48, [0xff], fromEnd: true)
+            return s.base
+        case "header cookie":
+            try poke(s.base, at: 512, Array("cxsp4rse".utf8))
+            return s.base
+        case "header checksum":
+            try poke(s.base, at: 512 + 30, [0x7f])
+            return s.base
+        case "BAT past the end":
+            try poke(s.base, at: tableOffset, be32(0x00ff_ffff))
+            return s.base
+        case "BAT into the metadata":
+            try poke(s.base, at: tableOffset, be32(2))
+            return s.base
+        case "BAT table too large":
+            try editHeader(s.base) { $0.maxTableEntries = 0x0fff_ffff }
+            return s.base
+        case "block size":
+            try editHeader(s.base) { $0.blockSize = 3000 }
+            return s.base
+        case "parent missing":
+            try FileManager.default.moveItem(atPath: s.base, toPath: s.base + ".moved")
+            return s.child
         case "parent UUID":
-            let b = try VHDImage(path: s.base, writable: true); try b.setUUID([UInt8](repeating: 7, count: 16)); return s.child
+            let b = try VHDImage(path: s.base, writable: true)
+            try b.setUUID([UInt8](repeating: 7, count: 16))
+            return s.child
         case "parent loop":
-            let b = try VHDImage(path: s.base, writable: true); try b.setParent(s.child); return s.child
-        case "footer copies differ": try poke(s.base, at: 0 + 84, [1]); try fixStartChecksum(s.base); return s.base
+            let b = try VHDImage(path: s.base, writable: true)
+            try b.setParent(s.child)
+            return s.child
+        case "footer copies differ":
+            try poke(s.base, at: 0 + 84, [1])
+            try fixStartChecksum(s.base)
+            return s.base
         default: fatalError(name)
         }
     }
@@ -92,7 +123,9 @@ struct VHDBadInputTests {
         #expect(error?.code == .invalidImage || error?.code == .notFound || error?.code == .io)
     }
 
-    @Test("a snapshot of a corrupt disk is refused and nothing is written", arguments: ["footer checksum", "BAT past the end", "parent UUID"])
+    @Test(
+        "a snapshot of a corrupt disk is refused and nothing is written",
+        arguments: ["footer checksum", "BAT past the end", "parent UUID"])
     func nothingWritten(name: String) async throws {
         let root = try scratch("bad-svc")
         let s = try sample(root)
@@ -107,11 +140,15 @@ struct VHDBadInputTests {
         #expect(try Data(contentsOf: URL(fileURLWithPath: target)) == bytes)
     }
 
-    @Test("seeded random corruption of footers, headers, tables and locators: always a clean error or a good read, never a crash or hang")
+    @Test(
+        "seeded random corruption of footers, headers, tables and locators: always a clean error or a good read, never a crash or hang"
+    )
     func randomCorruption() throws {
         let root = try scratch("fuzz")
         let s = try sample(root)
-        let pristine = (try Data(contentsOf: URL(fileURLWithPath: s.base)), try Data(contentsOf: URL(fileURLWithPath: s.child)))
+        let pristine = (
+            try Data(contentsOf: URL(fileURLWithPath: s.base)), try Data(contentsOf: URL(fileURLWithPath: s.child))
+        )
         var rng = SplitMix(seed: 0x5EED_0001)
         var errors = 0, reads = 0
         for round in 0..<300 {

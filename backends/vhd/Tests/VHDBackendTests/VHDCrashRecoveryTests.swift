@@ -15,35 +15,44 @@ struct VHDCrashRecoveryTests {
         var testDescription: String { name }
     }
 
-    static func write(_ svc: DiskSnapshotService, _ backend: VHDBackend, _ disk: String, _ seed: UInt64, at offset: UInt64) async throws {
+    static func write(
+        _ svc: DiskSnapshotService, _ backend: VHDBackend, _ disk: String, _ seed: UInt64, at offset: UInt64
+    ) async throws {
         try await backend.write(pattern(seed, 64 << 10), at: offset, layout: try await svc.layout(of: disk).1)
     }
 
     static let scenarios: [Scenario] = [
-        Scenario(name: "create", setUp: { svc, b, d in try await write(svc, b, d, 1, at: 0) },
-                 plan: { b, l in try await b.planCreate(SnapshotRequest(name: "new", kind: .external), layout: l) }),
-        Scenario(name: "revert", setUp: { svc, b, d in
-            try await write(svc, b, d, 1, at: 0)
-            try await svc.create(SnapshotRequest(name: "e1", kind: .external), disk: d)
-            try await write(svc, b, d, 2, at: 0)
-        }, plan: { b, l in try await b.planRevert(to: "e1", layout: l) }),
-        Scenario(name: "delete by coalesce", setUp: { svc, b, d in
-            try await write(svc, b, d, 1, at: 0)
-            try await svc.create(SnapshotRequest(name: "e1", kind: .external), disk: d)
-            try await write(svc, b, d, 2, at: 3 << 20)
-            try await svc.create(SnapshotRequest(name: "e2", kind: .external), disk: d)
-            try await write(svc, b, d, 3, at: 5 << 20)
-            try await svc.create(SnapshotRequest(name: "e3", kind: .external), disk: d)
-        }, plan: { b, l in try await b.planDelete("e2", mode: .merge, layout: l) }),
-        Scenario(name: "delete by rebase", setUp: { svc, b, d in
-            try await write(svc, b, d, 1, at: 0)
-            try await svc.create(SnapshotRequest(name: "e1", kind: .external), disk: d)
-            try await write(svc, b, d, 2, at: 3 << 20)
-            try await svc.create(SnapshotRequest(name: "e2", kind: .external), disk: d)
-            try await svc.revert(disk: d, to: "e1")
-            try await write(svc, b, d, 3, at: 5 << 20)
-            try await svc.create(SnapshotRequest(name: "e3", kind: .external), disk: d)
-        }, plan: { b, l in try await b.planDelete("e1", mode: .merge, layout: l) }),
+        Scenario(
+            name: "create", setUp: { svc, b, d in try await write(svc, b, d, 1, at: 0) },
+            plan: { b, l in try await b.planCreate(SnapshotRequest(name: "new", kind: .external), layout: l) }),
+        Scenario(
+            name: "revert",
+            setUp: { svc, b, d in
+                try await write(svc, b, d, 1, at: 0)
+                try await svc.create(SnapshotRequest(name: "e1", kind: .external), disk: d)
+                try await write(svc, b, d, 2, at: 0)
+            }, plan: { b, l in try await b.planRevert(to: "e1", layout: l) }),
+        Scenario(
+            name: "delete by coalesce",
+            setUp: { svc, b, d in
+                try await write(svc, b, d, 1, at: 0)
+                try await svc.create(SnapshotRequest(name: "e1", kind: .external), disk: d)
+                try await write(svc, b, d, 2, at: 3 << 20)
+                try await svc.create(SnapshotRequest(name: "e2", kind: .external), disk: d)
+                try await write(svc, b, d, 3, at: 5 << 20)
+                try await svc.create(SnapshotRequest(name: "e3", kind: .external), disk: d)
+            }, plan: { b, l in try await b.planDelete("e2", mode: .merge, layout: l) }),
+        Scenario(
+            name: "delete by rebase",
+            setUp: { svc, b, d in
+                try await write(svc, b, d, 1, at: 0)
+                try await svc.create(SnapshotRequest(name: "e1", kind: .external), disk: d)
+                try await write(svc, b, d, 2, at: 3 << 20)
+                try await svc.create(SnapshotRequest(name: "e2", kind: .external), disk: d)
+                try await svc.revert(disk: d, to: "e1")
+                try await write(svc, b, d, 3, at: 5 << 20)
+                try await svc.create(SnapshotRequest(name: "e3", kind: .external), disk: d)
+            }, plan: { b, l in try await b.planDelete("e1", mode: .merge, layout: l) }),
     ]
 
     static var cases: [(Scenario, Int)] {
@@ -68,7 +77,9 @@ struct VHDCrashRecoveryTests {
         func contents(_ layout: DiskLayout) async throws -> [String: [UInt8]] {
             func regions(_ view: DataView) async throws -> [UInt8] {
                 var bytes: [UInt8] = []
-                for at: UInt64 in [0, 3 << 20, 5 << 20, 7 << 20] { bytes += try await backend.read(view, at: at, length: 64 << 10, layout: layout) }
+                for at: UInt64 in [0, 3 << 20, 5 << 20, 7 << 20] {
+                    bytes += try await backend.read(view, at: at, length: 64 << 10, layout: layout)
+                }
                 return bytes
             }
             var out: [String: [UInt8]] = [:]
@@ -78,7 +89,8 @@ struct VHDCrashRecoveryTests {
         }
         let expected = try await contents(before)
         // The crash: journaled, `stepsDone` steps run, nothing after.
-        let id = try svc.store.beginJournal(diskID: before.disk.id, kind: backend.kind, plan: plan, change: LayoutChange.between(before, plan.result))
+        let id = try svc.store.beginJournal(
+            diskID: before.disk.id, kind: backend.kind, plan: plan, change: LayoutChange.between(before, plan.result))
         let executor = PlanExecutor(store: svc.store, runner: SubprocessRunner())
         for step in plan.steps.prefix(stepsDone) { try await executor.perform(step.action, backend: backend) }
         try svc.store.markSteps(journal: id, done: stepsDone)
@@ -88,7 +100,10 @@ struct VHDCrashRecoveryTests {
         let problems = try await backend.verify(layout: after)
         #expect(problems.isEmpty, "\(problems)")
         let got = try await contents(after)
-        for (name, bytes) in got where expected[name] != nil && (name != "(active)" || reports[0].outcome == .rolledBack || scenario.name != "revert") {
+        for (name, bytes) in got
+        where expected[name] != nil
+            && (name != "(active)" || reports[0].outcome == .rolledBack || scenario.name != "revert")
+        {
             let same = bytes == expected[name]
             #expect(same, "\(name) changed (\(scenario.name), \(stepsDone) steps, \(reports[0].outcome))")
         }
@@ -100,7 +115,9 @@ struct VHDCrashRecoveryTests {
             let same = got["new"] == expected["(active)"]
             #expect(same, "the new snapshot reads what the disk read")
         }
-        let files = try FileManager.default.contentsOfDirectory(atPath: root + "/pool").filter { !$0.hasSuffix(".vmsnap-new") }
+        let files = try FileManager.default.contentsOfDirectory(atPath: root + "/pool").filter {
+            !$0.hasSuffix(".vmsnap-new")
+        }
         #expect(Set(files.map { root + "/pool/" + $0 }) == Set(after.layers.map(\.image)), "no stray files: \(files)")
     }
 }

@@ -6,7 +6,8 @@ import Testing
 @testable import VHDBackend
 
 func scratch(_ tag: String) throws -> String {
-    let dir = (NSTemporaryDirectory() as NSString).appendingPathComponent("vmsnap-vhd-\(tag)-\(UUID().uuidString.prefix(8))")
+    let dir = (NSTemporaryDirectory() as NSString).appendingPathComponent(
+        "vmsnap-vhd-\(tag)-\(UUID().uuidString.prefix(8))")
     try FileManager.default.createDirectory(atPath: dir + "/pool", withIntermediateDirectories: true)
     return dir
 }
@@ -16,14 +17,18 @@ func pattern(_ seed: UInt64, _ length: Int) -> [UInt8] { ConformanceContext.patt
 func service(_ root: String) throws -> DiskSnapshotService {
     let registry = BackendRegistry()
     try registry.register(VHDBackend.factory)
-    return DiskSnapshotService(store: try MetadataStore(directory: root + "/store"), registry: registry, notify: { _ in })
+    return DiskSnapshotService(
+        store: try MetadataStore(directory: root + "/store"), registry: registry, notify: { _ in })
 }
 
 /// The chain below `image` as the layout records it, nearest first.
 func chain(_ image: String, _ layout: DiskLayout) -> [String] {
     var out: [String] = []
     var next = layout.layer(image)?.backing
-    while let b = next { out.append(b); next = layout.layer(b)?.backing }
+    while let b = next {
+        out.append(b)
+        next = layout.layer(b)?.backing
+    }
     return out
 }
 
@@ -32,13 +37,20 @@ struct VHDEngineTests {
     @Test("the vhd backend passes every conformance check it advertises; only internal-snapshot checks are skipped")
     func conformance() async throws {
         let root = try scratch("conf")
-        let results = await ConformanceSuite(backend: VHDBackend(settings: ["engine": "native"]), pool: BackendPool(directory: root + "/pool")).run()
+        let results = await ConformanceSuite(
+            backend: VHDBackend(settings: ["engine": "native"]), pool: BackendPool(directory: root + "/pool")
+        ).run()
         for r in results where r.outcome == .failed { Issue.record("\(r.check): \(r.detail ?? "")") }
-        #expect(results.filter { $0.outcome == .skipped }.allSatisfy { $0.check.hasPrefix("internal.") || $0.check.hasPrefix("mixed.") })
+        #expect(
+            results.filter { $0.outcome == .skipped }.allSatisfy {
+                $0.check.hasPrefix("internal.") || $0.check.hasPrefix("mixed.")
+            })
         #expect(results.filter { $0.outcome == .passed }.count >= 11)
     }
 
-    @Test("every layer of a snapshot tree reads the same through libvhdi as through the engine, and vhdiinfo agrees on type, size, UUIDs and parent")
+    @Test(
+        "every layer of a snapshot tree reads the same through libvhdi as through the engine, and vhdiinfo agrees on type, size, UUIDs and parent"
+    )
     func libvhdiAgrees() async throws {
         let root = try scratch("libvhdi")
         let svc = try service(root)
@@ -65,7 +77,8 @@ struct VHDEngineTests {
             #expect(try lib.mediaSize == engine.virtualSize)
             #expect(try lib.diskType == engine.type.rawValue)
             #expect(try lib.identifier == engine.footer.uuid)
-            #expect(try lib.read(at: 0, length: 24 << 20) == engine.read(at: 0, count: 24 << 20), "layer \(layer.image)")
+            #expect(
+                try lib.read(at: 0, length: 24 << 20) == engine.read(at: 0, count: 24 << 20), "layer \(layer.image)")
             if let backing = layer.backing {
                 #expect(try lib.parentIdentifier == VHDImage(path: backing).footer.uuid)
                 #expect(try lib.parentFilename == (backing as NSString).lastPathComponent)
@@ -74,13 +87,19 @@ struct VHDEngineTests {
             #expect(info.contains("Disk type\t\t: \(layer.backing == nil ? "Dynamic" : "Differential")"), "\(info)")
             #expect(info.contains("(\(engine.virtualSize) bytes)"))
             #expect(info.contains(uuidString(engine.footer.uuid)))
-            if let backing = layer.backing { #expect(info.contains(uuidString(try VHDImage(path: backing).footer.uuid))) }
+            if let backing = layer.backing {
+                #expect(info.contains(uuidString(try VHDImage(path: backing).footer.uuid)))
+            }
         }
         let active = try VHDImage(path: layout.disk.active)
         #expect(try active.read(at: 100, count: 300 << 10) == pattern(5, 300 << 10))
         #expect(try active.read(at: 20 << 20, count: 300 << 10) == pattern(4, 300 << 10))
-        #expect(try active.read(at: (2 << 20) - 4096, count: 8192) == [UInt8](repeating: 0, count: 8192), "e2's write is on the other branch")
-        #expect(try VHDImage(path: layout.snapshot(named: "e2")!.image).read(at: (2 << 20) - 4096, count: 8192) == pattern(3, 8192))
+        #expect(
+            try active.read(at: (2 << 20) - 4096, count: 8192) == [UInt8](repeating: 0, count: 8192),
+            "e2's write is on the other branch")
+        #expect(
+            try VHDImage(path: layout.snapshot(named: "e2")!.image).read(at: (2 << 20) - 4096, count: 8192)
+                == pattern(3, 8192))
     }
 
     @Test("dynamic VHDs from qemu-img are read right by the engine, and the engine's are read right by qemu-img")
@@ -126,7 +145,10 @@ struct VHDEngineTests {
         try c.write(pattern(3, 512), at: 2 << 20)
         let runs = try c.ownedRuns().map { [$0.first, $0.count] }
         #expect(runs == [[8, 2], [4095, 2]])
-        #expect(VHDEngine.subtract([(0, 10), (20, 5)], [(2, 3), (8, 4), (21, 1)]).map { [$0.first, $0.count] } == [[0, 2], [5, 3], [20, 1], [22, 3]])
+        #expect(
+            VHDEngine.subtract([(0, 10), (20, 5)], [(2, 3), (8, 4), (21, 1)]).map { [$0.first, $0.count] } == [
+                [0, 2], [5, 3], [20, 1], [22, 3],
+            ])
     }
 
     @Test("a 100 GiB dynamic disk and its snapshot child are small files created without touching data")
@@ -162,7 +184,10 @@ struct VHDUtilCommandTests {
     /// a host that has it (docs/notes.md).
     @Test("snapshot, coalesce and check are argument arrays naming the files")
     func argv() {
-        #expect(VHDUtilCommands.snapshot(child: "/p/c.vhd", parent: "/p/b.vhd") == ["vhd-util", "snapshot", "-n", "/p/c.vhd", "-p", "/p/b.vhd"])
+        #expect(
+            VHDUtilCommands.snapshot(child: "/p/c.vhd", parent: "/p/b.vhd") == [
+                "vhd-util", "snapshot", "-n", "/p/c.vhd", "-p", "/p/b.vhd",
+            ])
         #expect(VHDUtilCommands.coalesce(child: "/p/c.vhd") == ["vhd-util", "coalesce", "-n", "/p/c.vhd"])
         #expect(VHDUtilCommands.check("/p/c.vhd") == ["vhd-util", "check", "-n", "/p/c.vhd"])
     }
@@ -174,7 +199,8 @@ struct VHDUtilCommandTests {
         let base = root + "/pool/b.vhd"
         try VHDEngine.createDynamic(base, size: 1 << 20)
         let error = try await #require(throws: SnapshotError.self) {
-            try await VHDBackend(settings: ["engine": "vhd-util"]).perform("create-child", arguments: ["parent": base, "child": root + "/pool/c.vhd"])
+            try await VHDBackend(settings: ["engine": "vhd-util"]).perform(
+                "create-child", arguments: ["parent": base, "child": root + "/pool/c.vhd"])
         }
         #expect(error.message.contains("vhd-util"))
         #expect(!FileManager.default.fileExists(atPath: root + "/pool/c.vhd"))
