@@ -18,7 +18,12 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
     public let pluginVersion: String?
     let description: DescribeResult
     let settings: [String: String]
-    let timeout: Double
+    private var callTimeout: Double
+    /// Seconds a call may take without an answer or a progress line.
+    public var timeout: Double {
+        get { lock.withLock { callTimeout } }
+        set { lock.withLock { callTimeout = newValue } }
+    }
     private let lock = NSLock()
     private var process: PluginProcess?
     private var restarts = 0
@@ -33,7 +38,7 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
         throws
     {
         self.executable = executable
-        self.timeout = timeout
+        callTimeout = timeout
         let process = try Self.launch(executable)
         let kindFromName = Self.kind(ofExecutable: executable)
         let hello: HelloResult = try Self.call(
@@ -201,11 +206,11 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
     /// A call on the live process, starting the plug-in again if it died (at most three times
     /// for one backend), so undo and recovery still reach it.
     func call<P: Encodable, R: Decodable>(_ method: PluginMethod, _ params: P) throws -> R {
-        let (live, id) = try lock.withLock { () throws -> (PluginProcess, Int) in
+        let (live, id, timeout) = try lock.withLock { () throws -> (PluginProcess, Int, Double) in
             calls += 1
             if let process, process.isRunning {
                 nextID += 1
-                return (process, nextID)
+                return (process, nextID, callTimeout)
             }
             guard restarts < 3 else {
                 throw SnapshotError(
@@ -219,12 +224,12 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
                 fresh, id: 0, .hello,
                 HelloParams(
                     host: "vmsnap", apiVersion: PluginAPIVersion.current.apiVersion,
-                    apiAge: PluginAPIVersion.current.apiAge), kind: kind, timeout: timeout)
+                    apiAge: PluginAPIVersion.current.apiAge), kind: kind, timeout: callTimeout)
             let _: Empty = try Self.call(
-                fresh, id: 1, .configure, SettingsParams(settings: settings), kind: kind, timeout: timeout)
+                fresh, id: 1, .configure, SettingsParams(settings: settings), kind: kind, timeout: callTimeout)
             process = fresh
             nextID = 2
-            return (fresh, nextID)
+            return (fresh, nextID, callTimeout)
         }
         return try Self.call(live, id: id, method, params, kind: kind, timeout: timeout)
     }

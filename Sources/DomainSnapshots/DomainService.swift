@@ -66,8 +66,22 @@ public struct DomainService: Sendable {
         try definition.validate()
         let driver = try drivers.driver(for: definition)
         try driver.validate(definition)
+        let others = try store.domains().filter { $0.name != definition.name }
         for disk in definition.disks {
-            do { _ = try await disks.manage(disk.locator, kind: disk.backend) } catch let e as SnapshotError {
+            do {
+                let (_, layout) = try await disks.manage(disk.locator, kind: disk.backend)
+                for other in others {
+                    for theirs in other.disks {
+                        guard let id = try? await disks.layout(of: theirs.locator, kind: theirs.backend).1.disk.id,
+                            id == layout.disk.id
+                        else { continue }
+                        throw SnapshotError(
+                            .conflict,
+                            "domain '\(definition.name)', disk \(disk.target): \(disk.locator) is disk \(theirs.target) of domain '\(other.name)' already; one disk belongs to one domain (two guests writing it would corrupt it)"
+                        )
+                    }
+                }
+            } catch let e as SnapshotError {
                 throw SnapshotError(e.code, "domain '\(definition.name)', disk \(disk.target): \(e.message)")
             }
         }

@@ -21,6 +21,16 @@ public struct DomainDisk: Codable, Sendable, Hashable {
         self.backend = backend
         self.locator = locator
     }
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case target, backend, locator }
+
+    public init(from decoder: any Decoder) throws {
+        try StrictKeys.refuseUnknown(decoder, known: CodingKeys.allCases.map(\.rawValue), in: "a disk")
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        target = try c.decode(String.self, forKey: .target)
+        backend = try c.decode(BackendKind.self, forKey: .backend)
+        locator = try c.decode(String.self, forKey: .locator)
+    }
 }
 
 /// How a domain boots: a kernel (and initrd, command line) or the first disk's boot loader.
@@ -33,6 +43,16 @@ public struct DomainBoot: Codable, Sendable, Hashable {
         self.kernel = kernel
         self.initrd = initrd
         self.cmdline = cmdline
+    }
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case kernel, initrd, cmdline }
+
+    public init(from decoder: any Decoder) throws {
+        try StrictKeys.refuseUnknown(decoder, known: CodingKeys.allCases.map(\.rawValue), in: "boot")
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        kernel = try c.decodeIfPresent(String.self, forKey: .kernel)
+        initrd = try c.decodeIfPresent(String.self, forKey: .initrd)
+        cmdline = try c.decodeIfPresent(String.self, forKey: .cmdline)
     }
 }
 
@@ -68,14 +88,17 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
         self.hypervisor = hypervisor
     }
 
-    enum CodingKeys: String, CodingKey { case name, uuid, memoryMiB, vcpus, disks, boot, accel, qemuArgs, hypervisor }
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case name, uuid, memoryMiB, vcpus, disks, boot, accel, qemuArgs, hypervisor
+    }
 
     public init(from decoder: any Decoder) throws {
+        try StrictKeys.refuseUnknown(decoder, known: CodingKeys.allCases.map(\.rawValue), in: "the domain definition")
         let c = try decoder.container(keyedBy: CodingKeys.self)
         name = try c.decode(String.self, forKey: .name)
         uuid = try c.decodeIfPresent(UUID.self, forKey: .uuid) ?? UUID()
-        memoryMiB = try c.decode(Int.self, forKey: .memoryMiB)
-        vcpus = try c.decodeIfPresent(Int.self, forKey: .vcpus) ?? 1
+        memoryMiB = try StrictKeys.wholeNumber(c, .memoryMiB, range: 16...(1 << 20), unit: "MiB")
+        vcpus = try c.contains(.vcpus) ? StrictKeys.wholeNumber(c, .vcpus, range: 1...256, unit: "vCPUs") : 1
         disks = try c.decodeIfPresent([DomainDisk].self, forKey: .disks) ?? []
         boot = try c.decodeIfPresent(DomainBoot.self, forKey: .boot) ?? DomainBoot()
         accel = try c.decodeIfPresent(String.self, forKey: .accel) ?? "auto"
@@ -85,7 +108,9 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
 
     /// Checks everything that can be checked without touching storage.
     public func validate() throws {
-        try SnapshotName.validate(name)
+        if let why = SnapshotName.problem(name) {
+            throw SnapshotError(.invalidName, "invalid domain name \(SnapshotName.quoted(name)): \(why)")
+        }
         guard (16...(1 << 20)).contains(memoryMiB) else {
             throw SnapshotError(
                 .invalidArgument,
@@ -115,5 +140,56 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
         if boot.kernel == nil, boot.initrd != nil || boot.cmdline != nil {
             throw SnapshotError(.invalidArgument, "domain '\(name)': boot.initrd and boot.cmdline need boot.kernel")
         }
+    }
+}
+
+/// Decoding helpers that refuse what a lenient decoder would drop or misreport: unknown fields
+/// (a typo such as `memoryMB` is named, not ignored) and numbers out of range (reported as such,
+/// not as "not JSON").
+public enum StrictKeys {
+    struct AnyKey: CodingKey {
+        var stringValue: String
+        var intValue: Int? { nil }
+        init(stringValue: String) { self.stringValue = stringValue }
+        init?(intValue: Int) { nil }
+    }
+
+    public static func refuseUnknown(_ decoder: any Decoder, known: [String], in what: String) throws {
+        let all = try decoder.container(keyedBy: AnyKey.self)
+        let unknown = all.allKeys.map(\.stringValue).filter { !known.contains($0) }.sorted()
+        guard unknown.isEmpty else {
+            throw DecodingError.dataCorrupted(
+                .init(
+                    codingPath: decoder.codingPath,
+                    debugDescription:
+                        "\(what) has unknown field\(unknown.count == 1 ? "" : "s") \(unknown.map { "'\($0)'" }.joined(separator: ", ")); the fields are \(known.joined(separator: ", "))"
+                ))
+        }
+    }
+
+    /// A whole number in `range`; anything else (a fraction, a number too large for any
+    /// machine) is reported with the range.
+    public static func wholeNumber<K: CodingKey>(
+        _ c: KeyedDecodingContainer<K>, _ key: K, range: ClosedRange<Int>, unit: String
+    ) throws -> Int {
+        let value: Double
+        if let n = try? c.decode(Int.self, forKey: key) {
+            value = Double(n)
+        } else {
+            do { value = try c.decode(Double.self, forKey: key) } catch {
+                throw DecodingError.typeMismatch(
+                    Int.self,
+                    .init(codingPath: c.codingPath + [key], debugDescription: "\(key.stringValue) must be a number"))
+            }
+        }
+        guard value.rounded() == value, value >= Double(range.lowerBound), value <= Double(range.upperBound) else {
+            throw DecodingError.dataCorrupted(
+                .init(
+                    codingPath: c.codingPath + [key],
+                    debugDescription:
+                        "\(key.stringValue) is \(value.rounded() == value && abs(value) < 1e18 ? String(Int64(value)) : String(value)); give a whole number of \(unit) from \(range.lowerBound) to \(range.upperBound)"
+                ))
+        }
+        return Int(value)
     }
 }

@@ -133,7 +133,7 @@ public struct QEMUDriver: HypervisorDriver {
             case .boot: break
             case .loadInternal(_, let running): if running { try await client.cont() }
             case .restoreMemory(let path, let running):
-                try await restoreMemory(client, from: path, running: running, progress: progress)
+                try await restoreMemory(client, runtime: rt, from: path, running: running, progress: progress)
             }
             await client.close()
         } catch {
@@ -174,7 +174,11 @@ public struct QEMUDriver: HypervisorDriver {
     static let memoryFDName = "vmsnap-memory"
 
     /// Feeds a QEMU started with `-incoming defer` the memory image at `path`.
-    func restoreMemory(_ client: QMPClient, from path: String, running: Bool, progress: ProgressHandler?) async throws {
+    func restoreMemory(
+        _ client: QMPClient, runtime: QEMURuntime, from path: String, running: Bool, progress: ProgressHandler?
+    )
+        async throws
+    {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else {
             throw SnapshotError(.io, "cannot open memory image \(path): \(String(cString: strerror(errno)))")
@@ -191,19 +195,30 @@ public struct QEMUDriver: HypervisorDriver {
                 "QEMU could not load the memory image \(path) (\(why)); it may be damaged or from another QEMU. The disks are reverted; the domain is left shut off. Revert with --force to boot from the disks"
             )
         }
-        try await client.run(QMP.MigrateIncoming(uri: "fd:\(Self.memoryFDName)"))
         do {
+            try await client.run(QMP.MigrateIncoming(uri: "fd:\(Self.memoryFDName)"))
             _ = try await QEMULiveDomain.followMigration(
                 client: client, fd: fd, total: total, since: mark, phase: "memory restore", progress: progress
             ) { status, _ in
                 unreadable("migration \(status)")
             }
         } catch let e as SnapshotError where e.code != .invalidImage {
-            // QEMU exits when the incoming stream is not one it can load.
-            guard await client.isClosed else { throw e }
+            // QEMU exits when the incoming stream is not one it can load: the connection fails
+            // (closed, or a write into it) as it goes.
+            guard try await exits(runtime, within: .seconds(5)) else { throw e }
             throw unreadable("QEMU exited while loading it")
         }
         if running { try await client.cont() }
+    }
+
+    /// True once the domain's QEMU has exited, waiting up to `timeout`.
+    func exits(_ runtime: QEMURuntime, within timeout: Duration) async throws -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while runtime.pid() != nil {
+            guard ContinuousClock.now < deadline else { return false }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        return true
     }
 
     /// `kvm` when /dev/kvm opens and the CPU exposes hardware virtualization (a nested,

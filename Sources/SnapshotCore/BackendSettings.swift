@@ -132,7 +132,8 @@ public enum BackendSettings {
     /// Reads the store's settings file; a missing file is no settings.
     public static func load(storeDirectory: String) throws -> [String: String] {
         let path = (storeDirectory as NSString).appendingPathComponent(fileName)
-        guard let data = FileManager.default.contents(atPath: path) else { return [:] }
+        guard FileManager.default.fileExists(atPath: path) else { return [:] }
+        let data = try RegularFile.read(path, what: "settings file", limit: 1 << 20)
         var out: [String: String] = [:]
         for (n, raw) in String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false)
             .enumerated()

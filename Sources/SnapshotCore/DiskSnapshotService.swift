@@ -54,6 +54,14 @@ public struct DiskSnapshotService: Sendable {
     /// The backend and identity of a disk, and whether vmsnap manages it already. Cheap: an
     /// indexed lookup, or the backends' format probes.
     func resolve(_ locator: String, kind: BackendKind?) async throws -> (any DiskSnapshotBackend, String, Bool) {
+        // Checked before any backend opens it: a FIFO would block the open forever.
+        var st = stat()
+        if stat(locator, &st) == 0, ![S_IFREG, S_IFBLK].contains(st.st_mode & S_IFMT) {
+            throw SnapshotError(
+                .invalidArgument,
+                "\(locator) is \(RegularFile.typeName(st.st_mode)); a disk is an image file or a block device. Nothing was changed"
+            )
+        }
         let candidates =
             try kind.map { [try registry.backend($0, environment: environment)] }
             ?? registry.allBackends(environment: environment)
@@ -67,6 +75,14 @@ public struct DiskSnapshotService: Sendable {
                 )
             }
         }
+        // Another spelling of a managed disk (a symbolic link, a hard link, /dev/mapper/vg-lv for
+        // vg/lv) is that disk, never a second one.
+        if let (id, owner) = try sameFile(as: locator) {
+            if let kind, owner != kind {
+                throw SnapshotError(.conflict, "\(locator) is managed by backend '\(owner)' (as \(id)), not '\(kind)'")
+            }
+            return (try registry.backend(owner, environment: environment), id, true)
+        }
         if kind != nil { return (candidates[0], candidates[0].normalize(locator: locator), false) }
         for backend in candidates where await backend.recognizes(locator: locator) {
             return (backend, backend.normalize(locator: locator), false)
@@ -75,6 +91,16 @@ public struct DiskSnapshotService: Sendable {
             .invalidImage,
             "no backend recognizes \(locator): it is missing or not in a format vmsnap knows (\(registry.kinds.map(\.rawValue).joined(separator: ", "))); pass --backend KIND to say which it is"
         )
+    }
+
+    /// The managed disk whose identity, active layer or a layer is the same file as `locator`
+    /// (device and inode; for block devices the device number), if any.
+    func sameFile(as locator: String) throws -> (String, BackendKind)? {
+        guard let wanted = FileIdentity(locator) else { return nil }
+        for (id, kind, image) in try store.managedImages() where FileIdentity(image) == wanted {
+            return (id, kind)
+        }
+        return nil
     }
 
     /// Runs `body` with the disk's lock held, after recovering interrupted work on it, and with
@@ -107,7 +133,14 @@ public struct DiskSnapshotService: Sendable {
         }
         let adopted = try await backend.adopt(locator: id)
         try store.insert(adopted)
-        return try await body(backend, adopted)
+        do { return try await body(backend, adopted) } catch {
+            // A command that fails leaves the store as it was: a disk it started to manage is
+            // forgotten again, unless an operation on it is still open (recovery needs the record).
+            if (try? store.openJournals(diskID: id).isEmpty) == true, (try? store.layout(diskID: id)) == adopted {
+                try? store.removeDisk(id: id)
+            }
+            throw error
+        }
     }
 
     /// The backend and stored layout of a disk, recording it in the store first if vmsnap did

@@ -65,7 +65,7 @@ public struct LayerChainPlanner: Sendable {
         let taken = Set(layout.layers.map(\.image))
         var candidate = (dir as NSString).appendingPathComponent("\(stem).\(name).\(fileExtension)")
         var n = 1
-        while taken.contains(candidate) || FileManager.default.fileExists(atPath: candidate) {
+        while taken.contains(candidate) || NewFile.exists(candidate) {
             candidate = (dir as NSString).appendingPathComponent("\(stem).\(name).\(n).\(fileExtension)")
             n += 1
         }

@@ -1,5 +1,8 @@
 import Foundation
 import GRDB
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// An operation recorded before its first step runs, with how far it got.
 public struct JournalEntry: Sendable, Hashable {
@@ -55,12 +58,58 @@ public final class MetadataStore: Sendable {
     package let dbQueue: DatabaseQueue
 
     /// The directory from a flag, then `VMSNAP_STORE`, then the default.
+    /// An empty `--store` is refused, not read as "the default".
     public static func resolveDirectory(
         flag: String?, environment: [String: String] = ProcessInfo.processInfo.environment
-    ) -> String {
-        if let flag, !flag.isEmpty { return flag }
+    ) throws -> String {
+        if let flag {
+            guard !flag.isEmpty else {
+                throw SnapshotError(
+                    .invalidArgument,
+                    "--store is empty; give a directory, or leave the option out to use $VMSNAP_STORE or \(defaultDirectory)"
+                )
+            }
+            return flag
+        }
         if let env = environment["VMSNAP_STORE"], !env.isEmpty { return env }
         return defaultDirectory
+    }
+
+    /// Why a store path may not be trusted: vmsnap (often root) runs the steps its journal
+    /// records, so a store, its database or its settings that someone else can change would let
+    /// them choose what runs. Nil when it is a directory (or file) of this user (or root) that
+    /// only its owner can write.
+    public static func trustProblem(_ path: String, directory: Bool) -> String? {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return nil }  // not there yet: created 0700 below
+        if (st.st_mode & S_IFMT) == S_IFLNK {
+            guard stat(path, &st) == 0 else { return "\(path) is a dangling symbolic link" }
+        }
+        let type = st.st_mode & S_IFMT
+        if directory, type != S_IFDIR { return "\(path) is not a directory" }
+        if !directory, type != S_IFREG { return "\(path) is not a regular file" }
+        if st.st_uid != geteuid(), st.st_uid != 0 {
+            return
+                "\(path) is owned by uid \(st.st_uid), not by the user running vmsnap (uid \(geteuid())) or root; chown it"
+        }
+        if st.st_mode & 0o022 != 0 {
+            return
+                "\(path) is writable by group or others (mode \(String(st.st_mode & 0o7777, radix: 8))); anyone who can change it could make vmsnap run what they choose. chmod go-w it"
+        }
+        return nil
+    }
+
+    /// Refuses a store directory, database or settings file that others could change.
+    static func checkTrust(_ directory: String) throws {
+        let checks = [
+            (directory, true), ((directory as NSString).appendingPathComponent(databaseName), false),
+            ((directory as NSString).appendingPathComponent("settings.conf"), false),
+        ]
+        for (path, isDirectory) in checks {
+            if let problem = trustProblem(path, directory: isDirectory) {
+                throw SnapshotError(.storeCorrupt, "refusing the metadata store: \(problem). Nothing was changed")
+            }
+        }
     }
 
     /// Opens (creating if needed) the store in `directory`. A file that is not a vmsnap database is
@@ -68,6 +117,7 @@ public final class MetadataStore: Sendable {
     public init(directory: String) throws {
         self.directory = directory
         let path = (directory as NSString).appendingPathComponent(Self.databaseName)
+        try Self.checkTrust(directory)
         do {
             try FileManager.default.createDirectory(
                 atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
@@ -85,6 +135,17 @@ public final class MetadataStore: Sendable {
             // FULL: a journal entry is on disk before the step it describes runs.
             try db.execute(sql: "PRAGMA synchronous = FULL")
             try db.execute(sql: "PRAGMA foreign_keys = ON")
+        }
+        // One process creates and migrates a new store; another waits for it, then uses it.
+        let initLock = open(
+            (directory as NSString).appendingPathComponent("locks/store.lock"),
+            O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        if initLock >= 0 { flock(initLock, LOCK_EX) }
+        defer {
+            if initLock >= 0 {
+                flock(initLock, LOCK_UN)
+                close(initLock)
+            }
         }
         do {
             dbQueue = try DatabaseQueue(path: path, configuration: config)
@@ -357,6 +418,43 @@ public final class MetadataStore: Sendable {
                 try db.execute(
                     sql: "UPDATE journal SET state = 'rolled-back', finished_at = ? WHERE id = ?",
                     arguments: [Int64(Date().timeIntervalSince1970), id])
+            }
+        }
+    }
+
+    /// Gives up on an open entry: storage stays as the steps left it, the layout as it was
+    /// before the operation, and the entry is kept, marked `abandoned`, for the record. Returns
+    /// the entry, or nil if no open entry has that id.
+    public func abandonJournal(_ id: Int64) throws -> JournalEntry? {
+        guard let entry = try openJournals().first(where: { $0.id == id }) else { return nil }
+        try wrap {
+            try dbQueue.write { db in
+                try db.execute(
+                    sql: "UPDATE journal SET state = 'abandoned', finished_at = ? WHERE id = ? AND state = 'open'",
+                    arguments: [Int64(Date().timeIntervalSince1970), id])
+            }
+        }
+        return entry
+    }
+
+    /// Every image the store knows, with its disk: identities, active layers and managed layers.
+    public func managedImages() throws -> [(diskID: String, kind: BackendKind, image: String)] {
+        try wrap {
+            try dbQueue.read { db in
+                let disks = try Row.fetchAll(db, sql: "SELECT id, kind, active FROM disks")
+                var out: [(String, BackendKind, String)] = []
+                var kinds: [String: BackendKind] = [:]
+                for row in disks {
+                    let id: String = row["id"], kind = BackendKind(rawValue: row["kind"])
+                    kinds[id] = kind
+                    out.append((id, kind, id))
+                    out.append((id, kind, row["active"]))
+                }
+                for row in try Row.fetchAll(db, sql: "SELECT disk_id, image FROM disk_layers") {
+                    let id: String = row["disk_id"]
+                    if let kind = kinds[id] { out.append((id, kind, row["image"])) }
+                }
+                return out
             }
         }
     }

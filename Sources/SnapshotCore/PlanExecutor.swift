@@ -109,7 +109,7 @@ public struct PlanExecutor: Sendable {
             }
             throw SnapshotError(
                 .recoveryNeeded,
-                "\(plan.operation) stopped at step \(index + 1) of \(plan.steps.count) (\(plan.steps[min(index, plan.steps.count - 1)].summary)), past the point where it can be undone; fix the cause and run `vmsnap recover` to finish it",
+                "\(plan.operation) stopped at step \(index + 1) of \(plan.steps.count) (\(plan.steps[min(index, plan.steps.count - 1)].summary)), past the point where it can be undone; fix the cause and run `vmsnap recover` to finish it. If it cannot be finished, `vmsnap recover --abandon \(journalID)` gives up on it and says what to check",
                 cause: error)
         }
     }
@@ -134,6 +134,12 @@ public struct PlanExecutor: Sendable {
                 return RecoveryReport(
                     diskID: entry.diskID, operation: plan.operation, outcome: .pending, stepsDone: index,
                     stepCount: plan.steps.count, detail: e.message)
+            } catch {
+                let why = (error as? SnapshotError)?.message ?? String(describing: error)
+                throw SnapshotError(
+                    .recoveryNeeded,
+                    "finishing '\(plan.operation)' on \(entry.diskID) (journal \(entry.id)) failed at step \(index + 1) of \(plan.steps.count) (\(plan.steps[index].summary)): \(why). Fix the cause and run `vmsnap recover` again; if it cannot be finished, `vmsnap recover --abandon \(entry.id)` gives up on it and says what to check",
+                    cause: error)
             }
             try store.markSteps(journal: entry.id, done: index + 1)
             index += 1

@@ -7,25 +7,48 @@ public enum SnapshotName {
     /// Throws `.invalidName` saying what is wrong with `name`, or returns it unchanged.
     @discardableResult
     public static func validate(_ name: String) throws -> String {
-        func reject(_ why: String) -> SnapshotError {
-            SnapshotError(.invalidName, "invalid snapshot name \(quoted(name)): \(why)")
+        if let why = problem(name) {
+            throw SnapshotError(.invalidName, "invalid snapshot name \(quoted(name)): \(why)")
         }
-        if name.isEmpty { throw reject("the name is empty; give a name such as 'before-upgrade'") }
+        return name
+    }
+
+    /// What is wrong with `name` as a snapshot or domain name, or nil. Refused rather than
+    /// repaired: control and bidirectional-override characters (a name that reads differently
+    /// from what it is), leading or trailing spaces, and U+FFFD (what invalid UTF-8 became).
+    public static func problem(_ name: String) -> String? {
+        if name.isEmpty { return "the name is empty; give a name such as 'before-upgrade'" }
         if name.utf8.count > maximumBytes {
-            throw reject("it is \(name.utf8.count) bytes long; the limit is \(maximumBytes) bytes")
+            return "it is \(name.utf8.count) bytes long; the limit is \(maximumBytes) bytes"
         }
-        if name.contains("/") { throw reject("it contains '/'; names become file and volume names, use '-' instead") }
-        if name.unicodeScalars.contains(where: { $0.value == 0 }) { throw reject("it contains a NUL character") }
+        if name.contains("/") { return "it contains '/'; names become file and volume names, use '-' instead" }
+        if name.unicodeScalars.contains(where: { $0.value == 0 }) { return "it contains a NUL character" }
         if let c = name.unicodeScalars.first(where: {
             $0.value < 0x20 || $0.value == 0x7f || (0x80..<0xa0).contains($0.value)
         }) {
-            throw reject(
-                "it contains the control character U+\(String(c.value, radix: 16, uppercase: true).leftPadded(4))")
+            return "it contains the control character U+\(String(c.value, radix: 16, uppercase: true).leftPadded(4))"
         }
-        if name.hasPrefix("-") { throw reject("it starts with '-', which commands would read as an option") }
-        if name == "." || name == ".." { throw reject("'.' and '..' name directories") }
-        return name
+        if let c = name.unicodeScalars.first(where: { bidiControls.contains($0.value) }) {
+            return
+                "it contains the bidirectional formatting character U+\(String(c.value, radix: 16, uppercase: true)), which makes a name display differently from what it is"
+        }
+        if name.unicodeScalars.contains(where: { $0.value == 0xFFFD }) {
+            return "it contains U+FFFD, the replacement character: the name was not valid UTF-8"
+        }
+        if let first = name.unicodeScalars.first, let last = name.unicodeScalars.last,
+            first.properties.isWhitespace || last.properties.isWhitespace
+        {
+            return "it starts or ends with a space; remove it (spaces inside a name are fine)"
+        }
+        if name.hasPrefix("-") { return "it starts with '-', which commands would read as an option" }
+        if name == "." || name == ".." { return "'.' and '..' name directories" }
+        return nil
     }
+
+    /// LRM, RLM, ALM, the embeddings and overrides, and the isolates.
+    static let bidiControls: Set<UInt32> = [
+        0x061C, 0x200E, 0x200F, 0x202A, 0x202B, 0x202C, 0x202D, 0x202E, 0x2066, 0x2067, 0x2068, 0x2069,
+    ]
 
     /// A name quoted for an error message, with control characters made visible.
     public static func quoted(_ name: String) -> String {

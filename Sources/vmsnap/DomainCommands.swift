@@ -63,9 +63,7 @@ struct DomainCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await guarded {
-                guard let data = FileManager.default.contents(atPath: file) else {
-                    throw SnapshotError(.notFound, "cannot read domain definition \(file)")
-                }
+                let data = try RegularFile.read(file, what: "domain definition", limit: 1 << 20)
                 let definition: DomainDefinition
                 do { definition = try JSONDecoder().decode(DomainDefinition.self, from: data) } catch {
                     throw SnapshotError(
@@ -84,9 +82,8 @@ struct DomainCommand: AsyncParsableCommand {
             case DecodingError.typeMismatch(_, let c), DecodingError.valueNotFound(_, let c):
                 return "field '\(c.codingPath.map(\.stringValue).joined(separator: "."))' has the wrong type"
             case DecodingError.dataCorrupted(let c):
-                return c.codingPath.isEmpty
-                    ? "it is not JSON"
-                    : "field '\(c.codingPath.map(\.stringValue).joined(separator: "."))': \(c.debugDescription)"
+                if c.codingPath.isEmpty { return c.underlyingError != nil ? "it is not JSON" : c.debugDescription }
+                return "field '\(c.codingPath.map(\.stringValue).joined(separator: "."))': \(c.debugDescription)"
             default: return "\(error)"
             }
         }
@@ -240,9 +237,7 @@ struct SnapshotCommand: AsyncParsableCommand {
             try await guarded {
                 let service = try storeOptions.domains(json: json)
                 if let redefine {
-                    guard let data = FileManager.default.contents(atPath: redefine) else {
-                        throw SnapshotError(.notFound, "cannot read \(redefine)")
-                    }
+                    let data = try RegularFile.read(redefine, what: "snapshot XML", limit: 16 << 20)
                     let record = try await service.redefine(
                         domain: domain, xml: String(decoding: data, as: UTF8.self), makeCurrent: current)
                     if json { return try printJSON(record) }

@@ -10,9 +10,16 @@ struct RecoverCommand: AsyncParsableCommand {
     )
     @OptionGroup var storeOptions: StoreOptions
     @Flag(name: .long, help: "Print JSON.") var json = false
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Give up on interrupted operation N (its journal id, shown by errors and `disk check`) when it cannot be finished: storage is left as the steps left it, the disk's metadata as it was before; vmsnap says what to check.",
+            valueName: "N"))
+    var abandon: Int64?
 
     func run() async throws {
         try await guarded {
+            if let abandon { return try abandonOperation(abandon) }
             let reports = try await storeOptions.service().recoverAll()
             let domains = try await storeOptions.domains().recoverAll()
             let pending = reports.contains { $0.outcome == .pending }
@@ -30,5 +37,30 @@ struct RecoverCommand: AsyncParsableCommand {
             }
             if pending { throw ExitCode(pendingExitCode) }
         }
+    }
+
+    /// Marks one wedged operation abandoned and prints what the operator must check.
+    func abandonOperation(_ id: Int64) throws {
+        let store = try storeOptions.openStore()
+        let lockID = try store.openJournals().first { $0.id == id }?.diskID
+        let lock = try lockID.map { try DiskLock(store: store, diskID: $0, timeout: 0) }
+        defer { withExtendedLifetime(lock) {} }
+        guard let entry = try store.abandonJournal(id) else {
+            let open = try store.openJournals().map { "\($0.id) (\($0.operation))" }
+            throw SnapshotError(
+                .notFound,
+                "no interrupted operation has id \(id); open ones: \(open.isEmpty ? "none" : open.joined(separator: ", "))"
+            )
+        }
+        print(
+            "abandoned: \(entry.operation) on \(entry.diskID) (journal \(entry.id)); \(entry.stepsDone) of \(entry.steps.count) steps had run"
+        )
+        print("the disk's metadata is as it was before the operation; its storage is as the steps left it. Check:")
+        for (n, step) in entry.steps.enumerated() {
+            print("  step \(n + 1) \(n < entry.stepsDone ? "done" : "not done"): \(step.summary) [\(step.action)]")
+        }
+        print(
+            "then compare `vmsnap disk check \(entry.diskID)` with the storage, and fix or forget snapshots as it reports"
+        )
     }
 }

@@ -118,7 +118,8 @@ struct MisbehavingPluginTests {
                 return original(p)
             raw.METHODS["planCreate"] = hanging
             """)
-        let rig = try await PluginRig(path, timeout: 1)
+        let rig = try await PluginRig(path)
+        rig.backend.timeout = 1
         let started = ContinuousClock.now
         try await rig.expectFailure(
             .pluginFailed, mentioning: ["'hangs'", "did not answer 'planCreate' within 1 s", "stopped"]

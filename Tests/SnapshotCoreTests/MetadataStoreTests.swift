@@ -114,9 +114,13 @@ struct MetadataStoreTests {
     }
 
     @Test("the store directory comes from the flag, then VMSNAP_STORE, then the default")
-    func storeResolution() {
-        #expect(MetadataStore.resolveDirectory(flag: "/a", environment: ["VMSNAP_STORE": "/b"]) == "/a")
-        #expect(MetadataStore.resolveDirectory(flag: nil, environment: ["VMSNAP_STORE": "/b"]) == "/b")
-        #expect(MetadataStore.resolveDirectory(flag: nil, environment: [:]) == "/var/lib/vmsnap")
+    func storeResolution() throws {
+        #expect(try MetadataStore.resolveDirectory(flag: "/a", environment: ["VMSNAP_STORE": "/b"]) == "/a")
+        #expect(try MetadataStore.resolveDirectory(flag: nil, environment: ["VMSNAP_STORE": "/b"]) == "/b")
+        #expect(try MetadataStore.resolveDirectory(flag: nil, environment: [:]) == "/var/lib/vmsnap")
+        let empty = #expect(throws: SnapshotError.self) {
+            try MetadataStore.resolveDirectory(flag: "", environment: ["VMSNAP_STORE": "/b"])
+        }
+        #expect(empty?.message.contains("--store is empty") == true)
     }
 }

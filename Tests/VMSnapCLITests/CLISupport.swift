@@ -30,13 +30,17 @@ struct CLI {
         var err: String
     }
 
-    /// `vmsnap ARGS --store STORE`, with extra environment (fault injection).
+    /// `vmsnap ARGS --store STORE`, with extra environment (fault injection). `raw`: ARGS is the
+    /// whole command line (a wrapper such as `timeout` around vmsnap), run with the same environment.
     @discardableResult
-    func run(_ args: [String], fault: String? = nil, environment: [String: String] = [:]) async throws -> Result {
+    func run(_ args: [String], fault: String? = nil, environment: [String: String] = [:], raw: Bool = false)
+        async throws
+        -> Result
+    {
         var argv = ["env"]
         if let fault { argv.append("VMSNAP_FAULT=\(fault)") }
         argv += environment.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
-        argv += ["VMSNAP_STORE=\(store)", CLI.binary] + args
+        argv += ["VMSNAP_STORE=\(store)"] + (raw ? [] : [CLI.binary]) + args
         let out = try await SubprocessRunner().execute(argv)
         return Result(status: out.status, out: out.standardOutput, err: out.standardError)
     }

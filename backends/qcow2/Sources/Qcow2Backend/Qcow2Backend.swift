@@ -125,7 +125,15 @@ public struct Qcow2Backend: DiskSnapshotBackend {
     var chain: LayerChainPlanner {
         LayerChainPlanner(
             actions: .init(
-                createOverlay: { overlay, base in .run(Qcow2Commands.createOverlay(overlay, backing: base)) },
+                createOverlay: { overlay, base in
+                    if try Qcow2Image(path: base).isEncrypted {
+                        throw SnapshotError(
+                            .unsupported,
+                            "\(base) is encrypted: an overlay would keep the guest's writes after the snapshot unencrypted, and vmsnap does not yet pass the image's secret to qemu-img. Nothing was changed; take an internal snapshot (it stays inside the encrypted image)"
+                        )
+                    }
+                    return .backend(name: "create-overlay", arguments: ["overlay": overlay, "backing": base])
+                },
                 commitAndMove: { child, base in
                     [
                         PlanStep("merge \(child) into \(base)", .run(Qcow2Commands.commit(child))),
@@ -211,6 +219,15 @@ public struct Qcow2Backend: DiskSnapshotBackend {
                 .conflict, "cannot revert to internal snapshot '\(name)': other layers read through \(holder)")
         }
         try Self.requireNotInUse([holder, layout.disk.active])
+        // The snapshot must still be in the image: one deleted outside vmsnap would fail the
+        // revert past its point of no return.
+        guard try image(holder).snapshots.contains(where: { $0.name == target.backendID ?? name || $0.name == name })
+        else {
+            throw SnapshotError(
+                .notFound,
+                "internal snapshot '\(name)' is in vmsnap's records but no longer in \(holder) (deleted outside vmsnap?); nothing was changed. Forget it with `vmsnap disk snapshot delete \(layout.disk.id) '\(name)' --metadata-only`, and see `vmsnap disk check`"
+            )
+        }
         var result = layout
         result.disk.current = name
         result.disk.active = holder
@@ -276,8 +293,26 @@ public struct Qcow2Backend: DiskSnapshotBackend {
 
     // MARK: - Native steps and checks
 
+    /// The overlay file is made first, exclusively and with the base's mode and owner, then
+    /// qemu-img writes the qcow2 structure into it (keeping both). Idempotent: an overlay already
+    /// on `backing` is done, an empty one (a crash between the two) is filled.
+    func createOverlay(_ overlay: String, backing: String) async throws {
+        var st = stat()
+        if lstat(overlay, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, let existing = try? Qcow2Image(path: overlay),
+            existing.resolvedBackingFile == backing
+        {
+            return
+        }
+        try NewFile.create(overlay, like: backing)
+        try await runner.run(Qcow2Commands.createOverlay(overlay, backing: backing))
+    }
+
     public func perform(_ name: String, arguments: [String: String]) async throws {
         switch name {
+        case "create-overlay":
+            guard let overlay = arguments["overlay"], let backing = arguments["backing"] else { break }
+            try await createOverlay(overlay, backing: backing)
+            return
         case "delete-internal-if-present":
             guard let image = arguments["image"], let snapshot = arguments["name"] else { break }
             guard FileManager.default.fileExists(atPath: image) else { return }

@@ -27,6 +27,9 @@ public struct Qcow2Image: Sendable, Hashable {
     public var snapshots: [Snapshot]
     /// Incompatible feature bits: bit 0 dirty, bit 1 corrupt.
     public var incompatibleFeatures: UInt64
+    /// `crypt_method`: 0 none, 1 AES, 2 LUKS.
+    public var cryptMethod: UInt32
+    public var isEncrypted: Bool { cryptMethod != 0 }
 
     public var isCorrupt: Bool { incompatibleFeatures & 2 != 0 }
 
@@ -76,6 +79,7 @@ public struct Qcow2Image: Sendable, Hashable {
             throw bad("cluster_bits \(clusterBits) is out of range (9-21) at offset 20")
         }
         virtualSize = header.bigEndianUInt64(at: 24)
+        cryptMethod = header.bigEndianUInt32(at: 32)
         let snapshotCount = header.bigEndianUInt32(at: 60)
         let snapshotsOffset = header.bigEndianUInt64(at: 64)
         var headerLength: UInt64 = 72
@@ -161,7 +165,7 @@ struct ReadOnlyFile: ~Copyable {
     let size: UInt64
 
     init(_ path: String) throws {
-        fd = open(path, O_RDONLY | O_CLOEXEC)
+        fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)  // a FIFO must not block the open
         guard fd >= 0 else { throw SnapshotError(.notFound, String(cString: strerror(errno))) }
         var st = stat()
         guard fstat(fd, &st) == 0 else {

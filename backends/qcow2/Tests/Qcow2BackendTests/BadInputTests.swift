@@ -150,7 +150,7 @@ struct Qcow2CommandTests {
         let overlay = f.pool + "/web.before upgrade.qcow2"
         #expect(
             plan.steps.map(\.action) == [
-                .run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", disk, "-F", "qcow2", overlay])
+                .backend(name: "create-overlay", arguments: ["overlay": overlay, "backing": disk])
             ])
         #expect(plan.steps[0].undo == .removeFile(overlay))
         #expect(plan.result.disk.active == overlay && plan.result.disk.current == "before upgrade")

@@ -33,15 +33,18 @@ public enum VHDEngine {
             size: p.virtualSize, type: .differencing, uuid: newUUID(), timestamp: VHD.timestamp(Date()), dataOffset: 512
         )
         try writeNew(
-            child, footer: footer, header: header, locators: VHDImage.locatorData(child: child, parent: parent))
+            child, footer: footer, header: header, locators: VHDImage.locatorData(child: child, parent: parent),
+            like: parent)
     }
 
     /// Lays out a new file: footer copy, header, BAT, locator data, footer. Written to a temporary
     /// name and renamed, so `path` never exists half-made.
-    static func writeNew(_ path: String, footer: VHDFooter, header: VHDHeader, locators: [(VHD.PlatformCode, [UInt8])])
-        throws
-    {
-        guard !FileManager.default.fileExists(atPath: path) else {
+    /// `like`: the image whose mode, owner and group the new file takes.
+    static func writeNew(
+        _ path: String, footer: VHDFooter, header: VHDHeader, locators: [(VHD.PlatformCode, [UInt8])],
+        like: String? = nil
+    ) throws {
+        guard !NewFile.exists(path) else {
             throw SnapshotError(.alreadyExists, "\(path) already exists")
         }
         var header = header
@@ -57,9 +60,15 @@ public enum VHDEngine {
         }
         let temp = path + ".vmsnap-new"
         unlink(temp)
-        let fd = Glibc.open(temp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        let fd = Glibc.open(temp, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw SnapshotError(.io, "cannot create \(temp): \(String(cString: strerror(errno)))") }
         defer { Glibc.close(fd) }
+        if let like {
+            do { try NewFile.match(fd, like: like, path: path) } catch {
+                unlink(temp)
+                throw error
+            }
+        }
         func put(_ bytes: [UInt8], _ at: UInt64) throws {
             let n = bytes.withUnsafeBytes { Glibc.pwrite(fd, $0.baseAddress, bytes.count, off_t(at)) }
             guard n == bytes.count else {

@@ -35,7 +35,8 @@ public final class VHDImage {
         self.path = path
         self.writable = writable
         self.below = below
-        fd = Glibc.open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC)
+        // O_NONBLOCK: a FIFO at the path (or a parent locator pointing at one) must not block the open.
+        fd = Glibc.open(path, (writable ? O_RDWR : O_RDONLY) | O_NONBLOCK | O_CLOEXEC)
         guard fd >= 0 else {
             throw SnapshotError(
                 errno == ENOENT ? .notFound : .io, "\(path): cannot open: \(String(cString: strerror(errno)))")
@@ -43,6 +44,9 @@ public final class VHDImage {
         do {
             var st = stat()
             guard fstat(fd, &st) == 0 else { throw SnapshotError(.io, "\(path): cannot stat") }
+            guard (st.st_mode & S_IFMT) == S_IFREG else {
+                throw SnapshotError(.invalidImage, "\(path) is not a regular file; a VHD is a file")
+            }
             let size = UInt64(st.st_size)
             guard size >= 512, size % 512 == 0 || size >= 1024 else {
                 throw SnapshotError(.invalidImage, "\(path): truncated: \(size) bytes, shorter than a VHD footer (512)")
