@@ -29,9 +29,11 @@ public enum SnapshotXML {
         }
     }
 
-    /// `descriptors` says, per backend kind, how libvirt names its disks (source type, format).
+    /// `descriptors` says, per backend kind, how libvirt names its disks (source type, format);
+    /// `domainType` is libvirt's `<domain type>` as the domain's driver names it.
     public static func render(
-        _ r: DomainSnapshotRecord, layouts: [String: DiskLayout], descriptors: [BackendKind: BackendDescriptor]
+        _ r: DomainSnapshotRecord, layouts: [String: DiskLayout], descriptors: [BackendKind: BackendDescriptor],
+        domainType: String
     ) -> String {
         var x = "<domainsnapshot>\n  <name>\(escape(r.name))</name>\n"
         if let d = r.description { x += "  <description>\(escape(d))</description>\n" }
@@ -65,7 +67,7 @@ public enum SnapshotXML {
         x += "  </disks>\n"
         let def = r.definition
         x +=
-            "  <domain type='\(def.accel == "kvm" ? "kvm" : "qemu")'>\n    <name>\(escape(def.name))</name>\n    <uuid>\(def.uuid.uuidString.lowercased())</uuid>\n"
+            "  <domain type='\(escape(domainType))'>\n    <name>\(escape(def.name))</name>\n    <uuid>\(def.uuid.uuidString.lowercased())</uuid>\n"
         x += "    <memory unit='KiB'>\(def.memoryMiB * 1024)</memory>\n    <vcpu>\(def.vcpus)</vcpu>\n"
         x += "    <os>\n      <type arch='x86_64' machine='pc'>hvm</type>\n"
         if let k = def.boot.kernel { x += "      <kernel>\(escape(k))</kernel>\n" }
@@ -175,7 +177,9 @@ extension DomainService {
                     .descriptor
             }
         }
-        return SnapshotXML.render(record, layouts: layouts, descriptors: descriptors)
+        let driver = try drivers.driver(for: record.definition)
+        return SnapshotXML.render(
+            record, layouts: layouts, descriptors: descriptors, domainType: driver.libvirtDomainType(record.definition))
     }
 
     /// Imports a snapshot record from XML (`create --redefine`): every disk snapshot it names

@@ -176,6 +176,8 @@ public protocol HypervisorDriver: Sendable {
     func connect(_ domain: String) async throws -> any LiveDomain
     /// The guest's console log.
     func consoleLog(_ domain: String) -> String
+    /// libvirt's `<domain type>` for this domain (`kvm`, `qemu`, `xen`), for snapshot XML.
+    func libvirtDomainType(_ definition: DomainDefinition) -> String
 }
 
 extension HypervisorDriver {

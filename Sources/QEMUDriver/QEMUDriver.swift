@@ -104,6 +104,10 @@ public struct QEMUDriver: HypervisorDriver {
 
     public func consoleLog(_ domain: String) -> String { runtime(domain).serialLog }
 
+    public func libvirtDomainType(_ definition: DomainDefinition) -> String {
+        definition.accel == "kvm" ? "kvm" : "qemu"
+    }
+
     public func runState(_ domain: String) async throws -> DomainRunState {
         guard pid(domain) != nil else { return .shutoff }
         let client = try await connect(runtime(domain), domain: domain)

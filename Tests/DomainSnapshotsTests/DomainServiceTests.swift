@@ -87,7 +87,7 @@ struct DomainServiceTests {
         let backends: [any DiskSnapshotBackend] = [Qcow2Backend(), VHDBackend(), LVMBackend()]
         var descriptors: [BackendKind: BackendDescriptor] = [:]
         for backend in backends { descriptors[backend.kind] = backend.descriptor }
-        let xml = SnapshotXML.render(record, layouts: [:], descriptors: descriptors)
+        let xml = SnapshotXML.render(record, layouts: [:], descriptors: descriptors, domainType: "qemu")
         #expect(
             xml.contains(
                 "<disk type='file' device='disk'>\n        <driver name='qemu' type='qcow2'/>\n        <source file='\(a)'/>"

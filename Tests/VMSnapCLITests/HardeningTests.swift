@@ -217,4 +217,48 @@ struct HardeningTests {
         let info = try await cli.ok("disk", "info", vhd)
         #expect(info.contains("not yet managed by vmsnap"), "\(info)")
     }
+
+    @Test("an image whose backing spec is not a plain file, or with an external data file, is refused unless allowed")
+    func unusualBacking() async throws {
+        let cli = try CLI()
+        let image = cli.pool + "/json.qcow2"
+        try await cli.sh(
+            "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b",
+            #"json:{"driver": "raw", "file": {"driver": "file", "filename": "/etc/hostname"}}"#, image, "1M")
+        let r = try await cli.run(["disk", "snapshot", "create", image, "s1", "--backend", "qcow2"])
+        #expect(r.status == 1 && r.err.contains("json:") && r.err.contains("unusual-images=allow"), "\(r.err)")
+        let data = cli.pool + "/data.qcow2"
+        try await cli.sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=\(cli.pool)/data.raw", data, "1M")
+        let d = try await cli.run(["disk", "snapshot", "create", data, "s1"])
+        #expect(d.status == 1 && d.err.contains("external data file"), "\(d.err)")
+    }
+
+    @Test(
+        "disk check reports drift both ways: snapshots vmsnap lost, snapshots made outside it, backing outside the folders"
+    )
+    func drift() async throws {
+        let cli = try CLI()
+        let disk = try await cli.disk()
+        try await cli.ok("disk", "snapshot", "create", disk, "mine")
+        try await cli.ok("disk", "check", disk)
+        try await cli.sh("qemu-img", "snapshot", "-c", "theirs", disk)
+        let added = try await cli.run(["disk", "check", disk])
+        #expect(
+            added.status == 1 && added.out.contains("internal snapshot 'theirs'") && added.out.contains("did not make"),
+            "\(added.out)")
+        try await cli.sh("qemu-img", "snapshot", "-d", "theirs", disk)
+        try await cli.sh("qemu-img", "snapshot", "-d", "mine", disk)
+        let lost = try await cli.run(["disk", "check", disk])
+        #expect(lost.status == 1 && lost.out.contains("internal snapshot 'mine' is not in"), "\(lost.out)")
+
+        let outside = cli.root + "/elsewhere"
+        try FileManager.default.createDirectory(atPath: outside, withIntermediateDirectories: true)
+        let base = try await cli.disk("base")
+        let moved = outside + "/base.qcow2"
+        try FileManager.default.moveItem(atPath: base, toPath: moved)
+        let child = cli.pool + "/child.qcow2"
+        try await cli.sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", moved, "-F", "qcow2", child)
+        let far = try await cli.run(["disk", "check", child])
+        #expect(far.status == 1 && far.out.contains("lies outside the disk's folders"), "\(far.out)")
+    }
 }

@@ -16,7 +16,12 @@ public struct Qcow2Backend: DiskSnapshotBackend {
 
     /// The settings the backend reads.
     public static let settingsSchema: [SettingSpec] = [
-        SettingSpec("overlay-dir", .path, help: "where new overlays go (default: beside the active image)")
+        SettingSpec("overlay-dir", .path, help: "where new overlays go (default: beside the active image)"),
+        SettingSpec(
+            "unusual-images", .choice, default: "refuse", choices: ["refuse", "allow"],
+            help:
+                "images whose backing is not a plain file (json: or protocol specs) or that keep data in an external data_file: refused unless allow"
+        ),
     ]
 
     let runner: any CommandRunning
@@ -55,6 +60,20 @@ public struct Qcow2Backend: DiskSnapshotBackend {
             throw SnapshotError(.notFound, "disk image \(path) does not exist; check the path")
         }
         let img = try Qcow2Image(path: path)
+        if settings["unusual-images"] != "allow" {
+            if let why = img.backingSpecProblem {
+                throw SnapshotError(
+                    .unsupported,
+                    "\(path): \(why); vmsnap would follow it wherever it points. Nothing was changed; rebase the image onto a file (`qemu-img rebase`), or pass --set unusual-images=allow if you trust it"
+                )
+            }
+            if let data = img.dataFile {
+                throw SnapshotError(
+                    .unsupported,
+                    "\(path) keeps its data in an external data file (\(data)); snapshots of it would not cover that file. Nothing was changed; pass --set unusual-images=allow if you know what you are doing"
+                )
+            }
+        }
         if img.isCorrupt {
             throw SnapshotError(
                 .invalidImage,
@@ -346,6 +365,37 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         for snap in layout.snapshots where snap.kind == .internal {
             if let img = try? Qcow2Image(path: snap.image), !img.snapshots.contains(where: { $0.name == snap.name }) {
                 problems.append("internal snapshot '\(snap.name)' is not in \(snap.image)")
+            }
+        }
+        problems += drift(layout)
+        return problems
+    }
+
+    /// What the images hold that vmsnap's records do not: internal snapshots made outside vmsnap,
+    /// backing specs that are not plain files or lie outside the disk's folders, external data files.
+    func drift(_ layout: DiskLayout) -> [String] {
+        var problems: [String] = []
+        // The disk's own folder and the overlay folder vmsnap was told to use.
+        var folders: Set<String> = [(layout.disk.id as NSString).deletingLastPathComponent]
+        if let dir = settings["overlay-dir"] { folders.insert(URL(fileURLWithPath: dir).standardizedFileURL.path) }
+        for layer in layout.layers {
+            guard let img = try? Qcow2Image(path: layer.image) else { continue }
+            let known = Set(layout.internalSnapshots(in: layer.image).map(\.name))
+            for stored in img.snapshots where !known.contains(stored.name) {
+                problems.append(
+                    "\(layer.image) holds internal snapshot '\(stored.name)' (id \(stored.id)) that vmsnap did not make and does not list; it is kept. Delete it with `qemu-img snapshot -d`, or leave it"
+                )
+            }
+            if let why = img.backingSpecProblem { problems.append("\(layer.image): \(why)") }
+            if let backing = img.resolvedBackingFile, img.backingSpecProblem == nil,
+                !folders.contains((backing as NSString).deletingLastPathComponent)
+            {
+                problems.append(
+                    "\(layer.image): its backing file \(backing) lies outside the disk's folders (\(folders.sorted().joined(separator: ", ")))"
+                )
+            }
+            if let data = img.dataFile {
+                problems.append("\(layer.image): keeps its data in an external data file (\(data))")
             }
         }
         return problems

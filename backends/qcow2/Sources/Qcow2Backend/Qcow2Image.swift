@@ -24,6 +24,8 @@ public struct Qcow2Image: Sendable, Hashable {
     public var backingFile: String?
     /// The backing format from the header extension, if recorded.
     public var backingFormat: String?
+    /// An external data file (header extension 0x44415441): the guest's data lives there.
+    public var dataFile: String?
     public var snapshots: [Snapshot]
     /// Incompatible feature bits: bit 0 dirty, bit 1 corrupt.
     public var incompatibleFeatures: UInt64
@@ -34,6 +36,22 @@ public struct Qcow2Image: Sendable, Hashable {
     public var isCorrupt: Bool { incompatibleFeatures & 2 != 0 }
 
     /// The backing file as an absolute path.
+    /// Why the backing spec is not a plain file name (a `json:` spec, a protocol such as
+    /// `nbd:` or `http:`), or nil.
+    public var backingSpecProblem: String? {
+        guard let backingFile, !backingFile.isEmpty else { return nil }
+        if backingFile.hasPrefix("json:") {
+            return "its backing spec is a json: block-layer description, not a file name"
+        }
+        if let colon = backingFile.firstIndex(of: ":"), !backingFile.hasPrefix("/"),
+            !backingFile[..<colon].contains("/")
+        {
+            return
+                "its backing spec '\(backingFile.prefix(80))' names a protocol (\(backingFile[..<colon])), not a file"
+        }
+        return nil
+    }
+
     public var resolvedBackingFile: String? {
         guard let backingFile, !backingFile.isEmpty else { return nil }
         if backingFile.hasPrefix("/") || backingFile.hasPrefix("json:") { return backingFile }
@@ -91,7 +109,7 @@ public struct Qcow2Image: Sendable, Hashable {
         }
         let fileSize = file.size
         if backingOffset != 0 {
-            guard backingSize <= 1023, backingOffset + UInt64(backingSize) <= fileSize else {
+            guard backingSize <= 1023, backingOffset <= fileSize, UInt64(backingSize) <= fileSize - backingOffset else {
                 throw bad("the backing file name (offset \(backingOffset), \(backingSize) bytes) lies outside the file")
             }
             backingFile = String(decoding: try file.read(at: backingOffset, count: Int(backingSize)), as: UTF8.self)
@@ -105,6 +123,9 @@ public struct Qcow2Image: Sendable, Hashable {
             if type == 0 { break }
             if type == 0xe279_2aca, length < 256 {
                 backingFormat = String(decoding: try file.read(at: extOffset + 8, count: Int(length)), as: UTF8.self)
+            }
+            if type == 0x4441_5441, length < 4096 {
+                dataFile = String(decoding: try file.read(at: extOffset + 8, count: Int(length)), as: UTF8.self)
             }
             extOffset += 8 + (length + 7) / 8 * 8
         }
@@ -180,6 +201,9 @@ struct ReadOnlyFile: ~Copyable {
     }
 
     func read(at offset: UInt64, count: Int) throws -> [UInt8] {
+        guard count >= 0, offset <= UInt64(Int64.max) - UInt64(count) else {
+            throw SnapshotError(.invalidImage, "offset \(offset) (+\(count) bytes) is beyond any file")
+        }
         var buffer = [UInt8](repeating: 0, count: count)
         let got = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, count, off_t(offset)) }
         guard got >= 0 else { throw SnapshotError(.io, String(cString: strerror(errno))) }

@@ -73,7 +73,7 @@ public final class VHDImage {
                     throw SnapshotError(
                         .invalidImage, "\(path): the footer at offset 0 differs from the one at offset \(footerOffset)")
                 }
-                guard footer.dataOffset + 1024 <= footerOffset else {
+                guard footer.dataOffset <= footerOffset, footerOffset - footer.dataOffset >= 1024 else {
                     throw SnapshotError(
                         .invalidImage,
                         "\(path): footer data offset \(footer.dataOffset) points past the end of the data (\(footerOffset))"
@@ -82,7 +82,12 @@ public final class VHDImage {
                 let h = try VHDHeader(
                     parsing: try Self.pread(fd, at: footer.dataOffset, count: 1024, path: path),
                     where: "\(path) (offset \(footer.dataOffset))")
-                let needed = (footer.currentSize + UInt64(h.blockSize) - 1) / UInt64(h.blockSize)
+                guard h.blockSize >= 512 else {
+                    throw SnapshotError(
+                        .invalidImage, "\(path): dynamic header block size \(h.blockSize) is below 512 bytes")
+                }
+                let blockSize = UInt64(h.blockSize)
+                let needed = footer.currentSize / blockSize + (footer.currentSize % blockSize == 0 ? 0 : 1)
                 guard UInt64(h.maxTableEntries) >= needed else {
                     throw SnapshotError(
                         .invalidImage,
@@ -90,9 +95,10 @@ public final class VHDImage {
                     )
                 }
                 let batBytes = UInt64(h.maxTableEntries) * 4
-                guard h.tableOffset >= footer.dataOffset + 1024 || h.tableOffset + batBytes <= footer.dataOffset,
+                let (tableEnd, wraps) = h.tableOffset.addingReportingOverflow(batBytes)
+                guard !wraps, h.tableOffset >= footer.dataOffset + 1024 || tableEnd <= footer.dataOffset,
                     h.tableOffset >= 512,
-                    h.tableOffset + batBytes <= footerOffset
+                    tableEnd <= footerOffset
                 else {
                     throw SnapshotError(
                         .invalidImage,
@@ -103,7 +109,7 @@ public final class VHDImage {
                 bat = (0..<Int(h.maxTableEntries)).map { raw.be32($0 * 4) }
                 header = h
                 try checkBlocks()
-            } else if footer.currentSize + 512 > UInt64(size) {
+            } else if footer.currentSize > UInt64(size) - 512 {
                 throw SnapshotError(
                     .invalidImage, "\(path): fixed disk of \(footer.currentSize) bytes in a file of \(size) bytes")
             }
@@ -127,7 +133,8 @@ public final class VHDImage {
             ),
         ]
         for (i, l) in h.locators.enumerated() where l.code != 0 && l.dataLength > 0 {
-            regions.append(("parent locator \(i)", l.dataOffset..<l.dataOffset + max(UInt64(l.dataLength), 1)))
+            let (end, wraps) = l.dataOffset.addingReportingOverflow(max(UInt64(l.dataLength), 1))
+            regions.append(("parent locator \(i)", l.dataOffset..<(wraps ? UInt64.max : end)))
         }
         return regions
     }
@@ -164,6 +171,10 @@ public final class VHDImage {
     }
 
     static func pread(_ fd: Int32, at offset: UInt64, count: Int, path: String) throws -> [UInt8] {
+        // Offsets come from the file: one past what a file offset can hold is a bad file, not a trap.
+        guard count >= 0, offset <= UInt64(Int64.max) - UInt64(count) else {
+            throw SnapshotError(.invalidImage, "\(path): offset \(offset) (+\(count) bytes) is beyond any file")
+        }
         var buffer = [UInt8](repeating: 0, count: count)
         var done = 0
         while done < count {
