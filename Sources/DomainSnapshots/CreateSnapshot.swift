@@ -147,7 +147,8 @@ extension DomainService {
             memory: memory,
             disks: parts.map {
                 DomainSnapshotDisk(
-                    target: $0.disk.target, diskID: $0.layout.disk.id, backend: $0.backend.kind, kind: $0.kind)
+                    target: $0.disk.target, diskID: $0.layout.disk.id, backend: $0.backend.kind, kind: $0.kind,
+                    source: $0.layout.disk.active)
             } + excluded,
             definition: definition)
         record.disks.sort { $0.target < $1.target }
@@ -262,7 +263,9 @@ extension DomainService {
             let (backend, layout) = try await disks.manage(disk.locator, kind: disk.backend)
             guard request.targets?.contains(disk.target) ?? true else {
                 excluded.append(
-                    DomainSnapshotDisk(target: disk.target, diskID: layout.disk.id, backend: backend.kind, kind: nil))
+                    DomainSnapshotDisk(
+                        target: disk.target, diskID: layout.disk.id, backend: backend.kind, kind: nil,
+                        source: layout.disk.active))
                 continue
             }
             let caps = backend.descriptor.capabilities

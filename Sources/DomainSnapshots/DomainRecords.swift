@@ -28,12 +28,16 @@ public struct DomainSnapshotDisk: Codable, Sendable, Hashable {
     public var backend: BackendKind
     /// Nil when the disk was left out of the snapshot (`--disks`).
     public var kind: SnapshotKind?
+    /// The image the domain had open for this disk when the snapshot was taken (libvirt's
+    /// `<domain>` inside the snapshot names it); nil in records made before it was kept.
+    public var source: String?
 
-    public init(target: String, diskID: String, backend: BackendKind, kind: SnapshotKind?) {
+    public init(target: String, diskID: String, backend: BackendKind, kind: SnapshotKind?, source: String? = nil) {
         self.target = target
         self.diskID = diskID
         self.backend = backend
         self.kind = kind
+        self.source = source
     }
 }
 

@@ -65,23 +65,12 @@ public enum SnapshotXML {
             }
         }
         x += "  </disks>\n"
-        let def = r.definition
-        x +=
-            "  <domain type='\(escape(domainType))'>\n    <name>\(escape(def.name))</name>\n    <uuid>\(def.uuid.uuidString.lowercased())</uuid>\n"
-        x += "    <memory unit='KiB'>\(def.memoryMiB * 1024)</memory>\n    <vcpu>\(def.vcpus)</vcpu>\n"
-        x += "    <os>\n      <type arch='x86_64' machine='pc'>hvm</type>\n"
-        if let k = def.boot.kernel { x += "      <kernel>\(escape(k))</kernel>\n" }
-        if let i = def.boot.initrd { x += "      <initrd>\(escape(i))</initrd>\n" }
-        if let c = def.boot.cmdline { x += "      <cmdline>\(escape(c))</cmdline>\n" }
-        x += "    </os>\n    <devices>\n"
-        for disk in def.disks {
-            let type = descriptors[disk.backend]?.sourceType ?? .file
-            let format = descriptors[disk.backend]?.imageFormat ?? "raw"
-            x += "      <disk type='\(type.rawValue)' device='disk'>\n        <driver name='qemu' type='\(format)'/>\n"
-            x +=
-                "        \(Self.source(disk.locator, type: type))\n        <target dev='\(disk.target)' bus='virtio'/>\n      </disk>\n"
-        }
-        x += "    </devices>\n  </domain>\n</domainsnapshot>\n"
+        // The domain as it was: each disk's source is the image it had open then.
+        var sources: [String: String] = [:]
+        for d in r.disks { if let source = d.source { sources[d.target] = source } }
+        x += LibvirtDomainXML.render(
+            r.definition, sources: sources, descriptors: descriptors, domainType: domainType, indent: 2)
+        x += "</domainsnapshot>\n"
         return x
     }
 

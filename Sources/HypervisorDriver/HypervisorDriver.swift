@@ -178,6 +178,9 @@ public protocol HypervisorDriver: Sendable {
     func consoleLog(_ domain: String) -> String
     /// libvirt's `<domain type>` for this domain (`kvm`, `qemu`, `xen`), for snapshot XML.
     func libvirtDomainType(_ definition: DomainDefinition) -> String
+    /// The accelerator setting for a libvirt domain of this `<domain type>`, or nil if this
+    /// driver does not run such domains (`domain import`).
+    func accelerator(forLibvirtType type: String) -> String?
 }
 
 extension HypervisorDriver {
@@ -194,6 +197,9 @@ public struct HypervisorDrivers: Sendable {
     }
 
     public var names: [String] { drivers.keys.sorted() }
+
+    /// Every driver, by name.
+    public var all: [any HypervisorDriver] { names.compactMap { drivers[$0] } }
 
     public func driver(_ name: String) throws -> any HypervisorDriver {
         guard let d = drivers[name] else {

@@ -108,6 +108,14 @@ public struct QEMUDriver: HypervisorDriver {
         definition.accel == "kvm" ? "kvm" : "qemu"
     }
 
+    public func accelerator(forLibvirtType type: String) -> String? {
+        switch type {
+        case "kvm": return "kvm"
+        case "qemu": return "tcg"
+        default: return nil
+        }
+    }
+
     public func runState(_ domain: String) async throws -> DomainRunState {
         guard pid(domain) != nil else { return .shutoff }
         let client = try await connect(runtime(domain), domain: domain)

@@ -151,6 +151,88 @@ public struct DiskSnapshotService: Sendable {
         try await withManagedDisk(locator, kind: kind) { ($0, $1) }
     }
 
+    /// An external snapshot another tool took (libvirt's backing chains): its name and the image
+    /// it froze, which is a layer below the disk's active image.
+    public struct ImportedExternalSnapshot: Sendable, Hashable {
+        public var name: String
+        public var frozenImage: String
+        public var parent: String?
+        public var createdAt: Date
+        public var description: String?
+
+        public init(name: String, frozenImage: String, parent: String?, createdAt: Date, description: String? = nil) {
+            self.name = name
+            self.frozenImage = frozenImage
+            self.parent = parent
+            self.createdAt = createdAt
+            self.description = description
+        }
+    }
+
+    /// Starts managing a disk whose active image sits on a backing chain another tool built with
+    /// external snapshots: every image down to the deepest frozen one becomes a layer (what lies
+    /// below stays an unmanaged backing), each named snapshot is recorded on the image it froze,
+    /// and internal snapshots already inside the layers are imported as well. Nothing on storage
+    /// changes.
+    public func adoptChain(_ locator: String, kind: BackendKind, external: [ImportedExternalSnapshot], current: String?)
+        async throws -> DiskLayout
+    {
+        let backend = try registry.backend(kind, environment: environment)
+        let top = backend.normalize(locator: locator)
+        if let (id, _) = try store.diskID(locator: top), let stored = try store.layout(diskID: id) { return stored }
+        let lock = try DiskLock(store: store, diskID: top)
+        defer { withExtendedLifetime(lock) {} }
+        let info = try await backend.inspect(locator: top)
+        let chain = [top] + info.backingChain
+        for snapshot in external where !chain.contains(snapshot.frozenImage) {
+            throw SnapshotError(
+                .notFound,
+                "external snapshot '\(snapshot.name)' froze \(snapshot.frozenImage), which is not in the backing chain of \(top) (\(chain.joined(separator: " <- "))); nothing was changed"
+            )
+        }
+        let deepest = external.compactMap { chain.firstIndex(of: $0.frozenImage) }.max() ?? 0
+        var layout = DiskLayout(disk: DiskRecord(id: top, kind: backend.kind, active: top, current: current))
+        for (i, image) in chain.prefix(deepest + 1).enumerated() {
+            layout.layers.append(DiskLayer(image: image, backing: i + 1 < chain.count ? chain[i + 1] : nil))
+            let stored = i == 0 ? info : try await backend.inspect(locator: image)
+            for s in stored.snapshots where !external.contains(where: { $0.name == s.name }) {
+                layout.snapshots.append(
+                    DiskSnapshot(
+                        name: s.name, kind: .internal, image: image, backendID: s.id, createdAt: s.createdAt,
+                        virtualSize: s.virtualSize))
+            }
+        }
+        for s in external {
+            layout.snapshots.append(
+                DiskSnapshot(
+                    name: s.name, kind: .external, image: s.frozenImage, parent: s.parent, createdAt: s.createdAt,
+                    description: s.description, virtualSize: info.virtualSize))
+        }
+        let names = Set(layout.snapshots.map(\.name))
+        for i in layout.snapshots.indices where layout.snapshots[i].parent.map({ !names.contains($0) }) == true {
+            layout.snapshots[i].parent = nil
+        }
+        if let c = layout.disk.current, !names.contains(c) { layout.disk.current = nil }
+        try store.insert(layout)
+        return layout
+    }
+
+    /// Sets the parents and current snapshot of a managed disk's snapshots (metadata only), as a
+    /// tree imported from another tool says.
+    public func setTree(disk id: String, parents: [String: String?], current: String??) throws {
+        let lock = try DiskLock(store: store, diskID: id)
+        defer { withExtendedLifetime(lock) {} }
+        guard let before = try store.layout(diskID: id) else {
+            throw SnapshotError(.notFound, "disk \(id) is not managed")
+        }
+        var after = before
+        for i in after.snapshots.indices {
+            if let p = parents[after.snapshots[i].name] { after.snapshots[i].parent = p }
+        }
+        if let current { after.disk.current = current }
+        try store.update(from: before, to: after)
+    }
+
     /// Records a change made outside a backend plan (a snapshot the hypervisor took live), under
     /// the disk's lock, if the stored layout is still `before`.
     public func record(_ after: DiskLayout, replacing before: DiskLayout) throws {

@@ -50,6 +50,7 @@ struct DomainCommand: AsyncParsableCommand {
         abstract: "Define, start, stop and inspect domains (virtual machines run by QEMU).",
         subcommands: [
             Define.self, List.self, Start.self, Stop.self, Suspend.self, Resume.self, Status.self, Undefine.self,
+            DomainImport.self, DomainExportCommand.self,
         ]
     )
 

@@ -1,0 +1,161 @@
+import Foundation
+import HypervisorDriver
+import SnapshotCore
+
+#if canImport(FoundationXML)
+    import FoundationXML
+#endif
+
+/// libvirt's `<domain>` XML, both ways: written for `domain export` and inside snapshot XML,
+/// read by `domain import`. Disks are named the way their backend declares (driver type, source
+/// type); what vmsnap does not model is reported by name on import, never dropped silently.
+public enum LibvirtDomainXML {
+    /// One disk as libvirt's XML names it.
+    public struct Disk: Sendable, Hashable {
+        public var target: String
+        public var sourceType: DiskSourceType
+        public var driverType: String
+        /// The file or device the domain opens (the top of the backing chain).
+        public var source: String
+    }
+
+    /// A domain read from XML: what vmsnap models, and what it does not.
+    public struct Parsed: Sendable {
+        public var name: String
+        public var uuid: UUID?
+        public var memoryMiB: Int
+        public var vcpus: Int
+        public var boot: DomainBoot
+        public var domainType: String
+        public var disks: [Disk]
+        /// Devices and settings vmsnap does not keep (`interface`, `graphics`, ...), by name.
+        public var unmodeled: [String]
+    }
+
+    static func escape(_ s: String) -> String { SnapshotXML.escape(s) }
+
+    /// `<domain>` for `definition`, with each disk's source (`sources[target]`, else its locator)
+    /// and the driver and source types its backend declares; `indent` spaces before each line.
+    public static func render(
+        _ def: DomainDefinition, sources: [String: String], descriptors: [BackendKind: BackendDescriptor],
+        domainType: String,
+        indent: Int = 0
+    ) -> String {
+        let pad = String(repeating: " ", count: indent)
+        var x = "\(pad)<domain type='\(escape(domainType))'>\n"
+        x += "\(pad)  <name>\(escape(def.name))</name>\n\(pad)  <uuid>\(def.uuid.uuidString.lowercased())</uuid>\n"
+        x += "\(pad)  <memory unit='KiB'>\(def.memoryMiB * 1024)</memory>\n\(pad)  <vcpu>\(def.vcpus)</vcpu>\n"
+        x += "\(pad)  <os>\n\(pad)    <type arch='x86_64' machine='pc'>hvm</type>\n"
+        if let k = def.boot.kernel { x += "\(pad)    <kernel>\(escape(k))</kernel>\n" }
+        if let i = def.boot.initrd { x += "\(pad)    <initrd>\(escape(i))</initrd>\n" }
+        if let c = def.boot.cmdline { x += "\(pad)    <cmdline>\(escape(c))</cmdline>\n" }
+        x += "\(pad)  </os>\n\(pad)  <devices>\n"
+        for disk in def.disks {
+            let type = descriptors[disk.backend]?.sourceType ?? .file
+            let format = descriptors[disk.backend]?.imageFormat ?? "raw"
+            x +=
+                "\(pad)    <disk type='\(type.rawValue)' device='disk'>\n\(pad)      <driver name='qemu' type='\(escape(format))'/>\n"
+            x += "\(pad)      \(SnapshotXML.source(sources[disk.target] ?? disk.locator, type: type))\n"
+            x += "\(pad)      <target dev='\(escape(disk.target))' bus='virtio'/>\n\(pad)    </disk>\n"
+        }
+        x += "\(pad)  </devices>\n\(pad)</domain>\n"
+        return x
+    }
+
+    /// Reads a `<domain>` element (a whole `virsh dumpxml`, or the one inside a snapshot).
+    public static func parse(_ domain: XMLElement) throws -> Parsed {
+        func child(_ e: XMLElement, _ n: String) -> XMLElement? { e.elements(forName: n).first }
+        func text(_ e: XMLElement?) -> String? { e?.stringValue?.trimmingCharacters(in: .whitespacesAndNewlines) }
+        guard domain.name == "domain" else {
+            throw SnapshotError(.invalidArgument, "expected a <domain> element, found <\(domain.name ?? "?")>")
+        }
+        guard let name = text(child(domain, "name")), !name.isEmpty else {
+            throw SnapshotError(.invalidArgument, "the domain XML has no <name>")
+        }
+        var unmodeled: [String] = []
+        let known: Set<String> = [
+            "name", "uuid", "memory", "currentMemory", "vcpu", "os", "devices", "on_poweroff", "on_reboot", "on_crash",
+            "resource", "clock", "features", "cpu", "pm", "seclabel", "metadata", "description", "title",
+        ]
+        for e in domain.children?.compactMap({ $0 as? XMLElement }) ?? [] where !known.contains(e.name ?? "") {
+            unmodeled.append("<\(e.name ?? "?")>")
+        }
+        let memory = try kibibytes(child(domain, "memory"))
+        let vcpus = Int(text(child(domain, "vcpu")) ?? "1") ?? 1
+        let os = child(domain, "os")
+        let boot = DomainBoot(
+            kernel: text(os.flatMap { child($0, "kernel") }), initrd: text(os.flatMap { child($0, "initrd") }),
+            cmdline: text(os.flatMap { child($0, "cmdline") }))
+        var disks: [Disk] = []
+        let ignoredDevices: Set<String> = ["emulator", "serial", "console", "controller", "memballoon", "input", "rng"]
+        for device in child(domain, "devices")?.children?.compactMap({ $0 as? XMLElement }) ?? [] {
+            guard device.name == "disk" else {
+                if !ignoredDevices.contains(device.name ?? "") { unmodeled.append("device <\(device.name ?? "?")>") }
+                continue
+            }
+            let target = child(device, "target")?.attribute(forName: "dev")?.stringValue ?? "?"
+            guard (device.attribute(forName: "device")?.stringValue ?? "disk") == "disk" else {
+                unmodeled.append("disk \(target) (device='\(device.attribute(forName: "device")?.stringValue ?? "")')")
+                continue
+            }
+            let type = device.attribute(forName: "type")?.stringValue ?? "file"
+            let source = child(device, "source")
+            let path: String?
+            let sourceType: DiskSourceType
+            switch type {
+            case "file":
+                sourceType = .file
+                path = source?.attribute(forName: "file")?.stringValue
+            case "block":
+                sourceType = .block
+                path = source?.attribute(forName: "dev")?.stringValue
+            case "network":
+                sourceType = .network
+                path = source?.attribute(forName: "name")?.stringValue
+            default:
+                unmodeled.append("disk \(target) (type='\(type)')")
+                continue
+            }
+            guard let path, !path.isEmpty else {
+                unmodeled.append("disk \(target) (no source)")
+                continue
+            }
+            let driverType = child(device, "driver")?.attribute(forName: "type")?.stringValue ?? "raw"
+            disks.append(Disk(target: target, sourceType: sourceType, driverType: driverType, source: path))
+        }
+        return Parsed(
+            name: name, uuid: text(child(domain, "uuid")).flatMap(UUID.init(uuidString:)),
+            memoryMiB: max(memory >> 10, 1),
+            vcpus: vcpus, boot: boot, domainType: domain.attribute(forName: "type")?.stringValue ?? "qemu",
+            disks: disks,
+            unmodeled: unmodeled)
+    }
+
+    /// `<memory unit='...'>N</memory>` in KiB.
+    static func kibibytes(_ e: XMLElement?) throws -> Int {
+        guard let e, let n = Int(e.stringValue?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") else {
+            throw SnapshotError(.invalidArgument, "the domain XML has no <memory> size")
+        }
+        let unit = (e.attribute(forName: "unit")?.stringValue ?? "KiB").lowercased()
+        let factor: [String: Int] = [
+            "b": 1, "bytes": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1 << 20, "mib": 1 << 20, "mb": 1_000_000,
+            "g": 1 << 30, "gib": 1 << 30, "gb": 1_000_000_000,
+        ]
+        guard let f = factor[unit] else {
+            throw SnapshotError(.invalidArgument, "the domain XML's memory unit '\(unit)' is not one vmsnap knows")
+        }
+        return n * f / 1024
+    }
+
+    /// The root element of an XML document.
+    static func root(_ text: String, what: String) throws -> XMLElement {
+        do {
+            guard let root = try XMLDocument(xmlString: text, options: []).rootElement() else {
+                throw SnapshotError(.invalidArgument, "the \(what) has no root element")
+            }
+            return root
+        } catch let e as SnapshotError { throw e } catch {
+            throw SnapshotError(.invalidArgument, "the \(what) does not parse as XML: \(error.localizedDescription)")
+        }
+    }
+}

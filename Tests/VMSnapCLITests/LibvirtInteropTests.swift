@@ -1,0 +1,136 @@
+import Foundation
+import SnapshotCore
+import Testing
+
+let canRunLibvirt = getuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-system-x86_64")
+
+/// Both directions against Debian's real libvirtd (scripts/libvirt-peer starts it): a tree
+/// libvirt built (internal shut-off snapshot, external disk-only, external with memory) is
+/// imported with its backing chains, reverted and pruned in vmsnap, exported back, redefined in
+/// libvirt with the same tree, and libvirt reverts to a snapshot vmsnap took.
+@Suite("libvirt interop", .serialized, .enabled(if: canRunLibvirt, "needs root and qemu-system-x86_64"))
+struct LibvirtInteropTests {
+    let runner = SubprocessRunner()
+
+    func virsh(_ args: String...) async throws -> String {
+        try await runner.run(["virsh", "-q", "-c", "qemu:///system"] + args).standardOutput
+    }
+
+    /// name -> parent, from `virsh snapshot-list --parent`.
+    func libvirtTree(_ domain: String) async throws -> [String: String] {
+        var tree: [String: String] = [:]
+        for line in try await virsh("snapshot-list", domain, "--parent").split(whereSeparator: \.isNewline) {
+            let f = line.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
+            // name, date, time, zone, state, [parent]
+            guard f.count >= 5 else { continue }
+            tree[f[0]] = f.count >= 6 ? f[5] : ""
+        }
+        return tree
+    }
+
+    func vmsnapTree(_ cli: CLI, _ domain: String) async throws -> ([String: String], String?) {
+        struct Record: Decodable {
+            var name: String
+            var parent: String?
+            var current: Bool
+        }
+        let out = try await cli.ok("snapshot", "list", domain, "--json")
+        let records = try JSONDecoder().decode([Record].self, from: Data(out.utf8))
+        return (
+            Dictionary(uniqueKeysWithValues: records.map { ($0.name, $0.parent ?? "") }),
+            records.first { $0.current }?.name
+        )
+    }
+
+    @Test("import a libvirt tree, revert and delete in vmsnap, export back, libvirt reverts to vmsnap's snapshot")
+    func roundTrip() async throws {
+        try await runner.run([GuestImage.repository + "/scripts/libvirt-peer", "start"])
+        let cli = try CLI()
+        let (kernel, initrd) = try await GuestImage.shared.files()
+        let name = "lvi-\(UUID().uuidString.prefix(6).lowercased())"
+        for disk in ["vda", "vdb"] {
+            try await cli.sh("qemu-img", "create", "-q", "-f", "qcow2", cli.pool + "/\(disk).qcow2", "16M")
+        }
+        let serial = cli.root + "/serial.log"
+        let domainXML = """
+            <domain type='qemu'>
+              <name>\(name)</name>
+              <memory unit='MiB'>192</memory>
+              <vcpu>1</vcpu>
+              <os><type arch='x86_64' machine='pc'>hvm</type><kernel>\(kernel)</kernel><initrd>\(initrd)</initrd>
+                <cmdline>console=ttyS0 quiet panic=-1</cmdline></os>
+              <devices>
+                <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='\(cli.pool)/vda.qcow2'/><target dev='vda' bus='virtio'/></disk>
+                <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='\(cli.pool)/vdb.qcow2'/><target dev='vdb' bus='virtio'/></disk>
+                <serial type='file'><source path='\(serial)'/></serial>
+                <memballoon model='none'/>
+              </devices>
+            </domain>
+            """
+        try domainXML.write(toFile: cli.root + "/domain.xml", atomically: true, encoding: .utf8)
+        _ = try await virsh("define", cli.root + "/domain.xml")
+        do {
+            _ = try await virsh("snapshot-create-as", name, "s1", "--description", "first")
+            _ = try await virsh("start", name)
+            let deadline = ContinuousClock.now + .seconds(90)
+            while !(String(decoding: FileManager.default.contents(atPath: serial) ?? Data(), as: UTF8.self).contains(
+                "vmsnap-counter 2"))
+            {
+                guard ContinuousClock.now < deadline else {
+                    throw CLIFailure("the libvirt guest did not start counting")
+                }
+                try await Task.sleep(for: .milliseconds(500))
+            }
+            _ = try await virsh("snapshot-create-as", name, "s2", "--disk-only", "--atomic")
+            _ = try await virsh(
+                "snapshot-create-as", name, "s3", "--memspec", "file=\(cli.root)/s3.mem,snapshot=external",
+                "--diskspec", "vda,snapshot=external", "--diskspec", "vdb,snapshot=external")
+            _ = try await virsh("destroy", name)
+            let built = try await libvirtTree(name)
+            #expect(built == ["s1": "", "s2": "s1", "s3": "s2"], "\(built)")
+
+            // Import: the tree, the current snapshot and the backing chains libvirt built.
+            let imported = try await cli.ok("domain", "import", "--libvirt", name)
+            #expect(imported.contains("snapshots: s1, s2, s3; current s3"), "\(imported)")
+            let (tree, current) = try await vmsnapTree(cli, name)
+            #expect(tree == built && current == "s3", "\(tree) current \(current ?? "-")")
+            let vda = try await cli.list(cli.pool + "/vda.s3")
+            #expect(vda.snapshots.map(\.name).sorted() == ["s1", "s2", "s3"])
+            try await cli.ok("disk", "check", cli.pool + "/vda.s3")
+
+            // vmsnap acts on it: revert to the disk-only snapshot (libvirt 9.0 cannot revert to
+            // external snapshots), then prune the branch it left and take its own snapshot.
+            try await cli.ok("snapshot", "revert", name, "s2", "--force")
+            try await cli.ok("domain", "stop", name, "--force")
+            try await cli.ok("snapshot", "delete", name, "s3")
+            try await cli.ok("snapshot", "create", name, "--name", "v2")
+            let (after, currentAfter) = try await vmsnapTree(cli, name)
+            #expect(after == ["s1": "", "s2": "s1", "v2": "s2"] && currentAfter == "v2", "\(after)")
+
+            // Export and give it back to libvirt.
+            let active = try await cli.list(cli.pool + "/vda.s3").active
+            try await cli.sh("qemu-io", "-f", "qcow2", "-c", "write -P 77 0 64k", active)
+            let export = try await cli.ok("domain", "export", name, "--to", cli.root + "/export")
+            _ = try await virsh("undefine", name, "--snapshots-metadata")
+            for line in export.split(whereSeparator: \.isNewline) where line.hasPrefix("  virsh ") {
+                let argv = line.split(separator: " ").map(String.init)
+                _ = try await runner.run(["virsh", "-q", "-c", "qemu:///system"] + argv.dropFirst())
+            }
+            let back = try await libvirtTree(name)
+            #expect(back == after, "libvirt has vmsnap's tree: \(back)")
+            #expect(
+                try await virsh("snapshot-current", name, "--name").trimmingCharacters(in: .whitespacesAndNewlines)
+                    == "v2")
+            _ = try await virsh("snapshot-revert", name, "v2")
+            let read = try await runner.execute(["qemu-io", "-r", "-f", "qcow2", "-c", "read -P 77 0 64k", active])
+            #expect(
+                read.standardOutput.contains("Pattern verification failed"),
+                "libvirt's revert to v2 undid the write made after it")
+        } catch {
+            _ = try? await virsh("destroy", name)
+            _ = try? await virsh("undefine", name, "--snapshots-metadata")
+            throw error
+        }
+        _ = try? await virsh("undefine", name, "--snapshots-metadata")
+    }
+}
