@@ -34,6 +34,9 @@ public enum LibvirtDomainXML {
 
     static func escape(_ s: String) -> String { SnapshotXML.escape(s) }
 
+    /// libvirt's (and QEMU's) name for an image without a format: the bytes are the disk.
+    public static let unformatted = "raw"
+
     /// `<domain>` for `definition`, with each disk's source (`sources[target]`, else its locator)
     /// and the driver and source types its backend declares; `indent` spaces before each line.
     public static func render(
@@ -52,9 +55,10 @@ public enum LibvirtDomainXML {
         x += "\(pad)  </os>\n\(pad)  <devices>\n"
         for disk in def.disks {
             let type = descriptors[disk.backend]?.sourceType ?? .file
-            let format = descriptors[disk.backend]?.imageFormat ?? "raw"
-            x +=
-                "\(pad)    <disk type='\(type.rawValue)' device='disk'>\n\(pad)      <driver name='qemu' type='\(escape(format))'/>\n"
+            x += "\(pad)    <disk type='\(type.rawValue)' device='disk'>\n"
+            if let format = descriptors[disk.backend]?.imageFormat {
+                x += "\(pad)      <driver name='qemu' type='\(escape(format))'/>\n"
+            }
             x += "\(pad)      \(SnapshotXML.source(sources[disk.target] ?? disk.locator, type: type))\n"
             x += "\(pad)      <target dev='\(escape(disk.target))' bus='virtio'/>\n\(pad)    </disk>\n"
         }
@@ -120,7 +124,8 @@ public enum LibvirtDomainXML {
                 unmodeled.append("disk \(target) (no source)")
                 continue
             }
-            let driverType = child(device, "driver")?.attribute(forName: "type")?.stringValue ?? "raw"
+            // libvirt reads a disk without a driver type as unformatted bytes.
+            let driverType = child(device, "driver")?.attribute(forName: "type")?.stringValue ?? Self.unformatted
             disks.append(Disk(target: target, sourceType: sourceType, driverType: driverType, source: path))
         }
         return Parsed(

@@ -56,9 +56,10 @@ public enum SnapshotXML {
                 let overlays = layout.layers.filter { $0.backing == snap.image }.map(\.image)
                 let source = overlays.first { $0.contains(".\(r.name).") } ?? overlays.first ?? snap.image
                 let type = descriptors[d.backend]?.sourceType ?? .file
-                let format = descriptors[d.backend]?.imageFormat ?? "raw"
-                x +=
-                    "    <disk name='\(d.target)' snapshot='external' type='\(type.rawValue)'>\n      <driver type='\(format)'/>\n"
+                x += "    <disk name='\(d.target)' snapshot='external' type='\(type.rawValue)'>\n"
+                if let format = descriptors[d.backend]?.imageFormat {
+                    x += "      <driver type='\(escape(format))'/>\n"
+                }
                 x += "      \(Self.source(source, type: type))\n    </disk>\n"
             } else {
                 x += "    <disk name='\(d.target)' snapshot='\(kind.rawValue)'/>\n"

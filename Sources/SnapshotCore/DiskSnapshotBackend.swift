@@ -23,7 +23,7 @@ public struct BackendDescriptor: Codable, Sendable, Hashable {
     public init(
         kind: BackendKind, apiVersion: Int = diskSnapshotBackendAPIVersion, summary: String,
         capabilities: CapabilityTable,
-        settings: [SettingSpec] = [], liveSnapshots: LiveSnapshotTaker = .none, imageFormat: String = "raw",
+        settings: [SettingSpec] = [], liveSnapshots: LiveSnapshotTaker = .none, imageFormat: String,
         sourceType: DiskSourceType = .file
     ) {
         self.kind = kind
@@ -48,7 +48,7 @@ public struct BackendDescriptor: Codable, Sendable, Hashable {
         capabilities = try c.decode(CapabilityTable.self, forKey: .capabilities)
         settings = try c.decodeIfPresent([SettingSpec].self, forKey: .settings) ?? []
         liveSnapshots = try c.decodeIfPresent(LiveSnapshotTaker.self, forKey: .liveSnapshots) ?? .none
-        imageFormat = try c.decodeIfPresent(String.self, forKey: .imageFormat) ?? "raw"
+        imageFormat = try c.decode(String.self, forKey: .imageFormat)
         sourceType = try c.decodeIfPresent(DiskSourceType.self, forKey: .sourceType) ?? .file
     }
 }

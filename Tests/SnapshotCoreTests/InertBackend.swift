@@ -6,7 +6,7 @@ import SnapshotCore
 struct InertBackend: DiskSnapshotBackend {
     var kind: BackendKind
     var descriptor: BackendDescriptor {
-        BackendDescriptor(kind: kind, summary: "test", capabilities: CapabilityTable([]))
+        BackendDescriptor(kind: kind, summary: "test", capabilities: CapabilityTable([]), imageFormat: "test")
     }
     func recognizes(locator: String) async -> Bool { false }
     func inspect(locator: String) async throws -> DiskInfo { DiskInfo(format: "none", virtualSize: 0) }

@@ -67,7 +67,7 @@ struct Qcow2ConformanceTests {
     struct AdvertisesNothing: DiskSnapshotBackend {
         let real = Qcow2Backend()
         var descriptor: BackendDescriptor {
-            BackendDescriptor(kind: "qcow2", summary: "", capabilities: CapabilityTable([]))
+            BackendDescriptor(kind: "qcow2", summary: "", capabilities: CapabilityTable([]), imageFormat: "qcow2")
         }
         func recognizes(locator: String) async -> Bool { false }
         func inspect(locator: String) async throws -> DiskInfo { try await real.inspect(locator: locator) }
