@@ -75,6 +75,8 @@ public struct CreateReport: Codable, Sendable, Hashable {
     public var qemuDowntimeMs: Double?
     /// Wall time of the memory save, in seconds.
     public var memorySeconds: Double?
+    /// Filesystems the guest agent froze (`--quiesce`).
+    public var frozenFilesystems: Int?
 }
 
 extension DomainService {
@@ -121,6 +123,10 @@ extension DomainService {
         let name = request.name ?? Self.generatedName(existing: Set(existing.map(\.name)))
         let state = try await driver.runState(domain)
         try checkRequest(request, name: name, domain: domain, definition: definition, existing: existing, state: state)
+        if request.quiesce, !driver.capabilities.quiesce {
+            throw SnapshotError(
+                .unsupported, "--quiesce: the \(driver.name) driver cannot freeze a guest's filesystems")
+        }
         let withMemory = !request.diskOnly && state != .shutoff
         let (parts, excluded) = try await planDisks(
             request, name: name, definition: definition, driver: driver, state: state)
@@ -161,7 +167,12 @@ extension DomainService {
                 try await takeThroughBackends(parts, name: name, request: request, journalID: journalID, j: &j)
             } else {
                 let live = try await driver.connect(domain)
+                var frozen = false
                 do {
+                    if request.quiesce {
+                        report.frozenFilesystems = try await quiesce(live)
+                        frozen = true
+                    }
                     let mark = await live.mark()
                     if request.internalMemory {
                         try await takeInternal(live, name: name, parts: parts, journalID: journalID, j: &j)
@@ -172,8 +183,17 @@ extension DomainService {
                             record: &record, report: &report, journalID: journalID, j: &j)
                     }
                     report.pauseMs = await live.pauseWindow(since: mark)
+                    if frozen {
+                        frozen = false
+                        try await live.thawFilesystems()
+                    }
                     await live.close()
                 } catch {
+                    // The agent runs in the guest: it can thaw only once the vCPUs run again.
+                    if frozen {
+                        if (try? await live.isRunning()) == false { try? await live.resume() }
+                        try? await live.thawFilesystems()
+                    }
                     await live.close()
                     throw error
                 }
@@ -192,6 +212,19 @@ extension DomainService {
         }
         report.snapshot = record
         return report
+    }
+
+    /// Freezes the guest's filesystems through its agent; a freeze that fails or times out is
+    /// thawed (it may still land late) and refused with the reason, before anything changed.
+    func quiesce(_ live: any LiveDomain) async throws -> Int {
+        do { return try await live.freezeFilesystems() } catch {
+            try? await live.thawFilesystems()
+            let why = (error as? SnapshotError)?.message ?? "\(error)"
+            throw SnapshotError(
+                (error as? SnapshotError)?.code ?? .commandFailed,
+                "--quiesce: \(why). Nothing was changed; the guest keeps running. Install and start qemu-guest-agent in the guest, or snapshot without --quiesce (crash-consistent)"
+            )
+        }
     }
 
     /// Refuses what cannot be done, before anything is planned.
@@ -223,9 +256,10 @@ extension DomainService {
             throw SnapshotError(
                 .invalidArgument, "--quiesce needs a running domain with a guest agent; '\(domain)' is shut off")
         }
-        if request.quiesce {
+        if request.quiesce, !request.diskOnly {
             throw SnapshotError(
-                .unsupported, "--quiesce needs a guest agent channel; this build does not configure one (docs/notes.md)"
+                .invalidArgument,
+                "--quiesce needs --disk-only (as in libvirt): a memory image taken while the guest's filesystems are frozen would resume frozen"
             )
         }
         let withMemory = !request.diskOnly && state != .shutoff

@@ -146,6 +146,11 @@ public protocol LiveDomain: Sendable {
     /// Merges the running layer's backing image into it, so the layer reads through `base`
     /// (nil: nothing) instead; the snapshot frozen in the backing image can then go.
     func mergeIntoActive(target: String, base: String?, progress: ProgressHandler?) async throws
+    /// Freezes the guest's filesystems through its agent; returns how many were frozen. Throws,
+    /// having frozen nothing, when there is no agent or it does not answer in time.
+    func freezeFilesystems() async throws -> Int
+    /// Thaws what ``freezeFilesystems()`` froze.
+    func thawFilesystems() async throws
     /// True while the connection to the hypervisor is open.
     func isConnected() async -> Bool
     func close() async

@@ -18,6 +18,8 @@ public struct QEMURuntime: Sendable, Hashable {
     }
 
     public var qmpSocket: String { (directory as NSString).appendingPathComponent("qmp.sock") }
+    /// The guest agent's channel (`org.qemu.guest_agent.0`).
+    public var agentSocket: String { (directory as NSString).appendingPathComponent("qga.sock") }
     public var pidFile: String { (directory as NSString).appendingPathComponent("qemu.pid") }
     /// The guest's serial console, appended to across launches.
     public var serialLog: String { (directory as NSString).appendingPathComponent("serial.log") }
@@ -81,7 +83,7 @@ public struct QEMUDriver: HypervisorDriver {
     public var capabilities: HypervisorCapabilities {
         HypervisorCapabilities(
             liveMemorySave: true, suspendedMemorySave: true, internalMemory: true, liveDiskSnapshotFormats: ["qcow2"],
-            liveDiskSnapshotKinds: [.internal, .external], quiesce: false, liveMerge: true, dirtyBitmaps: false,
+            liveDiskSnapshotKinds: [.internal, .external], quiesce: true, liveMerge: true, dirtyBitmaps: false,
             blockExport: false)
     }
 
@@ -174,7 +176,8 @@ public struct QEMUDriver: HypervisorDriver {
     }
 
     public func connect(_ domain: String) async throws -> any LiveDomain {
-        QEMULiveDomain(client: try await connect(runtime(domain), domain: domain))
+        QEMULiveDomain(
+            client: try await connect(runtime(domain), domain: domain), agentSocket: runtime(domain).agentSocket)
     }
 
     /// QMP refusals as the layer's error type.
@@ -264,6 +267,10 @@ public struct QEMUDriver: HypervisorDriver {
             "-qmp", "unix:\(Self.escape(runtime.qmpSocket)),server=on,wait=off",
             "-chardev", "file,id=serial0,path=\(Self.escape(runtime.serialLog)),append=on",
             "-serial", "chardev:serial0",
+            // A channel for the guest agent (freeze and thaw around snapshots, --quiesce).
+            "-device", "virtio-serial-pci,id=vmsnap-vser0",
+            "-chardev", "socket,id=qga0,path=\(Self.escape(runtime.agentSocket)),server=on,wait=off",
+            "-device", "virtserialport,bus=vmsnap-vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
         ]
         if let kernel = definition.boot.kernel {
             argv += ["-kernel", kernel]

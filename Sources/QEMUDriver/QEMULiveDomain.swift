@@ -10,8 +10,13 @@ import SnapshotCore
 /// stays here.
 public struct QEMULiveDomain: LiveDomain {
     public let client: QMPClient
+    /// The guest agent's channel, when the domain was started with one.
+    public let agentSocket: String?
 
-    public init(client: QMPClient) { self.client = client }
+    public init(client: QMPClient, agentSocket: String? = nil) {
+        self.client = client
+        self.agentSocket = agentSocket
+    }
 
     public func mark() async -> Int { await client.eventMark }
 

@@ -255,7 +255,7 @@ struct SnapshotCommand: AsyncParsableCommand {
                 let s = report.snapshot
                 let what = s.memory == nil ? "disk-only" : "full-system (\(s.memory!.location.rawValue) memory)"
                 print(
-                    "created \(what) snapshot '\(s.name)' of domain '\(domain)'\(report.pauseMs.map { String(format: "; guest paused %.1f ms", $0) } ?? "")"
+                    "created \(what) snapshot '\(s.name)' of domain '\(domain)'\(report.pauseMs.map { String(format: "; guest paused %.1f ms", $0) } ?? "")\(report.frozenFilesystems.map { "; the guest agent froze \($0) filesystem(s) around it" } ?? "")"
                 )
             }
         }

@@ -152,6 +152,50 @@ struct DomainSnapshotTests {
 
     /// A shut-off domain with a qcow2 and a VHD disk: disk-only snapshots across both backends,
     /// the refusal to run QEMU on a differencing VHD, revert and delete; data checked on both.
+    /// `--quiesce` freezes the guest's filesystems through Debian's qemu-guest-agent running in the
+    /// test guest, and thaws them; without an agent it fails within the timeout, thawed, with
+    /// nothing changed; with memory it is refused (the image would resume frozen).
+    @Test func quiesceThroughTheGuestAgent() async throws {
+        let cli = try CLI()
+        let g = try await Guest.define(cli, name: "qg", disks: [("vda", "qcow2")])
+        try await g.running {
+            try await cli.ok("domain", "start", g.name)
+            try await g.waitCounter(atLeast: 3)
+            let log = String(decoding: FileManager.default.contents(atPath: g.serialLog) ?? Data(), as: UTF8.self)
+            #expect(log.contains("vmsnap-guest agent on /dev/vport"), "the guest started its agent: \(log.suffix(400))")
+            let withMemory = try await cli.run(["snapshot", "create", g.name, "--name", "m", "--quiesce"])
+            #expect(
+                withMemory.status == 1 && withMemory.err.contains("--quiesce needs --disk-only"), "\(withMemory.err)")
+            let q = try await cli.ok("snapshot", "create", g.name, "--name", "q1", "--disk-only", "--quiesce")
+            #expect(q.contains("the guest agent froze"), "\(q)")
+            let mark = g.mark()
+            try await g.waitCounter(atLeast: (g.counters(after: 0).last ?? 0) + 2, after: mark)  // thawed, counting on
+            #expect(try await g.status().snapshotCount == 1)
+        }
+        // A guest with no agent (QEMU's firmware only): a clear error within the timeout, nothing changed.
+        let disk = try await cli.disk("noagent")
+        let file = cli.root + "/noagent.json"
+        try
+            #"{"name": "na", "memoryMiB": 32, "accel": "tcg", "disks": [{"target": "vda", "backend": "qcow2", "locator": "\#(disk)"}]}"#
+            .write(toFile: file, atomically: true, encoding: .utf8)
+        try await cli.ok("domain", "define", file)
+        try await cli.ok("domain", "start", "na")
+        do {
+            let none = try await cli.run(
+                ["snapshot", "create", "na", "--name", "x", "--disk-only", "--quiesce"],
+                environment: ["VMSNAP_AGENT_TIMEOUT": "2"])
+            #expect(
+                none.status == 1 && none.err.contains("did not answer") && none.err.contains("Nothing was changed"),
+                "\(none.err)")
+            #expect(try await cli.list(disk).snapshots.isEmpty)
+            #expect(try await cli.ok("domain", "status", "na").contains("running"))
+        } catch {
+            _ = try? await cli.run(["domain", "stop", "na", "--force"])
+            throw error
+        }
+        _ = try await cli.run(["domain", "stop", "na", "--force"])
+    }
+
     @Test func mixedQcow2AndVHDShutOff() async throws {
         let cli = try CLI()
         let g = try await Guest.define(cli, disks: [("vda", "qcow2"), ("vdb", "vhd")])
