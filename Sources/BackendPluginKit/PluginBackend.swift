@@ -84,6 +84,9 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
 
     deinit { process?.stop() }
 
+    /// Ends the plug-in process now (it gets end of input and a second to exit).
+    public func stop() { lock.withLock { process }?.stop() }
+
     /// Seconds a call may take without an answer or a progress line (`VMSNAP_PLUGIN_TIMEOUT`).
     public static var defaultTimeout: Double {
         ProcessInfo.processInfo.environment["VMSNAP_PLUGIN_TIMEOUT"].flatMap(Double.init).map { max($0, 0.1) } ?? 30

@@ -128,6 +128,15 @@ public final class PluginSessions: @unchecked Sendable {
 
     public init() {}
 
+    /// Ends every plug-in process (each gets end of input, then has a second to exit).
+    public func stopAll() {
+        let all = lock.withLock { () -> [PluginBackend] in
+            defer { running = [:] }
+            return Array(running.values)
+        }
+        all.forEach { $0.stop() }
+    }
+
     public func backend(_ executable: String, settings: [String: String]) throws -> PluginBackend {
         let key =
             executable + "\u{0}"

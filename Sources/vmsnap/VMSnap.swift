@@ -91,6 +91,8 @@ func fail(_ error: any Error) -> ExitCode {
 
 /// Runs a command body, turning vmsnap's errors into a message and exit status 1.
 func guarded(_ body: () async throws -> Void) async throws {
+    // Plug-ins started for this command end with it, each after its end of input.
+    defer { Backends.sessions.stopAll() }
     do { try await body() } catch let e as SnapshotError { throw fail(e) } catch let e as CommandError { throw fail(e) }
 }
 
