@@ -79,7 +79,8 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
         descriptor = BackendDescriptor(
             kind: described.kind, apiVersion: agreed, summary: described.summary, capabilities: described.capabilities,
             settings: schema, liveSnapshots: described.liveSnapshots ?? .none,
-            imageFormat: described.driveFormat ?? "raw", sourceType: described.sourceType ?? .file)
+            imageFormat: described.driveFormat ?? "raw", sourceType: described.sourceType ?? .file,
+            tools: described.tools ?? [])
     }
 
     deinit { process?.stop() }
@@ -322,7 +323,9 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
 
     public func hypervisorDrive(_ layout: DiskLayout) throws -> HypervisorDrive {
         let answer: DriveResult = try call(.hypervisorDrive, LayoutParams(layout: layout))
-        guard answer.path.hasPrefix("/") else {
+        // Files and block devices are absolute paths; a network volume is the hypervisor's own
+        // spelling (`rbd:pool/image:...`).
+        guard answer.sourceType == .network || answer.path.hasPrefix("/") else {
             throw SnapshotError(
                 .pluginFailed,
                 "backend plug-in '\(kind)' (\(executable)) gave the hypervisor a relative path '\(answer.path)' for \(layout.disk.id)"

@@ -102,6 +102,8 @@ public struct DescribeResult: Codable, Sendable {
     public var liveSnapshots: LiveSnapshotTaker?
     public var driveFormat: String?
     public var sourceType: DiskSourceType?
+    /// The programs its plans run (`run` steps).
+    public var tools: [String]?
 }
 
 struct Empty: Codable, Sendable {}

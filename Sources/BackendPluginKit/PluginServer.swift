@@ -104,7 +104,7 @@ public struct PluginServer: Sendable {
                 DescribeResult(
                     kind: kind, summary: d.summary, capabilities: d.capabilities, settings: d.settings,
                     locators: .path, liveSnapshots: d.liveSnapshots, driveFormat: d.imageFormat,
-                    sourceType: d.sourceType))
+                    sourceType: d.sourceType, tools: d.tools))
         case .configure:
             return try Self.result(id, Empty())
         case .recognizes:

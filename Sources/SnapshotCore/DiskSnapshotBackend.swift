@@ -19,13 +19,17 @@ public struct BackendDescriptor: Codable, Sendable, Hashable {
     public var imageFormat: String
     /// How a domain definition names the disk: a file, a block device, a network volume.
     public var sourceType: DiskSourceType
+    /// The programs its plans run (`.run` steps). Recovery runs a journaled command only if it
+    /// starts with one of them, so a tampered journal cannot make vmsnap run anything else.
+    public var tools: [String]
 
     public init(
         kind: BackendKind, apiVersion: Int = diskSnapshotBackendAPIVersion, summary: String,
         capabilities: CapabilityTable,
         settings: [SettingSpec] = [], liveSnapshots: LiveSnapshotTaker = .none, imageFormat: String,
-        sourceType: DiskSourceType = .file
+        sourceType: DiskSourceType = .file, tools: [String] = []
     ) {
+        self.tools = tools
         self.kind = kind
         self.apiVersion = apiVersion
         self.summary = summary
@@ -37,7 +41,7 @@ public struct BackendDescriptor: Codable, Sendable, Hashable {
     }
 
     enum CodingKeys: String, CodingKey {
-        case kind, apiVersion, summary, capabilities, settings, liveSnapshots, imageFormat, sourceType
+        case kind, apiVersion, summary, capabilities, settings, liveSnapshots, imageFormat, sourceType, tools
     }
 
     public init(from decoder: any Decoder) throws {
@@ -50,6 +54,7 @@ public struct BackendDescriptor: Codable, Sendable, Hashable {
         liveSnapshots = try c.decodeIfPresent(LiveSnapshotTaker.self, forKey: .liveSnapshots) ?? .none
         imageFormat = try c.decode(String.self, forKey: .imageFormat)
         sourceType = try c.decodeIfPresent(DiskSourceType.self, forKey: .sourceType) ?? .file
+        tools = try c.decodeIfPresent([String].self, forKey: .tools) ?? []
     }
 }
 

@@ -116,6 +116,7 @@ public struct PlanExecutor: Sendable {
 
     /// Finishes or rolls back an interrupted operation. The caller holds the disk's lock.
     public func recover(_ entry: JournalEntry, backend: any DiskSnapshotBackend) async throws -> RecoveryReport {
+        try checkJournaled(entry, backend: backend)
         let plan = Plan(
             operation: entry.operation, steps: entry.steps, pointOfNoReturn: entry.pointOfNoReturn,
             result: DiskLayout(disk: entry.change.disk))
@@ -148,6 +149,51 @@ public struct PlanExecutor: Sendable {
         return RecoveryReport(
             diskID: entry.diskID, operation: plan.operation, outcome: .completed, stepsDone: entry.stepsDone,
             stepCount: plan.steps.count)
+    }
+
+    /// Recovery runs what the journal says; the journal is only as trustworthy as the store. Every
+    /// journaled action must be one the disk's backend could have planned: a command starting with
+    /// one of its declared tools, and absolute paths only inside the folders of the disk's images
+    /// (before or after the change). Anything else is refused, with nothing run.
+    func checkJournaled(_ entry: JournalEntry, backend: any DiskSnapshotBackend) throws {
+        let stored = try store.layout(diskID: entry.diskID)
+        var images: [String] = [entry.diskID, entry.change.disk.active]
+        images += entry.change.upsertLayers.map(\.image) + entry.change.upsertSnapshots.map(\.image)
+        if let stored { images += [stored.disk.active] + stored.layers.map(\.image) + stored.snapshots.map(\.image) }
+        let folders = Set(images.filter { $0.hasPrefix("/") }.map { ($0 as NSString).deletingLastPathComponent })
+        let tools = Set(backend.descriptor.tools)
+        func inFolders(_ path: String) -> Bool {
+            path.hasPrefix("/") && !path.split(separator: "/").contains("..")
+                && folders.contains((path as NSString).deletingLastPathComponent)
+        }
+        func problem(_ action: StepAction) -> String? {
+            switch action {
+            case .run(let argv):
+                guard let tool = argv.first, tools.contains(tool) else {
+                    return
+                        "it runs `\(argv.first ?? "")`, which backend '\(backend.kind)' does not use (its tools: \(tools.sorted().joined(separator: ", ")))"
+                }
+                if let stray = argv.dropFirst().first(where: { $0.hasPrefix("/") && !inFolders($0) }) {
+                    return "it names \(stray), outside the disk's folders"
+                }
+                return nil
+            case .removeFile(let path): return inFolders(path) ? nil : "it removes \(path), outside the disk's folders"
+            case .rename(let from, let to):
+                return inFolders(from) && inFolders(to)
+                    ? nil : "it renames \(from) to \(to), outside the disk's folders"
+            case .backend: return nil  // performed by the backend itself, which checks its arguments
+            }
+        }
+        for (n, step) in entry.steps.enumerated() {
+            for action in [step.action] + (step.undo.map { [$0] } ?? []) {
+                if let why = problem(action) {
+                    throw SnapshotError(
+                        .storeCorrupt,
+                        "journal \(entry.id) ('\(entry.operation)' on \(entry.diskID)), step \(n + 1): \(why). vmsnap would not have planned it, so the store may have been changed by someone else; nothing was run. Inspect the store, then give up on the operation with `vmsnap recover --abandon \(entry.id)`"
+                    )
+                }
+            }
+        }
     }
 
     /// Undoes steps 0...`last` (the last one possibly half done), newest first. Undo actions are

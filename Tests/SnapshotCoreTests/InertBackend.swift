@@ -6,7 +6,10 @@ import SnapshotCore
 struct InertBackend: DiskSnapshotBackend {
     var kind: BackendKind
     var descriptor: BackendDescriptor {
-        BackendDescriptor(kind: kind, summary: "test", capabilities: CapabilityTable([]), imageFormat: "test")
+        // The executor tests' plans run these; recovery runs only a backend's declared tools.
+        BackendDescriptor(
+            kind: kind, summary: "test", capabilities: CapabilityTable([]), imageFormat: "test",
+            tools: ["touch", "test", "false"])
     }
     func recognizes(locator: String) async -> Bool { false }
     func inspect(locator: String) async throws -> DiskInfo { DiskInfo(format: "none", virtualSize: 0) }

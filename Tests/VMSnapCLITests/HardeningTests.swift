@@ -261,4 +261,27 @@ struct HardeningTests {
         let far = try await cli.run(["disk", "check", child])
         #expect(far.status == 1 && far.out.contains("lies outside the disk's folders"), "\(far.out)")
     }
+
+    @Test("recovery runs only what the backend could have planned: a tampered journal is refused, nothing runs")
+    func tamperedJournal() async throws {
+        let cli = try CLI()
+        let disk = try await cli.disk()
+        let killed = try await cli.run(
+            ["disk", "snapshot", "create", disk, "e1", "--kind", "external"], fault: "before-step:0")
+        #expect(killed.status == 137)
+        let marker = cli.root + "/ran-as-root"
+        for (action, why) in [
+            (#"{"run": ["touch", "\#(marker)"]}"#, "which backend 'qcow2' does not use"),
+            (#"{"removeFile": "/etc/hostname-not-really"}"#, "outside the disk's folders"),
+        ] {
+            let steps = #"[{"summary": "innocent", "action": \#(action)}]"#
+            try await cli.sh(
+                "python3", "-c",
+                "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute(\"UPDATE journal SET steps_json = ?, point_of_no_return = 0 WHERE state = 'open'\", (sys.argv[2].encode(),)); c.commit()",
+                cli.store + "/vmsnap.sqlite", steps)
+            let r = try await cli.run(["recover"])
+            #expect(r.status == 1 && r.err.contains(why) && r.err.contains("nothing was run"), "\(r.err)")
+            #expect(!FileManager.default.fileExists(atPath: marker))
+        }
+    }
 }

@@ -61,7 +61,8 @@ public struct LVMBackend: DiskSnapshotBackend {
                 "revert of an open thin volume is refused: it replaces the volume, which needs it closed",
                 "a classic snapshot whose copy-on-write area overflowed is invalid: reported as lost, never reverted to",
             ]),
-            settings: Self.settingsSchema, liveSnapshots: .storage, imageFormat: "raw", sourceType: .block)
+            settings: Self.settingsSchema, liveSnapshots: .storage, imageFormat: "raw", sourceType: .block,
+            tools: ["lvcreate", "lvconvert", "lvremove", "lvrename", "lvchange", "lvextend", "lvs", "vgs"])
     }
 
     /// The settings the backend reads.
@@ -572,13 +573,7 @@ public struct LVMBackend: DiskSnapshotBackend {
                     undo: .backend(name: "rename-if-present", arguments: ["from": aside, "to": origin.path])),
                 PlanStep(
                     "make \(origin.path) a thin snapshot of \(snap.path)",
-                    .backend(
-                        name: "create-if-absent",
-                        arguments: [
-                            "lv": origin.path,
-                            "argv": LVMCommands.createThinSnapshot(origin.lv_name, of: snap.path, tags: []).joined(
-                                separator: "\u{1f}"),
-                        ]),
+                    .backend(name: "thin-snapshot-if-absent", arguments: ["lv": origin.path, "of": snap.path]),
                     undo: .backend(name: "remove-if-present", arguments: ["lv": origin.path])),
                 PlanStep(
                     "remove the state after the snapshot (\(aside))",
@@ -588,7 +583,7 @@ public struct LVMBackend: DiskSnapshotBackend {
                 operation: "revert \(layout.disk.id) to '\(name)'", steps: steps, pointOfNoReturn: 2, result: result)
         }
         // Taken again with the copy-on-write size it had (it may have been grown).
-        let again = LVMCommands.createClassicSnapshot(snap.name, of: origin.path, size: "\(snap.size)b", tags: tags)
+        let tagList = String(decoding: try JSONEncoder().encode(tags), as: UTF8.self)
         var notes: [String] = []
         if origin.isOpen {
             notes.append(
@@ -601,7 +596,8 @@ public struct LVMBackend: DiskSnapshotBackend {
             PlanStep(
                 "take \(snap.path) again so the snapshot stays available",
                 .backend(
-                    name: "create-if-absent", arguments: ["lv": snap.path, "argv": again.joined(separator: "\u{1f}")])),
+                    name: "classic-snapshot-if-absent",
+                    arguments: ["lv": snap.path, "of": origin.path, "size": "\(snap.size)b", "tags": tagList])),
         ]
         return Plan(
             operation: "revert \(layout.disk.id) to '\(name)'", steps: steps, pointOfNoReturn: 0, result: result,
@@ -658,9 +654,23 @@ public struct LVMBackend: DiskSnapshotBackend {
                 try await runner.run(["lvrename", "-q", from, String(to.split(separator: "/").last ?? "")])
             }
             return
-        case "create-if-absent":
-            guard let lv = a["lv"], let argv = a["argv"] else { break }
-            if (try? await volume(lv)) == nil { try await runner.run(argv.components(separatedBy: "\u{1f}")) }
+        case "classic-snapshot-if-absent":
+            // Built here from the journaled values, each checked: the journal never supplies a command.
+            guard let lv = a["lv"], let of = a["of"], let size = a["size"], let name = lv.split(separator: "/").last,
+                size.range(of: "^[0-9]+b$", options: .regularExpression) != nil,
+                let tags = try? JSONDecoder().decode([String].self, from: Data((a["tags"] ?? "[]").utf8)),
+                tags.allSatisfy({ $0.range(of: "^[A-Za-z0-9_+.:=/-]+$", options: .regularExpression) != nil })
+            else { break }
+            if (try? await volume(lv)) == nil {
+                try await runner.run(LVMCommands.createClassicSnapshot(String(name), of: of, size: size, tags: tags))
+            }
+            return
+        case "thin-snapshot-if-absent":
+            // The command is built here from the volume names, never taken from the journal.
+            guard let lv = a["lv"], let of = a["of"], let name = lv.split(separator: "/").last else { break }
+            if (try? await volume(lv)) == nil {
+                try await runner.run(LVMCommands.createThinSnapshot(String(name), of: of, tags: []))
+            }
             return
         default: break
         }

@@ -44,7 +44,8 @@ public struct Qcow2Backend: DiskSnapshotBackend {
                     "snapshot names made only of digits are refused: qemu-img would read them as snapshot IDs",
                     "an internal snapshot inside an image that external snapshots now build on cannot be reverted in place",
                 ]),
-            settings: Self.settingsSchema, liveSnapshots: .hypervisor, imageFormat: "qcow2", sourceType: .file)
+            settings: Self.settingsSchema, liveSnapshots: .hypervisor, imageFormat: "qcow2", sourceType: .file,
+            tools: [Qcow2Commands.qemuImg])
     }
 
     public func normalize(locator: String) -> String {
