@@ -182,6 +182,13 @@ public struct DiskSnapshotService: Sendable {
         if let (id, _) = try store.diskID(locator: top), let stored = try store.layout(diskID: id) { return stored }
         let lock = try DiskLock(store: store, diskID: top)
         defer { withExtendedLifetime(lock) {} }
+        if external.isEmpty {
+            // No chain to rebuild: the backend's own adoption knows its snapshots best.
+            var adopted = try await backend.adopt(locator: top)
+            if let current, adopted.snapshot(named: current) != nil { adopted.disk.current = current }
+            try store.insert(adopted)
+            return adopted
+        }
         let info = try await backend.inspect(locator: top)
         let chain = [top] + info.backingChain
         for snapshot in external where !chain.contains(snapshot.frozenImage) {
