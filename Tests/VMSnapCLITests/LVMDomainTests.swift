@@ -15,28 +15,6 @@ import Testing
 struct LVMDomainTests {
     let vg = ProcessInfo.processInfo.environment["VMSNAP_LVM_VG"] ?? ""
 
-    func hmp(_ cli: CLI, _ domain: String, _ line: String) async throws -> String {
-        let client = try await QMPClient.connect(path: cli.store + "/run/\(domain)/qmp.sock")
-        defer { Task { await client.close() } }
-        return try await client.execute("human-monitor-command", ["command-line": .string(line)]).string ?? ""
-    }
-
-    /// Writes `value` over the first 64 KiB through QEMU's block layer, then flushes, so readers
-    /// on the host see it (HMP `qemu-io` prints its output to QEMU's stdout, not to the monitor).
-    func write(_ cli: CLI, _ domain: String, _ drive: String, _ value: UInt8) async throws {
-        _ = try await hmp(cli, domain, "qemu-io \(drive) \"write -P \(value) 0 64k\"")
-        _ = try await hmp(cli, domain, "qemu-io \(drive) \"flush\"")
-    }
-
-    /// True if the disk holds `value` over its first 64 KiB, read on the host while QEMU runs.
-    func holds(_ path: String, format: String, _ value: UInt8) async throws -> Bool {
-        let out = try await SubprocessRunner().execute([
-            "qemu-io", "-r", "-U", "-f", format, "-c", "read -P \(value) 0 64k", path,
-        ])
-        return out.status == 0 && out.standardOutput.contains("read 65536/65536")
-            && !out.standardOutput.contains("Pattern verification failed")
-    }
-
     @Test func lvmAndQcow2DiskLiveSnapshotRevertDelete() async throws {
         let cli = try CLI()
         let lv = "vmsnap-domlv-\(UUID().uuidString.prefix(6).lowercased())"
@@ -50,46 +28,47 @@ struct LVMDomainTests {
         try await cli.ok("domain", "start", "lvdom")
         do {
             let device = "/dev/\(vg)/\(lv)"
-            for drive in ["drive-vda", "drive-vdb"] { try await write(cli, "lvdom", drive, 17) }
-            #expect(try await holds(device, format: "raw", 17))
-            #expect(try await holds(qcow, format: "qcow2", 17))
+            for drive in ["drive-vda", "drive-vdb"] { try await BlockLayerProbe.write(cli, "lvdom", drive, 17) }
+            #expect(try await BlockLayerProbe.holds(device, format: "raw", 17))
+            #expect(try await BlockLayerProbe.holds(qcow, format: "qcow2", 17))
             try await cli.ok("snapshot", "create", "lvdom", "--name", "s1")
             let lvs = try await SubprocessRunner().run(["lvs", "--noheadings", "-o", "lv_name,origin", vg])
                 .standardOutput
             #expect(lvs.contains(lv), "a snapshot LV of \(lv): \(lvs)")
-            for drive in ["drive-vda", "drive-vdb"] { try await write(cli, "lvdom", drive, 34) }
-            #expect(try await holds(device, format: "raw", 34))
+            for drive in ["drive-vda", "drive-vdb"] { try await BlockLayerProbe.write(cli, "lvdom", drive, 34) }
+            #expect(try await BlockLayerProbe.holds(device, format: "raw", 34))
 
             try await cli.ok("snapshot", "revert", "lvdom", "s1")
-            #expect(try await holds(device, format: "raw", 17), "the LV holds the snapshot's data again")
             #expect(
-                try await holds(try await cli.list(qcow).active, format: "qcow2", 17),
+                try await BlockLayerProbe.holds(device, format: "raw", 17), "the LV holds the snapshot's data again")
+            #expect(
+                try await BlockLayerProbe.holds(try await cli.list(qcow).active, format: "qcow2", 17),
                 "the qcow2 disk holds the snapshot's data again")
             let status = try await cli.ok("domain", "status", "lvdom")
             #expect(status.contains("running"))
 
             // Another process holds the LV: once QEMU is stopped the revert refuses before any
             // disk changes (a merge into the held volume would wait while the domain ran on).
-            try await write(cli, "lvdom", "drive-vda", 51)
+            try await BlockLayerProbe.write(cli, "lvdom", "drive-vda", 51)
             let holder = open(device, O_RDONLY)
             try #require(holder >= 0)
             let held = try await cli.run(["snapshot", "revert", "lvdom", "s1"])
             close(holder)
             #expect(
                 held.status == 1 && held.err.contains("still open by another process"), "\(held.status) \(held.err)")
-            #expect(try await holds(device, format: "raw", 51), "the LV was not reverted")
+            #expect(try await BlockLayerProbe.holds(device, format: "raw", 51), "the LV was not reverted")
             #expect(try await cli.ok("domain", "status", "lvdom").contains("shut"), "left shut off, as the error says")
             let journals = try await SubprocessRunner().run(["lvs", "--noheadings", "-o", "lv_name,lv_merging", vg])
                 .standardOutput
             #expect(!journals.contains("merging"), "no merge queued: \(journals)")
             try await cli.ok("snapshot", "revert", "lvdom", "s1")
-            #expect(try await holds(device, format: "raw", 17), "closed again: the revert works")
+            #expect(try await BlockLayerProbe.holds(device, format: "raw", 17), "closed again: the revert works")
 
             try await cli.ok("snapshot", "delete", "lvdom", "s1")
             let after = try await SubprocessRunner().run(["lvs", "--noheadings", "-o", "lv_name,lv_tags", vg])
                 .standardOutput
             #expect(!after.contains("vmsnap.origin"), "no snapshot LV left: \(after)")
-            #expect(try await holds(device, format: "raw", 17))
+            #expect(try await BlockLayerProbe.holds(device, format: "raw", 17))
         } catch {
             _ = try? await cli.run(["domain", "stop", "lvdom", "--force"])
             _ = try? await cli.sh("lvremove", "-q", "-y", "\(vg)/\(lv)")

@@ -13,25 +13,6 @@ struct PluginDomainTests {
     let vg = ProcessInfo.processInfo.environment["VMSNAP_LVM_VG"]
     let plugins = ["VMSNAP_BACKEND_PATH": rawPluginDirectory]
 
-    func hmp(_ cli: CLI, _ domain: String, _ line: String) async throws {
-        let client = try await QMPClient.connect(path: cli.store + "/run/\(domain)/qmp.sock")
-        _ = try await client.execute("human-monitor-command", ["command-line": .string(line)])
-        await client.close()
-    }
-
-    func write(_ cli: CLI, _ domain: String, _ drive: String, _ value: UInt8) async throws {
-        try await hmp(cli, domain, "qemu-io \(drive) \"write -P \(value) 0 64k\"")
-        try await hmp(cli, domain, "qemu-io \(drive) \"flush\"")
-    }
-
-    func holds(_ path: String, format: String, _ value: UInt8) async throws -> Bool {
-        let out = try await SubprocessRunner().execute([
-            "qemu-io", "-r", "-U", "-f", format, "-c", "read -P \(value) 0 64k", path,
-        ])
-        return out.status == 0 && out.standardOutput.contains("read 65536/65536")
-            && !out.standardOutput.contains("Pattern verification failed")
-    }
-
     func ok(_ cli: CLI, _ args: String...) async throws -> String {
         let r = try await cli.run(args, environment: plugins)
         guard r.status == 0 else {
@@ -64,20 +45,20 @@ struct PluginDomainTests {
         _ = try await ok(cli, "domain", "define", cli.root + "/dom.json")
         _ = try await ok(cli, "domain", "start", "plugdom")
         do {
-            for d in disks { try await write(cli, "plugdom", "drive-\(d.target)", 17) }
+            for d in disks { try await BlockLayerProbe.write(cli, "plugdom", "drive-\(d.target)", 17) }
             _ = try await ok(cli, "snapshot", "create", "plugdom", "--name", "s1")
             #expect(
                 try FileManager.default.contentsOfDirectory(atPath: cli.pool).contains {
                     $0.hasPrefix("dom-vda.raw.snap-")
                 }, "the raw plug-in made its copy")
-            for d in disks { try await write(cli, "plugdom", "drive-\(d.target)", 34) }
-            #expect(try await holds(raw, format: "raw", 34))
+            for d in disks { try await BlockLayerProbe.write(cli, "plugdom", "drive-\(d.target)", 34) }
+            #expect(try await BlockLayerProbe.holds(raw, format: "raw", 34))
 
             _ = try await ok(cli, "snapshot", "revert", "plugdom", "s1")
             for d in disks {
                 let path = d.backend == "qcow2" ? try await cli.list(qcow).active : d.path
                 #expect(
-                    try await holds(path, format: d.format, 17),
+                    try await BlockLayerProbe.holds(path, format: d.format, 17),
                     "\(d.target) (\(d.backend)) holds the snapshot's data again")
             }
             #expect(try await ok(cli, "domain", "status", "plugdom").contains("running"), "memory restored, running")
@@ -87,7 +68,7 @@ struct PluginDomainTests {
                 $0.hasPrefix("dom-vda.raw.")
             }
             #expect(left.isEmpty, "the raw copy is gone: \(left)")
-            #expect(try await holds(raw, format: "raw", 17))
+            #expect(try await BlockLayerProbe.holds(raw, format: "raw", 17))
         } catch {
             _ = try? await cli.run(["domain", "stop", "plugdom", "--force"], environment: plugins)
             if let vg { _ = try? await cli.sh("lvremove", "-q", "-y", "\(vg)/\(lv)") }

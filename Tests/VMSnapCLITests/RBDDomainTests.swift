@@ -15,25 +15,6 @@ let rbdPluginDirectory = URL(fileURLWithPath: #filePath).deletingLastPathCompone
 struct RBDDomainTests {
     let cluster = GuestImage.repository + "/scripts/ceph-cluster"
 
-    func hmp(_ cli: CLI, _ domain: String, _ line: String) async throws {
-        let client = try await QMPClient.connect(path: cli.store + "/run/\(domain)/qmp.sock")
-        _ = try await client.execute("human-monitor-command", ["command-line": .string(line)])
-        await client.close()
-    }
-
-    func write(_ cli: CLI, _ domain: String, _ drive: String, _ value: UInt8) async throws {
-        try await hmp(cli, domain, "qemu-io \(drive) \"write -P \(value) 0 64k\"")
-        try await hmp(cli, domain, "qemu-io \(drive) \"flush\"")
-    }
-
-    func holds(_ path: String, format: String, _ value: UInt8) async throws -> Bool {
-        let out = try await SubprocessRunner().execute([
-            "qemu-io", "-r", "-U", "-f", format, "-c", "read -P \(value) 0 64k", path,
-        ])
-        return out.status == 0 && out.standardOutput.contains("read 65536/65536")
-            && !out.standardOutput.contains("Pattern verification failed")
-    }
-
     @Test func rbdAndQcow2DisksTogether() async throws {
         let wasRunning = try await SubprocessRunner().execute([cluster, "status"]).status == 0
         let started = try await SubprocessRunner().run([cluster, "start"]).standardOutput
@@ -61,15 +42,19 @@ struct RBDDomainTests {
         do {
             _ = try await ok("domain", "define", cli.root + "/dom.json")
             _ = try await ok("domain", "start", "rbddom")
-            for drive in ["drive-vda", "drive-vdb"] { try await write(cli, "rbddom", drive, 17) }
+            for drive in ["drive-vda", "drive-vdb"] { try await BlockLayerProbe.write(cli, "rbddom", drive, 17) }
             _ = try await ok("snapshot", "create", "rbddom", "--name", "s1")
             let snaps = try await SubprocessRunner().run(["env", "CEPH_CONF=\(conf)", "rbd", "snap", "ls", image])
                 .standardOutput
             #expect(snaps.contains("s1"), "an RBD snapshot of \(image): \(snaps)")
-            for drive in ["drive-vda", "drive-vdb"] { try await write(cli, "rbddom", drive, 34) }
+            for drive in ["drive-vda", "drive-vdb"] { try await BlockLayerProbe.write(cli, "rbddom", drive, 34) }
             _ = try await ok("snapshot", "revert", "rbddom", "s1")
-            #expect(try await holds(rbdPath, format: "raw", 17), "the RBD image holds the snapshot's data again")
-            #expect(try await holds(try await cli.list(qcow).active, format: "qcow2", 17), "so does the qcow2 disk")
+            #expect(
+                try await BlockLayerProbe.holds(rbdPath, format: "raw", 17),
+                "the RBD image holds the snapshot's data again")
+            #expect(
+                try await BlockLayerProbe.holds(try await cli.list(qcow).active, format: "qcow2", 17),
+                "so does the qcow2 disk")
             #expect(try await ok("domain", "status", "rbddom").contains("running"))
             _ = try await ok("snapshot", "delete", "rbddom", "s1")
             let after = try await SubprocessRunner().run(["env", "CEPH_CONF=\(conf)", "rbd", "snap", "ls", image])

@@ -92,6 +92,29 @@ public enum VHD {
 }
 
 /// The 512-byte footer (at the end of every VHD, copied at offset 0 of dynamic and differencing disks).
+extension VHD {
+    /// `bytes` with the footer checksums (at both ends) and the dynamic header's recomputed: how
+    /// the fuzz harness and the hostile-corpus tests reach the fields behind the checksums, as a
+    /// crafted file would.
+    static func withRepairedChecksums(_ bytes: [UInt8]) -> [UInt8] {
+        var b = bytes
+        guard b.count >= 512 else { return b }
+        for at in [0, (b.count - 512) / 512 * 512] where Array(b[at..<at + 8]) == footerCookie {
+            var frame = Array(b[at..<at + 512])
+            frame.put32(checksum(frame[0..<512], skipping: 64..<68), at: 64)
+            b.replaceSubrange(at..<at + 512, with: frame)
+        }
+        let dataOffset = Array(b[0..<512]).be64(16)
+        if dataOffset <= UInt64(b.count), UInt64(b.count) - dataOffset >= 1024 {
+            let at = Int(dataOffset)
+            var frame = Array(b[at..<at + 1024])
+            frame.put32(checksum(frame[0..<1024], skipping: 36..<40), at: 36)
+            b.replaceSubrange(at..<at + 1024, with: frame)
+        }
+        return b
+    }
+}
+
 public struct VHDFooter: Sendable, Hashable {
     public var features: UInt32 = 2
     public var formatVersion: UInt32 = 0x0001_0000

@@ -17,21 +17,10 @@ struct VHDHostileCorpusTests {
         ((try? FileManager.default.contentsOfDirectory(atPath: corpus)) ?? []).filter { $0.hasSuffix(".vhd") }.sorted()
     }
 
-    /// The harness's checksum repair (Fuzz/ImageFuzz), so the crafted fields are what the reader meets.
+    /// The file with its checksums repaired (as the fuzz harness does), so the crafted fields
+    /// are what the reader meets.
     static func withChecksums(_ path: String) throws -> String {
-        var b = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
-        for at in [0, (b.count - 512) / 512 * 512] where b.count >= 512 && Array(b[at..<at + 8]) == VHD.footerCookie {
-            var frame = Array(b[at..<at + 512])
-            frame.put32(VHD.checksum(frame[0..<512], skipping: 64..<68), at: 64)
-            b.replaceSubrange(at..<at + 512, with: frame)
-        }
-        let dataOffset = Array(b[0..<512]).be64(16)
-        if dataOffset <= UInt64(b.count), UInt64(b.count) - dataOffset >= 1024 {
-            let at = Int(dataOffset)
-            var frame = Array(b[at..<at + 1024])
-            frame.put32(VHD.checksum(frame[0..<1024], skipping: 36..<40), at: 36)
-            b.replaceSubrange(at..<at + 1024, with: frame)
-        }
+        let b = VHD.withRepairedChecksums([UInt8](try Data(contentsOf: URL(fileURLWithPath: path))))
         let out = NSTemporaryDirectory() + "vmsnap-hostile-\(UUID().uuidString.prefix(8)).vhd"
         try Data(b).write(to: URL(fileURLWithPath: out))
         return out
