@@ -212,7 +212,9 @@ public final class VHDImage {
         let order: [VHD.PlatformCode] = [.macx, .w2ru, .w2ku]
         for code in order {
             for l in h.locators where l.code == code.rawValue && l.dataLength > 0 {
-                guard l.dataLength <= 4096, l.dataOffset + UInt64(l.dataLength) <= footerOffset else {
+                guard l.dataLength <= 4096, l.dataOffset <= footerOffset,
+                    UInt64(l.dataLength) <= footerOffset - l.dataOffset
+                else {
                     throw SnapshotError(
                         .invalidImage,
                         "\(path): parent locator data (offset \(l.dataOffset), \(l.dataLength) bytes) lies outside the file"
