@@ -66,6 +66,30 @@ struct CLI {
         return path
     }
 
+    /// A new LUKS-encrypted qcow2 disk in the pool (secret given as a QEMU object, never stored).
+    ///
+    /// qemu-img times PBKDF2 with the thread's CPU clock before it writes the LUKS header; on these
+    /// VMs that clock often reads zero for the first round and qemu-img gives up with "Unable to get
+    /// accurate CPU usage" (11 of 30 runs here). That is QEMU measuring, not the image, so the
+    /// creation is tried again on exactly that message; any other failure is thrown at once.
+    func encryptedDisk(_ name: String, size: String = "8M") async throws -> String {
+        let path = pool + "/\(name).qcow2"
+        let argv = [
+            "qemu-img", "create", "-q", "--object", "secret,id=sec0,data=hunter2", "-f", "qcow2", "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0", path, size,
+        ]
+        for attempt in 1...20 {
+            do {
+                try await SubprocessRunner().run(argv)
+                return path
+            } catch let error as SnapshotError where error.message.contains("Unable to get accurate CPU usage") {
+                try? FileManager.default.removeItem(atPath: path)
+                if attempt == 20 { throw error }
+            }
+        }
+        return path
+    }
+
     /// Writes byte `value` over `length` bytes at `offset` of a qcow2 image, through QEMU's block layer.
     func fill(_ image: String, _ value: UInt8, at offset: Int = 0, length: Int = 65536) async throws {
         try await sh("qemu-io", "-f", "qcow2", "-c", "write -P \(value) \(offset) \(length)", image)

@@ -84,10 +84,7 @@ struct HardeningTests {
     @Test("an external snapshot of an encrypted qcow2 is refused: its overlay would be plaintext")
     func encrypted() async throws {
         let cli = try CLI()
-        let disk = cli.pool + "/secret.qcow2"
-        try await cli.sh(
-            "qemu-img", "create", "-q", "--object", "secret,id=sec0,data=hunter2", "-f", "qcow2", "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0", disk, "8M")
+        let disk = try await cli.encryptedDisk("secret")
         let r = try await cli.run(["disk", "snapshot", "create", disk, "e1", "--kind", "external"])
         #expect(r.status == 1 && r.err.contains("is encrypted") && r.err.contains("unencrypted"), "\(r.err)")
         #expect(try FileManager.default.contentsOfDirectory(atPath: cli.pool) == ["secret.qcow2"], "no overlay")
