@@ -117,6 +117,7 @@ extension DomainService {
         let lock = try domainLock(domain)
         defer { withExtendedLifetime(lock) {} }
         try await recover(domain: domain)
+        try requireNoBackupJob(domain, doing: "take a snapshot")
         let (definition, current) = try definition(domain)
         let driver = try drivers.driver(for: definition)
         let existing = try store.domainSnapshots(of: domain)
@@ -410,11 +411,11 @@ extension DomainService {
         j.pausedByUs = false
     }
 
-    static func generatedName(existing: Set<String>) -> String {
+    static func generatedName(existing: Set<String>, prefix: String = "snap") -> String {
         let f = DateFormatter()
         f.locale = Locale(identifier: "en_US_POSIX")
         f.timeZone = TimeZone(identifier: "UTC")
-        f.dateFormat = "'snap-'yyyyMMdd'-'HHmmss"
+        f.dateFormat = "'\(prefix)-'yyyyMMdd'-'HHmmss"
         let base = f.string(from: Date())
         var name = base
         var n = 1

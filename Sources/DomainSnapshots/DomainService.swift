@@ -152,6 +152,11 @@ public struct DomainService: Sendable {
         let (definition, _) = try definition(name)
         let driver = try drivers.driver(for: definition)
         guard !driver.isRunning(name) else { throw SnapshotError(.conflict, "domain '\(name)' is running already") }
+        if driver.storageDaemonRuns(name) {
+            throw SnapshotError(
+                .busy,
+                "a backup of shut-off domain '\(name)' holds its disks; end it first with `vmsnap backup end \(name)`")
+        }
         try await driver.start(
             definition, drives: try await drives(definition), mode: .boot(paused: paused), progress: progress)
     }

@@ -29,6 +29,7 @@ extension DomainService {
         defer { withExtendedLifetime(lock) {} }
         try await recover(domain: domain)
         _ = try definition(domain)
+        try requireNoBackupJob(domain, doing: "revert a snapshot")
         let record = try requireSnapshot(domain, name)
         let target = override ?? record.state
         if record.isDiskOnly, target != .shutoff, !force {
@@ -134,6 +135,7 @@ extension DomainService {
         defer { withExtendedLifetime(lock) {} }
         try await recover(domain: domain)
         _ = try definition(domain)
+        try requireNoBackupJob(domain, doing: "delete a snapshot")
         let record = try requireSnapshot(domain, name)
         let all = try store.domainSnapshots(of: domain)
         let below = Self.descendants(of: name, in: all)
@@ -335,6 +337,10 @@ extension DomainService {
             {
                 throw SnapshotError(
                     .busy, "vmsnap process \(entry.pid) is still working on domain '\(domain)' (\(entry.operation))")
+            }
+            if BlockJournal.Operation(rawValue: entry.operation) != nil {
+                try await recoverBlockJournal(entry)
+                continue
             }
             let j = try JSONDecoder().decode(DomainJournal.self, from: entry.payload)
             switch j.operation {

@@ -18,15 +18,19 @@ public struct HypervisorCapabilities: Codable, Sendable, Hashable {
     public var quiesce: Bool
     /// A snapshot merged into the running layer while the guest runs (block-stream).
     public var liveMerge: Bool
-    /// Changed-block tracking inside the hypervisor (dirty bitmaps).
+    /// Changed-block tracking inside the hypervisor (dirty bitmaps), for disks whose image
+    /// format keeps them (`dirtyBitmapFormats`).
     public var dirtyBitmaps: Bool
+    public var dirtyBitmapFormats: [String] = []
     /// Disks exported to backup clients while the guest runs (NBD).
     public var blockExport: Bool
 
     public init(
         liveMemorySave: Bool, suspendedMemorySave: Bool, internalMemory: Bool, liveDiskSnapshotFormats: [String],
-        liveDiskSnapshotKinds: [SnapshotKind], quiesce: Bool, liveMerge: Bool, dirtyBitmaps: Bool, blockExport: Bool
+        liveDiskSnapshotKinds: [SnapshotKind], quiesce: Bool, liveMerge: Bool, dirtyBitmaps: Bool, blockExport: Bool,
+        dirtyBitmapFormats: [String] = []
     ) {
+        self.dirtyBitmapFormats = dirtyBitmapFormats
         self.liveMemorySave = liveMemorySave
         self.suspendedMemorySave = suspendedMemorySave
         self.internalMemory = internalMemory
@@ -186,6 +190,14 @@ public protocol HypervisorDriver: Sendable {
     /// The accelerator setting for a libvirt domain of this `<domain type>`, or nil if this
     /// driver does not run such domains (`domain import`).
     func accelerator(forLibvirtType type: String) -> String?
+    /// The block layer over the domain's disks: the running hypervisor's, or for a shut-off
+    /// domain a storage daemon over `drives` (started, or found still running from an earlier
+    /// command). Formats it cannot track changes in are named in `capabilities`.
+    func blockLayer(_ definition: DomainDefinition, drives: [DomainDrive]) async throws -> any BlockLayer
+    /// True while a storage daemon holds the shut-off domain's disks (a backup of it runs).
+    func storageDaemonRuns(_ domain: String) -> Bool
+    /// The tool backup images are made with.
+    var backupImages: any BackupImageTool { get }
 }
 
 extension HypervisorDriver {

@@ -26,16 +26,18 @@ public struct QEMURuntime: Sendable, Hashable {
     public var stderrLog: String { (directory as NSString).appendingPathComponent("qemu.log") }
 
     /// The QEMU process of the domain, if one is alive.
-    public func pid() -> pid_t? {
+    public func pid() -> pid_t? { Self.liveProcess(pidFile: pidFile, naming: qmpSocket) }
+
+    /// The process a pid file names, if it is alive and its command line names `marker` (a
+    /// reused pid is not ours); nil for a zombie.
+    static func liveProcess(pidFile: String, naming marker: String) -> pid_t? {
         guard let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
             let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0
         else { return nil }
         guard kill(pid, 0) == 0 || errno == EPERM else { return nil }
-        // A reused pid is not our QEMU: check its command line names our socket.
         guard let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
-            String(decoding: cmdline, as: UTF8.self).contains(qmpSocket)
+            String(decoding: cmdline, as: UTF8.self).contains(marker)
         else { return nil }
-        // A zombie has exited.
         if let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
             let close = stat.lastIndex(of: ")"), stat[stat.index(close, offsetBy: 2)] == "Z"
         {
@@ -83,8 +85,8 @@ public struct QEMUDriver: HypervisorDriver {
     public var capabilities: HypervisorCapabilities {
         HypervisorCapabilities(
             liveMemorySave: true, suspendedMemorySave: true, internalMemory: true, liveDiskSnapshotFormats: ["qcow2"],
-            liveDiskSnapshotKinds: [.internal, .external], quiesce: true, liveMerge: true, dirtyBitmaps: false,
-            blockExport: false)
+            liveDiskSnapshotKinds: [.internal, .external], quiesce: true, liveMerge: true, dirtyBitmaps: true,
+            blockExport: true, dirtyBitmapFormats: ["qcow2"])
     }
 
     public func runtime(_ domain: String) -> QEMURuntime { QEMURuntime(runDirectory: runDirectory, domain: domain) }

@@ -192,6 +192,17 @@ public protocol DiskSnapshotBackend: Sendable {
     /// Repairs what a hypervisor that died with the disk open can leave behind (leaked
     /// clusters), without changing guest data; the default has nothing to repair.
     func repairAfterHypervisorCrash(_ layout: DiskLayout) async throws
+
+    // MARK: Changed-block tracking (defaults: none; ChangeTracking.swift)
+
+    /// How this backend tracks changed blocks for checkpoints and incremental backups.
+    var changeTracking: ChangeTracking { get }
+    /// The dirty bitmaps of the disk's active layer while no guest has it open.
+    func bitmaps(_ layout: DiskLayout) async throws -> [DirtyBitmap]
+    /// Adds a persistent, recording bitmap to the active layer (offline). Idempotent.
+    func addBitmap(_ name: String, layout: DiskLayout) async throws
+    /// Removes a bitmap from the active layer (offline); nothing if it is not there.
+    func removeBitmap(_ name: String, layout: DiskLayout) async throws
 }
 
 /// Something a revert would discard (shown to the operator) or that stands in its way (a

@@ -303,6 +303,8 @@ public struct DiskSnapshotService: Sendable {
             try checkBlockers(
                 try await backend.rollbackBlockers(to: name, layout: layout), disk: layout.disk.id, snapshot: name)
             let plan = try await backend.planRevert(to: name, layout: layout)
+            // Checkpoints taken before this point no longer describe the disk's changes.
+            try store.advanceContentEpoch(diskID: layout.disk.id)
             let result = try await executor.execute(plan, before: layout, backend: backend)
             plan.notes.forEach(notify)
             return result

@@ -36,5 +36,53 @@ extension MetadataStore {
                     CREATE INDEX domain_journal_open ON domain_journal(state, domain);
                     """)
         }
+        migrator.registerMigration("v3-checkpoints") { db in
+            try db.execute(
+                sql: """
+                    CREATE TABLE domain_checkpoints (
+                        domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+                        name TEXT NOT NULL,
+                        record_json BLOB NOT NULL,
+                        seq INTEGER NOT NULL,
+                        PRIMARY KEY (domain, name)
+                    );
+                    CREATE TABLE domain_backups (
+                        domain TEXT PRIMARY KEY NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+                        job_json BLOB NOT NULL
+                    );
+                    CREATE TABLE disk_epochs (
+                        disk_id TEXT PRIMARY KEY NOT NULL,
+                        epoch INTEGER NOT NULL
+                    );
+                    """)
+        }
+    }
+}
+
+// MARK: - Content epochs
+
+extension MetadataStore {
+    /// A counter that grows each time vmsnap starts an operation that puts a disk's content back
+    /// to an earlier point (a revert). A checkpoint records it; one taken before the last such
+    /// operation no longer describes what changed since, and is never used for an incremental.
+    public func contentEpoch(diskID: String) throws -> Int64 {
+        try wrap {
+            try dbQueue.read { db in
+                try Int64.fetchOne(db, sql: "SELECT epoch FROM disk_epochs WHERE disk_id = ?", arguments: [diskID])
+                    ?? 0
+            }
+        }
+    }
+
+    /// Moves the disk's content epoch on; durable before the operation's first step runs.
+    public func advanceContentEpoch(diskID: String) throws {
+        try wrap {
+            try dbQueue.write { db in
+                try db.execute(
+                    sql:
+                        "INSERT INTO disk_epochs (disk_id, epoch) VALUES (?, 1) ON CONFLICT(disk_id) DO UPDATE SET epoch = epoch + 1",
+                    arguments: [diskID])
+            }
+        }
     }
 }

@@ -48,7 +48,7 @@ struct Guest {
     /// Creates the disks (16 MiB each) and defines the domain.
     static func define(
         _ cli: CLI, name: String = "g", disks specs: [(String, String)] = [("vda", "qcow2"), ("vdb", "qcow2")],
-        memoryMiB: Int = 192, fill: Int? = nil
+        memoryMiB: Int = 192, fill: Int? = nil, resume: Bool = false
     ) async throws -> Guest {
         let (kernel, initrd) = try await GuestImage.shared.files()
         var disks: [Disk] = []
@@ -66,7 +66,8 @@ struct Guest {
             "disks": disks.map { ["target": $0.target, "backend": $0.backend, "locator": $0.path] },
             "boot": [
                 "kernel": kernel, "initrd": initrd,
-                "cmdline": "console=ttyS0 quiet panic=-1" + (fill.map { " vmsnap.fill=\($0)" } ?? ""),
+                "cmdline": "console=ttyS0 quiet panic=-1" + (fill.map { " vmsnap.fill=\($0)" } ?? "")
+                    + (resume ? " vmsnap.resume" : ""),
             ],
         ]
         let file = cli.root + "/\(name).json"

@@ -251,12 +251,25 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         var result = layout
         result.disk.current = name
         result.disk.active = holder
-        var steps = [
+        // QEMU applies no internal snapshot to an image with dirty bitmaps ("Device has active
+        // dirty bitmaps"), and after the revert they would describe changes to other data: they go
+        // first, each removal idempotent so recovery can repeat it.
+        let bitmaps = try await bitmaps(DiskLayout(disk: DiskRecord(id: holder, kind: Self.kind, active: holder)))
+        var steps = bitmaps.map { b in
+            PlanStep(
+                "remove dirty bitmap '\(b.name)' from \(holder)",
+                .backend(name: "remove-bitmap-if-present", arguments: ["image": holder, "name": b.name]))
+        }
+        steps.append(
             PlanStep(
                 "apply internal snapshot '\(name)' to \(holder)", .run(Qcow2Commands.applyInternal(name, image: holder))
+            ))
+        var notes = chain.discardingOldActive(layout.disk.active, result: &result, steps: &steps)
+        if !bitmaps.isEmpty {
+            notes.append(
+                "removed the dirty bitmaps \(bitmaps.map(\.name).joined(separator: ", ")) of \(holder): changes tracked before a revert say nothing about the reverted data (their checkpoints need a full backup next)"
             )
-        ]
-        let notes = chain.discardingOldActive(layout.disk.active, result: &result, steps: &steps)
+        }
         return Plan(
             operation: "revert \(layout.disk.id) to '\(name)'", steps: steps, pointOfNoReturn: 0, result: result,
             notes: notes)
@@ -332,6 +345,12 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         case "create-overlay":
             guard let overlay = arguments["overlay"], let backing = arguments["backing"] else { break }
             try await createOverlay(overlay, backing: backing)
+            return
+        case "remove-bitmap-if-present":
+            guard let image = arguments["image"], let bitmap = arguments["name"] else { break }
+            guard FileManager.default.fileExists(atPath: image) else { return }
+            try await removeBitmap(
+                bitmap, layout: DiskLayout(disk: DiskRecord(id: image, kind: Self.kind, active: image)))
             return
         case "delete-internal-if-present":
             guard let image = arguments["image"], let snapshot = arguments["name"] else { break }

@@ -54,4 +54,18 @@ public enum Qcow2Commands {
     public static func write(from source: String, at offset: UInt64, length: Int, image: String) -> [String] {
         [qemuIO, "-f", "qcow2", "-c", "write -s \(source) \(offset) \(length)", image]
     }
+
+    /// Adds a persistent, recording dirty bitmap to `image` (offline).
+    public static func addBitmap(_ name: String, image: String) -> [String] {
+        [qemuImg, "bitmap", "-f", "qcow2", "--add", image, name]
+    }
+
+    public static func removeBitmap(_ name: String, image: String) -> [String] {
+        [qemuImg, "bitmap", "-f", "qcow2", "--remove", image, name]
+    }
+
+    /// The image's metadata as JSON (its bitmaps under `format-specific`).
+    public static func info(_ image: String) -> [String] {
+        [qemuImg, "info", "-f", "qcow2", "--output=json", image]
+    }
 }

@@ -1,0 +1,129 @@
+import Foundation
+import SnapshotCore
+
+/// One disk's temporary block snapshot: a point-in-time view of a disk in use, kept by
+/// copy-before-write (the old contents of each block the guest overwrites go to `scratch` first).
+public struct BlockSnapshotPart: Codable, Sendable, Hashable {
+    public var target: String
+    /// A new, empty image the hypervisor fills with the blocks the guest overwrites.
+    public var scratch: String
+    /// Bitmaps of the disk whose union is "changed since the checkpoint"; empty for none.
+    public var changedSince: [String]
+    /// The name the union is published under with the view (the checkpoint's name).
+    public var changedSinceName: String?
+
+    public init(target: String, scratch: String, changedSince: [String] = [], changedSinceName: String? = nil) {
+        self.target = target
+        self.scratch = scratch
+        self.changedSince = changedSince
+        self.changedSinceName = changedSinceName
+    }
+}
+
+/// One disk's push backup: the hypervisor copies the disk, as it was when the job started, into
+/// `destination` (all of it, or only the blocks in `changedSince`).
+public struct BackupPart: Codable, Sendable, Hashable {
+    public var target: String
+    /// An image made by the caller: for an incremental, one whose backing file is the previous
+    /// backup, so unchanged blocks read through it.
+    public var destination: String
+    public var destinationFormat: String
+    /// Empty: a full backup. Else the bitmaps whose union is copied.
+    public var changedSince: [String]
+
+    public init(target: String, destination: String, destinationFormat: String = "qcow2", changedSince: [String] = []) {
+        self.target = target
+        self.destination = destination
+        self.destinationFormat = destinationFormat
+        self.changedSince = changedSince
+    }
+}
+
+/// Where block exports listen.
+public enum ExportListener: Codable, Sendable, Hashable {
+    /// A Unix socket (the default), created readable and writable only by its owner.
+    case unix(path: String)
+    /// TCP; `host` is 127.0.0.1 unless the operator gives another address.
+    case tcp(host: String, port: Int)
+
+    /// The NBD URI of export `name` (libnbd's syntax, which nbdinfo and nbdcopy take).
+    public func uri(export name: String) -> String {
+        switch self {
+        case .unix(let path): return "nbd+unix:///\(name)?socket=\(path)"
+        case .tcp(let host, let port):
+            let h = host.contains(":") ? "[\(host)]" : host
+            return "nbd://\(h):\(port)/\(name)"
+        }
+    }
+}
+
+/// A block job's progress (push backup, copy into a view).
+public struct BlockJobProgress: Codable, Sendable, Hashable {
+    public var target: String
+    public var status: String
+    public var done: UInt64
+    public var total: UInt64
+    public var error: String?
+
+    public init(target: String, status: String, done: UInt64, total: UInt64, error: String? = nil) {
+        self.target = target
+        self.status = status
+        self.done = done
+        self.total = total
+        self.error = error
+    }
+}
+
+/// A hypervisor's block layer as checkpoints and backups need it: dirty bitmaps, temporary
+/// block snapshots, exports and push backups, on the disks of a running domain (its hypervisor
+/// process) or of a shut-off one (a storage daemon the driver starts over the same drives).
+/// Every call is idempotent where it undoes something, so recovery can repeat it.
+public protocol BlockLayer: Sendable {
+    /// True when this handle started its own process for a shut-off domain.
+    var isStorageDaemon: Bool { get }
+    func bitmaps(target: String) async throws -> [DirtyBitmap]
+    /// The disk's size as the guest sees it.
+    func virtualSize(target: String) async throws -> UInt64
+    /// Adds a persistent, recording bitmap `name` to each target at one instant.
+    func addBitmaps(_ name: String, targets: [String]) async throws
+    /// Removes bitmap `name` from each target that has it.
+    func removeBitmaps(_ name: String, targets: [String]) async throws
+    /// Starts views of `parts` at one instant, adding bitmap `newBitmap` (a new checkpoint) to the
+    /// same disks at the same instant when given.
+    func startBlockSnapshots(_ parts: [BlockSnapshotPart], newBitmap: String?) async throws
+    /// Ends a view (the scratch image is then the caller's to delete); nothing if it is gone.
+    func stopBlockSnapshot(target: String) async throws
+    /// Exports each view read-only over NBD under its target's name, with its changed-since
+    /// bitmap as `qemu:dirty-bitmap:<name>`.
+    func startExports(_ parts: [BlockSnapshotPart], listener: ExportListener) async throws
+    /// Stops the exports and the NBD server; nothing if they are gone.
+    func stopExports(targets: [String]) async throws
+    /// Starts push backups of `parts` at one instant (and bitmap `newBitmap` with them).
+    func startBackups(_ parts: [BackupPart], newBitmap: String?) async throws
+    /// Progress of the push backups of these targets (absent: finished and gone).
+    func backupProgress(targets: [String]) async throws -> [BlockJobProgress]
+    /// Waits for the push backups to finish; throws with the first failure.
+    func waitForBackups(targets: [String], progress: ProgressHandler?) async throws
+    /// Cancels push backups still running; nothing if none.
+    func cancelBackups(targets: [String]) async throws
+    /// Ends the handle; a storage daemon keeps running while it holds views or exports
+    /// (`keepDaemon`), else it stops.
+    func close(keepDaemon: Bool) async
+}
+
+/// The images backups are made of (qcow2, whatever the disk's own format): created, checked,
+/// compared and converted with the hypervisor's own tools.
+public protocol BackupImageTool: Sendable {
+    /// The image format backups are written in (`qcow2`).
+    var format: String { get }
+    /// Writes an empty image at `path` (an empty file the caller made), reading through
+    /// `backing` (a file name relative to the image's directory) when given.
+    func create(_ path: String, size: UInt64, backing: String?) async throws
+    /// Problems `path`'s metadata has; empty when it is sound.
+    func check(_ path: String) async throws -> [String]
+    /// True when the two images read the same bytes (each through its backing chain).
+    func sameContent(_ a: String, _ b: String) async throws -> Bool
+    /// Writes what `image` reads (through its chain) into a standalone `destination` of `format`.
+    func flatten(_ image: String, into destination: String, format: String, progress: ProgressHandler?)
+        async throws
+}

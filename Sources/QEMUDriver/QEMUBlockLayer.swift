@@ -1,0 +1,352 @@
+import Foundation
+import HypervisorDriver
+import SnapshotCore
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// QEMU's block layer behind the ``BlockLayer`` protocol, over QMP: the running domain's QEMU,
+/// or a qemu-storage-daemon over a shut-off domain's disks. Views are image fleecing (a
+/// `blockdev-backup` job with sync none into a scratch qcow2 that reads through the disk); push
+/// backups are `blockdev-backup` jobs (sync full, or sync bitmap from a frozen copy of the
+/// checkpoint's bitmaps); exports are QEMU's NBD server.
+public struct QEMUBlockLayer: BlockLayer {
+    public let client: QMPClient
+    /// The storage daemon this handle drives, if the domain is shut off.
+    let daemon: QEMUStorageDaemon?
+
+    public var isStorageDaemon: Bool { daemon != nil }
+
+    init(client: QMPClient, daemon: QEMUStorageDaemon?) {
+        self.client = client
+        self.daemon = daemon
+    }
+
+    /// Node names vmsnap gives what it adds, per disk target.
+    static func viewNode(_ target: String) -> String { "vmsnap-view-\(target)" }
+    static func viewJob(_ target: String) -> String { "vmsnap-view-\(target)" }
+    static func backupNode(_ target: String) -> String { "vmsnap-backup-\(target)" }
+    static func backupJob(_ target: String) -> String { "vmsnap-backup-\(target)" }
+    /// The frozen copy of the checkpoint bitmaps a push incremental copies from.
+    static func frozenBitmap(_ target: String) -> String { "vmsnap-backup-\(target)" }
+    static func exportID(_ target: String) -> String { "vmsnap-export-\(target)" }
+
+    func layer<T>(_ body: () async throws -> T) async throws -> T {
+        do { return try await body() } catch { throw QEMUDriver.layerError(error) }
+    }
+
+    /// The node holding the disk's active layer: the storage daemon names it after the drive;
+    /// a QEMU started with `-drive` has an automatic name, read from `query-block`.
+    func node(_ target: String) async throws -> String {
+        if daemon != nil { return QEMUDriver.driveID(target) }
+        guard
+            let node = try await client.blockDevices().first(where: { $0.device == QEMUDriver.driveID(target) })?
+                .nodeName
+        else { throw SnapshotError(.conflict, "QEMU has no block device for disk \(target)") }
+        return node
+    }
+
+    func nodes() async throws -> [QMP.BlockNode] { try await client.run(QMP.QueryNamedBlockNodes()) }
+
+    // MARK: - Bitmaps
+
+    public func bitmaps(target: String) async throws -> [DirtyBitmap] {
+        try await layer {
+            let name = try await node(target)
+            return try await nodes().first { $0.nodeName == name }?.bitmaps ?? []
+        }
+    }
+
+    public func addBitmaps(_ name: String, targets: [String]) async throws {
+        try await layer {
+            var actions: [QMP.BlockAction] = []
+            for target in targets where try await !bitmaps(target: target).contains(where: { $0.name == name }) {
+                actions.append(.addBitmap(node: try await node(target), name: name, persistent: true, disabled: false))
+            }
+            if !actions.isEmpty { try await client.run(QMP.BlockTransaction(actions: actions)) }
+        }
+    }
+
+    public func removeBitmaps(_ name: String, targets: [String]) async throws {
+        try await layer {
+            for target in targets where try await bitmaps(target: target).contains(where: { $0.name == name }) {
+                try await client.run(QMP.RemoveBitmap(node: try await node(target), name: name))
+            }
+        }
+    }
+
+    /// The actions that add bitmap `name` to each target's disk, persistent and recording.
+    func newBitmapActions(_ name: String?, targets: [String]) async throws -> [QMP.BlockAction] {
+        guard let name else { return [] }
+        var actions: [QMP.BlockAction] = []
+        for target in targets {
+            actions.append(.addBitmap(node: try await node(target), name: name, persistent: true, disabled: false))
+        }
+        return actions
+    }
+
+    // MARK: - Views
+
+    public func startBlockSnapshots(_ parts: [BlockSnapshotPart], newBitmap: String?) async throws {
+        try await layer {
+            var actions: [QMP.BlockAction] = []
+            for part in parts {
+                let disk = try await node(part.target)
+                let view = Self.viewNode(part.target)
+                try await client.run(QMP.AddQcow2Node(nodeName: view, path: part.scratch, backing: disk))
+                if let published = part.changedSinceName {
+                    actions.append(.addBitmap(node: view, name: published, persistent: false, disabled: true))
+                    actions.append(
+                        .mergeBitmaps(
+                            node: view, target: published,
+                            sources: part.changedSince.map { QMP.BitmapRef(node: disk, name: $0) }))
+                }
+                actions.append(.backup(device: disk, target: view, jobID: Self.viewJob(part.target), sync: .none))
+            }
+            actions += try await newBitmapActions(newBitmap, targets: parts.map(\.target))
+            do {
+                Trace.mark("views prepared")
+                try await client.run(QMP.BlockTransaction(actions: actions))
+                Trace.mark("views transaction")
+            } catch {
+                for part in parts { try? await client.run(QMP.DeleteNode(nodeName: Self.viewNode(part.target))) }
+                throw error
+            }
+        }
+    }
+
+    public func stopBlockSnapshot(target: String) async throws {
+        try await layer {
+            try await endJob(Self.viewJob(target))
+            try await deleteNode(Self.viewNode(target))
+        }
+    }
+
+    /// Cancels a job if it runs, waits until it concluded and dismisses it; nothing if it is gone.
+    func endJob(_ id: String) async throws {
+        let deadline = ContinuousClock.now + .seconds(60)
+        while let job = try await client.run(QMP.QueryJobs()).first(where: { $0.id == id }) {
+            switch job.status {
+            case "concluded":
+                try await client.run(QMP.JobDismiss(id: id))
+            case "aborting", "waiting", "pending", "null":
+                break
+            default:
+                _ = try? await client.run(QMP.JobCancel(id: id))
+            }
+            guard ContinuousClock.now < deadline else {
+                throw SnapshotError(.busy, "QEMU job \(id) did not end within 60 s of being cancelled")
+            }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+    }
+
+    func deleteNode(_ name: String) async throws {
+        guard try await nodes().contains(where: { $0.nodeName == name }) else { return }
+        try await client.run(QMP.DeleteNode(nodeName: name))
+    }
+
+    // MARK: - Exports
+
+    public func startExports(_ parts: [BlockSnapshotPart], listener: ExportListener) async throws {
+        try await layer {
+            let running = try await client.run(QMP.QueryBlockExports())
+            if running.isEmpty {
+                switch listener {
+                case .unix(let path):
+                    unlink(path)
+                    try await client.run(QMP.NBDServerStart(listener: .unix(path)))
+                    chmod(path, 0o600)
+                case .tcp(let host, let port):
+                    try await client.run(QMP.NBDServerStart(listener: .tcp(host: host, port: port)))
+                }
+            }
+            for part in parts where !running.contains(Self.exportID(part.target)) {
+                try await client.run(
+                    QMP.BlockExportAdd(
+                        id: Self.exportID(part.target), nodeName: Self.viewNode(part.target), exportName: part.target,
+                        bitmaps: part.changedSinceName.map { [$0] } ?? []))
+            }
+        }
+    }
+
+    public func stopExports(targets: [String]) async throws {
+        try await layer {
+            var running = try await client.run(QMP.QueryBlockExports())
+            for target in targets where running.contains(Self.exportID(target)) {
+                try await client.run(QMP.BlockExportDel(id: Self.exportID(target)))
+            }
+            // A removed export goes once its clients are gone (hard mode disconnects them).
+            let deadline = ContinuousClock.now + .seconds(30)
+            repeat {
+                running = try await client.run(QMP.QueryBlockExports())
+                if !running.contains(where: { id in targets.contains { Self.exportID($0) == id } }) { break }
+                try await Task.sleep(for: .milliseconds(50))
+            } while ContinuousClock.now < deadline
+            if running.isEmpty {
+                do { try await client.run(QMP.NBDServerStop()) } catch let e as QMPError
+                    where e.errorClass == .genericError
+                {
+                    // Not running: nothing to stop.
+                }
+            }
+        }
+    }
+
+    // MARK: - Push backups
+
+    public func startBackups(_ parts: [BackupPart], newBitmap: String?) async throws {
+        try await layer {
+            var actions: [QMP.BlockAction] = []
+            for part in parts {
+                let disk = try await node(part.target)
+                let target = Self.backupNode(part.target)
+                try await client.run(QMP.AddQcow2Node(nodeName: target, path: part.destination, backing: nil))
+                if part.changedSince.isEmpty {
+                    actions.append(
+                        .backup(device: disk, target: target, jobID: Self.backupJob(part.target), sync: .full))
+                } else {
+                    let frozen = Self.frozenBitmap(part.target)
+                    actions.append(.addBitmap(node: disk, name: frozen, persistent: false, disabled: true))
+                    actions.append(
+                        .mergeBitmaps(
+                            node: disk, target: frozen,
+                            sources: part.changedSince.map { QMP.BitmapRef(node: disk, name: $0) }))
+                    actions.append(
+                        .backup(device: disk, target: target, jobID: Self.backupJob(part.target), sync: .bitmap(frozen))
+                    )
+                }
+            }
+            actions += try await newBitmapActions(newBitmap, targets: parts.map(\.target))
+            do { try await client.run(QMP.BlockTransaction(actions: actions)) } catch {
+                for part in parts { try? await client.run(QMP.DeleteNode(nodeName: Self.backupNode(part.target))) }
+                throw error
+            }
+        }
+    }
+
+    public func backupProgress(targets: [String]) async throws -> [BlockJobProgress] {
+        try await layer {
+            let jobs = try await client.run(QMP.QueryJobs())
+            return targets.compactMap { target in
+                guard let job = jobs.first(where: { $0.id == Self.backupJob(target) }) else { return nil }
+                return BlockJobProgress(
+                    target: target, status: job.status, done: job.done ?? 0, total: job.total ?? 0, error: job.error)
+            }
+        }
+    }
+
+    public func waitForBackups(targets: [String], progress: ProgressHandler?) async throws {
+        try await layer {
+            let started = ContinuousClock.now
+            var failure: SnapshotError?
+            var pending = Set(targets)
+            while !pending.isEmpty {
+                let jobs = try await client.run(QMP.QueryJobs())
+                var done: UInt64 = 0
+                var total: UInt64 = 0
+                for target in pending.sorted() {
+                    guard let job = jobs.first(where: { $0.id == Self.backupJob(target) }) else {
+                        failure = failure ?? SnapshotError(.commandFailed, "the backup job of \(target) disappeared")
+                        pending.remove(target)
+                        continue
+                    }
+                    done += job.done ?? 0
+                    total += job.total ?? 0
+                    guard job.status == "concluded" else { continue }
+                    if let error = job.error {
+                        failure = failure ?? SnapshotError(.io, "the backup of \(target) failed in QEMU: \(error)")
+                    }
+                    try await finishBackup(target)
+                    pending.remove(target)
+                }
+                if !pending.isEmpty {
+                    if let progress {
+                        let elapsed = ContinuousClock.now - started
+                        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+                        progress(.measured("backup", done: done, total: total, seconds: seconds))
+                    }
+                    try await Task.sleep(for: .milliseconds(100))
+                }
+            }
+            if let failure { throw failure }
+        }
+    }
+
+    /// Dismisses a concluded backup job, closes its destination and drops the frozen bitmap.
+    func finishBackup(_ target: String) async throws {
+        try await endJob(Self.backupJob(target))
+        try await deleteNode(Self.backupNode(target))
+        try await removeBitmaps(Self.frozenBitmap(target), targets: [target])
+    }
+
+    public func cancelBackups(targets: [String]) async throws {
+        try await layer {
+            for target in targets { try await finishBackup(target) }
+        }
+    }
+
+    public func close(keepDaemon: Bool) async {
+        if let daemon, !keepDaemon {
+            _ = try? await client.run(QMP.Quit(), timeout: .seconds(10))
+            await client.close()
+            daemon.waitUntilGone()
+            return
+        }
+        await client.close()
+    }
+}
+
+extension QEMUBlockLayer {
+    public func virtualSize(target: String) async throws -> UInt64 {
+        try await layer {
+            let name = try await node(target)
+            guard let size = try await nodes().first(where: { $0.nodeName == name })?.virtualSize, size > 0 else {
+                throw SnapshotError(.conflict, "QEMU reports no size for disk \(target)")
+            }
+            return size
+        }
+    }
+}
+
+/// Backup images through qemu-img: qcow2, each incremental reading through the one before.
+public struct QEMUBackupImages: BackupImageTool {
+    let runner: any CommandRunning
+    public var format: String { "qcow2" }
+
+    public func create(_ path: String, size: UInt64, backing: String?) async throws {
+        var argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+        if let backing { argv += ["-b", backing, "-F", "qcow2"] }
+        try await runner.run(argv + [path, String(size)])
+    }
+
+    public func check(_ path: String) async throws -> [String] {
+        let out = try await runner.execute(["qemu-img", "check", "-q", "-f", "qcow2", path])
+        guard out.status != 0 else { return [] }
+        let text = (out.standardError + out.standardOutput).trimmingCharacters(in: .whitespacesAndNewlines)
+        return ["\(path): qemu-img check exited \(out.status)\(text.isEmpty ? "" : ": " + text)"]
+    }
+
+    public func sameContent(_ a: String, _ b: String) async throws -> Bool {
+        let out = try await runner.execute(["qemu-img", "compare", "-q", a, b])
+        switch out.status {
+        case 0: return true
+        case 1: return false
+        default:
+            throw SnapshotError(
+                .commandFailed, "qemu-img compare \(a) \(b) failed (\(out.status)): \(out.standardError)")
+        }
+    }
+
+    public func flatten(_ image: String, into destination: String, format: String, progress: ProgressHandler?)
+        async throws
+    {
+        // The destination is the empty file the caller created (O_EXCL, its mode); qemu-img
+        // writes the image into it.
+        try await runner.run(["qemu-img", "convert", "-q", "-f", "qcow2", "-O", format, image, destination])
+    }
+}
+
+extension QEMUDriver {
+    public var backupImages: any BackupImageTool { QEMUBackupImages(runner: runner) }
+}

@@ -1,0 +1,183 @@
+import Foundation
+import SnapshotCore
+
+/// The QMP commands of checkpoints and backups: dirty bitmaps, block nodes, block jobs and the
+/// NBD server, one type each (qapi/block-core.json, qapi/block-export.json, QEMU 7.2).
+extension QMP {
+    /// One action of a block-job transaction: every action happens at the same instant, or none.
+    public enum BlockAction: Sendable, Hashable {
+        case addBitmap(node: String, name: String, persistent: Bool, disabled: Bool)
+        /// Merges bitmaps (each a node and a name) into `target` on `node`.
+        case mergeBitmaps(node: String, target: String, sources: [BitmapRef])
+        /// Copy-before-write from `device` into `target`: sync none (a view), full, or the blocks
+        /// of `bitmap` (left as it is).
+        case backup(device: String, target: String, jobID: String, sync: BackupSync)
+
+        var json: JSONValue {
+            switch self {
+            case .addBitmap(let node, let name, let persistent, let disabled):
+                return [
+                    "type": "block-dirty-bitmap-add",
+                    "data": [
+                        "node": .string(node), "name": .string(name), "persistent": .bool(persistent),
+                        "disabled": .bool(disabled),
+                    ],
+                ]
+            case .mergeBitmaps(let node, let target, let sources):
+                return [
+                    "type": "block-dirty-bitmap-merge",
+                    "data": [
+                        "node": .string(node), "target": .string(target),
+                        "bitmaps": .array(sources.map { ["node": .string($0.node), "name": .string($0.name)] }),
+                    ],
+                ]
+            case .backup(let device, let target, let jobID, let sync):
+                var data: [String: JSONValue] = [
+                    "device": .string(device), "target": .string(target), "job-id": .string(jobID),
+                    "auto-dismiss": false,
+                ]
+                switch sync {
+                case .none: data["sync"] = "none"
+                case .full: data["sync"] = "full"
+                case .bitmap(let name):
+                    data["sync"] = "bitmap"
+                    data["bitmap"] = .string(name)
+                    data["bitmap-mode"] = "never"
+                }
+                return ["type": "blockdev-backup", "data": .object(data)]
+            }
+        }
+    }
+
+    public struct BitmapRef: Sendable, Hashable {
+        public var node: String, name: String
+        public init(node: String, name: String) {
+            self.node = node
+            self.name = name
+        }
+    }
+
+    public enum BackupSync: Sendable, Hashable {
+        case none, full
+        case bitmap(String)
+    }
+
+    public struct BlockTransaction: QMPCommand {
+        public typealias Response = Void
+        public static let name = "transaction"
+        public var actions: [BlockAction]
+        public var arguments: JSONValue? { ["actions": .array(actions.map(\.json))] }
+    }
+
+    public struct RemoveBitmap: QMPCommand {
+        public typealias Response = Void
+        public static let name = "block-dirty-bitmap-remove"
+        public var node: String, name: String
+        public var arguments: JSONValue? { ["node": .string(node), "name": .string(name)] }
+    }
+
+    /// A qcow2 image opened as a node: `backing` names the node it reads through (a view's
+    /// scratch image reads through the disk), nil opens it without its backing chain.
+    public struct AddQcow2Node: QMPCommand {
+        public typealias Response = Void
+        public static let name = "blockdev-add"
+        public var nodeName: String, path: String, backing: String?
+        public var arguments: JSONValue? {
+            [
+                "driver": "qcow2", "node-name": .string(nodeName),
+                "file": ["driver": "file", "filename": .string(path)],
+                "backing": backing.map { .string($0) } ?? .null,
+            ]
+        }
+    }
+
+    public struct DeleteNode: QMPCommand {
+        public typealias Response = Void
+        public static let name = "blockdev-del"
+        public var nodeName: String
+        public var arguments: JSONValue? { ["node-name": .string(nodeName)] }
+    }
+
+    /// Every node with its dirty bitmaps.
+    public struct QueryNamedBlockNodes: QMPCommand {
+        public static let name = "query-named-block-nodes"
+        public func response(_ r: JSONValue) -> [BlockNode] {
+            r.array?.map { node in
+                BlockNode(
+                    nodeName: node["node-name"]?.string ?? "", file: node["file"]?.string ?? "",
+                    virtualSize: UInt64(node["image"]?["virtual-size"]?.int ?? 0),
+                    bitmaps: node["dirty-bitmaps"]?.array?.compactMap { b -> DirtyBitmap? in
+                        guard let name = b["name"]?.string else { return nil }
+                        return DirtyBitmap(
+                            name: name, granularity: UInt64(b["granularity"]?.int ?? 0),
+                            persistent: b["persistent"]?.bool ?? false, recording: b["recording"]?.bool ?? false,
+                            inconsistent: b["inconsistent"]?.bool ?? false,
+                            dirtyBytes: b["count"]?.int.map(UInt64.init))
+                    } ?? [])
+            } ?? []
+        }
+    }
+
+    public struct BlockNode: Sendable, Hashable {
+        public var nodeName: String
+        public var file: String
+        public var virtualSize: UInt64
+        public var bitmaps: [DirtyBitmap]
+    }
+
+    public struct JobCancel: QMPCommand {
+        public typealias Response = Void
+        public static let name = "job-cancel"
+        public var id: String
+        public var arguments: JSONValue? { ["id": .string(id)] }
+    }
+
+    /// The NBD server, on a Unix socket or TCP.
+    public struct NBDServerStart: QMPCommand {
+        public typealias Response = Void
+        public static let name = "nbd-server-start"
+        public var listener: ExportListenerArgument
+        public var arguments: JSONValue? { ["addr": listener.json] }
+    }
+
+    public struct ExportListenerArgument: Sendable, Hashable {
+        public var json: JSONValue
+        public static func unix(_ path: String) -> Self {
+            Self(json: ["type": "unix", "data": ["path": .string(path)]])
+        }
+        public static func tcp(host: String, port: Int) -> Self {
+            Self(json: ["type": "inet", "data": ["host": .string(host), "port": .string(String(port))]])
+        }
+    }
+
+    public struct NBDServerStop: QMPCommand {
+        public typealias Response = Void
+        public static let name = "nbd-server-stop"
+    }
+
+    /// A read-only NBD export of a node, with bitmaps as `qemu:dirty-bitmap:<name>` contexts.
+    public struct BlockExportAdd: QMPCommand {
+        public typealias Response = Void
+        public static let name = "block-export-add"
+        public var id: String, nodeName: String, exportName: String, bitmaps: [String]
+        public var arguments: JSONValue? {
+            [
+                "type": "nbd", "id": .string(id), "node-name": .string(nodeName), "name": .string(exportName),
+                "writable": false, "bitmaps": .array(bitmaps.map { .string($0) }),
+            ]
+        }
+    }
+
+    /// Removes an export, disconnecting its clients.
+    public struct BlockExportDel: QMPCommand {
+        public typealias Response = Void
+        public static let name = "block-export-del"
+        public var id: String
+        public var arguments: JSONValue? { ["id": .string(id), "mode": "hard"] }
+    }
+
+    public struct QueryBlockExports: QMPCommand {
+        public static let name = "query-block-exports"
+        public func response(_ r: JSONValue) -> [String] { r.array?.compactMap { $0["id"]?.string } ?? [] }
+    }
+}

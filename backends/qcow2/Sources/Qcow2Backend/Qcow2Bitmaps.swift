@@ -1,0 +1,41 @@
+import Foundation
+import SnapshotCore
+
+/// qcow2's persistent dirty bitmaps, offline: one per checkpoint in the active image, added and
+/// removed with `qemu-img bitmap`, listed from `qemu-img info`. While a guest runs, QEMU keeps
+/// them (the domain layer goes through the hypervisor driver then).
+extension Qcow2Backend {
+    public var changeTracking: ChangeTracking { .imageBitmaps }
+
+    public func bitmaps(_ layout: DiskLayout) async throws -> [DirtyBitmap] {
+        let out = try await runner.run(Qcow2Commands.info(layout.disk.active))
+        return try Self.parseBitmaps(out.standardOutput, image: layout.disk.active)
+    }
+
+    public func addBitmap(_ name: String, layout: DiskLayout) async throws {
+        if try await bitmaps(layout).contains(where: { $0.name == name }) { return }
+        try await runner.run(Qcow2Commands.addBitmap(name, image: layout.disk.active))
+    }
+
+    public func removeBitmap(_ name: String, layout: DiskLayout) async throws {
+        guard try await bitmaps(layout).contains(where: { $0.name == name }) else { return }
+        try await runner.run(Qcow2Commands.removeBitmap(name, image: layout.disk.active))
+    }
+
+    /// The bitmaps in `qemu-img info --output=json`: `auto` means recording, `in-use` that a
+    /// QEMU which had the image open never stored the bitmap (it may miss writes).
+    static func parseBitmaps(_ json: String, image: String) throws -> [DirtyBitmap] {
+        guard let top = try? JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any] else {
+            throw SnapshotError(.invalidImage, "qemu-img info of \(image) is not the JSON it should print")
+        }
+        let data = (top["format-specific"] as? [String: Any])?["data"] as? [String: Any]
+        let list = data?["bitmaps"] as? [[String: Any]] ?? []
+        return list.compactMap { entry in
+            guard let name = entry["name"] as? String else { return nil }
+            let flags = entry["flags"] as? [String] ?? []
+            return DirtyBitmap(
+                name: name, granularity: (entry["granularity"] as? NSNumber)?.uint64Value ?? 0, persistent: true,
+                recording: flags.contains("auto"), inconsistent: flags.contains("in-use"))
+        }
+    }
+}
