@@ -17,27 +17,21 @@ public struct BackupRequest: Sendable, Hashable {
     public var targets: [String]?
     /// Take a full backup, with the reason, when the incremental's checkpoint cannot be trusted.
     public var fallbackFull = false
-    /// Pull: listen on TCP instead of the Unix socket.
-    public var tcp: (host: String, port: Int)?
+    /// Pull: where the exports listen (nil: the domain's Unix socket).
+    public var listener: ExportListener?
 
     public init(
         directory: String? = nil, incremental: String? = nil, newCheckpoint: String? = nil, targets: [String]? = nil,
-        fallbackFull: Bool = false, tcp: (host: String, port: Int)? = nil
+        fallbackFull: Bool = false, listener: ExportListener? = nil
     ) {
         self.directory = directory
         self.incremental = incremental
         self.newCheckpoint = newCheckpoint
         self.targets = targets
         self.fallbackFull = fallbackFull
-        self.tcp = tcp
+        self.listener = listener
     }
 
-    public static func == (a: Self, b: Self) -> Bool {
-        a.directory == b.directory && a.incremental == b.incremental && a.newCheckpoint == b.newCheckpoint
-            && a.targets == b.targets && a.fallbackFull == b.fallbackFull && a.tcp?.host == b.tcp?.host
-            && a.tcp?.port == b.tcp?.port
-    }
-    public func hash(into h: inout Hasher) { h.combine(directory) }
 }
 
 /// What `backup status` shows.
@@ -61,6 +55,38 @@ extension DomainService {
         }
     }
 
+    /// Refuses an operation that would change or close the disks under a backup job or a
+    /// block snapshot's views.
+    func requireNoViews(_ domain: String, doing what: String) throws {
+        try requireNoBackupJob(domain, doing: what)
+        if let view = try store.blockSnapshots(of: domain).first {
+            throw SnapshotError(
+                .busy,
+                "block snapshot \(SnapshotName.quoted(view.name)) of domain '\(domain)' holds views of its disks; cannot \(what) now. Delete it first with `vmsnap blocksnapshot delete \(domain) \(view.name)`"
+            )
+        }
+    }
+
+    /// Refuses views of disks that have as many as their hypervisor keeps at once.
+    func requireFreeForViews(_ domain: String, targets: [String], driver: any HypervisorDriver) throws {
+        var held: [String: [String]] = [:]
+        for view in try store.blockSnapshots(of: domain) {
+            for d in view.disks {
+                held[d.target, default: []].append("block snapshot \(SnapshotName.quoted(view.name))")
+            }
+        }
+        if let job = try store.backupJob(of: domain) {
+            for d in job.disks { held[d.target, default: []].append("backup \(job.name)") }
+        }
+        let limit = driver.capabilities.viewsPerDisk
+        for t in targets where (held[t]?.count ?? 0) >= limit {
+            throw SnapshotError(
+                .busy,
+                "disk \(t) of domain '\(domain)' already has \(held[t]!.joined(separator: ", ")); the \(driver.name) hypervisor keeps \(limit) point-in-time view(s) of a disk at once. End that first, or leave \(t) out (--disks)"
+            )
+        }
+    }
+
     // MARK: - Begin
 
     /// Starts a backup. Pull: a point-in-time view of each disk, exported over NBD, until `backup
@@ -75,6 +101,7 @@ extension DomainService {
         let (definition, _) = try definition(domain)
         let driver = try drivers.driver(for: definition)
         let targets = try backupTargets(definition, request.targets)
+        try requireFreeForViews(domain, targets: targets, driver: driver)
         var job = BackupJob(
             domain: domain, name: Self.generatedName(existing: [], prefix: "backup"),
             mode: request.directory == nil ? .pull : .push, startedAt: Date(), incrementalFrom: nil,
@@ -87,14 +114,16 @@ extension DomainService {
                 domain: domain, name: name, description: "taken with backup \(job.name)",
                 tracked: try await trackedDisks(definition, targets: targets))
         }
-        try await chooseIncremental(&job, request, definition: definition, targets: targets)
+        var changed: [String: [LayerBitmap]] = [:]
+        try await chooseIncremental(&job, request, definition: definition, targets: targets, changed: &changed)
         var manifest: BackupManifest?
         if let directory = request.directory {
-            manifest = try preparePush(&job, directory: directory, definition: definition, targets: targets)
+            manifest = try preparePush(
+                &job, directory: directory, definition: definition, targets: targets, changed: changed)
             job.name = Self.generatedName(existing: Set(manifest?.backups.map(\.name) ?? []), prefix: "backup")
             preparePushFiles(&job, domain: domain)
         } else {
-            preparePull(&job, targets: targets, listener: request.tcp, driver: driver)
+            preparePull(&job, targets: targets, changed: changed, listener: request.listener)
         }
         var j = BlockJournal(operation: .backupBegin, checkpoint: newRecord, job: job)
         let id = try beginBlockJournal(domain: domain, j)
@@ -136,7 +165,8 @@ extension DomainService {
     /// Checks the checkpoint an incremental builds on, disk by disk; falls back to a full backup
     /// (saying why) only when asked to.
     func chooseIncremental(
-        _ job: inout BackupJob, _ request: BackupRequest, definition: DomainDefinition, targets: [String]
+        _ job: inout BackupJob, _ request: BackupRequest, definition: DomainDefinition, targets: [String],
+        changed: inout [String: [LayerBitmap]]
     ) async throws {
         guard let from = request.incremental else { return }
         let record = try checkpoint(domain: definition.name, from)
@@ -164,13 +194,17 @@ extension DomainService {
             return
         }
         job.incrementalFrom = from
+        for disk in record.disks where targets.contains(disk.target) {
+            changed[disk.target] = try await changedSince(disk, definition: definition)
+        }
     }
 
     /// Push: the directory, the manifest, and each disk's new image (its backing the image of
     /// the backup taken at the incremental's checkpoint).
-    func preparePush(_ job: inout BackupJob, directory: String, definition: DomainDefinition, targets: [String]) throws
-        -> BackupManifest
-    {
+    func preparePush(
+        _ job: inout BackupJob, directory: String, definition: DomainDefinition, targets: [String],
+        changed: [String: [LayerBitmap]]
+    ) throws -> BackupManifest {
         let dir = URL(fileURLWithPath: directory).standardizedFileURL.path
         var st = stat()
         guard lstat(dir, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else {
@@ -206,8 +240,8 @@ extension DomainService {
         job.directory = dir
         job.disks = targets.map { t in
             BackupJobDisk(
-                target: t, scratch: nil, destination: nil, backing: parentFiles[t],
-                changedSince: job.incrementalFrom.map { [$0] } ?? [], uri: nil)
+                target: t, scratch: nil, destination: nil, backing: parentFiles[t], changedSince: changed[t] ?? [],
+                uri: nil)
         }
         return manifest
     }
@@ -222,18 +256,17 @@ extension DomainService {
 
     /// Pull: a scratch image per disk under the store, and the listener.
     func preparePull(
-        _ job: inout BackupJob, targets: [String], listener tcp: (host: String, port: Int)?,
-        driver: any HypervisorDriver
+        _ job: inout BackupJob, targets: [String], changed: [String: [LayerBitmap]],
+        listener given: ExportListener?
     ) {
         let scratchDir = (store.directory as NSString).appendingPathComponent("backup/\(job.domain)")
         let listener: ExportListener =
-            tcp.map { .tcp(host: $0.host, port: $0.port) }
-            ?? .unix(path: (store.directory as NSString).appendingPathComponent("run/\(job.domain)/nbd.sock"))
+            given ?? .unix(path: (store.directory as NSString).appendingPathComponent("run/\(job.domain)/nbd.sock"))
         job.listener = listener
         job.disks = targets.map { t in
             BackupJobDisk(
                 target: t, scratch: (scratchDir as NSString).appendingPathComponent("\(t).\(job.name).scratch.qcow2"),
-                destination: nil, backing: nil, changedSince: job.incrementalFrom.map { [$0] } ?? [],
+                destination: nil, backing: nil, changedSince: changed[t] ?? [],
                 uri: listener.uri(export: t))
         }
     }
@@ -359,8 +392,8 @@ extension DomainService {
         if let layer = try await aliveLayer(job, definition: definition) {
             let targets = job.disks.map(\.target)
             do {
-                try await layer.stopExports(targets: targets)
-                for t in targets { try await layer.stopBlockSnapshot(target: t) }
+                try await layer.stopExports(ids: targets)
+                for t in targets { try await layer.stopBlockSnapshot(id: t) }
                 try await layer.cancelBackups(targets: targets)
             } catch {
                 await layer.close(keepDaemon: true)
@@ -375,8 +408,8 @@ extension DomainService {
     func rollBackBegin(_ job: BackupJob, journal j: BlockJournal, layer: (any BlockLayer)?) async throws {
         if let layer {
             let targets = job.disks.map(\.target)
-            try? await layer.stopExports(targets: targets)
-            for t in targets { try? await layer.stopBlockSnapshot(target: t) }
+            try? await layer.stopExports(ids: targets)
+            for t in targets { try? await layer.stopBlockSnapshot(id: t) }
             try? await layer.cancelBackups(targets: targets)
             if let record = j.checkpoint { try? await layer.removeBitmaps(record.name, targets: targets) }
             await layer.close(keepDaemon: false)

@@ -13,7 +13,7 @@ public struct BackupJobDisk: Codable, Sendable, Hashable {
     /// one reads through.
     public var backing: String?
     /// The checkpoint bitmaps whose union is copied or published; empty for a full backup.
-    public var changedSince: [String]
+    public var changedSince: [LayerBitmap]
     /// Pull: the NBD URI a client reads the disk from.
     public var uri: String?
 }

@@ -33,6 +33,8 @@ struct BlockJournal: Codable, Sendable {
         case checkpointDelete = "checkpoint-delete"
         case backupBegin = "backup-begin"
         case backupEnd = "backup-end"
+        case blockSnapshotCreate = "blocksnapshot-create"
+        case blockSnapshotDelete = "blocksnapshot-delete"
     }
     var operation: Operation
     /// checkpoint-create: the checkpoint being made (also a backup's new checkpoint).
@@ -41,6 +43,8 @@ struct BlockJournal: Codable, Sendable {
     var removing: [CheckpointRecord] = []
     /// backup-begin / backup-end: the job.
     var job: BackupJob?
+    /// blocksnapshot-create / -delete: the block snapshot.
+    var view: BlockSnapshotRecord?
     /// Files this operation is about to create, and those it created (O_EXCL): a rollback
     /// removes the created ones, and planned ones only while empty.
     var planned: [String] = []
@@ -54,10 +58,11 @@ struct BitmapAccess: Sendable {
     let layer: (any BlockLayer)?
     let offline: [String: (backend: any DiskSnapshotBackend, layout: DiskLayout)]
 
-    func bitmaps(_ target: String) async throws -> [DirtyBitmap] {
-        if let layer { return try await layer.bitmaps(target: target) }
+    /// The bitmaps of one layer of a disk (`image` nil: the active one).
+    func bitmaps(_ target: String, layer image: String? = nil) async throws -> [DirtyBitmap] {
+        if let layer { return try await layer.bitmaps(target: target, layer: image) }
         guard let disk = offline[target] else { return [] }
-        return try await disk.backend.bitmaps(disk.layout)
+        return try await disk.backend.bitmaps(disk.layout, layer: image)
     }
 
     func add(_ name: String, targets: [String]) async throws {
@@ -267,7 +272,8 @@ extension DomainService {
         return out
     }
 
-    /// Why a disk's bitmap cannot serve an incremental (nil: it can), and the bitmap.
+    /// Why a disk's bitmap cannot serve an incremental (nil: it can), and the bitmap of the
+    /// active layer.
     func checkpointProblem(_ disk: CheckpointDisk, definition: DomainDefinition, access: BitmapAccess)
         async throws -> (String?, DirtyBitmap?)
     {
@@ -282,26 +288,63 @@ extension DomainService {
                 nil
             )
         }
-        guard let bitmap = try await access.bitmaps(disk.target).first(where: { $0.name == disk.bitmap }) else {
-            let moved = layout.disk.active != disk.image
+        guard let chain = Self.layerChain(layout, downTo: disk.image) else {
             return (
-                "bitmap \(disk.bitmap) is missing from disk \(disk.target)'s active image \(layout.disk.active)"
-                    + (moved
-                        ? " (the active layer moved from \(disk.image), an external snapshot or a revert)"
-                        : "; the QEMU that had it open ended without storing it (killed or crashed), or it was removed outside vmsnap"),
+                "the layer the checkpoint started in (\(disk.image)) is no longer under disk \(disk.target)'s active image \(layout.disk.active)",
                 nil
             )
         }
-        if bitmap.inconsistent {
-            return (
-                "bitmap \(disk.bitmap) of disk \(disk.target) is marked inconsistent: a QEMU that had the image open stopped without storing it",
-                bitmap
-            )
+        var active: DirtyBitmap?
+        for image in chain {
+            let isActive = image == layout.disk.active
+            guard
+                let bitmap = try await access.bitmaps(disk.target, layer: isActive ? nil : image).first(where: {
+                    $0.name == disk.bitmap
+                })
+            else {
+                return (
+                    "bitmap \(disk.bitmap) is missing from disk \(disk.target)'s \(isActive ? "active image" : "layer") \(image); the QEMU that had it open ended without storing it (killed or crashed), or it was removed outside vmsnap",
+                    nil
+                )
+            }
+            if bitmap.inconsistent {
+                return (
+                    "bitmap \(disk.bitmap) of disk \(disk.target) (\(image)) is marked inconsistent: a QEMU that had the image open stopped without storing it",
+                    bitmap
+                )
+            }
+            if isActive {
+                if !bitmap.recording {
+                    return (
+                        "bitmap \(disk.bitmap) of disk \(disk.target) is disabled: it stopped recording writes", bitmap
+                    )
+                }
+                active = bitmap
+            }
         }
-        if !bitmap.recording {
-            return ("bitmap \(disk.bitmap) of disk \(disk.target) is disabled: it stopped recording writes", bitmap)
+        return (nil, active)
+    }
+
+    /// The layers from the active one down to `image`, or nil when `image` is not below it.
+    static func layerChain(_ layout: DiskLayout, downTo image: String) -> [String]? {
+        var chain: [String] = []
+        var current: String? = layout.disk.active
+        while let c = current, !chain.contains(c) {
+            chain.append(c)
+            if c == image { return chain }
+            current = layout.layer(c)?.backing
         }
-        return (nil, bitmap)
+        return nil
+    }
+
+    /// The bitmaps whose union is what changed on a disk since a checkpoint: its name in each
+    /// layer from the active one down to where the checkpoint was taken.
+    func changedSince(_ disk: CheckpointDisk, definition: DomainDefinition) async throws -> [LayerBitmap] {
+        guard let now = definition.disks.first(where: { $0.target == disk.target }) else { return [] }
+        let layout = try await disks.layout(of: now.locator, kind: now.backend).1
+        return (Self.layerChain(layout, downTo: disk.image) ?? [layout.disk.active]).map {
+            LayerBitmap(layer: $0 == layout.disk.active ? nil : $0, name: disk.bitmap)
+        }
     }
 
     // MARK: - Delete
@@ -405,6 +448,22 @@ extension DomainService {
             return
         case .backupBegin, .backupEnd:
             try await recoverBackup(entry, j)
+            return
+        case .blockSnapshotCreate, .blockSnapshotDelete:
+            guard let view = j.view else { break }
+            if j.operation == .blockSnapshotCreate,
+                try store.blockSnapshots(of: domain).contains(where: { $0.name == view.name })
+            {
+                try store.finishDomainJournal(entry.id, state: "done")
+                return
+            }
+            if j.operation == .blockSnapshotCreate {
+                try await undoBlockSnapshot(view, journal: j, layer: nil)
+            } else {
+                try await finishBlockSnapshotDelete(view)
+            }
+            try store.finishDomainJournal(entry.id, state: j.operation == .blockSnapshotCreate ? "rolled-back" : "done")
+            notify("recovered an interrupted \(j.operation.rawValue) on domain '\(domain)'")
             return
         }
         try store.finishDomainJournal(entry.id, state: "done")

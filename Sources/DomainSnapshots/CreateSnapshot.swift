@@ -117,7 +117,7 @@ extension DomainService {
         let lock = try domainLock(domain)
         defer { withExtendedLifetime(lock) {} }
         try await recover(domain: domain)
-        try requireNoBackupJob(domain, doing: "take a snapshot")
+        try requireNoViews(domain, doing: "take a snapshot")
         let (definition, current) = try definition(domain)
         let driver = try drivers.driver(for: definition)
         let existing = try store.domainSnapshots(of: domain)
@@ -375,6 +375,10 @@ extension DomainService {
             j.liveAfter[part.disk.target] = part.live!.result
         }
         let liveMemory = withMemory && state == .running && !request.pausedSave
+        // Checkpoints' bitmaps follow external snapshots into the new overlays (a round trip
+        // inside the pause, only when the domain has checkpoints).
+        let tracking =
+            try !store.checkpoints(of: record.domain).isEmpty && byHypervisor.contains { $0.kind == .external }
         if withMemory { try await live.prepareMemorySave(to: memoryFD, live: liveMemory) }
         j.pausedByUs = state == .running
         try phase(journalID, &j, "prepared")
@@ -387,6 +391,14 @@ extension DomainService {
         try await takeThroughBackends(
             parts.filter { $0.live == nil }, name: name, request: request, journalID: journalID, j: &j)
         if !byHypervisor.isEmpty { try await live.snapshotDisks(byHypervisor.map { $0.liveSnapshot(name) }) }
+        if tracking {
+            // Still paused: the new overlays record from the snapshot's instant on.
+            try await live.carryDirtyBitmaps(
+                Dictionary(
+                    uniqueKeysWithValues: byHypervisor.filter { $0.kind == .external }.map {
+                        ($0.disk.target, $0.layout.disk.active)
+                    }))
+        }
         Trace.mark("transaction")
         DomainFault.point("create:transaction", hypervisor: hypervisorProcess(record.domain))
         let started = ContinuousClock.now

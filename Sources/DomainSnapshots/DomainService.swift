@@ -155,7 +155,8 @@ public struct DomainService: Sendable {
         if driver.storageDaemonRuns(name) {
             throw SnapshotError(
                 .busy,
-                "a backup of shut-off domain '\(name)' holds its disks; end it first with `vmsnap backup end \(name)`")
+                "a backup or block snapshot of shut-off domain '\(name)' holds its disks; end it first (`vmsnap backup end \(name)`, `vmsnap blocksnapshot delete \(name) NAME`)"
+            )
         }
         try await driver.start(
             definition, drives: try await drives(definition), mode: .boot(paused: paused), progress: progress)

@@ -29,7 +29,7 @@ extension DomainService {
         defer { withExtendedLifetime(lock) {} }
         try await recover(domain: domain)
         _ = try definition(domain)
-        try requireNoBackupJob(domain, doing: "revert a snapshot")
+        try requireNoViews(domain, doing: "revert a snapshot")
         let record = try requireSnapshot(domain, name)
         let target = override ?? record.state
         if record.isDiskOnly, target != .shutoff, !force {
@@ -135,7 +135,7 @@ extension DomainService {
         defer { withExtendedLifetime(lock) {} }
         try await recover(domain: domain)
         _ = try definition(domain)
-        try requireNoBackupJob(domain, doing: "delete a snapshot")
+        try requireNoViews(domain, doing: "delete a snapshot")
         let record = try requireSnapshot(domain, name)
         let all = try store.domainSnapshots(of: domain)
         let below = Self.descendants(of: name, in: all)

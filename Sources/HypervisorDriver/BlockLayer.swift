@@ -1,19 +1,41 @@
 import Foundation
 import SnapshotCore
 
+/// A dirty bitmap in one layer of a disk: `layer` nil is the active layer, else the image of a
+/// layer below it (after an external snapshot, a checkpoint's bitmap has a part in each layer).
+public struct LayerBitmap: Codable, Sendable, Hashable {
+    public var layer: String?
+    public var name: String
+
+    public init(layer: String? = nil, name: String) {
+        self.layer = layer
+        self.name = name
+    }
+}
+
 /// One disk's temporary block snapshot: a point-in-time view of a disk in use, kept by
 /// copy-before-write (the old contents of each block the guest overwrites go to `scratch` first).
 public struct BlockSnapshotPart: Codable, Sendable, Hashable {
     public var target: String
+    /// Names the view's nodes, job and export in the hypervisor: short, letters, digits and
+    /// dashes; unique among the domain's views (the target for a backup job's view).
+    public var id: String
+    /// The NBD export's name (the target for a backup job's view).
+    public var exportName: String
     /// A new, empty image the hypervisor fills with the blocks the guest overwrites.
     public var scratch: String
     /// Bitmaps of the disk whose union is "changed since the checkpoint"; empty for none.
-    public var changedSince: [String]
+    public var changedSince: [LayerBitmap]
     /// The name the union is published under with the view (the checkpoint's name).
     public var changedSinceName: String?
 
-    public init(target: String, scratch: String, changedSince: [String] = [], changedSinceName: String? = nil) {
+    public init(
+        target: String, scratch: String, changedSince: [LayerBitmap] = [], changedSinceName: String? = nil,
+        id: String? = nil, exportName: String? = nil
+    ) {
         self.target = target
+        self.id = id ?? target
+        self.exportName = exportName ?? target
         self.scratch = scratch
         self.changedSince = changedSince
         self.changedSinceName = changedSinceName
@@ -29,9 +51,11 @@ public struct BackupPart: Codable, Sendable, Hashable {
     public var destination: String
     public var destinationFormat: String
     /// Empty: a full backup. Else the bitmaps whose union is copied.
-    public var changedSince: [String]
+    public var changedSince: [LayerBitmap]
 
-    public init(target: String, destination: String, destinationFormat: String = "qcow2", changedSince: [String] = []) {
+    public init(
+        target: String, destination: String, destinationFormat: String = "qcow2", changedSince: [LayerBitmap] = []
+    ) {
         self.target = target
         self.destination = destination
         self.destinationFormat = destinationFormat
@@ -43,17 +67,47 @@ public struct BackupPart: Codable, Sendable, Hashable {
 public enum ExportListener: Codable, Sendable, Hashable {
     /// A Unix socket (the default), created readable and writable only by its owner.
     case unix(path: String)
-    /// TCP; `host` is 127.0.0.1 unless the operator gives another address.
-    case tcp(host: String, port: Int)
+    /// TCP; `host` is 127.0.0.1 unless the operator gives another address; with
+    /// `tlsDirectory` (ca-cert.pem, server-cert.pem, server-key.pem) clients must speak TLS.
+    case tcp(host: String, port: Int, tlsDirectory: String? = nil)
 
     /// The NBD URI of export `name` (libnbd's syntax, which nbdinfo and nbdcopy take).
     public func uri(export name: String) -> String {
         switch self {
-        case .unix(let path): return "nbd+unix:///\(name)?socket=\(path)"
-        case .tcp(let host, let port):
+        case .unix(let path): return "nbd+unix:///\(Self.escape(name))?socket=\(Self.escape(path, keeping: "/"))"
+        case .tcp(let host, let port, let tls):
             let h = host.contains(":") ? "[\(host)]" : host
-            return "nbd://\(h):\(port)/\(name)"
+            return "\(tls == nil ? "nbd" : "nbds")://\(h):\(port)/\(Self.escape(name))"
         }
+    }
+}
+
+extension ExportListener {
+    /// Checks a TLS directory before anything starts: the three files QEMU's x509 credentials
+    /// read, and a private key nobody else can read.
+    public static func checkTLSDirectory(_ dir: String) throws {
+        for f in ["ca-cert.pem", "server-cert.pem", "server-key.pem"] {
+            var st = stat()
+            let path = (dir as NSString).appendingPathComponent(f)
+            guard stat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
+                throw SnapshotError(
+                    .notFound,
+                    "TLS directory \(dir) has no \(f); it needs ca-cert.pem, server-cert.pem and server-key.pem")
+            }
+            if f == "server-key.pem", st.st_mode & 0o077 != 0 {
+                throw SnapshotError(
+                    .invalidArgument,
+                    "\(path) can be read by others (mode \(String(st.st_mode & 0o777, radix: 8))); a private key must be the owner's only: chmod 600 it"
+                )
+            }
+        }
+    }
+
+    /// Percent-encodes what is not unreserved in a URI (RFC 3986), and `keeping`.
+    static func escape(_ text: String, keeping: String = "") -> String {
+        var allowed = CharacterSet(charactersIn: "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+        allowed.insert(charactersIn: keeping)
+        return text.addingPercentEncoding(withAllowedCharacters: allowed) ?? text
     }
 }
 
@@ -81,7 +135,8 @@ public struct BlockJobProgress: Codable, Sendable, Hashable {
 public protocol BlockLayer: Sendable {
     /// True when this handle started its own process for a shut-off domain.
     var isStorageDaemon: Bool { get }
-    func bitmaps(target: String) async throws -> [DirtyBitmap]
+    /// The bitmaps of one layer of a disk (`layer` nil: the active one).
+    func bitmaps(target: String, layer: String?) async throws -> [DirtyBitmap]
     /// The disk's size as the guest sees it.
     func virtualSize(target: String) async throws -> UInt64
     /// Adds a persistent, recording bitmap `name` to each target at one instant.
@@ -91,13 +146,15 @@ public protocol BlockLayer: Sendable {
     /// Starts views of `parts` at one instant, adding bitmap `newBitmap` (a new checkpoint) to the
     /// same disks at the same instant when given.
     func startBlockSnapshots(_ parts: [BlockSnapshotPart], newBitmap: String?) async throws
-    /// Ends a view (the scratch image is then the caller's to delete); nothing if it is gone.
-    func stopBlockSnapshot(target: String) async throws
+    /// Ends a view (`id`: its part's id; the scratch image is then the caller's to delete);
+    /// nothing if it is gone.
+    func stopBlockSnapshot(id: String) async throws
     /// Exports each view read-only over NBD under its target's name, with its changed-since
     /// bitmap as `qemu:dirty-bitmap:<name>`.
     func startExports(_ parts: [BlockSnapshotPart], listener: ExportListener) async throws
-    /// Stops the exports and the NBD server; nothing if they are gone.
-    func stopExports(targets: [String]) async throws
+    /// Stops the exports of these views (by id), and the NBD server when no export is left;
+    /// nothing if they are gone.
+    func stopExports(ids: [String]) async throws
     /// Starts push backups of `parts` at one instant (and bitmap `newBitmap` with them).
     func startBackups(_ parts: [BackupPart], newBitmap: String?) async throws
     /// Progress of the push backups of these targets (absent: finished and gone).

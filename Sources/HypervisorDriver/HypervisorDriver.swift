@@ -22,6 +22,9 @@ public struct HypervisorCapabilities: Codable, Sendable, Hashable {
     /// format keeps them (`dirtyBitmapFormats`).
     public var dirtyBitmaps: Bool
     public var dirtyBitmapFormats: [String] = []
+    /// Point-in-time views (or push backups) one disk can have at once: QEMU 7.2 runs one
+    /// backup job per disk, so a second copy-before-write view of a disk waits for the first.
+    public var viewsPerDisk: Int = 1
     /// Disks exported to backup clients while the guest runs (NBD).
     public var blockExport: Bool
 
@@ -143,6 +146,10 @@ public protocol LiveDomain: Sendable {
     func snapshotDisks(_ snapshots: [LiveDiskSnapshot]) async throws
     /// Memory and every named disk inside the disk images (the guest stays paused meanwhile).
     func saveInternal(name: String, targets: [String]) async throws
+    /// After external snapshots taken with the vCPUs stopped, gives each new active layer a
+    /// recording dirty bitmap for each name its backing (`previous[target]`, the old active
+    /// image) records, so checkpoints keep tracking across the snapshot with no write missed.
+    func carryDirtyBitmaps(_ previous: [String: String]) async throws
     /// Undoes a disk snapshot taken by ``snapshotDisks(_:)`` while the domain still runs.
     func undoDiskSnapshot(_ snapshot: LiveDiskSnapshot) async throws
     /// Deletes an internal snapshot from the image the domain has open; nothing if it is gone.

@@ -23,13 +23,14 @@ public struct QEMUBlockLayer: BlockLayer {
     }
 
     /// Node names vmsnap gives what it adds, per disk target.
-    static func viewNode(_ target: String) -> String { "vmsnap-view-\(target)" }
-    static func viewJob(_ target: String) -> String { "vmsnap-view-\(target)" }
+    static func viewNode(_ id: String) -> String { "vmsnap-view-\(id)" }
+    static func viewJob(_ id: String) -> String { "vmsnap-view-\(id)" }
     static func backupNode(_ target: String) -> String { "vmsnap-backup-\(target)" }
     static func backupJob(_ target: String) -> String { "vmsnap-backup-\(target)" }
     /// The frozen copy of the checkpoint bitmaps a push incremental copies from.
     static func frozenBitmap(_ target: String) -> String { "vmsnap-backup-\(target)" }
-    static func exportID(_ target: String) -> String { "vmsnap-export-\(target)" }
+    static func exportID(_ id: String) -> String { "vmsnap-export-\(id)" }
+    static let tlsID = "vmsnap-tls"
 
     func layer<T>(_ body: () async throws -> T) async throws -> T {
         do { return try await body() } catch { throw QEMUDriver.layerError(error) }
@@ -50,17 +51,36 @@ public struct QEMUBlockLayer: BlockLayer {
 
     // MARK: - Bitmaps
 
-    public func bitmaps(target: String) async throws -> [DirtyBitmap] {
+    public func bitmaps(target: String, layer image: String?) async throws -> [DirtyBitmap] {
         try await layer {
-            let name = try await node(target)
+            let name = try await node(target, layer: image)
             return try await nodes().first { $0.nodeName == name }?.bitmaps ?? []
         }
+    }
+
+    /// The node of one layer of a disk: the active one, or the image format node QEMU opened
+    /// `image` with (a backing layer).
+    func node(_ target: String, layer image: String?) async throws -> String {
+        guard let image else { return try await node(target) }
+        let protocols: Set<String> = ["file", "host_device", "host_cdrom", "rbd", "nbd"]
+        guard let found = try await nodes().first(where: { $0.file == image && !protocols.contains($0.driver) }) else {
+            throw SnapshotError(.notFound, "QEMU has no layer \(image) open for disk \(target)")
+        }
+        return found.nodeName
+    }
+
+    /// The bitmaps to merge, each by node.
+    func sources(_ target: String, _ bitmaps: [LayerBitmap]) async throws -> [QMP.BitmapRef] {
+        var refs: [QMP.BitmapRef] = []
+        for b in bitmaps { refs.append(QMP.BitmapRef(node: try await node(target, layer: b.layer), name: b.name)) }
+        return refs
     }
 
     public func addBitmaps(_ name: String, targets: [String]) async throws {
         try await layer {
             var actions: [QMP.BlockAction] = []
-            for target in targets where try await !bitmaps(target: target).contains(where: { $0.name == name }) {
+            for target in targets
+            where try await !bitmaps(target: target, layer: nil).contains(where: { $0.name == name }) {
                 actions.append(.addBitmap(node: try await node(target), name: name, persistent: true, disabled: false))
             }
             if !actions.isEmpty { try await client.run(QMP.BlockTransaction(actions: actions)) }
@@ -69,7 +89,8 @@ public struct QEMUBlockLayer: BlockLayer {
 
     public func removeBitmaps(_ name: String, targets: [String]) async throws {
         try await layer {
-            for target in targets where try await bitmaps(target: target).contains(where: { $0.name == name }) {
+            for target in targets
+            where try await bitmaps(target: target, layer: nil).contains(where: { $0.name == name }) {
                 try await client.run(QMP.RemoveBitmap(node: try await node(target), name: name))
             }
         }
@@ -92,16 +113,15 @@ public struct QEMUBlockLayer: BlockLayer {
             var actions: [QMP.BlockAction] = []
             for part in parts {
                 let disk = try await node(part.target)
-                let view = Self.viewNode(part.target)
+                let view = Self.viewNode(part.id)
                 try await client.run(QMP.AddQcow2Node(nodeName: view, path: part.scratch, backing: disk))
                 if let published = part.changedSinceName {
                     actions.append(.addBitmap(node: view, name: published, persistent: false, disabled: true))
                     actions.append(
                         .mergeBitmaps(
-                            node: view, target: published,
-                            sources: part.changedSince.map { QMP.BitmapRef(node: disk, name: $0) }))
+                            node: view, target: published, sources: try await sources(part.target, part.changedSince)))
                 }
-                actions.append(.backup(device: disk, target: view, jobID: Self.viewJob(part.target), sync: .none))
+                actions.append(.backup(device: disk, target: view, jobID: Self.viewJob(part.id), sync: .none))
             }
             actions += try await newBitmapActions(newBitmap, targets: parts.map(\.target))
             do {
@@ -109,16 +129,16 @@ public struct QEMUBlockLayer: BlockLayer {
                 try await client.run(QMP.BlockTransaction(actions: actions))
                 Trace.mark("views transaction")
             } catch {
-                for part in parts { try? await client.run(QMP.DeleteNode(nodeName: Self.viewNode(part.target))) }
+                for part in parts { try? await client.run(QMP.DeleteNode(nodeName: Self.viewNode(part.id))) }
                 throw error
             }
         }
     }
 
-    public func stopBlockSnapshot(target: String) async throws {
+    public func stopBlockSnapshot(id: String) async throws {
         try await layer {
-            try await endJob(Self.viewJob(target))
-            try await deleteNode(Self.viewNode(target))
+            try await endJob(Self.viewJob(id))
+            try await deleteNode(Self.viewNode(id))
         }
     }
 
@@ -157,30 +177,36 @@ public struct QEMUBlockLayer: BlockLayer {
                     unlink(path)
                     try await client.run(QMP.NBDServerStart(listener: .unix(path)))
                     chmod(path, 0o600)
-                case .tcp(let host, let port):
-                    try await client.run(QMP.NBDServerStart(listener: .tcp(host: host, port: port)))
+                case .tcp(let host, let port, let tls):
+                    if let tls {
+                        _ = try? await client.run(QMP.DeleteObject(id: Self.tlsID))
+                        try await client.run(QMP.AddTLSCredentials(id: Self.tlsID, directory: tls))
+                    }
+                    try await client.run(
+                        QMP.NBDServerStart(
+                            listener: .tcp(host: host, port: port), tlsCredentials: tls.map { _ in Self.tlsID }))
                 }
             }
-            for part in parts where !running.contains(Self.exportID(part.target)) {
+            for part in parts where !running.contains(Self.exportID(part.id)) {
                 try await client.run(
                     QMP.BlockExportAdd(
-                        id: Self.exportID(part.target), nodeName: Self.viewNode(part.target), exportName: part.target,
+                        id: Self.exportID(part.id), nodeName: Self.viewNode(part.id), exportName: part.exportName,
                         bitmaps: part.changedSinceName.map { [$0] } ?? []))
             }
         }
     }
 
-    public func stopExports(targets: [String]) async throws {
+    public func stopExports(ids: [String]) async throws {
         try await layer {
             var running = try await client.run(QMP.QueryBlockExports())
-            for target in targets where running.contains(Self.exportID(target)) {
-                try await client.run(QMP.BlockExportDel(id: Self.exportID(target)))
+            for id in ids where running.contains(Self.exportID(id)) {
+                try await client.run(QMP.BlockExportDel(id: Self.exportID(id)))
             }
             // A removed export goes once its clients are gone (hard mode disconnects them).
             let deadline = ContinuousClock.now + .seconds(30)
             repeat {
                 running = try await client.run(QMP.QueryBlockExports())
-                if !running.contains(where: { id in targets.contains { Self.exportID($0) == id } }) { break }
+                if !running.contains(where: { e in ids.contains { Self.exportID($0) == e } }) { break }
                 try await Task.sleep(for: .milliseconds(50))
             } while ContinuousClock.now < deadline
             if running.isEmpty {
@@ -189,6 +215,7 @@ public struct QEMUBlockLayer: BlockLayer {
                 {
                     // Not running: nothing to stop.
                 }
+                _ = try? await client.run(QMP.DeleteObject(id: Self.tlsID))
             }
         }
     }
@@ -210,8 +237,7 @@ public struct QEMUBlockLayer: BlockLayer {
                     actions.append(.addBitmap(node: disk, name: frozen, persistent: false, disabled: true))
                     actions.append(
                         .mergeBitmaps(
-                            node: disk, target: frozen,
-                            sources: part.changedSince.map { QMP.BitmapRef(node: disk, name: $0) }))
+                            node: disk, target: frozen, sources: try await sources(part.target, part.changedSince)))
                     actions.append(
                         .backup(device: disk, target: target, jobID: Self.backupJob(part.target), sync: .bitmap(frozen))
                     )
@@ -242,6 +268,7 @@ public struct QEMUBlockLayer: BlockLayer {
             var failure: SnapshotError?
             var pending = Set(targets)
             while !pending.isEmpty {
+                let mark = await client.eventMark
                 let jobs = try await client.run(QMP.QueryJobs())
                 var done: UInt64 = 0
                 var total: UInt64 = 0
@@ -266,7 +293,11 @@ public struct QEMUBlockLayer: BlockLayer {
                         let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
                         progress(.measured("backup", done: done, total: total, seconds: seconds))
                     }
-                    try await Task.sleep(for: .milliseconds(100))
+                    // Woken by the job's status change (or every 200 ms for progress).
+                    let ids = Set(pending.map { Self.backupJob($0) })
+                    _ = try? await client.waitForEvent("JOB_STATUS_CHANGE", since: mark, timeout: .milliseconds(200)) {
+                        ids.contains($0.data["id"]?.string ?? "")
+                    }
                 }
             }
             if let failure { throw failure }

@@ -120,6 +120,22 @@ public struct QEMULiveDomain: LiveDomain {
         }
     }
 
+    public func carryDirtyBitmaps(_ previous: [String: String]) async throws {
+        let block = QEMUBlockLayer(client: client, daemon: nil)
+        try await layer {
+            var actions: [QMP.BlockAction] = []
+            for (target, base) in previous.sorted(by: { $0.key < $1.key }) {
+                let active = try await block.node(target)
+                let have = Set(try await block.bitmaps(target: target, layer: nil).map(\.name))
+                for b in try await block.bitmaps(target: target, layer: base)
+                where b.persistent && !b.inconsistent && !have.contains(b.name) {
+                    actions.append(.addBitmap(node: active, name: b.name, persistent: true, disabled: false))
+                }
+            }
+            if !actions.isEmpty { try await client.run(QMP.BlockTransaction(actions: actions)) }
+        }
+    }
+
     public func saveInternal(name: String, targets: [String]) async throws {
         try await layer {
             let devices = try await client.blockDevices()

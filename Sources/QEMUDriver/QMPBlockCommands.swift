@@ -104,7 +104,8 @@ extension QMP {
         public func response(_ r: JSONValue) -> [BlockNode] {
             r.array?.map { node in
                 BlockNode(
-                    nodeName: node["node-name"]?.string ?? "", file: node["file"]?.string ?? "",
+                    nodeName: node["node-name"]?.string ?? "", driver: node["drv"]?.string ?? "",
+                    file: node["file"]?.string ?? "",
                     virtualSize: UInt64(node["image"]?["virtual-size"]?.int ?? 0),
                     bitmaps: node["dirty-bitmaps"]?.array?.compactMap { b -> DirtyBitmap? in
                         guard let name = b["name"]?.string else { return nil }
@@ -120,6 +121,8 @@ extension QMP {
 
     public struct BlockNode: Sendable, Hashable {
         public var nodeName: String
+        /// The node's driver: an image format (qcow2) or a protocol (file, host_device).
+        public var driver: String
         public var file: String
         public var virtualSize: UInt64
         public var bitmaps: [DirtyBitmap]
@@ -137,7 +140,33 @@ extension QMP {
         public typealias Response = Void
         public static let name = "nbd-server-start"
         public var listener: ExportListenerArgument
-        public var arguments: JSONValue? { ["addr": listener.json] }
+        /// The id of TLS credentials (`AddTLSCredentials`) clients must use.
+        public var tlsCredentials: String?
+        public var arguments: JSONValue? {
+            var args: [String: JSONValue] = ["addr": listener.json]
+            if let tlsCredentials { args["tls-creds"] = .string(tlsCredentials) }
+            return .object(args)
+        }
+    }
+
+    /// x509 credentials from a directory (ca-cert.pem, server-cert.pem, server-key.pem).
+    public struct AddTLSCredentials: QMPCommand {
+        public typealias Response = Void
+        public static let name = "object-add"
+        public var id: String, directory: String
+        public var arguments: JSONValue? {
+            [
+                "qom-type": "tls-creds-x509", "id": .string(id), "dir": .string(directory), "endpoint": "server",
+                "verify-peer": false,
+            ]
+        }
+    }
+
+    public struct DeleteObject: QMPCommand {
+        public typealias Response = Void
+        public static let name = "object-del"
+        public var id: String
+        public var arguments: JSONValue? { ["id": .string(id)] }
     }
 
     public struct ExportListenerArgument: Sendable, Hashable {

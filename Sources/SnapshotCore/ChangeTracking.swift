@@ -5,7 +5,9 @@ import Foundation
 public enum ChangeTracking: Codable, Sendable, Hashable {
     /// The image format keeps persistent dirty bitmaps (one per checkpoint) in the disk's active
     /// layer. While a guest runs, the hypervisor's block layer keeps them; while it is shut off,
-    /// the backend adds, lists and removes them (``DiskSnapshotBackend/bitmaps(_:)``).
+    /// the backend adds, lists and removes them (``DiskSnapshotBackend/bitmaps(_:layer:)``). A new
+    /// overlay gets a bitmap of each name its backing records, so after an external snapshot
+    /// "changed since a checkpoint" is the union of that name down the chain.
     case imageBitmaps
     /// No changed-block tracking; the reason says why, and what would give it.
     case unavailable(reason: String)
@@ -59,7 +61,7 @@ extension DiskSnapshotBackend {
         .unavailable(reason: "backend '\(kind)' does not track changed blocks")
     }
 
-    public func bitmaps(_ layout: DiskLayout) async throws -> [DirtyBitmap] {
+    public func bitmaps(_ layout: DiskLayout, layer: String?) async throws -> [DirtyBitmap] {
         throw SnapshotError(.unsupported, "backend '\(kind)' has no dirty bitmaps")
     }
 

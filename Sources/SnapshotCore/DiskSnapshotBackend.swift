@@ -197,8 +197,10 @@ public protocol DiskSnapshotBackend: Sendable {
 
     /// How this backend tracks changed blocks for checkpoints and incremental backups.
     var changeTracking: ChangeTracking { get }
-    /// The dirty bitmaps of the disk's active layer while no guest has it open.
-    func bitmaps(_ layout: DiskLayout) async throws -> [DirtyBitmap]
+    /// The dirty bitmaps of one layer of the disk (`layer` nil: the active one) while no guest
+    /// has it open. After an external snapshot a checkpoint's bitmap has a part in each layer
+    /// from the one it was taken in up to the active one.
+    func bitmaps(_ layout: DiskLayout, layer: String?) async throws -> [DirtyBitmap]
     /// Adds a persistent, recording bitmap to the active layer (offline). Idempotent.
     func addBitmap(_ name: String, layout: DiskLayout) async throws
     /// Removes a bitmap from the active layer (offline); nothing if it is not there.

@@ -56,6 +56,17 @@ extension MetadataStore {
                     );
                     """)
         }
+        migrator.registerMigration("v4-blocksnapshots") { db in
+            try db.execute(
+                sql: """
+                    CREATE TABLE domain_blocksnapshots (
+                        domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+                        name TEXT NOT NULL,
+                        record_json BLOB NOT NULL,
+                        PRIMARY KEY (domain, name)
+                    );
+                    """)
+        }
     }
 }
 

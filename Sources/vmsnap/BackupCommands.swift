@@ -27,30 +27,13 @@ struct BackupCommand: AsyncParsableCommand {
         @Option(name: .long, parsing: .upToNextOption, help: "Only these disk targets.") var disks: [String] = []
         @Flag(name: .long, help: "When the checkpoint cannot be trusted, take a full backup (saying why).")
         var fallbackFull = false
-        @Option(
-            name: .long,
-            help: ArgumentHelp(
-                "Pull over TCP at [HOST:]PORT instead of a Unix socket (HOST defaults to 127.0.0.1).",
-                valueName: "host:port"))
-        var tcp: String?
+        @OptionGroup var listen: ListenerOptions
         @Flag(name: .long, help: "Print the job as JSON (progress as JSON lines).") var json = false
 
         func validate() throws {
-            if tcp != nil, target != nil { throw ValidationError("--tcp is for pull backups; drop --target or --tcp") }
-            if let tcp, Self.listener(tcp) == nil {
-                throw ValidationError("--tcp takes [HOST:]PORT with a port from 1 to 65535, not '\(tcp)'")
+            if listen.tcp != nil, target != nil {
+                throw ValidationError("--tcp is for pull backups; drop --target or --tcp")
             }
-        }
-
-        static func listener(_ text: String) -> (host: String, port: Int)? {
-            var host = "127.0.0.1"
-            var portText = text
-            if let colon = text.lastIndex(of: ":") {
-                host = String(text[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
-                portText = String(text[text.index(after: colon)...])
-            }
-            guard let port = Int(portText), (1...65535).contains(port), !host.isEmpty else { return nil }
-            return (host, port)
         }
 
         func run() async throws {
@@ -60,7 +43,7 @@ struct BackupCommand: AsyncParsableCommand {
                     BackupRequest(
                         directory: target, incremental: incremental, newCheckpoint: checkpoint,
                         targets: disks.isEmpty ? nil : disks, fallbackFull: fallbackFull,
-                        tcp: tcp.flatMap(Self.listener)
+                        listener: try listen.listener()
                     ))
                 if json { return try printJSON(job) }
                 let kind = job.incrementalFrom.map { "incremental from \($0)" } ?? "full"
@@ -169,5 +152,47 @@ struct BackupCommand: AsyncParsableCommand {
                 if let d = report.defined { print("defined domain '\(d)' on the restored disks") }
             }
         }
+    }
+}
+
+/// Where NBD exports listen: the domain's Unix socket unless `--tcp` is given.
+struct ListenerOptions: ParsableArguments {
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Listen on TCP at [HOST:]PORT instead of the Unix socket (HOST defaults to 127.0.0.1).",
+            valueName: "host:port"))
+    var tcp: String?
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "With --tcp: require TLS with the x509 files in DIR (ca-cert.pem, server-cert.pem, server-key.pem).",
+            valueName: "dir"))
+    var tlsDir: String?
+
+    func validate() throws {
+        if let tcp, Self.parse(tcp) == nil {
+            throw ValidationError("--tcp takes [HOST:]PORT with a port from 1 to 65535, not '\(tcp)'")
+        }
+        if tlsDir != nil, tcp == nil { throw ValidationError("--tls-dir needs --tcp (a Unix socket needs no TLS)") }
+    }
+
+    static func parse(_ text: String) -> (host: String, port: Int)? {
+        var host = "127.0.0.1"
+        var portText = text
+        if let colon = text.lastIndex(of: ":") {
+            host = String(text[..<colon]).trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
+            portText = String(text[text.index(after: colon)...])
+        }
+        guard let port = Int(portText), (1...65535).contains(port), !host.isEmpty else { return nil }
+        return (host, port)
+    }
+
+    /// The listener asked for (nil: the default Unix socket); a TLS directory is checked first.
+    func listener() throws -> ExportListener? {
+        guard let tcp, let (host, port) = Self.parse(tcp) else { return nil }
+        let dir = tlsDir.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
+        if let dir { try ExportListener.checkTLSDirectory(dir) }
+        return .tcp(host: host, port: port, tlsDirectory: dir)
     }
 }

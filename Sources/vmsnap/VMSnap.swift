@@ -13,7 +13,8 @@ struct VMSnap: AsyncParsableCommand {
         abstract: "Snapshots of virtual machine disks on mixed storage (qcow2, LVM, VHD).",
         version: "0.1.0",
         subcommands: [
-            DomainCommand.self, SnapshotCommand.self, CheckpointCommand.self, BackupCommand.self, DiskCommand.self,
+            DomainCommand.self, SnapshotCommand.self, CheckpointCommand.self, BackupCommand.self,
+            BlockSnapshotCommand.self, ExportCommand.self, DiskCommand.self,
             BackendCommand.self, RecoverCommand.self,
         ]
     )

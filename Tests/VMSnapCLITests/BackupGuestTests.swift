@@ -121,6 +121,106 @@ struct BackupGuestTests {
         }
     }
 
+    @Test func liveExternalSnapshotAndMergeKeepTracking() async throws {
+        let cli = try CLI()
+        let g = try await Guest.define(cli, disks: [("vda", "qcow2")])
+        let dir = cli.root + "/backups"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try await cli.ok("domain", "start", g.name)
+        try await g.running {
+            try await g.waitCounter(atLeast: 2)
+            try await cli.ok("backup", "begin", g.name, "--target", dir, "--checkpoint", "b1")
+            try await cli.ok("snapshot", "create", g.name, "--name", "s1", "--disk-only", "--kind", "external")
+            try await g.waitCounter(atLeast: 3, after: g.mark())
+
+            // Across the live snapshot: the incremental equals the paused disk.
+            try await cli.ok("domain", "suspend", g.name)
+            let inc = try Self.job(
+                try await cli.ok(
+                    "backup", "begin", g.name, "--target", dir, "--incremental", "b1", "--checkpoint", "b2", "--json"))
+            let same = try await SubprocessRunner().execute([
+                "qemu-img", "compare", "-U", try await g.active(g.disks[0]), inc.disks[0].destination ?? "",
+            ])
+            #expect(
+                same.status == 0, "incremental across a live external snapshot equals the disk: \(same.standardOutput)")
+            try await cli.ok("domain", "resume", g.name)
+
+            // Merged into the running layer: still whole.
+            try await cli.ok("snapshot", "delete", g.name, "s1")
+            try await g.waitCounter(atLeast: 3, after: g.mark())
+            try await cli.ok("domain", "suspend", g.name)
+            let inc2 = try Self.job(
+                try await cli.ok("backup", "begin", g.name, "--target", dir, "--incremental", "b2", "--json"))
+            let same2 = try await SubprocessRunner().execute([
+                "qemu-img", "compare", "-U", try await g.active(g.disks[0]), inc2.disks[0].destination ?? "",
+            ])
+            #expect(same2.status == 0, "incremental after a live merge equals the disk: \(same2.standardOutput)")
+            try await cli.ok("domain", "resume", g.name)
+        }
+    }
+
+    @Test func blockSnapshotsExportedSideBySide() async throws {
+        let cli = try CLI()
+        let g = try await Guest.define(cli, disks: [("vda", "qcow2"), ("vdb", "qcow2")])
+        try await cli.ok("domain", "start", g.name)
+        try await g.running {
+            try await g.waitCounter(atLeast: 2)
+            try await cli.ok("checkpoint", "create", g.name, "c1")
+            try await g.waitCounter(atLeast: 2, after: g.mark())
+            try await cli.ok(
+                "blocksnapshot", "create", g.name, "v1", "--disks", "vda", "--changes-since", "c1", "--checkpoint", "c2"
+            )
+            try await g.waitCounter(atLeast: 2, after: g.mark())
+            // QEMU 7.2 keeps one view of a disk at a time: a second one of vda is refused by name.
+            let second = try await cli.run(["blocksnapshot", "create", g.name, "v3", "--disks", "vda"])
+            #expect(second.status != 0 && second.err.contains("already has block snapshot 'v1'"), "\(second.err)")
+            try await cli.ok("blocksnapshot", "create", g.name, "v2", "--disks", "vdb")
+            let xml = try await cli.ok("blocksnapshot", "dumpxml", g.name, "v1")
+            #expect(
+                xml.contains("<domainblocksnapshot>") && xml.contains("<disk name='vda' type='file'>")
+                    && xml.contains("<source file=") && !xml.contains("fleece") && !xml.contains("nbd"), "\(xml)")
+            let refused = try await cli.run(["snapshot", "create", g.name, "--disk-only"])
+            #expect(refused.status != 0 && refused.err.contains("blocksnapshot delete"), "\(refused.err)")
+
+            // Both exported over one server; each view is its own instant.
+            let e1 = try await cli.ok("export", "start", g.name, "v1")
+            let e2 = try await cli.ok("export", "start", g.name, "v2")
+            func uri(_ out: String, _ target: String) throws -> String {
+                try #require(
+                    out.split(separator: "\n").first { $0.hasPrefix("\(target): ") }.map {
+                        String($0.dropFirst(target.count + 2))
+                    })
+            }
+            let v1a = try uri(e1, "vda"), v2a = try uri(e2, "vdb")
+            let address = try await cli.ok("export", "address", g.name)
+            #expect(address.contains("v1 vda: \(v1a)") && address.contains("v2 vdb: \(v2a)"), "\(address)")
+            var counters: [Int] = []
+            for u in [v1a, v2a] {
+                let raw = cli.root + "/\(counters.count).raw"
+                try await cli.sh("nbdcopy", u, raw)
+                let (c, problems) = GuestDiskPattern.check(try Data(contentsOf: URL(fileURLWithPath: raw)))
+                #expect(c != nil && problems.isEmpty, "\(u): \(problems)")
+                counters.append(c ?? 0)
+            }
+            #expect(counters[1] > counters[0], "v2 (vdb) was taken later than v1 (vda): \(counters)")
+            let map = try await SubprocessRunner().run(["nbdinfo", "--map=qemu:dirty-bitmap:c1", v1a]).standardOutput
+            #expect(map.contains("dirty"), "v1 publishes the changes since c1: \(map)")
+
+            // Stopping one export leaves the other; deleting the views removes their blocks.
+            try await cli.ok("export", "stop", g.name, "v1")
+            #expect(try await SubprocessRunner().execute(["nbdinfo", v1a]).status != 0)
+            #expect(try await SubprocessRunner().execute(["nbdinfo", v2a]).status == 0)
+            try await cli.ok("blocksnapshot", "delete", g.name, "v1")
+            try await cli.ok("blocksnapshot", "delete", g.name, "v2")
+            #expect(
+                try FileManager.default.contentsOfDirectory(atPath: cli.store + "/blocksnapshots/\(g.name)").isEmpty)
+            #expect(try await SubprocessRunner().execute(["nbdinfo", v2a]).status != 0)
+            let info = try await cli.ok("checkpoint", "info", g.name, "c2")
+            #expect(info.contains("usable") && !info.contains("NOT"), "c2, taken with v1, tracks on: \(info)")
+            try await cli.ok("snapshot", "create", g.name, "--disk-only", "--name", "after")
+        }
+    }
+
     /// Reads each backup image of `job` (through its chain), checks it is one instant, returns
     /// the first disk's counter.
     func expectOneInstant(_ job: Job, cli: CLI, what: String) async throws -> Int {

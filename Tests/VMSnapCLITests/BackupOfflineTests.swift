@@ -85,6 +85,128 @@ struct BackupOfflineTests {
         #expect(verify.contains("is sound"))
     }
 
+    @Test("across an external snapshot and its delete, checkpoints keep tracking: each incremental equals the disk")
+    func externalSnapshotKeepsTracking() async throws {
+        let cli = try CLI()
+        let disks = try await Self.domain(cli)
+        let dir = cli.root + "/b"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try await cli.ok("backup", "begin", "g", "--target", dir, "--checkpoint", "c1")
+        try await Self.write(disks["vda"]!, 2, at: 1 << 20)
+        try await cli.ok("snapshot", "create", "g", "--name", "s1", "--kind", "external")
+        let overlay = try await cli.list(disks["vda"]!).active
+        #expect(overlay != disks["vda"]!)
+        #expect(try await Self.bitmaps(overlay) == ["c1"], "the overlay tracks under c1")
+        try await Self.write(overlay, 3, at: 3 << 20)
+        let info = try await cli.ok("checkpoint", "info", "g", "c1")
+        #expect(info.contains("Disk vda: bitmap c1, usable"), "\(info)")
+
+        // The incremental holds the writes before and after the snapshot, and reads as the disk.
+        let inc = try await cli.ok("backup", "begin", "g", "--target", dir, "--incremental", "c1", "--checkpoint", "c2")
+        let top = try #require(
+            inc.split(separator: "\n").first { $0.contains("vda:") }.map { String($0.split(separator: " ").last!) })
+        let same = try await SubprocessRunner().execute(["qemu-img", "compare", overlay, top])
+        #expect(same.status == 0, "incremental across the snapshot equals the disk: \(same.standardOutput)")
+
+        // Delete s1 (its overlay is committed into the base): the bitmaps stay whole.
+        try await cli.ok("snapshot", "delete", "g", "s1")
+        let active = try await cli.list(disks["vda"]!).active
+        try await Self.write(active, 4, at: 5 << 20)
+        let inc2 = try await cli.ok("backup", "begin", "g", "--target", dir, "--incremental", "c2")
+        let top2 = try #require(
+            inc2.split(separator: "\n").first { $0.contains("vda:") }.map { String($0.split(separator: " ").last!) })
+        let same2 = try await SubprocessRunner().execute(["qemu-img", "compare", active, top2])
+        #expect(same2.status == 0, "incremental after the delete equals the disk: \(same2.standardOutput)")
+        let verify = try await cli.ok("backup", "verify", dir)
+        #expect(verify.contains("is sound"))
+        // c1 began in the layer the delete merged away: refused, not guessed.
+        let old = try await cli.run(["backup", "begin", "g", "--target", dir, "--incremental", "c1"])
+        #expect(old.status == 1 && old.err.contains("is no longer under"), "\(old.err)")
+    }
+
+    @Test("TCP exports listen on 127.0.0.1 unless told, speak TLS with certificates, and refuse a key others can read")
+    func tcpAndTLSExports() async throws {
+        let cli = try CLI()
+        _ = try await Self.domain(cli, disks: [("vda", "qcow2")])
+        let tls = cli.root + "/tls"
+        try FileManager.default.createDirectory(atPath: tls, withIntermediateDirectories: true)
+        try await Self.makeCertificates(tls)
+        let port = try Self.freePort()
+        try await cli.ok("blocksnapshot", "create", "g", "v")
+        let refused = try await cli.run(["export", "start", "g", "v", "--tls-dir", tls])
+        #expect(refused.status != 0 && refused.err.contains("--tls-dir needs --tcp"), "\(refused.err)")
+        chmod(tls + "/server-key.pem", 0o644)
+        let open = try await cli.run(["export", "start", "g", "v", "--tcp", "\(port)", "--tls-dir", tls])
+        #expect(open.status != 0 && open.err.contains("can be read by others"), "\(open.err)")
+        chmod(tls + "/server-key.pem", 0o600)
+
+        let out = try await cli.ok("export", "start", "g", "v", "--tcp", "\(port)", "--tls-dir", tls)
+        #expect(out.contains("vda: nbds://127.0.0.1:\(port)/v-vda"), "\(out)")
+        #expect(Self.listens(on: port) == "127.0.0.1", "bound to localhost only")
+        let size = try await SubprocessRunner().run([
+            "nbdinfo", "--size", "nbds://127.0.0.1:\(port)/v-vda?tls-certificates=\(tls)",
+        ])
+        #expect(size.standardOutput.trimmingCharacters(in: .whitespacesAndNewlines) == "\(8 << 20)")
+        let plain = try await SubprocessRunner().execute(["nbdinfo", "--size", "nbd://127.0.0.1:\(port)/v-vda"])
+        #expect(plain.status != 0 && plain.standardError.contains("TLS"), "\(plain.standardError)")
+        try await cli.ok("export", "stop", "g", "v")
+        #expect(Self.listens(on: port) == nil, "the server is gone with its last export")
+        try await cli.ok("blocksnapshot", "delete", "g", "v")
+    }
+
+    /// A CA and a server certificate for 127.0.0.1, made with openssl.
+    static func makeCertificates(_ dir: String) async throws {
+        let r = SubprocessRunner()
+        try await r.run([
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", dir + "/ca-key.pem", "-out",
+            dir + "/ca-cert.pem", "-subj", "/CN=vmsnap-test-ca", "-days", "2",
+        ])
+        try await r.run([
+            "openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", dir + "/server-key.pem", "-out",
+            dir + "/server.csr", "-subj", "/CN=127.0.0.1",
+        ])
+        try "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n"
+            .write(toFile: dir + "/ext.cnf", atomically: true, encoding: .utf8)
+        try await r.run([
+            "openssl", "x509", "-req", "-in", dir + "/server.csr", "-CA", dir + "/ca-cert.pem", "-CAkey",
+            dir + "/ca-key.pem", "-CAcreateserial", "-out", dir + "/server-cert.pem", "-days", "2", "-extfile",
+            dir + "/ext.cnf",
+        ])
+        chmod(dir + "/server-key.pem", 0o600)
+    }
+
+    /// A TCP port nothing listens on now.
+    static func freePort() throws -> Int {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) }
+        }
+        _ = withUnsafeMutablePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+        }
+        return Int(UInt16(bigEndian: addr.sin_port))
+    }
+
+    /// The IPv4 address a listening socket on `port` is bound to (from /proc/net/tcp), if any.
+    static func listens(on port: Int) -> String? {
+        guard let text = try? String(contentsOfFile: "/proc/net/tcp", encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n").dropFirst() {
+            let f = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard f.count > 3, f[3] == "0A" else { continue }  // LISTEN
+            let local = f[1].split(separator: ":")
+            guard local.count == 2, Int(local[1], radix: 16) == port, let ip = UInt32(local[0], radix: 16) else {
+                continue
+            }
+            return "\(ip & 0xff).\((ip >> 8) & 0xff).\((ip >> 16) & 0xff).\(ip >> 24)"
+        }
+        return nil
+    }
+
     @Test("a disk whose backend tracks no changes is left out of checkpoints, refused by name, and backed up in full")
     func vhdDiskFullOnly() async throws {
         let cli = try CLI()
@@ -178,6 +300,11 @@ struct BackupOfflineTests {
                 ["backup", "begin", "g", "--target", "DIR", "--incremental", "c1", "--checkpoint", "k"]
             ),
             ("backup-end:torn-down", ["backup", "end", "g"]),
+            (
+                "blocksnapshot-create:started",
+                ["blocksnapshot", "create", "g", "v", "--changes-since", "c1", "--checkpoint", "k"]
+            ),
+            ("blocksnapshot-delete:deleted", ["blocksnapshot", "delete", "g", "v0"]),
         ])
     func killedAndRecovered(phase: String, command: [String]) async throws {
         let cli = try CLI()
@@ -187,6 +314,10 @@ struct BackupOfflineTests {
         try await cli.ok("backup", "begin", "g", "--target", dir, "--checkpoint", "c1")
         try await Self.write(disks["vda"]!, 9, at: 2 << 20)
         if phase.hasPrefix("backup-end") { try await cli.ok("backup", "begin", "g", "--incremental", "c1") }
+        if phase.hasPrefix("blocksnapshot-delete") {
+            try await cli.ok("blocksnapshot", "create", "g", "v0")
+            try await cli.ok("export", "start", "g", "v0")
+        }
         let copy = cli.root + "/vda-before.qcow2"
         try await cli.sh("qemu-img", "convert", "-U", "-O", "qcow2", disks["vda"]!, copy)
         let backupsBefore = try FileManager.default.contentsOfDirectory(atPath: dir).sorted()
@@ -201,7 +332,10 @@ struct BackupOfflineTests {
         // No daemon, export, scratch image or half-made backup left; the data as it was.
         #expect(!FileManager.default.fileExists(atPath: cli.store + "/run/g/storage.pid"), "\(phase): daemon gone")
         #expect(!FileManager.default.fileExists(atPath: cli.store + "/run/g/nbd.sock"), "\(phase): export gone")
-        let scratch = (try? FileManager.default.contentsOfDirectory(atPath: cli.store + "/backup/g")) ?? []
+        let scratch =
+            ((try? FileManager.default.contentsOfDirectory(atPath: cli.store + "/backup/g")) ?? [])
+            + ((try? FileManager.default.contentsOfDirectory(atPath: cli.store + "/blocksnapshots/g")) ?? [])
+        #expect(try await cli.ok("blocksnapshot", "list", "g").isEmpty, "\(phase): no block snapshot left")
         #expect(scratch.isEmpty, "\(phase): scratch images gone: \(scratch)")
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir).sorted() == backupsBefore, "\(phase)")
         #expect(FileManager.default.contents(atPath: dir + "/vmsnap-backups.json") == manifestBefore, "\(phase)")

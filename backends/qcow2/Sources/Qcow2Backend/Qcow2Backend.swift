@@ -157,6 +157,10 @@ public struct Qcow2Backend: DiskSnapshotBackend {
                 commitAndMove: { child, base in
                     [
                         PlanStep("merge \(child) into \(base)", .run(Qcow2Commands.commit(child))),
+                        // qemu-img commit moves data, not bitmaps: the child's go down with it.
+                        PlanStep(
+                            "merge the dirty bitmaps of \(child) into \(base)",
+                            .backend(name: "merge-bitmaps-into", arguments: ["from": child, "into": base])),
                         PlanStep("move \(base) to \(child)", .rename(from: base, to: child)),
                     ]
                 },
@@ -254,7 +258,7 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         // QEMU applies no internal snapshot to an image with dirty bitmaps ("Device has active
         // dirty bitmaps"), and after the revert they would describe changes to other data: they go
         // first, each removal idempotent so recovery can repeat it.
-        let bitmaps = try await bitmaps(DiskLayout(disk: DiskRecord(id: holder, kind: Self.kind, active: holder)))
+        let bitmaps = try await imageBitmaps(holder)
         var steps = bitmaps.map { b in
             PlanStep(
                 "remove dirty bitmap '\(b.name)' from \(holder)",
@@ -334,10 +338,11 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         if lstat(overlay, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, let existing = try? Qcow2Image(path: overlay),
             existing.resolvedBackingFile == backing
         {
-            return
+            return try await carryBitmaps(from: backing, to: overlay)
         }
         try NewFile.create(overlay, like: backing)
         try await runner.run(Qcow2Commands.createOverlay(overlay, backing: backing))
+        try await carryBitmaps(from: backing, to: overlay)
     }
 
     public func perform(_ name: String, arguments: [String: String]) async throws {
@@ -346,11 +351,17 @@ public struct Qcow2Backend: DiskSnapshotBackend {
             guard let overlay = arguments["overlay"], let backing = arguments["backing"] else { break }
             try await createOverlay(overlay, backing: backing)
             return
+        case "merge-bitmaps-into":
+            guard let from = arguments["from"], let into = arguments["into"] else { break }
+            guard FileManager.default.fileExists(atPath: from), FileManager.default.fileExists(atPath: into) else {
+                return
+            }
+            try await mergeBitmaps(from: from, into: into)
+            return
         case "remove-bitmap-if-present":
             guard let image = arguments["image"], let bitmap = arguments["name"] else { break }
             guard FileManager.default.fileExists(atPath: image) else { return }
-            try await removeBitmap(
-                bitmap, layout: DiskLayout(disk: DiskRecord(id: image, kind: Self.kind, active: image)))
+            try await removeBitmap(bitmap, image: image)
             return
         case "delete-internal-if-present":
             guard let image = arguments["image"], let snapshot = arguments["name"] else { break }

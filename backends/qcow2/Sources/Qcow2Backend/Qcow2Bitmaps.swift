@@ -7,19 +7,48 @@ import SnapshotCore
 extension Qcow2Backend {
     public var changeTracking: ChangeTracking { .imageBitmaps }
 
-    public func bitmaps(_ layout: DiskLayout) async throws -> [DirtyBitmap] {
-        let out = try await runner.run(Qcow2Commands.info(layout.disk.active))
-        return try Self.parseBitmaps(out.standardOutput, image: layout.disk.active)
+    public func bitmaps(_ layout: DiskLayout, layer: String?) async throws -> [DirtyBitmap] {
+        try await imageBitmaps(layer ?? layout.disk.active)
     }
 
     public func addBitmap(_ name: String, layout: DiskLayout) async throws {
-        if try await bitmaps(layout).contains(where: { $0.name == name }) { return }
-        try await runner.run(Qcow2Commands.addBitmap(name, image: layout.disk.active))
+        try await addBitmap(name, image: layout.disk.active)
     }
 
     public func removeBitmap(_ name: String, layout: DiskLayout) async throws {
-        guard try await bitmaps(layout).contains(where: { $0.name == name }) else { return }
-        try await runner.run(Qcow2Commands.removeBitmap(name, image: layout.disk.active))
+        try await removeBitmap(name, image: layout.disk.active)
+    }
+
+    func imageBitmaps(_ image: String) async throws -> [DirtyBitmap] {
+        try Self.parseBitmaps(try await runner.run(Qcow2Commands.info(image)).standardOutput, image: image)
+    }
+
+    func addBitmap(_ name: String, image: String) async throws {
+        if try await imageBitmaps(image).contains(where: { $0.name == name }) { return }
+        try await runner.run(Qcow2Commands.addBitmap(name, image: image))
+    }
+
+    func removeBitmap(_ name: String, image: String) async throws {
+        guard try await imageBitmaps(image).contains(where: { $0.name == name }) else { return }
+        try await runner.run(Qcow2Commands.removeBitmap(name, image: image))
+    }
+
+    /// Each persistent bitmap of `from` merged (a union, so repeating it changes nothing) into
+    /// the bitmap of the same name in `into`, added there first if missing.
+    func mergeBitmaps(from: String, into: String) async throws {
+        for b in try await imageBitmaps(from) where !b.inconsistent {
+            try await addBitmap(b.name, image: into)
+            try await runner.run(Qcow2Commands.mergeBitmap(b.name, from: from, into: into))
+        }
+    }
+
+    /// A new overlay records the guest's writes under each name its backing records, so a
+    /// checkpoint taken before the snapshot still says what changed since (the union of its name
+    /// down the chain). Idempotent.
+    func carryBitmaps(from backing: String, to overlay: String) async throws {
+        for b in try await imageBitmaps(backing) where b.recording && !b.inconsistent {
+            try await addBitmap(b.name, image: overlay)
+        }
     }
 
     /// The bitmaps in `qemu-img info --output=json`: `auto` means recording, `in-use` that a

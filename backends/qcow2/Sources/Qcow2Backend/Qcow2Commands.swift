@@ -64,6 +64,11 @@ public enum Qcow2Commands {
         [qemuImg, "bitmap", "-f", "qcow2", "--remove", image, name]
     }
 
+    /// Merges bitmap `name` of `from` into the bitmap of the same name in `into` (offline).
+    public static func mergeBitmap(_ name: String, from: String, into: String) -> [String] {
+        [qemuImg, "bitmap", "-f", "qcow2", "--merge", name, "-b", from, "-F", "qcow2", into, name]
+    }
+
     /// The image's metadata as JSON (its bitmaps under `format-specific`).
     public static func info(_ image: String) -> [String] {
         [qemuImg, "info", "-f", "qcow2", "--output=json", image]

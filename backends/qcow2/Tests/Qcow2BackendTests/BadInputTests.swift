@@ -157,7 +157,8 @@ struct Qcow2CommandTests {
         #expect(plan.result.snapshot(named: "before upgrade")?.image == disk)
     }
 
-    @Test("deleting a snapshot with one child plans commit then rename; with two, a safe rebase of each")
+    @Test(
+        "deleting a snapshot with one child plans commit, bitmaps down, then rename; with two, a safe rebase of each")
     func mergePlans() async throws {
         let f = try Fixture()
         let disk = try await f.newDisk("db")
@@ -165,7 +166,12 @@ struct Qcow2CommandTests {
         var layout = try await f.layout(disk)
         let child = layout.disk.active
         var plan = try await f.backend.planDelete("a", mode: .merge, layout: layout)
-        #expect(plan.steps.map(\.action) == [.run(Qcow2Commands.commit(child)), .rename(from: disk, to: child)])
+        #expect(
+            plan.steps.map(\.action) == [
+                .run(Qcow2Commands.commit(child)),
+                .backend(name: "merge-bitmaps-into", arguments: ["from": child, "into": disk]),
+                .rename(from: disk, to: child),
+            ])
         try await f.service.create(SnapshotRequest(name: "b", kind: .external), disk: disk)
         try await f.service.revert(disk: disk, to: "a")
         layout = try await f.layout(disk)
