@@ -23,12 +23,16 @@ public struct DomainSnapshotRequest: Sendable, Hashable {
     public var pausedSave = false
     /// Freeze guest filesystems through the QEMU guest agent first.
     public var quiesce = false
+    /// Take this checkpoint at the snapshot's instant.
+    public var checkpoint: String?
 
     public init(
         name: String? = nil, description: String? = nil, diskOnly: Bool = false, targets: [String]? = nil,
         kind: SnapshotKind? = nil,
-        memoryFile: String? = nil, internalMemory: Bool = false, pausedSave: Bool = false, quiesce: Bool = false
+        memoryFile: String? = nil, internalMemory: Bool = false, pausedSave: Bool = false, quiesce: Bool = false,
+        checkpoint: String? = nil
     ) {
+        self.checkpoint = checkpoint
         self.name = name
         self.description = description
         self.diskOnly = diskOnly
@@ -57,6 +61,8 @@ struct DomainJournal: Codable, Sendable {
     var liveAfter: [String: DiskLayout] = [:]
     /// The domain was running and vmsnap paused it.
     var pausedByUs = false
+    /// The checkpoint taken with the snapshot (create), removed again by a rollback.
+    var checkpoint: CheckpointRecord?
     /// Revert: the run state to end in. Delete: the snapshots to remove and the mode.
     var targetState: DomainRunState?
     var removing: [String] = []
@@ -159,13 +165,26 @@ extension DomainService {
             } + excluded,
             definition: definition)
         record.disks.sort { $0.target < $1.target }
+        var checkpoint: CheckpointRecord?
+        if let c = request.checkpoint {
+            try checkCheckpointName(c, domain: domain)
+            checkpoint = try newCheckpointRecord(
+                domain: domain, name: c, description: "taken with snapshot \(name)",
+                tracked: try await trackedDisks(definition, targets: request.targets))
+        }
         var j = DomainJournal(operation: .create, snapshot: name, record: record)
+        j.checkpoint = checkpoint
         let journalID = try store.beginDomainJournal(
             domain: domain, operation: "create snapshot '\(name)'", payload: try JSONEncoder().encode(j))
         var report = CreateReport(snapshot: record)
         do {
             if state == .shutoff {
                 try await takeThroughBackends(parts, name: name, request: request, journalID: journalID, j: &j)
+                if let checkpoint {
+                    let access = try await bitmapAccess(definition)
+                    defer { Task { await access.close() } }
+                    try await access.add(checkpoint.name, targets: checkpoint.disks.map(\.target))
+                }
             } else {
                 let live = try await driver.connect(domain)
                 var frozen = false
@@ -176,7 +195,8 @@ extension DomainService {
                     }
                     let mark = await live.mark()
                     if request.internalMemory {
-                        try await takeInternal(live, name: name, parts: parts, journalID: journalID, j: &j)
+                        try await takeInternal(
+                            live, name: name, parts: parts, checkpoint: checkpoint, journalID: journalID, j: &j)
                     } else {
                         try await takeLive(
                             live, request: request, name: name, parts: parts, state: state, withMemory: withMemory,
@@ -200,6 +220,15 @@ extension DomainService {
                 }
             }
             try phase(journalID, &j, "commit")
+            if var checkpoint {
+                // It began in each disk's active layer after the snapshot (a new overlay for an
+                // external one).
+                for i in checkpoint.disks.indices {
+                    checkpoint.disks[i].image =
+                        try store.layout(diskID: checkpoint.disks[i].diskID)?.disk.active ?? checkpoint.disks[i].image
+                }
+                try store.updateCheckpoints(domain: domain, upsert: [checkpoint])
+            }
             try store.updateDomainSnapshots(domain: domain, upsert: [record], current: .some(name))
             try store.finishDomainJournal(journalID, state: "done")
         } catch {
@@ -391,6 +420,9 @@ extension DomainService {
         try await takeThroughBackends(
             parts.filter { $0.live == nil }, name: name, request: request, journalID: journalID, j: &j)
         if !byHypervisor.isEmpty { try await live.snapshotDisks(byHypervisor.map { $0.liveSnapshot(name) }) }
+        if let c = j.checkpoint {
+            try await live.addDirtyBitmaps(c.name, targets: c.disks.map(\.target))
+        }
         if tracking {
             // Still paused: the new overlays record from the snapshot's instant on.
             try await live.carryDirtyBitmaps(
@@ -481,15 +513,30 @@ extension DomainService {
 
     /// Memory and every disk inside the images (QEMU's snapshot-save: the guest stays paused
     /// while it runs, as savevm does).
-    func takeInternal(_ live: any LiveDomain, name: String, parts: [DiskPart], journalID: Int64, j: inout DomainJournal)
-        async throws
-    {
+    func takeInternal(
+        _ live: any LiveDomain, name: String, parts: [DiskPart], checkpoint: CheckpointRecord?, journalID: Int64,
+        j: inout DomainJournal
+    ) async throws {
         for part in parts {
             j.liveBefore[part.disk.target] = part.layout
             j.liveAfter[part.disk.target] = part.live!.result
         }
+        // A checkpoint at the same instant: the guest paused before its bitmaps go in, and kept
+        // paused through the save (snapshot-save leaves a paused guest paused).
+        var resume = false
+        if checkpoint != nil { resume = try await live.isRunning() }
+        if resume {
+            j.pausedByUs = true
+            try phase(journalID, &j, "paused")
+            try await live.pause()
+        }
+        if let checkpoint { try await live.addDirtyBitmaps(checkpoint.name, targets: checkpoint.disks.map(\.target)) }
         try phase(journalID, &j, "transaction")
         try await live.saveInternal(name: name, targets: parts.map(\.disk.target))
+        if resume {
+            try await live.resume()
+            j.pausedByUs = false
+        }
         for part in parts {
             try disks.record(part.live!.result, replacing: part.layout)
             j.disksDone.append(part.disk.target)
@@ -509,6 +556,12 @@ extension DomainService {
         } catch {
             await live?.close()
             throw error
+        }
+        // The checkpoint taken with it goes too (through a new connection: QEMU serves one).
+        if let c = j.checkpoint, try !store.checkpoints(of: domain).contains(where: { $0.name == c.name }) {
+            let access = try await bitmapAccess(record.definition)
+            defer { Task { await access.close() } }
+            try await access.remove(c.name, targets: c.disks.map(\.target))
         }
     }
 

@@ -150,6 +150,9 @@ public protocol LiveDomain: Sendable {
     /// recording dirty bitmap for each name its backing (`previous[target]`, the old active
     /// image) records, so checkpoints keep tracking across the snapshot with no write missed.
     func carryDirtyBitmaps(_ previous: [String: String]) async throws
+    /// Adds a persistent, recording dirty bitmap `name` to each disk's active layer at one
+    /// instant (a checkpoint taken with a snapshot, while the vCPUs are stopped).
+    func addDirtyBitmaps(_ name: String, targets: [String]) async throws
     /// Undoes a disk snapshot taken by ``snapshotDisks(_:)`` while the domain still runs.
     func undoDiskSnapshot(_ snapshot: LiveDiskSnapshot) async throws
     /// Deletes an internal snapshot from the image the domain has open; nothing if it is gone.

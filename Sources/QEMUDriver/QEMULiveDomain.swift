@@ -136,6 +136,10 @@ public struct QEMULiveDomain: LiveDomain {
         }
     }
 
+    public func addDirtyBitmaps(_ name: String, targets: [String]) async throws {
+        try await QEMUBlockLayer(client: client, daemon: nil).addBitmaps(name, targets: targets)
+    }
+
     public func saveInternal(name: String, targets: [String]) async throws {
         try await layer {
             let devices = try await client.blockDevices()

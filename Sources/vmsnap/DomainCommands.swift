@@ -218,6 +218,8 @@ struct SnapshotCommand: AsyncParsableCommand {
         ) var memory: String = "external"
         @Flag(name: .long, help: "Keep the guest paused for the whole memory save (not live).") var pausedSave = false
         @Flag(name: .long, help: "Freeze guest filesystems through the QEMU guest agent.") var quiesce = false
+        @Option(name: .long, help: "Take this checkpoint (changed-block tracking) at the snapshot's instant.")
+        var checkpoint: String?
         @Option(name: .long, help: "Import a snapshot record from libvirt <domainsnapshot> XML instead of taking one.")
         var redefine: String?
         @Flag(name: .long, help: "With --redefine: make it the current snapshot.") var current = false
@@ -250,7 +252,7 @@ struct SnapshotCommand: AsyncParsableCommand {
                         name: name, description: description, diskOnly: diskOnly, targets: disks.isEmpty ? nil : disks,
                         kind: kind,
                         memoryFile: memoryFile, internalMemory: memory == "internal", pausedSave: pausedSave,
-                        quiesce: quiesce))
+                        quiesce: quiesce, checkpoint: checkpoint))
                 if json { return try printJSON(report) }
                 let s = report.snapshot
                 let what = s.memory == nil ? "disk-only" : "full-system (\(s.memory!.location.rawValue) memory)"

@@ -221,6 +221,46 @@ struct BackupGuestTests {
         }
     }
 
+    @Test func fullSystemSnapshotAndCheckpointAtOneInstant() async throws {
+        let cli = try CLI()
+        let g = try await Guest.define(cli, disks: [("vda", "qcow2")])
+        try await cli.ok("domain", "start", g.name)
+        try await g.running {
+            try await g.waitCounter(atLeast: 2)
+            try await cli.ok("snapshot", "create", g.name, "--name", "full", "--checkpoint", "cs")
+            try await g.waitCounter(atLeast: 3, after: g.mark())
+
+            // The disk at the snapshot, and the view now with what changed since cs: every block
+            // outside cs's bitmap reads as it did at the snapshot, so no write escaped it.
+            let atSnapshot = cli.root + "/at-snapshot.raw"
+            try await cli.sh(
+                "qemu-img", "convert", "-U", "-f", "qcow2", "-l", "snapshot.name=full", "-O", "raw", g.disks[0].path,
+                atSnapshot)
+            let job = try Self.job(try await cli.ok("backup", "begin", g.name, "--incremental", "cs", "--json"))
+            let uri = try #require(job.disks.first?.uri)
+            let now = cli.root + "/now.raw"
+            try await cli.sh("nbdcopy", uri, now)
+            let map = try await SubprocessRunner().run(["nbdinfo", "--map=qemu:dirty-bitmap:cs", uri]).standardOutput
+            try await cli.ok("backup", "end", g.name)
+            var dirty = Set<Int>()
+            for line in map.split(separator: "\n") {
+                let f = line.split(separator: " ", omittingEmptySubsequences: true)
+                guard f.count >= 3, let start = Int(f[0]), let length = Int(f[1]), f[2] == "1" else { continue }
+                for cluster in (start / 65536)..<((start + length) / 65536) { dirty.insert(cluster) }
+            }
+            let before = try Data(contentsOf: URL(fileURLWithPath: atSnapshot))
+            let after = try Data(contentsOf: URL(fileURLWithPath: now))
+            var escaped: [Int] = []
+            for cluster in 0..<(after.count / 65536) where !dirty.contains(cluster) {
+                let r = (cluster * 65536)..<((cluster + 1) * 65536)
+                if before[r] != after[r] { escaped.append(cluster) }
+            }
+            #expect(escaped.isEmpty, "clusters changed since the snapshot but not in cs: \(escaped)")
+            #expect(!dirty.isEmpty && dirty.count <= 8, "cs holds the guest's few writes since: \(dirty.sorted())")
+            #expect(before != after, "the guest wrote since the snapshot")
+        }
+    }
+
     /// Reads each backup image of `job` (through its chain), checks it is one instant, returns
     /// the first disk's counter.
     func expectOneInstant(_ job: Job, cli: CLI, what: String) async throws -> Int {

@@ -119,6 +119,12 @@ struct BackupOfflineTests {
         #expect(same2.status == 0, "incremental after the delete equals the disk: \(same2.standardOutput)")
         let verify = try await cli.ok("backup", "verify", dir)
         #expect(verify.contains("is sound"))
+        // A checkpoint taken with an external snapshot begins in the new overlay.
+        try await cli.ok("snapshot", "create", "g", "--name", "s2", "--kind", "external", "--checkpoint", "k2")
+        let overlay2 = try await cli.list(disks["vda"]!).active
+        #expect(try await Self.bitmaps(overlay2).contains("k2"))
+        let k2 = try await cli.ok("checkpoint", "info", "g", "k2")
+        #expect(k2.contains("Disk vda: bitmap k2, usable"), "\(k2)")
         // c1 began in the layer the delete merged away: refused, not guessed.
         let old = try await cli.run(["backup", "begin", "g", "--target", dir, "--incremental", "c1"])
         #expect(old.status == 1 && old.err.contains("is no longer under"), "\(old.err)")
@@ -305,6 +311,7 @@ struct BackupOfflineTests {
                 ["blocksnapshot", "create", "g", "v", "--changes-since", "c1", "--checkpoint", "k"]
             ),
             ("blocksnapshot-delete:deleted", ["blocksnapshot", "delete", "g", "v0"]),
+            ("create:commit", ["snapshot", "create", "g", "--name", "sk", "--checkpoint", "k"]),
         ])
     func killedAndRecovered(phase: String, command: [String]) async throws {
         let cli = try CLI()
