@@ -14,6 +14,8 @@ public struct ImportReport: Codable, Sendable {
     /// Snapshots in parent order.
     public var snapshots: [String]
     public var current: String?
+    /// Checkpoints in parent order.
+    public var checkpoints: [String] = []
     /// Devices and settings vmsnap does not model, by name: not imported.
     public var notImported: [String]
 }
@@ -23,6 +25,8 @@ public struct DomainExport: Sendable {
     public var domainXML: String
     public var snapshots: [(name: String, xml: String)]
     public var current: String?
+    /// `<domaincheckpoint>` XMLs, parents first, for `virsh checkpoint-create --redefine`.
+    public var checkpoints: [(name: String, xml: String)] = []
 }
 
 /// The parts of a `<domainsnapshot>` the importer needs before the records exist.
@@ -85,7 +89,9 @@ extension DomainService {
     /// any order): its disks with the backends that declare their driver and source types, the
     /// backing chains libvirt's external snapshots built, the internal snapshots in the images,
     /// then every snapshot record in parent order. Storage is not changed.
-    public func importDomain(domainXML: String, snapshotXMLs: [String], current: String?) async throws -> ImportReport {
+    public func importDomain(
+        domainXML: String, snapshotXMLs: [String], current: String?, checkpointXMLs: [String] = []
+    ) async throws -> ImportReport {
         let parsed = try LibvirtDomainXML.parse(try LibvirtDomainXML.root(domainXML, what: "domain XML"))
         if try store.domain(named: parsed.name) != nil {
             throw SnapshotError(
@@ -118,10 +124,21 @@ extension DomainService {
         for snapshot in snapshots {
             _ = try await redefine(domain: parsed.name, xml: snapshot.xml, makeCurrent: snapshot.name == current)
         }
+        // Checkpoints (parents first, as `checkpoint-list --topological` gives them): one whose
+        // bitmap the images no longer hold is named, not imported.
+        var checkpoints: [String] = []
+        var skipped = parsed.unmodeled
+        for xml in checkpointXMLs {
+            do { checkpoints.append(try await redefineCheckpoint(domain: parsed.name, xml: xml).name) } catch let e
+                as SnapshotError
+            {
+                skipped.append("checkpoint: \(e.message)")
+            }
+        }
         return ImportReport(
             domain: parsed.name,
             disks: Dictionary(uniqueKeysWithValues: disks.map { ($0.target, $0.backend.rawValue) }),
-            snapshots: snapshots.map(\.name), current: current, notImported: parsed.unmodeled)
+            snapshots: snapshots.map(\.name), current: current, checkpoints: checkpoints, notImported: skipped)
     }
 
     /// The backend whose descriptor names disks the way libvirt's XML does (driver type, source
@@ -203,8 +220,12 @@ extension DomainService {
             ordered += ready
             placed.formUnion(ready.map(\.name))
         }
+        var checkpoints: [(name: String, xml: String)] = []
+        for c in try store.checkpoints(of: name) {
+            checkpoints.append((c.name, CheckpointXML.render(c, definition: definition)))
+        }
         return DomainExport(
             domainXML: domainXML, snapshots: try ordered.map { ($0.name, try dumpXML(domain: name, $0.name)) },
-            current: current)
+            current: current, checkpoints: checkpoints)
     }
 }

@@ -36,8 +36,10 @@ struct DomainImport: AsyncParsableCommand {
     func run() async throws {
         try await guarded {
             var domainXML: String, snapshotXMLs: [String], current = self.current
+            var checkpointXMLs: [String] = []
             if let libvirt {
                 (domainXML, snapshotXMLs, current) = try await Self.readFromLibvirt(libvirt, connect: connect)
+                checkpointXMLs = try await Self.checkpointsFromLibvirt(libvirt, connect: connect)
             } else {
                 domainXML = String(
                     decoding: try RegularFile.read(file!, what: "domain XML", limit: 16 << 20), as: UTF8.self)
@@ -46,7 +48,7 @@ struct DomainImport: AsyncParsableCommand {
                 }
             }
             let report = try await storeOptions.domains(json: json).importDomain(
-                domainXML: domainXML, snapshotXMLs: snapshotXMLs, current: current)
+                domainXML: domainXML, snapshotXMLs: snapshotXMLs, current: current, checkpointXMLs: checkpointXMLs)
             if json { return try printJSON(report) }
             print(
                 "imported domain '\(report.domain)': disks \(report.disks.sorted { $0.key < $1.key }.map { "\($0.key) (\($0.value))" }.joined(separator: ", "))"
@@ -54,8 +56,24 @@ struct DomainImport: AsyncParsableCommand {
             print(
                 "snapshots: \(report.snapshots.isEmpty ? "none" : report.snapshots.joined(separator: ", "))\(report.current.map { "; current \($0)" } ?? "")"
             )
+            if !report.checkpoints.isEmpty { print("checkpoints: \(report.checkpoints.joined(separator: ", "))") }
             for item in report.notImported { print("not imported: \(item)") }
         }
+    }
+
+    /// The domain's checkpoints' XML, parents first, through virsh (none where libvirt has none).
+    static func checkpointsFromLibvirt(_ name: String, connect: String?) async throws -> [String] {
+        let runner = SubprocessRunner()
+        let base = ["virsh", "-q"] + (connect.map { ["-c", $0] } ?? [])
+        let list = try await runner.execute(base + ["checkpoint-list", "--name", "--topological", "--", name])
+        guard list.status == 0 else { return [] }
+        var xmls: [String] = []
+        for n in list.standardOutput.split(whereSeparator: \.isNewline).map({ $0.trimmingCharacters(in: .whitespaces) })
+        where !n.isEmpty {
+            xmls.append(
+                try await runner.run(base + ["checkpoint-dumpxml", "--no-domain", "--", name, n]).standardOutput)
+        }
+        return xmls
     }
 
     /// The domain's XML, its snapshots' XML (parents first) and the current snapshot, through virsh.
@@ -86,7 +104,7 @@ struct DomainExportCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "export",
         abstract:
-            "Write a domain's libvirt XML and its snapshots' XML (parents first) into a directory, for virsh define and snapshot-create --redefine."
+            "Write a domain's libvirt XML, its snapshots' and its checkpoints' XML (parents first) into a directory, for virsh define, snapshot-create --redefine and checkpoint-create --redefine."
     )
     @OptionGroup var storeOptions: StoreOptions
     @Argument(help: "The domain.") var domain: String
@@ -109,8 +127,18 @@ struct DomainExportCommand: AsyncParsableCommand {
                 commands.append(
                     "virsh snapshot-create \(domain) \(file) --redefine\(s.name == export.current ? " --current" : "")")
             }
+            if !export.checkpoints.isEmpty {
+                try fm.createDirectory(
+                    atPath: to + "/checkpoints", withIntermediateDirectories: true,
+                    attributes: [.posixPermissions: 0o700])
+            }
+            for (i, c) in export.checkpoints.enumerated() {
+                let file = "\(to)/checkpoints/\(String(format: "%03d", i + 1)).xml"
+                try c.xml.write(toFile: file, atomically: true, encoding: .utf8)
+                commands.append("virsh checkpoint-create \(domain) \(file) --redefine")
+            }
             print(
-                "exported domain '\(domain)' and \(export.snapshots.count) snapshot(s) to \(to); to define them in libvirt, in this order:"
+                "exported domain '\(domain)', \(export.snapshots.count) snapshot(s) and \(export.checkpoints.count) checkpoint(s) to \(to); to define them in libvirt, in this order:"
             )
             commands.forEach { print("  \($0)") }
         }
