@@ -112,7 +112,7 @@ extension DomainService {
             try checkCheckpointName(name, domain: domain)
             newRecord = try newCheckpointRecord(
                 domain: domain, name: name, description: "taken with backup \(job.name)",
-                tracked: try await trackedDisks(definition, targets: targets))
+                tracked: try await trackedDisks(definition, targets: request.targets))
         }
         var changed: [String: [LayerBitmap]] = [:]
         try await chooseIncremental(&job, request, definition: definition, targets: targets, changed: &changed)
@@ -131,7 +131,9 @@ extension DomainService {
         do {
             try await createJobFiles(job, layer: layer, tools: driver.backupImages, journalID: id, journal: &j)
             try blockPhase(id, &j, "files-created", domain: domain)
-            try await startJob(job, layer: layer)
+            try await startJob(
+                job, layer: layer,
+                newBitmap: newRecord.map { NewBitmap(name: $0.name, targets: $0.disks.map(\.target)) })
             try blockPhase(id, &j, "started", domain: domain)
             if let newRecord { try store.updateCheckpoints(domain: domain, upsert: [newRecord]) }
             try store.setBackupJob(job, domain: domain)
@@ -172,7 +174,9 @@ extension DomainService {
         let record = try checkpoint(domain: definition.name, from)
         var problems: [String] = []
         for t in targets where !record.disks.contains(where: { $0.target == t }) {
-            problems.append("disk \(t) is not in checkpoint \(from)")
+            problems.append(
+                "disk \(t) is not in checkpoint \(from) (back it up in full on its own with --disks \(t), and the disks \(from) tracks incrementally)"
+            )
         }
         let access = try await bitmapAccess(definition)
         for disk in record.disks where targets.contains(disk.target) {
@@ -233,6 +237,11 @@ extension DomainService {
             for t in targets {
                 guard let f = base.files[t] else {
                     throw SnapshotError(.conflict, "backup \(base.name) in \(dir) has no disk \(t) to build on")
+                }
+                // The new image names it as its backing file: only a plain name in the directory.
+                guard !f.isEmpty, !f.contains("/"), f != ".", f != ".." else {
+                    throw SnapshotError(
+                        .storeCorrupt, "the manifest in \(dir) names an image outside it (\(f)); nothing was changed")
                 }
                 parentFiles[t] = f
             }
@@ -295,7 +304,7 @@ extension DomainService {
         }
     }
 
-    func startJob(_ job: BackupJob, layer: any BlockLayer) async throws {
+    func startJob(_ job: BackupJob, layer: any BlockLayer, newBitmap: NewBitmap?) async throws {
         switch job.mode {
         case .pull:
             let parts = job.disks.map {
@@ -303,13 +312,13 @@ extension DomainService {
                     target: $0.target, scratch: $0.scratch ?? "", changedSince: $0.changedSince,
                     changedSinceName: job.incrementalFrom)
             }
-            try await layer.startBlockSnapshots(parts, newBitmap: job.newCheckpoint)
+            try await layer.startBlockSnapshots(parts, newBitmap: newBitmap)
             if let listener = job.listener { try await layer.startExports(parts, listener: listener) }
         case .push:
             try await layer.startBackups(
                 job.disks.map {
                     BackupPart(target: $0.target, destination: $0.destination ?? "", changedSince: $0.changedSince)
-                }, newBitmap: job.newCheckpoint)
+                }, newBitmap: newBitmap)
         }
     }
 

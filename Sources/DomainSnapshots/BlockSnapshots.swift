@@ -137,7 +137,7 @@ extension DomainService {
             try checkCheckpointName(c, domain: domain)
             newRecord = try newCheckpointRecord(
                 domain: domain, name: c, description: "taken with block snapshot \(name)",
-                tracked: try await trackedDisks(definition, targets: targets))
+                tracked: try await trackedDisks(definition, targets: request.targets))
         }
         let used = Set(existing.flatMap { $0.disks.map(\.id) })
         let seq = (1...).first { n in targets.allSatisfy { !used.contains("bs\(n)-\($0)") } }!
@@ -166,7 +166,8 @@ extension DomainService {
                 try await driver.backupImages.create(
                     disk.source, size: try await layer.virtualSize(target: disk.target), backing: nil)
             }
-            try await layer.startBlockSnapshots(record.parts(), newBitmap: request.checkpoint)
+            try await layer.startBlockSnapshots(
+                record.parts(), newBitmap: newRecord.map { NewBitmap(name: $0.name, targets: $0.disks.map(\.target)) })
             try blockPhase(id, &j, "started", domain: domain)
             if let newRecord { try store.updateCheckpoints(domain: domain, upsert: [newRecord]) }
             try store.setBlockSnapshot(record, domain: domain, name: name)

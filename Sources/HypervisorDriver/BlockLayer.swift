@@ -63,6 +63,17 @@ public struct BackupPart: Codable, Sendable, Hashable {
     }
 }
 
+/// A checkpoint's bitmap added with a job, at its instant, to the disks the checkpoint tracks.
+public struct NewBitmap: Codable, Sendable, Hashable {
+    public var name: String
+    public var targets: [String]
+
+    public init(name: String, targets: [String]) {
+        self.name = name
+        self.targets = targets
+    }
+}
+
 /// Where block exports listen.
 public enum ExportListener: Codable, Sendable, Hashable {
     /// A Unix socket (the default), created readable and writable only by its owner.
@@ -143,9 +154,9 @@ public protocol BlockLayer: Sendable {
     func addBitmaps(_ name: String, targets: [String]) async throws
     /// Removes bitmap `name` from each target that has it.
     func removeBitmaps(_ name: String, targets: [String]) async throws
-    /// Starts views of `parts` at one instant, adding bitmap `newBitmap` (a new checkpoint) to the
+    /// Starts views of `parts` at one instant, adding bitmap `newBitmap` (a new checkpoint) to its
     /// same disks at the same instant when given.
-    func startBlockSnapshots(_ parts: [BlockSnapshotPart], newBitmap: String?) async throws
+    func startBlockSnapshots(_ parts: [BlockSnapshotPart], newBitmap: NewBitmap?) async throws
     /// Ends a view (`id`: its part's id; the scratch image is then the caller's to delete);
     /// nothing if it is gone.
     func stopBlockSnapshot(id: String) async throws
@@ -156,7 +167,7 @@ public protocol BlockLayer: Sendable {
     /// nothing if they are gone.
     func stopExports(ids: [String]) async throws
     /// Starts push backups of `parts` at one instant (and bitmap `newBitmap` with them).
-    func startBackups(_ parts: [BackupPart], newBitmap: String?) async throws
+    func startBackups(_ parts: [BackupPart], newBitmap: NewBitmap?) async throws
     /// Progress of the push backups of these targets (absent: finished and gone).
     func backupProgress(targets: [String]) async throws -> [BlockJobProgress]
     /// Waits for the push backups to finish; throws with the first failure.

@@ -97,10 +97,11 @@ public struct QEMUBlockLayer: BlockLayer {
     }
 
     /// The actions that add bitmap `name` to each target's disk, persistent and recording.
-    func newBitmapActions(_ name: String?, targets: [String]) async throws -> [QMP.BlockAction] {
-        guard let name else { return [] }
+    func newBitmapActions(_ bitmap: NewBitmap?) async throws -> [QMP.BlockAction] {
+        guard let bitmap else { return [] }
+        let name = bitmap.name
         var actions: [QMP.BlockAction] = []
-        for target in targets {
+        for target in bitmap.targets {
             actions.append(.addBitmap(node: try await node(target), name: name, persistent: true, disabled: false))
         }
         return actions
@@ -108,7 +109,7 @@ public struct QEMUBlockLayer: BlockLayer {
 
     // MARK: - Views
 
-    public func startBlockSnapshots(_ parts: [BlockSnapshotPart], newBitmap: String?) async throws {
+    public func startBlockSnapshots(_ parts: [BlockSnapshotPart], newBitmap: NewBitmap?) async throws {
         try await layer {
             var actions: [QMP.BlockAction] = []
             for part in parts {
@@ -123,7 +124,7 @@ public struct QEMUBlockLayer: BlockLayer {
                 }
                 actions.append(.backup(device: disk, target: view, jobID: Self.viewJob(part.id), sync: .none))
             }
-            actions += try await newBitmapActions(newBitmap, targets: parts.map(\.target))
+            actions += try await newBitmapActions(newBitmap)
             do {
                 Trace.mark("views prepared")
                 try await client.run(QMP.BlockTransaction(actions: actions))
@@ -222,7 +223,7 @@ public struct QEMUBlockLayer: BlockLayer {
 
     // MARK: - Push backups
 
-    public func startBackups(_ parts: [BackupPart], newBitmap: String?) async throws {
+    public func startBackups(_ parts: [BackupPart], newBitmap: NewBitmap?) async throws {
         try await layer {
             var actions: [QMP.BlockAction] = []
             for part in parts {
@@ -243,7 +244,7 @@ public struct QEMUBlockLayer: BlockLayer {
                     )
                 }
             }
-            actions += try await newBitmapActions(newBitmap, targets: parts.map(\.target))
+            actions += try await newBitmapActions(newBitmap)
             do { try await client.run(QMP.BlockTransaction(actions: actions)) } catch {
                 for part in parts { try? await client.run(QMP.DeleteNode(nodeName: Self.backupNode(part.target))) }
                 throw error

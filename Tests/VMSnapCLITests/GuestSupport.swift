@@ -7,7 +7,8 @@ import Testing
 /// serial console once a second.
 actor GuestImage {
     static let shared = GuestImage()
-    private var built: (kernel: String, initrd: String)?
+    /// One build for every suite that asks at once (the actor is reentrant across the await).
+    private var building: Task<(kernel: String, initrd: String), any Error>?
 
     static var repository: String {
         URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
@@ -15,7 +16,13 @@ actor GuestImage {
     }
 
     func files() async throws -> (kernel: String, initrd: String) {
-        if let built { return built }
+        if let building { return try await building.value }
+        let task = Task { try await Self.build() }
+        building = task
+        return try await task.value
+    }
+
+    private static func build() async throws -> (kernel: String, initrd: String) {
         let out = try await SubprocessRunner().run([
             Self.repository + "/scripts/test-guest", Self.repository + "/.build/guest",
         ])
@@ -27,7 +34,6 @@ actor GuestImage {
         guard !kernel.isEmpty, !initrd.isEmpty else {
             throw CLIFailure("scripts/test-guest printed no kernel/initrd: \(out.standardOutput)")
         }
-        built = (kernel, initrd)
         return (kernel, initrd)
     }
 }
