@@ -14,7 +14,10 @@ public final class VHDImage {
     public private(set) var bat: [UInt32]
     /// Where the trailing footer sits: the end of the data.
     public private(set) var footerOffset: UInt64
-    let fd: Int32
+    /// The open file, closed exactly once when the image goes (also when `init` throws after
+    /// every property is set, where Swift runs no deinit body of ours before releasing them).
+    private let descriptor: OwnedDescriptor
+    var fd: Int32 { descriptor.fd }
     let writable: Bool
     private var bitmaps: [Int: [UInt8]] = [:]
     private var parentImage: VHDImage?
@@ -36,11 +39,12 @@ public final class VHDImage {
         self.writable = writable
         self.below = below
         // O_NONBLOCK: a FIFO at the path (or a parent locator pointing at one) must not block the open.
-        fd = Glibc.open(path, (writable ? O_RDWR : O_RDONLY) | O_NONBLOCK | O_CLOEXEC)
+        let fd = Glibc.open(path, (writable ? O_RDWR : O_RDONLY) | O_NONBLOCK | O_CLOEXEC)
         guard fd >= 0 else {
             throw SnapshotError(
                 errno == ENOENT ? .notFound : .io, "\(path): cannot open: \(String(cString: strerror(errno)))")
         }
+        descriptor = OwnedDescriptor(fd)
         do {
             var st = stat()
             guard fstat(fd, &st) == 0 else { throw SnapshotError(.io, "\(path): cannot stat") }
@@ -113,13 +117,8 @@ public final class VHDImage {
                 throw SnapshotError(
                     .invalidImage, "\(path): fixed disk of \(footer.currentSize) bytes in a file of \(size) bytes")
             }
-        } catch {
-            Glibc.close(fd)
-            throw error
         }
     }
-
-    deinit { Glibc.close(fd) }
 
     /// The metadata regions (header, BAT, parent locator data) as byte ranges.
     var metadataRegions: [(String, Range<UInt64>)] {
@@ -521,4 +520,11 @@ public final class VHDImage {
         let rest = Array(to[common...])
         return ups.isEmpty ? "./" + rest.joined(separator: "/") : (ups + rest).joined(separator: "/")
     }
+}
+
+/// A file descriptor closed once, when its owner releases it.
+final class OwnedDescriptor {
+    let fd: Int32
+    init(_ fd: Int32) { self.fd = fd }
+    deinit { Glibc.close(fd) }
 }
