@@ -109,9 +109,43 @@ public struct VHDBackend: DiskSnapshotBackend {
         }
         let backing = image.type == .differencing ? try image.parentPath() : nil
         if image.type == .differencing { _ = try image.parent() }
+        let (snapshots, layers) = try Self.adoptChain(below: image)
         return DiskLayout(
-            disk: DiskRecord(id: path, kind: Self.kind, active: path),
-            layers: [DiskLayer(image: path, backing: backing)])
+            disk: DiskRecord(id: path, kind: Self.kind, active: path, current: snapshots.last?.name),
+            snapshots: snapshots, layers: [DiskLayer(image: path, backing: backing)] + layers)
+    }
+
+    /// The differencing chain under an adopted disk (vhd-util's snapshots, or any tool's): each
+    /// image below the active one is the frozen image of an external snapshot, named after its
+    /// file (without `.vhd`; a name vmsnap cannot use gets the image's UUID), oldest first, each
+    /// the parent of the next. vhd-util keeps no names or times of its own: the time is the
+    /// footer's timestamp.
+    static func adoptChain(below top: VHDImage) throws -> ([DiskSnapshot], [DiskLayer]) {
+        var frozen: [VHDImage] = []
+        var current = try top.parent()
+        while let image = current {
+            guard !frozen.contains(where: { $0.path == image.path }) else { break }
+            frozen.append(image)
+            current = image.type == .differencing ? try image.parent() : nil
+        }
+        var snapshots: [DiskSnapshot] = []
+        var layers: [DiskLayer] = []
+        var used = Set<String>()
+        for image in frozen.reversed() {
+            var name = ((image.path as NSString).lastPathComponent as NSString).deletingPathExtension
+            if SnapshotName.problem(name) != nil || used.contains(name) {
+                name = image.footer.uuid.map { String(format: "%02x", $0) }.joined()
+            }
+            used.insert(name)
+            snapshots.append(
+                DiskSnapshot(
+                    name: name, kind: .external, image: image.path, parent: snapshots.last?.name,
+                    createdAt: Date(timeIntervalSince1970: VHD.epochOffset + TimeInterval(image.footer.timestamp)),
+                    description: "adopted from the existing differencing chain", virtualSize: image.virtualSize))
+            layers.append(
+                DiskLayer(image: image.path, backing: image.type == .differencing ? try image.parentPath() : nil))
+        }
+        return (snapshots, layers)
     }
 
     public func state(of layout: DiskLayout) async throws -> DiskState {
@@ -255,6 +289,7 @@ public struct VHDBackend: DiskSnapshotBackend {
                 continue
             }
             problems += VHDEngine.check(layer.image)
+            problems += try await vhdUtilCheck(layer.image)
             if let image = try? VHDImage(path: layer.image) {
                 let parent = image.type == .differencing ? try? image.parentPath() : nil
                 if parent != layer.backing {
@@ -264,6 +299,17 @@ public struct VHDBackend: DiskSnapshotBackend {
             }
         }
         return problems
+    }
+
+    /// blktap's own check, where vhd-util is installed (whichever engine wrote the file): what
+    /// it finds, with its last lines; nothing where it is not installed.
+    func vhdUtilCheck(_ image: String) async throws -> [String] {
+        guard VHDUtilCommands.installed else { return [] }
+        let out = try await runner.execute(VHDUtilCommands.check(image))
+        guard out.status != 0 else { return [] }
+        let text = (out.standardOutput + "\n" + out.standardError).split(whereSeparator: \.isNewline)
+            .map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }.suffix(3).joined(separator: "; ")
+        return ["\(image): vhd-util check failed (status \(out.status)): \(text)"]
     }
 
     // MARK: - Data access
@@ -309,8 +355,11 @@ public enum VHDUtilCommands {
         }
     }
 
+    /// `-e`: link to `parent` itself even when it is an empty differencing disk (vhd-util
+    /// otherwise skips empty parents and links to the first non-empty one below, so the child
+    /// would read through another image than the snapshot tree says).
     public static func snapshot(child: String, parent: String) -> [String] {
-        ["vhd-util", "snapshot", "-n", child, "-p", parent]
+        ["vhd-util", "snapshot", "-e", "-n", child, "-p", parent]
     }
     public static func coalesce(child: String) -> [String] { ["vhd-util", "coalesce", "-n", child] }
     public static func check(_ image: String) -> [String] { ["vhd-util", "check", "-n", image] }

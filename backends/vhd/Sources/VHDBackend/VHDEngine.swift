@@ -51,6 +51,12 @@ public enum VHDEngine {
         let batBytes = (Int(header.maxTableEntries) * 4 + 511) / 512 * 512
         var offset = header.tableOffset + UInt64(batBytes)
         var blob: [(UInt64, [UInt8])] = []
+        // The footer says creator "tap" 1.3, which promises blktap's batmap right after the BAT:
+        // written empty (no block known full), which is valid, and stays valid (a full block
+        // never stops being full).
+        let batmap = VHDBatmap(entries: header.maxTableEntries, virtualSize: footer.currentSize, at: offset)
+        blob.append((offset, batmap.serialized()))
+        offset += UInt64(batmap.regionBytes)
         for (i, (code, data)) in locators.prefix(8).enumerated() {
             let space = max(512, (data.count + 511) / 512 * 512)
             header.locators[i] = VHDParentLocator(

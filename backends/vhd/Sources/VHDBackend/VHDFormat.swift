@@ -325,3 +325,36 @@ func uuidString(_ b: [UInt8]) -> String {
         uuid: (b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15])
     ).uuidString.lowercased()
 }
+
+/// blktap's batmap ("tdbatmap"): a sector of header right after the BAT, then one bit per block,
+/// set when the block is known to be fully allocated. vhd-util and tapdisk expect it in files whose
+/// creator is "tap" 1.2 or later; vmsnap writes it empty (every bit clear is valid: readers then
+/// consult each block's sector bitmap).
+struct VHDBatmap {
+    static let version: UInt32 = 0x0001_0002
+    let headerOffset: UInt64
+    /// Map sectors: one bit per BAT entry, and at least what libvhd's checksum reads for the size.
+    let mapSectors: Int
+
+    init(entries: UInt32, virtualSize: UInt64, at offset: UInt64) {
+        headerOffset = offset
+        let forEntries = (Int(entries) + 8 * 512 - 1) / (8 * 512)
+        let forSize = (Int(virtualSize >> 24) + 511) / 512
+        mapSectors = max(1, forEntries, forSize)
+    }
+
+    /// Header sector plus map.
+    var regionBytes: Int { 512 + mapSectors * 512 }
+
+    /// The header (big-endian) followed by an all-clear map.
+    func serialized() -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: regionBytes)
+        b.replaceSubrange(0..<8, with: Array("tdbatmap".utf8))
+        b.put64(headerOffset + 512, at: 8)
+        b.put32(UInt32(mapSectors), at: 16)
+        b.put32(Self.version, at: 20)
+        // One's complement of the byte sum of the map: all zero bytes sum to 0.
+        b.put32(~UInt32(0), at: 24)
+        return b
+    }
+}

@@ -186,7 +186,7 @@ struct VHDUtilCommandTests {
     func argv() {
         #expect(
             VHDUtilCommands.snapshot(child: "/p/c.vhd", parent: "/p/b.vhd") == [
-                "vhd-util", "snapshot", "-n", "/p/c.vhd", "-p", "/p/b.vhd",
+                "vhd-util", "snapshot", "-e", "-n", "/p/c.vhd", "-p", "/p/b.vhd",
             ])
         #expect(VHDUtilCommands.coalesce(child: "/p/c.vhd") == ["vhd-util", "coalesce", "-n", "/p/c.vhd"])
         #expect(VHDUtilCommands.check("/p/c.vhd") == ["vhd-util", "check", "-n", "/p/c.vhd"])
