@@ -5,7 +5,8 @@ enum ConformanceChecks {
     static func cap(_ op: SnapshotOperation, _ kind: SnapshotKind) -> Capability { Capability(op, kind, .offline) }
 
     static var all: [ConformanceCheck] {
-        SnapshotKind.allCases.flatMap(perKind) + [mixedKinds] + SnapshotKind.allCases.flatMap(badInput)
+        SnapshotKind.allCases.flatMap(perKind) + [mixedKinds, mixedRevertBelowExternal]
+            + SnapshotKind.allCases.flatMap(badInput)
     }
 
     // MARK: - Per snapshot kind
@@ -228,6 +229,34 @@ enum ConformanceChecks {
             try await c.delete("e1")
             try await c.expect(.active, equals: b, "active disk after deleting e1")
         }
+    }
+
+    /// A revert to an internal snapshot inside an image that an external snapshot froze must work
+    /// (as a branch) and change what no other snapshot reads; the branch can be left again.
+    static let mixedRevertBelowExternal = ConformanceCheck(
+        "mixed.revert-below-external",
+        "revert to an internal snapshot below an external one works as a branch; every other snapshot reads the same, and the branch can be left and taken again",
+        requires: [cap(.create, .internal), cap(.create, .external), cap(.revert, .internal), cap(.revert, .external)]
+    ) { c in
+        let a = try await c.write(seed: 11)
+        try await c.snapshot("i1", .internal)
+        let b = try await c.write(seed: 12)
+        try await c.snapshot("e1", .external)
+        let d = try await c.write(seed: 13)
+        try await c.snapshot("e2", .external)
+        try await c.revert("i1")
+        try await c.expect(.active, equals: a, "after revert to i1 (below e1)")
+        try await c.expect(.snapshot("e1"), equals: b, "e1 after the branch")
+        try await c.expect(.snapshot("e2"), equals: d, "e2 after the branch")
+        let branch = try await c.write(seed: 14)
+        try await c.snapshot("i3", .internal)
+        try await c.revert("e2")
+        try await c.expect(.active, equals: d, "back on e2")
+        try await c.revert("i3")
+        try await c.expect(.active, equals: branch, "the branch's own snapshot")
+        try await c.revert("i1")
+        try await c.expect(.active, equals: a, "i1 again")
+        try await c.expect(.snapshot("i1"), equals: a, "i1 itself")
     }
 
     // MARK: - Bad input

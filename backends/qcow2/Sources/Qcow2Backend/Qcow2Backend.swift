@@ -42,7 +42,7 @@ public struct Qcow2Backend: DiskSnapshotBackend {
                 notes: [
                     "live disks (open by a running QEMU) go through the QEMU driver's QMP path, not this backend",
                     "snapshot names made only of digits are refused: qemu-img would read them as snapshot IDs",
-                    "an internal snapshot inside an image that external snapshots now build on cannot be reverted in place",
+                    "a revert to an internal snapshot inside an image that external snapshots build on copies its state into a new branch image",
                 ]),
             settings: Self.settingsSchema, liveSnapshots: .hypervisor, imageFormat: "qcow2", sourceType: .file,
             tools: [Qcow2Commands.qemuImg])
@@ -230,18 +230,9 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         if target.kind == .external {
             return try chain.planRevertExternal(to: target, layout: layout, overlayDirectory: settings["overlay-dir"])
         }
-        // Internal: apply it in the image that holds it, which must not be a base other layers read.
+        // Internal: apply it in the image that holds it; where other layers read that image (an
+        // external snapshot froze it), revert as a branch instead.
         let holder = target.image
-        if let frozen = layout.externalSnapshot(frozenAt: holder) {
-            throw SnapshotError(
-                .conflict,
-                "cannot revert to internal snapshot '\(name)': it is inside \(holder), which external snapshot '\(frozen.name)' keeps read-only for the layers built on it; applying it there would change what they read. Delete '\(frozen.name)' first (its changes merge into its children), or copy the snapshot out with `qemu-img convert -l snapshot.name=\(name)`"
-            )
-        }
-        if !layout.children(ofLayer: holder).isEmpty {
-            throw SnapshotError(
-                .conflict, "cannot revert to internal snapshot '\(name)': other layers read through \(holder)")
-        }
         try Self.requireNotInUse([holder, layout.disk.active])
         // The snapshot must still be in the image: one deleted outside vmsnap would fail the
         // revert past its point of no return.
@@ -251,6 +242,9 @@ public struct Qcow2Backend: DiskSnapshotBackend {
                 .notFound,
                 "internal snapshot '\(name)' is in vmsnap's records but no longer in \(holder) (deleted outside vmsnap?); nothing was changed. Forget it with `vmsnap disk snapshot delete \(layout.disk.id) '\(name)' --metadata-only`, and see `vmsnap disk check`"
             )
+        }
+        if layout.externalSnapshot(frozenAt: holder) != nil || !layout.children(ofLayer: holder).isEmpty {
+            return try planRevertBranch(to: target, holder: holder, layout: layout)
         }
         var result = layout
         result.disk.current = name
@@ -277,6 +271,48 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         return Plan(
             operation: "revert \(layout.disk.id) to '\(name)'", steps: steps, pointOfNoReturn: 0, result: result,
             notes: notes)
+    }
+
+    /// Revert to an internal snapshot inside an image other layers read through: the snapshot's
+    /// state is copied out (only the clusters the image itself holds at the snapshot) into a new
+    /// image on the same backing, which becomes the active layer: a branch. The image, its
+    /// snapshot and every layer built on it stay as they are.
+    func planRevertBranch(to target: DiskSnapshot, holder: String, layout: DiskLayout) throws -> Plan {
+        let branch = try chain.overlayPath(for: target.name, layout: layout, directory: settings["overlay-dir"])
+        let backing = layout.layer(holder)?.backing
+        var result = layout
+        result.disk.current = target.name
+        result.layers.append(DiskLayer(image: branch, backing: backing))
+        result.disk.active = branch
+        var args = ["image": holder, "name": target.name, "into": branch]
+        if let backing { args["backing"] = backing }
+        var steps = [
+            PlanStep(
+                "copy internal snapshot '\(target.name)' of \(holder) into a new branch \(branch)",
+                .backend(name: "copy-out-internal", arguments: args), undo: .removeFile(branch))
+        ]
+        var notes = chain.discardingOldActive(layout.disk.active, result: &result, steps: &steps)
+        notes.append(
+            "reverted to '\(target.name)' as a branch: \(holder) is read by other layers, so its snapshot's state was copied into \(branch) (only what \(holder) itself held then\(backing.map { "; it reads \($0) below" } ?? ""))"
+        )
+        return Plan(
+            operation: "revert \(layout.disk.id) to '\(target.name)' as a branch", steps: steps, pointOfNoReturn: 1,
+            result: result, notes: notes)
+    }
+
+    /// Writes `image` as it was at internal snapshot `name` into `into` (an empty file made here,
+    /// with the image's mode): the clusters the image held then, reading through `backing` for
+    /// the rest. Repeatable: a partial copy is written again.
+    func copyOutInternal(image: String, name: String, into: String, backing: String?) async throws {
+        try NewFile.create(into, like: image)
+        var argv = [Qcow2Commands.qemuImg, "convert", "-q", "-f", "qcow2", "-l", "snapshot.name=\(name)"]
+        if let backing {
+            argv += [
+                "-B", backing, "-F",
+                try Qcow2Image.hasMagic(backing) ? "qcow2" : (Qcow2Image(path: image).backingFormat ?? "raw"),
+            ]
+        }
+        try await runner.run(argv + ["-O", "qcow2", image, into])
     }
 
     public func planDelete(_ name: String, mode: DeleteMode, layout: DiskLayout) async throws -> Plan {
@@ -350,6 +386,12 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         case "create-overlay":
             guard let overlay = arguments["overlay"], let backing = arguments["backing"] else { break }
             try await createOverlay(overlay, backing: backing)
+            return
+        case "copy-out-internal":
+            guard let image = arguments["image"], let snapshot = arguments["name"], let into = arguments["into"] else {
+                break
+            }
+            try await copyOutInternal(image: image, name: snapshot, into: into, backing: arguments["backing"])
             return
         case "merge-bitmaps-into":
             guard let from = arguments["from"], let into = arguments["into"] else { break }
