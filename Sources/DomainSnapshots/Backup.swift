@@ -114,16 +114,21 @@ extension DomainService {
                 domain: domain, name: name, description: "taken with backup \(job.name)",
                 tracked: try await trackedDisks(definition, targets: request.targets))
         }
-        var changed: [String: [LayerBitmap]] = [:]
-        try await chooseIncremental(&job, request, definition: definition, targets: targets, changed: &changed)
+        let base = try await incrementalBase(
+            from: request.incremental, fallbackFull: request.fallbackFull, definition: definition, targets: targets)
+        job.incrementalFrom = base.from
+        job.fullBecause = base.fullBecause
+        let changed = base.changed
         var manifest: BackupManifest?
         if let directory = request.directory {
             manifest = try preparePush(
                 &job, directory: directory, definition: definition, targets: targets, changed: changed)
             job.name = Self.generatedName(existing: Set(manifest?.backups.map(\.name) ?? []), prefix: "backup")
-            preparePushFiles(&job, domain: domain)
+            preparePushFiles(&job, domain: domain, format: driver.backupImages.format)
         } else {
-            preparePull(&job, targets: targets, changed: changed, listener: request.listener)
+            preparePull(
+                &job, targets: targets, changed: changed, listener: request.listener, format: driver.backupImages.format
+            )
         }
         var j = BlockJournal(operation: .backupBegin, checkpoint: newRecord, job: job)
         let id = try beginBlockJournal(domain: domain, j)
@@ -164,13 +169,20 @@ extension DomainService {
         return all.filter { asked.contains($0) }
     }
 
-    /// Checks the checkpoint an incremental builds on, disk by disk; falls back to a full backup
+    /// What an incremental builds on: the checkpoint (nil: a full copy), why a full one was taken
+    /// instead, and per disk the bitmaps whose union is "changed since".
+    struct IncrementalBase {
+        var from: String?
+        var fullBecause: String?
+        var changed: [String: [LayerBitmap]] = [:]
+    }
+
+    /// Checks the checkpoint an incremental builds on, disk by disk; falls back to a full copy
     /// (saying why) only when asked to.
-    func chooseIncremental(
-        _ job: inout BackupJob, _ request: BackupRequest, definition: DomainDefinition, targets: [String],
-        changed: inout [String: [LayerBitmap]]
-    ) async throws {
-        guard let from = request.incremental else { return }
+    func incrementalBase(from: String?, fallbackFull: Bool, definition: DomainDefinition, targets: [String])
+        async throws -> IncrementalBase
+    {
+        guard let from else { return IncrementalBase() }
         let record = try checkpoint(domain: definition.name, from)
         var problems: [String] = []
         for t in targets where !record.disks.contains(where: { $0.target == t }) {
@@ -178,29 +190,31 @@ extension DomainService {
                 "disk \(t) is not in checkpoint \(from) (back it up in full on its own with --disks \(t), and the disks \(from) tracks incrementally)"
             )
         }
-        let access = try await bitmapAccess(definition)
-        for disk in record.disks where targets.contains(disk.target) {
-            if let p = try await checkpointProblem(disk, definition: definition, access: access).0 {
-                problems.append(p)
+        problems += try await withBitmapAccess(definition) { access in
+            var found: [String] = []
+            for disk in record.disks where targets.contains(disk.target) {
+                if let p = try await checkpointProblem(disk, definition: definition, access: access).0 {
+                    found.append(p)
+                }
             }
+            return found
         }
-        await access.close()
         guard problems.isEmpty else {
             let why = problems.joined(separator: "; ")
-            guard request.fallbackFull else {
+            guard fallbackFull else {
                 throw SnapshotError(
                     .conflict,
                     "an incremental backup from checkpoint \(from) would be wrong: \(why). Nothing was changed; take a full backup (leave out --incremental), or pass --fallback-full to take one and start a new chain"
                 )
             }
-            job.fullBecause = why
             notify("taking a full backup instead of an incremental from \(from): \(why)")
-            return
+            return IncrementalBase(fullBecause: why)
         }
-        job.incrementalFrom = from
+        var base = IncrementalBase(from: from)
         for disk in record.disks where targets.contains(disk.target) {
-            changed[disk.target] = try await changedSince(disk, definition: definition)
+            base.changed[disk.target] = try await changedSince(disk, definition: definition)
         }
+        return base
     }
 
     /// Push: the directory, the manifest, and each disk's new image (its backing the image of
@@ -256,17 +270,17 @@ extension DomainService {
     }
 
     /// Each disk's new image in the push directory, named after the domain, disk and backup.
-    func preparePushFiles(_ job: inout BackupJob, domain: String) {
+    func preparePushFiles(_ job: inout BackupJob, domain: String, format: String) {
         for i in job.disks.indices {
             job.disks[i].destination = ((job.directory ?? "") as NSString).appendingPathComponent(
-                "\(domain)-\(job.disks[i].target).\(job.name).qcow2")
+                "\(domain)-\(job.disks[i].target).\(job.name).\(format)")
         }
     }
 
     /// Pull: a scratch image per disk under the store, and the listener.
     func preparePull(
         _ job: inout BackupJob, targets: [String], changed: [String: [LayerBitmap]],
-        listener given: ExportListener?
+        listener given: ExportListener?, format: String
     ) {
         let scratchDir = (store.directory as NSString).appendingPathComponent("backup/\(job.domain)")
         let listener: ExportListener =
@@ -274,7 +288,8 @@ extension DomainService {
         job.listener = listener
         job.disks = targets.map { t in
             BackupJobDisk(
-                target: t, scratch: (scratchDir as NSString).appendingPathComponent("\(t).\(job.name).scratch.qcow2"),
+                target: t,
+                scratch: (scratchDir as NSString).appendingPathComponent("\(t).\(job.name).scratch.\(format)"),
                 destination: nil, backing: nil, changedSince: changed[t] ?? [],
                 uri: listener.uri(export: t))
         }
@@ -352,7 +367,7 @@ extension DomainService {
         let (definition, _) = try definition(domain)
         guard let job = try store.backupJob(of: domain) else { return nil }
         var status = BackupStatus(job: job)
-        guard let layer = try await aliveLayer(job, definition: definition) else {
+        guard let layer = try await aliveLayer(definition, storageDaemon: job.storageDaemon) else {
             status.problem =
                 job.storageDaemon
                 ? "the storage daemon holding the disks is gone"
@@ -360,21 +375,16 @@ extension DomainService {
             return status
         }
         if job.mode == .push {
-            let progress = try await layer.backupProgress(targets: job.disks.map(\.target))
+            let progress: [BlockJobProgress]
+            do { progress = try await layer.backupProgress(targets: job.disks.map(\.target)) } catch {
+                await layer.close(keepDaemon: true)
+                throw error
+            }
             status.done = progress.reduce(0) { $0 + $1.done }
             status.total = progress.reduce(0) { $0 + $1.total }
         }
         await layer.close(keepDaemon: true)
         return status
-    }
-
-    /// The block layer still holding a job's state, or nil when the process that held it is gone
-    /// (never starts a storage daemon).
-    func aliveLayer(_ job: BackupJob, definition: DomainDefinition) async throws -> (any BlockLayer)? {
-        let driver = try drivers.driver(for: definition)
-        let alive = job.storageDaemon ? driver.storageDaemonRuns(job.domain) : driver.isRunning(job.domain)
-        guard alive else { return nil }
-        return try await driver.blockLayer(definition, drives: try await drives(definition))
     }
 
     /// Ends a pull backup: the exports and views go, and their scratch images.
@@ -398,7 +408,7 @@ extension DomainService {
     /// removes `files`. Idempotent.
     func tearDown(_ job: BackupJob, removing files: [String]) async throws {
         let (definition, _) = try definition(job.domain)
-        if let layer = try await aliveLayer(job, definition: definition) {
+        if let layer = try await aliveLayer(definition, storageDaemon: job.storageDaemon) {
             let targets = job.disks.map(\.target)
             do {
                 try await layer.stopExports(ids: targets)
@@ -425,17 +435,12 @@ extension DomainService {
         } else {
             try await tearDown(job, removing: [])
             if let record = j.checkpoint {
-                let (definition, _) = try definition(job.domain)
-                let access = try await bitmapAccess(definition)
-                try await access.remove(record.name, targets: record.disks.map(\.target))
-                await access.close()
+                try await withBitmapAccess(try definition(job.domain).definition) {
+                    try await $0.remove(record.name, targets: record.disks.map(\.target))
+                }
             }
         }
-        for f in j.created { unlink(f) }
-        for f in j.planned where !j.created.contains(f) {
-            var st = stat()
-            if lstat(f, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, st.st_size == 0 { unlink(f) }
-        }
+        j.removeFiles()
         if let record = j.checkpoint { try store.updateCheckpoints(domain: job.domain, remove: [record.name]) }
         try store.setBackupJob(nil, domain: job.domain)
     }

@@ -82,11 +82,16 @@ extension DomainService {
                 var definition = manifest.definition
                 definition.name = newName
                 definition.uuid = UUID()
-                definition.disks = definition.disks.filter { report.disks[$0.target] != nil }.map {
-                    DomainDisk(
-                        target: $0.target, backend: format == "raw" ? "raw" : "qcow2", locator: report.disks[$0.target]!
-                    )
+                // Each restored file goes to the backend that declares its image format on files.
+                var restored: [DomainDisk] = []
+                for disk in definition.disks {
+                    guard let path = report.disks[disk.target] else { continue }
+                    let kind = try await backendKind(
+                        format: format, sourceType: .file, locator: path, target: disk.target,
+                        consequence: "nothing was restored")
+                    restored.append(DomainDisk(target: disk.target, backend: kind, locator: path))
                 }
+                definition.disks = restored
                 try await define(definition)
                 report.defined = newName
             }

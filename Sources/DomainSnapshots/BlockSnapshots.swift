@@ -57,11 +57,7 @@ extension MetadataStore {
                 try Row.fetchAll(
                     db, sql: "SELECT record_json FROM domain_blocksnapshots WHERE domain = ? ORDER BY name",
                     arguments: [domain]
-                ).map {
-                    let d = JSONDecoder()
-                    d.dateDecodingStrategy = .secondsSince1970
-                    return try d.decode(BlockSnapshotRecord.self, from: $0["record_json"] as Data)
-                }
+                ).map { try Self.recordDecoder.decode(BlockSnapshotRecord.self, from: $0["record_json"] as Data) }
             }
         }
     }
@@ -70,13 +66,10 @@ extension MetadataStore {
         try wrap {
             try dbQueue.write { db in
                 if let record {
-                    let e = JSONEncoder()
-                    e.outputFormatting = [.sortedKeys]
-                    e.dateEncodingStrategy = .secondsSince1970
                     try db.execute(
                         sql:
                             "INSERT OR REPLACE INTO domain_blocksnapshots (domain, name, record_json) VALUES (?, ?, ?)",
-                        arguments: [domain, name, try e.encode(record)])
+                        arguments: [domain, name, try Self.recordEncoder.encode(record)])
                 } else {
                     try db.execute(
                         sql: "DELETE FROM domain_blocksnapshots WHERE domain = ? AND name = ?",
@@ -125,13 +118,9 @@ extension DomainService {
         }
         let targets = try backupTargets(definition, request.targets)
         try requireFreeForViews(domain, targets: targets, driver: driver)
-        var changed: [String: [LayerBitmap]] = [:]
-        if let since = request.changesSince {
-            var job = BackupJob(
-                domain: domain, name: name, mode: .pull, startedAt: Date(), disks: [], storageDaemon: false)
-            try await chooseIncremental(
-                &job, BackupRequest(incremental: since), definition: definition, targets: targets, changed: &changed)
-        }
+        let changed = try await incrementalBase(
+            from: request.changesSince, fallbackFull: false, definition: definition, targets: targets
+        ).changed
         var newRecord: CheckpointRecord?
         if let c = request.checkpoint {
             try checkCheckpointName(c, domain: domain)
@@ -147,7 +136,8 @@ extension DomainService {
             changesSince: request.changesSince, checkpoint: request.checkpoint,
             disks: targets.map { t in
                 BlockSnapshotDisk(
-                    target: t, source: (dir as NSString).appendingPathComponent("bs\(seq)-\(t).qcow2"),
+                    target: t,
+                    source: (dir as NSString).appendingPathComponent("bs\(seq)-\(t).\(driver.backupImages.format)"),
                     id: "bs\(seq)-\(t)",
                     exportName: "\(name)-\(t)", changedSince: changed[t] ?? [])
             }, storageDaemon: !driver.isRunning(domain), exportListener: nil)
@@ -218,11 +208,7 @@ extension DomainService {
 
     func finishBlockSnapshotDelete(_ record: BlockSnapshotRecord) async throws {
         let (definition, _) = try definition(record.domain)
-        let driver = try drivers.driver(for: definition)
-        let alive =
-            record.storageDaemon ? driver.storageDaemonRuns(record.domain) : driver.isRunning(record.domain)
-        if alive {
-            let layer = try await driver.blockLayer(definition, drives: try await drives(definition))
+        if let layer = try await aliveLayer(definition, storageDaemon: record.storageDaemon) {
             do {
                 try await layer.stopExports(ids: record.disks.map(\.id))
                 for d in record.disks { try await layer.stopBlockSnapshot(id: d.id) }
@@ -248,17 +234,12 @@ extension DomainService {
         } else {
             try await finishBlockSnapshotDelete(record)
             if let c = j.checkpoint {
-                let (definition, _) = try definition(record.domain)
-                let access = try await bitmapAccess(definition)
-                try await access.remove(c.name, targets: c.disks.map(\.target))
-                await access.close()
+                try await withBitmapAccess(try definition(record.domain).definition) {
+                    try await $0.remove(c.name, targets: c.disks.map(\.target))
+                }
             }
         }
-        for f in j.created { unlink(f) }
-        for f in j.planned where !j.created.contains(f) {
-            var st = stat()
-            if lstat(f, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, st.st_size == 0 { unlink(f) }
-        }
+        j.removeFiles()
         if let c = j.checkpoint { try store.updateCheckpoints(domain: record.domain, remove: [c.name]) }
         try store.setBlockSnapshot(nil, domain: record.domain, name: record.name)
     }
@@ -284,8 +265,11 @@ extension DomainService {
         let listener: ExportListener =
             given ?? .unix(path: (store.directory as NSString).appendingPathComponent("run/\(domain)/nbd.sock"))
         let layer = try await driver.blockLayer(definition, drives: try await drives(definition))
-        defer { Task { await layer.close(keepDaemon: true) } }
-        try await layer.startExports(record.parts(), listener: listener)
+        do { try await layer.startExports(record.parts(), listener: listener) } catch {
+            await layer.close(keepDaemon: true)
+            throw error
+        }
+        await layer.close(keepDaemon: true)
         record.exportListener = listener
         try store.setBlockSnapshot(record, domain: domain, name: name)
         return record
@@ -297,11 +281,12 @@ extension DomainService {
         defer { withExtendedLifetime(lock) {} }
         var record = try blockSnapshot(domain: domain, name)
         let (definition, _) = try definition(domain)
-        let driver = try drivers.driver(for: definition)
-        if record.storageDaemon ? driver.storageDaemonRuns(domain) : driver.isRunning(domain) {
-            let layer = try await driver.blockLayer(definition, drives: try await drives(definition))
-            defer { Task { await layer.close(keepDaemon: true) } }
-            try await layer.stopExports(ids: record.disks.map(\.id))
+        if let layer = try await aliveLayer(definition, storageDaemon: record.storageDaemon) {
+            do { try await layer.stopExports(ids: record.disks.map(\.id)) } catch {
+                await layer.close(keepDaemon: true)
+                throw error
+            }
+            await layer.close(keepDaemon: true)
         }
         record.exportListener = nil
         try store.setBlockSnapshot(record, domain: domain, name: name)

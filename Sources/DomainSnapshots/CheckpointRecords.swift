@@ -62,18 +62,6 @@ public struct CheckpointDiskState: Codable, Sendable, Hashable {
 }
 
 extension MetadataStore {
-    private static let checkpointEncoder: JSONEncoder = {
-        let e = JSONEncoder()
-        e.outputFormatting = [.sortedKeys]
-        e.dateEncodingStrategy = .secondsSince1970
-        return e
-    }()
-    private static let checkpointDecoder: JSONDecoder = {
-        let d = JSONDecoder()
-        d.dateDecodingStrategy = .secondsSince1970
-        return d
-    }()
-
     /// A domain's checkpoints, oldest first.
     public func checkpoints(of domain: String) throws -> [CheckpointRecord] {
         try wrap {
@@ -81,7 +69,7 @@ extension MetadataStore {
                 try Row.fetchAll(
                     db, sql: "SELECT record_json FROM domain_checkpoints WHERE domain = ? ORDER BY seq",
                     arguments: [domain]
-                ).map { try Self.checkpointDecoder.decode(CheckpointRecord.self, from: $0["record_json"] as Data) }
+                ).map { try Self.recordDecoder.decode(CheckpointRecord.self, from: $0["record_json"] as Data) }
             }
         }
     }
@@ -105,7 +93,7 @@ extension MetadataStore {
                     try db.execute(
                         sql:
                             "INSERT OR REPLACE INTO domain_checkpoints (domain, name, record_json, seq) VALUES (?, ?, ?, ?)",
-                        arguments: [domain, record.name, try Self.checkpointEncoder.encode(record), seq])
+                        arguments: [domain, record.name, try Self.recordEncoder.encode(record), seq])
                 }
             }
         }
@@ -116,7 +104,7 @@ extension MetadataStore {
         try wrap {
             try dbQueue.read { db in
                 try Data.fetchOne(db, sql: "SELECT job_json FROM domain_backups WHERE domain = ?", arguments: [domain])
-                    .map { try Self.checkpointDecoder.decode(BackupJob.self, from: $0) }
+                    .map { try Self.recordDecoder.decode(BackupJob.self, from: $0) }
             }
         }
     }
@@ -127,7 +115,7 @@ extension MetadataStore {
                 if let job {
                     try db.execute(
                         sql: "INSERT OR REPLACE INTO domain_backups (domain, job_json) VALUES (?, ?)",
-                        arguments: [domain, try Self.checkpointEncoder.encode(job)])
+                        arguments: [domain, try Self.recordEncoder.encode(job)])
                 } else {
                     try db.execute(sql: "DELETE FROM domain_backups WHERE domain = ?", arguments: [domain])
                 }

@@ -120,13 +120,13 @@ extension DomainService {
             )
         }
         for i in record.disks.indices { record.disks[i].epoch = try store.contentEpoch(diskID: record.disks[i].diskID) }
-        let access = try await bitmapAccess(definition)
-        defer { Task { await access.close() } }
-        for d in record.disks where try await !access.bitmaps(d.target).contains(where: { $0.name == d.bitmap }) {
-            throw SnapshotError(
-                .notFound,
-                "disk \(d.target) has no bitmap \(d.bitmap) in \(d.image); a checkpoint is redefined only over the bitmap it describes"
-            )
+        try await withBitmapAccess(definition) { access in
+            for d in record.disks where try await !access.bitmaps(d.target).contains(where: { $0.name == d.bitmap }) {
+                throw SnapshotError(
+                    .notFound,
+                    "disk \(d.target) has no bitmap \(d.bitmap) in \(d.image); a checkpoint is redefined only over the bitmap it describes"
+                )
+            }
         }
         try store.updateCheckpoints(domain: domain, upsert: [record])
         return record

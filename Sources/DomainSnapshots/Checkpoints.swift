@@ -50,6 +50,16 @@ struct BlockJournal: Codable, Sendable {
     var planned: [String] = []
     var created: [String] = []
     var phases: [String] = []
+
+    /// A rollback's file cleanup: the files made, and planned ones still empty (made just before
+    /// a crash), never a file that was there before.
+    func removeFiles() {
+        for f in created { unlink(f) }
+        for f in planned where !created.contains(f) {
+            var st = stat()
+            if lstat(f, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, st.st_size == 0 { unlink(f) }
+        }
+    }
 }
 
 /// How checkpoints' bitmaps are reached now: through the hypervisor's block layer while a
@@ -95,6 +105,32 @@ extension DomainService {
             offline[disk.target] = (backend, layout)
         }
         return BitmapAccess(layer: nil, offline: offline)
+    }
+
+    /// Runs `body` with the domain's bitmaps, closing the access before returning or throwing
+    /// (QEMU serves one QMP client: the next connection must find this one gone).
+    func withBitmapAccess<T>(_ definition: DomainDefinition, _ body: (BitmapAccess) async throws -> T)
+        async throws -> T
+    {
+        let access = try await bitmapAccess(definition)
+        do {
+            let result = try await body(access)
+            await access.close()
+            return result
+        } catch {
+            await access.close()
+            throw error
+        }
+    }
+
+    /// The block layer still holding a job's or view's state (the running hypervisor, or the
+    /// storage daemon a shut-off domain's job started), or nil when that process is gone. Never
+    /// starts a storage daemon.
+    func aliveLayer(_ definition: DomainDefinition, storageDaemon: Bool) async throws -> (any BlockLayer)? {
+        let driver = try drivers.driver(for: definition)
+        let alive = storageDaemon ? driver.storageDaemonRuns(definition.name) : driver.isRunning(definition.name)
+        guard alive else { return nil }
+        return try await driver.blockLayer(definition, drives: try await drives(definition))
     }
 
     /// The disks a checkpoint tracks: the ones asked for, each checked for changed-block
@@ -253,9 +289,9 @@ extension DomainService {
     public func checkpointState(domain: String, _ name: String) async throws -> [CheckpointDiskState] {
         let record = try checkpoint(domain: domain, name)
         let (definition, _) = try definition(domain)
-        let access = try await bitmapAccess(definition)
-        defer { Task { await access.close() } }
-        return try await checkpointState(record, definition: definition, access: access)
+        return try await withBitmapAccess(definition) {
+            try await checkpointState(record, definition: definition, access: $0)
+        }
     }
 
     func checkpointState(_ record: CheckpointRecord, definition: DomainDefinition, access: BitmapAccess)
@@ -366,15 +402,9 @@ extension DomainService {
         var j = BlockJournal(operation: .checkpointDelete, removing: removing)
         let id = try beginBlockJournal(domain: domain, j)
         if !metadataOnly {
-            let (definition, _) = try definition(domain)
-            let access = try await bitmapAccess(definition)
-            do {
+            try await withBitmapAccess(try definition(domain).definition) { access in
                 for r in removing { try await access.remove(r.name, targets: r.disks.map(\.target)) }
-            } catch {
-                await access.close()
-                throw error
             }
-            await access.close()
         }
         try blockPhase(id, &j, "bitmaps-removed", domain: domain)
         try finishCheckpointDelete(domain: domain, removing: removing)
@@ -431,17 +461,17 @@ extension DomainService {
                 return
             }
             let (definition, _) = try definition(domain)
-            let access = try await bitmapAccess(definition)
-            try await access.remove(record.name, targets: record.disks.map(\.target))
-            await access.close()
+            try await withBitmapAccess(definition) {
+                try await $0.remove(record.name, targets: record.disks.map(\.target))
+            }
             try store.finishDomainJournal(entry.id, state: "rolled-back")
             notify("recovered an interrupted checkpoint create on domain '\(domain)': rolled back")
             return
         case .checkpointDelete:
             let (definition, _) = try definition(domain)
-            let access = try await bitmapAccess(definition)
-            for r in j.removing { try await access.remove(r.name, targets: r.disks.map(\.target)) }
-            await access.close()
+            try await withBitmapAccess(definition) { access in
+                for r in j.removing { try await access.remove(r.name, targets: r.disks.map(\.target)) }
+            }
             try finishCheckpointDelete(domain: domain, removing: j.removing)
             try store.finishDomainJournal(entry.id, state: "done")
             notify("recovered an interrupted checkpoint delete on domain '\(domain)': finished")

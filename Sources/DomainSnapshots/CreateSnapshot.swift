@@ -181,9 +181,9 @@ extension DomainService {
             if state == .shutoff {
                 try await takeThroughBackends(parts, name: name, request: request, journalID: journalID, j: &j)
                 if let checkpoint {
-                    let access = try await bitmapAccess(definition)
-                    defer { Task { await access.close() } }
-                    try await access.add(checkpoint.name, targets: checkpoint.disks.map(\.target))
+                    try await withBitmapAccess(definition) {
+                        try await $0.add(checkpoint.name, targets: checkpoint.disks.map(\.target))
+                    }
                 }
             } else {
                 let live = try await driver.connect(domain)
@@ -559,9 +559,9 @@ extension DomainService {
         }
         // The checkpoint taken with it goes too (through a new connection: QEMU serves one).
         if let c = j.checkpoint, try !store.checkpoints(of: domain).contains(where: { $0.name == c.name }) {
-            let access = try await bitmapAccess(record.definition)
-            defer { Task { await access.close() } }
-            try await access.remove(c.name, targets: c.disks.map(\.target))
+            try await withBitmapAccess(record.definition) {
+                try await $0.remove(c.name, targets: c.disks.map(\.target))
+            }
         }
     }
 

@@ -92,13 +92,14 @@ public struct DomainJournalEntry: Sendable {
 // MARK: - Store
 
 extension MetadataStore {
-    private static let encoder: JSONEncoder = {
+    /// The domain layer's records as JSON in the store: sorted keys, dates as seconds.
+    static let recordEncoder: JSONEncoder = {
         let e = JSONEncoder()
         e.outputFormatting = [.sortedKeys]
         e.dateEncodingStrategy = .secondsSince1970
         return e
     }()
-    private static let decoder: JSONDecoder = {
+    static let recordDecoder: JSONDecoder = {
         let d = JSONDecoder()
         d.dateDecodingStrategy = .secondsSince1970
         return d
@@ -106,7 +107,7 @@ extension MetadataStore {
 
     /// Adds a domain, or replaces the definition of one with the same name and UUID.
     public func define(_ domain: DomainDefinition) throws {
-        let json = try Self.encoder.encode(domain)
+        let json = try Self.recordEncoder.encode(domain)
         try wrap {
             try dbQueue.write { db in
                 if let row = try Row.fetchOne(
@@ -140,7 +141,7 @@ extension MetadataStore {
                         arguments: [name])
                 else { return nil }
                 return (
-                    try Self.decoder.decode(DomainDefinition.self, from: row["definition_json"] as Data),
+                    try Self.recordDecoder.decode(DomainDefinition.self, from: row["definition_json"] as Data),
                     row["current_snapshot"]
                 )
             }
@@ -151,7 +152,7 @@ extension MetadataStore {
         try wrap {
             try dbQueue.read { db in
                 try Row.fetchAll(db, sql: "SELECT definition_json FROM domains ORDER BY name").map {
-                    try Self.decoder.decode(DomainDefinition.self, from: $0["definition_json"] as Data)
+                    try Self.recordDecoder.decode(DomainDefinition.self, from: $0["definition_json"] as Data)
                 }
             }
         }
@@ -171,7 +172,7 @@ extension MetadataStore {
                     db, sql: "SELECT record_json FROM domain_snapshots WHERE domain = ? ORDER BY seq",
                     arguments: [domain]
                 ).map {
-                    try Self.decoder.decode(DomainSnapshotRecord.self, from: $0["record_json"] as Data)
+                    try Self.recordDecoder.decode(DomainSnapshotRecord.self, from: $0["record_json"] as Data)
                 }
             }
         }
@@ -188,7 +189,7 @@ extension MetadataStore {
                         sql: "DELETE FROM domain_snapshots WHERE domain = ? AND name = ?", arguments: [domain, name])
                 }
                 for record in upsert {
-                    let json = try Self.encoder.encode(record)
+                    let json = try Self.recordEncoder.encode(record)
                     let seq =
                         try Int64.fetchOne(
                             db, sql: "SELECT seq FROM domain_snapshots WHERE domain = ? AND name = ?",

@@ -144,17 +144,25 @@ extension DomainService {
     /// The backend whose descriptor names disks the way libvirt's XML does (driver type, source
     /// type); among several, the one that recognizes the disk.
     func backendKind(for disk: LibvirtDomainXML.Disk) async throws -> BackendKind {
+        try await backendKind(
+            format: disk.driverType, sourceType: disk.sourceType, locator: disk.source, target: disk.target,
+            consequence: "nothing was imported")
+    }
+
+    /// The backend that declares this image format on this source type; among several, the one
+    /// that recognizes the disk.
+    func backendKind(
+        format: String, sourceType: DiskSourceType, locator: String, target: String, consequence: String
+    ) async throws -> BackendKind {
         let all = try disks.registry.allBackends(environment: disks.environment)
-        let matching = all.filter {
-            $0.descriptor.imageFormat == disk.driverType && $0.descriptor.sourceType == disk.sourceType
-        }
+        let matching = all.filter { $0.descriptor.imageFormat == format && $0.descriptor.sourceType == sourceType }
         for backend in matching {
             if matching.count == 1 { return backend.kind }
-            if await backend.recognizes(locator: disk.source) { return backend.kind }
+            if await backend.recognizes(locator: locator) { return backend.kind }
         }
         throw SnapshotError(
             .unsupported,
-            "disk \(disk.target) (\(disk.source)): no backend takes \(disk.driverType) images on a \(disk.sourceType.rawValue) source (backends: \(all.map { "\($0.kind): \($0.descriptor.imageFormat) on \($0.descriptor.sourceType.rawValue)" }.joined(separator: ", "))); nothing was imported"
+            "disk \(target) (\(locator)): no backend takes \(format) images on a \(sourceType.rawValue) source (backends: \(all.map { "\($0.kind): \($0.descriptor.imageFormat) on \($0.descriptor.sourceType.rawValue)" }.joined(separator: ", "))); \(consequence)"
         )
     }
 

@@ -36,15 +36,63 @@ public struct QEMUBlockLayer: BlockLayer {
         do { return try await body() } catch { throw QEMUDriver.layerError(error) }
     }
 
-    /// The node holding the disk's active layer: the storage daemon names it after the drive;
-    /// a QEMU started with `-drive` has an automatic name, read from `query-block`.
-    func node(_ target: String) async throws -> String {
-        if daemon != nil { return QEMUDriver.driveID(target) }
-        guard
-            let node = try await client.blockDevices().first(where: { $0.device == QEMUDriver.driveID(target) })?
-                .nodeName
-        else { throw SnapshotError(.conflict, "QEMU has no block device for disk \(target)") }
-        return node
+    /// The block graph at one moment: each disk's active node and every node with its bitmaps.
+    /// Read once per operation (two QMP round trips, whatever the number of disks): some of these
+    /// operations run while the guest is paused for a snapshot.
+    struct Graph {
+        /// Drive id (`QEMUDriver.driveID`) -> node of the disk's active layer.
+        let active: [String: String]
+        let nodes: [QMP.BlockNode]
+
+        /// The node holding the disk's active layer.
+        func node(_ target: String) throws -> String {
+            guard let node = active[QEMUDriver.driveID(target)] else {
+                throw SnapshotError(.conflict, "QEMU has no block device for disk \(target)")
+            }
+            return node
+        }
+
+        /// The node of one layer of a disk: the active one, or the image format node QEMU opened
+        /// `image` with (a backing layer).
+        func node(_ target: String, layer image: String?) throws -> String {
+            guard let image else { return try node(target) }
+            let protocols: Set<String> = ["file", "host_device", "host_cdrom", "rbd", "nbd"]
+            guard let found = nodes.first(where: { $0.file == image && !protocols.contains($0.driver) }) else {
+                throw SnapshotError(.notFound, "QEMU has no layer \(image) open for disk \(target)")
+            }
+            return found.nodeName
+        }
+
+        func bitmaps(_ target: String, layer image: String? = nil) throws -> [DirtyBitmap] {
+            let name = try node(target, layer: image)
+            return nodes.first { $0.nodeName == name }?.bitmaps ?? []
+        }
+
+        /// The bitmaps to merge, each by node.
+        func sources(_ target: String, _ bitmaps: [LayerBitmap]) throws -> [QMP.BitmapRef] {
+            try bitmaps.map { QMP.BitmapRef(node: try node(target, layer: $0.layer), name: $0.name) }
+        }
+
+        /// The actions that add a new checkpoint's bitmap to its disks, persistent and recording.
+        func addActions(_ bitmap: NewBitmap?) throws -> [QMP.BlockAction] {
+            guard let bitmap else { return [] }
+            return try bitmap.targets.map {
+                .addBitmap(node: try node($0), name: bitmap.name, persistent: true, disabled: false)
+            }
+        }
+    }
+
+    /// The storage daemon names each disk's node after its drive; a QEMU started with `-drive`
+    /// has automatic node names, read from `query-block`.
+    func graph() async throws -> Graph {
+        let nodes = try await client.run(QMP.QueryNamedBlockNodes())
+        var active: [String: String] = [:]
+        if daemon != nil {
+            for n in nodes { active[n.nodeName] = n.nodeName }
+        } else {
+            for d in try await client.blockDevices() { active[d.device] = d.nodeName }
+        }
+        return Graph(active: active, nodes: nodes)
     }
 
     func nodes() async throws -> [QMP.BlockNode] { try await client.run(QMP.QueryNamedBlockNodes()) }
@@ -52,79 +100,46 @@ public struct QEMUBlockLayer: BlockLayer {
     // MARK: - Bitmaps
 
     public func bitmaps(target: String, layer image: String?) async throws -> [DirtyBitmap] {
-        try await layer {
-            let name = try await node(target, layer: image)
-            return try await nodes().first { $0.nodeName == name }?.bitmaps ?? []
-        }
-    }
-
-    /// The node of one layer of a disk: the active one, or the image format node QEMU opened
-    /// `image` with (a backing layer).
-    func node(_ target: String, layer image: String?) async throws -> String {
-        guard let image else { return try await node(target) }
-        let protocols: Set<String> = ["file", "host_device", "host_cdrom", "rbd", "nbd"]
-        guard let found = try await nodes().first(where: { $0.file == image && !protocols.contains($0.driver) }) else {
-            throw SnapshotError(.notFound, "QEMU has no layer \(image) open for disk \(target)")
-        }
-        return found.nodeName
-    }
-
-    /// The bitmaps to merge, each by node.
-    func sources(_ target: String, _ bitmaps: [LayerBitmap]) async throws -> [QMP.BitmapRef] {
-        var refs: [QMP.BitmapRef] = []
-        for b in bitmaps { refs.append(QMP.BitmapRef(node: try await node(target, layer: b.layer), name: b.name)) }
-        return refs
+        try await layer { try await graph().bitmaps(target, layer: image) }
     }
 
     public func addBitmaps(_ name: String, targets: [String]) async throws {
         try await layer {
-            var actions: [QMP.BlockAction] = []
-            for target in targets
-            where try await !bitmaps(target: target, layer: nil).contains(where: { $0.name == name }) {
-                actions.append(.addBitmap(node: try await node(target), name: name, persistent: true, disabled: false))
-            }
+            let g = try await graph()
+            let missing = try targets.filter { t in try !g.bitmaps(t).contains { $0.name == name } }
+            let actions = try g.addActions(NewBitmap(name: name, targets: missing))
             if !actions.isEmpty { try await client.run(QMP.BlockTransaction(actions: actions)) }
         }
     }
 
     public func removeBitmaps(_ name: String, targets: [String]) async throws {
         try await layer {
-            for target in targets
-            where try await bitmaps(target: target, layer: nil).contains(where: { $0.name == name }) {
-                try await client.run(QMP.RemoveBitmap(node: try await node(target), name: name))
+            let g = try await graph()
+            for target in targets where try g.bitmaps(target).contains(where: { $0.name == name }) {
+                try await client.run(QMP.RemoveBitmap(node: try g.node(target), name: name))
             }
         }
-    }
-
-    /// The actions that add bitmap `name` to each target's disk, persistent and recording.
-    func newBitmapActions(_ bitmap: NewBitmap?) async throws -> [QMP.BlockAction] {
-        guard let bitmap else { return [] }
-        let name = bitmap.name
-        var actions: [QMP.BlockAction] = []
-        for target in bitmap.targets {
-            actions.append(.addBitmap(node: try await node(target), name: name, persistent: true, disabled: false))
-        }
-        return actions
     }
 
     // MARK: - Views
 
     public func startBlockSnapshots(_ parts: [BlockSnapshotPart], newBitmap: NewBitmap?) async throws {
         try await layer {
+            let g = try await graph()
             var actions: [QMP.BlockAction] = []
             for part in parts {
-                let disk = try await node(part.target)
+                let disk = try g.node(part.target)
                 let view = Self.viewNode(part.id)
                 try await client.run(QMP.AddQcow2Node(nodeName: view, path: part.scratch, backing: disk))
                 if let published = part.changedSinceName {
                     actions.append(.addBitmap(node: view, name: published, persistent: false, disabled: true))
                     actions.append(
                         .mergeBitmaps(
-                            node: view, target: published, sources: try await sources(part.target, part.changedSince)))
+                            node: view, target: published, sources: try g.sources(part.target, part.changedSince)))
                 }
                 actions.append(.backup(device: disk, target: view, jobID: Self.viewJob(part.id), sync: .none))
             }
-            actions += try await newBitmapActions(newBitmap)
+            actions += try g.addActions(newBitmap)
             do {
                 Trace.mark("views prepared")
                 try await client.run(QMP.BlockTransaction(actions: actions))
@@ -225,9 +240,10 @@ public struct QEMUBlockLayer: BlockLayer {
 
     public func startBackups(_ parts: [BackupPart], newBitmap: NewBitmap?) async throws {
         try await layer {
+            let g = try await graph()
             var actions: [QMP.BlockAction] = []
             for part in parts {
-                let disk = try await node(part.target)
+                let disk = try g.node(part.target)
                 let target = Self.backupNode(part.target)
                 try await client.run(QMP.AddQcow2Node(nodeName: target, path: part.destination, backing: nil))
                 if part.changedSince.isEmpty {
@@ -238,13 +254,13 @@ public struct QEMUBlockLayer: BlockLayer {
                     actions.append(.addBitmap(node: disk, name: frozen, persistent: false, disabled: true))
                     actions.append(
                         .mergeBitmaps(
-                            node: disk, target: frozen, sources: try await sources(part.target, part.changedSince)))
+                            node: disk, target: frozen, sources: try g.sources(part.target, part.changedSince)))
                     actions.append(
                         .backup(device: disk, target: target, jobID: Self.backupJob(part.target), sync: .bitmap(frozen))
                     )
                 }
             }
-            actions += try await newBitmapActions(newBitmap)
+            actions += try g.addActions(newBitmap)
             do { try await client.run(QMP.BlockTransaction(actions: actions)) } catch {
                 for part in parts { try? await client.run(QMP.DeleteNode(nodeName: Self.backupNode(part.target))) }
                 throw error
@@ -332,8 +348,9 @@ public struct QEMUBlockLayer: BlockLayer {
 extension QEMUBlockLayer {
     public func virtualSize(target: String) async throws -> UInt64 {
         try await layer {
-            let name = try await node(target)
-            guard let size = try await nodes().first(where: { $0.nodeName == name })?.virtualSize, size > 0 else {
+            let g = try await graph()
+            let name = try g.node(target)
+            guard let size = g.nodes.first(where: { $0.nodeName == name })?.virtualSize, size > 0 else {
                 throw SnapshotError(.conflict, "QEMU reports no size for disk \(target)")
             }
             return size

@@ -123,11 +123,13 @@ public struct QEMULiveDomain: LiveDomain {
     public func carryDirtyBitmaps(_ previous: [String: String]) async throws {
         let block = QEMUBlockLayer(client: client, daemon: nil)
         try await layer {
+            // One read of the graph for every disk: this runs while the guest is paused.
+            let g = try await block.graph()
             var actions: [QMP.BlockAction] = []
             for (target, base) in previous.sorted(by: { $0.key < $1.key }) {
-                let active = try await block.node(target)
-                let have = Set(try await block.bitmaps(target: target, layer: nil).map(\.name))
-                for b in try await block.bitmaps(target: target, layer: base)
+                let active = try g.node(target)
+                let have = Set(try g.bitmaps(target).map(\.name))
+                for b in try g.bitmaps(target, layer: base)
                 where b.persistent && !b.inconsistent && !have.contains(b.name) {
                     actions.append(.addBitmap(node: active, name: b.name, persistent: true, disabled: false))
                 }
