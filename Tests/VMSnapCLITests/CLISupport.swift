@@ -82,7 +82,7 @@ struct CLI {
             do {
                 try await SubprocessRunner().run(argv)
                 return path
-            } catch let error as SnapshotError where error.message.contains("Unable to get accurate CPU usage") {
+            } catch let error as CommandError where "\(error)".contains("Unable to get accurate CPU usage") {
                 try? FileManager.default.removeItem(atPath: path)
                 if attempt == 20 { throw error }
             }
