@@ -18,6 +18,7 @@ let package = Package(
         .library(name: "LVMBackend", targets: ["LVMBackend"]),
         .library(name: "HypervisorDriver", targets: ["HypervisorDriver"]),
         .library(name: "QEMUDriver", targets: ["QEMUDriver"]),
+        .library(name: "XenDriver", targets: ["XenDriver"]),
         .library(name: "DomainSnapshots", targets: ["DomainSnapshots"]),
         .executable(name: "vmsnap", targets: ["vmsnap"]),
     ],
@@ -61,6 +62,13 @@ let package = Package(
         .target(
             name: "QEMUDriver",
             dependencies: ["SnapshotCore", "HypervisorDriver"],
+            swiftSettings: strict
+        ),
+        // Xen through libxenlight, in process (Debian's libxen-dev).
+        .systemLibrary(name: "CLibXL", path: "Sources/CLibXL", providers: [.apt(["libxen-dev"])]),
+        .target(
+            name: "XenDriver",
+            dependencies: ["SnapshotCore", "HypervisorDriver", "CLibXL"],
             swiftSettings: strict
         ),
         // Names no hypervisor and no backend kind: asks the drivers and the backends.
@@ -119,7 +127,7 @@ let package = Package(
             dependencies: [
                 "SnapshotCore", "BackendConformance", "BackendPluginKit", "Qcow2Backend", "VHDBackend", "LVMBackend",
                 "DomainSnapshots",
-                "HypervisorDriver", "QEMUDriver",
+                "HypervisorDriver", "QEMUDriver", "XenDriver",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict
@@ -149,6 +157,11 @@ let package = Package(
 
         // MARK: - Tests
         .testTarget(
+            name: "XenDriverTests",
+            dependencies: ["XenDriver", "HypervisorDriver", "SnapshotCore"],
+            swiftSettings: strict
+        ),
+        .testTarget(
             name: "SnapshotCoreTests",
             dependencies: ["SnapshotCore"],
             swiftSettings: strict
@@ -174,7 +187,8 @@ let package = Package(
         .testTarget(
             name: "DomainSnapshotsTests",
             dependencies: [
-                "DomainSnapshots", "HypervisorDriver", "QEMUDriver", "SnapshotCore", "Qcow2Backend", "VHDBackend",
+                "DomainSnapshots", "HypervisorDriver", "QEMUDriver", "XenDriver", "SnapshotCore", "Qcow2Backend",
+                "VHDBackend",
                 "LVMBackend",
             ],
             swiftSettings: strict

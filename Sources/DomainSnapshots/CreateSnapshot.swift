@@ -200,6 +200,7 @@ extension DomainService {
                     } else {
                         try await takeLive(
                             live, request: request, name: name, parts: parts, state: state, withMemory: withMemory,
+                            liveSave: driver.capabilities.liveMemorySave,
                             memoryFD: memoryFD, guestBytes: UInt64(definition.memoryMiB) << 20,
                             record: &record, report: &report, journalID: journalID, j: &j)
                     }
@@ -349,7 +350,9 @@ extension DomainService {
                 if drive.liveSnapshots, driver.capabilities.snapshotsLive(format: drive.format, kind: kind) {
                     part.live = try await backend.planLiveCreate(
                         SnapshotRequest(name: name, kind: kind, description: request.description), layout: layout)
-                } else if !caps.supports(.create, kind, .live) {
+                } else if !caps.supports(.create, kind, .live)
+                    || !driver.capabilities.pausedStorageSnapshotSources.contains(drive.sourceType)
+                {
                     throw SnapshotError(
                         .unsupported,
                         "disk \(disk.target): backend '\(backend.kind)' cannot take \(kind) snapshots while the domain runs, and the \(driver.name) driver cannot take them for it; stop the domain, or leave the disk out with --disks"
@@ -394,7 +397,7 @@ extension DomainService {
     /// save started (the guest resumes with a live save), the disks recorded, the save finished.
     func takeLive(
         _ live: any LiveDomain, request: DomainSnapshotRequest, name: String, parts: [DiskPart], state: DomainRunState,
-        withMemory: Bool,
+        withMemory: Bool, liveSave: Bool,
         memoryFD: Int32, guestBytes: UInt64, record: inout DomainSnapshotRecord, report: inout CreateReport,
         journalID: Int64, j: inout DomainJournal
     ) async throws {
@@ -403,7 +406,9 @@ extension DomainService {
             j.liveBefore[part.disk.target] = part.layout
             j.liveAfter[part.disk.target] = part.live!.result
         }
-        let liveMemory = withMemory && state == .running && !request.pausedSave
+        // Saved live where the hypervisor can (the guest runs during the save), else with the
+        // guest stopped for it (Xen's suspend).
+        let liveMemory = withMemory && state == .running && !request.pausedSave && liveSave
         // Checkpoints' bitmaps follow external snapshots into the new overlays (a round trip
         // inside the pause, only when the domain has checkpoints).
         let tracking =

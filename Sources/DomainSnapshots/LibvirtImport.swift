@@ -237,3 +237,40 @@ extension DomainService {
             current: current, checkpoints: checkpoints)
     }
 }
+
+/// What `vmsnap domain adopt` brought in.
+public struct AdoptReport: Codable, Sendable, Hashable {
+    public var domain: String
+    public var hypervisor: String
+    /// Backend per disk target.
+    public var disks: [String: String]
+    public var notAdopted: [String]
+}
+
+extension DomainService {
+    /// Brings a running domain that an operator created with the hypervisor's own tools (`xl
+    /// create`) under vmsnap: the driver reads its configuration back, each disk goes to the
+    /// backend that declares its format and source type. Storage and the domain are not changed.
+    public func adoptDomain(_ name: String, hypervisor: String) async throws -> AdoptReport {
+        let driver = try drivers.driver(hypervisor)
+        if try store.domain(named: name) != nil {
+            throw SnapshotError(.alreadyExists, "a domain named '\(name)' is defined in vmsnap already")
+        }
+        let found = try await driver.adopt(name)
+        var disks: [DomainDisk] = []
+        for disk in found.disks {
+            let kind = try await backendKind(
+                format: disk.format, sourceType: disk.sourceType, locator: disk.path, target: disk.target,
+                consequence: "nothing was adopted")
+            disks.append(DomainDisk(target: disk.target, backend: kind, locator: disk.path))
+        }
+        let definition = DomainDefinition(
+            name: found.name, uuid: found.uuid, memoryMiB: found.memoryMiB, vcpus: found.vcpus, disks: disks,
+            boot: found.boot, accel: found.accel, hypervisor: driver.name)
+        try await define(definition)
+        return AdoptReport(
+            domain: name, hypervisor: driver.name,
+            disks: Dictionary(uniqueKeysWithValues: disks.map { ($0.target, $0.backend.rawValue) }),
+            notAdopted: found.notModeled)
+    }
+}

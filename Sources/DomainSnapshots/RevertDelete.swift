@@ -85,7 +85,9 @@ extension DomainService {
         guard let record = j.record, let target = j.targetState else { return }
         let driver = try drivers.driver(for: record.definition)
         if !j.phases.contains("stopped") {
+            Trace.mark("revert: begin")
             try await driver.destroy(domain)
+            Trace.mark("revert: domain stopped")
             try phase(journalID, &j, "stopped")
         }
         // With the hypervisor gone every disk must be closed: an LVM merge into a volume someone else
@@ -101,6 +103,7 @@ extension DomainService {
         }
         for disk in record.disks where disk.kind != nil && !j.disksDone.contains(disk.target) {
             try await disks.revert(disk: disk.diskID, to: record.name, kind: disk.backend)
+            Trace.mark("revert: disk \(disk.target) reverted")
             j.disksDone.append(disk.target)
             try phase(journalID, &j, "disk-\(disk.target)")
         }
@@ -118,6 +121,7 @@ extension DomainService {
                 case nil: .boot(paused: target == .paused)
                 }
             try await driver.start(record.definition, drives: drives, mode: mode, progress: progress)
+            Trace.mark("revert: domain started")
             try phase(journalID, &j, "started")
         }
         try store.updateDomainSnapshots(domain: domain, current: .some(record.name))

@@ -27,6 +27,10 @@ public struct HypervisorCapabilities: Codable, Sendable, Hashable {
     public var viewsPerDisk: Int = 1
     /// Disks exported to backup clients while the guest runs (NBD).
     public var blockExport: Bool
+    /// Disks a backend may snapshot itself while the guest is paused (or suspended) with the
+    /// hypervisor still holding them open, by source type: QEMU tolerates any; Xen's qdisk
+    /// QEMU keeps image files open and locked, so only blkback's block devices qualify.
+    public var pausedStorageSnapshotSources: [DiskSourceType] = [.file, .block, .network]
 
     public init(
         liveMemorySave: Bool, suspendedMemorySave: Bool, internalMemory: Bool, liveDiskSnapshotFormats: [String],
@@ -170,8 +174,52 @@ public protocol LiveDomain: Sendable {
     func close() async
 }
 
+/// A domain the hypervisor runs that vmsnap did not define, as the driver reads it back: the
+/// definition without backends (the domain layer finds each disk's backend from its format and
+/// source type), and what the driver does not model, by name.
+public struct AdoptedDomain: Sendable, Hashable {
+    public struct Disk: Sendable, Hashable {
+        public var target: String
+        public var path: String
+        public var format: String
+        public var sourceType: DiskSourceType
+
+        public init(target: String, path: String, format: String, sourceType: DiskSourceType) {
+            self.target = target
+            self.path = path
+            self.format = format
+            self.sourceType = sourceType
+        }
+    }
+
+    public var name: String
+    public var uuid: UUID
+    public var memoryMiB: Int
+    public var vcpus: Int
+    public var boot: DomainBoot
+    public var accel: String
+    public var disks: [Disk]
+    /// Devices and settings a vmsnap definition does not carry: a revert recreates the domain
+    /// without them.
+    public var notModeled: [String]
+
+    public init(
+        name: String, uuid: UUID, memoryMiB: Int, vcpus: Int, boot: DomainBoot, accel: String, disks: [Disk],
+        notModeled: [String]
+    ) {
+        self.name = name
+        self.uuid = uuid
+        self.memoryMiB = memoryMiB
+        self.vcpus = vcpus
+        self.boot = boot
+        self.accel = accel
+        self.disks = disks
+        self.notModeled = notModeled
+    }
+}
+
 /// A hypervisor as domain snapshots need it: lifecycle, memory save and restore, and the
-/// live-disk handle. Conformers: QEMUDriver (QMP); the Xen driver comes next.
+/// live-disk handle. Conformers: QEMUDriver (QMP), XenDriver (libxl).
 public protocol HypervisorDriver: Sendable {
     /// The name a domain definition's `hypervisor` field uses (`qemu`).
     var name: String { get }
@@ -180,6 +228,8 @@ public protocol HypervisorDriver: Sendable {
     func validate(_ definition: DomainDefinition) throws
     /// The hypervisor process of the domain, if it runs.
     func pid(_ domain: String) -> Int32?
+    /// True while the domain exists (running, paused or suspended).
+    func isRunning(_ domain: String) -> Bool
     /// The accelerator the domain runs (or would run) with, for `domain status`.
     func accelerator(_ definition: DomainDefinition) -> String
     func runState(_ domain: String) async throws -> DomainRunState
@@ -208,10 +258,19 @@ public protocol HypervisorDriver: Sendable {
     func storageDaemonRuns(_ domain: String) -> Bool
     /// The tool backup images are made with.
     var backupImages: any BackupImageTool { get }
+    /// Reads back a domain this hypervisor runs that an operator created by other means
+    /// (`xl create`), for `vmsnap domain adopt`.
+    func adopt(_ domain: String) async throws -> AdoptedDomain
 }
 
 extension HypervisorDriver {
     public func isRunning(_ domain: String) -> Bool { pid(domain) != nil }
+
+    public func adopt(_ domain: String) async throws -> AdoptedDomain {
+        throw SnapshotError(
+            .unsupported,
+            "the \(name) driver cannot adopt a domain it did not start (for libvirt's domains: `vmsnap domain import`)")
+    }
 }
 
 /// Hypervisor drivers by name: a domain definition names its hypervisor, the registry

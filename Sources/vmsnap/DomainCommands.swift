@@ -3,6 +3,7 @@ import DomainSnapshots
 import Foundation
 import HypervisorDriver
 import QEMUDriver
+import XenDriver
 import SnapshotCore
 
 extension StoreOptions {
@@ -19,7 +20,7 @@ extension StoreOptions {
 /// The hypervisor drivers this build carries: the one place they are registered.
 enum Hypervisors {
     static func drivers(storeDirectory: String) -> HypervisorDrivers {
-        HypervisorDrivers([QEMUDriver(storeDirectory: storeDirectory)])
+        HypervisorDrivers([QEMUDriver(storeDirectory: storeDirectory), XenDriver()])
     }
 }
 
@@ -47,17 +48,17 @@ extension DeleteMode: ExpressibleByArgument {}
 struct DomainCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "domain",
-        abstract: "Define, start, stop and inspect domains (virtual machines run by QEMU).",
+        abstract: "Define, start, stop and inspect domains (virtual machines run by QEMU or Xen).",
         subcommands: [
             Define.self, List.self, Start.self, Stop.self, Suspend.self, Resume.self, Status.self, Undefine.self,
-            DomainImport.self, DomainExportCommand.self,
+            DomainImport.self, DomainAdopt.self, DomainExportCommand.self,
         ]
     )
 
     struct Define: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract:
-                "Define (or update) a domain from a JSON file: name, uuid, memoryMiB, vcpus, disks [{target, backend, locator}], boot {kernel, initrd, cmdline}, accel, qemuArgs."
+                "Define (or update) a domain from a JSON file: name, uuid, memoryMiB, vcpus, disks [{target, backend, locator}], boot {kernel, initrd, cmdline}, hypervisor (qemu, or xen for a PV guest through libxl), accel, qemuArgs."
         )
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The definition file (JSON).") var file: String
@@ -163,7 +164,7 @@ struct DomainCommand: AsyncParsableCommand {
                 let s = try await storeOptions.domains().status(domain)
                 if json { return try printJSON(s) }
                 print("domain:    \(s.name) (\(s.uuid.uuidString.lowercased()))")
-                print("state:     \(s.state.rawValue)\(s.pid.map { " (QEMU pid \($0), \(s.accelerator))" } ?? "")")
+                print("state:     \(s.state.rawValue) (\(s.pid.map { "pid \($0), " } ?? "")\(s.accelerator))")
                 print("current:   \(s.currentSnapshot ?? "-")")
                 print("snapshots: \(s.snapshotCount)")
             }
@@ -326,9 +327,13 @@ struct SnapshotCommand: AsyncParsableCommand {
         @Flag(name: .long, help: "Only disk-only snapshots.") var diskOnly = false
         @Flag(name: .long, help: "Only snapshots taken while running or paused, with memory.") var active = false
         @Flag(name: .long, help: "Only snapshots taken while shut off.") var inactive = false
+        @Flag(name: .long, help: "Only the names, one per line (virsh's --name).") var name = false
         @Flag(name: .long, help: "Print JSON.") var json = false
 
         func validate() throws {
+            if [tree, name, json].filter({ $0 }).count > 1 {
+                throw ValidationError("--tree, --name and --json exclude each other")
+            }
             if `internal` && external { throw ValidationError("--internal and --external exclude each other") }
             if [diskOnly, active, inactive].filter({ $0 }).count > 1 {
                 throw ValidationError("--disk-only, --active and --inactive exclude each other")
@@ -376,6 +381,10 @@ struct SnapshotCommand: AsyncParsableCommand {
                                 createdAt: $0.createdAt, memory: $0.memory?.location.rawValue ?? "no",
                                 current: $0.name == current, description: $0.description)
                         })
+                }
+                if name {
+                    for s in chosen { print(s.name) }
+                    return
                 }
                 if tree {
                     let names = Set(chosen.map(\.name))

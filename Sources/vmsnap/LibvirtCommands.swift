@@ -3,6 +3,33 @@ import DomainSnapshots
 import Foundation
 import SnapshotCore
 
+/// `vmsnap domain adopt`: a domain the hypervisor runs that an operator created with its own tools.
+struct DomainAdopt: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "adopt",
+        abstract: "Bring a running domain made with the hypervisor's own tools (xl create) under vmsnap.",
+        discussion: """
+            The driver reads the domain's configuration back (Xen: through libxl); each disk goes to the backend \
+            that declares its format and source type. What vmsnap does not model (network interfaces, other \
+            devices) is listed by name: a revert recreates the domain without it. Nothing on storage changes.
+            """)
+    @OptionGroup var storeOptions: StoreOptions
+    @Argument(help: "The domain, by the hypervisor's name for it.") var domain: String
+    @Option(name: .long, help: "The hypervisor driver that runs it.") var hypervisor = "xen"
+    @Flag(name: .long, help: "Print JSON.") var json = false
+
+    func run() async throws {
+        try await guarded {
+            let report = try await storeOptions.domains(json: json).adoptDomain(domain, hypervisor: hypervisor)
+            if json { return try printJSON(report) }
+            print(
+                "adopted \(report.hypervisor) domain '\(report.domain)': disks \(report.disks.sorted { $0.key < $1.key }.map { "\($0.key) (\($0.value))" }.joined(separator: ", "))"
+            )
+            for item in report.notAdopted { print("not adopted: \(item)") }
+        }
+    }
+}
+
 /// `vmsnap domain import`: a libvirt domain with its whole snapshot tree.
 struct DomainImport: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
