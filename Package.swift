@@ -68,7 +68,8 @@ let package = Package(
         .systemLibrary(name: "CLibXL", path: "Sources/CLibXL", providers: [.apt(["libxen-dev"])]),
         .target(
             name: "XenDriver",
-            dependencies: ["SnapshotCore", "HypervisorDriver", "CLibXL"],
+            // QEMUDriver for its QMP client: Xen's qdisk disk backend is a QEMU.
+            dependencies: ["SnapshotCore", "HypervisorDriver", "QEMUDriver", "CLibXL"],
             swiftSettings: strict
         ),
         // Names no hypervisor and no backend kind: asks the drivers and the backends.

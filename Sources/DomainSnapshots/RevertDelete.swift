@@ -163,6 +163,11 @@ extension DomainService {
                         .unsupported,
                         "disk \(disk.target): backend '\(backend.kind)' cannot delete snapshots while the domain runs; stop it first"
                     )
+                } else if try !driver(domain).capabilities.pausedStorageSnapshotSources.contains(drive.sourceType) {
+                    throw SnapshotError(
+                        .unsupported,
+                        "disk \(disk.target): the domain's hypervisor holds this \(drive.sourceType.rawValue) open and locked while it runs, so backend '\(backend.kind)' cannot change its snapshots; stop the domain first"
+                    )
                 }
             }
         }

@@ -12,10 +12,13 @@ public struct QEMULiveDomain: LiveDomain {
     public let client: QMPClient
     /// The guest agent's channel, when the domain was started with one.
     public let agentSocket: String?
+    /// How this QEMU names the guest's disks.
+    public let addressing: any QEMUDiskAddressing
 
-    public init(client: QMPClient, agentSocket: String? = nil) {
+    public init(client: QMPClient, agentSocket: String? = nil, addressing: any QEMUDiskAddressing = QEMUDriveIDs()) {
         self.client = client
         self.agentSocket = agentSocket
+        self.addressing = addressing
     }
 
     public func mark() async -> Int { await client.eventMark }
@@ -109,14 +112,16 @@ public struct QEMULiveDomain: LiveDomain {
 
     public func snapshotDisks(_ snapshots: [LiveDiskSnapshot]) async throws {
         try await layer {
-            try await client.transaction(
-                snapshots.map { s in
-                    let device = QEMUDriver.driveID(s.target)
-                    switch s.kind {
-                    case .internal: return .internalSnapshot(device: device, name: s.name)
-                    case .external: return .externalSnapshot(device: device, overlay: s.overlay ?? "", format: s.format)
-                    }
-                })
+            var actions: [QMP.TransactionAction] = []
+            for s in snapshots {
+                let disk = try await addressing.address(s.target, client: client)
+                switch s.kind {
+                case .internal: actions.append(.internalSnapshot(device: disk.name, name: s.name))
+                case .external:
+                    actions.append(.externalSnapshot(disk: disk, overlay: s.overlay ?? "", format: s.format))
+                }
+            }
+            try await client.transaction(actions)
         }
     }
 
@@ -159,21 +164,20 @@ public struct QEMULiveDomain: LiveDomain {
     }
 
     public func deleteInternalSnapshot(target: String, name: String) async throws {
-        let device = QEMUDriver.driveID(target)
         try await layer {
+            let disk = try await addressing.address(target, client: client)
             // Idempotent: only a snapshot the open image holds is deleted.
-            guard
-                try await client.blockDevices().first(where: { $0.device == device })?.internalSnapshots.contains(name)
-                    == true
-            else { return }
-            try await client.run(QMP.DeleteInternalSnapshot(device: device, name: name))
+            guard disk.find(in: try await client.blockDevices())?.internalSnapshots.contains(name) == true else {
+                return
+            }
+            try await client.run(QMP.DeleteInternalSnapshot(device: disk.name, name: name))
         }
     }
 
     public func undoDiskSnapshot(_ snapshot: LiveDiskSnapshot) async throws {
-        let device = QEMUDriver.driveID(snapshot.target)
         try await layer {
-            let open = try await client.blockDevices().first { $0.device == device }
+            let device = try await addressing.address(snapshot.target, client: client).name
+            let open = try await client.blockDevices().first { $0.device == device || $0.nodeName == device }
             switch snapshot.kind {
             case .internal:
                 try await deleteInternalSnapshot(target: snapshot.target, name: snapshot.name)
@@ -204,7 +208,8 @@ public struct QEMULiveDomain: LiveDomain {
         let job = "vmsnap-stream-\(target)"
         try await layer {
             let mark = await client.eventMark
-            try await client.run(QMP.BlockStream(device: QEMUDriver.driveID(target), jobID: job, base: base))
+            let disk = try await addressing.address(target, client: client)
+            try await client.run(QMP.BlockStream(device: disk.name, jobID: job, base: base))
             let started = ContinuousClock.now
             while true {
                 if let done = try? await client.waitForEvent(

@@ -358,6 +358,8 @@ public struct QEMUBlockDevice: Sendable, Hashable {
     public var device: String
     public var nodeName: String?
     public var file: String?
+    /// The guest device the disk is attached to (a QOM path).
+    public var qdev: String?
     /// Names of the internal snapshots in the open image.
     public var internalSnapshots: [String] = []
 }

@@ -37,6 +37,42 @@ extension QMPClient {
     }
 }
 
+/// How QMP names a disk: by its block device (a `-drive` id, a BlockBackend name), or by the
+/// node of its active layer (devices whose BlockBackend has no name, like Xen's xen-block).
+public enum QEMUDiskAddress: Sendable, Hashable {
+    case device(String)
+    case node(String)
+
+    /// The name commands that take "the device or node name" want.
+    public var name: String {
+        switch self {
+        case .device(let d): d
+        case .node(let n): n
+        }
+    }
+
+    /// The block device QEMU lists for this disk, if any.
+    public func find(in devices: [QEMUBlockDevice]) -> QEMUBlockDevice? {
+        switch self {
+        case .device(let d): devices.first { $0.device == d }
+        case .node(let n): devices.first { $0.nodeName == n }
+        }
+    }
+}
+
+/// Finds a guest disk's address in a running QEMU.
+public protocol QEMUDiskAddressing: Sendable {
+    func address(_ target: String, client: QMPClient) async throws -> QEMUDiskAddress
+}
+
+/// vmsnap's own QEMU domains: every disk is a `-drive` whose id is `drive-<target>`.
+public struct QEMUDriveIDs: QEMUDiskAddressing {
+    public init() {}
+    public func address(_ target: String, client: QMPClient) async throws -> QEMUDiskAddress {
+        .device(QEMUDriver.driveID(target))
+    }
+}
+
 /// The commands vmsnap sends, one type each.
 public enum QMP {
     public struct Capabilities: QMPCommand {
@@ -73,7 +109,7 @@ public enum QMP {
             r.array?.map {
                 QEMUBlockDevice(
                     device: $0["device"]?.string ?? "", nodeName: $0["inserted"]?["node-name"]?.string,
-                    file: $0["inserted"]?["file"]?.string,
+                    file: $0["inserted"]?["file"]?.string, qdev: $0["qdev"]?.string,
                     internalSnapshots: $0["inserted"]?["image"]?["snapshots"]?.array?.compactMap { $0["name"]?.string }
                         ?? [])
             } ?? []
@@ -82,19 +118,24 @@ public enum QMP {
 
     /// One action of a `transaction`.
     public enum TransactionAction: Sendable, Hashable {
-        case externalSnapshot(device: String, overlay: String, format: String)
+        case externalSnapshot(disk: QEMUDiskAddress, overlay: String, format: String)
+        /// QEMU looks the name up as a device, then as a node.
         case internalSnapshot(device: String, name: String)
 
         var json: JSONValue {
             switch self {
-            case .externalSnapshot(let device, let overlay, let format):
-                return [
-                    "type": "blockdev-snapshot-sync",
-                    "data": [
-                        "device": .string(device), "snapshot-file": .string(overlay), "format": .string(format),
-                        "mode": "absolute-paths",
-                    ],
+            case .externalSnapshot(let disk, let overlay, let format):
+                var data: [String: JSONValue] = [
+                    "snapshot-file": .string(overlay), "format": .string(format), "mode": "absolute-paths",
                 ]
+                switch disk {
+                case .device(let d): data["device"] = .string(d)
+                case .node(let n):
+                    // Addressed by node, QEMU wants the new overlay's node named too.
+                    data["node-name"] = .string(n)
+                    data["snapshot-node-name"] = .string("vmsnap-" + UUID().uuidString.prefix(8).lowercased())
+                }
+                return ["type": "blockdev-snapshot-sync", "data": .object(data)]
             case .internalSnapshot(let device, let name):
                 return [
                     "type": "blockdev-snapshot-internal-sync",
@@ -261,6 +302,17 @@ public enum QMP {
         public var arguments: JSONValue? { ["device": .string(device), "name": .string(name)] }
     }
 
+    /// A property of a QOM object (`qom-get`), as text.
+    public struct QOMGetString: QMPCommand {
+        public static let name = "qom-get"
+        public var path: String, property: String
+        public init(path: String, property: String) {
+            self.path = path
+            self.property = property
+        }
+        public var arguments: JSONValue? { ["path": .string(path), "property": .string(property)] }
+        public func response(_ r: JSONValue) -> String? { r.string }
+    }
     public struct HumanMonitorCommand: QMPCommand {
         public static let name = "human-monitor-command"
         public var commandLine: String

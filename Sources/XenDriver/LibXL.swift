@@ -30,6 +30,8 @@ final class LibXL: @unchecked Sendable {
     private let queue = DispatchQueue(label: "vmsnap.libxl")
 
     static let shared = LibXL()
+    /// A second context, for watching a domain while the shared one runs a long call (a save).
+    static let watcher = LibXL()
 
     /// libxl reaps only the children it started (vmsnap runs its own: lvcreate, qemu-img).
     /// libxl keeps the pointer: it lives as long as the process.

@@ -30,9 +30,12 @@ public struct XenDriver: HypervisorDriver {
         // No live (pre-copy) save: it needs log-dirty paging for the PV guest, which Debian's
         // Xen 4.17 refuses (EOPNOTSUPP from the shadow code); the memory is saved while the guest
         // is suspended, as XenServer does.
+        // qcow2 files are served by the qdisk QEMU: their snapshots, merges and deletes go through
+        // its QMP while the domain runs.
         var caps = HypervisorCapabilities(
-            liveMemorySave: false, suspendedMemorySave: true, internalMemory: false, liveDiskSnapshotFormats: [],
-            liveDiskSnapshotKinds: [], quiesce: false, liveMerge: false, dirtyBitmaps: false, blockExport: false)
+            liveMemorySave: false, suspendedMemorySave: true, internalMemory: false, liveDiskSnapshotFormats: ["qcow2"],
+            liveDiskSnapshotKinds: [.internal, .external], quiesce: false, liveMerge: true, dirtyBitmaps: false,
+            blockExport: false)
         caps.viewsPerDisk = 0
         // qdisk's QEMU holds image files open and locked: only block devices can be snapshotted
         // by their backend under a paused guest.
@@ -258,8 +261,7 @@ struct XenBackupImages: BackupImageTool {
 /// Reports a long libxl step's progress from a file's position, shared with libxl's save
 /// helper: the helper writes (or reads) through the same open file, so its offset moves.
 final class FileProgress: @unchecked Sendable {
-    private let lock = NSLock()
-    private var running = true
+    private let stopped = Flag()
 
     static func watch(fd: Int32, phase: String, total: UInt64, progress: ProgressHandler?) -> FileProgress {
         let watch = FileProgress()
@@ -279,17 +281,9 @@ final class FileProgress: @unchecked Sendable {
         return watch
     }
 
-    var isRunning: Bool {
-        lock.lock()
-        defer { lock.unlock() }
-        return running
-    }
+    var isRunning: Bool { !stopped.isSet }
 
-    func stop() {
-        lock.lock()
-        running = false
-        lock.unlock()
-    }
+    func stop() { stopped.set() }
 }
 
 extension Duration {

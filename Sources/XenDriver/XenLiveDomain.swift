@@ -19,7 +19,8 @@ actor XenLiveDomain: LiveDomain {
     /// Pauses and resumes with their times, for pause windows.
     private var events: [(paused: Bool, at: ContinuousClock.Instant)] = []
     private var saveFD: Int32?
-    private var saved = false
+    /// The memory save, running on libxl's thread from the suspend until the file is written.
+    private var save: Task<Void, any Error>?
     private var saveStarted: ContinuousClock.Instant?
 
     init(xl: LibXL, domain: String, domid: UInt32) {
@@ -48,30 +49,49 @@ actor XenLiveDomain: LiveDomain {
 
     func isRunning() async throws -> Bool { try await info().state == .running }
 
-    /// With a memory save prepared, the pause is the suspend: libxl saves the memory and leaves
-    /// the domain suspended. Otherwise the vCPUs stop.
+    /// With a memory save prepared, the pause is the suspend: libxl asks the guest to suspend
+    /// itself, then writes its memory into the file. This returns as soon as the guest has
+    /// suspended (a second libxl context watches for it): nothing in the guest runs from then on,
+    /// so the disks are snapshotted while the memory is still being written, and the downtime is
+    /// the longer of the two rather than their sum. Otherwise the vCPUs stop.
     func pause() async throws {
         let (xl, domid, domain) = (xl, domid, domain)
-        if let fd = saveFD, !saved {
-            events.append((true, .now))
+        if let fd = saveFD, save == nil {
             saveStarted = .now
-            try await xl.call { ctx in
-                try LibXL.check(libxl_domain_suspend(ctx, domid, fd, 0, nil), "saving the memory of '\(domain)'")
+            let done = Flag()
+            let task = Task.detached {
+                defer { done.set() }
+                try await xl.call { ctx in
+                    try LibXL.check(libxl_domain_suspend(ctx, domid, fd, 0, nil), "saving the memory of '\(domain)'")
+                }
             }
-            saved = true
+            save = task
+            let watcher = LibXL.watcher
+            // The pause window starts when the guest has suspended, not when it was asked to.
+            while !done.isSet {
+                if (try? watcher.now({ LibXL.info($0, domid) }))??.state == .suspended { break }
+                try await Task.sleep(for: .milliseconds(2))
+            }
+            events.append((true, .now))
+            if done.isSet { try await task.value }
             return
         }
         events.append((true, .now))
         try await xl.call { ctx in try LibXL.check(libxl_domain_pause(ctx, domid, nil), "pausing '\(domain)'") }
     }
 
+    /// Cancels the suspend (the guest runs on where it stopped) or unpauses the vCPUs. A save
+    /// still writing is waited for first, as is one an interrupted vmsnap left behind.
     func resume() async throws {
         let (xl, domid, domain) = (xl, domid, domain)
-        if try await info().state == .suspended {
+        _ = try? await save?.value
+        let state = try await info().state
+        if state == .suspended {
+            await SaveHelpers.waitForNone(domid: domid)
             try await xl.call { ctx in
                 try LibXL.check(libxl_domain_resume(ctx, domid, 1, nil), "resuming '\(domain)' after its memory save")
             }
-        } else {
+        } else if state == .paused {
             try await xl.call { ctx in
                 try LibXL.check(libxl_domain_unpause(ctx, domid, nil), "unpausing '\(domain)'")
             }
@@ -94,7 +114,7 @@ actor XenLiveDomain: LiveDomain {
 
     /// The memory's instant was the suspend (in ``pause()``); nothing is left to start.
     func startMemorySave() async throws {
-        guard saved else {
+        guard save != nil else {
             throw SnapshotError(
                 .commandFailed, "domain '\(domain)': the memory save runs with the suspend, which did not happen")
         }
@@ -103,6 +123,7 @@ actor XenLiveDomain: LiveDomain {
     func finishMemorySave(fd: Int32, guestBytes: UInt64, since mark: Int, progress: ProgressHandler?) async throws
         -> Double?
     {
+        try await save?.value
         if let progress, let saveStarted {
             let at = UInt64(max(0, lseek(fd, 0, SEEK_CUR)))
             progress(
@@ -111,10 +132,12 @@ actor XenLiveDomain: LiveDomain {
         return nil
     }
 
-    func drainMemorySave() async {}
+    func drainMemorySave() async { _ = try? await save?.value }
 
+    /// Image-file disks through the qdisk QEMU's QMP, at one instant (one transaction).
     func snapshotDisks(_ snapshots: [LiveDiskSnapshot]) async throws {
-        guard snapshots.isEmpty else { throw Self.notLive("disk snapshots") }
+        guard !snapshots.isEmpty else { return }
+        try await XenQdisk.withDisks(domid, domain: domain) { try await $0.snapshotDisks(snapshots) }
     }
 
     func saveInternal(name: String, targets: [String]) async throws {
@@ -122,17 +145,25 @@ actor XenLiveDomain: LiveDomain {
     }
 
     func carryDirtyBitmaps(_ previous: [String: String]) async throws {
-        guard previous.isEmpty else { throw Self.notLive("dirty bitmaps") }
+        guard previous.isEmpty else { throw Self.unsupported("dirty bitmaps") }
     }
 
-    func addDirtyBitmaps(_ name: String, targets: [String]) async throws { throw Self.notLive("dirty bitmaps") }
+    func addDirtyBitmaps(_ name: String, targets: [String]) async throws { throw Self.unsupported("dirty bitmaps") }
 
-    func undoDiskSnapshot(_ snapshot: LiveDiskSnapshot) async throws { throw Self.notLive("disk snapshots") }
+    func undoDiskSnapshot(_ snapshot: LiveDiskSnapshot) async throws {
+        try await XenQdisk.withDisks(domid, domain: domain) { try await $0.undoDiskSnapshot(snapshot) }
+    }
 
-    func deleteInternalSnapshot(target: String, name: String) async throws { throw Self.notLive("snapshot deletion") }
+    func deleteInternalSnapshot(target: String, name: String) async throws {
+        try await XenQdisk.withDisks(domid, domain: domain) {
+            try await $0.deleteInternalSnapshot(target: target, name: name)
+        }
+    }
 
     func mergeIntoActive(target: String, base: String?, progress: ProgressHandler?) async throws {
-        throw Self.notLive("merges")
+        try await XenQdisk.withDisks(domid, domain: domain) {
+            try await $0.mergeIntoActive(target: target, base: base, progress: progress)
+        }
     }
 
     func freezeFilesystems() async throws -> Int {
@@ -146,8 +177,47 @@ actor XenLiveDomain: LiveDomain {
     func close() async {}
 
     /// What the capabilities already say: the domain layer never asks for these.
-    static func notLive(_ what: String) -> SnapshotError {
-        SnapshotError(
-            .unsupported, "the Xen driver takes no live \(what): its disks' backends do, with the guest paused")
+    static func unsupported(_ what: String) -> SnapshotError {
+        SnapshotError(.unsupported, "the Xen driver has no \(what)")
+    }
+}
+
+/// Set once, read from any thread.
+final class Flag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+    var isSet: Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        return value
+    }
+    func set() {
+        lock.lock()
+        value = true
+        lock.unlock()
+    }
+}
+
+/// libxl's save helpers (`libxl-save-helper --save-domain FD DOMID ...`, children of the process
+/// that started the save): one whose parent was killed mid-save still reads the guest's memory,
+/// so a recovery waits for it to end before the suspend is cancelled.
+enum SaveHelpers {
+    static func running(domid: UInt32) -> Bool {
+        let procs = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        for pid in procs where pid.allSatisfy(\.isNumber) {
+            guard let raw = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { continue }
+            let argv = raw.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+            if argv.count > 3, argv[0].hasSuffix("libxl-save-helper"), argv[1] == "--save-domain",
+                argv[3] == String(domid)
+            {
+                return true
+            }
+        }
+        return false
+    }
+
+    static func waitForNone(domid: UInt32, timeout: Duration = .seconds(600)) async {
+        let deadline = ContinuousClock.now + timeout
+        while running(domid: domid), ContinuousClock.now < deadline { try? await Task.sleep(for: .milliseconds(50)) }
     }
 }
