@@ -123,6 +123,9 @@ actor XenLiveDomain: LiveDomain {
     func finishMemorySave(fd: Int32, guestBytes: UInt64, since mark: Int, progress: ProgressHandler?) async throws
         -> Double?
     {
+        // Progress while libxl's helper still writes (it shares the file's offset).
+        let watch = FileProgress.watch(fd: fd, phase: "memory save", total: guestBytes, progress: progress)
+        defer { watch.stop() }
         try await save?.value
         if let progress, let saveStarted {
             let at = UInt64(max(0, lseek(fd, 0, SEEK_CUR)))
