@@ -74,9 +74,11 @@ public struct CreateReport: Codable, Sendable, Hashable {
     public var snapshot: DomainSnapshotRecord
     /// Guest pause from QMP STOP to RESUME events, in milliseconds (running domains).
     public var pauseMs: Double?
-    /// vmsnap's share of the pause: from `stop` sent to the memory save started (the rest is
-    /// QEMU setting up the background snapshot).
+    /// vmsnap's share of the pause: from the guest stopped to the memory save let go (the disk
+    /// snapshots; the rest is the hypervisor's last memory round and resume).
     public var ownPauseMs: Double?
+    /// The pause step by step, as the hypervisor stamped it.
+    public var pausePhases: [PausePhase]?
     /// Downtime the hypervisor reported for the memory save.
     public var qemuDowntimeMs: Double?
     /// Wall time of the memory save, in seconds.
@@ -205,6 +207,7 @@ extension DomainService {
                             record: &record, report: &report, journalID: journalID, j: &j)
                     }
                     report.pauseMs = await live.pauseWindow(since: mark)
+                    if report.pauseMs != nil { report.pausePhases = await live.pausePhases(since: mark) }
                     if frozen {
                         frozen = false
                         try await live.thawFilesystems()
@@ -413,12 +416,18 @@ extension DomainService {
         // inside the pause, only when the domain has checkpoints).
         let tracking =
             try !store.checkpoints(of: record.domain).isEmpty && byHypervisor.contains { $0.kind == .external }
-        if withMemory { try await live.prepareMemorySave(to: memoryFD, live: liveMemory) }
+        if withMemory {
+            try await live.prepareMemorySave(to: memoryFD, live: liveMemory, guestBytes: guestBytes, progress: progress)
+        }
         j.pausedByUs = state == .running
         try phase(journalID, &j, "prepared")
-        let t0 = ContinuousClock.now
+        // The journal knows the overlays: they may now exist (a rollback removes them).
+        if !byHypervisor.isEmpty { try await live.prepareDiskSnapshots(byHypervisor.map { $0.liveSnapshot(name) }) }
+        let saveStarted = ContinuousClock.now
         Trace.mark("pause prepared")
         if state == .running { try await live.pause() }
+        // vmsnap's share of the pause runs from here to the memory save let go.
+        let t0 = ContinuousClock.now
         Trace.mark("stop")
         DomainFault.point("create:paused", hypervisor: hypervisorProcess(record.domain))
         // Storage-side snapshots while the vCPUs are stopped and the hypervisor has flushed.
@@ -438,11 +447,10 @@ extension DomainService {
         }
         Trace.mark("transaction")
         DomainFault.point("create:transaction", hypervisor: hypervisorProcess(record.domain))
-        let started = ContinuousClock.now
+        if state == .running { report.ownPauseMs = (ContinuousClock.now - t0).seconds * 1000 }
         let memoryMark = await live.mark()
         if withMemory { try await live.startMemorySave() }
         Trace.mark("memory save started")
-        if state == .running { report.ownPauseMs = (ContinuousClock.now - t0).seconds * 1000 }
         for part in byHypervisor {
             try disks.record(part.live!.result, replacing: part.layout)
             j.disksDone.append(part.disk.target)
@@ -450,7 +458,8 @@ extension DomainService {
         try phase(journalID, &j, "disks-recorded")
         if withMemory {
             let (size, downtime) = try await finishMemory(live, fd: memoryFD, guestBytes: guestBytes, since: memoryMark)
-            report.memorySeconds = (ContinuousClock.now - started).seconds
+            // The whole save: a pre-copy streams most of the memory before the pause.
+            report.memorySeconds = (ContinuousClock.now - saveStarted).seconds
             report.qemuDowntimeMs = downtime
             record.memory?.size = size
             j.record = record
@@ -612,8 +621,4 @@ extension DomainService {
         if let memory = record.memory, memory.location == .external { unlink(memory.path) }
         if let connected, j.pausedByUs, await connected.isConnected() { try? await connected.resume() }
     }
-}
-
-extension Duration {
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }

@@ -131,14 +131,20 @@ public protocol LiveDomain: Sendable {
     func mark() async -> Int
     /// Milliseconds from the first pause to the last resume after `mark`, if both happened.
     func pauseWindow(since mark: Int) async -> Double?
+    /// Where the pause after `mark` went, step by step as the hypervisor stamped it: each
+    /// step's name and milliseconds, in order (empty where the hypervisor tells nothing).
+    func pausePhases(since mark: Int) async -> [PausePhase]
     /// True while the vCPUs run.
     func isRunning() async throws -> Bool
     func pause() async throws
     func resume() async throws
     /// Everything a memory save needs before the pause: the file, the save's mode (live: the
-    /// guest resumes as soon as the save starts).
-    func prepareMemorySave(to fd: Int32, live: Bool) async throws
-    /// Starts the prepared save; the memory's point in time is now.
+    /// guest runs during the save). A driver may copy memory before the guest stops, inside
+    /// ``pause()`` (a pre-copy, reporting progress there), so long as the memory it saves is
+    /// the guest as ``pause()`` left it.
+    func prepareMemorySave(to fd: Int32, live: Bool, guestBytes: UInt64, progress: ProgressHandler?) async throws
+    /// Starts (or lets finish) the prepared save of the memory as the pause left it; a live save
+    /// resumes the guest as soon as the memory's state is secured.
     func startMemorySave() async throws
     /// Waits for the save started after `mark` to finish, reporting progress from the file
     /// position; returns the downtime the hypervisor reports, in milliseconds.
@@ -146,6 +152,9 @@ public protocol LiveDomain: Sendable {
         -> Double?
     /// Lets a started memory save run to its end (rollback: cancelling one may hang the guest).
     func drainMemorySave() async
+    /// Does before the pause what it can for these disk snapshots (new overlays created and
+    /// opened), so the pause holds only the switch; ``undoDiskSnapshot(_:)`` undoes it too.
+    func prepareDiskSnapshots(_ snapshots: [LiveDiskSnapshot]) async throws
     /// Takes these disk snapshots at one instant: all or none.
     func snapshotDisks(_ snapshots: [LiveDiskSnapshot]) async throws
     /// Memory and every named disk inside the disk images (the guest stays paused meanwhile).
@@ -172,6 +181,23 @@ public protocol LiveDomain: Sendable {
     /// True while the connection to the hypervisor is open.
     func isConnected() async -> Bool
     func close() async
+}
+
+/// One step of a guest's pause, as the hypervisor's own clock measured it.
+public struct PausePhase: Codable, Sendable, Hashable {
+    public var name: String
+    public var ms: Double
+    public init(name: String, ms: Double) {
+        self.name = name
+        self.ms = ms
+    }
+}
+
+extension LiveDomain {
+    public func pausePhases(since mark: Int) async -> [PausePhase] { [] }
+
+    /// Nothing to prepare: the disk snapshots happen whole inside the pause.
+    public func prepareDiskSnapshots(_ snapshots: [LiveDiskSnapshot]) async throws {}
 }
 
 /// A domain the hypervisor runs that vmsnap did not define, as the driver reads it back: the

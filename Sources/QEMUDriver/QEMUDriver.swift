@@ -213,12 +213,14 @@ public struct QEMUDriver: HypervisorDriver {
             )
         }
         do {
+            Trace.mark("revert: memory load begins")
             try await client.run(QMP.MigrateIncoming(uri: "fd:\(Self.memoryFDName)"))
             _ = try await QEMULiveDomain.followMigration(
                 client: client, fd: fd, total: total, since: mark, phase: "memory restore", progress: progress
             ) { status, _ in
                 unreadable("migration \(status)")
             }
+            Trace.mark("revert: memory loaded")
         } catch let e as SnapshotError where e.code != .invalidImage {
             // QEMU exits when the incoming stream is not one it can load: the connection fails
             // (closed, or a write into it) as it goes.

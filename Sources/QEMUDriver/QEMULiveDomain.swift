@@ -1,6 +1,7 @@
 import Foundation
 import HypervisorDriver
 import SnapshotCore
+import Synchronization
 #if canImport(Glibc)
     import Glibc
 #endif
@@ -14,6 +15,8 @@ public struct QEMULiveDomain: LiveDomain {
     public let agentSocket: String?
     /// How this QEMU names the guest's disks.
     public let addressing: any QEMUDiskAddressing
+    /// What this handle prepared for a snapshot: the memory save's stage, the overlays opened.
+    let save = SnapshotSession()
 
     public init(client: QMPClient, agentSocket: String? = nil, addressing: any QEMUDiskAddressing = QEMUDriveIDs()) {
         self.client = client
@@ -31,8 +34,47 @@ public struct QEMULiveDomain: LiveDomain {
         return (resume.timestamp - stop.timestamp) * 1000
     }
 
+    /// From QEMU's event stamps: the vCPUs stopped (STOP) to the save waiting for vmsnap
+    /// (pre-switchover), vmsnap's disk snapshots until it let the save go on (device), the last
+    /// memory round and device state (completed), then the images reopened and the vCPUs
+    /// started (RESUME). A stop without a pre-copy has only STOP and RESUME.
+    public func pausePhases(since mark: Int) async -> [PausePhase] {
+        let events = await client.events(since: mark)
+        guard let stop = events.first(where: { $0.name == "STOP" }) else { return [] }
+        var marks: [(String, Double)] = []
+        for e in events where e.timestamp >= stop.timestamp {
+            switch (e.name, e.data["status"]?.string) {
+            case ("MIGRATION", "pre-switchover"): marks.append(("vCPUs stopped, memory synced", e.timestamp))
+            case ("MIGRATION", "device"): marks.append(("disk snapshots (vmsnap)", e.timestamp))
+            case ("MIGRATION", "completed"): marks.append(("last memory round and device state", e.timestamp))
+            case ("RESUME", _):
+                marks.append(
+                    (marks.isEmpty ? "stopped for the disk snapshots" : "images reopened, vCPUs resumed", e.timestamp))
+            default: continue
+            }
+            if e.name == "RESUME" { break }
+        }
+        var last = stop.timestamp
+        var phases: [PausePhase] = []
+        for (name, at) in marks {
+            phases.append(PausePhase(name: name, ms: (at - last) * 1000))
+            last = at
+        }
+        return phases
+    }
+
     public func isRunning() async throws -> Bool { try await layer { try await client.status().running } }
-    public func pause() async throws { try await layer { try await client.stop() } }
+    public func pause() async throws {
+        try await layer {
+            switch save.stage {
+            case .precopyPrepared(let fd, let total, let progress):
+                try await runPrecopyToSwitchover(fd: fd, total: total, progress: progress)
+                save.stage = .atSwitchover
+            default:
+                try await client.stop()
+            }
+        }
+    }
     public func resume() async throws { try await layer { try await client.cont() } }
     public func isConnected() async -> Bool { await !client.isClosed }
     public func close() async { await client.close() }
@@ -44,17 +86,90 @@ public struct QEMULiveDomain: LiveDomain {
 
     // MARK: - Memory
 
-    public func prepareMemorySave(to fd: Int32, live: Bool) async throws {
+    /// A live save is a pre-copy migration into the file: memory streams while the guest runs,
+    /// and `pause()` returns when QEMU stops the guest for the last round
+    /// (`pause-before-switchover`), so the disks are snapshotted at the instant the memory
+    /// stands for; `startMemorySave()` lets the last round run and resumes the guest. A save
+    /// that is not live runs with the guest stopped by `pause()`.
+    public func prepareMemorySave(to fd: Int32, live: Bool, guestBytes: UInt64, progress: ProgressHandler?)
+        async throws
+    {
         try await layer {
-            try await client.setMigrationCapabilities(["background-snapshot": live, "events": true])
+            try await client.setMigrationCapabilities([
+                "background-snapshot": false, "pause-before-switchover": live, "events": true,
+            ])
             // QEMU rate-limits migration (128 MiB/s by default); a save to a local file should not be.
-            try await client.run(QMP.MigrateSetParameters(maxBandwidth: 1 << 40))
+            try await client.run(
+                QMP.MigrateSetParameters(
+                    maxBandwidth: 1 << 40, downtimeLimitMs: live ? PrecopyPolicy.downtimeLimitsMs[0] : nil))
             try await client.passFile(fd, name: QEMUDriver.memoryFDName)
         }
+        save.stage = live ? .precopyPrepared(fd: fd, total: guestBytes, progress: progress) : .prepared
     }
 
     public func startMemorySave() async throws {
-        try await layer { try await client.run(QMP.Migrate(uri: "fd:\(QEMUDriver.memoryFDName)")) }
+        try await layer {
+            guard case .atSwitchover = save.stage else {
+                try await client.run(QMP.Migrate(uri: "fd:\(QEMUDriver.memoryFDName)"))
+                return
+            }
+            // The last round, then the guest runs again at once: the disks are recorded and the
+            // file synced after it resumed.
+            let mark = await client.eventMark
+            try await client.run(QMP.MigrateContinue())
+            let end = try await client.waitForEvent("MIGRATION", since: mark, timeout: .seconds(600)) {
+                ["completed", "failed", "cancelled"].contains($0.data["status"]?.string ?? "")
+            }
+            // QEMU sends "completed" before its migration thread has left the finish-migrate
+            // state, and refuses `cont` until then (a millisecond or two).
+            let deadline = ContinuousClock.now + .seconds(10)
+            while try await client.status().status == "finish-migrate", ContinuousClock.now < deadline {
+                try await Task.sleep(for: .microseconds(500))
+            }
+            try await client.cont()
+            save.stage = .none
+            if end.data["status"]?.string != "completed" {
+                throw SnapshotError(
+                    .io,
+                    "saving the guest's memory failed in its last round (\(end.data["status"]?.string ?? "?")); the snapshot is rolled back and the guest keeps running"
+                )
+            }
+        }
+    }
+
+    /// Starts the pre-copy and waits until QEMU stops the guest for the switchover. A guest that
+    /// dirties memory faster than it is saved never gets under the planned stop: past its
+    /// budget the allowed stop grows step by step (``PrecopyPolicy``), so the save always ends.
+    func runPrecopyToSwitchover(fd: Int32, total: UInt64, progress: ProgressHandler?) async throws {
+        let mark = await client.eventMark
+        let watch = FileProgress.watch(fd: fd, phase: "memory save", total: total, progress: progress)
+        defer { watch.stop() }
+        try await client.run(QMP.Migrate(uri: "fd:\(QEMUDriver.memoryFDName)"))
+        let started = ContinuousClock.now
+        var step = 0
+        while true {
+            let event = try? await client.waitForEvent("MIGRATION", since: mark, timeout: .milliseconds(250)) {
+                ["pre-switchover", "completed", "failed", "cancelled"].contains($0.data["status"]?.string ?? "")
+            }
+            var status = event?.data["status"]?.string ?? ""
+            if event == nil { status = try await client.migrationInfo().status }
+            switch status {
+            case "pre-switchover": return
+            case "failed", "cancelled", "completed":
+                let info = try? await client.migrationInfo()
+                throw SnapshotError(
+                    .io,
+                    "saving the guest's memory failed: \(info?.errorDescription ?? status); the snapshot is rolled back and the guest keeps running"
+                )
+            default:
+                let next = PrecopyPolicy.step(after: ContinuousClock.now - started, guestBytes: total)
+                if next > step, next < PrecopyPolicy.downtimeLimitsMs.count {
+                    step = next
+                    try await client.run(
+                        QMP.MigrateSetParameters(downtimeLimitMs: PrecopyPolicy.downtimeLimitsMs[step]))
+                }
+            }
+        }
     }
 
     public func finishMemorySave(fd: Int32, guestBytes: UInt64, since mark: Int, progress: ProgressHandler?)
@@ -71,18 +186,18 @@ public struct QEMULiveDomain: LiveDomain {
         return last.downtimeMs
     }
 
+    /// A save that is still streaming is cancelled (a pre-copy leaves the guest as it was; one
+    /// stopped at its switchover runs again); the guest is resumed by the caller if vmsnap
+    /// paused it.
     public func drainMemorySave() async {
-        // Cancelling a background-snapshot migration leaves QEMU 7.2's guest hung on its
-        // write-protected pages (docs/notes.md): let it finish instead.
-        let deadline = ContinuousClock.now + .seconds(1800)
-        while ContinuousClock.now < deadline {
-            let mark = await client.eventMark
-            guard let info = try? await client.migrationInfo(),
-                ["active", "setup", "device", "pre-switchover"].contains(info.status)
-            else { return }
-            _ = try? await client.waitForEvent("MIGRATION", since: mark, timeout: .milliseconds(500)) {
-                ["completed", "failed", "cancelled"].contains($0.data["status"]?.string ?? "")
-            }
+        save.stage = .none
+        guard let info = try? await client.migrationInfo(),
+            ["active", "setup", "device", "pre-switchover"].contains(info.status)
+        else { return }
+        let mark = await client.eventMark
+        _ = try? await client.run(QMP.MigrateCancel())
+        _ = try? await client.waitForEvent("MIGRATION", since: mark, timeout: .seconds(30)) {
+            ["completed", "failed", "cancelled"].contains($0.data["status"]?.string ?? "")
         }
     }
 
@@ -110,18 +225,63 @@ public struct QEMULiveDomain: LiveDomain {
 
     // MARK: - Disks
 
+    /// Creates each new qcow2 overlay before the pause (new file, O_EXCL, with the mode and
+    /// owner of the image it goes on; formatted by QEMU's `blockdev-create`), so that inside the
+    /// pause QEMU only opens it (`blockdev-snapshot-sync` of an existing image): about 2 ms a
+    /// disk against 5-14 ms when it creates the file there. The overlay is opened by the
+    /// transaction, not by vmsnap, so QEMU drops it when a later commit or merge removes it.
+    public func prepareDiskSnapshots(_ snapshots: [LiveDiskSnapshot]) async throws {
+        try await layer {
+            let devices = try await client.blockDevices()
+            for s in snapshots where s.kind == .external && s.format == "qcow2" {
+                guard let overlay = s.overlay else { continue }
+                let disk = try await addressing.address(s.target, client: client)
+                guard let open = disk.find(in: devices), let base = open.file, let format = open.format,
+                    let size = open.virtualSize
+                else {
+                    throw SnapshotError(.notFound, "disk \(s.target) is not open in the running QEMU")
+                }
+                try await formatOverlay(overlay, target: s.target, base: base, format: format, size: size)
+                save.preparedOverlays.insert(overlay)
+            }
+        }
+    }
+
+    /// Makes the file and formats it through a protocol node that is closed again.
+    func formatOverlay(_ overlay: String, target: String, base: String, format: String, size: UInt64) async throws {
+        let node = "vmsnap-" + UUID().uuidString.prefix(8).lowercased() + "-file"
+        try NewFile.create(overlay, like: base, resume: false)
+        do {
+            try await client.run(QMP.AddFileNode(nodeName: node, path: overlay))
+            let job = "vmsnap-create-\(target)"
+            try await client.run(
+                QMP.CreateQcow2(jobID: job, file: node, size: size, backing: base, backingFormat: format))
+            try await client.waitForJob(job, timeout: .seconds(60), progress: nil)
+            try await client.run(QMP.DeleteNode(nodeName: node))
+        } catch {
+            _ = try? await client.run(QMP.DeleteNode(nodeName: node))
+            unlink(overlay)
+            throw error
+        }
+    }
+
     public func snapshotDisks(_ snapshots: [LiveDiskSnapshot]) async throws {
         try await layer {
             var actions: [QMP.TransactionAction] = []
+            let prepared = save.preparedOverlays
             for s in snapshots {
                 let disk = try await addressing.address(s.target, client: client)
                 switch s.kind {
                 case .internal: actions.append(.internalSnapshot(device: disk.name, name: s.name))
                 case .external:
-                    actions.append(.externalSnapshot(disk: disk, overlay: s.overlay ?? "", format: s.format))
+                    let overlay = s.overlay ?? ""
+                    actions.append(
+                        .externalSnapshot(
+                            disk: disk, overlay: overlay, format: s.format, existing: prepared.contains(overlay)))
                 }
             }
             try await client.transaction(actions)
+            save.preparedOverlays = []
         }
     }
 
@@ -183,11 +343,21 @@ public struct QEMULiveDomain: LiveDomain {
                 try await deleteInternalSnapshot(target: snapshot.target, name: snapshot.name)
             case .external:
                 guard let overlay = snapshot.overlay else { return }
-                if open?.file == overlay {
-                    // Commit the guest's writes since the snapshot back into the base, then pivot.
+                if let open, open.file == overlay {
+                    // Commit the guest's writes since the snapshot back into the image it was
+                    // taken on (the overlay's backing, not the chain's bottom), then pivot.
+                    let nodes = try await client.run(QMP.QueryNamedBlockNodes())
+                    guard let backing = open.backing,
+                        let base = nodes.first(where: { $0.file == backing && $0.driver != "file" })
+                    else {
+                        throw SnapshotError(
+                            .conflict,
+                            "cannot undo the snapshot of \(snapshot.target): the running QEMU shows no open image under \(overlay); nothing was changed"
+                        )
+                    }
                     let job = "vmsnap-undo-\(snapshot.target)"
                     let mark = await client.eventMark
-                    try await client.run(QMP.BlockCommit(device: device, jobID: job))
+                    try await client.run(QMP.BlockCommit(device: device, jobID: job, baseNode: base.nodeName))
                     _ = try await client.waitForEvent("BLOCK_JOB_READY", since: mark, timeout: .seconds(600)) {
                         $0.data["device"]?.string == job
                     }
@@ -198,10 +368,22 @@ public struct QEMULiveDomain: LiveDomain {
                         throw SnapshotError(
                             .commandFailed, "undoing the snapshot of \(snapshot.target) failed: \(error)")
                     }
+                } else {
+                    try await closeUnusedOverlay(overlay)
                 }
                 unlink(overlay)
             }
         }
+    }
+
+    /// An overlay made before the pause whose snapshot did not happen: a vmsnap killed while
+    /// formatting it may have left its protocol node open.
+    func closeUnusedOverlay(_ overlay: String) async throws {
+        let nodes = try await client.run(QMP.QueryNamedBlockNodes())
+        for node in nodes where node.file == overlay && node.driver == "file" && node.nodeName.hasPrefix("vmsnap-") {
+            try await client.run(QMP.DeleteNode(nodeName: node.nodeName))
+        }
+        save.preparedOverlays.remove(overlay)
     }
 
     public func mergeIntoActive(target: String, base: String?, progress: ProgressHandler?) async throws {
@@ -231,5 +413,45 @@ public struct QEMULiveDomain: LiveDomain {
                 }
             }
         }
+    }
+}
+
+/// What a snapshot prepared through a handle stands at between the domain layer's calls (a
+/// handle serves one snapshot).
+final class SnapshotSession: Sendable {
+    enum Stage: Sendable {
+        case none
+        /// The guest will be stopped for the save (`pause()` is a plain stop).
+        case prepared
+        /// A pre-copy will start at `pause()`.
+        case precopyPrepared(fd: Int32, total: UInt64, progress: ProgressHandler?)
+        /// QEMU stopped the guest before the pre-copy's last round.
+        case atSwitchover
+    }
+    private let state = Mutex(Stage.none)
+    var stage: Stage {
+        get { state.withLock { $0 } }
+        set { state.withLock { $0 = newValue } }
+    }
+    /// The overlays made before the pause, by path.
+    private let overlays = Mutex(Set<String>())
+    var preparedOverlays: Set<String> {
+        get { overlays.withLock { $0 } }
+        set { overlays.withLock { $0 = newValue } }
+    }
+}
+
+/// How long a pre-copy save may run before the guest's final stop may grow, and by how much:
+/// 10 ms at first (the pause floor measured in ../shared/notes/qemu-pause-floor.md is 5-16 ms);
+/// once the save has had time for two passes over the guest's memory at 200 MiB/s (the slowest
+/// rate measured here) plus 2 s, each further second doubles the allowed stop. The last step
+/// is longer than any save of a guest this size takes, so the save ends.
+enum PrecopyPolicy {
+    static let downtimeLimitsMs = [10, 20, 40, 80, 160, 320, 640, 1280, 2560, 10000]
+
+    static func step(after elapsed: Duration, guestBytes: UInt64) -> Int {
+        let budget = 2.0 + 2.0 * Double(guestBytes) / Double(200 << 20)
+        let over = elapsed.seconds - budget
+        return over < 0 ? 0 : min(1 + Int(over), downtimeLimitsMs.count - 1)
     }
 }

@@ -91,6 +91,33 @@ extension QMP {
         }
     }
 
+    /// A file opened as a protocol node (for `blockdev-create` to format it).
+    public struct AddFileNode: QMPCommand {
+        public typealias Response = Void
+        public static let name = "blockdev-add"
+        public var nodeName: String, path: String
+        public var arguments: JSONValue? {
+            ["driver": "file", "node-name": .string(nodeName), "filename": .string(path)]
+        }
+    }
+
+    /// Formats the protocol node `file` as a qcow2 image of `size` bytes whose header names
+    /// `backing` (of `backingFormat`) without opening it: a job.
+    public struct CreateQcow2: QMPCommand {
+        public typealias Response = Void
+        public static let name = "blockdev-create"
+        public var jobID: String, file: String, size: UInt64, backing: String, backingFormat: String
+        public var arguments: JSONValue? {
+            [
+                "job-id": .string(jobID),
+                "options": [
+                    "driver": "qcow2", "file": .string(file), "size": .int(Int64(size)),
+                    "backing-file": .string(backing), "backing-fmt": .string(backingFormat),
+                ],
+            ]
+        }
+    }
+
     public struct DeleteNode: QMPCommand {
         public typealias Response = Void
         public static let name = "blockdev-del"
@@ -101,6 +128,7 @@ extension QMP {
     /// Every node with its dirty bitmaps.
     public struct QueryNamedBlockNodes: QMPCommand {
         public static let name = "query-named-block-nodes"
+        public init() {}
         public func response(_ r: JSONValue) -> [BlockNode] {
             r.array?.map { node in
                 BlockNode(

@@ -360,6 +360,11 @@ public struct QEMUBlockDevice: Sendable, Hashable {
     public var file: String?
     /// The guest device the disk is attached to (a QOM path).
     public var qdev: String?
+    /// The active layer's format driver (qcow2, raw) and its size in bytes.
+    public var format: String? = nil
+    public var virtualSize: UInt64? = nil
+    /// The image the active layer reads through, if any.
+    public var backing: String? = nil
     /// Names of the internal snapshots in the open image.
     public var internalSnapshots: [String] = []
 }

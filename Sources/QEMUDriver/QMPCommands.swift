@@ -110,6 +110,9 @@ public enum QMP {
                 QEMUBlockDevice(
                     device: $0["device"]?.string ?? "", nodeName: $0["inserted"]?["node-name"]?.string,
                     file: $0["inserted"]?["file"]?.string, qdev: $0["qdev"]?.string,
+                    format: $0["inserted"]?["drv"]?.string,
+                    virtualSize: $0["inserted"]?["image"]?["virtual-size"]?.int.map { UInt64($0) },
+                    backing: $0["inserted"]?["image"]?["backing-image"]?["filename"]?.string,
                     internalSnapshots: $0["inserted"]?["image"]?["snapshots"]?.array?.compactMap { $0["name"]?.string }
                         ?? [])
             } ?? []
@@ -118,15 +121,17 @@ public enum QMP {
 
     /// One action of a `transaction`.
     public enum TransactionAction: Sendable, Hashable {
-        case externalSnapshot(disk: QEMUDiskAddress, overlay: String, format: String)
+        /// `existing`: the overlay file was made (and formatted) beforehand, QEMU only opens it.
+        case externalSnapshot(disk: QEMUDiskAddress, overlay: String, format: String, existing: Bool = false)
         /// QEMU looks the name up as a device, then as a node.
         case internalSnapshot(device: String, name: String)
 
         var json: JSONValue {
             switch self {
-            case .externalSnapshot(let disk, let overlay, let format):
+            case .externalSnapshot(let disk, let overlay, let format, let existing):
                 var data: [String: JSONValue] = [
-                    "snapshot-file": .string(overlay), "format": .string(format), "mode": "absolute-paths",
+                    "snapshot-file": .string(overlay), "format": .string(format),
+                    "mode": existing ? "existing" : "absolute-paths",
                 ]
                 switch disk {
                 case .device(let d): data["device"] = .string(d)
@@ -191,8 +196,31 @@ public enum QMP {
     public struct MigrateSetParameters: QMPCommand {
         public typealias Response = Void
         public static let name = "migrate-set-parameters"
-        public var maxBandwidth: Int
-        public var arguments: JSONValue? { ["max-bandwidth": .int(Int64(maxBandwidth))] }
+        public var maxBandwidth: Int?
+        /// The longest final stop a pre-copy migration may plan for, in milliseconds.
+        public var downtimeLimitMs: Int?
+        public init(maxBandwidth: Int? = nil, downtimeLimitMs: Int? = nil) {
+            self.maxBandwidth = maxBandwidth
+            self.downtimeLimitMs = downtimeLimitMs
+        }
+        public var arguments: JSONValue? {
+            var a: [String: JSONValue] = [:]
+            if let maxBandwidth { a["max-bandwidth"] = .int(Int64(maxBandwidth)) }
+            if let downtimeLimitMs { a["downtime-limit"] = .int(Int64(downtimeLimitMs)) }
+            return .object(a)
+        }
+    }
+
+    /// Lets a migration paused before its switchover (`pause-before-switchover`) go on.
+    public struct MigrateContinue: QMPCommand {
+        public typealias Response = Void
+        public static let name = "migrate-continue"
+        public var arguments: JSONValue? { ["state": "pre-switchover"] }
+    }
+
+    public struct MigrateCancel: QMPCommand {
+        public typealias Response = Void
+        public static let name = "migrate_cancel"
     }
 
     public struct Migrate: QMPCommand {
@@ -267,7 +295,12 @@ public enum QMP {
         public typealias Response = Void
         public static let name = "block-commit"
         public var device: String, jobID: String
-        public var arguments: JSONValue? { ["device": .string(device), "job-id": .string(jobID)] }
+        /// The node the active layer is committed into. Never left out: QEMU would then commit
+        /// the whole chain into its deepest image, changing every snapshot frozen in between.
+        public var baseNode: String
+        public var arguments: JSONValue? {
+            ["device": .string(device), "job-id": .string(jobID), "base-node": .string(baseNode)]
+        }
     }
 
     public struct BlockJobComplete: QMPCommand {

@@ -257,35 +257,3 @@ struct XenBackupImages: BackupImageTool {
         throw Self.refusal
     }
 }
-
-/// Reports a long libxl step's progress from a file's position, shared with libxl's save
-/// helper: the helper writes (or reads) through the same open file, so its offset moves.
-final class FileProgress: @unchecked Sendable {
-    private let stopped = Flag()
-
-    static func watch(fd: Int32, phase: String, total: UInt64, progress: ProgressHandler?) -> FileProgress {
-        let watch = FileProgress()
-        guard let progress else { return watch }
-        let start = ContinuousClock.now
-        Thread.detachNewThread {
-            while watch.isRunning {
-                Thread.sleep(forTimeInterval: 0.25)
-                let at = lseek(fd, 0, SEEK_CUR)
-                if at > 0, watch.isRunning {
-                    progress(
-                        .measured(phase, done: UInt64(at), total: total, seconds: (ContinuousClock.now - start).seconds)
-                    )
-                }
-            }
-        }
-        return watch
-    }
-
-    var isRunning: Bool { !stopped.isSet }
-
-    func stop() { stopped.set() }
-}
-
-extension Duration {
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
-}

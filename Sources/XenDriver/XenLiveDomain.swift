@@ -100,7 +100,7 @@ actor XenLiveDomain: LiveDomain {
     }
 
     /// `live` is never true: the driver declares no live save.
-    func prepareMemorySave(to fd: Int32, live: Bool) async throws {
+    func prepareMemorySave(to fd: Int32, live: Bool, guestBytes: UInt64, progress: ProgressHandler?) async throws {
         // A PV guest suspends itself: a paused guest cannot answer, and unpausing it would move
         // its memory past the disks' instant.
         guard try await info().state == .running else {

@@ -125,6 +125,49 @@ struct QEMUDriverTests {
         try await driver.destroy("d")
     }
 
+    @Test(
+        "prepared overlays: made before the pause with the base's mode; undo on a two-layer chain commits into the overlay's backing only; an unused one is closed and removed"
+    )
+    func preparedOverlays() async throws {
+        let b = try await image("b")
+        chmod(b, 0o640)
+        try await driver.start(definition([b]), drives: drives([b]), mode: .boot(paused: false), progress: nil)
+        defer { if let pid = driver.pid("d") { kill(pid, SIGKILL) } }
+        let live = try await driver.connect("d")
+        try await write(live, "drive-vda", 1)
+        func external(_ n: Int) -> LiveDiskSnapshot {
+            LiveDiskSnapshot(
+                target: "vda", name: "s\(n)", kind: .external, overlay: dir + "/b.s\(n).qcow2", format: "qcow2")
+        }
+        func take(_ s: LiveDiskSnapshot) async throws {
+            try await live.prepareDiskSnapshots([s])
+            var st = stat()
+            #expect(
+                stat(s.overlay!, &st) == 0 && st.st_mode & 0o777 == 0o640, "made before the pause, mode of the base")
+            try await live.pause()
+            try await live.snapshotDisks([s])
+            try await live.resume()
+        }
+        try await take(external(1))
+        try await write(live, "drive-vda", 2)
+        try await take(external(2))
+        try await write(live, "drive-vda", 3)
+        try await live.undoDiskSnapshot(external(2))
+        #expect(!FileManager.default.fileExists(atPath: external(2).overlay!))
+        #expect(try await holds(external(1).overlay!, 3), "the write since s2 went into s2's backing")
+        #expect(try await holds(b, 1), "the image under s1 is untouched by the undo of s2")
+
+        // Prepared, never switched in (a failure before the pause): closed and removed.
+        try await live.prepareDiskSnapshots([external(3)])
+        try await live.undoDiskSnapshot(external(3))
+        #expect(!FileManager.default.fileExists(atPath: external(3).overlay!))
+        let qemu = try #require(live as? QEMULiveDomain)
+        let nodes = try await qemu.client.run(QMP.QueryNamedBlockNodes())
+        #expect(!nodes.contains { $0.file.contains("b.s3.qcow2") }, "\(nodes.map(\.file))")
+        await live.close()
+        try await driver.destroy("d")
+    }
+
     @Test("memory: a live save while the guest runs, measured pause; restore into a fresh QEMU, paused or running")
     func memory() async throws {
         let a = try await image("a")
@@ -134,7 +177,7 @@ struct QEMUDriverTests {
         try #require(fd >= 0)
         let live = try await driver.connect("d")
         let mark = await live.mark()
-        try await live.prepareMemorySave(to: fd, live: true)
+        try await live.prepareMemorySave(to: fd, live: true, guestBytes: 32 << 20, progress: nil)
         try await live.pause()
         let saveMark = await live.mark()
         try await live.startMemorySave()

@@ -19,6 +19,11 @@ struct DomainSnapshotTests {
                 "snapshot", "create", g.name, "--name", "s1", "--description", "counter test", "--json")
             struct Report: Decodable {
                 var pauseMs: Double?
+                var pausePhases: [Phase]?
+                struct Phase: Decodable {
+                    var name: String
+                    var ms: Double
+                }
                 var snapshot: Snap
                 struct Snap: Decodable {
                     var memory: Memory?
@@ -31,6 +36,11 @@ struct DomainSnapshotTests {
             let report = try JSONDecoder().decode(Report.self, from: Data(created.utf8))
             let pause = try #require(report.pauseMs)
             #expect(pause > 0 && pause < 5000, "guest pause \(pause) ms")
+            // The pause step by step from QEMU's stamps: the pre-copy's stop, the disk
+            // snapshots, the last round, the resume; together the whole pause.
+            let phases = try #require(report.pausePhases)
+            #expect(phases.count == 4, "\(phases)")
+            #expect(abs(phases.map(\.ms).reduce(0, +) - pause) < 0.5, "\(phases) sum to \(pause) ms")
             let memory = try #require(report.snapshot.memory)
             let size = try #require(memory.size)
             #expect(

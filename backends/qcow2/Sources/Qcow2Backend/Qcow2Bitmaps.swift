@@ -20,7 +20,10 @@ extension Qcow2Backend {
     }
 
     func imageBitmaps(_ image: String) async throws -> [DirtyBitmap] {
-        try Self.parseBitmaps(try await runner.run(Qcow2Commands.info(image)).standardOutput, image: image)
+        // The header says when there are none: no `qemu-img info`, whose cost grows with the
+        // image's snapshot table (about 100 ms at 400 snapshots).
+        if let header = try? Qcow2Image(path: image), header.bitmapCount == 0 { return [] }
+        return try Self.parseBitmaps(try await runner.run(Qcow2Commands.info(image)).standardOutput, image: image)
     }
 
     func addBitmap(_ name: String, image: String) async throws {

@@ -26,6 +26,8 @@ public struct Qcow2Image: Sendable, Hashable {
     public var backingFormat: String?
     /// An external data file (header extension 0x44415441): the guest's data lives there.
     public var dataFile: String?
+    /// Persistent dirty bitmaps the header's bitmaps extension (0x23852875) counts; 0 without one.
+    public var bitmapCount: UInt32 = 0
     public var snapshots: [Snapshot]
     /// Incompatible feature bits: bit 0 dirty, bit 1 corrupt.
     public var incompatibleFeatures: UInt64
@@ -123,6 +125,9 @@ public struct Qcow2Image: Sendable, Hashable {
             if type == 0 { break }
             if type == 0xe279_2aca, length < 256 {
                 backingFormat = String(decoding: try file.read(at: extOffset + 8, count: Int(length)), as: UTF8.self)
+            }
+            if type == 0x2385_2875, length >= 4 {
+                bitmapCount = try file.read(at: extOffset + 8, count: 4).bigEndianUInt32(at: 0)
             }
             if type == 0x4441_5441, length < 4096 {
                 dataFile = String(decoding: try file.read(at: extOffset + 8, count: Int(length)), as: UTF8.self)

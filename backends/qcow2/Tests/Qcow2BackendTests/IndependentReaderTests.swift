@@ -30,6 +30,20 @@ struct IndependentReaderTests {
         }
     }
 
+    @Test("the native parser counts persistent dirty bitmaps as qemu-img adds and lists them")
+    func bitmapCountAgrees() async throws {
+        let f = try Fixture()
+        let disk = try await f.newDisk()
+        #expect(try Qcow2Image(path: disk).bitmapCount == 0)
+        for (i, name) in ["b1", "b2"].enumerated() {
+            try await SubprocessRunner().run(["qemu-img", "bitmap", "--add", disk, name])
+            let listed = (try await qemuImgInfo(disk)["format-specific"] as? [String: Any])?["data"] as? [String: Any]
+            let names = (listed?["bitmaps"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
+            #expect(names.count == i + 1)
+            #expect(try Qcow2Image(path: disk).bitmapCount == UInt32(i + 1))
+        }
+    }
+
     @Test(
         "every layer of a snapshot tree reads the same through libqcow as through qemu-img, and passes qemu-img check")
     func chainReadByLibqcow() async throws {
