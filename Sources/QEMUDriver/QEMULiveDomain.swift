@@ -241,6 +241,9 @@ public struct QEMULiveDomain: LiveDomain {
                 else {
                     throw SnapshotError(.notFound, "disk \(s.target) is not open in the running QEMU")
                 }
+                // An image QEMU names by options (`json:{...}`) has no file to take the mode of:
+                // QEMU then makes the overlay inside the pause, as before.
+                guard base.hasPrefix("/") else { continue }
                 try await formatOverlay(overlay, target: s.target, base: base, format: format, size: size)
                 save.preparedOverlays.insert(overlay)
             }
