@@ -75,7 +75,14 @@ public struct QEMULiveDomain: LiveDomain {
             }
         }
     }
-    public func resume() async throws { try await layer { try await client.cont() } }
+    /// Runs the guest again, whatever stopped it: a plain stop, or a pre-copy save that holds
+    /// it at its switchover (cancelled) or that has completed (the images are reopened).
+    public func resume() async throws {
+        try await layer {
+            await releaseSave()
+            if try await !client.status().running { try await client.cont() }
+        }
+    }
     public func isConnected() async -> Bool { await !client.isClosed }
     public func close() async { await client.close() }
 
@@ -95,8 +102,11 @@ public struct QEMULiveDomain: LiveDomain {
         async throws
     {
         try await layer {
+            // auto-converge: QEMU itself slows a guest that dirties memory faster than the save
+            // writes it, so the save ends (and the file stops growing) even if vmsnap dies.
             try await client.setMigrationCapabilities([
-                "background-snapshot": false, "pause-before-switchover": live, "events": true,
+                "background-snapshot": false, "pause-before-switchover": live, "auto-converge": live,
+                "events": true,
             ])
             // QEMU rate-limits migration (128 MiB/s by default); a save to a local file should not be.
             try await client.run(
@@ -187,17 +197,32 @@ public struct QEMULiveDomain: LiveDomain {
     }
 
     /// A save that is still streaming is cancelled (a pre-copy leaves the guest as it was; one
-    /// stopped at its switchover runs again); the guest is resumed by the caller if vmsnap
-    /// paused it.
-    public func drainMemorySave() async {
+    /// stopped at its switchover runs again); a completed one has its images reopened (`cont`),
+    /// so an undo can write into them. The guest is resumed by the caller if vmsnap paused it.
+    public func drainMemorySave() async { await releaseSave() }
+
+    /// Ends whatever migration this QEMU has going and gives the images back (also after a
+    /// killed vmsnap: it asks QEMU, not this handle's state).
+    func releaseSave() async {
         save.stage = .none
-        guard let info = try? await client.migrationInfo(),
-            ["active", "setup", "device", "pre-switchover"].contains(info.status)
-        else { return }
-        let mark = await client.eventMark
-        _ = try? await client.run(QMP.MigrateCancel())
-        _ = try? await client.waitForEvent("MIGRATION", since: mark, timeout: .seconds(30)) {
-            ["completed", "failed", "cancelled"].contains($0.data["status"]?.string ?? "")
+        guard let info = try? await client.migrationInfo() else { return }
+        if ["active", "setup", "device", "pre-switchover"].contains(info.status) {
+            let mark = await client.eventMark
+            _ = try? await client.run(QMP.MigrateCancel())
+            _ = try? await client.waitForEvent("MIGRATION", since: mark, timeout: .seconds(30)) {
+                ["completed", "failed", "cancelled"].contains($0.data["status"]?.string ?? "")
+            }
+        }
+        // A completed save leaves the images inactive until `cont` (QEMU refuses it while the
+        // migration thread still finishes).
+        let deadline = ContinuousClock.now + .seconds(10)
+        while let status = try? await client.status().status, ContinuousClock.now < deadline {
+            if status == "postmigrate" {
+                _ = try? await client.cont()
+                return
+            }
+            guard status == "finish-migrate" else { return }
+            try? await Task.sleep(for: .milliseconds(1))
         }
     }
 
@@ -256,7 +281,7 @@ public struct QEMULiveDomain: LiveDomain {
         try NewFile.create(overlay, like: base, resume: false)
         do {
             try await client.run(QMP.AddFileNode(nodeName: node, path: overlay))
-            let job = "vmsnap-create-\(target)"
+            let job = "vmsnap-create-" + node.dropFirst("vmsnap-".count).prefix(8)
             try await client.run(
                 QMP.CreateQcow2(jobID: job, file: node, size: size, backing: base, backingFormat: format))
             try await client.waitForJob(job, timeout: .seconds(60), progress: nil)
@@ -382,6 +407,10 @@ public struct QEMULiveDomain: LiveDomain {
     /// An overlay made before the pause whose snapshot did not happen: a vmsnap killed while
     /// formatting it may have left its protocol node open.
     func closeUnusedOverlay(_ overlay: String) async throws {
+        for job in try await client.run(QMP.QueryJobs())
+        where job.id.hasPrefix("vmsnap-create-") && job.status == "concluded" {
+            _ = try? await client.run(QMP.JobDismiss(id: job.id))
+        }
         let nodes = try await client.run(QMP.QueryNamedBlockNodes())
         for node in nodes where node.file == overlay && node.driver == "file" && node.nodeName.hasPrefix("vmsnap-") {
             try await client.run(QMP.DeleteNode(nodeName: node.nodeName))

@@ -215,6 +215,7 @@ public enum QMP {
     public struct MigrateContinue: QMPCommand {
         public typealias Response = Void
         public static let name = "migrate-continue"
+        public init() {}
         public var arguments: JSONValue? { ["state": "pre-switchover"] }
     }
 

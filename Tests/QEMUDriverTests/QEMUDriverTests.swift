@@ -168,6 +168,39 @@ struct QEMUDriverTests {
         try await driver.destroy("d")
     }
 
+    @Test(
+        "a save held at its switchover, or completed without `cont` (vmsnap killed there): a new handle's drain gives the guest back running"
+    )
+    func releaseAfterKill() async throws {
+        let a = try await image("a")
+        try await driver.start(definition([a]), drives: drives([a]), mode: .boot(paused: false), progress: nil)
+        defer { if let pid = driver.pid("d") { kill(pid, SIGKILL) } }
+        for completed in [false, true] {
+            let path = dir + "/mem\(completed).vmstate"
+            let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+            try #require(fd >= 0)
+            defer { close(fd) }
+            let first = try await driver.connect("d")
+            try await first.prepareMemorySave(to: fd, live: true, guestBytes: 32 << 20, progress: nil)
+            try await first.pause()
+            #expect(try await first.isRunning() == false)
+            if completed {
+                let qemu = try #require(first as? QEMULiveDomain)
+                let mark = await qemu.client.eventMark
+                try await qemu.client.run(QMP.MigrateContinue())
+                _ = try await qemu.client.waitForEvent("MIGRATION", since: mark, timeout: .seconds(30)) {
+                    $0.data["status"]?.string == "completed"
+                }
+            }
+            await first.close()  // vmsnap died here
+            let second = try await driver.connect("d")
+            await second.drainMemorySave()
+            await second.close()
+            #expect(try await driver.runState("d") == .running, "completed: \(completed)")
+        }
+        try await driver.destroy("d")
+    }
+
     @Test("memory: a live save while the guest runs, measured pause; restore into a fresh QEMU, paused or running")
     func memory() async throws {
         let a = try await image("a")

@@ -354,6 +354,12 @@ public struct Qcow2Backend: DiskSnapshotBackend {
             guard let overlay = after?.disk.active, overlay != before.disk.active,
                 FileManager.default.fileExists(atPath: overlay)
             else { return }
+            // Made before the pause and never switched in (empty, or formatted with nothing
+            // written): nothing of the guest's is in it.
+            guard let image = try? Qcow2Image(path: overlay), image.resolvedBackingFile != nil else {
+                unlink(overlay)
+                return
+            }
             try await runner.run(Qcow2Commands.commit(overlay))
             unlink(overlay)
         }
