@@ -130,12 +130,7 @@ public struct QEMULiveDomain: LiveDomain {
             let end = try await client.waitForEvent("MIGRATION", since: mark, timeout: .seconds(600)) {
                 ["completed", "failed", "cancelled"].contains($0.data["status"]?.string ?? "")
             }
-            // QEMU sends "completed" before its migration thread has left the finish-migrate
-            // state, and refuses `cont` until then (a millisecond or two).
-            let deadline = ContinuousClock.now + .seconds(10)
-            while try await client.status().status == "finish-migrate", ContinuousClock.now < deadline {
-                try await Task.sleep(for: .microseconds(500))
-            }
+            _ = try await settledRunState()
             try await client.cont()
             save.stage = .none
             if end.data["status"]?.string != "completed" {
@@ -213,17 +208,20 @@ public struct QEMULiveDomain: LiveDomain {
                 ["completed", "failed", "cancelled"].contains($0.data["status"]?.string ?? "")
             }
         }
-        // A completed save leaves the images inactive until `cont` (QEMU refuses it while the
-        // migration thread still finishes).
+        // A completed save leaves the images inactive until `cont`.
+        if (try? await settledRunState()) == "postmigrate" { _ = try? await client.cont() }
+    }
+
+    /// QEMU's run state once a migration thread has finished: QEMU sends "completed" before the
+    /// thread leaves finish-migrate, and refuses `cont` until then (a millisecond or two).
+    func settledRunState() async throws -> String {
         let deadline = ContinuousClock.now + .seconds(10)
-        while let status = try? await client.status().status, ContinuousClock.now < deadline {
-            if status == "postmigrate" {
-                _ = try? await client.cont()
-                return
-            }
-            guard status == "finish-migrate" else { return }
-            try? await Task.sleep(for: .milliseconds(1))
+        var status = try await client.status().status
+        while status == "finish-migrate", ContinuousClock.now < deadline {
+            try await Task.sleep(for: .microseconds(500))
+            status = try await client.status().status
         }
+        return status
     }
 
     /// Waits for a migration to or from `fd` (save or restore) to complete, showing progress
