@@ -63,6 +63,9 @@ struct DomainJournal: Codable, Sendable {
     var pausedByUs = false
     /// The checkpoint taken with the snapshot (create), removed again by a rollback.
     var checkpoint: CheckpointRecord?
+    /// Held disks (create): target -> the temporary overlay that takes the guest's writes from the
+    /// pause until the storage snapshot is taken; a rollback merges it back into the disk.
+    var held: [String: String]?
     /// Revert: the run state to end in. Delete: the snapshots to remove and the mode.
     var targetState: DomainRunState?
     var removing: [String] = []
@@ -108,6 +111,9 @@ extension DomainService {
         /// The hypervisor takes this disk's snapshot: the layout it will have.
         var live: Plan?
         var drive: HypervisorDrive?
+        /// The storage takes this disk's snapshot after the guest resumed: the hypervisor holds
+        /// the disk's point in time (a temporary overlay takes the writes) until it is taken.
+        var held = false
 
         /// What the hypervisor is asked to take.
         func liveSnapshot(_ name: String) -> LiveDiskSnapshot {
@@ -202,7 +208,7 @@ extension DomainService {
                     } else {
                         try await takeLive(
                             live, request: request, name: name, parts: parts, state: state, withMemory: withMemory,
-                            liveSave: driver.capabilities.liveMemorySave,
+                            liveSave: driver.capabilities.liveMemorySave, heldFormat: driver.backupImages.format,
                             memoryFD: memoryFD, guestBytes: UInt64(definition.memoryMiB) << 20,
                             record: &record, report: &report, journalID: journalID, j: &j)
                     }
@@ -327,6 +333,7 @@ extension DomainService {
     ) async throws -> ([DiskPart], [DomainSnapshotDisk]) {
         var parts: [DiskPart] = []
         var excluded: [DomainSnapshotDisk] = []
+        let tracked = Set(try store.checkpoints(of: definition.name).flatMap { $0.disks.map(\.target) })
         for disk in definition.disks {
             let (backend, layout) = try await disks.manage(disk.locator, kind: disk.backend)
             guard request.targets?.contains(disk.target) ?? true else {
@@ -360,6 +367,12 @@ extension DomainService {
                         .unsupported,
                         "disk \(disk.target): backend '\(backend.kind)' cannot take \(kind) snapshots while the domain runs, and the \(driver.name) driver cannot take them for it; stop the domain, or leave the disk out with --disks"
                     )
+                } else {
+                    // A disk checkpoints track keeps its bitmaps in its active layer: no temporary
+                    // overlay above it (the bitmap would go with the overlay).
+                    part.held =
+                        state == .running && driver.capabilities.heldStorageSnapshots && request.checkpoint == nil
+                        && !tracked.contains(disk.target)
                 }
             } else {
                 try caps.require(Capability(.create, kind, .offline), backend: backend.kind)
@@ -396,15 +409,24 @@ extension DomainService {
 
     /// A live snapshot: everything that can happen before the pause does (the journal knows the
     /// overlays and that vmsnap pauses the guest, the hypervisor has the memory file); then
-    /// pause, storage-side snapshots, the hypervisor's snapshots at one instant, the memory
-    /// save started (the guest resumes with a live save), the disks recorded, the save finished.
+    /// pause, storage-side snapshots that cannot be held, the hypervisor's snapshots and the
+    /// held disks' temporary overlays at one instant, the memory save started (the guest resumes
+    /// with a live save), the disks recorded, the save finished; last, after the resume, the held
+    /// disks' storage snapshots (the disks unwritten since the pause), their overlays merged back.
     func takeLive(
         _ live: any LiveDomain, request: DomainSnapshotRequest, name: String, parts: [DiskPart], state: DomainRunState,
-        withMemory: Bool, liveSave: Bool,
+        withMemory: Bool, liveSave: Bool, heldFormat: String,
         memoryFD: Int32, guestBytes: UInt64, record: inout DomainSnapshotRecord, report: inout CreateReport,
         journalID: Int64, j: inout DomainJournal
     ) async throws {
         let byHypervisor = parts.filter { $0.live != nil }
+        let held = parts.filter(\.held)
+        let holds = held.map {
+            LiveDiskSnapshot(
+                target: $0.disk.target, name: name, kind: .external,
+                overlay: heldOverlay(record.domain, snapshot: name, target: $0.disk.target), format: heldFormat)
+        }
+        if !holds.isEmpty { j.held = Dictionary(uniqueKeysWithValues: holds.map { ($0.target, $0.overlay!) }) }
         for part in byHypervisor {
             j.liveBefore[part.disk.target] = part.layout
             j.liveAfter[part.disk.target] = part.live!.result
@@ -422,7 +444,13 @@ extension DomainService {
         j.pausedByUs = state == .running
         try phase(journalID, &j, "prepared")
         // The journal knows the overlays: they may now exist (a rollback removes them).
-        if !byHypervisor.isEmpty { try await live.prepareDiskSnapshots(byHypervisor.map { $0.liveSnapshot(name) }) }
+        if !holds.isEmpty {
+            try FileManager.default.createDirectory(
+                atPath: (holds[0].overlay! as NSString).deletingLastPathComponent, withIntermediateDirectories: true,
+                attributes: [.posixPermissions: 0o700])
+        }
+        let atOnce = byHypervisor.map { $0.liveSnapshot(name) } + holds
+        if !atOnce.isEmpty { try await live.prepareDiskSnapshots(atOnce) }
         let saveStarted = ContinuousClock.now
         Trace.mark("pause prepared")
         if state == .running { try await live.pause() }
@@ -432,8 +460,8 @@ extension DomainService {
         DomainFault.point("create:paused", hypervisor: hypervisorProcess(record.domain))
         // Storage-side snapshots while the vCPUs are stopped and the hypervisor has flushed.
         try await takeThroughBackends(
-            parts.filter { $0.live == nil }, name: name, request: request, journalID: journalID, j: &j)
-        if !byHypervisor.isEmpty { try await live.snapshotDisks(byHypervisor.map { $0.liveSnapshot(name) }) }
+            parts.filter { $0.live == nil && !$0.held }, name: name, request: request, journalID: journalID, j: &j)
+        if !atOnce.isEmpty { try await live.snapshotDisks(atOnce) }
         if let c = j.checkpoint {
             try await live.addDirtyBitmaps(c.name, targets: c.disks.map(\.target))
         }
@@ -467,6 +495,34 @@ extension DomainService {
         }
         if state == .running, try await !live.isRunning() { try await live.resume() }
         j.pausedByUs = false
+        if !held.isEmpty {
+            try await completeHeld(
+                live, zip(held, holds).map { ($0, $1) }, name: name, request: request, journalID: journalID, j: &j)
+        }
+    }
+
+    /// Where a held disk's temporary overlay goes: under the store, in a directory only its
+    /// owner reads (the file itself takes the disk's mode and owner).
+    func heldOverlay(_ domain: String, snapshot: String, target: String) -> String {
+        (store.directory as NSString).appendingPathComponent("held/\(domain)/\(snapshot)-\(target).overlay")
+    }
+
+    /// After the guest resumed: each held disk's storage snapshot (the disk itself is as it was
+    /// at the pause: the guest writes into the temporary overlay), then the overlay merged back
+    /// into the disk while the guest runs, and removed.
+    func completeHeld(
+        _ live: any LiveDomain, _ held: [(DiskPart, LiveDiskSnapshot)], name: String, request: DomainSnapshotRequest,
+        journalID: Int64, j: inout DomainJournal
+    ) async throws {
+        try phase(journalID, &j, "resumed")
+        try await takeThroughBackends(held.map(\.0), name: name, request: request, journalID: journalID, j: &j)
+        try phase(journalID, &j, "storage-snapshots")
+        for (part, overlay) in held {
+            Trace.mark("held \(part.disk.target): merging")
+            try await live.undoDiskSnapshot(overlay)
+            Trace.mark("held \(part.disk.target): merged")
+        }
+        try phase(journalID, &j, "merged")
     }
 
     static func generatedName(existing: Set<String>, prefix: String = "snap") -> String {
@@ -583,6 +639,16 @@ extension DomainService {
         let connected: (any LiveDomain)? = if let live, await live.isConnected() { live } else { nil }
         // A memory save that is still streaming finishes (into the file removed below).
         await connected?.drainMemorySave()
+        // Held disks first: the guest's writes since the pause go back into the disk.
+        for (target, overlay) in (j.held ?? [:]).sorted(by: { $0.key < $1.key }) {
+            if let connected {
+                try await connected.undoDiskSnapshot(
+                    LiveDiskSnapshot(target: target, name: record.name, kind: .external, overlay: overlay, format: ""))
+            } else {
+                try await drivers.driver(for: record.definition).backupImages.mergeIntoBacking(overlay)
+                unlink(overlay)
+            }
+        }
         for disk in record.disks where disk.kind != nil {
             if let before = j.liveBefore[disk.target] {
                 let after = j.liveAfter[disk.target]

@@ -15,20 +15,30 @@ public struct DomainStatus: Codable, Sendable, Hashable {
 
 /// `VMSNAP_DOMAIN_FAULT=<operation>:<phase>`: the process kills itself when a domain operation
 /// reaches that phase; `qemu@<operation>:<phase>` (the prefix is the hypervisor's name) kills the
-/// domain's hypervisor process there instead. Tests use it to check recovery from each step and
-/// from a hypervisor that dies mid-operation.
+/// domain's hypervisor process there instead; `delay<seconds>@<operation>:<phase>` waits there
+/// (slow storage, as seen from the guest). Several, comma-separated. Tests use it to check
+/// recovery from each step and from a hypervisor that dies mid-operation.
 enum DomainFault {
-    static let spec = ProcessInfo.processInfo.environment["VMSNAP_DOMAIN_FAULT"]
+    static let specs = ProcessInfo.processInfo.environment["VMSNAP_DOMAIN_FAULT"]?.split(separator: ",").map(
+        String.init)
     static func point(_ phase: String, hypervisor: (name: String, pid: Int32?)? = nil) {
-        guard let spec else { return }
-        if spec == phase {
-            FileHandle.standardError.write(
-                Data("vmsnap: fault injection: killing myself at domain phase \(phase)\n".utf8))
-            kill(getpid(), SIGKILL)
-        } else if let hypervisor, spec == hypervisor.name + "@" + phase, let pid = hypervisor.pid {
-            FileHandle.standardError.write(
-                Data("vmsnap: fault injection: killing the hypervisor (pid \(pid)) at domain phase \(phase)\n".utf8))
-            kill(pid, SIGKILL)
+        for spec in specs ?? [] {
+            if spec == phase {
+                FileHandle.standardError.write(
+                    Data("vmsnap: fault injection: killing myself at domain phase \(phase)\n".utf8))
+                kill(getpid(), SIGKILL)
+            } else if let hypervisor, spec == hypervisor.name + "@" + phase, let pid = hypervisor.pid {
+                FileHandle.standardError.write(
+                    Data(
+                        "vmsnap: fault injection: killing the hypervisor (pid \(pid)) at domain phase \(phase)\n".utf8))
+                kill(pid, SIGKILL)
+            } else if spec.hasPrefix("delay"), spec.hasSuffix("@" + phase),
+                let seconds = Double(spec.dropFirst(5).dropLast(phase.count + 1))
+            {
+                FileHandle.standardError.write(
+                    Data("vmsnap: fault injection: waiting \(seconds) s at domain phase \(phase)\n".utf8))
+                Thread.sleep(forTimeInterval: seconds)
+            }
         }
     }
 }

@@ -194,4 +194,14 @@ public protocol BackupImageTool: Sendable {
     /// Writes what `image` reads (through its chain) into a standalone `destination` of `format`.
     func flatten(_ image: String, into destination: String, format: String, progress: ProgressHandler?)
         async throws
+    /// Writes the blocks `image` holds itself into its backing file (a temporary overlay no
+    /// hypervisor has open any more); the image stays, for the caller to remove. An empty file
+    /// (made, never formatted) holds nothing.
+    func mergeIntoBacking(_ image: String) async throws
+}
+
+extension BackupImageTool {
+    public func mergeIntoBacking(_ image: String) async throws {
+        throw SnapshotError(.unsupported, "this hypervisor's image tool cannot merge \(image) into its backing file")
+    }
 }

@@ -31,6 +31,12 @@ public struct HypervisorCapabilities: Codable, Sendable, Hashable {
     /// hypervisor still holding them open, by source type: QEMU tolerates any; Xen's qdisk
     /// QEMU keeps image files open and locked, so only blkback's block devices qualify.
     public var pausedStorageSnapshotSources: [DiskSourceType] = [.file, .block, .network]
+    /// The hypervisor can hold a running disk's point in time itself, so a storage-side snapshot
+    /// leaves the guest's pause: a temporary overlay (of `backupImages.format`) taken in the
+    /// pause's transaction takes the guest's writes, the storage snapshots the disk after the
+    /// guest resumed (it is unwritten since the pause), and the overlay is merged back into the
+    /// disk while the guest runs (``LiveDomain/undoDiskSnapshot(_:)``).
+    public var heldStorageSnapshots = false
 
     public init(
         liveMemorySave: Bool, suspendedMemorySave: Bool, internalMemory: Bool, liveDiskSnapshotFormats: [String],

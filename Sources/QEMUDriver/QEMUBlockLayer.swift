@@ -32,6 +32,11 @@ public struct QEMUBlockLayer: BlockLayer {
     static func exportID(_ id: String) -> String { "vmsnap-export-\(id)" }
     static let tlsID = "vmsnap-tls"
 
+    /// Protocol drivers: a file, a block device, a network volume below an image's format node.
+    static func isProtocol(_ driver: String) -> Bool {
+        ["file", "host_device", "host_cdrom", "rbd", "nbd"].contains(driver)
+    }
+
     func layer<T>(_ body: () async throws -> T) async throws -> T {
         do { return try await body() } catch { throw QEMUDriver.layerError(error) }
     }
@@ -56,8 +61,7 @@ public struct QEMUBlockLayer: BlockLayer {
         /// `image` with (a backing layer).
         func node(_ target: String, layer image: String?) throws -> String {
             guard let image else { return try node(target) }
-            let protocols: Set<String> = ["file", "host_device", "host_cdrom", "rbd", "nbd"]
-            guard let found = nodes.first(where: { $0.file == image && !protocols.contains($0.driver) }) else {
+            guard let found = nodes.first(where: { $0.file == image && !QEMUBlockLayer.isProtocol($0.driver) }) else {
                 throw SnapshotError(.notFound, "QEMU has no layer \(image) open for disk \(target)")
             }
             return found.nodeName
@@ -393,6 +397,17 @@ public struct QEMUBackupImages: BackupImageTool {
         // The destination is the empty file the caller created (O_EXCL, its mode); qemu-img
         // writes the image into it.
         try await runner.run(["qemu-img", "convert", "-q", "-f", "qcow2", "-O", format, image, destination])
+    }
+
+    public func mergeIntoBacking(_ image: String) async throws {
+        var st = stat()
+        guard lstat(image, &st) == 0 else { return }
+        guard (st.st_mode & S_IFMT) == S_IFREG else {
+            throw SnapshotError(.invalidArgument, "\(image) is not a regular file; it was not merged")
+        }
+        if st.st_size == 0 { return }
+        // -d: the image is removed after, no need to empty it.
+        try await runner.run(["qemu-img", "commit", "-q", "-f", "qcow2", "-d", image])
     }
 }
 

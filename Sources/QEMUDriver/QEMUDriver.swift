@@ -83,10 +83,12 @@ public struct QEMUDriver: HypervisorDriver {
     public var name: String { "qemu" }
 
     public var capabilities: HypervisorCapabilities {
-        HypervisorCapabilities(
+        var caps = HypervisorCapabilities(
             liveMemorySave: true, suspendedMemorySave: true, internalMemory: true, liveDiskSnapshotFormats: ["qcow2"],
             liveDiskSnapshotKinds: [.internal, .external], quiesce: true, liveMerge: true, dirtyBitmaps: true,
             blockExport: true, dirtyBitmapFormats: ["qcow2"])
+        caps.heldStorageSnapshots = true
+        return caps
     }
 
     public func runtime(_ domain: String) -> QEMURuntime { QEMURuntime(runDirectory: runDirectory, domain: domain) }

@@ -374,7 +374,7 @@ public struct QEMULiveDomain: LiveDomain {
                     // taken on (the overlay's backing, not the chain's bottom), then pivot.
                     let nodes = try await client.run(QMP.QueryNamedBlockNodes())
                     guard let backing = open.backing,
-                        let base = nodes.first(where: { $0.file == backing && $0.driver != "file" })
+                        let base = nodes.first(where: { $0.file == backing && !QEMUBlockLayer.isProtocol($0.driver) })
                     else {
                         throw SnapshotError(
                             .conflict,

@@ -39,6 +39,13 @@ struct CLI {
     {
         var argv = ["env"]
         if let fault { argv.append("VMSNAP_FAULT=\(fault)") }
+        var environment = environment
+        if environment["VMSNAP_BACKEND_PATH"] == nil,
+            ProcessInfo.processInfo.environment["VMSNAP_BACKEND_PATH"] == nil
+        {
+            // The raw plug-in, as scripts/test sets it up.
+            environment["VMSNAP_BACKEND_PATH"] = rawPluginDirectory
+        }
         argv += environment.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
         argv += ["VMSNAP_STORE=\(store)"] + (raw ? [] : [CLI.binary]) + args
         let out = try await SubprocessRunner().execute(argv)

@@ -361,6 +361,98 @@ struct DomainSnapshotTests {
         }
     }
 
+    /// A disk whose storage takes the snapshot (the raw plug-in copies the file) beside a qcow2
+    /// disk: the copy is made after the guest resumed, QEMU holding the disk's point in time
+    /// (a temporary overlay) meanwhile, so the pause holds none of it. The storage is made slow
+    /// (3 s at the resume, the guest writing its counter every second): the copy must still be
+    /// the disk at the pause, at one instant with the qcow2 disk and the memory.
+    @Test func storageSnapshotTakenAfterTheResume() async throws {
+        let cli = try CLI()
+        let g = try await Guest.define(cli, name: "h", disks: [("vda", "qcow2"), ("vdb", "raw")])
+        try await g.running {
+            try await cli.ok("domain", "start", g.name)
+            try await g.waitCounter(atLeast: 3)
+            let r = try await cli.run(
+                ["snapshot", "create", g.name, "--name", "s1", "--json"],
+                environment: ["VMSNAP_DOMAIN_FAULT": "delay3@create:resumed"])
+            #expect(r.status == 0, "\(r.err)")
+            struct Report: Decodable { var pauseMs: Double? }
+            let pause = try #require(try JSONDecoder().decode(Report.self, from: Data(r.out.utf8)).pauseMs)
+            #expect(pause < 2000, "the guest ran while the storage was slow: paused \(pause) ms")
+            #expect(
+                try FileManager.default.contentsOfDirectory(atPath: cli.store + "/held/\(g.name)").isEmpty,
+                "the temporary overlay is merged back and gone")
+            #expect(try await cli.list(g.disks[1].path).active == g.disks[1].path, "vdb runs on its own file again")
+            let later = try await g.waitCounter(atLeast: (g.counters(after: 0).last ?? 0) + 3)
+            #expect(
+                try await g.diskCounter(g.disks[1].path, format: "raw") ?? 0 >= later - 1,
+                "the guest's writes since the pause reached the raw file")
+
+            try await cli.ok("snapshot", "revert", g.name, "s1", "--paused")
+            let vda = try #require(try await g.diskCounter(try await g.active(g.disks[0]), format: "qcow2"))
+            let vdb = try #require(try await g.diskCounter(g.disks[1].path, format: "raw"))
+            #expect(vda >= vdb && vda - vdb <= 1, "one instant: vda \(vda), vdb (copied 3 s later) \(vdb)")
+            let mark = g.mark()
+            try await cli.ok("domain", "resume", g.name)
+            try await g.waitCounter(atLeast: 1, after: mark)
+            let first = try #require(g.counters(after: mark).first)
+            #expect(first == vda || first == vda + 1, "memory of the same instant: went on from \(first), disks \(vda)")
+        }
+    }
+
+    /// Kills around a held disk: vmsnap at each phase (the overlay is merged back by `vmsnap
+    /// recover`, with the writes the guest made meanwhile), and QEMU while the storage snapshot
+    /// is being taken (the overlay merged offline into the raw file).
+    @Test func heldDiskCrashAtEveryPhaseRecovers() async throws {
+        let cli = try CLI()
+        let g = try await Guest.define(cli, name: "k", disks: [("vda", "qcow2"), ("vdb", "raw")])
+        let raw = g.disks[1].path
+        func clean(_ phase: String) async throws {
+            #expect(try await g.snapshots().isEmpty, "\(phase): rolled back")
+            let l = try await cli.list(raw)
+            #expect(l.snapshots.isEmpty && l.active == raw, "\(phase): \(l.snapshots.map(\.name)) on \(l.active)")
+            let held = (try? FileManager.default.contentsOfDirectory(atPath: cli.store + "/held/\(g.name)")) ?? []
+            #expect(held.isEmpty, "\(phase): no temporary overlay left: \(held)")
+            let copies = try FileManager.default.contentsOfDirectory(atPath: cli.pool).filter { $0.contains(".snap-") }
+            #expect(copies.isEmpty, "\(phase): no copy left: \(copies)")
+        }
+        try await g.running {
+            try await cli.ok("domain", "start", g.name)
+            try await g.waitCounter(atLeast: 2)
+            for phase in [
+                "create:prepared", "create:paused", "create:transaction", "create:disks-recorded",
+                "create:memory-saved", "create:resumed", "create:storage-snapshots", "create:merged",
+            ] {
+                let r = try await cli.run(
+                    ["snapshot", "create", g.name, "--name", "c"], environment: ["VMSNAP_DOMAIN_FAULT": phase])
+                #expect(r.status != 0 && r.err.contains("fault injection"), "\(phase): \(r.err)")
+                // The guest writes on (into the overlay, where there is one) before the recovery,
+                // unless the kill left it stopped in the pause.
+                let stopped = ["create:paused", "create:transaction"].contains(phase)
+                let before =
+                    stopped ? 0 : try await g.waitCounter(atLeast: (g.counters(after: 0).last ?? 0) + 3)
+                try await cli.ok("recover")
+                try await clean(phase)
+                #expect(try await g.status().state == "running", "\(phase): the guest runs")
+                #expect(
+                    try await g.diskCounter(raw, format: "raw") ?? 0 >= before - 1,
+                    "\(phase): the raw file holds what the guest wrote before the recovery (\(before))")
+            }
+            // QEMU dies while the storage takes its snapshot: the create fails, the overlay (with
+            // the guest's last writes) is merged into the raw file offline.
+            let r = try await cli.run(
+                ["snapshot", "create", g.name, "--name", "q"],
+                environment: ["VMSNAP_DOMAIN_FAULT": "delay3@create:resumed,qemu@create:storage-snapshots"])
+            #expect(r.status != 0, "\(r.err)")
+            let last = try #require(g.counters(after: 0).last)
+            try await clean("qemu killed")
+            #expect(try await g.status().state == "shutoff")
+            #expect(
+                try await g.diskCounter(raw, format: "raw") ?? 0 >= last - 1,
+                "the guest's writes in the overlay reached the raw file (console \(last))")
+        }
+    }
+
     /// Kill vmsnap at every journaled phase of create, revert and delete; `vmsnap recover`
     /// must leave the guest running, disks consistent and metadata matching the storage.
     @Test func crashAtEveryPhaseRecovers() async throws {

@@ -59,8 +59,10 @@ struct Guest {
         let (kernel, initrd) = try await GuestImage.shared.files()
         var disks: [Disk] = []
         for (target, backend) in specs {
-            let path = cli.pool + "/\(name)-\(target).\(backend == "vhd" ? "vhd" : "qcow2")"
-            if backend == "vhd" {
+            let path = cli.pool + "/\(name)-\(target).\(["vhd", "raw"].contains(backend) ? backend : "qcow2")"
+            if backend == "raw" {
+                try await cli.sh("truncate", "-s", "16M", path)
+            } else if backend == "vhd" {
                 try await cli.sh("qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=dynamic", path, "16M")
             } else {
                 try await cli.sh("qemu-img", "create", "-q", "-f", "qcow2", path, "16M")
