@@ -66,6 +66,9 @@ struct DomainJournal: Codable, Sendable {
     /// Held disks (create): target -> the temporary overlay that takes the guest's writes from the
     /// pause until the storage snapshot is taken; a rollback merges it back into the disk.
     var held: [String: String]?
+    /// Held disks whose merge reached the point where the disk below holds every write of the
+    /// overlay (journaled just before the switch back): their overlays are never merged again.
+    var heldSynced: [String]?
     /// Revert: the run state to end in. Delete: the snapshots to remove and the mode.
     var targetState: DomainRunState?
     var removing: [String] = []
@@ -143,6 +146,7 @@ extension DomainService {
                 .unsupported, "--quiesce: the \(driver.name) driver cannot freeze a guest's filesystems")
         }
         let withMemory = !request.diskOnly && state != .shutoff
+        try checkFirmwareVarsCopy(definition, snapshot: name, internalMemory: withMemory && request.internalMemory)
         let (parts, excluded) = try await planDisks(
             request, name: name, definition: definition, driver: driver, state: state)
 
@@ -187,6 +191,7 @@ extension DomainService {
         var report = CreateReport(snapshot: record)
         do {
             if state == .shutoff {
+                try saveFirmwareVars(definition, snapshot: name)
                 try await takeThroughBackends(parts, name: name, request: request, journalID: journalID, j: &j)
                 if let checkpoint {
                     try await withBitmapAccess(definition) {
@@ -196,6 +201,7 @@ extension DomainService {
             } else {
                 let live = try await driver.connect(domain)
                 var frozen = false
+                var held: [(DiskPart, LiveDiskSnapshot)] = []
                 do {
                     if request.quiesce {
                         report.frozenFilesystems = try await quiesce(live)
@@ -206,7 +212,7 @@ extension DomainService {
                         try await takeInternal(
                             live, name: name, parts: parts, checkpoint: checkpoint, journalID: journalID, j: &j)
                     } else {
-                        try await takeLive(
+                        held = try await takeLive(
                             live, request: request, name: name, parts: parts, state: state, withMemory: withMemory,
                             liveSave: driver.capabilities.liveMemorySave, heldFormat: driver.backupImages.format,
                             memoryFD: memoryFD, guestBytes: UInt64(definition.memoryMiB) << 20,
@@ -217,6 +223,10 @@ extension DomainService {
                     if frozen {
                         frozen = false
                         try await live.thawFilesystems()
+                    }
+                    // Thawed first: the storage snapshots and merges take seconds.
+                    if !held.isEmpty {
+                        try await completeHeld(live, held, name: name, request: request, journalID: journalID, j: &j)
                     }
                     await live.close()
                 } catch {
@@ -243,7 +253,7 @@ extension DomainService {
             try store.finishDomainJournal(journalID, state: "done")
         } catch {
             let cause = error
-            do { try await rollBackCreate(domain: domain, j) } catch {
+            do { try await rollBackCreate(domain: domain, journalID: journalID, j) } catch {
                 notify("rolling back snapshot '\(name)' failed too: \(error); run `vmsnap recover`")
                 throw cause
             }
@@ -372,7 +382,7 @@ extension DomainService {
                     // overlay above it (the bitmap would go with the overlay).
                     part.held =
                         state == .running && driver.capabilities.heldStorageSnapshots && request.checkpoint == nil
-                        && !tracked.contains(disk.target)
+                        && !tracked.contains(disk.target) && holdRoom(for: disk.target, path: drive.path)
                 }
             } else {
                 try caps.require(Capability(.create, kind, .offline), backend: backend.kind)
@@ -418,13 +428,20 @@ extension DomainService {
         withMemory: Bool, liveSave: Bool, heldFormat: String,
         memoryFD: Int32, guestBytes: UInt64, record: inout DomainSnapshotRecord, report: inout CreateReport,
         journalID: Int64, j: inout DomainJournal
-    ) async throws {
+    ) async throws -> [(DiskPart, LiveDiskSnapshot)] {
         let byHypervisor = parts.filter { $0.live != nil }
         let held = parts.filter(\.held)
-        let holds = held.map {
-            LiveDiskSnapshot(
-                target: $0.disk.target, name: name, kind: .external,
-                overlay: heldOverlay(record.domain, snapshot: name, target: $0.disk.target), format: heldFormat)
+        let holds = try held.map {
+            let overlay = heldOverlay(record.domain, journalID: journalID, target: $0.disk.target)
+            var st = stat()
+            guard lstat(overlay, &st) != 0 else {
+                throw SnapshotError(
+                    .conflict,
+                    "\(overlay) exists already, where vmsnap would hold disk \($0.disk.target) with a temporary overlay; nothing was changed. Run `vmsnap recover`, then remove the file if it is left"
+                )
+            }
+            return LiveDiskSnapshot(
+                target: $0.disk.target, name: name, kind: .external, overlay: overlay, format: heldFormat)
         }
         if !holds.isEmpty { j.held = Dictionary(uniqueKeysWithValues: holds.map { ($0.target, $0.overlay!) }) }
         for part in byHypervisor {
@@ -458,6 +475,8 @@ extension DomainService {
         let t0 = ContinuousClock.now
         Trace.mark("stop")
         DomainFault.point("create:paused", hypervisor: hypervisorProcess(record.domain))
+        // The vCPUs are stopped and the hypervisor has flushed: the firmware's variables are still.
+        try saveFirmwareVars(record.definition, snapshot: name)
         // Storage-side snapshots while the vCPUs are stopped and the hypervisor has flushed.
         try await takeThroughBackends(
             parts.filter { $0.live == nil && !$0.held }, name: name, request: request, journalID: journalID, j: &j)
@@ -495,34 +514,8 @@ extension DomainService {
         }
         if state == .running, try await !live.isRunning() { try await live.resume() }
         j.pausedByUs = false
-        if !held.isEmpty {
-            try await completeHeld(
-                live, zip(held, holds).map { ($0, $1) }, name: name, request: request, journalID: journalID, j: &j)
-        }
-    }
-
-    /// Where a held disk's temporary overlay goes: under the store, in a directory only its
-    /// owner reads (the file itself takes the disk's mode and owner).
-    func heldOverlay(_ domain: String, snapshot: String, target: String) -> String {
-        (store.directory as NSString).appendingPathComponent("held/\(domain)/\(snapshot)-\(target).overlay")
-    }
-
-    /// After the guest resumed: each held disk's storage snapshot (the disk itself is as it was
-    /// at the pause: the guest writes into the temporary overlay), then the overlay merged back
-    /// into the disk while the guest runs, and removed.
-    func completeHeld(
-        _ live: any LiveDomain, _ held: [(DiskPart, LiveDiskSnapshot)], name: String, request: DomainSnapshotRequest,
-        journalID: Int64, j: inout DomainJournal
-    ) async throws {
-        try phase(journalID, &j, "resumed")
-        try await takeThroughBackends(held.map(\.0), name: name, request: request, journalID: journalID, j: &j)
-        try phase(journalID, &j, "storage-snapshots")
-        for (part, overlay) in held {
-            Trace.mark("held \(part.disk.target): merging")
-            try await live.undoDiskSnapshot(overlay)
-            Trace.mark("held \(part.disk.target): merged")
-        }
-        try phase(journalID, &j, "merged")
+        if !held.isEmpty { try phase(journalID, &j, "resumed") }
+        return Array(zip(held, holds))
     }
 
     static func generatedName(existing: Set<String>, prefix: String = "snap") -> String {
@@ -616,12 +609,13 @@ extension DomainService {
 
     /// Undoes whatever part of a create happened: disk snapshots (through the hypervisor while
     /// it runs, else offline through the backend), the memory file; resumes a guest vmsnap paused.
-    func rollBackCreate(domain: String, _ j: DomainJournal) async throws {
+    func rollBackCreate(domain: String, journalID: Int64, _ j: DomainJournal) async throws {
         guard let record = j.record else { return }
         let driver = try drivers.driver(for: record.definition)
         let live: (any LiveDomain)? = driver.isRunning(domain) ? try? await driver.connect(domain) : nil
         do {
-            try await undoCreate(record, j, live: live)
+            var j = j
+            try await undoCreate(record, journalID: journalID, &j, live: live)
             await live?.close()
         } catch {
             await live?.close()
@@ -635,18 +629,28 @@ extension DomainService {
         }
     }
 
-    private func undoCreate(_ record: DomainSnapshotRecord, _ j: DomainJournal, live: (any LiveDomain)?) async throws {
+    private func undoCreate(
+        _ record: DomainSnapshotRecord, journalID: Int64, _ j: inout DomainJournal, live: (any LiveDomain)?
+    ) async throws {
         let connected: (any LiveDomain)? = if let live, await live.isConnected() { live } else { nil }
         // A memory save that is still streaming finishes (into the file removed below).
         await connected?.drainMemorySave()
         // Held disks first: the guest's writes since the pause go back into the disk.
-        for (target, overlay) in (j.held ?? [:]).sorted(by: { $0.key < $1.key }) {
+        for target in (j.held ?? [:]).keys.sorted() {
+            guard let disk = record.disks.first(where: { $0.target == target }) else {
+                throw SnapshotError(
+                    .storeCorrupt,
+                    "the journal of snapshot '\(record.name)' holds disk \(target), which the domain's snapshot does not have; nothing was changed. The store may be damaged"
+                )
+            }
+            let overlay = heldOverlay(record.domain, journalID: journalID, target: target)
             if let connected {
-                try await connected.undoDiskSnapshot(
-                    LiveDiskSnapshot(target: target, name: record.name, kind: .external, overlay: overlay, format: ""))
+                try await mergeHeld(
+                    connected,
+                    LiveDiskSnapshot(target: target, name: record.name, kind: .external, overlay: overlay, format: ""),
+                    journalID: journalID, j: &j)
             } else {
-                try await drivers.driver(for: record.definition).backupImages.mergeIntoBacking(overlay)
-                unlink(overlay)
+                try await mergeHeldOffline(record, disk: disk, overlay: overlay, j)
             }
         }
         for disk in record.disks where disk.kind != nil {
@@ -685,6 +689,7 @@ extension DomainService {
             }
         }
         if let memory = record.memory, memory.location == .external { unlink(memory.path) }
+        if record.definition.firmware != nil { removeFirmwareVars(record.domain, snapshot: record.name) }
         if let connected, j.pausedByUs, await connected.isConnected() { try? await connected.resume() }
     }
 }

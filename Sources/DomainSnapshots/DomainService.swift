@@ -19,8 +19,9 @@ public struct DomainStatus: Codable, Sendable, Hashable {
 /// (slow storage, as seen from the guest). Several, comma-separated. Tests use it to check
 /// recovery from each step and from a hypervisor that dies mid-operation.
 enum DomainFault {
-    static let specs = ProcessInfo.processInfo.environment["VMSNAP_DOMAIN_FAULT"]?.split(separator: ",").map(
-        String.init)
+    static let specs = ProcessInfo.processInfo.environment["VMSNAP_DOMAIN_FAULT"]?.split(separator: ",").map {
+        $0.trimmingCharacters(in: .whitespaces)
+    }
     static func point(_ phase: String, hypervisor: (name: String, pid: Int32?)? = nil) {
         for spec in specs ?? [] {
             if spec == phase {
@@ -101,6 +102,7 @@ public struct DomainService: Sendable {
         if let initrd = definition.boot.initrd, !FileManager.default.isReadableFile(atPath: initrd) {
             throw SnapshotError(.notFound, "domain '\(definition.name)': initrd \(initrd) is missing or unreadable")
         }
+        try Self.prepareFirmwareVars(definition)
         if let (old, _) = try store.domain(named: definition.name), driver.isRunning(old.name),
             old.disks != definition.disks
         {
@@ -175,8 +177,17 @@ public struct DomainService: Sendable {
     /// Stops the domain: with `force` at once (like pulling the plug), else by asking the guest to
     /// power off and waiting up to `timeout`.
     public func stop(_ name: String, force: Bool, timeout: Duration = .seconds(60)) async throws {
+        let lock = try domainLock(name)
+        defer { withExtendedLifetime(lock) {} }
         let driver = try driver(name)
         guard driver.isRunning(name) else { throw SnapshotError(.conflict, "domain '\(name)' is not running") }
+        // Interrupted work first, while the hypervisor still runs and can tell the truth: a held
+        // disk's overlay is merged back through it (offline, a merge that was switching back
+        // leaves the overlay's state unknown).
+        do { try await recover(domain: name) } catch  where force {
+            notify(
+                "recovering domain '\(name)' failed: \(error); stopping it anyway; `vmsnap recover` finishes offline")
+        }
         if force {
             try await driver.destroy(name)
             return

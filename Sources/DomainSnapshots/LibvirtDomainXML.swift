@@ -49,6 +49,10 @@ public enum LibvirtDomainXML {
         x += "\(pad)  <name>\(escape(def.name))</name>\n\(pad)  <uuid>\(def.uuid.uuidString.lowercased())</uuid>\n"
         x += "\(pad)  <memory unit='KiB'>\(def.memoryMiB * 1024)</memory>\n\(pad)  <vcpu>\(def.vcpus)</vcpu>\n"
         x += "\(pad)  <os>\n\(pad)    <type arch='x86_64' machine='pc'>hvm</type>\n"
+        if let f = def.firmware {
+            x += "\(pad)    <loader readonly='yes' type='pflash'>\(escape(f.code))</loader>\n"
+            x += "\(pad)    <nvram\(f.template.map { " template='\(escape($0))'" } ?? "")>\(escape(f.vars))</nvram>\n"
+        }
         if let k = def.boot.kernel { x += "\(pad)    <kernel>\(escape(k))</kernel>\n" }
         if let i = def.boot.initrd { x += "\(pad)    <initrd>\(escape(i))</initrd>\n" }
         if let c = def.boot.cmdline { x += "\(pad)    <cmdline>\(escape(c))</cmdline>\n" }

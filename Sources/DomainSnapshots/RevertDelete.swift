@@ -62,6 +62,7 @@ extension DomainService {
                 throw SnapshotError(e.code, "disk \(disk.target): \(e.message). Nothing was changed")
             }
         }
+        try checkFirmwareVarsRestorable(record)
         var j = DomainJournal(operation: .revert, snapshot: name, record: record)
         j.targetState = target
         let journalID = try store.beginDomainJournal(
@@ -120,6 +121,10 @@ extension DomainService {
             Trace.mark("revert: disk \(disk.target) reverted")
             j.disksDone.append(disk.target)
             try phase(journalID, &j, "disk-\(disk.target)")
+        }
+        if !j.phases.contains("firmware"), record.definition.firmware != nil {
+            try restoreFirmwareVars(record)
+            try phase(journalID, &j, "firmware")
         }
         if !j.phases.contains("defined") {
             try store.define(record.definition)
@@ -219,6 +224,7 @@ extension DomainService {
             let all = try store.domainSnapshots(of: domain)
             for gone in all where j.removing.contains(gone.name) {
                 if let memory = gone.memory, memory.location == .external { unlink(memory.path) }
+                if gone.definition.firmware != nil { removeFirmwareVars(domain, snapshot: gone.name) }
             }
             try phase(journalID, &j, "memory-removed")
         }
@@ -372,7 +378,7 @@ extension DomainService {
                     try store.finishDomainJournal(entry.id, state: "done")  // committed just before the crash
                     continue
                 }
-                try await rollBackCreate(domain: domain, j)
+                try await rollBackCreate(domain: domain, journalID: entry.id, j)
                 try store.finishDomainJournal(entry.id, state: "rolled-back")
                 notify("recovered an interrupted '\(entry.operation)' on domain '\(domain)': rolled back")
             case .revert:

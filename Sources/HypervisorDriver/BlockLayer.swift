@@ -198,10 +198,17 @@ public protocol BackupImageTool: Sendable {
     /// hypervisor has open any more); the image stays, for the caller to remove. An empty file
     /// (made, never formatted) holds nothing.
     func mergeIntoBacking(_ image: String) async throws
+    /// The file `image` (of ``format``) reads through, as its metadata names it (nil: none);
+    /// throws when `image` is not a sound image of that format.
+    func backingFile(of image: String) async throws -> String?
 }
 
 extension BackupImageTool {
     public func mergeIntoBacking(_ image: String) async throws {
         throw SnapshotError(.unsupported, "this hypervisor's image tool cannot merge \(image) into its backing file")
+    }
+
+    public func backingFile(of image: String) async throws -> String? {
+        throw SnapshotError(.unsupported, "this hypervisor's image tool cannot read the backing file of \(image)")
     }
 }

@@ -56,6 +56,34 @@ public struct DomainBoot: Codable, Sendable, Hashable {
     }
 }
 
+/// UEFI firmware (QEMU: OVMF): the read-only firmware image and the domain's own variable store
+/// (its NVRAM: boot entries, Secure Boot keys, counters the firmware keeps). The variables are
+/// the domain's state as much as its disks: each snapshot keeps a copy, a revert puts it back.
+public struct DomainFirmware: Codable, Sendable, Hashable {
+    /// The firmware code, e.g. /usr/share/OVMF/OVMF_CODE_4M.fd; never written.
+    public var code: String
+    /// The domain's variable store; made from `template` when `domain define` finds none.
+    public var vars: String
+    /// The pristine variable store that matches `code`, e.g. /usr/share/OVMF/OVMF_VARS_4M.fd.
+    public var template: String?
+
+    public init(code: String, vars: String, template: String? = nil) {
+        self.code = code
+        self.vars = vars
+        self.template = template
+    }
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case code, vars, template }
+
+    public init(from decoder: any Decoder) throws {
+        try StrictKeys.refuseUnknown(decoder, known: CodingKeys.allCases.map(\.rawValue), in: "firmware")
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        code = try c.decode(String.self, forKey: .code)
+        vars = try c.decode(String.self, forKey: .vars)
+        template = try c.decodeIfPresent(String.self, forKey: .template)
+    }
+}
+
 /// A virtual machine as vmsnap knows it. `vmsnap domain define FILE` reads this as JSON.
 public struct DomainDefinition: Codable, Sendable, Hashable {
     public var name: String
@@ -71,12 +99,15 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
     /// The hypervisor that runs the domain, by driver name (`qemu`); the driver registry
     /// resolves it.
     public var hypervisor: String
+    /// UEFI firmware; nil: the hypervisor's default (SeaBIOS for QEMU, a PV kernel for Xen).
+    public var firmware: DomainFirmware?
 
     public init(
         name: String, uuid: UUID = UUID(), memoryMiB: Int, vcpus: Int = 1, disks: [DomainDisk],
         boot: DomainBoot = DomainBoot(),
-        accel: String = "auto", qemuArgs: [String] = [], hypervisor: String = "qemu"
+        accel: String = "auto", qemuArgs: [String] = [], hypervisor: String = "qemu", firmware: DomainFirmware? = nil
     ) {
+        self.firmware = firmware
         self.name = name
         self.uuid = uuid
         self.memoryMiB = memoryMiB
@@ -89,7 +120,7 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
     }
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case name, uuid, memoryMiB, vcpus, disks, boot, accel, qemuArgs, hypervisor
+        case name, uuid, memoryMiB, vcpus, disks, boot, accel, qemuArgs, hypervisor, firmware
     }
 
     public init(from decoder: any Decoder) throws {
@@ -104,6 +135,7 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
         accel = try c.decodeIfPresent(String.self, forKey: .accel) ?? "auto"
         qemuArgs = try c.decodeIfPresent([String].self, forKey: .qemuArgs) ?? []
         hypervisor = try c.decodeIfPresent(String.self, forKey: .hypervisor) ?? "qemu"
+        firmware = try c.decodeIfPresent(DomainFirmware.self, forKey: .firmware)
     }
 
     /// Checks everything that can be checked without touching storage.
@@ -139,6 +171,21 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
         }
         if boot.kernel == nil, boot.initrd != nil || boot.cmdline != nil {
             throw SnapshotError(.invalidArgument, "domain '\(name)': boot.initrd and boot.cmdline need boot.kernel")
+        }
+        if let firmware {
+            for (field, path) in [("code", firmware.code), ("vars", firmware.vars), ("template", firmware.template)] {
+                guard let path else { continue }
+                guard path.hasPrefix("/"), !path.contains("\0"), !path.hasSuffix("/") else {
+                    throw SnapshotError(
+                        .invalidArgument, "domain '\(name)': firmware.\(field) '\(path)' is not an absolute file path")
+                }
+            }
+            guard firmware.vars != firmware.code, firmware.vars != firmware.template else {
+                throw SnapshotError(
+                    .invalidArgument,
+                    "domain '\(name)': firmware.vars must be the domain's own file, not the firmware code or the shared template"
+                )
+            }
         }
     }
 }

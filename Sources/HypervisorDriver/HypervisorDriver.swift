@@ -35,7 +35,7 @@ public struct HypervisorCapabilities: Codable, Sendable, Hashable {
     /// leaves the guest's pause: a temporary overlay (of `backupImages.format`) taken in the
     /// pause's transaction takes the guest's writes, the storage snapshots the disk after the
     /// guest resumed (it is unwritten since the pause), and the overlay is merged back into the
-    /// disk while the guest runs (``LiveDomain/undoDiskSnapshot(_:)``).
+    /// disk while the guest runs (``LiveDomain/mergeHeldOverlay(_:synced:)``).
     public var heldStorageSnapshots = false
 
     public init(
@@ -174,6 +174,12 @@ public protocol LiveDomain: Sendable {
     func addDirtyBitmaps(_ name: String, targets: [String]) async throws
     /// Undoes a disk snapshot taken by ``snapshotDisks(_:)`` while the domain still runs.
     func undoDiskSnapshot(_ snapshot: LiveDiskSnapshot) async throws
+    /// Merges a held disk's temporary overlay (an external ``snapshotDisks(_:)`` made only to
+    /// hold the disk still) back into the image under it while the guest runs and switches the
+    /// guest back to that image; the caller removes the overlay file. `synced` runs once the image below
+    /// holds every write the overlay took, just before the switch: from the switch on the
+    /// overlay is stale, and the caller journals that. Takes over a merge a killed caller left.
+    func mergeHeldOverlay(_ snapshot: LiveDiskSnapshot, synced: () async throws -> Void) async throws
     /// Deletes an internal snapshot from the image the domain has open; nothing if it is gone.
     func deleteInternalSnapshot(target: String, name: String) async throws
     /// Merges the running layer's backing image into it, so the layer reads through `base`
@@ -187,6 +193,12 @@ public protocol LiveDomain: Sendable {
     /// True while the connection to the hypervisor is open.
     func isConnected() async -> Bool
     func close() async
+}
+
+extension LiveDomain {
+    public func mergeHeldOverlay(_ snapshot: LiveDiskSnapshot, synced: () async throws -> Void) async throws {
+        throw SnapshotError(.unsupported, "this hypervisor does not hold disks with temporary overlays")
+    }
 }
 
 /// One step of a guest's pause, as the hypervisor's own clock measured it.

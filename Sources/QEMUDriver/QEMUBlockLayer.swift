@@ -409,6 +409,19 @@ public struct QEMUBackupImages: BackupImageTool {
         // -d: the image is removed after, no need to empty it.
         try await runner.run(["qemu-img", "commit", "-q", "-f", "qcow2", "-d", image])
     }
+
+    public func backingFile(of image: String) async throws -> String? {
+        let out = try await runner.execute(["qemu-img", "info", "-U", "--output=json", "-f", "qcow2", image])
+        guard out.status == 0,
+            let info = try? JSONSerialization.jsonObject(with: Data(out.standardOutput.utf8)) as? [String: Any]
+        else {
+            throw SnapshotError(
+                .invalidImage,
+                "\(image) is not a readable qcow2 image: \(out.standardError.trimmingCharacters(in: .whitespacesAndNewlines))"
+            )
+        }
+        return (info["full-backing-filename"] as? String) ?? (info["backing-filename"] as? String)
+    }
 }
 
 extension QEMUDriver {

@@ -278,6 +278,13 @@ public struct QEMUDriver: HypervisorDriver {
             "-chardev", "socket,id=qga0,path=\(Self.escape(runtime.agentSocket)),server=on,wait=off",
             "-device", "virtserialport,bus=vmsnap-vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
         ]
+        if let firmware = definition.firmware {
+            // OVMF as two flash chips: the code read-only, the domain's variable store writable.
+            argv += [
+                "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=\(Self.escape(firmware.code))",
+                "-drive", "if=pflash,format=raw,unit=1,file=\(Self.escape(firmware.vars))",
+            ]
+        }
         if let kernel = definition.boot.kernel {
             argv += ["-kernel", kernel]
             if let initrd = definition.boot.initrd { argv += ["-initrd", initrd] }

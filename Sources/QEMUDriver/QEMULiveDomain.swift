@@ -369,36 +369,71 @@ public struct QEMULiveDomain: LiveDomain {
                 try await deleteInternalSnapshot(target: snapshot.target, name: snapshot.name)
             case .external:
                 guard let overlay = snapshot.overlay else { return }
-                if let open, open.file == overlay {
-                    // Commit the guest's writes since the snapshot back into the image it was
-                    // taken on (the overlay's backing, not the chain's bottom), then pivot.
-                    let nodes = try await client.run(QMP.QueryNamedBlockNodes())
-                    guard let backing = open.backing,
-                        let base = nodes.first(where: { $0.file == backing && !QEMUBlockLayer.isProtocol($0.driver) })
-                    else {
-                        throw SnapshotError(
-                            .conflict,
-                            "cannot undo the snapshot of \(snapshot.target): the running QEMU shows no open image under \(overlay); nothing was changed"
-                        )
-                    }
-                    let job = "vmsnap-undo-\(snapshot.target)"
-                    let mark = await client.eventMark
-                    try await client.run(QMP.BlockCommit(device: device, jobID: job, baseNode: base.nodeName))
-                    _ = try await client.waitForEvent("BLOCK_JOB_READY", since: mark, timeout: .seconds(600)) {
-                        $0.data["device"]?.string == job
-                    }
-                    try await client.run(QMP.BlockJobComplete(device: job))
-                    let done = try await client.waitForEvent("BLOCK_JOB_COMPLETED", since: mark, timeout: .seconds(600))
-                    { $0.data["device"]?.string == job }
-                    if let error = done.data["error"]?.string {
-                        throw SnapshotError(
-                            .commandFailed, "undoing the snapshot of \(snapshot.target) failed: \(error)")
-                    }
-                } else {
-                    try await closeUnusedOverlay(overlay)
-                }
+                try await commitOverlay(overlay, target: snapshot.target, device: device, open: open) {}
                 unlink(overlay)
             }
+        }
+    }
+
+    public func mergeHeldOverlay(_ snapshot: LiveDiskSnapshot, synced: () async throws -> Void) async throws {
+        guard let overlay = snapshot.overlay else { return }
+        try await layer {
+            let device = try await addressing.address(snapshot.target, client: client).name
+            let open = try await client.blockDevices().first { $0.device == device || $0.nodeName == device }
+            try await commitOverlay(overlay, target: snapshot.target, device: device, open: open, synced: synced)
+        }
+    }
+
+    /// Commits the guest's writes since an external snapshot back into the image it was taken
+    /// on (the overlay's backing, not the chain's bottom), switches the guest back to that image
+    /// (the caller removes the overlay). A commit a killed vmsnap left behind is taken over where
+    /// it stands (running: waited for; ready: completed); an overlay no longer open (the switch
+    /// happened, or the snapshot never did) is only closed. `synced` runs once the image below
+    /// holds every write of the overlay, before the switch.
+    func commitOverlay(
+        _ overlay: String, target: String, device: String, open: QEMUBlockDevice?, synced: () async throws -> Void
+    ) async throws {
+        let job = "vmsnap-undo-\(target)"
+        let mark = await client.eventMark
+        let existing = try await client.run(QMP.QueryJobs()).first { $0.id == job }
+        if let existing, ["concluded", "aborting", "null", "undefined"].contains(existing.status) {
+            _ = try? await client.run(QMP.JobDismiss(id: job))
+        }
+        let resumed =
+            existing.map {
+                ["created", "running", "paused", "ready", "standby", "waiting", "pending"].contains($0.status)
+            } ?? false
+        guard resumed || open?.file == overlay else {
+            try await closeUnusedOverlay(overlay)
+            return
+        }
+        if !resumed {
+            let nodes = try await client.run(QMP.QueryNamedBlockNodes())
+            guard let backing = open?.backing,
+                let base = nodes.first(where: { $0.file == backing && !QEMUBlockLayer.isProtocol($0.driver) })
+            else {
+                throw SnapshotError(
+                    .conflict,
+                    "cannot merge \(overlay) back into the disk of \(target): the running QEMU shows no open image under it; the overlay was kept. Check the domain with `vmsnap domain status`"
+                )
+            }
+            try await client.run(QMP.BlockCommit(device: device, jobID: job, baseNode: base.nodeName))
+        }
+        if existing?.status != "ready" {
+            _ = try await client.waitForEvent("BLOCK_JOB_READY", since: mark, timeout: .seconds(600)) {
+                $0.data["device"]?.string == job
+            }
+        }
+        try await synced()
+        let switched = await client.eventMark
+        try await client.run(QMP.BlockJobComplete(device: job))
+        let done = try await client.waitForEvent("BLOCK_JOB_COMPLETED", since: switched, timeout: .seconds(600)) {
+            $0.data["device"]?.string == job
+        }
+        if let error = done.data["error"]?.string {
+            throw SnapshotError(
+                .commandFailed,
+                "merging \(overlay) back into the disk of \(target) failed: \(error); the overlay was kept")
         }
     }
 

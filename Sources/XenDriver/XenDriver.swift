@@ -54,6 +54,12 @@ public struct XenDriver: HypervisorDriver {
             throw SnapshotError(
                 .invalidArgument, "domain '\(definition.name)': qemuArgs are for QEMU domains; a Xen domain takes none")
         }
+        guard definition.firmware == nil else {
+            throw SnapshotError(
+                .invalidArgument,
+                "domain '\(definition.name)': UEFI firmware is for QEMU domains; a Xen PV domain boots its kernel directly"
+            )
+        }
         guard definition.name != "Domain-0" else {
             throw SnapshotError(.invalidArgument, "'Domain-0' is Xen's control domain; it cannot be a vmsnap domain")
         }

@@ -24,10 +24,11 @@ enum Hypervisors {
     }
 }
 
-/// Progress on a terminal (one line, rewritten) or as JSON lines.
+/// Progress on a terminal (one line, rewritten) or, with `--json`, as JSON lines; on stderr
+/// either way, so that stdout holds only the command's one JSON document.
 @Sendable func showProgress(_ report: ProgressReport, json: Bool) {
     if json {
-        if let line = try? jsonLine(report) { printNow(line) }
+        if let line = try? jsonLine(report) { FileHandle.standardError.write(Data((line + "\n").utf8)) }
         return
     }
     let pct = report.total > 0 ? Double(report.done) * 100 / Double(report.total) : 0

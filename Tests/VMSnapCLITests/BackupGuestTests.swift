@@ -25,13 +25,8 @@ struct BackupGuestTests {
         var disks: [Disk]
     }
 
-    /// The job: the pretty-printed document after any progress lines (JSON lines too).
-    static func job(_ out: String) throws -> Job {
-        let d = JSONDecoder()
-        d.dateDecodingStrategy = .iso8601
-        let start = out.hasPrefix("{\n") ? out.startIndex : out.range(of: "\n{\n", options: .backwards)?.lowerBound
-        return try d.decode(Job.self, from: Data(out[(start ?? out.startIndex)...].utf8))
-    }
+    /// The job: stdout is its one JSON document (progress lines go to stderr).
+    static func job(_ out: String) throws -> Job { try decodeJSON(Job.self, out, from: "backup") }
 
     /// Guest-visible bytes of every extent an image itself (not its backing) holds.
     static func ownExtents(_ image: String) async throws -> [(start: Int, length: Int)] {

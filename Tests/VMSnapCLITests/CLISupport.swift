@@ -140,13 +140,24 @@ struct CLI {
     }
 
     func list(_ disk: String) async throws -> Listing {
-        let out = try await ok("disk", "snapshot", "list", disk, "--json")
-        let decoder = JSONDecoder()
-        decoder.dateDecodingStrategy = .iso8601
-        return try decoder.decode(Listing.self, from: Data(out.utf8))
+        try decodeJSON(
+            Listing.self, try await ok("disk", "snapshot", "list", disk, "--json"), from: "disk snapshot list")
     }
 
     func files() throws -> [String] { try FileManager.default.contentsOfDirectory(atPath: pool).sorted() }
+}
+
+/// Decodes a command's `--json` output (ISO 8601 dates); when it is not what was expected, the
+/// error names the command and shows the output, so a failure says what vmsnap printed.
+func decodeJSON<T: Decodable>(_ type: T.Type, _ output: String, from command: String) throws -> T {
+    let decoder = JSONDecoder()
+    decoder.dateDecodingStrategy = .iso8601
+    do { return try decoder.decode(type, from: Data(output.utf8)) } catch {
+        let shown = output.count > 2000 ? output.prefix(1000) + " [...] " + output.suffix(1000) : Substring(output)
+        throw CLIFailure(
+            "vmsnap \(command) printed \(output.utf8.count) bytes that are not the expected JSON (\(error)): \(shown.debugDescription)"
+        )
+    }
 }
 
 struct CLIFailure: Error, CustomStringConvertible {

@@ -2,6 +2,9 @@ import Foundation
 import SnapshotCore
 import Testing
 
+let ovmfCode = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+let ovmfVars = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+
 /// Domain snapshots on a real guest under QEMU (TCG here): memory and disks checked from outside
 /// through the guest's counter (console = memory, sector 0 = disks). One guest at a time: they
 /// share two cores.
@@ -33,7 +36,7 @@ struct DomainSnapshotTests {
                     }
                 }
             }
-            let report = try JSONDecoder().decode(Report.self, from: Data(created.utf8))
+            let report = try decodeJSON(Report.self, created, from: "snapshot create")
             let pause = try #require(report.pauseMs)
             #expect(pause > 0 && pause < 5000, "guest pause \(pause) ms")
             // The pause step by step from QEMU's stamps: the pre-copy's stop, the disk
@@ -374,10 +377,13 @@ struct DomainSnapshotTests {
             try await g.waitCounter(atLeast: 3)
             let r = try await cli.run(
                 ["snapshot", "create", g.name, "--name", "s1", "--json"],
-                environment: ["VMSNAP_DOMAIN_FAULT": "delay3@create:resumed"])
+                // 3 s before the copy (the guest writes on meanwhile), 2 s after it (inside the
+                // pause, had the copy been taken there).
+                environment: ["VMSNAP_DOMAIN_FAULT": "delay3@create:resumed, delay2@create:disk-vdb"])
             #expect(r.status == 0, "\(r.err)")
+            #expect(!r.err.contains("snapshotted with the guest paused"), "held, not paused for: \(r.err)")
             struct Report: Decodable { var pauseMs: Double? }
-            let pause = try #require(try JSONDecoder().decode(Report.self, from: Data(r.out.utf8)).pauseMs)
+            let pause = try #require(try decodeJSON(Report.self, r.out, from: "snapshot create").pauseMs)
             #expect(pause < 2000, "the guest ran while the storage was slow: paused \(pause) ms")
             #expect(
                 try FileManager.default.contentsOfDirectory(atPath: cli.store + "/held/\(g.name)").isEmpty,
@@ -400,9 +406,110 @@ struct DomainSnapshotTests {
         }
     }
 
+    /// A UEFI guest (Debian's OVMF, the test kernel booted by the firmware): its variable store is
+    /// part of every snapshot. OVMF writes its variables as it boots, so a second boot changes the
+    /// store; a revert puts the snapshot's store back byte for byte; a delete removes the copy.
+    @Test(.enabled(if: FileManager.default.fileExists(atPath: ovmfCode), "needs Debian's ovmf (\(ovmfCode))"))
+    func uefiVariablesFollowTheSnapshots() async throws {
+        let cli = try CLI()
+        let vars = cli.pool + "/u-VARS.fd"
+        let firmware = ["code": ovmfCode, "vars": vars, "template": ovmfVars]
+        // A missing store with no template to make it from, and the shared template as the
+        // domain's own store, are refused.
+        let bad = cli.root + "/bad.json"
+        let kernel = try await GuestImage.shared.files().0
+        for f in [["code": ovmfCode, "vars": vars], ["code": ovmfCode, "vars": ovmfVars, "template": ovmfVars]] {
+            let d: [String: Any] = ["name": "b", "memoryMiB": 64, "boot": ["kernel": kernel], "firmware": f]
+            try JSONSerialization.data(withJSONObject: d).write(to: URL(fileURLWithPath: bad))
+            let r = try await cli.run(["domain", "define", bad])
+            #expect(r.status != 0 && r.err.contains("firmware"), "\(f): \(r.err)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: vars))
+
+        let g = try await Guest.define(cli, name: "u", disks: [("vda", "qcow2")], firmware: firmware)
+        let template = try Data(contentsOf: URL(fileURLWithPath: ovmfVars))
+        func store() throws -> Data { try Data(contentsOf: URL(fileURLWithPath: vars)) }
+        #expect(try store() == template, "define made the store from the template")
+        #expect(try FileManager.default.attributesOfItem(atPath: vars)[.posixPermissions] as? Int == 0o600)
+        try await g.running {
+            try await cli.ok("domain", "start", g.name)
+            try await g.waitCounter(atLeast: 2, timeout: 300)
+            let first = try store()
+            #expect(first != template, "OVMF wrote its variables as it booted")
+            let inImage = try await cli.run(["snapshot", "create", g.name, "--name", "i", "--memory", "internal"])
+            #expect(inImage.status != 0 && inImage.err.contains("variable store"), "\(inImage.err)")
+            try await cli.ok("snapshot", "create", g.name, "--name", "s1")
+            let copy = cli.store + "/nvram/u/s1.fd"
+            #expect(try Data(contentsOf: URL(fileURLWithPath: copy)) == first, "the snapshot keeps the store")
+            #expect(try FileManager.default.attributesOfItem(atPath: copy)[.posixPermissions] as? Int == 0o600)
+            // Killed after the copy: the recovery removes it with the rest of the snapshot.
+            let killed = try await cli.run(
+                ["snapshot", "create", g.name, "--name", "k"],
+                environment: ["VMSNAP_DOMAIN_FAULT": "create:disks-recorded"])
+            #expect(killed.status != 0 && killed.err.contains("fault injection"), "\(killed.err)")
+            try await cli.ok("recover")
+            #expect(
+                !FileManager.default.fileExists(atPath: cli.store + "/nvram/u/k.fd"), "the rollback removed the copy")
+
+            try await cli.ok("domain", "stop", g.name, "--force")
+            let m1 = g.mark()
+            try await cli.ok("domain", "start", g.name)
+            try await g.waitCounter(atLeast: 2, after: m1, timeout: 300)
+            #expect(try store() != first, "the second boot changed the variables")
+
+            // Back to s1 with its memory: the store is s1's again, the guest goes on from memory.
+            let m2 = g.mark()
+            try await cli.ok("snapshot", "revert", g.name, "s1")
+            try await g.waitCounter(atLeast: 1, after: m2)
+            #expect(try store() == first, "the revert put the snapshot's variables back")
+            try await cli.ok("domain", "stop", g.name, "--force")
+
+            // Shut off (QEMU holds no copy of the flash in memory to write back): a snapshot, a
+            // boot that changes the store, a revert that must put the store back itself.
+            let offline = try store()
+            try await cli.ok("snapshot", "create", g.name, "--name", "off")
+            let m3 = g.mark()
+            try await cli.ok("domain", "start", g.name)
+            try await g.waitCounter(atLeast: 2, after: m3, timeout: 300)
+            try await cli.ok("domain", "stop", g.name, "--force")
+            #expect(try store() != offline, "the boot changed the variables")
+            try await cli.ok("snapshot", "revert", g.name, "off")
+            #expect(try store() == offline, "the revert of a shut-off snapshot put its variables back")
+
+            try await cli.ok("snapshot", "delete", g.name, "s1")
+            try await cli.ok("snapshot", "delete", g.name, "off")
+            #expect(!FileManager.default.fileExists(atPath: copy), "the delete removed the copy")
+            #expect(try FileManager.default.contentsOfDirectory(atPath: cli.store + "/nvram/u").isEmpty)
+        }
+    }
+
+    /// A store with too little room for a held disk's overlay (a 48 MiB filesystem; the raw disk
+    /// needs 16 MiB and a margin): the disk is snapshotted inside the pause, as before holds, and
+    /// the command says so, rather than risk the guest stopping on a full filesystem.
+    @Test(.enabled(if: geteuid() == 0, "mounts a small tmpfs as the store: needs root"))
+    func heldDiskNeedsRoomInTheStore() async throws {
+        let cli = try CLI()
+        try FileManager.default.createDirectory(atPath: cli.store, withIntermediateDirectories: true)
+        try await cli.sh("mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "tmpfs", cli.store)
+        defer { _ = umount2(cli.store, Int32(MNT_DETACH)) }
+        let g = try await Guest.define(cli, name: "r", disks: [("vda", "qcow2"), ("vdb", "raw")])
+        try await g.running {
+            try await cli.ok("domain", "start", g.name)
+            try await g.waitCounter(atLeast: 2)
+            let r = try await cli.run(["snapshot", "create", g.name, "--name", "s1", "--disk-only"])
+            #expect(r.status == 0, "\(r.err)")
+            #expect(r.err.contains("disk vdb is snapshotted with the guest paused"), "\(r.err)")
+            #expect(!FileManager.default.fileExists(atPath: cli.store + "/held"), "no overlay was made")
+            #expect(try await cli.list(g.disks[1].path).snapshots.map(\.name) == ["s1"])
+        }
+    }
+
     /// Kills around a held disk: vmsnap at each phase (the overlay is merged back by `vmsnap
-    /// recover`, with the writes the guest made meanwhile), and QEMU while the storage snapshot
-    /// is being taken (the overlay merged offline into the raw file).
+    /// recover`, with the writes the guest made meanwhile; a merge killed once synced is taken
+    /// over where it stood); vmsnap killed after the switch back, then the domain stopped (the
+    /// stale overlay is never merged over the guest's newer writes); QEMU killed before the
+    /// overlays exist and while the storage snapshot is being taken (the overlay merged offline
+    /// into the raw file).
     @Test func heldDiskCrashAtEveryPhaseRecovers() async throws {
         let cli = try CLI()
         let g = try await Guest.define(cli, name: "k", disks: [("vda", "qcow2"), ("vdb", "raw")])
@@ -421,7 +528,8 @@ struct DomainSnapshotTests {
             try await g.waitCounter(atLeast: 2)
             for phase in [
                 "create:prepared", "create:paused", "create:transaction", "create:disks-recorded",
-                "create:memory-saved", "create:resumed", "create:storage-snapshots", "create:merged",
+                "create:memory-saved", "create:resumed", "create:storage-snapshots", "create:synced-vdb",
+                "create:merged",
             ] {
                 let r = try await cli.run(
                     ["snapshot", "create", g.name, "--name", "c"], environment: ["VMSNAP_DOMAIN_FAULT": phase])
@@ -438,12 +546,61 @@ struct DomainSnapshotTests {
                     try await g.diskCounter(raw, format: "raw") ?? 0 >= before - 1,
                     "\(phase): the raw file holds what the guest wrote before the recovery (\(before))")
             }
+            // Killed once QEMU switched vdb back to the raw file, before the overlay was removed
+            // (3 s before, so the guest wrote into the overlay): the guest writes on into the raw
+            // file, then the domain is stopped. The overlay is stale by then; merging it (offline,
+            // after the stop) would write old data over new.
+            let switched = try await cli.run(
+                ["snapshot", "create", g.name, "--name", "c"],
+                environment: ["VMSNAP_DOMAIN_FAULT": "delay3@create:storage-snapshots, create:switched-vdb"])
+            #expect(switched.status != 0 && switched.err.contains("fault injection"), "\(switched.err)")
+            let newer = try await g.waitCounter(atLeast: (g.counters(after: 0).last ?? 0) + 3)
+            try await cli.ok("domain", "stop", g.name, "--force")
+            _ = try await cli.run(["recover"])
+            try await clean("switched")
+            #expect(
+                try await g.diskCounter(raw, format: "raw") ?? 0 >= newer - 1,
+                "the raw file keeps the guest's writes after the switch (\(newer)), not the stale overlay's")
+
+            // QEMU and vmsnap both killed 2 s after the switch back: the overlay is stale, and
+            // offline nothing tells that the guest's newest writes are in the raw file. It is
+            // not merged; it reads differently from the disk, so it is kept aside and named.
+            try await cli.ok("domain", "start", g.name)
+            try await g.waitCounter(atLeast: 2, after: g.mark())
+            let both = try await cli.run(
+                ["snapshot", "create", g.name, "--name", "c"],
+                environment: [
+                    "VMSNAP_DOMAIN_FAULT":
+                        "delay3@create:storage-snapshots, delay2@create:switched-vdb, qemu@create:switched-vdb, create:switched-vdb"
+                ])
+            #expect(both.status != 0 && both.err.contains("fault injection"), "\(both.err)")
+            let final = try #require(g.counters(after: 0).last)
+            let recovered = try await cli.run(["recover"])
+            #expect(recovered.status == 0 && recovered.err.contains(".kept"), "\(recovered.err)")
+            #expect(
+                try await g.diskCounter(raw, format: "raw") ?? 0 >= final - 1,
+                "the raw file keeps the guest's last writes (\(final)): the stale overlay was not merged")
+            let kept = try FileManager.default.contentsOfDirectory(atPath: cli.store + "/held/\(g.name)")
+            #expect(kept.count == 1 && kept[0].hasSuffix(".overlay.kept"), "\(kept)")
+            for f in kept { unlink(cli.store + "/held/\(g.name)/" + f) }
+            try await clean("both killed after the switch")
+
+            // The guest booted again, then a create that kills its QEMU: it must fail.
+            func createKillingQEMU(_ name: String, _ faults: String) async throws {
+                try await cli.ok("domain", "start", g.name)
+                try await g.waitCounter(atLeast: 2, after: g.mark())
+                let r = try await cli.run(
+                    ["snapshot", "create", g.name, "--name", name], environment: ["VMSNAP_DOMAIN_FAULT": faults])
+                #expect(r.status != 0, "\(faults): \(r.err)")
+            }
+            // QEMU dies before the overlays are made: nothing to merge, nothing left.
+            try await createKillingQEMU("e", "qemu@create:prepared")
+            _ = try await cli.run(["recover"])
+            try await clean("qemu killed before the overlays")
+
             // QEMU dies while the storage takes its snapshot: the create fails, the overlay (with
             // the guest's last writes) is merged into the raw file offline.
-            let r = try await cli.run(
-                ["snapshot", "create", g.name, "--name", "q"],
-                environment: ["VMSNAP_DOMAIN_FAULT": "delay3@create:resumed,qemu@create:storage-snapshots"])
-            #expect(r.status != 0, "\(r.err)")
+            try await createKillingQEMU("q", "delay3@create:resumed,qemu@create:storage-snapshots")
             let last = try #require(g.counters(after: 0).last)
             try await clean("qemu killed")
             #expect(try await g.status().state == "shutoff")

@@ -54,7 +54,7 @@ struct Guest {
     /// Creates the disks (16 MiB each) and defines the domain.
     static func define(
         _ cli: CLI, name: String = "g", disks specs: [(String, String)] = [("vda", "qcow2"), ("vdb", "qcow2")],
-        memoryMiB: Int = 192, fill: Int? = nil, resume: Bool = false
+        memoryMiB: Int = 192, fill: Int? = nil, resume: Bool = false, firmware: [String: String]? = nil
     ) async throws -> Guest {
         let (kernel, initrd) = try await GuestImage.shared.files()
         var disks: [Disk] = []
@@ -69,7 +69,7 @@ struct Guest {
             }
             disks.append(Disk(target: target, backend: backend, path: path))
         }
-        let definition: [String: Any] = [
+        var definition: [String: Any] = [
             "name": name, "memoryMiB": memoryMiB, "vcpus": 1,
             "disks": disks.map { ["target": $0.target, "backend": $0.backend, "locator": $0.path] },
             "boot": [
@@ -78,6 +78,7 @@ struct Guest {
                     + (resume ? " vmsnap.resume" : ""),
             ],
         ]
+        if let firmware { definition["firmware"] = firmware }
         let file = cli.root + "/\(name).json"
         try JSONSerialization.data(withJSONObject: definition).write(to: URL(fileURLWithPath: file))
         try await cli.ok("domain", "define", file)
@@ -131,8 +132,7 @@ struct Guest {
     }
 
     func status() async throws -> DomainStatus {
-        try JSONDecoder().decode(
-            DomainStatus.self, from: Data(try await cli.ok("domain", "status", name, "--json").utf8))
+        try decodeJSON(DomainStatus.self, try await cli.ok("domain", "status", name, "--json"), from: "domain status")
     }
 
     struct SnapshotEntry: Decodable {
@@ -144,11 +144,9 @@ struct Guest {
     }
 
     func snapshots(_ filters: String...) async throws -> [SnapshotEntry] {
-        let decoder = JSONDecoder()
-        decoder.dateDecodingStrategy = .iso8601
         let r = try await cli.run(["snapshot", "list", name, "--json"] + filters)
         guard r.status == 0 else { throw CLIFailure("snapshot list failed: \(r.err)") }
-        return try decoder.decode([SnapshotEntry].self, from: Data(r.out.utf8))
+        return try decodeJSON([SnapshotEntry].self, r.out, from: "snapshot list")
     }
 
     /// The active layer of a disk, from vmsnap's disk listing.

@@ -68,6 +68,9 @@ import Testing
         var dom0 = definition()
         dom0.name = "Domain-0"
         #expect(throws: SnapshotError.self) { try driver.validate(dom0) }
+        var uefi = definition()
+        uefi.firmware = DomainFirmware(code: "/usr/share/OVMF/OVMF_CODE_4M.fd", vars: "/var/lib/x/VARS.fd")
+        #expect(throws: SnapshotError.self) { try driver.validate(uefi) }
     }
 
     @Test func offADom0TheDriverSaysSo() async throws {
