@@ -66,9 +66,11 @@ struct DomainJournal: Codable, Sendable {
     /// Held disks (create): target -> the temporary overlay that takes the guest's writes from the
     /// pause until the storage snapshot is taken; a rollback merges it back into the disk.
     var held: [String: String]?
-    /// Held disks whose merge reached the point where the disk below holds every write of the
-    /// overlay (journaled just before the switch back): their overlays are never merged again.
-    var heldSynced: [String]?
+    /// Held disks switched back to their disk (journaled before the guest runs again): their
+    /// overlays are stale and never merged again.
+    var heldSwitched: [String]?
+    /// Held disks: target -> the path the hypervisor reads the disk by (the overlay's backing).
+    var heldBacking: [String: String]?
     /// Revert: the run state to end in. Delete: the snapshots to remove and the mode.
     var targetState: DomainRunState?
     var removing: [String] = []
@@ -85,6 +87,9 @@ public struct CreateReport: Codable, Sendable, Hashable {
     public var ownPauseMs: Double?
     /// The pause step by step, as the hypervisor stamped it.
     public var pausePhases: [PausePhase]?
+    /// Held disks: how long the guest stopped, after the snapshot, for their switches back from
+    /// the temporary overlays (milliseconds, all held disks together).
+    public var switchPauseMs: Double?
     /// Downtime the hypervisor reported for the memory save.
     public var qemuDowntimeMs: Double?
     /// Wall time of the memory save, in seconds.
@@ -226,7 +231,8 @@ extension DomainService {
                     }
                     // Thawed first: the storage snapshots and merges take seconds.
                     if !held.isEmpty {
-                        try await completeHeld(live, held, name: name, request: request, journalID: journalID, j: &j)
+                        report.switchPauseMs = try await completeHeld(
+                            live, held, name: name, request: request, journalID: journalID, j: &j)
                     }
                     await live.close()
                 } catch {
@@ -344,6 +350,10 @@ extension DomainService {
         var parts: [DiskPart] = []
         var excluded: [DomainSnapshotDisk] = []
         let tracked = Set(try store.checkpoints(of: definition.name).flatMap { $0.disks.map(\.target) })
+        // Room the store must keep: the memory image (when it goes there), then each held overlay.
+        let memoryInStore =
+            state != .shutoff && !request.diskOnly && !request.internalMemory && request.memoryFile == nil
+        var storeNeeds: UInt64 = memoryInStore ? UInt64(definition.memoryMiB) << 20 : 0
         for disk in definition.disks {
             let (backend, layout) = try await disks.manage(disk.locator, kind: disk.backend)
             guard request.targets?.contains(disk.target) ?? true else {
@@ -382,7 +392,8 @@ extension DomainService {
                     // overlay above it (the bitmap would go with the overlay).
                     part.held =
                         state == .running && driver.capabilities.heldStorageSnapshots && request.checkpoint == nil
-                        && !tracked.contains(disk.target) && holdRoom(for: disk.target, path: drive.path)
+                        && !tracked.contains(disk.target)
+                        && holdRoom(for: disk.target, path: drive.path, besides: &storeNeeds)
                 }
             } else {
                 try caps.require(Capability(.create, kind, .offline), backend: backend.kind)
@@ -443,7 +454,11 @@ extension DomainService {
             return LiveDiskSnapshot(
                 target: $0.disk.target, name: name, kind: .external, overlay: overlay, format: heldFormat)
         }
-        if !holds.isEmpty { j.held = Dictionary(uniqueKeysWithValues: holds.map { ($0.target, $0.overlay!) }) }
+        if !holds.isEmpty {
+            j.held = Dictionary(uniqueKeysWithValues: holds.map { ($0.target, $0.overlay!) })
+            j.heldBacking = Dictionary(
+                uniqueKeysWithValues: held.compactMap { p in p.drive.map { (p.disk.target, $0.path) } })
+        }
         for part in byHypervisor {
             j.liveBefore[part.disk.target] = part.layout
             j.liveAfter[part.disk.target] = part.live!.result
@@ -476,7 +491,7 @@ extension DomainService {
         Trace.mark("stop")
         DomainFault.point("create:paused", hypervisor: hypervisorProcess(record.domain))
         // The vCPUs are stopped and the hypervisor has flushed: the firmware's variables are still.
-        try saveFirmwareVars(record.definition, snapshot: name)
+        try saveFirmwareVars(record.definition, snapshot: name, sync: false)
         // Storage-side snapshots while the vCPUs are stopped and the hypervisor has flushed.
         try await takeThroughBackends(
             parts.filter { $0.live == nil && !$0.held }, name: name, request: request, journalID: journalID, j: &j)
@@ -514,6 +529,7 @@ extension DomainService {
         }
         if state == .running, try await !live.isRunning() { try await live.resume() }
         j.pausedByUs = false
+        try syncFirmwareVars(record.definition, snapshot: name)
         if !held.isEmpty { try phase(journalID, &j, "resumed") }
         return Array(zip(held, holds))
     }
@@ -612,7 +628,17 @@ extension DomainService {
     func rollBackCreate(domain: String, journalID: Int64, _ j: DomainJournal) async throws {
         guard let record = j.record else { return }
         let driver = try drivers.driver(for: record.definition)
-        let live: (any LiveDomain)? = driver.isRunning(domain) ? try? await driver.connect(domain) : nil
+        // A hypervisor that runs is asked (it knows which image is open); the offline rules are
+        // only for one that is gone.
+        var live: (any LiveDomain)?
+        if driver.isRunning(domain) {
+            do { live = try await driver.connect(domain) } catch {
+                throw SnapshotError(
+                    .busy,
+                    "domain '\(domain)' runs but its hypervisor does not answer (\(error)); nothing was rolled back. Retry `vmsnap recover` once it answers, or stop it"
+                )
+            }
+        }
         do {
             var j = j
             try await undoCreate(record, journalID: journalID, &j, live: live)

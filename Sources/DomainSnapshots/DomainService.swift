@@ -104,9 +104,10 @@ public struct DomainService: Sendable {
         }
         try Self.prepareFirmwareVars(definition)
         if let (old, _) = try store.domain(named: definition.name), driver.isRunning(old.name),
-            old.disks != definition.disks
+            old.disks != definition.disks || old.firmware != definition.firmware
         {
-            throw SnapshotError(.inUse, "domain '\(definition.name)' is running; stop it before changing its disks")
+            throw SnapshotError(
+                .inUse, "domain '\(definition.name)' is running; stop it before changing its disks or firmware")
         }
         try store.define(definition)
     }
@@ -177,16 +178,23 @@ public struct DomainService: Sendable {
     /// Stops the domain: with `force` at once (like pulling the plug), else by asking the guest to
     /// power off and waiting up to `timeout`.
     public func stop(_ name: String, force: Bool, timeout: Duration = .seconds(60)) async throws {
-        let lock = try domainLock(name)
+        // Interrupted work first, while the hypervisor still runs and knows which image each
+        // disk has open. `--force` does not wait for another vmsnap, and stops even when the
+        // recovery fails (the journal stays for `vmsnap recover`).
+        let lock: DiskLock?
+        do { lock = try DiskLock(store: store, diskID: "domain:" + name, timeout: force ? 0 : 30) } catch  where force {
+            notify("another vmsnap works on domain '\(name)' (\(error)); stopping it without recovering first")
+            lock = nil
+        }
         defer { withExtendedLifetime(lock) {} }
         let driver = try driver(name)
         guard driver.isRunning(name) else { throw SnapshotError(.conflict, "domain '\(name)' is not running") }
-        // Interrupted work first, while the hypervisor still runs and can tell the truth: a held
-        // disk's overlay is merged back through it (offline, a merge that was switching back
-        // leaves the overlay's state unknown).
-        do { try await recover(domain: name) } catch  where force {
-            notify(
-                "recovering domain '\(name)' failed: \(error); stopping it anyway; `vmsnap recover` finishes offline")
+        if lock != nil {
+            do { try await recover(domain: name) } catch  where force {
+                notify(
+                    "recovering domain '\(name)' failed: \(error); stopping it anyway; `vmsnap recover` finishes offline"
+                )
+            }
         }
         if force {
             try await driver.destroy(name)

@@ -72,14 +72,30 @@ extension DomainService {
     }
 
     /// Copies the domain's variables into the snapshot's copy; the hypervisor is stopped or paused.
-    func saveFirmwareVars(_ definition: DomainDefinition, snapshot: String) throws {
+    /// `sync: false` inside a guest's pause: ``syncFirmwareVars(_:snapshot:)`` follows after it.
+    func saveFirmwareVars(_ definition: DomainDefinition, snapshot: String, sync: Bool = true) throws {
         guard let firmware = definition.firmware else { return }
         let copy = firmwareVarsCopy(definition.name, snapshot: snapshot)
         try FileManager.default.createDirectory(
             atPath: (copy as NSString).deletingLastPathComponent, withIntermediateDirectories: true,
             attributes: [.posixPermissions: 0o700])
         let data = try RegularFile.read(firmware.vars, what: "firmware variable store", limit: Self.firmwareVarsLimit)
-        try Self.writeNew(copy, data, mode: 0o600)
+        try Self.writeNew(copy, data, mode: 0o600, sync: sync)
+        if sync { Self.syncDirectory(of: copy) }
+    }
+
+    /// Makes a copy saved with `sync: false` durable.
+    func syncFirmwareVars(_ definition: DomainDefinition, snapshot: String) throws {
+        guard definition.firmware != nil else { return }
+        let copy = firmwareVarsCopy(definition.name, snapshot: snapshot)
+        let fd = open(copy, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0, fsync(fd) == 0 else {
+            let why = String(cString: strerror(errno))
+            if fd >= 0 { close(fd) }
+            throw SnapshotError(.io, "cannot sync \(copy): \(why)")
+        }
+        close(fd)
+        Self.syncDirectory(of: copy)
     }
 
     /// Puts the snapshot's copy back as the domain's variables: a new file beside the store with
@@ -92,25 +108,40 @@ extension DomainService {
         unlink(staging)  // one an interrupted revert left
         let (mode, uid, gid) =
             (try? NewFile.ownership(of: firmware.vars)) ?? (0o600, geteuid(), getegid())
-        try Self.writeNew(staging, data, mode: mode)
-        if geteuid() == 0 { _ = chown(staging, uid, gid) }
+        try Self.writeNew(staging, data, mode: mode, owner: geteuid() == 0 ? (uid, gid) : nil)
         guard rename(staging, firmware.vars) == 0 else {
             let why = String(cString: strerror(errno))
             unlink(staging)
             throw SnapshotError(.io, "cannot put the firmware variables back at \(firmware.vars): \(why)")
         }
+        Self.syncDirectory(of: firmware.vars)
     }
 
-    /// The checks a revert makes before anything changes.
-    func checkFirmwareVarsRestorable(_ record: DomainSnapshotRecord) throws {
+    /// The checks a revert makes before anything changes: a snapshot without its copy of the
+    /// variables is refused, unless `force` says to go on with the variables as they are (a
+    /// snapshot redefined from XML or imported has none).
+    func checkFirmwareVarsRestorable(_ record: DomainSnapshotRecord, force: Bool) throws {
         guard record.definition.firmware != nil else { return }
         let copy = firmwareVarsCopy(record.domain, snapshot: record.name)
         guard FileManager.default.isReadableFile(atPath: copy) else {
-            throw SnapshotError(
-                .notFound,
-                "the firmware variables of snapshot '\(record.name)' (\(copy)) are missing; nothing was changed. Restore the file, or delete the snapshot"
-            )
+            guard force else {
+                throw SnapshotError(
+                    .notFound,
+                    "the firmware variables of snapshot '\(record.name)' (\(copy)) are missing; nothing was changed. Restore the file, or revert with --force to keep the domain's variables as they are"
+                )
+            }
+            notify("snapshot '\(record.name)' has no copy of the firmware variables; the domain keeps its own")
+            return
         }
+    }
+
+    /// Makes a rename or a new file in the directory of `path` durable (a power cut after the
+    /// journal moves on must not bring back the old name).
+    static func syncDirectory(of path: String) {
+        let fd = open((path as NSString).deletingLastPathComponent, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { return }
+        _ = fsync(fd)
+        close(fd)
     }
 
     /// Removes a snapshot's copy of the variables (delete, rollback); nothing if there is none.
@@ -118,14 +149,17 @@ extension DomainService {
         unlink(firmwareVarsCopy(domain, snapshot: snapshot))
     }
 
-    /// Writes `data` into a new file (exclusive, no symbolic link followed) and syncs it.
-    static func writeNew(_ path: String, _ data: Data, mode: mode_t) throws {
+    /// Writes `data` into a new file (exclusive, no symbolic link followed; mode and owner set on
+    /// the open file) and syncs it.
+    static func writeNew(_ path: String, _ data: Data, mode: mode_t, owner: (uid_t, gid_t)? = nil, sync: Bool = true)
+        throws
+    {
         let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)
         guard fd >= 0 else {
             throw SnapshotError(
                 errno == EEXIST ? .alreadyExists : .io, "cannot create \(path): \(String(cString: strerror(errno)))")
         }
-        var ok = fchmod(fd, mode) == 0
+        var ok = fchmod(fd, mode) == 0 && (owner.map { fchown(fd, $0.0, $0.1) == 0 } ?? true)
         var done = 0
         while ok, done < data.count {
             let n = data.withUnsafeBytes { write(fd, $0.baseAddress! + done, data.count - done) }
@@ -133,7 +167,7 @@ extension DomainService {
             ok = n > 0
             if ok { done += n }
         }
-        ok = ok && fsync(fd) == 0
+        ok = ok && (!sync || fsync(fd) == 0)
         let why = String(cString: strerror(errno))
         close(fd)
         guard ok else {

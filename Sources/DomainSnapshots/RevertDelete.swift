@@ -62,7 +62,7 @@ extension DomainService {
                 throw SnapshotError(e.code, "disk \(disk.target): \(e.message). Nothing was changed")
             }
         }
-        try checkFirmwareVarsRestorable(record)
+        try checkFirmwareVarsRestorable(record, force: force)
         var j = DomainJournal(operation: .revert, snapshot: name, record: record)
         j.targetState = target
         let journalID = try store.beginDomainJournal(
@@ -122,7 +122,9 @@ extension DomainService {
             j.disksDone.append(disk.target)
             try phase(journalID, &j, "disk-\(disk.target)")
         }
-        if !j.phases.contains("firmware"), record.definition.firmware != nil {
+        if !j.phases.contains("firmware"), record.definition.firmware != nil,
+            NewFile.exists(firmwareVarsCopy(domain, snapshot: record.name))
+        {
             try restoreFirmwareVars(record)
             try phase(journalID, &j, "firmware")
         }

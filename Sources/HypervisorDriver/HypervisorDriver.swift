@@ -176,9 +176,11 @@ public protocol LiveDomain: Sendable {
     func undoDiskSnapshot(_ snapshot: LiveDiskSnapshot) async throws
     /// Merges a held disk's temporary overlay (an external ``snapshotDisks(_:)`` made only to
     /// hold the disk still) back into the image under it while the guest runs and switches the
-    /// guest back to that image; the caller removes the overlay file. `synced` runs once the image below
-    /// holds every write the overlay took, just before the switch: from the switch on the
-    /// overlay is stale, and the caller journals that. Takes over a merge a killed caller left.
+    /// guest back to that image; the caller removes the overlay file. `synced` runs once the
+    /// image below has caught up with the overlay, just before the switch (the hypervisor may
+    /// still be copying the newest writes: a caller that must know exactly when the overlay went
+    /// stale stops the guest there); when this returns the switch is done. Takes over a merge a
+    /// killed caller left.
     func mergeHeldOverlay(_ snapshot: LiveDiskSnapshot, synced: () async throws -> Void) async throws
     /// Deletes an internal snapshot from the image the domain has open; nothing if it is gone.
     func deleteInternalSnapshot(target: String, name: String) async throws

@@ -363,13 +363,12 @@ public struct QEMULiveDomain: LiveDomain {
     public func undoDiskSnapshot(_ snapshot: LiveDiskSnapshot) async throws {
         try await layer {
             let device = try await addressing.address(snapshot.target, client: client).name
-            let open = try await client.blockDevices().first { $0.device == device || $0.nodeName == device }
             switch snapshot.kind {
             case .internal:
                 try await deleteInternalSnapshot(target: snapshot.target, name: snapshot.name)
             case .external:
                 guard let overlay = snapshot.overlay else { return }
-                try await commitOverlay(overlay, target: snapshot.target, device: device, open: open) {}
+                try await commitOverlay(overlay, target: snapshot.target, device: device) {}
                 unlink(overlay)
             }
         }
@@ -379,35 +378,28 @@ public struct QEMULiveDomain: LiveDomain {
         guard let overlay = snapshot.overlay else { return }
         try await layer {
             let device = try await addressing.address(snapshot.target, client: client).name
-            let open = try await client.blockDevices().first { $0.device == device || $0.nodeName == device }
-            try await commitOverlay(overlay, target: snapshot.target, device: device, open: open, synced: synced)
+            try await commitOverlay(overlay, target: snapshot.target, device: device, synced: synced)
         }
     }
 
     /// Commits the guest's writes since an external snapshot back into the image it was taken
-    /// on (the overlay's backing, not the chain's bottom), switches the guest back to that image
-    /// (the caller removes the overlay). A commit a killed vmsnap left behind is taken over where
-    /// it stands (running: waited for; ready: completed); an overlay no longer open (the switch
-    /// happened, or the snapshot never did) is only closed. `synced` runs once the image below
-    /// holds every write of the overlay, before the switch.
-    func commitOverlay(
-        _ overlay: String, target: String, device: String, open: QEMUBlockDevice?, synced: () async throws -> Void
-    ) async throws {
+    /// on (the overlay's backing, not the chain's bottom) and switches the guest back to that
+    /// image (the caller removes the overlay). A commit a killed vmsnap left behind is settled
+    /// first (a paused one resumed, one finishing waited for); an overlay no longer open (the
+    /// switch happened, or the snapshot never did) is only closed. `synced` runs once the image
+    /// below has caught up with the overlay, just before the switch; when this returns the
+    /// switch is done.
+    func commitOverlay(_ overlay: String, target: String, device: String, synced: () async throws -> Void)
+        async throws
+    {
         let job = "vmsnap-undo-\(target)"
-        let mark = await client.eventMark
-        let existing = try await client.run(QMP.QueryJobs()).first { $0.id == job }
-        if let existing, ["concluded", "aborting", "null", "undefined"].contains(existing.status) {
-            _ = try? await client.run(QMP.JobDismiss(id: job))
-        }
-        let resumed =
-            existing.map {
-                ["created", "running", "paused", "ready", "standby", "waiting", "pending"].contains($0.status)
-            } ?? false
-        guard resumed || open?.file == overlay else {
-            try await closeUnusedOverlay(overlay)
-            return
-        }
-        if !resumed {
+        var ready = try await settleJob(job)
+        if !ready {
+            let open = try await client.blockDevices().first { $0.device == device || $0.nodeName == device }
+            guard open?.file == overlay else {
+                try await closeUnusedOverlay(overlay)
+                return
+            }
             let nodes = try await client.run(QMP.QueryNamedBlockNodes())
             guard let backing = open?.backing,
                 let base = nodes.first(where: { $0.file == backing && !QEMUBlockLayer.isProtocol($0.driver) })
@@ -417,11 +409,17 @@ public struct QEMULiveDomain: LiveDomain {
                     "cannot merge \(overlay) back into the disk of \(target): the running QEMU shows no open image under it; the overlay was kept. Check the domain with `vmsnap domain status`"
                 )
             }
+            let mark = await client.eventMark
             try await client.run(QMP.BlockCommit(device: device, jobID: job, baseNode: base.nodeName))
-        }
-        if existing?.status != "ready" {
-            _ = try await client.waitForEvent("BLOCK_JOB_READY", since: mark, timeout: .seconds(600)) {
-                $0.data["device"]?.string == job
+            ready = try await settleJob(job, since: mark)
+            guard ready else {
+                let failed = await client.events(since: mark).last {
+                    $0.name == "BLOCK_JOB_COMPLETED" && $0.data["device"]?.string == job
+                }
+                throw SnapshotError(
+                    .commandFailed,
+                    "merging \(overlay) back into the disk of \(target) failed: \(failed?.data["error"]?.string ?? "the job ended before it was ready"); the overlay was kept"
+                )
             }
         }
         try await synced()
@@ -435,6 +433,25 @@ public struct QEMULiveDomain: LiveDomain {
                 .commandFailed,
                 "merging \(overlay) back into the disk of \(target) failed: \(error); the overlay was kept")
         }
+    }
+
+    /// Brings job `id` to a state to act on: true once it is ready to switch, false once it is
+    /// gone (it never existed, or ended). A paused job is resumed; one concluded is dismissed;
+    /// one running, waiting, pending or aborting is waited for (up to 10 minutes).
+    func settleJob(_ id: String, since mark: Int? = nil) async throws -> Bool {
+        let deadline = ContinuousClock.now + .seconds(600)
+        while ContinuousClock.now < deadline {
+            guard let job = try await client.run(QMP.QueryJobs()).first(where: { $0.id == id }) else { return false }
+            switch job.status {
+            case "ready": return true
+            case "paused", "standby": try await client.run(QMP.JobResume(id: id))
+            case "concluded", "null", "undefined":
+                _ = try? await client.run(QMP.JobDismiss(id: id))
+                return false
+            default: try await Task.sleep(for: .milliseconds(20))
+            }
+        }
+        throw SnapshotError(.busy, "QEMU's job \(id) did not become ready within 10 minutes; it was left running")
     }
 
     /// An overlay made before the pause whose snapshot did not happen: a vmsnap killed while

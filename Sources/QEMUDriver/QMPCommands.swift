@@ -272,6 +272,13 @@ public enum QMP {
         }
     }
 
+    public struct JobResume: QMPCommand {
+        public typealias Response = Void
+        public static let name = "job-resume"
+        public var id: String
+        public var arguments: JSONValue? { ["id": .string(id)] }
+    }
+
     public struct JobDismiss: QMPCommand {
         public typealias Response = Void
         public static let name = "job-dismiss"

@@ -382,9 +382,16 @@ struct DomainSnapshotTests {
                 environment: ["VMSNAP_DOMAIN_FAULT": "delay3@create:resumed, delay2@create:disk-vdb"])
             #expect(r.status == 0, "\(r.err)")
             #expect(!r.err.contains("snapshotted with the guest paused"), "held, not paused for: \(r.err)")
-            struct Report: Decodable { var pauseMs: Double? }
-            let pause = try #require(try decodeJSON(Report.self, r.out, from: "snapshot create").pauseMs)
+            struct Report: Decodable {
+                var pauseMs: Double?
+                var switchPauseMs: Double?
+            }
+            let report = try decodeJSON(Report.self, r.out, from: "snapshot create")
+            let pause = try #require(report.pauseMs)
             #expect(pause < 2000, "the guest ran while the storage was slow: paused \(pause) ms")
+            // The second, short stop: vdb switched back from its overlay.
+            let switchPause = try #require(report.switchPauseMs)
+            #expect(switchPause > 0 && switchPause < 2000, "stopped \(switchPause) ms for the switch back")
             #expect(
                 try FileManager.default.contentsOfDirectory(atPath: cli.store + "/held/\(g.name)").isEmpty,
                 "the temporary overlay is merged back and gone")
@@ -505,11 +512,12 @@ struct DomainSnapshotTests {
     }
 
     /// Kills around a held disk: vmsnap at each phase (the overlay is merged back by `vmsnap
-    /// recover`, with the writes the guest made meanwhile; a merge killed once synced is taken
-    /// over where it stood); vmsnap killed after the switch back, then the domain stopped (the
-    /// stale overlay is never merged over the guest's newer writes); QEMU killed before the
-    /// overlays exist and while the storage snapshot is being taken (the overlay merged offline
-    /// into the raw file).
+    /// recover`, with the writes the guest made meanwhile; a merge killed once ready, with the
+    /// guest stopped for the switch, is taken over where it stood and the guest resumed); vmsnap
+    /// killed after the switch back, the guest resumed by hand and then its QEMU killed (the stale
+    /// overlay is never merged over the guest's newer writes); QEMU killed with the guest stopped
+    /// for the switch, before the overlays exist, and while the storage snapshot is being taken
+    /// (the overlay merged offline into the raw file).
     @Test func heldDiskCrashAtEveryPhaseRecovers() async throws {
         let cli = try CLI()
         let g = try await Guest.define(cli, name: "k", disks: [("vda", "qcow2"), ("vdb", "raw")])
@@ -536,7 +544,7 @@ struct DomainSnapshotTests {
                 #expect(r.status != 0 && r.err.contains("fault injection"), "\(phase): \(r.err)")
                 // The guest writes on (into the overlay, where there is one) before the recovery,
                 // unless the kill left it stopped in the pause.
-                let stopped = ["create:paused", "create:transaction"].contains(phase)
+                let stopped = ["create:paused", "create:transaction", "create:synced-vdb"].contains(phase)
                 let before =
                     stopped ? 0 : try await g.waitCounter(atLeast: (g.counters(after: 0).last ?? 0) + 3)
                 try await cli.ok("recover")
@@ -546,44 +554,47 @@ struct DomainSnapshotTests {
                     try await g.diskCounter(raw, format: "raw") ?? 0 >= before - 1,
                     "\(phase): the raw file holds what the guest wrote before the recovery (\(before))")
             }
-            // Killed once QEMU switched vdb back to the raw file, before the overlay was removed
-            // (3 s before, so the guest wrote into the overlay): the guest writes on into the raw
-            // file, then the domain is stopped. The overlay is stale by then; merging it (offline,
-            // after the stop) would write old data over new.
+            // Killed once QEMU switched vdb back to the raw file and the switch is journaled,
+            // before the guest runs again and the overlay is removed (3 s of guest writes went
+            // into the overlay first). The operator resumes the guest, which writes on into the
+            // raw file; then QEMU dies. The overlay is stale: merging it offline would write old
+            // data over new.
             let switched = try await cli.run(
                 ["snapshot", "create", g.name, "--name", "c"],
                 environment: ["VMSNAP_DOMAIN_FAULT": "delay3@create:storage-snapshots, create:switched-vdb"])
             #expect(switched.status != 0 && switched.err.contains("fault injection"), "\(switched.err)")
+            #expect(try await g.status().state == "paused", "the guest is stopped for the switch")
+            try await cli.ok("domain", "resume", g.name)
             let newer = try await g.waitCounter(atLeast: (g.counters(after: 0).last ?? 0) + 3)
-            try await cli.ok("domain", "stop", g.name, "--force")
-            _ = try await cli.run(["recover"])
+            let pid = try #require(
+                Int32(
+                    try String(contentsOfFile: cli.store + "/run/\(g.name)/qemu.pid", encoding: .utf8)
+                        .trimmingCharacters(in: .whitespacesAndNewlines)))
+            kill(pid, SIGKILL)
+            try await Task.sleep(for: .milliseconds(500))
+            try await cli.ok("recover")
             try await clean("switched")
             #expect(
                 try await g.diskCounter(raw, format: "raw") ?? 0 >= newer - 1,
                 "the raw file keeps the guest's writes after the switch (\(newer)), not the stale overlay's")
 
-            // QEMU and vmsnap both killed 2 s after the switch back: the overlay is stale, and
-            // offline nothing tells that the guest's newest writes are in the raw file. It is
-            // not merged; it reads differently from the disk, so it is kept aside and named.
+            // QEMU and vmsnap killed with the guest stopped for the switch, its commit ready: the
+            // overlay holds the guest's newest writes and is merged offline.
             try await cli.ok("domain", "start", g.name)
             try await g.waitCounter(atLeast: 2, after: g.mark())
-            let both = try await cli.run(
+            let ready = try await cli.run(
                 ["snapshot", "create", g.name, "--name", "c"],
                 environment: [
                     "VMSNAP_DOMAIN_FAULT":
-                        "delay3@create:storage-snapshots, delay2@create:switched-vdb, qemu@create:switched-vdb, create:switched-vdb"
+                        "delay3@create:storage-snapshots, qemu@create:synced-vdb, create:synced-vdb"
                 ])
-            #expect(both.status != 0 && both.err.contains("fault injection"), "\(both.err)")
+            #expect(ready.status != 0 && ready.err.contains("fault injection"), "\(ready.err)")
             let final = try #require(g.counters(after: 0).last)
-            let recovered = try await cli.run(["recover"])
-            #expect(recovered.status == 0 && recovered.err.contains(".kept"), "\(recovered.err)")
+            try await cli.ok("recover")
+            try await clean("killed at the switch")
             #expect(
                 try await g.diskCounter(raw, format: "raw") ?? 0 >= final - 1,
-                "the raw file keeps the guest's last writes (\(final)): the stale overlay was not merged")
-            let kept = try FileManager.default.contentsOfDirectory(atPath: cli.store + "/held/\(g.name)")
-            #expect(kept.count == 1 && kept[0].hasSuffix(".overlay.kept"), "\(kept)")
-            for f in kept { unlink(cli.store + "/held/\(g.name)/" + f) }
-            try await clean("both killed after the switch")
+                "the raw file has the guest's last writes (\(final)), merged from the overlay")
 
             // The guest booted again, then a create that kills its QEMU: it must fail.
             func createKillingQEMU(_ name: String, _ faults: String) async throws {
