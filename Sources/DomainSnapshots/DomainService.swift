@@ -210,6 +210,11 @@ public struct DomainService: Sendable {
 
     /// Pauses or resumes the vCPUs.
     public func setPaused(_ name: String, _ paused: Bool) async throws {
+        // Interrupted work first: a guest a killed vmsnap stopped for a held disk's switch back
+        // must not run on before the journal knows the switch happened.
+        let lock = try domainLock(name)
+        defer { withExtendedLifetime(lock) {} }
+        try await recover(domain: name)
         let driver = try driver(name)
         if paused { try await driver.pause(name) } else { try await driver.resume(name) }
     }

@@ -51,15 +51,25 @@ extension DomainService {
         let target = overlay.target
         let hypervisor = j.record.flatMap { hypervisorProcess($0.domain) }
         var stoppedHere = false
-        try await live.mergeHeldOverlay(overlay) {
-            if try await live.isRunning() {
-                // Journaled before the pause: a recovery resumes a guest vmsnap stopped.
-                j.pausedByUs = true
-                try journal(journalID, j)
-                try await live.pause()
-                stoppedHere = true
+        do {
+            try await live.mergeHeldOverlay(overlay) {
+                if try await live.isRunning() {
+                    // Journaled before the pause: a recovery resumes a guest vmsnap stopped.
+                    j.pausedByUs = true
+                    try journal(journalID, j)
+                    try await live.pause()
+                    stoppedHere = true
+                }
+                DomainFault.point("\(j.operation.rawValue):synced-\(target)", hypervisor: hypervisor)
             }
-            DomainFault.point("\(j.operation.rawValue):synced-\(target)", hypervisor: hypervisor)
+        } catch {
+            // The switch failed (QEMU refused it, or the job ended in an error): the overlay is
+            // still the guest's active, newest layer, and the guest runs on it again.
+            if stoppedHere, (try? await live.resume()) != nil {
+                j.pausedByUs = false
+                try? journal(journalID, j)
+            }
+            throw error
         }
         if !(j.heldSwitched ?? []).contains(target) { j.heldSwitched = (j.heldSwitched ?? []) + [target] }
         try journal(journalID, j)

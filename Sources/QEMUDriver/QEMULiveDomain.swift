@@ -444,7 +444,10 @@ public struct QEMULiveDomain: LiveDomain {
             guard let job = try await client.run(QMP.QueryJobs()).first(where: { $0.id == id }) else { return false }
             switch job.status {
             case "ready": return true
-            case "paused", "standby": try await client.run(QMP.JobResume(id: id))
+            case "paused", "standby":
+                // QEMU refuses to resume a job paused by a drain rather than a user: wait then.
+                _ = try? await client.run(QMP.JobResume(id: id))
+                try await Task.sleep(for: .milliseconds(20))
             case "concluded", "null", "undefined":
                 _ = try? await client.run(QMP.JobDismiss(id: id))
                 return false

@@ -1,4 +1,5 @@
 import Foundation
+import QEMUDriver
 import SnapshotCore
 import Testing
 
@@ -554,17 +555,29 @@ struct DomainSnapshotTests {
                     try await g.diskCounter(raw, format: "raw") ?? 0 >= before - 1,
                     "\(phase): the raw file holds what the guest wrote before the recovery (\(before))")
             }
+            // The same kill, then vmsnap's own `domain resume`: it recovers first (the overlay
+            // removed, the rollback done) and the guest runs.
+            let resumed = try await cli.run(
+                ["snapshot", "create", g.name, "--name", "c"],
+                environment: ["VMSNAP_DOMAIN_FAULT": "create:switched-vdb"])
+            #expect(resumed.status != 0 && resumed.err.contains("fault injection"), "\(resumed.err)")
+            try await cli.ok("domain", "resume", g.name)
+            try await clean("resumed through vmsnap")
+            #expect(try await g.status().state == "running")
+
             // Killed once QEMU switched vdb back to the raw file and the switch is journaled,
             // before the guest runs again and the overlay is removed (3 s of guest writes went
-            // into the overlay first). The operator resumes the guest, which writes on into the
-            // raw file; then QEMU dies. The overlay is stale: merging it offline would write old
-            // data over new.
+            // into the overlay first). Another tool resumes the guest through QMP (vmsnap's own
+            // `domain resume` recovers first), the guest writes on into the raw file, then QEMU
+            // dies. The overlay is stale: merging it offline would write old data over new.
             let switched = try await cli.run(
                 ["snapshot", "create", g.name, "--name", "c"],
                 environment: ["VMSNAP_DOMAIN_FAULT": "delay3@create:storage-snapshots, create:switched-vdb"])
             #expect(switched.status != 0 && switched.err.contains("fault injection"), "\(switched.err)")
             #expect(try await g.status().state == "paused", "the guest is stopped for the switch")
-            try await cli.ok("domain", "resume", g.name)
+            let qmp = try await QMPClient.connect(path: cli.store + "/run/\(g.name)/qmp.sock")
+            try await qmp.cont()
+            await qmp.close()
             let newer = try await g.waitCounter(atLeast: (g.counters(after: 0).last ?? 0) + 3)
             let pid = try #require(
                 Int32(
