@@ -178,7 +178,7 @@ struct DomainSnapshotTests {
     /// nothing changed; with memory it is refused (the image would resume frozen).
     @Test func quiesceThroughTheGuestAgent() async throws {
         let cli = try CLI()
-        let g = try await Guest.define(cli, name: "qg", disks: [("vda", "qcow2")])
+        let g = try await Guest.define(cli, name: "qg", disks: [("vda", "qcow2")], agent: true)
         try await g.running {
             try await cli.ok("domain", "start", g.name)
             try await g.waitCounter(atLeast: 3)

@@ -54,7 +54,8 @@ struct Guest {
     /// Creates the disks (16 MiB each) and defines the domain.
     static func define(
         _ cli: CLI, name: String = "g", disks specs: [(String, String)] = [("vda", "qcow2"), ("vdb", "qcow2")],
-        memoryMiB: Int = 192, fill: Int? = nil, resume: Bool = false, firmware: [String: String]? = nil
+        memoryMiB: Int = 192, fill: Int? = nil, resume: Bool = false, agent: Bool = false,
+        firmware: [String: String]? = nil
     ) async throws -> Guest {
         let (kernel, initrd) = try await GuestImage.shared.files()
         var disks: [Disk] = []
@@ -75,7 +76,7 @@ struct Guest {
             "boot": [
                 "kernel": kernel, "initrd": initrd,
                 "cmdline": "console=ttyS0 quiet panic=-1" + (fill.map { " vmsnap.fill=\($0)" } ?? "")
-                    + (resume ? " vmsnap.resume" : ""),
+                    + (resume ? " vmsnap.resume" : "") + (agent ? " vmsnap.agent" : ""),
             ],
         ]
         if let firmware { definition["firmware"] = firmware }
