@@ -115,7 +115,9 @@ extension DomainService {
             return
         }
         let expected = j.heldBacking?[disk.target] ?? disk.source
-        guard let backing, let expected, backing == expected || Self.sameFile(backing, expected) else {
+        guard let backing, let expected,
+            backing == expected || (FileIdentity(backing) != nil && FileIdentity(backing) == FileIdentity(expected))
+        else {
             throw SnapshotError(
                 .conflict,
                 "the temporary overlay \(overlay) of disk \(disk.target) reads through \(backing ?? "nothing"), not the disk's \(expected ?? "(unrecorded)"); nothing was merged and it was kept"
@@ -152,13 +154,5 @@ extension DomainService {
         }
         besides = needed
         return true
-    }
-
-    /// True when both paths name one file (symlinks resolved: an LVM volume's /dev/VG/LV).
-    static func sameFile(_ a: String, _ b: String) -> Bool {
-        var sa = stat()
-        var sb = stat()
-        guard stat(a, &sa) == 0, stat(b, &sb) == 0 else { return false }
-        return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino
     }
 }

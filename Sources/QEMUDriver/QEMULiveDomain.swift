@@ -411,7 +411,7 @@ public struct QEMULiveDomain: LiveDomain {
             }
             let mark = await client.eventMark
             try await client.run(QMP.BlockCommit(device: device, jobID: job, baseNode: base.nodeName))
-            ready = try await settleJob(job, since: mark)
+            ready = try await settleJob(job)
             guard ready else {
                 let failed = await client.events(since: mark).last {
                     $0.name == "BLOCK_JOB_COMPLETED" && $0.data["device"]?.string == job
@@ -438,7 +438,7 @@ public struct QEMULiveDomain: LiveDomain {
     /// Brings job `id` to a state to act on: true once it is ready to switch, false once it is
     /// gone (it never existed, or ended). A paused job is resumed; one concluded is dismissed;
     /// one running, waiting, pending or aborting is waited for (up to 10 minutes).
-    func settleJob(_ id: String, since mark: Int? = nil) async throws -> Bool {
+    func settleJob(_ id: String) async throws -> Bool {
         let deadline = ContinuousClock.now + .seconds(600)
         while ContinuousClock.now < deadline {
             guard let job = try await client.run(QMP.QueryJobs()).first(where: { $0.id == id }) else { return false }
