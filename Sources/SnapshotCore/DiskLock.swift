@@ -14,7 +14,9 @@ public final class DiskLock: @unchecked Sendable {
         var hash: UInt64 = 0xcbf2_9ce4_8422_2325
         for byte in diskID.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3 }
         path = (store.directory as NSString).appendingPathComponent("locks/\(String(hash, radix: 16)).lock")
-        fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        // The descriptor stays local until the lock is held: once every stored property is set, a
+        // throw runs deinit, and a close here as well would close whatever took the number since.
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard fd >= 0 else {
             throw SnapshotError(.io, "cannot open lock file \(path): \(String(cString: strerror(errno)))")
         }
@@ -27,6 +29,7 @@ public final class DiskLock: @unchecked Sendable {
             }
             usleep(20_000)
         }
+        self.fd = fd
     }
 
     deinit {

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import SnapshotCore
 import Testing
 
@@ -111,6 +112,33 @@ struct MetadataStoreTests {
         withExtendedLifetime(first) {}
         first = nil
         _ = try DiskLock(store: store, diskID: "/pool/x", timeout: 0)
+    }
+
+    /// A refused lock once closed its descriptor twice (in init, then in deinit), closing whatever
+    /// another thread had opened with that number meanwhile: an SQLite store in a test beside it
+    /// failed with "disk I/O error".
+    @Test("a refused disk lock closes only its own descriptor")
+    func refusedLockClosesOnce() throws {
+        let store = try MetadataStore(directory: scratchDirectory())
+        let held = try DiskLock(store: store, diskID: "/pool/x")
+        let stop = Mutex(false)
+        let lost = Mutex(0)
+        let watcher = Thread {
+            while !stop.withLock({ $0 }) {
+                let fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
+                guard fd >= 0 else { continue }
+                for _ in 0..<50 where fcntl(fd, F_GETFD) < 0 { lost.withLock { $0 += 1 } }
+                if fcntl(fd, F_GETFD) >= 0 { close(fd) } else { lost.withLock { $0 += 1 } }
+            }
+        }
+        watcher.start()
+        for _ in 0..<3000 {
+            _ = try? DiskLock(store: store, diskID: "/pool/x", timeout: 0)
+        }
+        stop.withLock { $0 = true }
+        while !watcher.isFinished { usleep(1000) }
+        withExtendedLifetime(held) {}
+        #expect(lost.withLock { $0 } == 0, "another thread's descriptor was closed under it")
     }
 
     @Test("the store directory comes from the flag, then VMSNAP_STORE, then the default")
