@@ -5,7 +5,9 @@ enum ConformanceChecks {
     static func cap(_ op: SnapshotOperation, _ kind: SnapshotKind) -> Capability { Capability(op, kind, .offline) }
 
     static var all: [ConformanceCheck] {
-        SnapshotKind.allCases.flatMap(perKind) + [mixedKinds, mixedRevertBelowExternal]
+        SnapshotKind.allCases.flatMap(perKind) + [
+            mixedKinds, mixedRevertBelowExternal, mixedDeleteExternalOverInternal,
+        ]
             + SnapshotKind.allCases.flatMap(badInput)
     }
 
@@ -259,6 +261,54 @@ enum ConformanceChecks {
         try await c.expect(.snapshot("i1"), equals: a, "i1 itself")
     }
 
+    /// A delete of an external snapshot whose image other snapshots need (internal snapshots in
+    /// the layer on it, or in the image itself with several layers on it) must work and change what
+    /// no other snapshot reads; the internal snapshots stay reachable, revertible and deletable.
+    static let mixedDeleteExternalOverInternal = ConformanceCheck(
+        "mixed.delete-external-over-internal",
+        "delete of an external snapshot whose image internal snapshots need works; every other snapshot reads the same and stays revertible and deletable",
+        requires: [
+            cap(.create, .internal), cap(.create, .external), cap(.revert, .internal), cap(.revert, .external),
+            cap(.delete, .external), cap(.delete, .internal),
+        ]
+    ) { c in
+        // An internal snapshot in the layer built on e1's image.
+        let a = try await c.write(seed: 21)
+        try await c.snapshot("i1", .internal)
+        try await c.snapshot("e1", .external)
+        let b = try await c.write(seed: 22)
+        try await c.snapshot("i2", .internal)
+        let d = try await c.write(seed: 23)
+        try await c.delete("e1")
+        let afterE1 = try await c.layout()
+        try c.require(afterE1.snapshot(named: "e1") == nil, "e1 is still listed after its delete")
+        try await c.expect(.active, equals: d, "active after deleting e1")
+        try await c.expect(.snapshot("i2"), equals: b, "i2 after deleting e1")
+        try await c.expect(.snapshot("i1"), equals: a, "i1 after deleting e1")
+        // The image i2 lives in, with two layers on it: e3's, and a branch from e2.
+        try await c.snapshot("e2", .external)
+        let f = try await c.write(seed: 24)
+        try await c.snapshot("e3", .external)
+        try await c.write(seed: 25)
+        try await c.revert("e2")
+        try await c.expect(.active, equals: d, "after revert to e2")
+        try await c.delete("e2")
+        try await c.expect(.active, equals: d, "active after deleting e2")
+        try await c.expect(.snapshot("e3"), equals: f, "e3 after deleting e2")
+        try await c.expect(.snapshot("i2"), equals: b, "i2 after deleting e2")
+        try await c.expect(.snapshot("i1"), equals: a, "i1 after deleting e2")
+        // Everything left still reverts and deletes.
+        try await c.revert("i1")
+        try await c.expect(.active, equals: a, "after revert to i1")
+        try await c.revert("e3")
+        try await c.expect(.active, equals: f, "back on e3")
+        for name in ["i2", "i1", "e3"] { try await c.delete(name) }
+        try await c.expect(.active, equals: f, "active after deleting the rest")
+        let end = try await c.layout()
+        try c.require(end.snapshots.isEmpty, "snapshots \(end.snapshots.map(\.name)) are left after deleting them all")
+    }
+
+    // MARK: - Bad input
     // MARK: - Bad input
 
     static let badNames: [(String, String)] = [

@@ -177,12 +177,11 @@ public struct LayerChainPlanner: Sendable {
         let base = target.image
         let children = layout.children(ofLayer: base)
         let backing = layout.layer(base)?.backing
-        for child in children where !layout.internalSnapshots(in: child.image).isEmpty {
-            let held = layout.internalSnapshots(in: child.image).map(\.name).joined(separator: ", ")
-            throw SnapshotError(
-                .conflict,
-                "cannot merge external snapshot '\(target.name)': \(child.image) holds internal snapshots (\(held)) that read through its image; merging would change what they read. Delete those internal snapshots first"
-            )
+        if let reason = Self.mustStayALayer(base, children: children, layout: layout) {
+            // Only the record goes: the image stays where it is, a layer others read through.
+            return Plan(
+                operation: "delete snapshot '\(target.name)' of \(layout.disk.id)", steps: [], pointOfNoReturn: 0,
+                result: result, notes: ["kept \(base) as a layer: \(reason)"])
         }
         try actions.requireNotInUse([base] + children.map(\.image))
         switch children.count {
@@ -204,12 +203,6 @@ public struct LayerChainPlanner: Sendable {
                 result.snapshots[i].image = child
             }
         default:
-            if !layout.internalSnapshots(in: base).isEmpty {
-                throw SnapshotError(
-                    .conflict,
-                    "cannot merge external snapshot '\(target.name)': its image \(base) also holds internal snapshots (\(layout.internalSnapshots(in: base).map(\.name).joined(separator: ", "))) and has \(children.count) children; delete the internal snapshots first"
-                )
-            }
             for child in children {
                 steps.append(
                     PlanStep(
@@ -223,6 +216,24 @@ public struct LayerChainPlanner: Sendable {
         return Plan(
             operation: "delete snapshot '\(target.name)' of \(layout.disk.id)", steps: steps, pointOfNoReturn: 0,
             result: result, notes: notes)
+    }
+
+    /// Why an external snapshot's image cannot be merged away, if it cannot: a child that holds
+    /// internal snapshots reads through it (a commit into the image would replace the child's file
+    /// and its snapshots, a rebase would change what they read), or the image holds internal
+    /// snapshots of its own and has several children (it must stay for them, and for them).
+    public static func mustStayALayer(_ base: String, children: [DiskLayer], layout: DiskLayout) -> String? {
+        let holders = children.filter { !layout.internalSnapshots(in: $0.image).isEmpty }
+        if !holders.isEmpty {
+            let names = holders.flatMap { layout.internalSnapshots(in: $0.image).map(\.name) }
+            return "internal snapshots (\(names.joined(separator: ", "))) in the layer on it read through it"
+        }
+        let own = layout.internalSnapshots(in: base)
+        if children.count > 1, !own.isEmpty {
+            return
+                "it holds internal snapshots (\(own.map(\.name).joined(separator: ", "))) and \(children.count) layers read through it"
+        }
+        return nil
     }
 
     /// Delete internal snapshot `target` and the image that held it if nothing needs it any more.

@@ -89,13 +89,28 @@ public final class LibQcowReader {
     }
 
     /// `length` bytes of the virtual disk at `offset`, read through the backing chain.
+    ///
+    /// Reads go in pieces of at most 64 KiB that never cross a 64 KiB boundary: libqcow 20201213,
+    /// once one cluster of a longer read falls through to the parent file, returns the parent's
+    /// bytes for the rest of that read (an image with a layer's own data after a hole read as
+    /// the base), which qemu-img and a cluster-by-cluster read disagree with.
     public func read(at offset: UInt64, length: Int) throws -> [UInt8] {
         var buffer = [UInt8](repeating: 0, count: length)
-        var error: UnsafeMutablePointer<libqcow_error_t>?
-        let got = buffer.withUnsafeMutableBytes {
-            libqcow_file_read_buffer_at_offset(files[0], $0.baseAddress, length, off64_t(offset), &error)
+        var done = 0
+        while done < length {
+            let at = offset + UInt64(done)
+            let piece = min(length - done, Self.piece - Int(at % UInt64(Self.piece)))
+            var error: UnsafeMutablePointer<libqcow_error_t>?
+            let got = buffer.withUnsafeMutableBytes {
+                libqcow_file_read_buffer_at_offset(files[0], $0.baseAddress! + done, piece, off64_t(at), &error)
+            }
+            guard got == piece else { throw Self.failure("read \(piece) bytes at \(at) (got \(got))", error) }
+            done += piece
         }
-        guard got == length else { throw Self.failure("read \(length) bytes at \(offset) (got \(got))", error) }
         return buffer
     }
+
+    /// The largest piece one libqcow call reads: vmsnap makes images with QEMU's default 64 KiB
+    /// clusters (an image with smaller ones would need smaller pieces).
+    static let piece = 64 << 10
 }
