@@ -151,7 +151,7 @@ extension DomainService {
                 .unsupported, "--quiesce: the \(driver.name) driver cannot freeze a guest's filesystems")
         }
         let withMemory = !request.diskOnly && state != .shutoff
-        try checkFirmwareVarsCopy(definition, snapshot: name, internalMemory: withMemory && request.internalMemory)
+        try checkDeviceStateCopy(definition, snapshot: name, internalMemory: withMemory && request.internalMemory)
         let (parts, excluded) = try await planDisks(
             request, name: name, definition: definition, driver: driver, state: state)
 
@@ -196,7 +196,7 @@ extension DomainService {
         var report = CreateReport(snapshot: record)
         do {
             if state == .shutoff {
-                try saveFirmwareVars(definition, snapshot: name)
+                try saveDeviceState(definition, snapshot: name)
                 try await takeThroughBackends(parts, name: name, request: request, journalID: journalID, j: &j)
                 if let checkpoint {
                     try await withBitmapAccess(definition) {
@@ -490,8 +490,9 @@ extension DomainService {
         let t0 = ContinuousClock.now
         Trace.mark("stop")
         DomainFault.point("create:paused", hypervisor: hypervisorProcess(record.domain))
-        // The vCPUs are stopped and the hypervisor has flushed: the firmware's variables are still.
-        try saveFirmwareVars(record.definition, snapshot: name, sync: false)
+        // The vCPUs are stopped and the hypervisor has flushed: the firmware's variables and the
+        // TPM's state are still.
+        try saveDeviceState(record.definition, snapshot: name, sync: false)
         // Storage-side snapshots while the vCPUs are stopped and the hypervisor has flushed.
         try await takeThroughBackends(
             parts.filter { $0.live == nil && !$0.held }, name: name, request: request, journalID: journalID, j: &j)
@@ -529,7 +530,7 @@ extension DomainService {
         }
         if state == .running, try await !live.isRunning() { try await live.resume() }
         j.pausedByUs = false
-        try syncFirmwareVars(record.definition, snapshot: name)
+        try syncDeviceState(record.definition, snapshot: name)
         if !held.isEmpty { try phase(journalID, &j, "resumed") }
         return Array(zip(held, holds))
     }
@@ -715,7 +716,7 @@ extension DomainService {
             }
         }
         if let memory = record.memory, memory.location == .external { unlink(memory.path) }
-        if record.definition.firmware != nil { removeFirmwareVars(record.domain, snapshot: record.name) }
+        removeDeviceState(record.domain, snapshot: record.name)
         if let connected, j.pausedByUs, await connected.isConnected() { try? await connected.resume() }
     }
 }

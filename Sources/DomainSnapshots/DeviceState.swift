@@ -5,34 +5,90 @@ import SnapshotCore
     import Glibc
 #endif
 
-/// A UEFI domain's variable store (its NVRAM) in its snapshots: `domain define` makes the store
-/// from the firmware's template when it is missing; each snapshot keeps a copy, taken while the
-/// guest's vCPUs are stopped (the hypervisor has flushed its flash writes) or the domain is shut
-/// off; a revert puts the copy back before the domain starts; a delete removes it. The copies
-/// live under the store, 0600, named by domain and snapshot (recomputed, never read back).
-extension DomainService {
-    /// The largest variable store accepted (OVMF's are 128 KiB to 4 MiB).
-    static let firmwareVarsLimit = 64 << 20
+/// One piece of a domain's device state that lives in files beside its disks: a UEFI variable
+/// store (one file) or an emulated TPM's state directory (the files in it).
+struct DeviceStateItem {
+    /// Its name inside a snapshot's copy.
+    let name: String
+    /// What it is, for messages.
+    let what: String
+    /// The domain's own file or directory.
+    let live: String
+    let isDirectory: Bool
 
-    /// Where snapshot `snapshot` of `domain` keeps its copy of the variables.
-    func firmwareVarsCopy(_ domain: String, snapshot: String) -> String {
-        (store.directory as NSString).appendingPathComponent("nvram/\(domain)/\(snapshot).fd")
+    static func items(of definition: DomainDefinition) -> [DeviceStateItem] {
+        var items: [DeviceStateItem] = []
+        if let f = definition.firmware {
+            items.append(
+                DeviceStateItem(name: "nvram.fd", what: "firmware variables", live: f.vars, isDirectory: false))
+        }
+        if let t = definition.tpm {
+            items.append(DeviceStateItem(name: "tpm", what: "TPM state", live: t.state, isDirectory: true))
+        }
+        return items
+    }
+}
+
+/// A domain's device state in its snapshots (the UEFI variables, the TPM's state): `domain define`
+/// makes what is missing; each snapshot keeps a copy, taken while the guest's vCPUs are stopped
+/// (the hypervisor has flushed) or the domain is shut off; a revert puts the copy back before the
+/// domain starts; a delete removes it. The copies live under the store,
+/// `devices/<domain>/<snapshot>/`, 0600, named by domain and snapshot (recomputed, never read
+/// back). Files whose names start with a dot (the emulator's lock) are not state.
+extension DomainService {
+    /// The largest state file accepted (OVMF's variable stores are 128 KiB to 4 MiB, a TPM's
+    /// permanent state tens of KiB).
+    static let deviceStateFileLimit = 64 << 20
+    /// The most files a state directory may hold.
+    static let deviceStateFileCount = 64
+
+    /// Where snapshot `snapshot` of `domain` keeps its copy of the device state.
+    func deviceStateCopy(_ domain: String, snapshot: String) -> String {
+        (store.directory as NSString).appendingPathComponent("devices/\(domain)/\(snapshot)")
     }
 
+    // MARK: - Define
+
     /// At define: the firmware code must be readable; a missing variable store is made from the
-    /// template (0600, never through a symbolic link); an existing one must be a regular file.
-    static func prepareFirmwareVars(_ definition: DomainDefinition) throws {
-        guard let firmware = definition.firmware else { return }
+    /// template (0600, never through a symbolic link); a missing TPM state directory is made
+    /// (0700); an existing one must be what it claims to be.
+    static func prepareDeviceState(_ definition: DomainDefinition) throws {
         let domain = definition.name
-        var st = stat()
-        guard stat(firmware.code, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG,
-            FileManager.default.isReadableFile(atPath: firmware.code)
-        else {
-            throw SnapshotError(
-                .notFound,
-                "domain '\(domain)': firmware.code \(firmware.code) is not a readable file; install the firmware (Debian: ovmf) or fix the path"
-            )
+        if let firmware = definition.firmware {
+            var st = stat()
+            guard stat(firmware.code, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG,
+                FileManager.default.isReadableFile(atPath: firmware.code)
+            else {
+                throw SnapshotError(
+                    .notFound,
+                    "domain '\(domain)': firmware.code \(firmware.code) is not a readable file; install the firmware (Debian: ovmf) or fix the path"
+                )
+            }
+            try prepareVariableStore(firmware, domain: domain)
         }
+        if let tpm = definition.tpm {
+            var st = stat()
+            if lstat(tpm.state, &st) == 0 {
+                guard (st.st_mode & S_IFMT) == S_IFDIR else {
+                    throw SnapshotError(
+                        .invalidArgument,
+                        "domain '\(domain)': tpm.state \(tpm.state) is \(RegularFile.typeName(st.st_mode)), not a directory"
+                    )
+                }
+            } else {
+                do {
+                    try FileManager.default.createDirectory(
+                        atPath: tpm.state, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+                } catch {
+                    throw SnapshotError(
+                        .io, "domain '\(domain)': cannot make the TPM state directory \(tpm.state): \(error)")
+                }
+            }
+        }
+    }
+
+    private static func prepareVariableStore(_ firmware: DomainFirmware, domain: String) throws {
+        var st = stat()
         if lstat(firmware.vars, &st) == 0 {
             guard (st.st_mode & S_IFMT) == S_IFREG else {
                 throw SnapshotError(
@@ -48,91 +104,199 @@ extension DomainService {
                 "domain '\(domain)': firmware.vars \(firmware.vars) does not exist and no firmware.template was given to make it from"
             )
         }
-        let data = try RegularFile.read(template, what: "firmware template", limit: firmwareVarsLimit)
+        let data = try RegularFile.read(template, what: "firmware template", limit: deviceStateFileLimit)
         try writeNew(firmware.vars, data, mode: 0o600)
     }
 
+    // MARK: - Create
+
     /// Before a create's journal: the copy's name must be free (a rollback removes the copy, so
     /// it must be one this create made), and internal memory cannot carry the variables.
-    func checkFirmwareVarsCopy(_ definition: DomainDefinition, snapshot: String, internalMemory: Bool) throws {
-        guard definition.firmware != nil else { return }
-        if internalMemory {
+    func checkDeviceStateCopy(_ definition: DomainDefinition, snapshot: String, internalMemory: Bool) throws {
+        guard !DeviceStateItem.items(of: definition).isEmpty else { return }
+        if internalMemory, definition.firmware != nil {
             throw SnapshotError(
                 .unsupported,
                 "--memory internal: domain '\(definition.name)' has UEFI firmware, whose variable store is a flash image that cannot hold internal snapshots; use an external memory file (the default)"
             )
         }
-        let copy = firmwareVarsCopy(definition.name, snapshot: snapshot)
+        let copy = deviceStateCopy(definition.name, snapshot: snapshot)
         if NewFile.exists(copy) {
             throw SnapshotError(
                 .alreadyExists,
-                "\(copy), where snapshot '\(snapshot)' would keep the firmware variables, exists already; nothing was changed. Remove it or pick another name"
+                "\(copy), where snapshot '\(snapshot)' would keep its device state, exists already; nothing was changed. Remove it or pick another name"
             )
         }
     }
 
-    /// Copies the domain's variables into the snapshot's copy; the hypervisor is stopped or paused.
-    /// `sync: false` inside a guest's pause: ``syncFirmwareVars(_:snapshot:)`` follows after it.
-    func saveFirmwareVars(_ definition: DomainDefinition, snapshot: String, sync: Bool = true) throws {
-        guard let firmware = definition.firmware else { return }
-        let copy = firmwareVarsCopy(definition.name, snapshot: snapshot)
+    /// Copies the domain's device state into the snapshot's copy; the hypervisor is stopped or
+    /// paused. `sync: false` inside a guest's pause: ``syncDeviceState(_:snapshot:)`` follows.
+    func saveDeviceState(_ definition: DomainDefinition, snapshot: String, sync: Bool = true) throws {
+        let items = DeviceStateItem.items(of: definition)
+        guard !items.isEmpty else { return }
+        let copy = deviceStateCopy(definition.name, snapshot: snapshot)
         try FileManager.default.createDirectory(
             atPath: (copy as NSString).deletingLastPathComponent, withIntermediateDirectories: true,
             attributes: [.posixPermissions: 0o700])
-        let data = try RegularFile.read(firmware.vars, what: "firmware variable store", limit: Self.firmwareVarsLimit)
-        try Self.writeNew(copy, data, mode: 0o600, sync: sync)
-        if sync { Self.syncDirectory(of: copy) }
+        try Self.makeDirectory(copy)
+        for item in items {
+            let target = (copy as NSString).appendingPathComponent(item.name)
+            if item.isDirectory {
+                try Self.makeDirectory(target)
+                for file in try Self.stateFiles(in: item.live, what: item.what) {
+                    let data = try RegularFile.read(
+                        (item.live as NSString).appendingPathComponent(file), what: item.what,
+                        limit: Self.deviceStateFileLimit)
+                    try Self.writeNew((target as NSString).appendingPathComponent(file), data, mode: 0o600, sync: sync)
+                }
+            } else {
+                let data = try RegularFile.read(item.live, what: item.what, limit: Self.deviceStateFileLimit)
+                try Self.writeNew(target, data, mode: 0o600, sync: sync)
+            }
+        }
+        if sync { try syncDeviceState(definition, snapshot: snapshot) }
     }
 
-    /// Makes a copy saved with `sync: false` durable.
-    func syncFirmwareVars(_ definition: DomainDefinition, snapshot: String) throws {
-        guard definition.firmware != nil else { return }
-        let copy = firmwareVarsCopy(definition.name, snapshot: snapshot)
-        let fd = open(copy, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
-        guard fd >= 0, fsync(fd) == 0 else {
-            let why = String(cString: strerror(errno))
-            if fd >= 0 { close(fd) }
-            throw SnapshotError(.io, "cannot sync \(copy): \(why)")
+    /// Makes a copy saved with `sync: false` durable: every file, then every directory.
+    func syncDeviceState(_ definition: DomainDefinition, snapshot: String) throws {
+        let items = DeviceStateItem.items(of: definition)
+        guard !items.isEmpty else { return }
+        let copy = deviceStateCopy(definition.name, snapshot: snapshot)
+        var directories = [copy]
+        for item in items {
+            let target = (copy as NSString).appendingPathComponent(item.name)
+            let files =
+                item.isDirectory
+                ? try Self.stateFiles(in: target, what: item.what).map {
+                    (target as NSString).appendingPathComponent($0)
+                }
+                : [target]
+            if item.isDirectory { directories.append(target) }
+            for file in files { try Self.sync(file) }
         }
-        close(fd)
+        for directory in directories { try Self.sync(directory) }
         Self.syncDirectory(of: copy)
     }
 
-    /// Puts the snapshot's copy back as the domain's variables: a new file beside the store with
-    /// its mode and owner, renamed over it (a crash leaves the old or the new store, never half).
-    func restoreFirmwareVars(_ record: DomainSnapshotRecord) throws {
-        guard let firmware = record.definition.firmware else { return }
-        let copy = firmwareVarsCopy(record.domain, snapshot: record.name)
-        let data = try RegularFile.read(copy, what: "the snapshot's firmware variables", limit: Self.firmwareVarsLimit)
-        let staging = firmware.vars + ".vmsnap-revert"
-        unlink(staging)  // one an interrupted revert left
-        let (mode, uid, gid) =
-            (try? NewFile.ownership(of: firmware.vars)) ?? (0o600, geteuid(), getegid())
-        try Self.writeNew(staging, data, mode: mode, owner: geteuid() == 0 ? (uid, gid) : nil)
-        guard rename(staging, firmware.vars) == 0 else {
-            let why = String(cString: strerror(errno))
-            unlink(staging)
-            throw SnapshotError(.io, "cannot put the firmware variables back at \(firmware.vars): \(why)")
+    // MARK: - Revert
+
+    /// The checks a revert makes before anything changes: a snapshot without its copy of a piece
+    /// of device state is refused, unless `force` says to go on with the domain's own (a snapshot
+    /// redefined from XML or imported has none).
+    func checkDeviceStateRestorable(_ record: DomainSnapshotRecord, force: Bool) throws {
+        let copy = deviceStateCopy(record.domain, snapshot: record.name)
+        for item in DeviceStateItem.items(of: record.definition) {
+            let saved = (copy as NSString).appendingPathComponent(item.name)
+            guard NewFile.exists(saved) else {
+                guard force else {
+                    throw SnapshotError(
+                        .notFound,
+                        "snapshot '\(record.name)' has no copy of its \(item.what) (\(saved) is missing); nothing was changed. Put the copy back, or revert with --force to keep the domain's own"
+                    )
+                }
+                notify("snapshot '\(record.name)' has no copy of the \(item.what); the domain keeps its own")
+                continue
+            }
         }
-        Self.syncDirectory(of: firmware.vars)
     }
 
-    /// The checks a revert makes before anything changes: a snapshot without its copy of the
-    /// variables is refused, unless `force` says to go on with the variables as they are (a
-    /// snapshot redefined from XML or imported has none).
-    func checkFirmwareVarsRestorable(_ record: DomainSnapshotRecord, force: Bool) throws {
-        guard record.definition.firmware != nil else { return }
-        let copy = firmwareVarsCopy(record.domain, snapshot: record.name)
-        guard FileManager.default.isReadableFile(atPath: copy) else {
-            guard force else {
+    /// Puts the snapshot's copy back: each file written beside the domain's own with its mode and
+    /// owner and renamed over it (a crash leaves the old or the new file, never half); files of a
+    /// state directory that the snapshot did not have are removed. Re-runnable.
+    func restoreDeviceState(_ record: DomainSnapshotRecord) throws {
+        let copy = deviceStateCopy(record.domain, snapshot: record.name)
+        for item in DeviceStateItem.items(of: record.definition) {
+            let saved = (copy as NSString).appendingPathComponent(item.name)
+            guard NewFile.exists(saved) else { continue }  // checked before the journal (--force)
+            guard item.isDirectory else {
+                try Self.restoreFile(saved, over: item.live, what: item.what)
+                continue
+            }
+            try Self.prepareDeviceState(record.definition)  // the directory, if it went away
+            let keep = Set(try Self.stateFiles(in: saved, what: item.what))
+            for file in keep.sorted() {
+                try Self.restoreFile(
+                    (saved as NSString).appendingPathComponent(file),
+                    over: (item.live as NSString).appendingPathComponent(file), what: item.what)
+            }
+            for file in try Self.stateFiles(in: item.live, what: item.what) where !keep.contains(file) {
+                unlink((item.live as NSString).appendingPathComponent(file))
+            }
+            try Self.sync(item.live)
+        }
+    }
+
+    /// Removes a snapshot's copy of the device state (delete, rollback); nothing if there is none.
+    func removeDeviceState(_ domain: String, snapshot: String) {
+        try? FileManager.default.removeItem(atPath: deviceStateCopy(domain, snapshot: snapshot))
+    }
+
+    // MARK: - Files
+
+    /// The state files in `directory`: regular files, names not starting with a dot. Anything
+    /// else there (a link, a directory, a device) is refused: it is not state the emulator wrote.
+    static func stateFiles(in directory: String, what: String) throws -> [String] {
+        let names: [String]
+        do { names = try FileManager.default.contentsOfDirectory(atPath: directory) } catch {
+            throw SnapshotError(.io, "cannot list the \(what) in \(directory): \(error)")
+        }
+        var files: [String] = []
+        for name in names.sorted() where !name.hasPrefix(".") {
+            var st = stat()
+            let path = (directory as NSString).appendingPathComponent(name)
+            guard lstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
                 throw SnapshotError(
-                    .notFound,
-                    "the firmware variables of snapshot '\(record.name)' (\(copy)) are missing; nothing was changed. Restore the file, or revert with --force to keep the domain's variables as they are"
+                    .invalidArgument,
+                    "\(path) in the \(what) is \(RegularFile.typeName(st.st_mode)), not a regular file; nothing was changed. Move it away"
                 )
             }
-            notify("snapshot '\(record.name)' has no copy of the firmware variables; the domain keeps its own")
-            return
+            files.append(name)
         }
+        guard files.count <= deviceStateFileCount else {
+            throw SnapshotError(
+                .invalidArgument,
+                "\(directory) holds \(files.count) files; the \(what) of one domain is at most \(deviceStateFileCount)")
+        }
+        return files
+    }
+
+    /// Writes `source`'s bytes over `path` through a new file beside it (mode and owner of the
+    /// file it replaces, else 0600 and the directory's owner) and a rename.
+    static func restoreFile(_ source: String, over path: String, what: String) throws {
+        let data = try RegularFile.read(source, what: "the snapshot's \(what)", limit: deviceStateFileLimit)
+        let staging = path + ".vmsnap-revert"
+        unlink(staging)  // one an interrupted revert left
+        let directory = (path as NSString).deletingLastPathComponent
+        let (mode, uid, gid) =
+            (try? NewFile.ownership(of: path))
+            ?? (try? NewFile.ownership(of: directory)).map { (0o600, $0.1, $0.2) }
+            ?? (0o600, geteuid(), getegid())
+        try writeNew(staging, data, mode: mode & 0o7777, owner: geteuid() == 0 ? (uid, gid) : nil)
+        guard rename(staging, path) == 0 else {
+            let why = String(cString: strerror(errno))
+            unlink(staging)
+            throw SnapshotError(.io, "cannot put the \(what) back at \(path): \(why)")
+        }
+        syncDirectory(of: path)
+    }
+
+    /// A directory that must not exist yet (0700).
+    static func makeDirectory(_ path: String) throws {
+        guard mkdir(path, 0o700) == 0 else {
+            throw SnapshotError(
+                errno == EEXIST ? .alreadyExists : .io, "cannot make \(path): \(String(cString: strerror(errno)))")
+        }
+    }
+
+    /// fsync of a file or directory, never through a symbolic link.
+    static func sync(_ path: String) throws {
+        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0, fsync(fd) == 0 else {
+            let why = String(cString: strerror(errno))
+            if fd >= 0 { close(fd) }
+            throw SnapshotError(.io, "cannot sync \(path): \(why)")
+        }
+        close(fd)
     }
 
     /// Makes a rename or a new file in the directory of `path` durable (a power cut after the
@@ -142,11 +306,6 @@ extension DomainService {
         guard fd >= 0 else { return }
         _ = fsync(fd)
         close(fd)
-    }
-
-    /// Removes a snapshot's copy of the variables (delete, rollback); nothing if there is none.
-    func removeFirmwareVars(_ domain: String, snapshot: String) {
-        unlink(firmwareVarsCopy(domain, snapshot: snapshot))
     }
 
     /// Writes `data` into a new file (exclusive, no symbolic link followed; mode and owner set on

@@ -102,12 +102,12 @@ public struct DomainService: Sendable {
         if let initrd = definition.boot.initrd, !FileManager.default.isReadableFile(atPath: initrd) {
             throw SnapshotError(.notFound, "domain '\(definition.name)': initrd \(initrd) is missing or unreadable")
         }
-        try Self.prepareFirmwareVars(definition)
+        try Self.prepareDeviceState(definition)
         if let (old, _) = try store.domain(named: definition.name), driver.isRunning(old.name),
-            old.disks != definition.disks || old.firmware != definition.firmware
+            old.disks != definition.disks || old.firmware != definition.firmware || old.tpm != definition.tpm
         {
             throw SnapshotError(
-                .inUse, "domain '\(definition.name)' is running; stop it before changing its disks or firmware")
+                .inUse, "domain '\(definition.name)' is running; stop it before changing its disks, firmware or TPM")
         }
         try store.define(definition)
     }

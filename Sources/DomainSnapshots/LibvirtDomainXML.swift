@@ -66,6 +66,10 @@ public enum LibvirtDomainXML {
             x += "\(pad)      \(SnapshotXML.source(sources[disk.target] ?? disk.locator, type: type))\n"
             x += "\(pad)      <target dev='\(escape(disk.target))' bus='virtio'/>\n\(pad)    </disk>\n"
         }
+        if let t = def.tpm {
+            x += "\(pad)    <tpm model='\(escape(t.model))'>\n\(pad)      <backend type='emulator' version='2.0'/>\n"
+            x += "\(pad)    </tpm>\n"
+        }
         x += "\(pad)  </devices>\n\(pad)</domain>\n"
         return x
     }
@@ -94,6 +98,11 @@ public enum LibvirtDomainXML {
         let boot = DomainBoot(
             kernel: text(os.flatMap { child($0, "kernel") }), initrd: text(os.flatMap { child($0, "initrd") }),
             cmdline: text(os.flatMap { child($0, "cmdline") }))
+        // UEFI firmware: libvirt keeps the variable store in its own place; vmsnap would boot the
+        // domain with SeaBIOS. Named, so the operator adds `firmware` to the definition.
+        for e in ["loader", "nvram"] where os.flatMap({ child($0, e) }) != nil {
+            unmodeled.append("<os><\(e)> (UEFI firmware: give the domain a firmware section)")
+        }
         var disks: [Disk] = []
         let ignoredDevices: Set<String> = ["emulator", "serial", "console", "controller", "memballoon", "input", "rng"]
         for device in child(domain, "devices")?.children?.compactMap({ $0 as? XMLElement }) ?? [] {

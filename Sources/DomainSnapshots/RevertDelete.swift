@@ -62,7 +62,7 @@ extension DomainService {
                 throw SnapshotError(e.code, "disk \(disk.target): \(e.message). Nothing was changed")
             }
         }
-        try checkFirmwareVarsRestorable(record, force: force)
+        try checkDeviceStateRestorable(record, force: force)
         var j = DomainJournal(operation: .revert, snapshot: name, record: record)
         j.targetState = target
         let journalID = try store.beginDomainJournal(
@@ -122,11 +122,9 @@ extension DomainService {
             j.disksDone.append(disk.target)
             try phase(journalID, &j, "disk-\(disk.target)")
         }
-        if !j.phases.contains("firmware"), record.definition.firmware != nil,
-            NewFile.exists(firmwareVarsCopy(domain, snapshot: record.name))
-        {
-            try restoreFirmwareVars(record)
-            try phase(journalID, &j, "firmware")
+        if !j.phases.contains("devices"), NewFile.exists(deviceStateCopy(domain, snapshot: record.name)) {
+            try restoreDeviceState(record)
+            try phase(journalID, &j, "devices")
         }
         if !j.phases.contains("defined") {
             try store.define(record.definition)
@@ -226,7 +224,7 @@ extension DomainService {
             let all = try store.domainSnapshots(of: domain)
             for gone in all where j.removing.contains(gone.name) {
                 if let memory = gone.memory, memory.location == .external { unlink(memory.path) }
-                if gone.definition.firmware != nil { removeFirmwareVars(domain, snapshot: gone.name) }
+                removeDeviceState(domain, snapshot: gone.name)
             }
             try phase(journalID, &j, "memory-removed")
         }
@@ -283,18 +281,19 @@ extension DomainService {
                 )
             }
         case .external:
-            let activeLayer = layout.layers.first { $0.image == layout.disk.active }
             let users = layout.layers.filter { $0.backing == snap.image }
+            if LayerChainPlanner.mustStayALayer(snap.image, children: users, layout: layout) != nil
+                || layout.snapshots.contains(where: { $0.name != name && $0.image == snap.image })
+            {
+                // Other snapshots live in the image or read through it: only the record goes, the
+                // image stays a layer of the running chain (as the backends do offline).
+                return after
+            }
+            let activeLayer = layout.layers.first { $0.image == layout.disk.active }
             guard activeLayer?.backing == snap.image, users.count == 1 else {
                 throw SnapshotError(
                     .unsupported,
                     "disk \(target): external snapshot '\(name)' is not directly below the running layer (other layers build on \(snap.image)); stop the domain to delete it"
-                )
-            }
-            if let other = layout.snapshots.first(where: { $0.name != name && $0.image == snap.image }) {
-                throw SnapshotError(
-                    .unsupported,
-                    "disk \(target): \(snap.image) also holds snapshot '\(other.name)'; merging it into the running layer would lose that one. Stop the domain to delete '\(name)', or delete '\(other.name)' first"
                 )
             }
             let baseBacking = layout.layers.first { $0.image == snap.image }?.backing
@@ -318,6 +317,10 @@ extension DomainService {
     func liveDelete(domain: String, target: String, layout: DiskLayout, name: String) async throws {
         let after = try liveDeleteResult(layout: layout, name: name, target: target)
         guard let snap = layout.snapshot(named: name) else { return }
+        if snap.kind == .external, after.layers.contains(where: { $0.image == snap.image }) {
+            try disks.record(after, replacing: layout)  // kept as a layer: nothing to merge
+            return
+        }
         let live = try await driver(domain).connect(domain)
         do {
             switch snap.kind {

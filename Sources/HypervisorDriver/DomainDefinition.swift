@@ -84,6 +84,30 @@ public struct DomainFirmware: Codable, Sendable, Hashable {
     }
 }
 
+/// An emulated TPM 2.0 (QEMU: swtpm). Its state directory holds what the TPM keeps across power
+/// cycles (seeds, NV indices, counters); like the disks, each snapshot keeps a copy and a revert
+/// puts it back. The running TPM's volatile state travels inside a memory image.
+public struct DomainTPM: Codable, Sendable, Hashable {
+    /// The domain's own TPM state directory; `domain define` makes it (0700) when missing.
+    public var state: String
+    /// The guest's interface: `tpm-tis` (default) or `tpm-crb`.
+    public var model: String
+
+    public init(state: String, model: String = "tpm-tis") {
+        self.state = state
+        self.model = model
+    }
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case state, model }
+
+    public init(from decoder: any Decoder) throws {
+        try StrictKeys.refuseUnknown(decoder, known: CodingKeys.allCases.map(\.rawValue), in: "tpm")
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        state = try c.decode(String.self, forKey: .state)
+        model = try c.decodeIfPresent(String.self, forKey: .model) ?? "tpm-tis"
+    }
+}
+
 /// A virtual machine as vmsnap knows it. `vmsnap domain define FILE` reads this as JSON.
 public struct DomainDefinition: Codable, Sendable, Hashable {
     public var name: String
@@ -101,13 +125,17 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
     public var hypervisor: String
     /// UEFI firmware; nil: the hypervisor's default (SeaBIOS for QEMU, a PV kernel for Xen).
     public var firmware: DomainFirmware?
+    /// An emulated TPM; nil: none.
+    public var tpm: DomainTPM?
 
     public init(
         name: String, uuid: UUID = UUID(), memoryMiB: Int, vcpus: Int = 1, disks: [DomainDisk],
         boot: DomainBoot = DomainBoot(),
-        accel: String = "auto", qemuArgs: [String] = [], hypervisor: String = "qemu", firmware: DomainFirmware? = nil
+        accel: String = "auto", qemuArgs: [String] = [], hypervisor: String = "qemu", firmware: DomainFirmware? = nil,
+        tpm: DomainTPM? = nil
     ) {
         self.firmware = firmware
+        self.tpm = tpm
         self.name = name
         self.uuid = uuid
         self.memoryMiB = memoryMiB
@@ -120,7 +148,7 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
     }
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case name, uuid, memoryMiB, vcpus, disks, boot, accel, qemuArgs, hypervisor, firmware
+        case name, uuid, memoryMiB, vcpus, disks, boot, accel, qemuArgs, hypervisor, firmware, tpm
     }
 
     public init(from decoder: any Decoder) throws {
@@ -136,6 +164,7 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
         qemuArgs = try c.decodeIfPresent([String].self, forKey: .qemuArgs) ?? []
         hypervisor = try c.decodeIfPresent(String.self, forKey: .hypervisor) ?? "qemu"
         firmware = try c.decodeIfPresent(DomainFirmware.self, forKey: .firmware)
+        tpm = try c.decodeIfPresent(DomainTPM.self, forKey: .tpm)
     }
 
     /// Checks everything that can be checked without touching storage.
@@ -185,6 +214,16 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
                     .invalidArgument,
                     "domain '\(name)': firmware.vars must be the domain's own file, not the firmware code or the shared template"
                 )
+            }
+        }
+        if let tpm {
+            guard tpm.state.hasPrefix("/"), tpm.state != "/", !tpm.state.contains("\0") else {
+                throw SnapshotError(
+                    .invalidArgument, "domain '\(name)': tpm.state '\(tpm.state)' is not an absolute directory path")
+            }
+            guard ["tpm-tis", "tpm-crb"].contains(tpm.model) else {
+                throw SnapshotError(
+                    .invalidArgument, "domain '\(name)': tpm.model '\(tpm.model)' is not one of tpm-tis, tpm-crb")
             }
         }
     }

@@ -24,6 +24,10 @@ public struct QEMURuntime: Sendable, Hashable {
     /// The guest's serial console, appended to across launches.
     public var serialLog: String { (directory as NSString).appendingPathComponent("serial.log") }
     public var stderrLog: String { (directory as NSString).appendingPathComponent("qemu.log") }
+    /// The TPM emulator's control socket, pid file and log (domains with a TPM).
+    public var tpmSocket: String { (directory as NSString).appendingPathComponent("tpm.sock") }
+    public var tpmPidFile: String { (directory as NSString).appendingPathComponent("swtpm.pid") }
+    public var tpmLog: String { (directory as NSString).appendingPathComponent("swtpm.log") }
 
     /// The QEMU process of the domain, if one is alive.
     public func pid() -> pid_t? { Self.liveProcess(pidFile: pidFile, naming: qmpSocket) }
@@ -101,6 +105,13 @@ public struct QEMUDriver: HypervisorDriver {
             throw SnapshotError(
                 .invalidArgument,
                 "domain '\(definition.name)': accel '\(definition.accel)' is not one of auto, kvm, tcg")
+        }
+        if let tpm = definition.tpm, tpm.state.contains(",") {
+            // swtpm's option parser splits at commas and has no escape for them.
+            throw SnapshotError(
+                .invalidArgument,
+                "domain '\(definition.name)': tpm.state '\(tpm.state)' contains a comma, which swtpm cannot take in a path; choose another directory"
+            )
         }
     }
 
@@ -285,6 +296,7 @@ public struct QEMUDriver: HypervisorDriver {
                 "-drive", "if=pflash,format=raw,unit=1,file=\(Self.escape(firmware.vars))",
             ]
         }
+        if let tpm = definition.tpm { argv += SoftwareTPM.qemuArguments(tpm, runtime: runtime) }
         if let kernel = definition.boot.kernel {
             argv += ["-kernel", kernel]
             if let initrd = definition.boot.initrd { argv += ["-initrd", initrd] }
@@ -318,8 +330,15 @@ public struct QEMUDriver: HypervisorDriver {
         unlink(runtime.qmpSocket)
         unlink(runtime.pidFile)
         let argv = argv(definition, drives: drives, runtime: runtime, options: options)
-        let out = try await runner.execute(argv)
+        let tpm = SoftwareTPM(runtime: runtime, runner: runner)
+        if let device = definition.tpm { try await tpm.start(device, domain: definition.name) }
+        let out: CommandOutput
+        do { out = try await runner.execute(argv) } catch {
+            await tpm.stop(within: .zero)
+            throw error
+        }
         guard out.status == 0 else {
+            await tpm.stop(within: .zero)
             throw SnapshotError(
                 .commandFailed,
                 "QEMU did not start for domain '\(definition.name)': \(CommandError(argv: argv, status: out.status, standardError: out.standardError.trimmingCharacters(in: .whitespacesAndNewlines)).description)"
@@ -337,7 +356,10 @@ public struct QEMUDriver: HypervisorDriver {
     /// Ends QEMU: `quit` over QMP (or SIGKILL if QEMU does not answer), then waits until the
     /// process is gone so its image locks are released.
     public func terminate(_ runtime: QEMURuntime, client: QMPClient? = nil) async throws {
-        guard let pid = runtime.pid() else { return }
+        guard let pid = runtime.pid() else {
+            await SoftwareTPM(runtime: runtime, runner: runner).stop(within: .seconds(5))
+            return
+        }
         if let client {
             _ = try? await client.run(QMP.Quit(), timeout: .seconds(5))
         } else if let c = try? await QMPClient.connect(path: runtime.qmpSocket, timeout: .seconds(2)) {
@@ -351,6 +373,7 @@ public struct QEMUDriver: HypervisorDriver {
             while runtime.pid() != nil { try await Task.sleep(for: .milliseconds(20)) }
         }
         unlink(runtime.pidFile)
+        await SoftwareTPM(runtime: runtime, runner: runner).stop(within: .seconds(5))
     }
 
     /// Asks the guest to power off (ACPI) and waits up to `timeout` for QEMU to exit.
@@ -364,6 +387,7 @@ public struct QEMUDriver: HypervisorDriver {
             guard ContinuousClock.now < deadline else { return false }
             try await Task.sleep(for: .milliseconds(100))
         }
+        await SoftwareTPM(runtime: runtime, runner: runner).stop(within: .seconds(5))
         return true
     }
 }

@@ -60,6 +60,12 @@ public struct XenDriver: HypervisorDriver {
                 "domain '\(definition.name)': UEFI firmware is for QEMU domains; a Xen PV domain boots its kernel directly"
             )
         }
+        guard definition.tpm == nil else {
+            throw SnapshotError(
+                .invalidArgument,
+                "domain '\(definition.name)': an emulated TPM (swtpm) is for QEMU domains; a Xen PV domain has no TPM device here (remove tpm)"
+            )
+        }
         guard definition.name != "Domain-0" else {
             throw SnapshotError(.invalidArgument, "'Domain-0' is Xen's control domain; it cannot be a vmsnap domain")
         }

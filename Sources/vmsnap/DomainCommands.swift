@@ -59,7 +59,7 @@ struct DomainCommand: AsyncParsableCommand {
     struct Define: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract:
-                "Define (or update) a domain from a JSON file: name, uuid, memoryMiB, vcpus, disks [{target, backend, locator}], boot {kernel, initrd, cmdline}, hypervisor (qemu, or xen for a PV guest through libxl), accel, qemuArgs."
+                "Define (or update) a domain from a JSON file: name, uuid, memoryMiB, vcpus, disks [{target, backend, locator}], boot {kernel, initrd, cmdline}, hypervisor (qemu, or xen for a PV guest through libxl), accel, qemuArgs, firmware {code, vars, template} (UEFI), tpm {state, model} (an emulated TPM 2.0 through swtpm)."
         )
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The definition file (JSON).") var file: String

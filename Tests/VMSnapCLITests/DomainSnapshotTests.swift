@@ -168,6 +168,28 @@ struct DomainSnapshotTests {
             }
             let first = try #require(g.counters(after: mark).min(), "the guest printed nothing after the revert")
             #expect(first < c2, "resumed from e1's memory (\(first)), not from \(c2)")
+
+            // A mixed tree, live: an internal snapshot in the running layer, an external one on
+            // top. Deleting the external one keeps its image as a layer (the internal snapshot
+            // lives in it; a merge into the running layer would lose it) and the guest runs on.
+            try await cli.ok("snapshot", "create", g.name, "--name", "i1", "--kind", "internal", "--disk-only")
+            let holder = try await g.active(g.disks[0])
+            try await cli.ok("snapshot", "create", g.name, "--name", "x1", "--kind", "external", "--disk-only")
+            let beforeDelete = g.counters(after: 0).last ?? 0
+            try await cli.ok("snapshot", "delete", g.name, "x1")
+            #expect(try await g.snapshots().map(\.name).sorted() == ["e1", "i1"])
+            #expect(FileManager.default.fileExists(atPath: holder), "x1's image holds i1: kept as a layer")
+            try await g.waitCounter(atLeast: beforeDelete + 2)
+            try await cli.ok("domain", "stop", g.name, "--force")
+            // i1 reverts (a branch off the kept layer) to exactly what the layer held at i1.
+            let atI1 = cli.root + "/at-i1.raw"
+            try await cli.sh("qemu-img", "convert", "-l", "snapshot.name=i1", "-f", "qcow2", "-O", "raw", holder, atI1)
+            try await cli.ok("snapshot", "revert", g.name, "i1", "--force", "--paused")  // disk-only: a cold boot
+            let reverted = cli.root + "/reverted.raw"
+            try await cli.sh(
+                "qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", try await g.active(g.disks[0]), reverted)
+            #expect(
+                FileManager.default.contentsEqual(atPath: atI1, andPath: reverted), "the revert reads what i1 held")
         }
     }
 
@@ -447,7 +469,7 @@ struct DomainSnapshotTests {
             let inImage = try await cli.run(["snapshot", "create", g.name, "--name", "i", "--memory", "internal"])
             #expect(inImage.status != 0 && inImage.err.contains("variable store"), "\(inImage.err)")
             try await cli.ok("snapshot", "create", g.name, "--name", "s1")
-            let copy = cli.store + "/nvram/u/s1.fd"
+            let copy = cli.store + "/devices/u/s1/nvram.fd"
             #expect(try Data(contentsOf: URL(fileURLWithPath: copy)) == first, "the snapshot keeps the store")
             #expect(try FileManager.default.attributesOfItem(atPath: copy)[.posixPermissions] as? Int == 0o600)
             // Killed after the copy: the recovery removes it with the rest of the snapshot.
@@ -457,38 +479,107 @@ struct DomainSnapshotTests {
             #expect(killed.status != 0 && killed.err.contains("fault injection"), "\(killed.err)")
             try await cli.ok("recover")
             #expect(
-                !FileManager.default.fileExists(atPath: cli.store + "/nvram/u/k.fd"), "the rollback removed the copy")
+                !FileManager.default.fileExists(atPath: cli.store + "/devices/u/k"), "the rollback removed the copy")
 
-            try await cli.ok("domain", "stop", g.name, "--force")
-            let m1 = g.mark()
-            try await cli.ok("domain", "start", g.name)
-            try await g.waitCounter(atLeast: 2, after: m1, timeout: 300)
-            #expect(try store() != first, "the second boot changed the variables")
-
-            // Back to s1 with its memory: the store is s1's again, the guest goes on from memory.
-            let m2 = g.mark()
-            try await cli.ok("snapshot", "revert", g.name, "s1")
-            try await g.waitCounter(atLeast: 1, after: m2)
-            #expect(try store() == first, "the revert put the snapshot's variables back")
-            try await cli.ok("domain", "stop", g.name, "--force")
-
-            // Shut off (QEMU holds no copy of the flash in memory to write back): a snapshot, a
-            // boot that changes the store, a revert that must put the store back itself.
-            let offline = try store()
-            try await cli.ok("snapshot", "create", g.name, "--name", "off")
-            let m3 = g.mark()
-            try await cli.ok("domain", "start", g.name)
-            try await g.waitCounter(atLeast: 2, after: m3, timeout: 300)
-            try await cli.ok("domain", "stop", g.name, "--force")
-            #expect(try store() != offline, "the boot changed the variables")
-            try await cli.ok("snapshot", "revert", g.name, "off")
-            #expect(try store() == offline, "the revert of a shut-off snapshot put its variables back")
+            // OVMF writes its variables at every boot; QEMU holds no copy of the flash in the memory
+            // of a shut-off domain to write back, so that revert must put the store back itself.
+            try await revertsPutStateBack(g, s1: first, read: store, what: "the variables")
 
             try await cli.ok("snapshot", "delete", g.name, "s1")
             try await cli.ok("snapshot", "delete", g.name, "off")
             #expect(!FileManager.default.fileExists(atPath: copy), "the delete removed the copy")
-            #expect(try FileManager.default.contentsOfDirectory(atPath: cli.store + "/nvram/u").isEmpty)
+            #expect(try FileManager.default.contentsOfDirectory(atPath: cli.store + "/devices/u").isEmpty)
         }
+    }
+
+    /// A guest with an emulated TPM 2.0 (Debian's swtpm): the TPM's permanent state is part of every
+    /// snapshot. Each boot starts the TPM anew, which changes its permanent state (its reset
+    /// counter); a revert puts the snapshot's state back; a delete removes the copy.
+    @Test(.enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/swtpm"), "needs Debian's swtpm"))
+    func tpmStateFollowsTheSnapshots() async throws {
+        let cli = try CLI()
+        let state = cli.pool + "/t-tpm"
+        let kernel = try await GuestImage.shared.files().0
+        // Bad TPM settings are refused at define, naming the field.
+        let bad = cli.root + "/bad.json"
+        let file = cli.pool + "/a-file"
+        #expect(FileManager.default.createFile(atPath: file, contents: Data()))
+        for (tpm, words) in [
+            (["state": file], "not a directory"), (["state": "relative/dir"], "absolute"),
+            (["state": cli.pool + "/a,b"], "comma"), (["state": state, "model": "tpm-spapr"], "tpm.model"),
+            (["state": state, "version": "1.2"], "version"),
+        ] {
+            let d: [String: Any] = ["name": "b", "memoryMiB": 64, "boot": ["kernel": kernel], "tpm": tpm]
+            try JSONSerialization.data(withJSONObject: d).write(to: URL(fileURLWithPath: bad))
+            let r = try await cli.run(["domain", "define", bad])
+            #expect(r.status != 0 && r.err.contains(words), "\(tpm): \(r.err)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: state))
+
+        let g = try await Guest.define(cli, name: "t", disks: [("vda", "qcow2")], tpm: ["state": state])
+        #expect(try FileManager.default.attributesOfItem(atPath: state)[.posixPermissions] as? Int == 0o700)
+        let permall = state + "/tpm2-00.permall"
+        func live() throws -> Data { try Data(contentsOf: URL(fileURLWithPath: permall)) }
+        func copy(_ snapshot: String) throws -> Data {
+            try Data(contentsOf: URL(fileURLWithPath: cli.store + "/devices/t/\(snapshot)/tpm/tpm2-00.permall"))
+        }
+        // Without the emulator the start fails clearly and leaves nothing running.
+        let missing = try await cli.run(
+            ["domain", "start", g.name], environment: ["VMSNAP_SWTPM": "/nonexistent/swtpm"])
+        #expect(missing.status != 0 && missing.err.contains("swtpm"), "\(missing.err)")
+        #expect(try await cli.run(["domain", "list"]).out.contains("t\tshutoff"), "nothing was left running")
+        try await g.running {
+            try await cli.ok("domain", "start", g.name)
+            try await g.waitCounter(atLeast: 2, timeout: 300)
+            let booted = try live()
+            try await cli.ok("snapshot", "create", g.name, "--name", "s1")
+            #expect(try copy("s1") == booted, "the snapshot keeps the TPM's state")
+            let xml = try await cli.ok("snapshot", "dumpxml", g.name, "s1")
+            #expect(xml.contains("<tpm model='tpm-tis'>") && xml.contains("<backend type='emulator' version='2.0'/>"))
+            #expect(
+                try FileManager.default.attributesOfItem(atPath: cli.store + "/devices/t/s1/tpm/tpm2-00.permall")[
+                    .posixPermissions] as? Int == 0o600)
+
+            // Each boot starts the TPM again (its reset counter moves on).
+            try await revertsPutStateBack(g, s1: booted, read: live, what: "the TPM's state")
+            let offline = try live()
+
+            // A snapshot whose copy went missing is refused, unless --force keeps the TPM as it is.
+            try FileManager.default.removeItem(atPath: cli.store + "/devices/t/s1")
+            let refused = try await cli.run(["snapshot", "revert", g.name, "s1"])
+            #expect(refused.status != 0 && refused.err.contains("TPM state"), "\(refused.err)")
+            #expect(try live() == offline, "the refusal changed nothing")
+
+            try await cli.ok("snapshot", "delete", g.name, "off")
+            #expect(
+                !FileManager.default.fileExists(atPath: cli.store + "/devices/t/off"), "the delete removed the copy")
+        }
+    }
+
+    /// For a running guest with snapshot s1 (with memory) whose device state was `s1`: a second
+    /// boot changes the state, a revert to s1 puts it back; then shut off, snapshot "off", a boot
+    /// that changes it again, and a revert to "off" that puts it back. Leaves the domain shut off.
+    func revertsPutStateBack(_ g: Guest, s1: Data, read: () throws -> Data, what: String) async throws {
+        let cli = g.cli
+        try await cli.ok("domain", "stop", g.name, "--force")
+        let m1 = g.mark()
+        try await cli.ok("domain", "start", g.name)
+        try await g.waitCounter(atLeast: 2, after: m1, timeout: 300)
+        #expect(try read() != s1, "the second boot changed \(what)")
+        let m2 = g.mark()
+        try await cli.ok("snapshot", "revert", g.name, "s1")
+        try await g.waitCounter(atLeast: 1, after: m2)
+        #expect(try read() == s1, "the revert with memory put \(what) back")
+        try await cli.ok("domain", "stop", g.name, "--force")
+        let offline = try read()
+        try await cli.ok("snapshot", "create", g.name, "--name", "off")
+        let m3 = g.mark()
+        try await cli.ok("domain", "start", g.name)
+        try await g.waitCounter(atLeast: 2, after: m3, timeout: 300)
+        try await cli.ok("domain", "stop", g.name, "--force")
+        #expect(try read() != offline, "the boot changed \(what)")
+        try await cli.ok("snapshot", "revert", g.name, "off")
+        #expect(try read() == offline, "the revert of a shut-off snapshot put \(what) back")
     }
 
     /// A store with too little room for a held disk's overlay (a 48 MiB filesystem; the raw disk

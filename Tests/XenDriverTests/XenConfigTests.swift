@@ -71,6 +71,10 @@ import Testing
         var uefi = definition()
         uefi.firmware = DomainFirmware(code: "/usr/share/OVMF/OVMF_CODE_4M.fd", vars: "/var/lib/x/VARS.fd")
         #expect(throws: SnapshotError.self) { try driver.validate(uefi) }
+        var tpm = definition()
+        tpm.tpm = DomainTPM(state: "/var/lib/x/tpm")
+        let refused = #expect(throws: SnapshotError.self) { try driver.validate(tpm) }
+        #expect(refused?.message.contains("TPM") == true)
     }
 
     @Test func offADom0TheDriverSaysSo() async throws {
