@@ -176,7 +176,10 @@ extension DomainService {
                             "deleting a subtree while domain '\(domain)' runs is not supported for its \(drive.format) disk \(disk.target); stop the domain first, or delete the snapshots one at a time"
                         )
                     }
-                    _ = try liveDeleteResult(layout: layout, name: name, target: disk.target)
+                    if case .storage = try liveDeleteResult(layout: layout, name: name, target: disk.target).1 {
+                        // Nothing of it is open: the backend's own refusal, if any, comes now.
+                        _ = try await backend.planDelete(name, mode: mode, layout: layout)
+                    }
                 } else if !backend.descriptor.capabilities.supports(.delete, disk.kind!, .live) {
                     throw SnapshotError(
                         .unsupported,
@@ -213,7 +216,9 @@ extension DomainService {
                     if running, let drive = try? backend.hypervisorDrive(layout),
                         try hypervisorDeletes(drive, kind: disk.kind!, domain: domain)
                     {
-                        try await liveDelete(domain: domain, target: disk.target, layout: layout, name: record.name)
+                        try await liveDelete(
+                            domain: domain, target: disk.target, layout: layout, name: record.name, mode: mode,
+                            kind: disk.backend)
                     } else {
                         try await disks.delete(disk: disk.diskID, snapshot: record.name, mode: mode, kind: disk.backend)
                     }
@@ -261,25 +266,48 @@ extension DomainService {
         return out
     }
 
-    /// The layout after deleting `name` from a disk the hypervisor has open, or why it cannot be done live:
-    /// an internal snapshot must be in the active image, an external one must be the active
-    /// layer's backing file with nothing else built on it.
-    func liveDeleteResult(layout: DiskLayout, name: String, target: String) throws -> DiskLayout {
-        guard let snap = layout.snapshot(named: name) else { return layout }
+    /// How a snapshot of a disk the hypervisor has open goes while the domain runs.
+    enum LiveDeleteWay {
+        /// Only the record: the image stays a layer (other snapshots live in it or read through it).
+        case recordOnly
+        /// Nothing of it is open: the backend deletes it as it would offline.
+        case storage
+        /// An internal snapshot of the running image, deleted by the hypervisor.
+        case internalInPlace
+        /// The image merged into the layer built on it (nil: the running one), which then reads
+        /// through `base`; the image is removed.
+        case merge(into: String?, base: String?)
+    }
+
+    /// The images the running domain has open: the active one and its backing chain.
+    static func runningChain(_ layout: DiskLayout) -> Set<String> {
+        var chain: Set<String> = []
+        var next: String? = layout.disk.active
+        while let image = next, chain.insert(image).inserted { next = layout.layer(image)?.backing }
+        return chain
+    }
+
+    /// How to delete `name` from a disk the hypervisor has open, and the layout after it, or why it
+    /// cannot be done live: an internal snapshot inside a read-only layer of the running chain, or
+    /// an external one on that chain with other layers built on its image.
+    func liveDeleteResult(layout: DiskLayout, name: String, target: String) throws -> (DiskLayout, LiveDeleteWay) {
+        guard let snap = layout.snapshot(named: name) else { return (layout, .recordOnly) }
         var after = layout
         after.snapshots.removeAll { $0.name == name }
         for i in after.snapshots.indices where after.snapshots[i].parent == name {
             after.snapshots[i].parent = snap.parent
         }
         if after.disk.current == name { after.disk.current = snap.parent }
+        guard Self.runningChain(layout).contains(snap.image) else { return (layout, .storage) }
         switch snap.kind {
         case .internal:
             guard snap.image == layout.disk.active else {
                 throw SnapshotError(
                     .unsupported,
-                    "disk \(target): internal snapshot '\(name)' is inside \(snap.image), a read-only base of the running domain; stop the domain to delete it"
+                    "disk \(target): internal snapshot '\(name)' is inside \(snap.image), a read-only layer of the running domain; stop the domain to delete it"
                 )
             }
+            return (after, .internalInPlace)
         case .external:
             let users = layout.layers.filter { $0.backing == snap.image }
             if LayerChainPlanner.mustStayALayer(snap.image, children: users, layout: layout) != nil
@@ -287,22 +315,21 @@ extension DomainService {
             {
                 // Other snapshots live in the image or read through it: only the record goes, the
                 // image stays a layer of the running chain (as the backends do offline).
-                return after
+                return (after, .recordOnly)
             }
-            let activeLayer = layout.layers.first { $0.image == layout.disk.active }
-            guard activeLayer?.backing == snap.image, users.count == 1 else {
+            guard users.count == 1, let child = users.first else {
                 throw SnapshotError(
                     .unsupported,
-                    "disk \(target): external snapshot '\(name)' is not directly below the running layer (other layers build on \(snap.image)); stop the domain to delete it"
+                    "disk \(target): external snapshot '\(name)' has \(users.count) layers built on its image \(snap.image), one of them running; stop the domain to delete it"
                 )
             }
             let baseBacking = layout.layers.first { $0.image == snap.image }?.backing
             after.layers.removeAll { $0.image == snap.image }
-            for i in after.layers.indices where after.layers[i].image == layout.disk.active {
+            for i in after.layers.indices where after.layers[i].image == child.image {
                 after.layers[i].backing = baseBacking
             }
+            return (after, .merge(into: child.image == layout.disk.active ? nil : child.image, base: baseBacking))
         }
-        return after
     }
 
     /// Whether the domain's hypervisor deletes this disk's snapshots while it runs (where it
@@ -312,24 +339,35 @@ extension DomainService {
         return drive.liveSnapshots && caps.liveMerge && caps.snapshotsLive(format: drive.format, kind: kind)
     }
 
-    /// Deletes a disk snapshot through the hypervisor: internal in place, external by merging
-    /// the base into the running layer, then removing the base.
-    func liveDelete(domain: String, target: String, layout: DiskLayout, name: String) async throws {
-        let after = try liveDeleteResult(layout: layout, name: name, target: target)
+    /// Deletes a disk snapshot of a running domain: through the hypervisor where it has the
+    /// images open (internal in place; external by merging its image into the layer built on it,
+    /// the running one or one further down, then removing the image), through the backend where
+    /// it does not.
+    func liveDelete(
+        domain: String, target: String, layout: DiskLayout, name: String, mode: DeleteMode, kind: BackendKind
+    ) async throws {
+        let (after, way) = try liveDeleteResult(layout: layout, name: name, target: target)
         guard let snap = layout.snapshot(named: name) else { return }
-        if snap.kind == .external, after.layers.contains(where: { $0.image == snap.image }) {
-            try disks.record(after, replacing: layout)  // kept as a layer: nothing to merge
+        switch way {
+        case .storage:
+            try await disks.delete(
+                disk: layout.disk.id, snapshot: name, mode: mode, kind: kind, offTheRunningChain: true)
             return
+        case .recordOnly:
+            try disks.record(after, replacing: layout)
+            return
+        case .internalInPlace, .merge:
+            break
         }
         let live = try await driver(domain).connect(domain)
         do {
-            switch snap.kind {
-            case .internal:
+            switch way {
+            case .merge(nil, let base):
+                try await live.mergeIntoActive(target: target, base: base, progress: progress)
+            case .merge(let layer?, let base):
+                try await live.mergeIntoLayer(target: target, layer: layer, base: base, progress: progress)
+            default:
                 try await live.deleteInternalSnapshot(target: target, name: name)
-            case .external:
-                try await live.mergeIntoActive(
-                    target: target, base: after.layers.first { $0.image == layout.disk.active }?.backing,
-                    progress: progress)
             }
             await live.close()
         } catch {

@@ -187,6 +187,10 @@ public protocol LiveDomain: Sendable {
     /// Merges the running layer's backing image into it, so the layer reads through `base`
     /// (nil: nothing) instead; the snapshot frozen in the backing image can then go.
     func mergeIntoActive(target: String, base: String?, progress: ProgressHandler?) async throws
+    /// Merges the backing image of `layer`, a read-only layer of the running chain below the
+    /// running one, into it, so `layer` reads through `base` (nil: nothing) instead; the snapshot
+    /// frozen in that backing image can then go while the guest runs.
+    func mergeIntoLayer(target: String, layer: String, base: String?, progress: ProgressHandler?) async throws
     /// Freezes the guest's filesystems through its agent; returns how many were frozen. Throws,
     /// having frozen nothing, when there is no agent or it does not answer in time.
     func freezeFilesystems() async throws -> Int
@@ -200,6 +204,13 @@ public protocol LiveDomain: Sendable {
 extension LiveDomain {
     public func mergeHeldOverlay(_ snapshot: LiveDiskSnapshot, synced: () async throws -> Void) async throws {
         throw SnapshotError(.unsupported, "this hypervisor does not hold disks with temporary overlays")
+    }
+
+    public func mergeIntoLayer(target: String, layer: String, base: String?, progress: ProgressHandler?) async throws {
+        throw SnapshotError(
+            .unsupported,
+            "disk \(target): this hypervisor merges only into the running layer; stop the domain to delete a snapshot further down its chain"
+        )
     }
 }
 

@@ -472,11 +472,35 @@ public struct QEMULiveDomain: LiveDomain {
     }
 
     public func mergeIntoActive(target: String, base: String?, progress: ProgressHandler?) async throws {
+        try await stream(target: target, into: nil, base: base, progress: progress)
+    }
+
+    public func mergeIntoLayer(target: String, layer: String, base: String?, progress: ProgressHandler?) async throws {
+        try await stream(target: target, into: layer, base: base, progress: progress)
+    }
+
+    /// A `block-stream` job into the running layer of `target` (`layer` nil) or into the
+    /// read-only layer that is image `layer`, from its backing image down to `base`; waits for it.
+    func stream(target: String, into layer: String?, base: String?, progress: ProgressHandler?) async throws {
         let job = "vmsnap-stream-\(target)"
-        try await layer {
+        try await self.layer {
+            _ = try await settleJob(job)  // one a killed vmsnap left: waited for, or dismissed
             let mark = await client.eventMark
-            let disk = try await addressing.address(target, client: client)
-            try await client.run(QMP.BlockStream(device: disk.name, jobID: job, base: base))
+            let device: String
+            if let layer {
+                let nodes = try await client.run(QMP.QueryNamedBlockNodes())
+                guard let node = nodes.first(where: { $0.file == layer && !QEMUBlockLayer.isProtocol($0.driver) })
+                else {
+                    throw SnapshotError(
+                        .conflict,
+                        "disk \(target): the running QEMU has no image \(layer) open; nothing was merged. Check the disk with `vmsnap disk check`"
+                    )
+                }
+                device = node.nodeName
+            } else {
+                device = try await addressing.address(target, client: client).name
+            }
+            try await client.run(QMP.BlockStream(device: device, jobID: job, base: base))
             let started = ContinuousClock.now
             while true {
                 if let done = try? await client.waitForEvent(

@@ -326,14 +326,18 @@ public struct DiskSnapshotService: Sendable {
     /// Deletes `name` (merging into its children), its subtree, or only its subtree; with
     /// `metadataOnly`, forgets the snapshots but leaves storage as it is.
     @discardableResult
+    ///
+    /// `offTheRunningChain`: the caller knows that the images this delete touches are not among
+    /// those a running hypervisor has open (a branch the guest does not run), so the backend's
+    /// offline abilities apply; its plan still refuses any image found in use.
     public func delete(
         disk locator: String, snapshot name: String, mode: DeleteMode, metadataOnly: Bool = false,
-        kind: BackendKind? = nil
+        kind: BackendKind? = nil, offTheRunningChain: Bool = false
     ) async throws -> DiskLayout {
         try await withManagedDisk(locator, kind: kind) { backend, layout in
             let snapshot = try Self.require(name, in: layout)
             if metadataOnly { return try forget(name, mode: mode, layout: layout) }
-            let state = try await backend.state(of: layout)
+            let state = offTheRunningChain ? DiskState.offline : try await backend.state(of: layout)
             let tree = layout.tree
             let affected =
                 mode == .merge ? [snapshot] : (mode == .children ? [snapshot] : []) + tree.descendants(of: name)

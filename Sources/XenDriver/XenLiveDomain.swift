@@ -169,6 +169,12 @@ actor XenLiveDomain: LiveDomain {
         }
     }
 
+    func mergeIntoLayer(target: String, layer: String, base: String?, progress: ProgressHandler?) async throws {
+        try await XenQdisk.withDisks(domid, domain: domain) {
+            try await $0.mergeIntoLayer(target: target, layer: layer, base: base, progress: progress)
+        }
+    }
+
     func freezeFilesystems() async throws -> Int {
         throw SnapshotError(.unsupported, "the Xen driver has no guest agent channel to freeze filesystems through")
     }

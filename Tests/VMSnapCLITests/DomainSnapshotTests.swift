@@ -193,6 +193,53 @@ struct DomainSnapshotTests {
         }
     }
 
+    /// Deletes further down a running guest's chain: an external snapshot whose image has the
+    /// running chain's next layer on it (QEMU streams the image into that read-only layer, which
+    /// then reads through the image's own backing file), and one on a branch the guest does not
+    /// run (nothing of it is open: the backend deletes it as offline). What the other snapshots
+    /// read does not change; the guest writes on throughout.
+    @Test func deleteFurtherDownTheRunningChain() async throws {
+        let cli = try CLI()
+        let g = try await Guest.define(cli, name: "dc", disks: [("vda", "qcow2")])
+        try await g.running {
+            try await cli.ok("domain", "start", g.name)
+            try await g.waitCounter(atLeast: 2)
+            var images: [String: String] = [:]
+            for name in ["e0", "e1", "e2"] {
+                try await cli.ok("snapshot", "create", g.name, "--name", name, "--kind", "external", "--disk-only")
+                images[name] = try #require(
+                    try await cli.list(g.disks[0].path).snapshots.first { $0.name == name }?.image)
+                try await g.waitCounter(atLeast: (g.counters(after: 0).last ?? 0) + 1)
+            }
+            // e2's image reads through e1's: what it reads now, it must read after e1 goes.
+            func read(_ image: String) async throws -> Data {
+                let raw = cli.root + "/read-\(UUID().uuidString.prefix(6)).raw"
+                defer { unlink(raw) }
+                try await cli.sh("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", image, raw)
+                return try Data(contentsOf: URL(fileURLWithPath: raw))
+            }
+            let e2Before = try await read(images["e2"]!)
+            let c0 = g.counters(after: 0).last ?? 0
+            try await cli.ok("snapshot", "delete", g.name, "e1")
+            #expect(try await g.snapshots().map(\.name) == ["e0", "e2"])
+            #expect(!FileManager.default.fileExists(atPath: images["e1"]!), "e1's image was merged away")
+            #expect(try await read(images["e2"]!) == e2Before, "e2 reads what it read before")
+            try await g.waitCounter(atLeast: c0 + 2)
+            let active = try await g.active(g.disks[0])
+            try await cli.sh("qemu-img", "check", "-U", "-q", active)
+            try await cli.sh("qemu-img", "check", "-U", "-q", images["e2"]!)
+
+            // A branch: back to e0 (a cold boot), then delete e2, which the guest no longer runs.
+            let mark = g.mark()
+            try await cli.ok("snapshot", "revert", g.name, "e0", "--force", "--running")
+            try await g.waitCounter(atLeast: 2, after: mark)
+            try await cli.ok("snapshot", "delete", g.name, "e2")
+            #expect(try await g.snapshots().map(\.name) == ["e0"])
+            #expect(!FileManager.default.fileExists(atPath: images["e2"]!), "e2's image, on no running chain, is gone")
+            try await g.waitCounter(atLeast: (g.counters(after: mark).last ?? 0) + 2, after: mark)
+        }
+    }
+
     /// A shut-off domain with a qcow2 and a VHD disk: disk-only snapshots across both backends,
     /// the refusal to run QEMU on a differencing VHD, revert and delete; data checked on both.
     /// `--quiesce` freezes the guest's filesystems through Debian's qemu-guest-agent running in the
