@@ -87,6 +87,27 @@ extension DomainService {
         }
     }
 
+    /// Refuses device state that another domain already has: two guests writing one variable
+    /// store or one TPM would corrupt it, and each one's snapshots would restore the other's.
+    /// The same file or directory is recognised through symbolic links and hard links.
+    static func checkDeviceStateOwnership(_ definition: DomainDefinition, others: [DomainDefinition]) throws {
+        func same(_ a: String, _ b: String) -> Bool {
+            if let x = FileIdentity(a), let y = FileIdentity(b) { return x == y }
+            let resolve = { (p: String) in URL(fileURLWithPath: p).resolvingSymlinksInPath().standardizedFileURL.path }
+            return resolve(a) == resolve(b)
+        }
+        for mine in DeviceStateItem.items(of: definition) {
+            for other in others {
+                for theirs in DeviceStateItem.items(of: other) where same(mine.live, theirs.live) {
+                    throw SnapshotError(
+                        .conflict,
+                        "domain '\(definition.name)': \(mine.live) holds the \(theirs.what) of domain '\(other.name)' already; give each domain its own"
+                    )
+                }
+            }
+        }
+    }
+
     private static func prepareVariableStore(_ firmware: DomainFirmware, domain: String) throws {
         var st = stat()
         if lstat(firmware.vars, &st) == 0 {

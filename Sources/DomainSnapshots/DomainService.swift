@@ -102,6 +102,7 @@ public struct DomainService: Sendable {
         if let initrd = definition.boot.initrd, !FileManager.default.isReadableFile(atPath: initrd) {
             throw SnapshotError(.notFound, "domain '\(definition.name)': initrd \(initrd) is missing or unreadable")
         }
+        try Self.checkDeviceStateOwnership(definition, others: others)
         try Self.prepareDeviceState(definition)
         if let (old, _) = try store.domain(named: definition.name), driver.isRunning(old.name),
             old.disks != definition.disks || old.firmware != definition.firmware || old.tpm != definition.tpm

@@ -564,6 +564,16 @@ struct DomainSnapshotTests {
         #expect(!FileManager.default.fileExists(atPath: state))
 
         let g = try await Guest.define(cli, name: "t", disks: [("vda", "qcow2")], tpm: ["state": state])
+        // One TPM belongs to one domain, by any spelling of its directory.
+        try FileManager.default.createSymbolicLink(atPath: cli.root + "/tpm-link", withDestinationPath: state)
+        for spelling in [state, cli.root + "/tpm-link"] {
+            let twin: [String: Any] = [
+                "name": "t2", "memoryMiB": 64, "boot": ["kernel": kernel], "tpm": ["state": spelling],
+            ]
+            try JSONSerialization.data(withJSONObject: twin).write(to: URL(fileURLWithPath: bad))
+            let r = try await cli.run(["domain", "define", bad])
+            #expect(r.status != 0 && r.err.contains("TPM state of domain 't'"), "\(spelling): \(r.err)")
+        }
         #expect(try FileManager.default.attributesOfItem(atPath: state)[.posixPermissions] as? Int == 0o700)
         let permall = state + "/tpm2-00.permall"
         func live() throws -> Data { try Data(contentsOf: URL(fileURLWithPath: permall)) }
