@@ -15,6 +15,8 @@ struct DeviceStateItem {
     /// The domain's own file or directory.
     let live: String
     let isDirectory: Bool
+    /// In a directory: the names that are state start with this (others are left alone).
+    var prefix = ""
 
     static func items(of definition: DomainDefinition) -> [DeviceStateItem] {
         var items: [DeviceStateItem] = []
@@ -23,7 +25,9 @@ struct DeviceStateItem {
                 DeviceStateItem(name: "nvram.fd", what: "firmware variables", live: f.vars, isDirectory: false))
         }
         if let t = definition.tpm {
-            items.append(DeviceStateItem(name: "tpm", what: "TPM state", live: t.state, isDirectory: true))
+            // swtpm's files for a TPM 2.0 (permanent, volatile and saved state).
+            items.append(
+                DeviceStateItem(name: "tpm", what: "TPM state", live: t.state, isDirectory: true, prefix: "tpm2-"))
         }
         return items
     }
@@ -34,7 +38,8 @@ struct DeviceStateItem {
 /// (the hypervisor has flushed) or the domain is shut off; a revert puts the copy back before the
 /// domain starts; a delete removes it. The copies live under the store,
 /// `devices/<domain>/<snapshot>/`, 0600, named by domain and snapshot (recomputed, never read
-/// back). Files whose names start with a dot (the emulator's lock) are not state.
+/// back). In a state directory only the emulator's own files are state (a TPM's `tpm2-*`); its
+/// lock and anything else there are left alone.
 extension DomainService {
     /// The largest state file accepted (OVMF's variable stores are 128 KiB to 4 MiB, a TPM's
     /// permanent state tens of KiB).
@@ -164,7 +169,7 @@ extension DomainService {
             let target = (copy as NSString).appendingPathComponent(item.name)
             if item.isDirectory {
                 try Self.makeDirectory(target)
-                for file in try Self.stateFiles(in: item.live, what: item.what) {
+                for file in try Self.stateFiles(in: item.live, what: item.what, prefix: item.prefix) {
                     let data = try RegularFile.read(
                         (item.live as NSString).appendingPathComponent(file), what: item.what,
                         limit: Self.deviceStateFileLimit)
@@ -233,14 +238,15 @@ extension DomainService {
                 try Self.restoreFile(saved, over: item.live, what: item.what)
                 continue
             }
-            try Self.prepareDeviceState(record.definition)  // the directory, if it went away
-            let keep = Set(try Self.stateFiles(in: saved, what: item.what))
+            if !NewFile.exists(item.live) { try Self.makeDirectory(item.live) }  // it went away
+            let keep = Set(try Self.stateFiles(in: saved, what: item.what, prefix: item.prefix))
             for file in keep.sorted() {
                 try Self.restoreFile(
                     (saved as NSString).appendingPathComponent(file),
                     over: (item.live as NSString).appendingPathComponent(file), what: item.what)
             }
-            for file in try Self.stateFiles(in: item.live, what: item.what) where !keep.contains(file) {
+            for file in try Self.stateFiles(in: item.live, what: item.what, prefix: item.prefix)
+            where !keep.contains(file) {
                 unlink((item.live as NSString).appendingPathComponent(file))
             }
             try Self.sync(item.live)
@@ -256,13 +262,13 @@ extension DomainService {
 
     /// The state files in `directory`: regular files, names not starting with a dot. Anything
     /// else there (a link, a directory, a device) is refused: it is not state the emulator wrote.
-    static func stateFiles(in directory: String, what: String) throws -> [String] {
+    static func stateFiles(in directory: String, what: String, prefix: String = "") throws -> [String] {
         let names: [String]
         do { names = try FileManager.default.contentsOfDirectory(atPath: directory) } catch {
             throw SnapshotError(.io, "cannot list the \(what) in \(directory): \(error)")
         }
         var files: [String] = []
-        for name in names.sorted() where !name.hasPrefix(".") {
+        for name in names.sorted() where !name.hasPrefix(".") && name.hasPrefix(prefix) {
             var st = stat()
             let path = (directory as NSString).appendingPathComponent(name)
             guard lstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {

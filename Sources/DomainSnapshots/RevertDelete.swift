@@ -63,6 +63,9 @@ extension DomainService {
             }
         }
         try checkDeviceStateRestorable(record, force: force)
+        // The snapshot's definition may name state another domain has taken since.
+        try Self.checkDeviceStateOwnership(
+            record.definition, others: try store.domains().filter { $0.name != domain })
         var j = DomainJournal(operation: .revert, snapshot: name, record: record)
         j.targetState = target
         let journalID = try store.beginDomainJournal(
@@ -212,13 +215,23 @@ extension DomainService {
                 let hasIt =
                     layout.snapshot(named: record.name) != nil
                     || (mode == .childrenOnly && !layout.tree.descendants(of: record.name).isEmpty)
-                if hasIt {
+                let streaming = "streaming-\(disk.target)"
+                if hasIt, j.phases.contains(streaming),
+                    try await finishedStream(domain: domain, target: disk.target, layout: layout, name: record.name)
+                {
+                    // A stream that QEMU finished before the crash: recorded now, not planned again.
+                } else if hasIt {
                     if running, let drive = try? backend.hypervisorDrive(layout),
                         try hypervisorDeletes(drive, kind: disk.kind!, domain: domain)
                     {
                         try await liveDelete(
                             domain: domain, target: disk.target, layout: layout, name: record.name, mode: mode,
-                            kind: disk.backend)
+                            kind: disk.backend
+                        ) {
+                            // QEMU is about to rewrite the layer's backing file: from here on, a
+                            // recovery must look at the images before it plans anything.
+                            try phase(journalID, &j, streaming)
+                        }
                     } else {
                         try await disks.delete(disk: disk.diskID, snapshot: record.name, mode: mode, kind: disk.backend)
                     }
@@ -344,7 +357,8 @@ extension DomainService {
     /// the running one or one further down, then removing the image), through the backend where
     /// it does not.
     func liveDelete(
-        domain: String, target: String, layout: DiskLayout, name: String, mode: DeleteMode, kind: BackendKind
+        domain: String, target: String, layout: DiskLayout, name: String, mode: DeleteMode, kind: BackendKind,
+        beforeStream: () throws -> Void
     ) async throws {
         let (after, way) = try liveDeleteResult(layout: layout, name: name, target: target)
         guard let snap = layout.snapshot(named: name) else { return }
@@ -359,6 +373,7 @@ extension DomainService {
         case .internalInPlace, .merge:
             break
         }
+        if case .merge = way { try beforeStream() }
         let live = try await driver(domain).connect(domain)
         do {
             switch way {
@@ -374,8 +389,34 @@ extension DomainService {
             await live.close()
             throw error
         }
+        DomainFault.point("delete:streamed-\(target)", hypervisor: hypervisorProcess(domain))
         try disks.record(after, replacing: layout)
         if snap.kind == .external { unlink(snap.image) }
+    }
+
+    /// After a crash during a live delete's stream: true when QEMU had finished it (the layer
+    /// built on the snapshot's image already names the image's own backing file), in which case
+    /// the new layout is recorded and the image removed. False when the layer still reads
+    /// through the image: nothing was lost, and the delete is planned again (offline, QEMU's
+    /// partial copy is the same data the layer read through the image).
+    func finishedStream(domain: String, target: String, layout: DiskLayout, name: String) async throws -> Bool {
+        guard let snap = layout.snapshot(named: name),
+            case let (after, .merge(into, base))? = try? liveDeleteResult(layout: layout, name: name, target: target)
+        else { return false }
+        let layer = into ?? layout.disk.active
+        let actual = try await drivers.driver(for: try definition(domain).definition).backupImages.backingFile(
+            of: layer)
+        let merged: Bool
+        switch (actual, base) {
+        case (nil, nil): merged = true
+        case (let a?, let b?): merged = a == b || (FileIdentity(a).map { $0 == FileIdentity(b) } ?? false)
+        default: merged = false
+        }
+        guard merged else { return false }
+        try disks.record(after, replacing: layout)
+        unlink(snap.image)
+        notify("disk \(target): QEMU had merged \(snap.image) into \(layer) before the interruption; recorded")
+        return true
     }
 
     // MARK: - Inspect

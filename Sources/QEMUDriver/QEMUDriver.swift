@@ -106,11 +106,17 @@ public struct QEMUDriver: HypervisorDriver {
                 .invalidArgument,
                 "domain '\(definition.name)': accel '\(definition.accel)' is not one of auto, kvm, tcg")
         }
+        // swtpm's option parser splits at commas and has no escape for them.
         if let tpm = definition.tpm, tpm.state.contains(",") {
-            // swtpm's option parser splits at commas and has no escape for them.
             throw SnapshotError(
                 .invalidArgument,
                 "domain '\(definition.name)': tpm.state '\(tpm.state)' contains a comma, which swtpm cannot take in a path; choose another directory"
+            )
+        }
+        if definition.tpm != nil, runtime(definition.name).directory.contains(",") {
+            throw SnapshotError(
+                .invalidArgument,
+                "domain '\(definition.name)': its run directory \(runtime(definition.name).directory) contains a comma, which the TPM emulator (swtpm) cannot take in its socket path; rename the domain or use a store path without commas"
             )
         }
     }
@@ -344,7 +350,12 @@ public struct QEMUDriver: HypervisorDriver {
                 "QEMU did not start for domain '\(definition.name)': \(CommandError(argv: argv, status: out.status, standardError: out.standardError.trimmingCharacters(in: .whitespacesAndNewlines)).description)"
             )
         }
-        return try await QMPClient.connect(path: runtime.qmpSocket, timeout: .seconds(20))
+        do {
+            return try await QMPClient.connect(path: runtime.qmpSocket, timeout: .seconds(20))
+        } catch {
+            try? await terminate(runtime)  // a QEMU nobody can drive is not left running
+            throw error
+        }
     }
 
     /// Connects to a running domain's QEMU.

@@ -486,9 +486,9 @@ public struct QEMULiveDomain: LiveDomain {
         try await self.layer {
             _ = try await settleJob(job)  // one a killed vmsnap left: waited for, or dismissed
             let mark = await client.eventMark
+            let nodes = try await client.run(QMP.QueryNamedBlockNodes())
             let device: String
             if let layer {
-                let nodes = try await client.run(QMP.QueryNamedBlockNodes())
                 guard let node = nodes.first(where: { $0.file == layer && !QEMUBlockLayer.isProtocol($0.driver) })
                 else {
                     throw SnapshotError(
@@ -500,6 +500,12 @@ public struct QEMULiveDomain: LiveDomain {
             } else {
                 device = try await addressing.address(target, client: client).name
             }
+            // A stream that finished for a vmsnap killed before it recorded so: nothing left to do.
+            let backing =
+                layer == nil
+                ? try await client.blockDevices().first { $0.device == device || $0.nodeName == device }?.backing
+                : nodes.first { $0.nodeName == device }?.backingFile
+            if backing == base, !(try await client.run(QMP.QueryJobs()).contains { $0.id == job }) { return }
             try await client.run(QMP.BlockStream(device: device, jobID: job, base: base))
             let started = ContinuousClock.now
             while true {

@@ -133,7 +133,7 @@ extension QMP {
             r.array?.map { node in
                 BlockNode(
                     nodeName: node["node-name"]?.string ?? "", driver: node["drv"]?.string ?? "",
-                    file: node["file"]?.string ?? "",
+                    file: node["file"]?.string ?? "", backingFile: node["backing_file"]?.string,
                     virtualSize: UInt64(node["image"]?["virtual-size"]?.int ?? 0),
                     bitmaps: node["dirty-bitmaps"]?.array?.compactMap { b -> DirtyBitmap? in
                         guard let name = b["name"]?.string else { return nil }
@@ -152,6 +152,8 @@ extension QMP {
         /// The node's driver: an image format (qcow2) or a protocol (file, host_device).
         public var driver: String
         public var file: String
+        /// The backing file the image's header names, if any.
+        public var backingFile: String?
         public var virtualSize: UInt64
         public var bitmaps: [DirtyBitmap]
     }

@@ -219,11 +219,22 @@ struct DomainSnapshotTests {
                 return try Data(contentsOf: URL(fileURLWithPath: raw))
             }
             let e2Before = try await read(images["e2"]!)
-            let c0 = g.counters(after: 0).last ?? 0
-            try await cli.ok("snapshot", "delete", g.name, "e1")
+            let e0Before = try await read(images["e0"]!)
+            // QEMU and vmsnap killed once the stream is done, before vmsnap recorded it: e2's layer
+            // names e0's image as its backing file now, and a recovery must see that rather than
+            // plan the merge again over the old layout.
+            let killed = try await cli.run(
+                ["snapshot", "delete", g.name, "e1"],
+                environment: ["VMSNAP_DOMAIN_FAULT": "qemu@delete:streamed-vda,delete:streamed-vda"])
+            #expect(killed.status != 0 && killed.err.contains("fault injection"), "\(killed.err)")
+            try await cli.ok("recover")
             #expect(try await g.snapshots().map(\.name) == ["e0", "e2"])
             #expect(!FileManager.default.fileExists(atPath: images["e1"]!), "e1's image was merged away")
             #expect(try await read(images["e2"]!) == e2Before, "e2 reads what it read before")
+            #expect(try await read(images["e0"]!) == e0Before, "e0's image is untouched")
+            try await cli.sh("qemu-img", "check", "-q", images["e2"]!)
+            try await cli.ok("domain", "start", g.name)
+            let c0 = g.counters(after: 0).last ?? 0
             try await g.waitCounter(atLeast: c0 + 2)
             let active = try await g.active(g.disks[0])
             try await cli.sh("qemu-img", "check", "-U", "-q", active)
@@ -606,6 +617,30 @@ struct DomainSnapshotTests {
             let refused = try await cli.run(["snapshot", "revert", g.name, "s1"])
             #expect(refused.status != 0 && refused.err.contains("TPM state"), "\(refused.err)")
             #expect(try live() == offline, "the refusal changed nothing")
+
+            // Files in the directory that are not the TPM's own survive a revert.
+            let foreign = state + "/notes.txt"
+            #expect(FileManager.default.createFile(atPath: foreign, contents: Data("mine".utf8)))
+            try await cli.ok("snapshot", "revert", g.name, "off")
+            #expect(FileManager.default.fileExists(atPath: foreign), "a revert removed a file that is no TPM state")
+
+            // The domain moves to another TPM directory and a second domain takes the old one: a
+            // revert of the first to a snapshot that names the old directory is refused.
+            var moved = try #require(
+                try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: cli.root + "/t.json")))
+                    as? [String: Any])
+            let listed = try JSONSerialization.jsonObject(with: Data(try await cli.ok("domain", "list", "--json").utf8))
+            moved["uuid"] = try #require((listed as? [[String: Any]])?.first { $0["name"] as? String == "t" }?["uuid"])
+            moved["tpm"] = ["state": cli.pool + "/t-tpm-new"]
+            try JSONSerialization.data(withJSONObject: moved).write(to: URL(fileURLWithPath: bad))
+            try await cli.ok("domain", "define", bad)
+            let other: [String: Any] = [
+                "name": "t3", "memoryMiB": 64, "boot": ["kernel": kernel], "tpm": ["state": state],
+            ]
+            try JSONSerialization.data(withJSONObject: other).write(to: URL(fileURLWithPath: bad))
+            try await cli.ok("domain", "define", bad)
+            let taken = try await cli.run(["snapshot", "revert", g.name, "off"])
+            #expect(taken.status != 0 && taken.err.contains("domain 't3'"), "\(taken.err)")
 
             try await cli.ok("snapshot", "delete", g.name, "off")
             #expect(
