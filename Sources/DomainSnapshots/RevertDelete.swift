@@ -215,23 +215,26 @@ extension DomainService {
                 let hasIt =
                     layout.snapshot(named: record.name) != nil
                     || (mode == .childrenOnly && !layout.tree.descendants(of: record.name).isEmpty)
-                let streaming = "streaming-\(disk.target)"
-                if hasIt, j.phases.contains(streaming),
-                    try await finishedStream(domain: domain, target: disk.target, layout: layout, name: record.name)
+                let (streaming, streamed) = ("streaming-\(disk.target)", "streamed-\(disk.target)")
+                if j.phases.contains(streaming),
+                    try await recoverStream(domain: domain, target: disk.target, j, running: running, current: layout)
                 {
-                    // A stream that QEMU finished before the crash: recorded now, not planned again.
+                    // A merge QEMU confirmed before the crash: recorded now, not planned again.
                 } else if hasIt {
                     if running, let drive = try? backend.hypervisorDrive(layout),
                         try hypervisorDeletes(drive, kind: disk.kind!, domain: domain)
                     {
                         try await liveDelete(
                             domain: domain, target: disk.target, layout: layout, name: record.name, mode: mode,
-                            kind: disk.backend
-                        ) {
-                            // QEMU is about to rewrite the layer's backing file: from here on, a
-                            // recovery must look at the images before it plans anything.
-                            try phase(journalID, &j, streaming)
-                        }
+                            kind: disk.backend,
+                            beforeStream: { after in
+                                // QEMU is about to rewrite a layer's backing file: from here on, a
+                                // recovery looks at the images before it plans anything.
+                                j.liveBefore[disk.target] = layout
+                                j.liveAfter[disk.target] = after
+                                try phase(journalID, &j, streaming)
+                            },
+                            afterStream: { try phase(journalID, &j, streamed) })
                     } else {
                         try await disks.delete(disk: disk.diskID, snapshot: record.name, mode: mode, kind: disk.backend)
                     }
@@ -358,7 +361,7 @@ extension DomainService {
     /// it does not.
     func liveDelete(
         domain: String, target: String, layout: DiskLayout, name: String, mode: DeleteMode, kind: BackendKind,
-        beforeStream: () throws -> Void
+        beforeStream: (DiskLayout) throws -> Void, afterStream: () throws -> Void
     ) async throws {
         let (after, way) = try liveDeleteResult(layout: layout, name: name, target: target)
         guard let snap = layout.snapshot(named: name) else { return }
@@ -373,7 +376,7 @@ extension DomainService {
         case .internalInPlace, .merge:
             break
         }
-        if case .merge = way { try beforeStream() }
+        if case .merge = way { try beforeStream(after) }
         let live = try await driver(domain).connect(domain)
         do {
             switch way {
@@ -390,33 +393,55 @@ extension DomainService {
             throw error
         }
         DomainFault.point("delete:streamed-\(target)", hypervisor: hypervisorProcess(domain))
+        if case .merge = way { try afterStream() }
+        DomainFault.point("delete:confirmed-\(target)", hypervisor: hypervisorProcess(domain))
         try disks.record(after, replacing: layout)
         if snap.kind == .external { unlink(snap.image) }
     }
 
-    /// After a crash during a live delete's stream: true when QEMU had finished it (the layer
-    /// built on the snapshot's image already names the image's own backing file), in which case
-    /// the new layout is recorded and the image removed. False when the layer still reads
-    /// through the image: nothing was lost, and the delete is planned again (offline, QEMU's
-    /// partial copy is the same data the layer read through the image).
-    func finishedStream(domain: String, target: String, layout: DiskLayout, name: String) async throws -> Bool {
-        guard let snap = layout.snapshot(named: name),
-            case let (after, .merge(into, base))? = try? liveDeleteResult(layout: layout, name: name, target: target)
+    /// After a crash during a live delete's merge (`streaming-<target>` journaled), from what the
+    /// journal and the images say. Returns true when the disk's part is done.
+    /// - Confirmed (`streamed-<target>`: QEMU finished and flushed): the new layout is recorded if
+    ///   it is not yet, and the merged image removed.
+    /// - Not confirmed, QEMU running: false; the delete runs again and QEMU settles its own job.
+    /// - Not confirmed, QEMU gone: the layer's header may already name the image's own backing
+    ///   file while QEMU's new cluster mappings never reached the file. The stream only copied what
+    ///   the layer read through the image, so pointing the header back at the image (still there)
+    ///   gives exactly the disk as it was; the delete is then planned again, offline.
+    func recoverStream(domain: String, target: String, _ j: DomainJournal, running: Bool, current: DiskLayout)
+        async throws -> Bool
+    {
+        guard let before = j.liveBefore[target], let after = j.liveAfter[target],
+            let image = before.snapshot(named: j.snapshot)?.image
         else { return false }
-        let layer = into ?? layout.disk.active
-        let actual = try await drivers.driver(for: try definition(domain).definition).backupImages.backingFile(
-            of: layer)
-        let merged: Bool
-        switch (actual, base) {
-        case (nil, nil): merged = true
-        case (let a?, let b?): merged = a == b || (FileIdentity(a).map { $0 == FileIdentity(b) } ?? false)
-        default: merged = false
+        if j.phases.contains("streamed-\(target)") {
+            guard current == before || current == after else { return false }
+            if current == before { try disks.record(after, replacing: before) }
+            if !after.layers.contains(where: { $0.image == image || $0.backing == image }) { unlink(image) }
+            return true
         }
-        guard merged else { return false }
-        try disks.record(after, replacing: layout)
-        unlink(snap.image)
-        notify("disk \(target): QEMU had merged \(snap.image) into \(layer) before the interruption; recorded")
-        return true
+        guard !running, current == before,
+            case let (_, .merge(into, base))? = try? liveDeleteResult(layout: before, name: j.snapshot, target: target)
+        else { return false }
+        let layer = into ?? before.disk.active
+        let tool = try drivers.driver(for: try definition(domain).definition).backupImages
+        let named = try await tool.backingFile(of: layer)
+        func same(_ a: String?, _ b: String?) -> Bool {
+            guard let a, let b else { return a == nil && b == nil }
+            return a == b || (FileIdentity(a).map { $0 == FileIdentity(b) } ?? false)
+        }
+        if same(named, image) { return false }
+        guard same(named, base) else {
+            throw SnapshotError(
+                .conflict,
+                "disk \(target): \(layer) names \(named ?? "no backing file"), neither \(image) nor \(base ?? "none"), after an interrupted merge; nothing was changed. Inspect it with `qemu-img info`, then `vmsnap recover --abandon`"
+            )
+        }
+        try await tool.setBackingFile(of: layer, to: image)
+        notify(
+            "disk \(target): the merge of \(image) into \(layer) was interrupted; \(layer) reads through \(image) again"
+        )
+        return false
     }
 
     // MARK: - Inspect

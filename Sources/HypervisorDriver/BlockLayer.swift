@@ -201,6 +201,9 @@ public protocol BackupImageTool: Sendable {
     /// The file `image` (of ``format``) reads through, as its metadata names it (nil: none);
     /// throws when `image` is not a sound image of that format.
     func backingFile(of image: String) async throws -> String?
+    /// Makes `image` name `backing` as its backing file, changing nothing else (its data, and what
+    /// it reads, stay the caller's business): undoes a header a crash left half-merged.
+    func setBackingFile(of image: String, to backing: String) async throws
 }
 
 extension BackupImageTool {
@@ -210,5 +213,9 @@ extension BackupImageTool {
 
     public func backingFile(of image: String) async throws -> String? {
         throw SnapshotError(.unsupported, "this hypervisor's image tool cannot read the backing file of \(image)")
+    }
+
+    public func setBackingFile(of image: String, to backing: String) async throws {
+        throw SnapshotError(.unsupported, "this hypervisor's image tool cannot change the backing file of \(image)")
     }
 }

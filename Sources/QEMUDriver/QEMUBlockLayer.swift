@@ -367,6 +367,8 @@ public struct QEMUBackupImages: BackupImageTool {
     let runner: any CommandRunning
     public var format: String { "qcow2" }
 
+    public init(runner: any CommandRunning) { self.runner = runner }
+
     public func create(_ path: String, size: UInt64, backing: String?) async throws {
         var argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
         if let backing { argv += ["-b", backing, "-F", "qcow2"] }
@@ -421,6 +423,11 @@ public struct QEMUBackupImages: BackupImageTool {
             )
         }
         return (info["full-backing-filename"] as? String) ?? (info["backing-filename"] as? String)
+    }
+
+    public func setBackingFile(of image: String, to backing: String) async throws {
+        // -u: the header only; nothing is copied or compared.
+        try await runner.run(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", backing, image])
     }
 }
 

@@ -479,6 +479,15 @@ public struct QEMULiveDomain: LiveDomain {
         try await stream(target: target, into: layer, base: base, progress: progress)
     }
 
+    /// Makes everything QEMU wrote reach the images: the stream rewrote a header while the new
+    /// cluster mappings may sit in QEMU's metadata cache. `stop` flushes every disk (also when the
+    /// guest is paused already); a running guest is let go at once.
+    func flushAll() async throws {
+        let running = try await client.status().running
+        try await client.stop()
+        if running { try await client.cont() }
+    }
+
     /// A `block-stream` job into the running layer of `target` (`layer` nil) or into the
     /// read-only layer that is image `layer`, from its backing image down to `base`; waits for it.
     func stream(target: String, into layer: String?, base: String?, progress: ProgressHandler?) async throws {
@@ -501,11 +510,17 @@ public struct QEMULiveDomain: LiveDomain {
                 device = try await addressing.address(target, client: client).name
             }
             // A stream that finished for a vmsnap killed before it recorded so: nothing left to do.
-            let backing =
-                layer == nil
-                ? try await client.blockDevices().first { $0.device == device || $0.nodeName == device }?.backing
-                : nodes.first { $0.nodeName == device }?.backingFile
-            if backing == base, !(try await client.run(QMP.QueryJobs()).contains { $0.id == job }) { return }
+            let backing: String??
+            if layer == nil {
+                backing = try await client.blockDevices().first { $0.device == device || $0.nodeName == device }
+                    .map { $0.backing }
+            } else {
+                backing = nodes.first { $0.nodeName == device }.map { $0.backingFile }
+            }
+            if let backing, backing == base, !(try await client.run(QMP.QueryJobs()).contains { $0.id == job }) {
+                try await flushAll()
+                return
+            }
             try await client.run(QMP.BlockStream(device: device, jobID: job, base: base))
             let started = ContinuousClock.now
             while true {
@@ -517,6 +532,7 @@ public struct QEMULiveDomain: LiveDomain {
                         throw SnapshotError(
                             .commandFailed, "merging into the running layer of \(target) failed: \(error)")
                     }
+                    try await flushAll()
                     return
                 }
                 let elapsed = ContinuousClock.now - started

@@ -1,6 +1,7 @@
 import CLibXL
 import Foundation
 import HypervisorDriver
+import QEMUDriver
 import SnapshotCore
 
 #if canImport(Glibc)
@@ -257,7 +258,7 @@ public struct XenDriver: HypervisorDriver {
     public var backupImages: any BackupImageTool { XenBackupImages() }
 }
 
-/// Backups need QEMU's block layer, which the Xen driver does not offer; every call says so.
+/// Backups need QEMU's block layer, which the Xen driver does not offer; those calls say so.
 struct XenBackupImages: BackupImageTool {
     var format: String { "qcow2" }
     static let refusal = SnapshotError(
@@ -267,5 +268,12 @@ struct XenBackupImages: BackupImageTool {
     func sameContent(_ a: String, _ b: String) async throws -> Bool { throw Self.refusal }
     func flatten(_ image: String, into destination: String, format: String, progress: ProgressHandler?) async throws {
         throw Self.refusal
+    }
+    // The qdisk images are qcow2: their headers are read and mended with qemu-img, as for QEMU.
+    func backingFile(of image: String) async throws -> String? {
+        try await QEMUBackupImages(runner: SubprocessRunner()).backingFile(of: image)
+    }
+    func setBackingFile(of image: String, to backing: String) async throws {
+        try await QEMUBackupImages(runner: SubprocessRunner()).setBackingFile(of: image, to: backing)
     }
 }

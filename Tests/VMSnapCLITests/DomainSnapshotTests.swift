@@ -220,9 +220,9 @@ struct DomainSnapshotTests {
             }
             let e2Before = try await read(images["e2"]!)
             let e0Before = try await read(images["e0"]!)
-            // QEMU and vmsnap killed once the stream is done, before vmsnap recorded it: e2's layer
-            // names e0's image as its backing file now, and a recovery must see that rather than
-            // plan the merge again over the old layout.
+            // QEMU and vmsnap killed once the stream is done, before vmsnap confirmed it: e2's
+            // layer may name e0's image already; a recovery must not plan the merge again over the
+            // old layout (that wrote into e0's image), it points the layer back and merges offline.
             let killed = try await cli.run(
                 ["snapshot", "delete", g.name, "e1"],
                 environment: ["VMSNAP_DOMAIN_FAULT": "qemu@delete:streamed-vda,delete:streamed-vda"])
@@ -233,11 +233,10 @@ struct DomainSnapshotTests {
             #expect(try await read(images["e2"]!) == e2Before, "e2 reads what it read before")
             #expect(try await read(images["e0"]!) == e0Before, "e0's image is untouched")
             try await cli.sh("qemu-img", "check", "-q", images["e2"]!)
+            let restarted = g.mark()
             try await cli.ok("domain", "start", g.name)
-            let c0 = g.counters(after: 0).last ?? 0
-            try await g.waitCounter(atLeast: c0 + 2)
-            let active = try await g.active(g.disks[0])
-            try await cli.sh("qemu-img", "check", "-U", "-q", active)
+            try await g.waitCounter(atLeast: 2, after: restarted)
+            try await cli.sh("qemu-img", "check", "-U", "-q", try await g.active(g.disks[0]))
             try await cli.sh("qemu-img", "check", "-U", "-q", images["e2"]!)
 
             // A branch: back to e0 (a cold boot), then delete e2, which the guest no longer runs.
@@ -248,6 +247,23 @@ struct DomainSnapshotTests {
             #expect(try await g.snapshots().map(\.name) == ["e0"])
             #expect(!FileManager.default.fileExists(atPath: images["e2"]!), "e2's image, on no running chain, is gone")
             try await g.waitCounter(atLeast: (g.counters(after: mark).last ?? 0) + 2, after: mark)
+
+            // Into the running layer, QEMU and vmsnap killed once the merge is confirmed: the
+            // recovery records it. Every counter the guest printed had reached the disk (it syncs
+            // before it prints), so the disk holds at least the last one.
+            try await cli.ok("snapshot", "create", g.name, "--name", "e3", "--kind", "external", "--disk-only")
+            try await g.waitCounter(atLeast: (g.counters(after: mark).last ?? 0) + 2, after: mark)
+            let confirmed = try await cli.run(
+                ["snapshot", "delete", g.name, "e3"],
+                environment: ["VMSNAP_DOMAIN_FAULT": "qemu@delete:confirmed-vda,delete:confirmed-vda"])
+            #expect(confirmed.status != 0 && confirmed.err.contains("fault injection"), "\(confirmed.err)")
+            let printed = g.counters(after: mark).last ?? 0
+            try await cli.ok("recover")
+            #expect(try await g.snapshots().map(\.name) == ["e0"])
+            let active = try await g.active(g.disks[0])
+            try await cli.sh("qemu-img", "check", "-q", active)
+            #expect(try await g.diskCounter(active, format: "qcow2") ?? 0 >= printed, "the disk lost writes")
+            #expect(try await read(images["e0"]!) == e0Before, "e0's image is untouched")
         }
     }
 

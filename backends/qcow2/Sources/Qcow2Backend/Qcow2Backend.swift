@@ -156,7 +156,7 @@ public struct Qcow2Backend: DiskSnapshotBackend {
                 },
                 commitAndMove: { child, base in
                     [
-                        PlanStep("merge \(child) into \(base)", .run(Qcow2Commands.commit(child))),
+                        PlanStep("merge \(child) into \(base)", .run(Qcow2Commands.commit(child, into: base))),
                         // qemu-img commit moves data, not bitmaps: the child's go down with it.
                         PlanStep(
                             "merge the dirty bitmaps of \(child) into \(base)",

@@ -27,8 +27,10 @@ public enum Qcow2Commands {
     }
 
     /// Commits `overlay` into its backing file; `-d` leaves the overlay as it is (it is removed after).
-    public static func commit(_ overlay: String) -> [String] {
-        [qemuImg, "commit", "-q", "-f", "qcow2", "-d", overlay]
+    /// With `base`, qemu-img refuses unless `base` is in the overlay's chain: a header that names
+    /// another file (one a crash left) is never committed into.
+    public static func commit(_ overlay: String, into base: String? = nil) -> [String] {
+        [qemuImg, "commit", "-q", "-f", "qcow2", "-d"] + (base.map { ["-b", $0] } ?? []) + [overlay]
     }
 
     /// Safe rebase: copies into `image` whatever differs between its old and new backing, so it
