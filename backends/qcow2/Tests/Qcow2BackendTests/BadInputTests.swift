@@ -137,6 +137,10 @@ struct Qcow2CommandTests {
                 "qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "/p/g", "-F", "raw", "/p/c",
             ])
         #expect(Qcow2Commands.commit("/p/c") == ["qemu-img", "commit", "-q", "-f", "qcow2", "-d", "/p/c"])
+        #expect(
+            Qcow2Commands.commit("/p/c", into: "/p/b") == [
+                "qemu-img", "commit", "-q", "-f", "qcow2", "-d", "-b", "/p/b", "/p/c",
+            ])
     }
 
     @Test("an external snapshot plans one overlay named after the snapshot, and undoes it by removal")
@@ -168,7 +172,7 @@ struct Qcow2CommandTests {
         var plan = try await f.backend.planDelete("a", mode: .merge, layout: layout)
         #expect(
             plan.steps.map(\.action) == [
-                .run(Qcow2Commands.commit(child)),
+                .run(Qcow2Commands.commit(child, into: disk)),
                 .backend(name: "merge-bitmaps-into", arguments: ["from": child, "into": disk]),
                 .rename(from: disk, to: child),
             ])
