@@ -392,7 +392,7 @@ extension DomainService {
             await live.close()
             throw error
         }
-        DomainFault.point("delete:streamed-\(target)", hypervisor: hypervisorProcess(domain))
+        DomainFault.point("delete:stream-done-\(target)", hypervisor: hypervisorProcess(domain))
         if case .merge = way { try afterStream() }
         DomainFault.point("delete:confirmed-\(target)", hypervisor: hypervisorProcess(domain))
         try disks.record(after, replacing: layout)
@@ -407,7 +407,8 @@ extension DomainService {
     /// - Not confirmed, QEMU gone: the layer's header may already name the image's own backing
     ///   file while QEMU's new cluster mappings never reached the file. The stream only copied what
     ///   the layer read through the image, so pointing the header back at the image (still there)
-    ///   gives exactly the disk as it was; the delete is then planned again, offline.
+    ///   gives exactly the disk as it was; the delete is then planned again, offline. (That holds
+    ///   for a killed process; after a power cut a mapping may reach the disk before its data.)
     func recoverStream(domain: String, target: String, _ j: DomainJournal, running: Bool, current: DiskLayout)
         async throws -> Bool
     {

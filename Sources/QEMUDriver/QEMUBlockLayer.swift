@@ -427,7 +427,18 @@ public struct QEMUBackupImages: BackupImageTool {
 
     public func setBackingFile(of image: String, to backing: String) async throws {
         // -u: the header only; nothing is copied or compared.
-        try await runner.run(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", backing, image])
+        // The backing file's own format (a chain's root may be a raw image).
+        let out = try await runner.execute(["qemu-img", "info", "-U", "--output=json", backing])
+        let info = try? JSONSerialization.jsonObject(with: Data(out.standardOutput.utf8)) as? [String: Any]
+        guard out.status == 0, let backingFormat = info?["format"] as? String, ["qcow2", "raw"].contains(backingFormat)
+        else {
+            throw SnapshotError(
+                .invalidImage,
+                "\(backing) is not a qcow2 or raw image; \(image) was left naming its current backing file")
+        }
+        try await runner.run([
+            "qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-F", backingFormat, "-b", backing, image,
+        ])
     }
 }
 

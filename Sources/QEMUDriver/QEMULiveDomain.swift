@@ -485,7 +485,16 @@ public struct QEMULiveDomain: LiveDomain {
     func flushAll() async throws {
         let running = try await client.status().running
         try await client.stop()
-        if running { try await client.cont() }
+        guard running else { return }
+        do { try await client.cont() } catch {
+            // Once more: a guest stopped here must not stay stopped by a passing QMP error.
+            do { try await client.cont() } catch {
+                throw SnapshotError(
+                    .commandFailed,
+                    "QEMU flushed the disks but did not resume the guest (\(error)); it is paused: run `vmsnap domain resume`"
+                )
+            }
+        }
     }
 
     /// A `block-stream` job into the running layer of `target` (`layer` nil) or into the
