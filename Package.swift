@@ -150,6 +150,13 @@ let package = Package(
         ),
 
         .executableTarget(
+            name: "rbd-bench",
+            dependencies: ["BackendPluginKit", "SnapshotCore"],
+            path: "Benchmarks/RBDBench",
+            swiftSettings: strict
+        ),
+
+        .executableTarget(
             name: "vhd-bench",
             dependencies: ["VHDBackend", "IndependentReaders"],
             path: "Benchmarks/VHDBench",

@@ -6,7 +6,7 @@ enum ConformanceChecks {
 
     static var all: [ConformanceCheck] {
         SnapshotKind.allCases.flatMap(perKind) + [
-            mixedKinds, mixedRevertBelowExternal, mixedDeleteExternalOverInternal,
+            mixedKinds, mixedRevertBelowExternal, mixedDeleteExternalOverInternal, sharedTwoHosts,
         ]
             + SnapshotKind.allCases.flatMap(badInput)
     }
@@ -193,6 +193,49 @@ enum ConformanceChecks {
     }
 
     // MARK: - Mixed kinds
+
+    /// A backend whose storage keeps the record for every host: a second installation sees the
+    /// tree, acts on it, and finishes what the first one left open.
+    static let sharedTwoHosts = ConformanceCheck(
+        "shared.two-hosts",
+        "a second host (a store of its own) sees the tree, reverts it, and finishes a create the first host was stopped in",
+        applies: { $0.sharedMetadata ? nil : "backend keeps vmsnap's record in this host's store (no sharedMetadata)" }
+    ) { c in
+        let table = c.backend.descriptor.capabilities
+        let kind: SnapshotKind = table.supports(cap(.create, .internal)) ? .internal : .external
+        let a = try await c.write(seed: 1)
+        try await c.snapshot("s1", kind)
+        try await c.write(seed: 2)
+        try await c.snapshot("s2", kind)
+        let hostB = try c.secondHost()
+        let seen = try await hostB.layout(of: c.disk, kind: c.backend.kind).1
+        try c.require(
+            seen.snapshots.map(\.name) == ["s1", "s2"] && seen.snapshot(named: "s2")?.parent == "s1"
+                && seen.disk.current == "s2",
+            "host B sees \(seen.snapshots.map { "\($0.name)<-\($0.parent ?? "-")" }), current \(seen.disk.current ?? "none"); expected s1, s2<-s1, current s2"
+        )
+        try await hostB.revert(disk: c.disk, to: "s1", kind: c.backend.kind)
+        try await c.expect(.active, equals: a, "after host B's revert to s1")
+        let afterRevert = try await c.layout().disk.current
+        try c.require(afterRevert == "s1", "host A sees current \(afterRevert ?? "none") after host B's revert to s1")
+
+        var stopped = c.service
+        stopped.crashPoint = CrashPoint(.after, step: 0)
+        do {
+            try await stopped.create(SnapshotRequest(name: "s3", kind: kind), disk: c.disk, kind: c.backend.kind)
+            throw ConformanceFailure("the create on host A was not stopped at its first step")
+        } catch is SimulatedCrash {}
+        try await hostB.recover(disk: c.disk, kind: c.backend.kind)
+        let (backend, finished) = try await hostB.layout(of: c.disk, kind: c.backend.kind)
+        let open = try await hostB.unfinishedOperations(finished, backend: backend)
+        try c.require(open.isEmpty, "host B's recovery left \(open) open")
+        let mine = try await c.service.recoverAll()
+        try c.require(
+            mine.isEmpty,
+            "host A ran \(mine.map { "\($0.operation): \($0.outcome.rawValue)" }) again after host B had recovered it")
+        let onA = try await c.layout()
+        try c.require(onA == finished, "hosts A and B disagree after the recovery")
+    }
 
     static let mixedKinds = ConformanceCheck(
         "mixed.internal-external",

@@ -17,15 +17,19 @@ public struct ConformanceCheck: Sendable {
     public var summary: String
     /// Capabilities the backend must advertise for the check to run; otherwise it is skipped.
     public var requires: [Capability]
+    /// Why the check does not apply to a backend (skipped), or nil when it does.
+    public var applies: @Sendable (BackendDescriptor) -> String?
     public var body: @Sendable (ConformanceContext) async throws -> Void
 
     public init(
         _ name: String, _ summary: String, requires: [Capability] = [],
+        applies: @escaping @Sendable (BackendDescriptor) -> String? = { _ in nil },
         body: @escaping @Sendable (ConformanceContext) async throws -> Void
     ) {
         self.name = name
         self.summary = summary
         self.requires = requires
+        self.applies = applies
         self.body = body
     }
 }
@@ -83,6 +87,9 @@ public struct ConformanceSuite: Sendable {
             if let missing = check.requires.first(where: { !table.supports($0) }) {
                 result.outcome = .skipped
                 result.detail = "backend does not advertise \(missing)"
+            } else if let why = check.applies(backend.descriptor) {
+                result.outcome = .skipped
+                result.detail = why
             } else {
                 do {
                     let context = try await ConformanceContext(
@@ -217,6 +224,17 @@ public final class ConformanceContext: Sendable {
     func cleanUp() async {
         if let layout = try? await layout() { try? await backend.destroyDisk(layout: layout) }
         try? FileManager.default.removeItem(atPath: storeDirectory)
+        try? FileManager.default.removeItem(atPath: storeDirectory + "-host-b")
+    }
+
+    /// A second vmsnap installation with a store of its own over the same backend: "host B"
+    /// of the shared-metadata checks.
+    public func secondHost() throws -> DiskSnapshotService {
+        let registry = BackendRegistry()
+        let instance = backend
+        try registry.register(BackendFactory(kind: backend.kind) { _ in instance })
+        return DiskSnapshotService(
+            store: try MetadataStore(directory: storeDirectory + "-host-b"), registry: registry, notify: { _ in })
     }
 
     // MARK: Operations

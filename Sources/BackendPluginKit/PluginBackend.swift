@@ -80,7 +80,7 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
             kind: described.kind, apiVersion: agreed, summary: described.summary, capabilities: described.capabilities,
             settings: schema, liveSnapshots: described.liveSnapshots ?? .none,
             imageFormat: described.driveFormat ?? "raw", sourceType: described.sourceType ?? .file,
-            tools: described.tools ?? [])
+            tools: described.tools ?? [], sharedMetadata: agreed >= 2 && described.sharedMetadata == true)
     }
 
     deinit { process?.stop() }
@@ -359,6 +359,23 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
             )
         }
         return Array(answer.bytes)
+    }
+
+    public func lockShared(disk: String, holder: String, wait: TimeInterval) async throws -> SharedLockGrant {
+        try await callAsync(.lockShared, SharedLockParams(disk: disk, holder: holder, wait: wait))
+    }
+
+    public func unlockShared(disk: String) async throws {
+        let _: Empty = try await callAsync(.unlockShared, DiskParams(disk: disk))
+    }
+
+    public func readShared(disk: String) async throws -> String? {
+        let answer: SharedDocumentResult = try await callAsync(.readShared, DiskParams(disk: disk))
+        return answer.document
+    }
+
+    public func writeShared(disk: String, document: String) async throws {
+        let _: Empty = try await callAsync(.writeShared, SharedWriteParams(disk: disk, document: document))
     }
 
     public func poolInventory(_ pool: BackendPool) async throws -> [String] {

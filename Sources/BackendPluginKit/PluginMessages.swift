@@ -13,7 +13,7 @@ public struct PluginAPIVersion: Codable, Sendable, Hashable, CustomStringConvert
     }
 
     /// What this build of vmsnap speaks.
-    public static let current = PluginAPIVersion(apiVersion: 1, apiAge: 0)
+    public static let current = PluginAPIVersion(apiVersion: 2, apiAge: 1)
 
     public var range: ClosedRange<Int> { (apiVersion - max(apiAge, 0))...apiVersion }
     public var description: String { range.count == 1 ? "\(apiVersion)" : "\(range.lowerBound)-\(range.upperBound)" }
@@ -30,6 +30,8 @@ public enum PluginMethod: String, Codable, Sendable, CaseIterable {
     case hello, describe, configure, recognizes, inspect, adopt, state
     case planCreate, planRevert, planDelete, rollbackBlockers, perform, verify, maintain
     case hypervisorDrive, createDisk, destroyDisk, read, write, poolInventory
+    /// Version 2: the disk's record kept in the storage, under the storage's lock.
+    case lockShared, unlockShared, readShared, writeShared
 }
 
 // MARK: - Envelopes
@@ -104,6 +106,8 @@ public struct DescribeResult: Codable, Sendable {
     public var sourceType: DiskSourceType?
     /// The programs its plans run (`run` steps).
     public var tools: [String]?
+    /// Version 2: the storage keeps each disk's record for every host (`lockShared` and the rest).
+    public var sharedMetadata: Bool?
 }
 
 struct Empty: Codable, Sendable {}
@@ -138,6 +142,17 @@ struct CreateDiskParams: Codable, Sendable {
     var pool: BackendPool
 }
 struct LocatorResult: Codable, Sendable { var locator: String }
+struct SharedLockParams: Codable, Sendable {
+    var disk: String
+    var holder: String
+    var wait: Double
+}
+struct DiskParams: Codable, Sendable { var disk: String }
+struct SharedDocumentResult: Codable, Sendable { var document: String? }
+struct SharedWriteParams: Codable, Sendable {
+    var disk: String
+    var document: String
+}
 struct PoolParams: Codable, Sendable { var pool: BackendPool }
 struct ItemsResult: Codable, Sendable { var items: [String] }
 struct BytesResult: Codable, Sendable { var bytes: Data }

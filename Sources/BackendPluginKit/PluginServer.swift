@@ -104,7 +104,7 @@ public struct PluginServer: Sendable {
                 DescribeResult(
                     kind: kind, summary: d.summary, capabilities: d.capabilities, settings: d.settings,
                     locators: .path, liveSnapshots: d.liveSnapshots, driveFormat: d.imageFormat,
-                    sourceType: d.sourceType, tools: d.tools))
+                    sourceType: d.sourceType, tools: d.tools, sharedMetadata: d.sharedMetadata))
         case .configure:
             return try Self.result(id, Empty())
         case .recognizes:
@@ -174,6 +174,19 @@ public struct PluginServer: Sendable {
         case .poolInventory:
             return try Self.result(
                 id, ItemsResult(items: try await backend.poolInventory(Self.params(PoolParams.self, line).pool)))
+        case .lockShared:
+            let p = try Self.params(SharedLockParams.self, line)
+            return try Self.result(id, try await backend.lockShared(disk: p.disk, holder: p.holder, wait: p.wait))
+        case .unlockShared:
+            try await backend.unlockShared(disk: Self.params(DiskParams.self, line).disk)
+            return try Self.result(id, Empty())
+        case .readShared:
+            let document = try await backend.readShared(disk: Self.params(DiskParams.self, line).disk)
+            return try Self.result(id, SharedDocumentResult(document: document))
+        case .writeShared:
+            let p = try Self.params(SharedWriteParams.self, line)
+            try await backend.writeShared(disk: p.disk, document: p.document)
+            return try Self.result(id, Empty())
         }
     }
 }

@@ -515,7 +515,7 @@ extension DomainService {
         if withMemory { try await live.startMemorySave() }
         Trace.mark("memory save started")
         for part in byHypervisor {
-            try disks.record(part.live!.result, replacing: part.layout)
+            try await disks.record(part.live!.result, replacing: part.layout)
             j.disksDone.append(part.disk.target)
         }
         try phase(journalID, &j, "disks-recorded")
@@ -618,7 +618,7 @@ extension DomainService {
             j.pausedByUs = false
         }
         for part in parts {
-            try disks.record(part.live!.result, replacing: part.layout)
+            try await disks.record(part.live!.result, replacing: part.layout)
             j.disksDone.append(part.disk.target)
         }
         try phase(journalID, &j, "disks-recorded")

@@ -198,7 +198,7 @@ extension DomainService {
         let layout = try await disks.adoptChain(disk.source, kind: kind, external: external, current: nil)
         var parents: [String: String?] = [:]
         for s in layout.snapshots where byName[s.name] != nil { parents[s.name] = parentOnDisk(byName[s.name]?.parent) }
-        try disks.setTree(disk: layout.disk.id, parents: parents, current: .some(parentOnDisk(current)))
+        try await disks.setTree(disk: layout.disk.id, parents: parents, current: .some(parentOnDisk(current)))
     }
 
     // MARK: - Export

@@ -371,7 +371,7 @@ extension DomainService {
                 disk: layout.disk.id, snapshot: name, mode: mode, kind: kind, offTheRunningChain: true)
             return
         case .recordOnly:
-            try disks.record(after, replacing: layout)
+            try await disks.record(after, replacing: layout)
             return
         case .internalInPlace, .merge:
             break
@@ -395,7 +395,7 @@ extension DomainService {
         DomainFault.point("delete:stream-done-\(target)", hypervisor: hypervisorProcess(domain))
         if case .merge = way { try afterStream() }
         DomainFault.point("delete:confirmed-\(target)", hypervisor: hypervisorProcess(domain))
-        try disks.record(after, replacing: layout)
+        try await disks.record(after, replacing: layout)
         if snap.kind == .external { unlink(snap.image) }
     }
 
@@ -417,7 +417,7 @@ extension DomainService {
         else { return false }
         if j.phases.contains("streamed-\(target)") {
             guard current == before || current == after else { return false }
-            if current == before { try disks.record(after, replacing: before) }
+            if current == before { try await disks.record(after, replacing: before) }
             if !after.layers.contains(where: { $0.image == image || $0.backing == image }) { unlink(image) }
             return true
         }

@@ -22,14 +22,19 @@ public struct BackendDescriptor: Codable, Sendable, Hashable {
     /// The programs its plans run (`.run` steps). Recovery runs a journaled command only if it
     /// starts with one of them, so a tampered journal cannot make vmsnap run anything else.
     public var tools: [String]
+    /// The storage keeps vmsnap's record of each disk (layout, open journals) and a lock for
+    /// every host that reaches it (cluster storage): see SharedMetadata.swift. False: the record
+    /// lives in this host's store only.
+    public var sharedMetadata: Bool
 
     public init(
         kind: BackendKind, apiVersion: Int = diskSnapshotBackendAPIVersion, summary: String,
         capabilities: CapabilityTable,
         settings: [SettingSpec] = [], liveSnapshots: LiveSnapshotTaker = .none, imageFormat: String,
-        sourceType: DiskSourceType = .file, tools: [String] = []
+        sourceType: DiskSourceType = .file, tools: [String] = [], sharedMetadata: Bool = false
     ) {
         self.tools = tools
+        self.sharedMetadata = sharedMetadata
         self.kind = kind
         self.apiVersion = apiVersion
         self.summary = summary
@@ -42,6 +47,7 @@ public struct BackendDescriptor: Codable, Sendable, Hashable {
 
     enum CodingKeys: String, CodingKey {
         case kind, apiVersion, summary, capabilities, settings, liveSnapshots, imageFormat, sourceType, tools
+        case sharedMetadata
     }
 
     public init(from decoder: any Decoder) throws {
@@ -55,6 +61,7 @@ public struct BackendDescriptor: Codable, Sendable, Hashable {
         imageFormat = try c.decode(String.self, forKey: .imageFormat)
         sourceType = try c.decodeIfPresent(DiskSourceType.self, forKey: .sourceType) ?? .file
         tools = try c.decodeIfPresent([String].self, forKey: .tools) ?? []
+        sharedMetadata = try c.decodeIfPresent(Bool.self, forKey: .sharedMetadata) ?? false
     }
 }
 
@@ -205,6 +212,20 @@ public protocol DiskSnapshotBackend: Sendable {
     func addBitmap(_ name: String, layout: DiskLayout) async throws
     /// Removes a bitmap from the active layer (offline); nothing if it is not there.
     func removeBitmap(_ name: String, layout: DiskLayout) async throws
+
+    // MARK: Metadata shared through the storage (defaults: none; SharedMetadata.swift)
+
+    /// Takes the storage's lock on the disk's shared record for `holder` (a lease the backend
+    /// keeps renewing until ``unlockShared(disk:)``), waiting up to `wait` seconds for another
+    /// holder; `busy`, naming the holder, when the wait runs out. A holder whose lease ran out is
+    /// fenced from the storage before the lock is taken over.
+    func lockShared(disk: String, holder: String, wait: TimeInterval) async throws -> SharedLockGrant
+    /// Releases the lock; nothing if it is not held.
+    func unlockShared(disk: String) async throws
+    /// The disk's shared record (a JSON document vmsnap wrote), or nil if there is none.
+    func readShared(disk: String) async throws -> String?
+    /// Replaces the disk's shared record; refused (`conflict`) unless this backend holds the lock.
+    func writeShared(disk: String, document: String) async throws
 }
 
 /// Something a revert would discard (shown to the operator) or that stands in its way (a
@@ -295,6 +316,15 @@ extension DiskSnapshotBackend {
     {}
 
     public func repairAfterHypervisorCrash(_ layout: DiskLayout) async throws {}
+
+    public func lockShared(disk: String, holder: String, wait: TimeInterval) async throws -> SharedLockGrant {
+        throw SnapshotError(.unsupported, "backend '\(kind)' keeps no metadata in its storage")
+    }
+    public func unlockShared(disk: String) async throws {}
+    public func readShared(disk: String) async throws -> String? { nil }
+    public func writeShared(disk: String, document: String) async throws {
+        throw SnapshotError(.unsupported, "backend '\(kind)' keeps no metadata in its storage")
+    }
 }
 
 /// Where a backend may create scratch disks: a directory for file formats, a volume group for

@@ -25,6 +25,10 @@ public struct DiskSnapshotService: Sendable {
     public var notify: @Sendable (String) -> Void
     /// Where plans stop as if vmsnap were killed (the conformance suite's crash checks).
     public var crashPoint: CrashPoint?
+    /// Seconds to wait for another host's lock on a disk whose metadata its storage shares
+    /// (`VMSNAP_LOCK_WAIT`, default 60).
+    public var sharedLockWait: TimeInterval =
+        ProcessInfo.processInfo.environment["VMSNAP_LOCK_WAIT"].flatMap(TimeInterval.init) ?? 60
 
     public init(
         store: MetadataStore, registry: BackendRegistry, environment: BackendEnvironment = BackendEnvironment(),
@@ -47,6 +51,12 @@ public struct DiskSnapshotService: Sendable {
         any DiskSnapshotBackend, DiskLayout
     ) {
         let (backend, id, managed) = try await resolve(locator, kind: kind)
+        // A disk whose storage keeps the record: the storage's word, which every host shares.
+        if backend.descriptor.sharedMetadata,
+            let layout = try await SharedDiskSession.read(backend, diskID: id)?.content.layout
+        {
+            return (backend, layout)
+        }
         if managed, let stored = try store.layout(diskID: id) { return (backend, stored) }
         return (backend, try await backend.adopt(locator: id))
     }
@@ -104,7 +114,9 @@ public struct DiskSnapshotService: Sendable {
     }
 
     /// Runs `body` with the disk's lock held, after recovering interrupted work on it, and with
-    /// the disk recorded in the store.
+    /// the disk recorded in the store. For a disk whose storage shares its record with other
+    /// hosts, the storage's lock is held too, the record is brought in first and written back
+    /// after every journal change and at the end.
     private func withManagedDisk<T: Sendable>(
         _ locator: String, kind: BackendKind?,
         _ body: (any DiskSnapshotBackend, DiskLayout) async throws -> T
@@ -113,6 +125,25 @@ public struct DiskSnapshotService: Sendable {
         let (backend, id, _) = try await resolve(locator, kind: kind)
         let lock = try DiskLock(store: store, diskID: id)
         defer { withExtendedLifetime(lock) {} }
+        guard
+            let session = try await SharedDiskSession.open(
+                backend, diskID: id, store: store, wait: sharedLockWait, notify: notify)
+        else { return try await underLock(backend, id, body) }
+        let result: T
+        do {
+            result = try await SharedDiskSession.$current.withValue(session) {
+                try await underLock(backend, id, body)
+            }
+        } catch {
+            try? await session.close(publishing: true)
+            throw error
+        }
+        try await session.close(publishing: true)
+        return result
+    }
+
+    /// Finishes or rolls back the disk's open operations; `pending` stops here.
+    private func recoverOpen(_ id: String, backend: any DiskSnapshotBackend) async throws {
         for entry in try store.openJournals(diskID: id) {
             let report = try await executor.recover(entry, backend: backend)
             if report.outcome == .pending {
@@ -125,6 +156,14 @@ public struct DiskSnapshotService: Sendable {
                 "recovered an interrupted or pending '\(report.operation)' on \(report.diskID): \(report.outcome.rawValue)"
             )
         }
+    }
+
+    /// The part of ``withManagedDisk`` that runs with every lock held.
+    private func underLock<T: Sendable>(
+        _ backend: any DiskSnapshotBackend, _ id: String,
+        _ body: (any DiskSnapshotBackend, DiskLayout) async throws -> T
+    ) async throws -> T {
+        try await recoverOpen(id, backend: backend)
         Trace.mark("resolve + lock + journal check")
         // Read under the lock: nobody else changes the disk while the operation runs.
         if let layout = try store.layout(diskID: id) {
@@ -179,6 +218,21 @@ public struct DiskSnapshotService: Sendable {
     {
         let backend = try registry.backend(kind, environment: environment)
         let top = backend.normalize(locator: locator)
+        if backend.descriptor.sharedMetadata {
+            guard external.isEmpty else {
+                throw SnapshotError(
+                    .unsupported,
+                    "backend '\(kind)' keeps no backing chains, so external snapshots of \(top) cannot be adopted; nothing was changed"
+                )
+            }
+            // The storage's shared record first: another host may manage the disk already.
+            return try await withManagedDisk(top, kind: kind) { _, layout in
+                var after = layout
+                if let current, after.snapshot(named: current) != nil { after.disk.current = current }
+                if after != layout { try store.update(from: layout, to: after) }
+                return after
+            }
+        }
         if let (id, _) = try store.diskID(locator: top), let stored = try store.layout(diskID: id) { return stored }
         let lock = try DiskLock(store: store, diskID: top)
         defer { withExtendedLifetime(lock) {} }
@@ -226,12 +280,20 @@ public struct DiskSnapshotService: Sendable {
 
     /// Sets the parents and current snapshot of a managed disk's snapshots (metadata only), as a
     /// tree imported from another tool says.
-    public func setTree(disk id: String, parents: [String: String?], current: String??) throws {
-        let lock = try DiskLock(store: store, diskID: id)
-        defer { withExtendedLifetime(lock) {} }
-        guard let before = try store.layout(diskID: id) else {
+    public func setTree(disk id: String, parents: [String: String?], current: String??) async throws {
+        guard let (_, kind) = try store.diskID(locator: id) else {
             throw SnapshotError(.notFound, "disk \(id) is not managed")
         }
+        try await withManagedDisk(id, kind: kind) { _, before in
+            try Self.setTree(before, parents: parents, current: current, store: store)
+        }
+    }
+
+    private static func setTree(
+        _ before: DiskLayout, parents: [String: String?], current: String??, store: MetadataStore
+    )
+        throws
+    {
         var after = before
         for i in after.snapshots.indices {
             if let p = parents[after.snapshots[i].name] { after.snapshots[i].parent = p }
@@ -242,10 +304,24 @@ public struct DiskSnapshotService: Sendable {
 
     /// Records a change made outside a backend plan (a snapshot the hypervisor took live), under
     /// the disk's lock, if the stored layout is still `before`.
-    public func record(_ after: DiskLayout, replacing before: DiskLayout) throws {
+    public func record(_ after: DiskLayout, replacing before: DiskLayout) async throws {
+        if try registry.backend(before.disk.kind, environment: environment).descriptor.sharedMetadata {
+            try await withManagedDisk(before.disk.id, kind: before.disk.kind) { _, stored in
+                try Self.record(after, replacing: before, stored: stored, store: store)
+            }
+            return
+        }
         let lock = try DiskLock(store: store, diskID: before.disk.id)
         defer { withExtendedLifetime(lock) {} }
-        guard let stored = try store.layout(diskID: before.disk.id), stored.disk.active == before.disk.active,
+        try Self.record(after, replacing: before, stored: try store.layout(diskID: before.disk.id), store: store)
+    }
+
+    private static func record(
+        _ after: DiskLayout, replacing before: DiskLayout, stored: DiskLayout?, store: MetadataStore
+    )
+        throws
+    {
+        guard let stored, stored.disk.active == before.disk.active,
             Set(stored.snapshots.map(\.name)) == Set(before.snapshots.map(\.name))
         else {
             throw SnapshotError(
@@ -355,6 +431,23 @@ public struct DiskSnapshotService: Sendable {
         }
     }
 
+    /// Finishes or rolls back the disk's interrupted operations, those another host left in a
+    /// shared record included (taking the disk into the store if it was not there).
+    public func recover(disk locator: String, kind: BackendKind? = nil) async throws {
+        try await withManagedDisk(locator, kind: kind) { _, _ in }
+    }
+
+    /// Operations started on the disk and not finished: the shared record's for a disk whose
+    /// storage shares it (with the host that left each), else this store's.
+    public func unfinishedOperations(_ layout: DiskLayout, backend: any DiskSnapshotBackend) async throws -> [String] {
+        if backend.descriptor.sharedMetadata,
+            let document = try await SharedDiskSession.read(backend, diskID: layout.disk.id)
+        {
+            return document.content.journals.map { "\($0.operation), left open by \($0.host)" }
+        }
+        return try store.openJournals(diskID: layout.disk.id).map(\.operation)
+    }
+
     /// Runs the backend's upkeep on the disk (growing nearly full copy-on-write areas) under its
     /// lock; returns what was done.
     public func maintain(disk locator: String, kind: BackendKind? = nil) async throws -> [String] {
@@ -394,7 +487,13 @@ public struct DiskSnapshotService: Sendable {
     /// Finishes or rolls back every interrupted operation whose disk is not locked by a live vmsnap.
     public func recoverAll() async throws -> [RecoveryReport] {
         var reports: [RecoveryReport] = []
+        var shared: [String: any DiskSnapshotBackend] = [:]
         for entry in try store.openJournals() {
+            let backend = try registry.backend(entry.kind, environment: environment)
+            if backend.descriptor.sharedMetadata {
+                shared[entry.diskID] = backend
+                continue
+            }
             let lock: DiskLock
             do { lock = try DiskLock(store: store, diskID: entry.diskID, timeout: 0) } catch {
                 reports.append(
@@ -403,10 +502,43 @@ public struct DiskSnapshotService: Sendable {
                         stepCount: entry.steps.count, detail: "another vmsnap holds the disk"))
                 continue
             }
-            let backend = try registry.backend(entry.kind, environment: environment)
             reports.append(try await executor.recover(entry, backend: backend))
             withExtendedLifetime(lock) {}
         }
+        for (id, backend) in shared.sorted(by: { $0.key < $1.key }) {
+            reports += try await recoverShared(id, backend: backend)
+        }
+        return reports
+    }
+
+    /// Recovery of a disk whose record its storage shares: under both locks, after bringing the
+    /// record in, so an operation another host has finished since is not run again here.
+    private func recoverShared(_ id: String, backend: any DiskSnapshotBackend) async throws -> [RecoveryReport] {
+        let lock: DiskLock
+        do { lock = try DiskLock(store: store, diskID: id, timeout: 0) } catch {
+            return [
+                RecoveryReport(
+                    diskID: id, operation: "(shared record)", outcome: .skipped, stepsDone: 0, stepCount: 0,
+                    detail: "another vmsnap holds the disk")
+            ]
+        }
+        defer { withExtendedLifetime(lock) {} }
+        guard
+            let session = try await SharedDiskSession.open(
+                backend, diskID: id, store: store, wait: sharedLockWait, notify: notify)
+        else { return [] }
+        var reports: [RecoveryReport] = []
+        do {
+            try await SharedDiskSession.$current.withValue(session) {
+                for entry in try store.openJournals(diskID: id) {
+                    reports.append(try await executor.recover(entry, backend: backend))
+                }
+            }
+        } catch {
+            try? await session.close(publishing: true)
+            throw error
+        }
+        try await session.close(publishing: true)
         return reports
     }
 }

@@ -248,6 +248,7 @@ public final class MetadataStore: Sendable {
                     """)
         }
         registerDomainMigrations(&migrator)
+        registerSharedMigrations(&migrator)
         return migrator
     }
 
@@ -332,7 +333,7 @@ public final class MetadataStore: Sendable {
 
     /// Writes only the rows a change names, so the cost of a change does not grow with the number
     /// of snapshots the disk has. New rows go after the disk's existing ones (creation order).
-    private static func apply(_ db: Database, _ change: LayoutChange) throws {
+    static func apply(_ db: Database, _ change: LayoutChange) throws {
         let d = change.disk
         try db.execute(
             sql: """

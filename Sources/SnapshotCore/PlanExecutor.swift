@@ -6,6 +6,8 @@ import Foundation
 /// Fault-injection points for crash tests: `VMSNAP_FAULT=before-step:N` or `after-step:N` makes
 /// the process kill itself with SIGKILL right before step N starts, or right after step N is
 /// journaled as done. Used by the tests that prove recovery works from every step.
+/// `VMSNAP_FAULT=delay-before-step:N:SECONDS` waits instead, so a test can break the storage
+/// (stop a daemon) between the journal and the step.
 public enum FaultInjection {
     public enum Phase: String, Sendable { case before = "before-step", after = "after-step" }
 
@@ -16,7 +18,21 @@ public enum FaultInjection {
         return (phase, n)
     }()
 
+    static let delay: (step: Int, seconds: Double)? = {
+        guard let raw = ProcessInfo.processInfo.environment["VMSNAP_FAULT"] else { return nil }
+        let parts = raw.split(separator: ":")
+        guard parts.count == 3, parts[0] == "delay-before-step", let n = Int(parts[1]),
+            let seconds = Double(parts[2])
+        else { return nil }
+        return (n, seconds)
+    }()
+
     static func point(_ phase: Phase, step: Int) {
+        if phase == .before, let delay, delay.step == step {
+            FileHandle.standardError.write(
+                Data("vmsnap: fault injection: waiting \(delay.seconds) s before step \(step)\n".utf8))
+            Thread.sleep(forTimeInterval: delay.seconds)
+        }
         guard let (p, n) = spec, p == phase, n == step else { return }
         FileHandle.standardError.write(
             Data("vmsnap: fault injection: killing myself at \(phase.rawValue) \(step)\n".utf8))
@@ -67,6 +83,11 @@ public struct PlanExecutor: Sendable {
     public func execute(_ plan: Plan, before: DiskLayout, backend: any DiskSnapshotBackend) async throws -> DiskLayout {
         let change = LayoutChange.between(before, plan.result)
         let journalID = try store.beginJournal(diskID: before.disk.id, kind: backend.kind, plan: plan, change: change)
+        do { try await publishJournal(of: before.disk.id) } catch {
+            // Not acted on yet: the operation never started, for this host or any other.
+            try? store.rollBackJournal(journalID)
+            throw error
+        }
         Trace.mark("journal begin")
         var index = 0
         do {
@@ -86,12 +107,15 @@ public struct PlanExecutor: Sendable {
                 // test wants to stop between the two.
                 if index + 1 < plan.steps.count || FaultInjection.spec != nil || crashPoint != nil {
                     try store.markSteps(journal: journalID, done: index + 1)
+                    try await publishJournal(of: before.disk.id)
                 }
                 try crash(.after, step: index)
                 index += 1
             }
             Trace.mark("steps")
             try store.completeJournal(journalID, change: change, stepCount: plan.steps.count)
+            // A failure here is written out by the command's closing write, which reports it.
+            try? await publishJournal(of: before.disk.id)
             Trace.mark("journal complete")
             return plan.result
         } catch let e as SimulatedCrash {
@@ -100,11 +124,22 @@ public struct PlanExecutor: Sendable {
             // Started, finishing outside vmsnap: the journal stays open so the next command on
             // the disk (or `vmsnap recover`) finishes the plan once the backend says it can.
             try? store.markSteps(journal: journalID, done: index)
+            try? await publishJournal(of: before.disk.id)
             throw e
         } catch {
             if index < plan.pointOfNoReturn {
-                await rollBack(plan, through: index, backend: backend)
+                let failed = await rollBack(plan, through: index, backend: backend)
+                guard failed.isEmpty else {
+                    // The storage did not let the undo through (a daemon down, a timeout): the
+                    // journal stays open, so recovery undoes the rest once the storage answers.
+                    try? await publishJournal(of: before.disk.id)
+                    throw SnapshotError(
+                        .recoveryNeeded,
+                        "\(plan.operation) failed at step \(index + 1) of \(plan.steps.count) (\((error as? SnapshotError)?.message ?? "\(error)")), and undoing it failed too (\(failed.joined(separator: "; "))). The operation stays journaled: run `vmsnap recover` once the storage answers, and it finishes the undo",
+                        cause: error)
+                }
                 try? store.rollBackJournal(journalID)
+                try? await publishJournal(of: before.disk.id)
                 throw error
             }
             throw SnapshotError(
@@ -114,6 +149,13 @@ public struct PlanExecutor: Sendable {
         }
     }
 
+    /// Writes the journal out to the storage's shared record when the disk's metadata is shared
+    /// (a ``SharedDiskSession`` is open for it), so another host can finish what this one started.
+    private func publishJournal(of diskID: String) async throws {
+        guard let session = SharedDiskSession.current, session.diskID == diskID else { return }
+        try await session.publish()
+    }
+
     /// Finishes or rolls back an interrupted operation. The caller holds the disk's lock.
     public func recover(_ entry: JournalEntry, backend: any DiskSnapshotBackend) async throws -> RecoveryReport {
         try checkJournaled(entry, backend: backend)
@@ -121,8 +163,15 @@ public struct PlanExecutor: Sendable {
             operation: entry.operation, steps: entry.steps, pointOfNoReturn: entry.pointOfNoReturn,
             result: DiskLayout(disk: entry.change.disk))
         if entry.stepsDone < plan.pointOfNoReturn {
-            await rollBack(plan, through: min(entry.stepsDone, plan.steps.count - 1), backend: backend)
+            let failed = await rollBack(plan, through: min(entry.stepsDone, plan.steps.count - 1), backend: backend)
+            guard failed.isEmpty else {
+                throw SnapshotError(
+                    .recoveryNeeded,
+                    "rolling back '\(plan.operation)' on \(entry.diskID) (journal \(entry.id)) failed: \(failed.joined(separator: "; ")). Fix the cause and run `vmsnap recover` again; if it cannot be rolled back, `vmsnap recover --abandon \(entry.id)` gives up on it and says what to check"
+                )
+            }
             try store.rollBackJournal(entry.id)
+            try await publishJournal(of: entry.diskID)
             return RecoveryReport(
                 diskID: entry.diskID, operation: plan.operation, outcome: .rolledBack, stepsDone: entry.stepsDone,
                 stepCount: plan.steps.count)
@@ -143,9 +192,11 @@ public struct PlanExecutor: Sendable {
                     cause: error)
             }
             try store.markSteps(journal: entry.id, done: index + 1)
+            try await publishJournal(of: entry.diskID)
             index += 1
         }
         try store.completeJournal(entry.id, change: entry.change, stepCount: plan.steps.count)
+        try await publishJournal(of: entry.diskID)
         return RecoveryReport(
             diskID: entry.diskID, operation: plan.operation, outcome: .completed, stepsDone: entry.stepsDone,
             stepCount: plan.steps.count)
@@ -197,16 +248,21 @@ public struct PlanExecutor: Sendable {
     }
 
     /// Undoes steps 0...`last` (the last one possibly half done), newest first. Undo actions are
-    /// idempotent; one that fails is reported on stderr and the rest still run.
-    private func rollBack(_ plan: Plan, through last: Int, backend: any DiskSnapshotBackend) async {
-        guard last >= 0, !plan.steps.isEmpty else { return }
+    /// idempotent; one that fails is reported on stderr and the rest still run. Returns the
+    /// undos that failed: the caller keeps the journal open for them.
+    @discardableResult
+    private func rollBack(_ plan: Plan, through last: Int, backend: any DiskSnapshotBackend) async -> [String] {
+        guard last >= 0, !plan.steps.isEmpty else { return [] }
+        var failed: [String] = []
         for step in plan.steps[0...min(last, plan.steps.count - 1)].reversed() {
             guard let undo = step.undo else { continue }
             do { try await perform(undo, backend: backend) } catch {
-                FileHandle.standardError.write(
-                    Data("vmsnap: warning: undo of '\(step.summary)' failed: \(error)\n".utf8))
+                let why = (error as? SnapshotError)?.message ?? "\(error)"
+                FileHandle.standardError.write(Data("vmsnap: warning: undo of '\(step.summary)' failed: \(why)\n".utf8))
+                failed.append("undo of '\(step.summary)': \(why)")
             }
         }
+        return failed
     }
 
     /// Runs one action. Each is idempotent so a crash in the middle can run it again.

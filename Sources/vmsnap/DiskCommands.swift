@@ -89,9 +89,9 @@ struct DiskCheckCommand: AsyncParsableCommand {
             }
             let (backend, layout) = try await service.layout(of: diskOptions.disk, kind: diskOptions.backend)
             var problems = try await backend.verify(layout: layout)
-            let pending = try service.store.openJournals(diskID: layout.disk.id)
+            let pending = try await service.unfinishedOperations(layout, backend: backend)
             problems += pending.map {
-                "unfinished operation '\($0.operation)' (interrupted, or waiting on the storage): `vmsnap recover` finishes it or says what it waits for"
+                "unfinished operation '\($0)' (interrupted, or waiting on the storage): `vmsnap recover --disk \(layout.disk.id)` finishes it or says what it waits for"
             }
             if json {
                 try printJSON([
@@ -183,8 +183,8 @@ struct DiskSnapshotCommand: AsyncParsableCommand {
         func run() async throws {
             try await guarded {
                 let service = try storeOptions.service()
-                let (_, layout) = try await service.layout(of: diskOptions.disk, kind: diskOptions.backend)
-                let unfinished = try service.store.openJournals(diskID: layout.disk.id).map(\.operation)
+                let (backend, layout) = try await service.layout(of: diskOptions.disk, kind: diskOptions.backend)
+                let unfinished = try await service.unfinishedOperations(layout, backend: backend)
                 if json {
                     return try printJSON(
                         Listing(
@@ -194,7 +194,7 @@ struct DiskSnapshotCommand: AsyncParsableCommand {
                 for op in unfinished {
                     FileHandle.standardError.write(
                         Data(
-                            "vmsnap: '\(op)' is not finished (deferred or interrupted); `vmsnap recover` finishes it or says what it waits for\n"
+                            "vmsnap: '\(op)' is not finished (deferred or interrupted); `vmsnap recover --disk \(layout.disk.id)` finishes it or says what it waits for\n"
                                 .utf8))
                 }
                 if tree {

@@ -16,10 +16,22 @@ struct RecoverCommand: AsyncParsableCommand {
             "Give up on interrupted operation N (its journal id, shown by errors and `disk check`) when it cannot be finished: storage is left as the steps left it, the disk's metadata as it was before; vmsnap says what to check.",
             valueName: "N"))
     var abandon: Int64?
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Recover only this disk, including operations another host left in a record its storage shares (RBD).",
+            valueName: "disk"))
+    var disk: String?
+    @Option(name: .long, help: "The disk's backend (with --disk).") var backend: String?
 
     func run() async throws {
         try await guarded {
             if let abandon { return try abandonOperation(abandon) }
+            if let disk {
+                try await storeOptions.service().recover(disk: disk, kind: backend.map(BackendKind.init(rawValue:)))
+                if !json { print("\(disk): nothing left to recover") }
+                return
+            }
             let reports = try await storeOptions.service().recoverAll()
             let domains = try await storeOptions.domains().recoverAll()
             let pending = reports.contains { $0.outcome == .pending }

@@ -160,7 +160,7 @@ struct MisbehavingPluginTests {
         let error = #expect(throws: SnapshotError.self) { _ = try PluginBackend(executable: path) }
         #expect(error?.code == .incompatibleBackend)
         #expect(
-            error?.message.contains("speaks plug-in API 6-7; this vmsnap speaks 1") == true,
+            error?.message.contains("speaks plug-in API 6-7; this vmsnap speaks 1-2") == true,
             "\(String(describing: error))")
     }
 

@@ -37,6 +37,36 @@ struct PlanExecutorTests {
         #expect(try store.openJournals().isEmpty)
     }
 
+    @Test("an undo that fails too keeps the journal open, and recovery finishes the undo once it can")
+    func failedUndoKeepsTheJournal() async throws {
+        let (store, executor, layout, dir) = try setUp()
+        let made = dir + "/made", gate = dir + "/gate"
+        var result = layout
+        result.disk.current = "never"
+        // The undo needs the gate file, as an undo needs storage that stopped answering.
+        let plan = Plan(
+            operation: "doomed",
+            steps: [
+                PlanStep("make a file", .run(["touch", made]), undo: .run(["test", "-e", gate])),
+                PlanStep("fail", .run(["false"])),
+            ], result: result)
+        let error = try await #require(throws: SnapshotError.self) {
+            try await executor.execute(plan, before: layout, backend: InertBackend(kind: "none"))
+        }
+        #expect(error.code == .recoveryNeeded && error.message.contains("undoing it failed too"), "\(error)")
+        let open = try store.openJournals()
+        #expect(open.count == 1, "the journal stays open for the undo")
+        await #expect(throws: SnapshotError.self) {
+            try await executor.recover(open[0], backend: InertBackend(kind: "none"))
+        }
+        #expect(try store.openJournals().count == 1, "a recovery whose undo fails keeps it open too")
+        _ = FileManager.default.createFile(atPath: gate, contents: nil)
+        let report = try await executor.recover(open[0], backend: InertBackend(kind: "none"))
+        #expect(report.outcome == .rolledBack)
+        #expect(try store.openJournals().isEmpty)
+        #expect(try store.layout(diskID: layout.disk.id) == layout)
+    }
+
     @Test("a failure past the point of no return leaves the journal open, and recovery finishes the plan")
     func rollForwardAfterPointOfNoReturn() async throws {
         let (store, executor, layout, dir) = try setUp()

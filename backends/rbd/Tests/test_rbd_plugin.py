@@ -179,8 +179,8 @@ class RbdPluginTests(unittest.TestCase):
         err = self.p.error("hello", {"host": "vmsnap 9", "apiVersion": 5, "apiAge": 0})
         self.assertEqual(err["code"], "unsupported")
         self.assertIn("5..5", err["message"])
-        self.assertIn("1..1", err["message"])
-        self.assertEqual(self.p.ok("hello", {"host": "vmsnap 9", "apiVersion": 3, "apiAge": 2})["apiVersion"], 1)
+        self.assertIn("1..2", err["message"])
+        self.assertEqual(self.p.ok("hello", {"host": "vmsnap 9", "apiVersion": 3, "apiAge": 2})["apiVersion"], 2)
 
     def test_describe(self):
         d = self.p.ok("describe")
@@ -194,7 +194,7 @@ class RbdPluginTests(unittest.TestCase):
         self.assertNotIn(("revert", "internal", "live"), cells)
         self.assertFalse(any(k == "external" for _, k, _ in cells))
         settings = {s["name"]: s for s in d["settings"]}
-        self.assertEqual(set(settings), {"ceph-conf", "ceph-user", "pool", "revert-mode", "timeout"})
+        self.assertEqual(set(settings), {"ceph-conf", "ceph-user", "pool", "revert-mode", "timeout", "lock-lease"})
         self.assertEqual(settings["revert-mode"]["choices"], ["rollback", "clone"])
         self.assertTrue(all(isinstance(s.get("default", ""), str) for s in d["settings"]))
         self.assertTrue(any("O(image size)" in n or "image size" in n for n in d["capabilities"]["notes"]))

@@ -1,0 +1,267 @@
+import Foundation
+import GRDB
+
+/// vmsnap's record of one disk as the storage keeps it for every host that reaches the disk
+/// (cluster storage): the layout (snapshot tree, current snapshot, layers) and the operations
+/// still open on it. A backend that declares `sharedMetadata` stores this document beside the
+/// disk and guards it with a lock of the storage's own (a lease), so two vmsnap installations
+/// with separate local stores see one truth and never change the disk at once.
+///
+/// The local store stays the working copy: a command takes the disk's local lock, then the
+/// storage's lock, brings the local copy up to the document (``SharedDiskSession/open``), works
+/// as for any disk, and writes the document back after every journal change, so a host killed
+/// in the middle leaves its journal where another host finds it.
+public struct SharedDiskDocument: Codable, Sendable, Hashable {
+    /// The document's format; a newer one is refused rather than misread.
+    public static let currentFormat = 1
+    public var format: Int
+    /// Raised by one at every write: a host whose local copy was synced at another
+    /// generation takes the document's word over its own.
+    public var generation: Int
+    /// Who wrote it (host, store, process), for the operator.
+    public var writtenBy: String
+    public var writtenAt: Date
+    public var content: Content
+
+    /// What the document says about the disk.
+    public struct Content: Codable, Sendable, Hashable {
+        /// Nil once the disk is no longer managed.
+        public var layout: DiskLayout?
+        public var journals: [SharedJournal]
+    }
+}
+
+/// An open journal entry as it travels between hosts (local ids differ per store).
+public struct SharedJournal: Codable, Sendable, Hashable {
+    public var kind: BackendKind
+    public var operation: String
+    public var steps: [PlanStep]
+    public var pointOfNoReturn: Int
+    public var change: LayoutChange
+    public var stepsDone: Int
+    public var startedAt: Date
+    public var pid: Int32
+    public var host: String
+
+    init(_ entry: JournalEntry, host: String) {
+        kind = entry.kind
+        operation = entry.operation
+        steps = entry.steps
+        pointOfNoReturn = entry.pointOfNoReturn
+        change = entry.change
+        stepsDone = entry.stepsDone
+        startedAt = entry.startedAt
+        pid = entry.pid
+        self.host = host
+    }
+}
+
+/// What taking a storage lock cost and whom it fenced.
+public struct SharedLockGrant: Codable, Sendable, Hashable {
+    /// Seconds spent waiting for another holder.
+    public var waited: Double
+    /// A holder whose lease had run out without releasing the lock: the backend took the lock
+    /// over and fenced that holder from the storage (it can no longer write there).
+    public var tookOverFrom: String?
+    /// The holder that made us wait, if any.
+    public var waitedFor: String?
+
+    public init(waited: Double = 0, tookOverFrom: String? = nil, waitedFor: String? = nil) {
+        self.waited = waited
+        self.tookOverFrom = tookOverFrom
+        self.waitedFor = waitedFor
+    }
+}
+
+/// Who this vmsnap is, as other hosts see it in lock holders and documents.
+public enum HostIdentity {
+    public static func describe(store: MetadataStore) -> String {
+        var name = [UInt8](repeating: 0, count: 256)
+        let host =
+            gethostname(&name, name.count - 1) == 0
+            ? String(decoding: name.prefix { $0 != 0 }, as: UTF8.self) : "unknown-host"
+        return "host \(host), store \(store.directory), pid \(getpid())"
+    }
+}
+
+/// One command's hold on a shared disk: the storage's lock is held and the local copy is in step
+/// with the document from ``open`` until ``close``.
+public struct SharedDiskSession: Sendable {
+    public let backend: any DiskSnapshotBackend
+    public let diskID: String
+    let store: MetadataStore
+    let holder: String
+
+    /// The session of the operation running in this task, so the plan executor publishes each
+    /// journal change without every caller passing it along.
+    @TaskLocal public static var current: SharedDiskSession?
+
+    /// Takes the storage's lock on the disk (waiting up to `wait` seconds) and brings the local
+    /// copy up to the shared document. Nil for a backend whose metadata is host-local.
+    static func open(
+        _ backend: any DiskSnapshotBackend, diskID: String, store: MetadataStore, wait: TimeInterval,
+        notify: @Sendable (String) -> Void
+    ) async throws -> SharedDiskSession? {
+        guard backend.descriptor.sharedMetadata else { return nil }
+        let holder = HostIdentity.describe(store: store)
+        let grant = try await backend.lockShared(disk: diskID, holder: holder, wait: wait)
+        let session = SharedDiskSession(backend: backend, diskID: diskID, store: store, holder: holder)
+        if grant.waited >= 0.1 {
+            notify(
+                String(
+                    format: "waited %.1f s for the cluster lock on disk %@%@", grant.waited, diskID,
+                    grant.waitedFor.map { " (held by \($0))" } ?? ""))
+        }
+        if let gone = grant.tookOverFrom {
+            notify(
+                "took over the cluster lock on disk \(diskID) from \(gone), whose lease had run out; that holder is fenced from the cluster, and its open operations are finished or rolled back here"
+            )
+        }
+        do { try await session.pull(notify: notify) } catch {
+            try? await backend.unlockShared(disk: diskID)
+            throw error
+        }
+        return session
+    }
+
+    /// The document as the storage holds it, or nil before any host wrote one.
+    static func read(_ backend: any DiskSnapshotBackend, diskID: String) async throws -> SharedDiskDocument? {
+        guard let text = try await backend.readShared(disk: diskID) else { return nil }
+        let document: SharedDiskDocument
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .secondsSince1970
+        do { document = try decoder.decode(SharedDiskDocument.self, from: Data(text.utf8)) } catch {
+            throw SnapshotError(
+                .storeCorrupt,
+                "the shared record of disk \(diskID) in its storage is not a vmsnap document (\(error)); nothing was changed. Inspect it with the backend's tools (`vmsnap backend info \(backend.kind)` says where it lives), restore it, or remove it to let this host's record take its place"
+            )
+        }
+        guard document.format <= SharedDiskDocument.currentFormat else {
+            throw SnapshotError(
+                .incompatibleBackend,
+                "the shared record of disk \(diskID) has format \(document.format), written by a newer vmsnap (\(document.writtenBy)); this one reads format \(SharedDiskDocument.currentFormat). Upgrade vmsnap on this host"
+            )
+        }
+        return document
+    }
+
+    /// Brings the local copy up to the document: a document written since this store last
+    /// synced wins (its open journals replace this store's for the disk); otherwise this store's
+    /// copy is at least as new and is written out.
+    func pull(notify: @Sendable (String) -> Void) async throws {
+        let document = try await Self.read(backend, diskID: diskID)
+        let synced = try store.sharedGeneration(diskID: diskID)
+        if let document, document.generation != synced {
+            try store.adoptShared(document, diskID: diskID)
+            for j in document.content.journals where j.host != holder {
+                notify("disk \(diskID): '\(j.operation)' was left open by \(j.host); finishing or rolling it back here")
+            }
+            return
+        }
+        let local = try localContent()
+        if let document, document.content == local { return }
+        if document != nil || local.layout != nil { try await publish() }
+    }
+
+    func localContent() throws -> SharedDiskDocument.Content {
+        SharedDiskDocument.Content(
+            layout: try store.layout(diskID: diskID),
+            journals: try store.openJournals(diskID: diskID).map { SharedJournal($0, host: holder) })
+    }
+
+    /// Writes the local copy out as the next generation of the document.
+    public func publish() async throws {
+        let generation = (try store.sharedGeneration(diskID: diskID) ?? 0) + 1
+        let document = SharedDiskDocument(
+            format: SharedDiskDocument.currentFormat, generation: generation, writtenBy: holder, writtenAt: Date(),
+            content: try localContent())
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        encoder.dateEncodingStrategy = .secondsSince1970
+        let text = String(decoding: try encoder.encode(document), as: UTF8.self)
+        do { try await backend.writeShared(disk: diskID, document: text) } catch {
+            throw SnapshotError(
+                (error as? SnapshotError)?.code ?? .io,
+                "could not write the shared record of disk \(diskID) to its storage: \((error as? SnapshotError)?.message ?? "\(error)"). This host's record is kept and is written out by the next command on the disk",
+                cause: error)
+        }
+        try store.setSharedGeneration(diskID: diskID, generation)
+    }
+
+    /// Writes the final record (when `publishing`) and releases the storage's lock.
+    func close(publishing: Bool) async throws {
+        do {
+            if publishing { try await publish() }
+        } catch {
+            try? await backend.unlockShared(disk: diskID)
+            throw error
+        }
+        try await backend.unlockShared(disk: diskID)
+    }
+}
+
+extension MetadataStore {
+    static func registerSharedMigrations(_ migrator: inout DatabaseMigrator) {
+        migrator.registerMigration("v5-shared-disks") { db in
+            try db.execute(
+                sql: """
+                    CREATE TABLE shared_sync (
+                        disk_id TEXT PRIMARY KEY NOT NULL,
+                        generation INTEGER NOT NULL
+                    );
+                    """)
+        }
+    }
+
+    /// The generation of the shared document this store last read or wrote for the disk.
+    public func sharedGeneration(diskID: String) throws -> Int? {
+        try wrap {
+            try dbQueue.read { db in
+                try Int.fetchOne(db, sql: "SELECT generation FROM shared_sync WHERE disk_id = ?", arguments: [diskID])
+            }
+        }
+    }
+
+    func setSharedGeneration(diskID: String, _ generation: Int) throws {
+        try wrap {
+            try dbQueue.write { db in
+                try db.execute(
+                    sql:
+                        "INSERT INTO shared_sync (disk_id, generation) VALUES (?, ?) ON CONFLICT(disk_id) DO UPDATE SET generation = excluded.generation",
+                    arguments: [diskID, generation])
+            }
+        }
+    }
+
+    /// Replaces this store's copy of the disk by the shared document, in one transaction: its
+    /// layout, and its open journals (this store's own open entries for the disk are closed as
+    /// `moved`: another host has taken them over, finished or rolled them back).
+    func adoptShared(_ document: SharedDiskDocument, diskID: String) throws {
+        let encoder = JSONEncoder()
+        try wrap {
+            try dbQueue.write { db in
+                try db.execute(sql: "DELETE FROM disks WHERE id = ?", arguments: [diskID])
+                if let layout = document.content.layout {
+                    try Self.apply(db, LayoutChange.between(nil, layout))
+                }
+                try db.execute(
+                    sql: "UPDATE journal SET state = 'moved', finished_at = ? WHERE disk_id = ? AND state = 'open'",
+                    arguments: [Int64(Date().timeIntervalSince1970), diskID])
+                for j in document.content.journals {
+                    try db.execute(
+                        sql:
+                            "INSERT INTO journal (disk_id, kind, operation, steps_json, point_of_no_return, change_json, steps_done, started_at, pid) VALUES (?,?,?,?,?,?,?,?,?)",
+                        arguments: [
+                            diskID, j.kind.rawValue, j.operation, try encoder.encode(j.steps), j.pointOfNoReturn,
+                            try encoder.encode(j.change), j.stepsDone, Int64(j.startedAt.timeIntervalSince1970),
+                            Int64(j.pid),
+                        ])
+                }
+                try db.execute(
+                    sql:
+                        "INSERT INTO shared_sync (disk_id, generation) VALUES (?, ?) ON CONFLICT(disk_id) DO UPDATE SET generation = excluded.generation",
+                    arguments: [diskID, document.generation])
+            }
+        }
+    }
+}

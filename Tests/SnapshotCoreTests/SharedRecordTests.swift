@@ -1,0 +1,177 @@
+import Foundation
+import Synchronization
+import Testing
+
+@testable import SnapshotCore
+
+/// The shared record's bookkeeping (generations, failed writes, a held lock) over an in-memory
+/// "cluster". The real-storage tests are backends/rbd/Tests/test_shared_record.py (two vmsnap
+/// installations against a Ceph cluster) and the conformance check `shared.two-hosts`.
+@Suite struct SharedRecordTests {
+    /// What a cluster keeps: the record, its lock, and which writes should fail.
+    final class Cluster: Sendable {
+        struct State {
+            var document: String?
+            var holder: String?
+            var failWrites: Set<Int> = []
+            var writes = 0
+            var snapshots: Set<String> = []
+        }
+        let state = Mutex(State())
+    }
+
+    /// A backend whose snapshots are names in the cluster and whose record lives there too.
+    struct SharedBackend: DiskSnapshotBackend {
+        let cluster: Cluster
+        var descriptor: BackendDescriptor {
+            BackendDescriptor(
+                kind: "shared-test", summary: "test",
+                capabilities: CapabilityTable([Capability(.create, .internal, .offline)]), imageFormat: "raw",
+                sharedMetadata: true)
+        }
+        func recognizes(locator: String) async -> Bool { true }
+        func inspect(locator: String) async throws -> DiskInfo { DiskInfo(format: "raw", virtualSize: 1) }
+        func adopt(locator: String) async throws -> DiskLayout {
+            DiskLayout(
+                disk: DiskRecord(id: locator, kind: kind, active: locator),
+                layers: [DiskLayer(image: locator, backing: nil)])
+        }
+        func planCreate(_ request: SnapshotRequest, layout: DiskLayout) async throws -> Plan {
+            var after = layout
+            after.snapshots.append(
+                DiskSnapshot(
+                    name: request.name, kind: .internal, image: layout.disk.active, parent: layout.disk.current,
+                    virtualSize: 1))
+            after.disk.current = request.name
+            return Plan(
+                operation: "create \(request.name)",
+                steps: [
+                    PlanStep(
+                        "mark", .backend(name: "add", arguments: ["name": request.name]),
+                        undo: .backend(name: "remove", arguments: ["name": request.name]))
+                ], pointOfNoReturn: 1, result: after)
+        }
+        func planRevert(to snapshot: String, layout: DiskLayout) async throws -> Plan {
+            throw SnapshotError(.unsupported, "test")
+        }
+        func planDelete(_ snapshot: String, mode: DeleteMode, layout: DiskLayout) async throws -> Plan {
+            throw SnapshotError(.unsupported, "test")
+        }
+        func perform(_ name: String, arguments: [String: String]) async throws {
+            let snapshot = arguments["name"] ?? ""
+            cluster.state.withLock {
+                if name == "add" { $0.snapshots.insert(snapshot) } else { $0.snapshots.remove(snapshot) }
+            }
+        }
+        func createDisk(named name: String, size: UInt64, in pool: BackendPool) async throws -> String { name }
+        func destroyDisk(layout: DiskLayout) async throws {}
+        func write(_ bytes: [UInt8], at offset: UInt64, layout: DiskLayout) async throws {}
+        func read(_ view: DataView, at offset: UInt64, length: Int, layout: DiskLayout) async throws -> [UInt8] {
+            []
+        }
+        func poolInventory(_ pool: BackendPool) async throws -> [String] { [] }
+
+        func lockShared(disk: String, holder: String, wait: TimeInterval) async throws -> SharedLockGrant {
+            try cluster.state.withLock {
+                if let other = $0.holder, other != holder {
+                    throw SnapshotError(.busy, "disk \(disk) is locked by \(other)")
+                }
+                $0.holder = holder
+            }
+            return SharedLockGrant()
+        }
+        func unlockShared(disk: String) async throws { cluster.state.withLock { $0.holder = nil } }
+        func readShared(disk: String) async throws -> String? { cluster.state.withLock { $0.document } }
+        func writeShared(disk: String, document: String) async throws {
+            try cluster.state.withLock {
+                $0.writes += 1
+                if $0.failWrites.contains($0.writes) { throw SnapshotError(.io, "the cluster is down (test)") }
+                $0.document = document
+            }
+        }
+    }
+
+    static func host(_ cluster: Cluster) throws -> (DiskSnapshotService, String) {
+        let directory = NSTemporaryDirectory() + "vmsnap-shared-\(UUID().uuidString.prefix(8))"
+        let registry = BackendRegistry()
+        let backend = SharedBackend(cluster: cluster)
+        try registry.register(BackendFactory(kind: backend.kind) { _ in backend })
+        return (
+            DiskSnapshotService(store: try MetadataStore(directory: directory), registry: registry, notify: { _ in }),
+            directory
+        )
+    }
+
+    static func names(_ service: DiskSnapshotService) async throws -> [String] {
+        try await service.layout(of: "pool/disk", kind: "shared-test").1.snapshots.map(\.name)
+    }
+
+    @Test func aRecordThatCannotBeWrittenStopsTheOperationBeforeItActs() async throws {
+        let cluster = Cluster()
+        let (a, dir) = try Self.host(cluster)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try await a.create(SnapshotRequest(name: "s1", kind: .internal), disk: "pool/disk", kind: "shared-test")
+        // The write that records the journal's start fails: nothing may happen to the storage.
+        cluster.state.withLock { $0.failWrites = [$0.writes + 1] }
+        let error = await #expect(throws: SnapshotError.self) {
+            try await a.create(SnapshotRequest(name: "s2", kind: .internal), disk: "pool/disk", kind: "shared-test")
+        }
+        #expect(error?.message.contains("could not write the shared record") == true, "\(String(describing: error))")
+        #expect(cluster.state.withLock { $0.snapshots } == ["s1"])
+        #expect(try a.store.openJournals().isEmpty)
+        #expect(try await Self.names(a) == ["s1"])
+        #expect(cluster.state.withLock { $0.holder } == nil, "the lock is released")
+    }
+
+    @Test func aLostFinalWriteIsWrittenByTheNextCommandNotOverwritten() async throws {
+        let cluster = Cluster()
+        let (a, dirA) = try Self.host(cluster)
+        let (b, dirB) = try Self.host(cluster)
+        defer {
+            try? FileManager.default.removeItem(atPath: dirA)
+            try? FileManager.default.removeItem(atPath: dirB)
+        }
+        try await a.create(SnapshotRequest(name: "s1", kind: .internal), disk: "pool/disk", kind: "shared-test")
+        // Start journaled and published; the completion's write and the closing write fail.
+        cluster.state.withLock { $0.failWrites = [$0.writes + 2, $0.writes + 3] }
+        await #expect(throws: SnapshotError.self) {
+            try await a.create(SnapshotRequest(name: "s2", kind: .internal), disk: "pool/disk", kind: "shared-test")
+        }
+        #expect(cluster.state.withLock { $0.snapshots } == ["s1", "s2"])
+        // Host A's next command finds its own copy newer than the record and writes it out.
+        _ = try await a.manage("pool/disk", kind: "shared-test")
+        #expect(try await Self.names(b) == ["s1", "s2"])
+        try await b.create(SnapshotRequest(name: "s3", kind: .internal), disk: "pool/disk", kind: "shared-test")
+        let layout = try await a.manage("pool/disk", kind: "shared-test").1
+        #expect(layout.snapshots.map(\.name) == ["s1", "s2", "s3"])
+        #expect(layout.snapshot(named: "s3")?.parent == "s2")
+    }
+
+    @Test func aDiskLockedElsewhereIsRefusedAndNothingChanges() async throws {
+        let cluster = Cluster()
+        let (a, dir) = try Self.host(cluster)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        cluster.state.withLock { $0.holder = "host Z" }
+        let error = await #expect(throws: SnapshotError.self) {
+            try await a.create(SnapshotRequest(name: "s1", kind: .internal), disk: "pool/disk", kind: "shared-test")
+        }
+        #expect(error?.code == .busy && error?.message.contains("host Z") == true)
+        #expect(cluster.state.withLock { $0.snapshots.isEmpty && $0.document == nil })
+        #expect(try a.store.layout(diskID: "pool/disk") == nil)
+    }
+
+    @Test func aRecordFromANewerVmsnapIsRefused() async throws {
+        let cluster = Cluster()
+        let (a, dir) = try Self.host(cluster)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        cluster.state.withLock {
+            $0.document =
+                #"{"format": 9, "generation": 1, "writtenBy": "host Q", "writtenAt": 0, "content": {"journals": []}}"#
+        }
+        let error = await #expect(throws: SnapshotError.self) {
+            try await a.create(SnapshotRequest(name: "s1", kind: .internal), disk: "pool/disk", kind: "shared-test")
+        }
+        #expect(error?.code == .incompatibleBackend && error?.message.contains("host Q") == true)
+        #expect(cluster.state.withLock { $0.snapshots.isEmpty && $0.holder == nil })
+    }
+}
