@@ -506,7 +506,14 @@ public struct DiskSnapshotService: Sendable {
             withExtendedLifetime(lock) {}
         }
         for (id, backend) in shared.sorted(by: { $0.key < $1.key }) {
-            reports += try await recoverShared(id, backend: backend)
+            // One disk whose lock is held elsewhere, or whose record is unreadable, does not
+            // keep the others from recovering.
+            do { reports += try await recoverShared(id, backend: backend) } catch {
+                reports.append(
+                    RecoveryReport(
+                        diskID: id, operation: "(shared record)", outcome: .skipped, stepsDone: 0, stepCount: 0,
+                        detail: (error as? SnapshotError)?.message ?? "\(error)"))
+            }
         }
         return reports
     }

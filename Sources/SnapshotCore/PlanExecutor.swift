@@ -104,8 +104,12 @@ public struct PlanExecutor: Sendable {
                 }
                 Trace.mark("step \(index): \(plan.steps[index].summary)")
                 // The last step is recorded by the completing transaction itself, unless a crash
-                // test wants to stop between the two.
-                if index + 1 < plan.steps.count || FaultInjection.spec != nil || crashPoint != nil {
+                // test wants to stop between the two, or another host must learn that it ran
+                // before this one completes (the shared record: a step that ran must never be
+                // replayed or undone there from an older record).
+                if index + 1 < plan.steps.count || FaultInjection.spec != nil || crashPoint != nil
+                    || SharedDiskSession.current?.diskID == before.disk.id
+                {
                     try store.markSteps(journal: journalID, done: index + 1)
                     try await publishJournal(of: before.disk.id)
                 }
@@ -114,7 +118,9 @@ public struct PlanExecutor: Sendable {
             }
             Trace.mark("steps")
             try store.completeJournal(journalID, change: change, stepCount: plan.steps.count)
-            // A failure here is written out by the command's closing write, which reports it.
+            // Every step is in the record already; a failure here leaves the record one write
+            // behind (a journal whose steps all ran, which any host completes without running
+            // them), and the command's closing write tries again.
             try? await publishJournal(of: before.disk.id)
             Trace.mark("journal complete")
             return plan.result
@@ -132,6 +138,9 @@ public struct PlanExecutor: Sendable {
                 guard failed.isEmpty else {
                     // The storage did not let the undo through (a daemon down, a timeout): the
                     // journal stays open, so recovery undoes the rest once the storage answers.
+                    // Its step count goes back below the point of no return (a write of the
+                    // record may have failed after the count reached it): recovery undoes.
+                    try? store.markSteps(journal: journalID, done: index)
                     try? await publishJournal(of: before.disk.id)
                     throw SnapshotError(
                         .recoveryNeeded,

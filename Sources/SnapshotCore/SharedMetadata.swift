@@ -1,5 +1,6 @@
 import Foundation
 import GRDB
+import Synchronization
 
 /// vmsnap's record of one disk as the storage keeps it for every host that reaches the disk
 /// (cluster storage): the layout (snapshot tree, current snapshot, layers) and the operations
@@ -91,6 +92,12 @@ public struct SharedDiskSession: Sendable {
     public let diskID: String
     let store: MetadataStore
     let holder: String
+    /// What the record held when this session last read or wrote it.
+    let known = KnownContent()
+
+    final class KnownContent: Sendable {
+        let value = Mutex<SharedDiskDocument.Content?>(nil)
+    }
 
     /// The session of the operation running in this task, so the plan executor publishes each
     /// journal change without every caller passing it along.
@@ -150,8 +157,10 @@ public struct SharedDiskSession: Sendable {
     /// copy is at least as new and is written out.
     func pull(notify: @Sendable (String) -> Void) async throws {
         let document = try await Self.read(backend, diskID: diskID)
+        known.value.withLock { $0 = document?.content }
         let synced = try store.sharedGeneration(diskID: diskID)
         if let document, document.generation != synced {
+            try check(document)
             try store.adoptShared(document, diskID: diskID)
             for j in document.content.journals where j.host != holder {
                 notify("disk \(diskID): '\(j.operation)' was left open by \(j.host); finishing or rolling it back here")
@@ -161,6 +170,41 @@ public struct SharedDiskSession: Sendable {
         let local = try localContent()
         if let document, document.content == local { return }
         if document != nil || local.layout != nil { try await publish() }
+    }
+
+    /// The record comes from the storage, where anyone with write access to it can change it, so
+    /// it is checked before this host takes its word: it must describe this disk and this backend,
+    /// and its journals may hold only the backend's own steps naming this disk's images (no
+    /// commands, no file removals or renames: nothing a host would run on its own filesystem).
+    func check(_ document: SharedDiskDocument) throws {
+        func refuse(_ why: String) -> SnapshotError {
+            SnapshotError(
+                .storeCorrupt,
+                "the shared record of disk \(diskID) (written by \(document.writtenBy)) \(why); vmsnap would not have written it, so it was changed by someone else. Nothing was run or changed: inspect the record with the backend's tools and restore or remove it"
+            )
+        }
+        var images: Set<String> = [diskID]
+        if let layout = document.content.layout {
+            guard layout.disk.id == diskID, layout.disk.kind == backend.kind else {
+                throw refuse("describes disk \(layout.disk.id) of backend '\(layout.disk.kind)'")
+            }
+            images.formUnion([layout.disk.active] + layout.layers.map(\.image) + layout.snapshots.map(\.image))
+        }
+        for journal in document.content.journals {
+            guard journal.kind == backend.kind, journal.change.disk.id == diskID else {
+                throw refuse("holds an operation for disk \(journal.change.disk.id) of backend '\(journal.kind)'")
+            }
+            for step in journal.steps {
+                for action in [step.action] + (step.undo.map { [$0] } ?? []) {
+                    guard case .backend(_, let arguments) = action else {
+                        throw refuse("holds a step that is not the backend's own ('\(step.summary)')")
+                    }
+                    if let stray = arguments.values.first(where: { $0.contains("/") && !images.contains($0) }) {
+                        throw refuse("holds a step naming \(stray), which is not one of the disk's images")
+                    }
+                }
+            }
+        }
     }
 
     func localContent() throws -> SharedDiskDocument.Content {
@@ -182,16 +226,23 @@ public struct SharedDiskSession: Sendable {
         do { try await backend.writeShared(disk: diskID, document: text) } catch {
             throw SnapshotError(
                 (error as? SnapshotError)?.code ?? .io,
-                "could not write the shared record of disk \(diskID) to its storage: \((error as? SnapshotError)?.message ?? "\(error)"). This host's record is kept and is written out by the next command on the disk",
+                "could not write the shared record of disk \(diskID) to its storage: \((error as? SnapshotError)?.message ?? "\(error)"). This host keeps its own record and writes it out with its next command on the disk; until then other hosts see the disk as the record last said",
                 cause: error)
         }
+        known.value.withLock { $0 = document.content }
         try store.setSharedGeneration(diskID: diskID, generation)
     }
 
-    /// Writes the final record (when `publishing`) and releases the storage's lock.
+    /// Writes the final record (when `publishing` and the local copy differs from it) and
+    /// releases the storage's lock. A local copy without the disk (a command that failed on a disk
+    /// it had just started to manage) never replaces a record that has it.
     func close(publishing: Bool) async throws {
         do {
-            if publishing { try await publish() }
+            let local = try localContent()
+            let last = known.value.withLock { $0 }
+            let unchanged = local == last || (last == nil && local.layout == nil && local.journals.isEmpty)
+            let wouldErase = local.layout == nil && last?.layout != nil
+            if publishing && !unchanged && !wouldErase { try await publish() }
         } catch {
             try? await backend.unlockShared(disk: diskID)
             throw error

@@ -106,6 +106,26 @@ import Testing
         try await service.layout(of: "pool/disk", kind: "shared-test").1.snapshots.map(\.name)
     }
 
+    @Test func aStepWhoseRecordCannotBeWrittenIsUndone() async throws {
+        let cluster = Cluster()
+        let ((a, dirA), (b, dirB)) = (try Self.host(cluster), try Self.host(cluster))
+        defer { for d in [dirA, dirB] { try? FileManager.default.removeItem(atPath: d) } }
+        try await a.create(SnapshotRequest(name: "s1", kind: .internal), disk: "pool/disk", kind: "shared-test")
+        // The write after the step fails, and so does every write after it: the step is undone,
+        // and another host reading the record (step not done) undoes it again, harmlessly.
+        cluster.state.withLock { $0.failWrites = Set(($0.writes + 2)...($0.writes + 9)) }
+        await #expect(throws: SnapshotError.self) {
+            try await a.create(SnapshotRequest(name: "s2", kind: .internal), disk: "pool/disk", kind: "shared-test")
+        }
+        #expect(cluster.state.withLock { $0.snapshots } == ["s1"])
+        cluster.state.withLock { $0.failWrites = [] }
+        try await b.recover(disk: "pool/disk", kind: "shared-test")
+        let onB = try await Self.names(b), onA = try await Self.names(a)
+        #expect(onB == ["s1"] && onA == ["s1"])
+        let recovered = try await a.recoverAll()
+        #expect(recovered.isEmpty, "host A's own entry was closed by the record")
+    }
+
     @Test func aRecordThatCannotBeWrittenStopsTheOperationBeforeItActs() async throws {
         let cluster = Cluster()
         let (a, dir) = try Self.host(cluster)
@@ -125,19 +145,17 @@ import Testing
 
     @Test func aLostFinalWriteIsWrittenByTheNextCommandNotOverwritten() async throws {
         let cluster = Cluster()
-        let (a, dirA) = try Self.host(cluster)
-        let (b, dirB) = try Self.host(cluster)
-        defer {
-            try? FileManager.default.removeItem(atPath: dirA)
-            try? FileManager.default.removeItem(atPath: dirB)
-        }
+        let ((a, dirA), (b, dirB)) = (try Self.host(cluster), try Self.host(cluster))
+        defer { for d in [dirA, dirB] { try? FileManager.default.removeItem(atPath: d) } }
         try await a.create(SnapshotRequest(name: "s1", kind: .internal), disk: "pool/disk", kind: "shared-test")
-        // Start journaled and published; the completion's write and the closing write fail.
-        cluster.state.withLock { $0.failWrites = [$0.writes + 2, $0.writes + 3] }
+        // The start and the step are in the record; the completion's write and the closing
+        // write fail.
+        cluster.state.withLock { $0.failWrites = [$0.writes + 3, $0.writes + 4] }
         await #expect(throws: SnapshotError.self) {
             try await a.create(SnapshotRequest(name: "s2", kind: .internal), disk: "pool/disk", kind: "shared-test")
         }
         #expect(cluster.state.withLock { $0.snapshots } == ["s1", "s2"])
+        #expect(cluster.state.withLock { $0.document?.contains(#""stepsDone":1"#) } == true)
         // Host A's next command finds its own copy newer than the record and writes it out.
         _ = try await a.manage("pool/disk", kind: "shared-test")
         #expect(try await Self.names(b) == ["s1", "s2"])
@@ -145,6 +163,54 @@ import Testing
         let layout = try await a.manage("pool/disk", kind: "shared-test").1
         #expect(layout.snapshots.map(\.name) == ["s1", "s2", "s3"])
         #expect(layout.snapshot(named: "s3")?.parent == "s2")
+    }
+
+    @Test func aTamperedRecordIsRefusedAndNothingRuns() async throws {
+        let cluster = Cluster()
+        let ((a, dirA), (b, dirB)) = (try Self.host(cluster), try Self.host(cluster))
+        defer { for d in [dirA, dirB] { try? FileManager.default.removeItem(atPath: d) } }
+        // Host A stops after its step: the record holds an open journal.
+        var stopped = a
+        stopped.crashPoint = CrashPoint(.after, step: 0)
+        await #expect(throws: SimulatedCrash.self) {
+            try await stopped.create(
+                SnapshotRequest(name: "s1", kind: .internal), disk: "pool/disk", kind: "shared-test")
+        }
+        let victim = dirB + "-victim"
+        _ = FileManager.default.createFile(atPath: victim, contents: Data("keep".utf8))
+        defer { try? FileManager.default.removeItem(atPath: victim) }
+        let undo = #"{"backend":{"arguments":{"name":"s1"},"name":"remove"}}"#
+        for tampered in [
+            #"{"removeFile":"\#(victim)"}"#, #"{"backend":{"arguments":{"name":"/etc/passwd"},"name":"remove"}}"#,
+        ] {
+            cluster.state.withLock {
+                $0.document = $0.document?.replacingOccurrences(of: undo, with: tampered)
+                #expect($0.document?.contains(tampered) == true)
+            }
+            let error = await #expect(throws: SnapshotError.self) {
+                try await b.recover(disk: "pool/disk", kind: "shared-test")
+            }
+            #expect(error?.code == .storeCorrupt, "\(String(describing: error))")
+            #expect(FileManager.default.fileExists(atPath: victim))
+            #expect(try b.store.openJournals().isEmpty, "nothing of the record was taken in")
+            cluster.state.withLock { $0.document = $0.document?.replacingOccurrences(of: tampered, with: undo) }
+        }
+        try await b.recover(disk: "pool/disk", kind: "shared-test")
+        #expect(try await Self.names(b) == ["s1"])
+    }
+
+    @Test func aFailedFirstCommandDoesNotEraseTheRecord() async throws {
+        let cluster = Cluster()
+        let ((a, dirA), (b, dirB)) = (try Self.host(cluster), try Self.host(cluster))
+        defer { for d in [dirA, dirB] { try? FileManager.default.removeItem(atPath: d) } }
+        try await a.create(SnapshotRequest(name: "s1", kind: .internal), disk: "pool/disk", kind: "shared-test")
+        let record = cluster.state.withLock { $0.document }
+        // Host B, new to the disk, fails a command on it: its record stays as host A wrote it.
+        await #expect(throws: SnapshotError.self) {
+            try await b.revert(disk: "pool/disk", to: "nosuch", kind: "shared-test")
+        }
+        #expect(cluster.state.withLock { $0.document } == record)
+        #expect(try await Self.names(a) == ["s1"])
     }
 
     @Test func aDiskLockedElsewhereIsRefusedAndNothingChanges() async throws {

@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import secrets
+import signal
 import stat
 import subprocess
 import tempfile
@@ -300,6 +301,51 @@ class RbdPluginTests(unittest.TestCase):
         self.p.ok("destroyDisk", {"layout": layout})
         self.p.ok("destroyDisk", {"layout": layout})   # done if gone
         self.assertFalse(any(i.startswith(name) for i in self.inventory()))
+
+    def test_a_replayed_rollback_does_not_roll_back_again(self):
+        # A journal replayed from a record one write behind (another host's) names the rollback
+        # it already ran: the image remembers the last rollback's operation id and skips it.
+        disk, layout = self.new_disk()
+        layout = run_plan(self.p, self.p.ok("planCreate", {"request": {"name": "s1", "kind": "internal"},
+                                                           "layout": layout}))
+        plan = self.p.ok("planRevert", {"snapshot": "s1", "layout": layout})
+        step = plan["steps"][0]["action"]["backend"]
+        self.assertRegex(step["arguments"].get("op", ""), r"^[0-9a-f]{32}$")
+        self.p.ok("perform", step)
+        later = b"written after the revert " * 64
+        self.write(layout, 0, later)
+        self.p.ok("perform", step)   # the replay
+        self.assertEqual(self.read(layout, {"active": True}, 0, len(later)), later)
+        again = self.p.ok("planRevert", {"snapshot": "s1", "layout": layout})["steps"][0]["action"]["backend"]
+        self.assertNotEqual(again["arguments"]["op"], step["arguments"]["op"])
+        self.p.ok("perform", again)   # a new revert does roll back
+        self.assertEqual(self.read(layout, {"active": True}, 0, len(later)), bytes(len(later)))
+
+    def test_a_stalled_plugin_acts_on_nothing_after_its_lease(self):
+        # The plug-in holds a disk's lock with a 3 s lease, then stalls (SIGSTOP) past it while
+        # another client takes the lock. Woken, it must refuse to write the record or run a step,
+        # whether or not its renewal thread has noticed yet.
+        disk, _ = self.new_disk()
+        self.p.ok("configure", {"settings": {"ceph-conf": CONF, "lock-lease": "3"}})
+        self.assertLess(self.p.ok("lockShared", {"disk": disk, "holder": "host A (test)", "wait": 5})["waited"], 1)
+        self.p.ok("writeShared", {"disk": disk, "document": "{}"})
+        os.kill(self.p.proc.pid, signal.SIGSTOP)
+        try:
+            helper("obj = 'vmsnap_disk.' + sys.argv[1]\n"
+                   "import time\n"
+                   "for _ in range(100):\n"
+                   "    try:\n"
+                   "        io.lock_exclusive(obj, 'vmsnap', 'other', 'host C', 5, 0); break\n"
+                   "    except rados.ObjectBusy: time.sleep(0.2)\n"
+                   "else: sys.exit('never got the lock')\n", disk.split("/", 1)[1])
+        finally:
+            os.kill(self.p.proc.pid, signal.SIGCONT)
+        err = self.p.error("writeShared", {"disk": disk, "document": "{\"late\": true}"})
+        self.assertEqual(err["code"], "conflict")
+        err = self.p.error("perform", {"name": "snap-create", "arguments": {"image": disk, "snapshot": "late"}})
+        self.assertEqual(err["code"], "conflict")
+        self.assertEqual(self.p.ok("readShared", {"disk": disk})["document"], "{}")
+        self.p.ok("unlockShared", {"disk": disk})   # host C's lease runs out by itself
 
     def test_delete_modes(self):
         disk, layout = self.new_disk(MiB)
