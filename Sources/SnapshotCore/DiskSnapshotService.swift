@@ -135,10 +135,10 @@ public struct DiskSnapshotService: Sendable {
                 try await underLock(backend, id, body)
             }
         } catch {
-            try? await session.close(publishing: true)
+            try? await session.close(publishing: true, notify: notify)
             throw error
         }
-        try await session.close(publishing: true)
+        try await session.close(publishing: true, notify: notify)
         return result
     }
 
@@ -542,10 +542,10 @@ public struct DiskSnapshotService: Sendable {
                 }
             }
         } catch {
-            try? await session.close(publishing: true)
+            try? await session.close(publishing: true, notify: notify)
             throw error
         }
-        try await session.close(publishing: true)
+        try await session.close(publishing: true, notify: notify)
         return reports
     }
 }

@@ -320,7 +320,13 @@ public final class MetadataStore: Sendable {
 
     /// Forgets a disk and its snapshots (storage untouched).
     public func removeDisk(id: String) throws {
-        try wrap { try dbQueue.write { db in try db.execute(sql: "DELETE FROM disks WHERE id = ?", arguments: [id]) } }
+        try wrap {
+            try dbQueue.write { db in
+                try db.execute(sql: "DELETE FROM disks WHERE id = ?", arguments: [id])
+                // No longer in step with a shared record: the next command reads it afresh.
+                try db.execute(sql: "DELETE FROM shared_sync WHERE disk_id = ?", arguments: [id])
+            }
+        }
     }
 
     /// Replaces `before` by `after` in one transaction (metadata-only changes).

@@ -53,6 +53,11 @@ public struct CrashPoint: Sendable, Hashable, CustomStringConvertible {
     public var description: String { "\(phase.rawValue):\(step)" }
 }
 
+/// A step ran but the shared record could not learn it (SharedMetadata.swift).
+struct RecordNotWritten: Error {
+    var cause: any Error
+}
+
 /// Thrown where a ``CrashPoint`` is reached.
 public struct SimulatedCrash: Error, CustomStringConvertible, Sendable {
     public var point: CrashPoint
@@ -111,7 +116,9 @@ public struct PlanExecutor: Sendable {
                     || SharedDiskSession.current?.diskID == before.disk.id
                 {
                     try store.markSteps(journal: journalID, done: index + 1)
-                    try await publishJournal(of: before.disk.id)
+                    do { try await publishJournal(of: before.disk.id) } catch {
+                        throw RecordNotWritten(cause: error)
+                    }
                 }
                 try crash(.after, step: index)
                 index += 1
@@ -126,6 +133,15 @@ public struct PlanExecutor: Sendable {
             return plan.result
         } catch let e as SimulatedCrash {
             throw e
+        } catch let e as RecordNotWritten {
+            // The step ran; whether the shared record learnt it is unknown (a write that timed
+            // out may still have landed). Neither undone nor finished here: the journal stays
+            // open, and the next command on the disk (this host's or another's) goes by the
+            // record, whose every outcome the idempotent steps and undos agree with.
+            throw SnapshotError(
+                .recoveryNeeded,
+                "\(plan.operation): step \(index + 1) of \(plan.steps.count) ran, but the disk's shared record could not be written (\((e.cause as? SnapshotError)?.message ?? "\(e.cause)")). The operation stays journaled: `vmsnap recover --disk \(before.disk.id)` finishes or rolls it back once the storage answers",
+                cause: e.cause)
         } catch let e as SnapshotError where e.code == .pending && index >= plan.pointOfNoReturn {
             // Started, finishing outside vmsnap: the journal stays open so the next command on
             // the disk (or `vmsnap recover`) finishes the plan once the backend says it can.

@@ -92,11 +92,11 @@ public struct SharedDiskSession: Sendable {
     public let diskID: String
     let store: MetadataStore
     let holder: String
-    /// What the record held when this session last read or wrote it.
-    let known = KnownContent()
+    /// The record as this session last read or wrote it.
+    let known = KnownDocument()
 
-    final class KnownContent: Sendable {
-        let value = Mutex<SharedDiskDocument.Content?>(nil)
+    final class KnownDocument: Sendable {
+        let value = Mutex<SharedDiskDocument?>(nil)
     }
 
     /// The session of the operation running in this task, so the plan executor publishes each
@@ -113,10 +113,10 @@ public struct SharedDiskSession: Sendable {
         let holder = HostIdentity.describe(store: store)
         let grant = try await backend.lockShared(disk: diskID, holder: holder, wait: wait)
         let session = SharedDiskSession(backend: backend, diskID: diskID, store: store, holder: holder)
-        if grant.waited >= 0.1 {
+        if grant.waited >= 0.01 {
             notify(
                 String(
-                    format: "waited %.1f s for the cluster lock on disk %@%@", grant.waited, diskID,
+                    format: "waited %.3f s for the cluster lock on disk %@%@", grant.waited, diskID,
                     grant.waitedFor.map { " (held by \($0))" } ?? ""))
         }
         if let gone = grant.tookOverFrom {
@@ -157,17 +157,19 @@ public struct SharedDiskSession: Sendable {
     /// copy is at least as new and is written out.
     func pull(notify: @Sendable (String) -> Void) async throws {
         let document = try await Self.read(backend, diskID: diskID)
-        known.value.withLock { $0 = document?.content }
+        known.value.withLock { $0 = document }
         let synced = try store.sharedGeneration(diskID: diskID)
-        if let document, document.generation != synced {
-            try check(document)
+        let local = try localContent()
+        // A record written since this store last synced wins; so does one that has the disk
+        // when this store's copy lost it (a local copy never erases the record).
+        if let document, document.generation != synced || (local.layout == nil && document.content.layout != nil) {
+            try await check(document)
             try store.adoptShared(document, diskID: diskID)
             for j in document.content.journals where j.host != holder {
                 notify("disk \(diskID): '\(j.operation)' was left open by \(j.host); finishing or rolling it back here")
             }
             return
         }
-        let local = try localContent()
         if let document, document.content == local { return }
         if document != nil || local.layout != nil { try await publish() }
     }
@@ -176,7 +178,11 @@ public struct SharedDiskSession: Sendable {
     /// it is checked before this host takes its word: it must describe this disk and this backend,
     /// and its journals may hold only the backend's own steps naming this disk's images (no
     /// commands, no file removals or renames: nothing a host would run on its own filesystem).
-    func check(_ document: SharedDiskDocument) throws {
+    ///
+    /// The images it may name come from sources this host trusts, never from the record itself:
+    /// the disk's identity, this store's own copy of the disk, and what the storage says the disk
+    /// consists of (the backend's `adopt`).
+    func check(_ document: SharedDiskDocument) async throws {
         func refuse(_ why: String) -> SnapshotError {
             SnapshotError(
                 .storeCorrupt,
@@ -184,15 +190,29 @@ public struct SharedDiskSession: Sendable {
             )
         }
         var images: Set<String> = [diskID]
+        for trusted in [try store.layout(diskID: diskID), try? await backend.adopt(locator: diskID)].compactMap({ $0 })
+        {
+            images.formUnion([trusted.disk.active] + trusted.layers.map(\.image) + trusted.snapshots.map(\.image))
+        }
+        func named(_ layout: DiskRecord, layers: [DiskLayer], snapshots: [DiskSnapshot]) -> String? {
+            ([layout.active] + layers.flatMap { [$0.image] + ($0.backing.map { [$0] } ?? []) } + snapshots.map(\.image))
+                .first { !images.contains($0) }
+        }
         if let layout = document.content.layout {
             guard layout.disk.id == diskID, layout.disk.kind == backend.kind else {
                 throw refuse("describes disk \(layout.disk.id) of backend '\(layout.disk.kind)'")
             }
-            images.formUnion([layout.disk.active] + layout.layers.map(\.image) + layout.snapshots.map(\.image))
+            if let stray = named(layout.disk, layers: layout.layers, snapshots: layout.snapshots) {
+                throw refuse("names \(stray), which is not one of the disk's images")
+            }
         }
         for journal in document.content.journals {
             guard journal.kind == backend.kind, journal.change.disk.id == diskID else {
                 throw refuse("holds an operation for disk \(journal.change.disk.id) of backend '\(journal.kind)'")
+            }
+            let change = journal.change
+            if let stray = named(change.disk, layers: change.upsertLayers, snapshots: change.upsertSnapshots) {
+                throw refuse("holds an operation naming \(stray), which is not one of the disk's images")
             }
             for step in journal.steps {
                 for action in [step.action] + (step.undo.map { [$0] } ?? []) {
@@ -229,25 +249,44 @@ public struct SharedDiskSession: Sendable {
                 "could not write the shared record of disk \(diskID) to its storage: \((error as? SnapshotError)?.message ?? "\(error)"). This host keeps its own record and writes it out with its next command on the disk; until then other hosts see the disk as the record last said",
                 cause: error)
         }
-        known.value.withLock { $0 = document.content }
+        known.value.withLock { $0 = document }
         try store.setSharedGeneration(diskID: diskID, generation)
     }
 
     /// Writes the final record (when `publishing` and the local copy differs from it) and
     /// releases the storage's lock. A local copy without the disk (a command that failed on a disk
-    /// it had just started to manage) never replaces a record that has it.
-    func close(publishing: Bool) async throws {
+    /// it had just started to manage) never replaces a record that has it. When the write fails,
+    /// this host's copy goes back to the record as it is, so no host holds a change the others
+    /// cannot see (every step that ran is in the record already: see PlanExecutor), and the
+    /// command fails.
+    func close(publishing: Bool, notify: @Sendable (String) -> Void) async throws {
         do {
             let local = try localContent()
             let last = known.value.withLock { $0 }
-            let unchanged = local == last || (last == nil && local.layout == nil && local.journals.isEmpty)
-            let wouldErase = local.layout == nil && last?.layout != nil
+            let unchanged =
+                local == last?.content || (last == nil && local.layout == nil && local.journals.isEmpty)
+            let wouldErase = local.layout == nil && last?.content.layout != nil
             if publishing && !unchanged && !wouldErase { try await publish() }
         } catch {
-            try? await backend.unlockShared(disk: diskID)
+            if let last = known.value.withLock({ $0 }) {
+                try? store.adoptShared(last, diskID: diskID)
+            } else {
+                try? store.removeDisk(id: diskID)
+            }
+            await release(notify: notify)
             throw error
         }
-        try await backend.unlockShared(disk: diskID)
+        await release(notify: notify)
+    }
+
+    /// Releases the storage's lock; a release that fails is reported, not thrown: the work is
+    /// done and recorded, and the lease runs out by itself.
+    func release(notify: @Sendable (String) -> Void) async {
+        do { try await backend.unlockShared(disk: diskID) } catch {
+            notify(
+                "could not release the cluster lock on disk \(diskID): \((error as? SnapshotError)?.message ?? "\(error)"); it runs out with its lease"
+            )
+        }
     }
 }
 

@@ -54,6 +54,14 @@ struct RecoverCommand: AsyncParsableCommand {
     /// Marks one wedged operation abandoned and prints what the operator must check.
     func abandonOperation(_ id: Int64) throws {
         let store = try storeOptions.openStore()
+        if let entry = try store.openJournals().first(where: { $0.id == id }),
+            try storeOptions.service().registry.backend(entry.kind).descriptor.sharedMetadata
+        {
+            throw SnapshotError(
+                .unsupported,
+                "operation \(id) is on disk \(entry.diskID), whose record its storage shares with other hosts: giving it up here would leave the others to run it. Fix what stops it and run `vmsnap recover --disk \(entry.diskID)`; nothing was changed"
+            )
+        }
         let lockID = try store.openJournals().first { $0.id == id }?.diskID
         let lock = try lockID.map { try DiskLock(store: store, diskID: $0, timeout: 0) }
         defer { withExtendedLifetime(lock) {} }

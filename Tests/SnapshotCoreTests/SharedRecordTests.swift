@@ -106,24 +106,29 @@ import Testing
         try await service.layout(of: "pool/disk", kind: "shared-test").1.snapshots.map(\.name)
     }
 
-    @Test func aStepWhoseRecordCannotBeWrittenIsUndone() async throws {
+    @Test func aStepWhoseRecordCannotBeWrittenIsLeftToTheRecord() async throws {
         let cluster = Cluster()
         let ((a, dirA), (b, dirB)) = (try Self.host(cluster), try Self.host(cluster))
         defer { for d in [dirA, dirB] { try? FileManager.default.removeItem(atPath: d) } }
         try await a.create(SnapshotRequest(name: "s1", kind: .internal), disk: "pool/disk", kind: "shared-test")
-        // The write after the step fails, and so does every write after it: the step is undone,
-        // and another host reading the record (step not done) undoes it again, harmlessly.
+        // The write after the step fails, and so does every write after it: whether the record
+        // learnt of the step is unknown, so host A neither undoes nor finishes it.
         cluster.state.withLock { $0.failWrites = Set(($0.writes + 2)...($0.writes + 9)) }
-        await #expect(throws: SnapshotError.self) {
+        let error = await #expect(throws: SnapshotError.self) {
             try await a.create(SnapshotRequest(name: "s2", kind: .internal), disk: "pool/disk", kind: "shared-test")
         }
-        #expect(cluster.state.withLock { $0.snapshots } == ["s1"])
+        #expect(error?.code == .recoveryNeeded && error?.message.contains("recover --disk") == true)
+        #expect(cluster.state.withLock { $0.snapshots } == ["s1", "s2"])
+        #expect(try a.store.openJournals().count == 1, "host A's copy is back to the record: the journal is open")
+        // The record says the step had not run (before the point of no return): host B undoes it.
         cluster.state.withLock { $0.failWrites = [] }
         try await b.recover(disk: "pool/disk", kind: "shared-test")
+        #expect(cluster.state.withLock { $0.snapshots } == ["s1"])
         let onB = try await Self.names(b), onA = try await Self.names(a)
         #expect(onB == ["s1"] && onA == ["s1"])
         let recovered = try await a.recoverAll()
         #expect(recovered.isEmpty, "host A's own entry was closed by the record")
+        #expect(try a.store.openJournals().isEmpty)
     }
 
     @Test func aRecordThatCannotBeWrittenStopsTheOperationBeforeItActs() async throws {
@@ -180,11 +185,14 @@ import Testing
         _ = FileManager.default.createFile(atPath: victim, contents: Data("keep".utf8))
         defer { try? FileManager.default.removeItem(atPath: victim) }
         let undo = #"{"backend":{"arguments":{"name":"s1"},"name":"remove"}}"#
-        for tampered in [
-            #"{"removeFile":"\#(victim)"}"#, #"{"backend":{"arguments":{"name":"/etc/passwd"},"name":"remove"}}"#,
-        ] {
+        let forgeries = [
+            (undo, #"{"removeFile":"\#(victim)"}"#),
+            (undo, #"{"backend":{"arguments":{"name":"/etc/passwd"},"name":"remove"}}"#),
+            (#""active":"pool/disk""#, #""active":"pool/other""#),
+        ]
+        for (original, tampered) in forgeries {
             cluster.state.withLock {
-                $0.document = $0.document?.replacingOccurrences(of: undo, with: tampered)
+                $0.document = $0.document?.replacingOccurrences(of: original, with: tampered)
                 #expect($0.document?.contains(tampered) == true)
             }
             let error = await #expect(throws: SnapshotError.self) {
@@ -193,7 +201,7 @@ import Testing
             #expect(error?.code == .storeCorrupt, "\(String(describing: error))")
             #expect(FileManager.default.fileExists(atPath: victim))
             #expect(try b.store.openJournals().isEmpty, "nothing of the record was taken in")
-            cluster.state.withLock { $0.document = $0.document?.replacingOccurrences(of: tampered, with: undo) }
+            cluster.state.withLock { $0.document = $0.document?.replacingOccurrences(of: tampered, with: original) }
         }
         try await b.recover(disk: "pool/disk", kind: "shared-test")
         #expect(try await Self.names(b) == ["s1"])

@@ -159,7 +159,7 @@ class TwoHosts(unittest.TestCase):
             holder.stdin.flush()
             out, err = waiting.communicate(timeout=60)
             self.assertEqual(waiting.returncode, 0, err)
-            self.assertRegex(err, r"waited \d+\.\d s for the cluster lock on disk .* \(held by host C \(test\)\)")
+            self.assertRegex(err, r"waited \d+\.\d{3} s for the cluster lock on disk .* \(held by host C \(test\)\)")
             self.assertGreaterEqual(time.monotonic() - started, 2)
             self.assertEqual(self.first_byte(), 0, "the revert ran once the lock was free")
         finally:
