@@ -113,7 +113,7 @@ public struct SharedDiskSession: Sendable {
         let holder = HostIdentity.describe(store: store)
         let grant = try await backend.lockShared(disk: diskID, holder: holder, wait: wait)
         let session = SharedDiskSession(backend: backend, diskID: diskID, store: store, holder: holder)
-        if grant.waited >= 0.01 {
+        if grant.waitedFor != nil || grant.waited >= 0.5 {
             notify(
                 String(
                     format: "waited %.3f s for the cluster lock on disk %@%@", grant.waited, diskID,

@@ -506,13 +506,67 @@ class RbdPluginTests(unittest.TestCase):
         self.assertEqual(self.p.error("planDelete", {"snapshot": "outside1", "mode": "merge", "layout": adopted})["code"],
                          "conflict")
 
-    def test_revert_mode_clone_is_refused(self):
-        disk, layout = self.new_disk(MiB)
+    def test_revert_mode_clone_swaps_in_a_clone(self):
+        disk, layout = self.new_disk(4 * MiB)
+        a, b, c, d = (bytes([n]) * 4096 for n in (1, 2, 3, 4))
+        self.write(layout, 0, a)
         layout, _ = self.create(layout, "s1")
+        self.write(layout, 0, b)
+        layout, _ = self.create(layout, "s2")
+        self.write(layout, 0, c)
         self.p.ok("configure", {"settings": {"revert-mode": "clone"}})
-        err = self.p.error("planRevert", {"snapshot": "s1", "layout": layout})
+        plan = self.p.ok("planRevert", {"snapshot": "s1", "layout": layout})
+        self.assertEqual([s["action"]["backend"]["name"] for s in plan["steps"]], ["protect", "clone-swap"])
+        self.assertEqual(plan["pointOfNoReturn"], 1)
+        step = plan["steps"][1]["action"]["backend"]
+        layout = run_plan(self.p, plan)
+        self.p.ok("perform", step)   # a step runs twice after a crash: still fine
+        frozen = step["arguments"]["frozen"]
+        self.assertTrue(frozen.startswith(disk + ".vmsnap-"), frozen)
+        self.assertEqual(layout["layers"][0], {"image": disk, "backing": frozen})
+        self.assertEqual({s["name"]: s["image"] for s in layout["snapshots"]}, {"s1": frozen, "s2": frozen})
+        self.assertEqual(layout["disk"]["current"], "s1")
+        self.assertEqual(self.read(layout, {"active": True}, 0, 4096), a)
+        self.assertEqual(self.read(layout, {"snapshot": "s2"}, 0, 4096), b)
+        self.assertEqual(self.p.ok("verify", {"layout": layout})["problems"], [])
+        # Another host, new to the disk, knows the image set aside as the disk's own.
+        adopted = self.p.ok("adopt", {"locator": disk})
+        self.assertIn({"image": frozen}, adopted["layers"])
+
+        # Again, while the active image holds no snapshot: it is not kept.
+        plan = self.p.ok("planRevert", {"snapshot": "s2", "layout": layout})
+        self.assertEqual([s["action"]["backend"]["name"] for s in plan["steps"]],
+                         ["protect", "clone-swap", "remove-image"])
+        layout = run_plan(self.p, plan)
+        self.assertEqual(layout["layers"], [{"image": disk, "backing": frozen}, {"image": frozen}])
+        self.assertEqual(self.read(layout, {"active": True}, 0, 4096), b)
+        name = disk.split("/", 1)[1]
+        self.assertEqual([i for i in self.inventory() if i.startswith(name + ".vmsnap-") and "@" not in i],
+                         [frozen.split("/", 1)[1]])
+
+        self.write(layout, 0, d)
+        layout, _ = self.create(layout, "s3")
+        self.assertEqual([s for s in layout["snapshots"] if s["name"] == "s3"][0]["image"], disk)
+        self.p.ok("configure", {"settings": {"revert-mode": "rollback"}})
+        err = self.p.error("planRevert", {"snapshot": "s2", "layout": layout})
         self.assertEqual(err["code"], "unsupported")
-        self.assertIn("revert-mode=rollback", err["message"])
+        self.assertIn("revert-mode=clone", err["message"])
+
+        # Deleting s1 (nothing cloned from it now) removes it; deleting s2 flattens the clone that
+        # depends on it and then empties the frozen image.
+        plan = self.p.ok("planDelete", {"snapshot": "s1", "mode": "merge", "layout": layout})
+        self.assertEqual([s["action"]["backend"]["name"] for s in plan["steps"]], ["unprotect-unused", "snap-remove"])
+        layout = run_plan(self.p, plan)
+        self.assertEqual(self.read(layout, {"snapshot": "s2"}, 0, 4096), b)
+        self.assertIn(frozen.split("/", 1)[1], self.inventory())
+        plan = self.p.ok("planDelete", {"snapshot": "s2", "mode": "merge", "layout": layout})
+        self.assertEqual([s["action"]["backend"]["name"] for s in plan["steps"]],
+                         ["flatten", "unprotect-unused", "snap-remove", "remove-image"])
+        layout = run_plan(self.p, plan)
+        self.assertEqual(layout["layers"], [{"image": disk}])
+        self.assertNotIn(frozen.split("/", 1)[1], self.inventory())
+        self.assertEqual(self.p.ok("verify", {"layout": layout})["problems"], [])
+        self.assertEqual(self.read(layout, {"active": True}, 0, 4096), d)
 
     def test_create_undo_and_progress_free_answers(self):
         disk, layout = self.new_disk(MiB)

@@ -83,7 +83,7 @@ class TwoHosts(unittest.TestCase):
 
     def tree(self, host):
         got = self.listing(host)
-        return {s["name"]: s.get("parent") for s in got["snapshots"]}, got["current"], got["unfinished"]
+        return {s["name"]: s.get("parent") for s in got["snapshots"]}, got.get("current"), got["unfinished"]
 
     def write(self, byte, offset=0, length=MiB):
         ceph("img = rbd.Image(io, sys.argv[1]); img.write(bytes([int(sys.argv[2])]) * int(sys.argv[4]), "
@@ -128,6 +128,28 @@ class TwoHosts(unittest.TestCase):
         self.assertEqual(self.rbd_snapshots(), ["s1", "s3"])
         # Host A's own store was brought up to date too, not only its listing.
         self.assertEqual(self.vmsnap("A", "recover").stdout.strip(), "nothing to recover")
+
+    def test_a_clone_swap_revert_is_the_other_hosts_too(self):
+        self.write(1)
+        self.vmsnap("A", "disk", "snapshot", "create", self.disk, "s1")
+        self.write(2)
+        self.vmsnap("A", "disk", "snapshot", "create", self.disk, "s2")
+        self.write(3)
+        self.vmsnap("A", "disk", "snapshot", "revert", self.disk, "s1", "--set", "revert-mode=clone")
+        self.assertEqual(self.first_byte(), 1)
+        frozen = [n for n in self.images() if n.startswith(self.image + ".vmsnap-")]
+        self.assertEqual(len(frozen), 1, self.images())
+        # Host B, new to the disk, takes the record naming the image set aside, and deletes
+        # through it: s2 lives in the frozen image; s1 has the active image as its clone.
+        self.assertEqual(self.tree("B"), ({"s1": None, "s2": "s1"}, "s1", []))
+        self.vmsnap("B", "disk", "snapshot", "delete", self.disk, "s2")
+        self.vmsnap("B", "disk", "snapshot", "delete", self.disk, "s1")
+        self.assertEqual(self.first_byte(), 1, "the flattened image keeps the reverted data")
+        self.assertEqual([n for n in self.images() if n.startswith(self.image + ".vmsnap-")], [])
+        self.assertEqual(self.tree("A"), ({}, None, []))
+
+    def images(self):
+        return json.loads(ceph("print(json.dumps(rbd.RBD().list(io)))"))
 
     def test_a_held_lock_refuses_after_the_wait_and_serializes(self):
         self.vmsnap("A", "disk", "snapshot", "create", self.disk, "s1")
