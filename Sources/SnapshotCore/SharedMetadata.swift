@@ -176,12 +176,12 @@ public struct SharedDiskSession: Sendable {
 
     /// The record comes from the storage, where anyone with write access to it can change it, so
     /// it is checked before this host takes its word: it must describe this disk and this backend,
-    /// and its journals may hold only the backend's own steps naming this disk's images (no
-    /// commands, no file removals or renames: nothing a host would run on its own filesystem).
-    ///
-    /// The images it may name come from sources this host trusts, never from the record itself:
-    /// the disk's identity, this store's own copy of the disk, and what the storage says the disk
-    /// consists of (the backend's `adopt`).
+    /// its active image must be one this host trusts to be the disk's (this store's copy, or what
+    /// the backend's `adopt` finds in the storage), and its journals may hold only the backend's
+    /// own steps (no commands, no file removals or renames: nothing a host would run on its own
+    /// filesystem). Which images a native step may touch is the backend's to check when it runs
+    /// the step (the rbd plug-in: only the disk it holds the lock of, and the images it set aside
+    /// for it): a journal can name images that do not exist yet.
     func check(_ document: SharedDiskDocument) async throws {
         func refuse(_ why: String) -> SnapshotError {
             SnapshotError(
@@ -189,38 +189,29 @@ public struct SharedDiskSession: Sendable {
                 "the shared record of disk \(diskID) (written by \(document.writtenBy)) \(why); vmsnap would not have written it, so it was changed by someone else. Nothing was run or changed: inspect the record with the backend's tools and restore or remove it"
             )
         }
-        var images: Set<String> = [diskID]
-        for trusted in [try store.layout(diskID: diskID), try? await backend.adopt(locator: diskID)].compactMap({ $0 })
-        {
-            images.formUnion([trusted.disk.active] + trusted.layers.map(\.image) + trusted.snapshots.map(\.image))
-        }
-        func named(_ layout: DiskRecord, layers: [DiskLayer], snapshots: [DiskSnapshot]) -> String? {
-            ([layout.active] + layers.flatMap { [$0.image] + ($0.backing.map { [$0] } ?? []) } + snapshots.map(\.image))
-                .first { !images.contains($0) }
+        var active: Set<String> = [diskID]
+        for trusted in [try store.layout(diskID: diskID), try? await backend.adopt(locator: diskID)].compactMap({ $0 }) {
+            active.insert(trusted.disk.active)
         }
         if let layout = document.content.layout {
             guard layout.disk.id == diskID, layout.disk.kind == backend.kind else {
                 throw refuse("describes disk \(layout.disk.id) of backend '\(layout.disk.kind)'")
             }
-            if let stray = named(layout.disk, layers: layout.layers, snapshots: layout.snapshots) {
-                throw refuse("names \(stray), which is not one of the disk's images")
+            guard active.contains(layout.disk.active) else {
+                throw refuse("names \(layout.disk.active) as the disk's active image")
             }
         }
         for journal in document.content.journals {
             guard journal.kind == backend.kind, journal.change.disk.id == diskID else {
                 throw refuse("holds an operation for disk \(journal.change.disk.id) of backend '\(journal.kind)'")
             }
-            let change = journal.change
-            if let stray = named(change.disk, layers: change.upsertLayers, snapshots: change.upsertSnapshots) {
-                throw refuse("holds an operation naming \(stray), which is not one of the disk's images")
+            guard active.contains(journal.change.disk.active) else {
+                throw refuse("holds an operation making \(journal.change.disk.active) the disk's active image")
             }
             for step in journal.steps {
                 for action in [step.action] + (step.undo.map { [$0] } ?? []) {
-                    guard case .backend(_, let arguments) = action else {
+                    guard case .backend = action else {
                         throw refuse("holds a step that is not the backend's own ('\(step.summary)')")
-                    }
-                    if let stray = arguments.values.first(where: { $0.contains("/") && !images.contains($0) }) {
-                        throw refuse("holds a step naming \(stray), which is not one of the disk's images")
                     }
                 }
             }

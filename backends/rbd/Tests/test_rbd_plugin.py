@@ -568,6 +568,30 @@ class RbdPluginTests(unittest.TestCase):
         self.assertEqual(self.p.ok("verify", {"layout": layout})["problems"], [])
         self.assertEqual(self.read(layout, {"active": True}, 0, 4096), d)
 
+    def test_a_clone_swap_stopped_after_the_rename_finishes(self):
+        # The disk's name is gone between the rename and the clone: the lock must still be
+        # granted (the record exists), so recovery can run the step again and finish it.
+        disk, layout = self.new_disk(4 * MiB)
+        self.write(layout, 0, b"\x05" * 4096)
+        layout, _ = self.create(layout, "s1")
+        self.p.ok("lockShared", {"disk": disk, "holder": "test", "wait": 5})
+        self.p.ok("writeShared", {"disk": disk, "document": "{}"})
+        self.p.ok("unlockShared", {"disk": disk})
+        self.p.ok("configure", {"settings": {"revert-mode": "clone"}})
+        plan = self.p.ok("planRevert", {"snapshot": "s1", "layout": layout})
+        self.p.ok("perform", plan["steps"][0]["action"]["backend"])
+        swap = plan["steps"][1]["action"]["backend"]
+        helper("rbd.RBD().rename(io, sys.argv[1], sys.argv[2])", disk.split("/", 1)[1],
+               swap["arguments"]["frozen"].split("/", 1)[1])
+        self.p.ok("lockShared", {"disk": disk, "holder": "test", "wait": 5})
+        self.p.ok("perform", swap)
+        self.p.ok("unlockShared", {"disk": disk})
+        layout = plan["result"]
+        self.assertEqual(self.read(layout, {"active": True}, 0, 4096), b"\x05" * 4096)
+        self.assertEqual(self.p.ok("verify", {"layout": layout})["problems"], [])
+        self.assertEqual(self.p.error("lockShared", {"disk": POOL + "/never-made", "holder": "t", "wait": 1})["code"],
+                         "notFound")
+
     def test_create_undo_and_progress_free_answers(self):
         disk, layout = self.new_disk(MiB)
         plan = self.p.ok("planCreate", {"request": {"name": "u", "kind": "internal"}, "layout": layout})
