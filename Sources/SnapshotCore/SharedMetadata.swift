@@ -190,7 +190,8 @@ public struct SharedDiskSession: Sendable {
             )
         }
         var active: Set<String> = [diskID]
-        for trusted in [try store.layout(diskID: diskID), try? await backend.adopt(locator: diskID)].compactMap({ $0 }) {
+        for trusted in [try store.layout(diskID: diskID), try? await backend.adopt(locator: diskID)].compactMap({ $0 })
+        {
             active.insert(trusted.disk.active)
         }
         if let layout = document.content.layout {
