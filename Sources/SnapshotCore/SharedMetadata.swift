@@ -180,8 +180,8 @@ public struct SharedDiskSession: Sendable {
     /// the backend's `adopt` finds in the storage), and its journals may hold only the backend's
     /// own steps (no commands, no file removals or renames: nothing a host would run on its own
     /// filesystem). Which images a native step may touch is the backend's to check when it runs
-    /// the step (the rbd plug-in: only the disk it holds the lock of, and the images it set aside
-    /// for it): a journal can name images that do not exist yet.
+    /// the step (for example only the disk whose lock it holds, and images it made for that disk):
+    /// a journal can name images that do not exist yet.
     func check(_ document: SharedDiskDocument) async throws {
         func refuse(_ why: String) -> SnapshotError {
             SnapshotError(
@@ -305,14 +305,14 @@ extension MetadataStore {
     }
 
     func setSharedGeneration(diskID: String, _ generation: Int) throws {
-        try wrap {
-            try dbQueue.write { db in
-                try db.execute(
-                    sql:
-                        "INSERT INTO shared_sync (disk_id, generation) VALUES (?, ?) ON CONFLICT(disk_id) DO UPDATE SET generation = excluded.generation",
-                    arguments: [diskID, generation])
-            }
-        }
+        try wrap { try dbQueue.write { db in try Self.recordGeneration(db, diskID: diskID, generation) } }
+    }
+
+    private static func recordGeneration(_ db: Database, diskID: String, _ generation: Int) throws {
+        try db.execute(
+            sql:
+                "INSERT INTO shared_sync (disk_id, generation) VALUES (?, ?) ON CONFLICT(disk_id) DO UPDATE SET generation = excluded.generation",
+            arguments: [diskID, generation])
     }
 
     /// Replaces this store's copy of the disk by the shared document, in one transaction: its
@@ -339,10 +339,7 @@ extension MetadataStore {
                             Int64(j.pid),
                         ])
                 }
-                try db.execute(
-                    sql:
-                        "INSERT INTO shared_sync (disk_id, generation) VALUES (?, ?) ON CONFLICT(disk_id) DO UPDATE SET generation = excluded.generation",
-                    arguments: [diskID, document.generation])
+                try Self.recordGeneration(db, diskID: diskID, document.generation)
             }
         }
     }
