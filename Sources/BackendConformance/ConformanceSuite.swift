@@ -9,6 +9,15 @@ public struct ConformanceFailure: Error, CustomStringConvertible, Sendable {
     public var description: String { message }
 }
 
+/// A check that finds, once it runs, that the scratch disk's storage does not offer what it
+/// tests (an LVM volume group without a thin pool has no thin mappings to compare): skipped,
+/// with the reason.
+public struct ConformanceSkip: Error, CustomStringConvertible, Sendable {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
 /// One check of the contract.
 public struct ConformanceCheck: Sendable {
     /// Stable identifier, for filters and reports (`internal.revert`).
@@ -102,6 +111,9 @@ public struct ConformanceSuite: Sendable {
                         throw error
                     }
                     await context.cleanUp()
+                } catch let skip as ConformanceSkip {
+                    result.outcome = .skipped
+                    result.detail = skip.message
                 } catch {
                     result.outcome = .failed
                     result.detail = String(describing: error)

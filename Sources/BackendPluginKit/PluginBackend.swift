@@ -80,7 +80,8 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
             kind: described.kind, apiVersion: agreed, summary: described.summary, capabilities: described.capabilities,
             settings: schema, liveSnapshots: described.liveSnapshots ?? .none,
             imageFormat: described.driveFormat ?? "raw", sourceType: described.sourceType ?? .file,
-            tools: described.tools ?? [], sharedMetadata: agreed >= 2 && described.sharedMetadata == true)
+            tools: described.tools ?? [], sharedMetadata: agreed >= 2 && described.sharedMetadata == true,
+            reportsChanges: described.reportsChanges == true)
     }
 
     deinit { process?.stop() }
@@ -301,6 +302,20 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
                 .rollbackBlockers, SnapshotParams(snapshot: snapshot, layout: layout))
             return answer.blockers
         } catch let e as SnapshotError where e.code == .unsupported { return [] }
+    }
+
+    public func changes(_ layout: DiskLayout, from snapshot: String, to view: DataView) async throws -> DiskChanges {
+        guard descriptor.reportsChanges else {
+            throw SnapshotError(
+                .unsupported, "backend plug-in '\(kind)' does not report which blocks changed between snapshots")
+        }
+        let answer: ChangesResult = try await callAsync(
+            .changes, ChangesParams(from: snapshot, to: ViewParam(view), layout: layout))
+        var to: String?
+        if case .snapshot(let name) = view { to = name }
+        return DiskChanges(
+            disk: layout.disk.id, from: snapshot, to: to, virtualSize: answer.virtualSize, method: answer.method,
+            granularity: answer.granularity, extents: answer.extents)
     }
 
     public func perform(_ name: String, arguments: [String: String]) async throws {

@@ -32,6 +32,9 @@ public enum PluginMethod: String, Codable, Sendable, CaseIterable {
     case hypervisorDrive, createDisk, destroyDisk, read, write, poolInventory
     /// Version 2: the disk's record kept in the storage, under the storage's lock.
     case lockShared, unlockShared, readShared, writeShared
+    /// Optional, announced by `reportsChanges` in the description: what differs between a
+    /// snapshot and a newer view of the disk.
+    case changes
 }
 
 // MARK: - Envelopes
@@ -108,6 +111,8 @@ public struct DescribeResult: Codable, Sendable {
     public var tools: [String]?
     /// Version 2: the storage keeps each disk's record for every host (`lockShared` and the rest).
     public var sharedMetadata: Bool?
+    /// The plug-in answers `changes` (SnapshotChanges.swift).
+    public var reportsChanges: Bool?
 }
 
 struct Empty: Codable, Sendable {}
@@ -184,6 +189,20 @@ struct ViewParam: Codable, Sendable {
         if let snapshot { return .snapshot(snapshot) }
         return active == true ? .active : nil
     }
+}
+
+struct ChangesParams: Codable, Sendable {
+    var from: String
+    var to: ViewParam
+    var layout: DiskLayout
+}
+
+/// A plug-in's answer to `changes`; vmsnap fills in the disk and the two views it asked for.
+struct ChangesResult: Codable, Sendable {
+    var virtualSize: UInt64
+    var method: String
+    var granularity: UInt64
+    var extents: [ChangedExtent]
 }
 
 struct ReadParams: Codable, Sendable {

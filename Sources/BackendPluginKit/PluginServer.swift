@@ -104,7 +104,8 @@ public struct PluginServer: Sendable {
                 DescribeResult(
                     kind: kind, summary: d.summary, capabilities: d.capabilities, settings: d.settings,
                     locators: .path, liveSnapshots: d.liveSnapshots, driveFormat: d.imageFormat,
-                    sourceType: d.sourceType, tools: d.tools, sharedMetadata: d.sharedMetadata))
+                    sourceType: d.sourceType, tools: d.tools, sharedMetadata: d.sharedMetadata,
+                    reportsChanges: d.reportsChanges))
         case .configure:
             return try Self.result(id, Empty())
         case .recognizes:
@@ -167,6 +168,16 @@ public struct PluginServer: Sendable {
                 id,
                 BytesResult(bytes: Data(try await backend.read(view, at: p.offset, length: p.length, layout: p.layout)))
             )
+        case .changes:
+            let p = try Self.params(ChangesParams.self, line)
+            guard let view = p.to.view else {
+                throw SnapshotError(.invalidArgument, "changes need to: {\"active\": true} or {\"snapshot\": NAME}")
+            }
+            let c = try await backend.changes(p.layout, from: p.from, to: view)
+            return try Self.result(
+                id,
+                ChangesResult(
+                    virtualSize: c.virtualSize, method: c.method, granularity: c.granularity, extents: c.extents))
         case .write:
             let p = try Self.params(WriteParams.self, line)
             try await backend.write(Array(p.bytes), at: p.offset, layout: p.layout)

@@ -112,7 +112,8 @@ extension DomainService {
             try checkCheckpointName(name, domain: domain)
             newRecord = try newCheckpointRecord(
                 domain: domain, name: name, description: "taken with backup \(job.name)",
-                tracked: try await trackedDisks(definition, targets: request.targets))
+                tracked: try await trackedDisks(
+                    definition, targets: request.targets, storageSnapshots: !driver.isRunning(domain)))
         }
         let base = try await incrementalBase(
             from: request.incremental, fallbackFull: request.fallbackFull, definition: definition, targets: targets)
@@ -135,10 +136,16 @@ extension DomainService {
         let layer = try await driver.blockLayer(definition, drives: try await drives(definition))
         do {
             try await createJobFiles(job, layer: layer, tools: driver.backupImages, journalID: id, journal: &j)
+            try await writeChangesFiles(
+                job.disks.map { ($0.target, $0.changedSince) }, definition: definition, tools: driver.backupImages,
+                size: { try await layer.virtualSize(target: $0) },
+                journalID: id, journal: &j)
             try blockPhase(id, &j, "files-created", domain: domain)
+            if let newRecord { try await takeCheckpointSnapshots(newRecord, definition: definition) }
             try await startJob(
                 job, layer: layer,
-                newBitmap: newRecord.map { NewBitmap(name: $0.name, targets: $0.disks.map(\.target)) })
+                newBitmap: newRecord.map { NewBitmap(name: $0.name, targets: $0.bitmapTargets) })
+            Self.removeChangesFiles(job.disks.map(\.changedSince))
             try blockPhase(id, &j, "started", domain: domain)
             if let newRecord { try store.updateCheckpoints(domain: domain, upsert: [newRecord]) }
             try store.setBackupJob(job, domain: domain)
@@ -436,9 +443,12 @@ extension DomainService {
             try await tearDown(job, removing: [])
             if let record = j.checkpoint {
                 try await withBitmapAccess(try definition(job.domain).definition) {
-                    try await $0.remove(record.name, targets: record.disks.map(\.target))
+                    try await $0.remove(record.name, targets: record.bitmapTargets)
                 }
             }
+        }
+        if let record = j.checkpoint {
+            try await removeCheckpointSnapshots([record], definition: try definition(job.domain).definition)
         }
         j.removeFiles()
         if let record = j.checkpoint { try store.updateCheckpoints(domain: job.domain, remove: [record.name]) }

@@ -156,8 +156,13 @@ extension DomainService {
                 try await driver.backupImages.create(
                     disk.source, size: try await layer.virtualSize(target: disk.target), backing: nil)
             }
+            try await writeChangesFiles(
+                record.disks.map { ($0.target, $0.changedSince) }, definition: definition,
+                tools: driver.backupImages, size: { try await layer.virtualSize(target: $0) }, journalID: id,
+                journal: &j)
             try await layer.startBlockSnapshots(
-                record.parts(), newBitmap: newRecord.map { NewBitmap(name: $0.name, targets: $0.disks.map(\.target)) })
+                record.parts(), newBitmap: newRecord.map { NewBitmap(name: $0.name, targets: $0.bitmapTargets) })
+            Self.removeChangesFiles(record.disks.map(\.changedSince))
             try blockPhase(id, &j, "started", domain: domain)
             if let newRecord { try store.updateCheckpoints(domain: domain, upsert: [newRecord]) }
             try store.setBlockSnapshot(record, domain: domain, name: name)
@@ -230,12 +235,12 @@ extension DomainService {
         if let layer {
             try? await layer.stopExports(ids: record.disks.map(\.id))
             for d in record.disks { try? await layer.stopBlockSnapshot(id: d.id) }
-            if let c = j.checkpoint { try? await layer.removeBitmaps(c.name, targets: c.disks.map(\.target)) }
+            if let c = j.checkpoint { try? await layer.removeBitmaps(c.name, targets: c.bitmapTargets) }
         } else {
             try await finishBlockSnapshotDelete(record)
             if let c = j.checkpoint {
                 try await withBitmapAccess(try definition(record.domain).definition) {
-                    try await $0.remove(c.name, targets: c.disks.map(\.target))
+                    try await $0.remove(c.name, targets: c.bitmapTargets)
                 }
             }
         }

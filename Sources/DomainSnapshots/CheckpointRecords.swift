@@ -15,8 +15,16 @@ public struct CheckpointDisk: Codable, Sendable, Hashable {
     /// The disk's content epoch then: a later revert moves it on, and the bitmap no longer
     /// describes what changed since.
     public var epoch: Int64
+    /// Tracked by the disk's storage instead of a bitmap: the disk snapshot taken at the
+    /// checkpoint; "changed since" is what the storage reports between it and the disk now
+    /// (StorageCheckpoints.swift). Nil: a bitmap.
+    public var snapshot: String?
 
-    public init(target: String, diskID: String, backend: BackendKind, bitmap: String, image: String, epoch: Int64) {
+    public init(
+        target: String, diskID: String, backend: BackendKind, bitmap: String, image: String, epoch: Int64,
+        snapshot: String? = nil
+    ) {
+        self.snapshot = snapshot
         self.target = target
         self.diskID = diskID
         self.backend = backend
@@ -36,6 +44,9 @@ public struct CheckpointRecord: Codable, Sendable, Hashable {
     /// UTC, whole seconds.
     public var createdAt: Date
     public var disks: [CheckpointDisk]
+
+    /// The disks tracked by a dirty bitmap (the others by their storage's snapshots).
+    public var bitmapTargets: [String] { disks.filter { $0.snapshot == nil }.map(\.target) }
 
     public init(
         domain: String, name: String, parent: String?, description: String?, createdAt: Date, disks: [CheckpointDisk]

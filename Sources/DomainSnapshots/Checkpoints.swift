@@ -134,8 +134,12 @@ extension DomainService {
     }
 
     /// The disks a checkpoint tracks: the ones asked for, each checked for changed-block
-    /// tracking in its backend and (while the domain runs) in its hypervisor.
-    func trackedDisks(_ definition: DomainDefinition, targets: [String]?) async throws -> [CheckpointDisk] {
+    /// tracking in its backend and (while the domain runs) in its hypervisor. A disk whose
+    /// storage reports changes between snapshots is tracked by a snapshot of its own when
+    /// `storageSnapshots` (`checkpoint create` and `backup begin` of a shut-off domain).
+    func trackedDisks(_ definition: DomainDefinition, targets: [String]?, storageSnapshots: Bool = false)
+        async throws -> [CheckpointDisk]
+    {
         let driver = try drivers.driver(for: definition)
         let running = driver.isRunning(definition.name)
         if let targets {
@@ -151,8 +155,23 @@ extension DomainService {
         for disk in definition.disks where targets?.contains(disk.target) ?? true {
             let (backend, layout) = try await disks.manage(disk.locator, kind: disk.backend)
             var why: String?
+            var snapshot: String?
             if case .unavailable(let reason) = backend.changeTracking {
                 why = reason
+                if backend.descriptor.reportsChanges {
+                    if running {
+                        why =
+                            "backend '\(backend.kind)' reports changes between snapshots, which checkpoints use only while the domain is shut off"
+                    } else if !storageSnapshots {
+                        why =
+                            "backend '\(backend.kind)' reports changes between snapshots, which only `checkpoint create` and `backup begin` use"
+                    } else if let problem = try await checkpointSnapshotProblem(backend, layout) {
+                        why = problem
+                    } else {
+                        why = nil
+                        snapshot = ""
+                    }
+                }
             } else if running {
                 let format = try backend.hypervisorDrive(layout).format
                 if !driver.capabilities.dirtyBitmapFormats.contains(format) {
@@ -172,7 +191,8 @@ extension DomainService {
             out.append(
                 CheckpointDisk(
                     target: disk.target, diskID: layout.disk.id, backend: backend.kind, bitmap: "",
-                    image: layout.disk.active, epoch: try store.contentEpoch(diskID: layout.disk.id)))
+                    image: layout.disk.active, epoch: try store.contentEpoch(diskID: layout.disk.id), snapshot: snapshot
+                ))
         }
         guard !out.isEmpty else {
             throw SnapshotError(
@@ -223,6 +243,7 @@ extension DomainService {
             disks: tracked.map {
                 var d = $0
                 d.bitmap = name
+                if d.snapshot != nil { d.snapshot = Self.checkpointSnapshotName(name) }
                 return d
             })
     }
@@ -246,21 +267,24 @@ extension DomainService {
         if let d = request.description, d.utf8.count > 4096 {
             throw SnapshotError(.invalidArgument, "the description is \(d.utf8.count) bytes; the limit is 4096")
         }
-        let tracked = try await trackedDisks(definition, targets: request.targets)
+        let tracked = try await trackedDisks(definition, targets: request.targets, storageSnapshots: true)
         let record = try newCheckpointRecord(
             domain: domain, name: name, description: request.description, tracked: tracked)
         var j = BlockJournal(operation: .checkpointCreate, checkpoint: record)
         let id = try beginBlockJournal(domain: domain, j)
         let access = try await bitmapAccess(definition)
         do {
-            try await access.add(name, targets: record.disks.map(\.target))
+            try await access.add(name, targets: record.bitmapTargets)
             try blockPhase(id, &j, "bitmaps-added", domain: domain)
+            try await takeCheckpointSnapshots(record, definition: definition)
+            try blockPhase(id, &j, "snapshots-taken", domain: domain)
             try store.updateCheckpoints(domain: domain, upsert: [record])
             try store.finishDomainJournal(id, state: "done")
         } catch {
-            try? await access.remove(name, targets: record.disks.map(\.target))
-            try? store.finishDomainJournal(id, state: "rolled-back")
+            try? await access.remove(name, targets: record.bitmapTargets)
             await access.close()
+            try? await removeCheckpointSnapshots([record], definition: definition)
+            try? store.finishDomainJournal(id, state: "rolled-back")
             throw error
         }
         await access.close()
@@ -313,6 +337,17 @@ extension DomainService {
     func checkpointProblem(_ disk: CheckpointDisk, definition: DomainDefinition, access: BitmapAccess)
         async throws -> (String?, DirtyBitmap?)
     {
+        if let snapshot = disk.snapshot {
+            let (problem, changes) = try await storageCheckpointProblem(
+                disk, snapshot: snapshot, definition: definition)
+            // What the storage counted, in the shape `checkpoint info` shows for a bitmap.
+            return (
+                problem,
+                changes.map {
+                    DirtyBitmap(name: snapshot, granularity: $0.granularity, dirtyBytes: $0.changedBytes)
+                }
+            )
+        }
         guard let now = definition.disks.first(where: { $0.target == disk.target }),
             let layout = try? await disks.layout(of: now.locator, kind: now.backend).1, layout.disk.id == disk.diskID
         else {
@@ -377,6 +412,12 @@ extension DomainService {
     /// layer from the active one down to where the checkpoint was taken.
     func changedSince(_ disk: CheckpointDisk, definition: DomainDefinition) async throws -> [LayerBitmap] {
         guard let now = definition.disks.first(where: { $0.target == disk.target }) else { return [] }
+        if let snapshot = disk.snapshot {
+            // A bitmap file the job writes from the storage's changes (writeChangesFiles).
+            let file = (store.directory as NSString).appendingPathComponent(
+                "backup/\(definition.name)/\(disk.target).\(UUID().uuidString.prefix(8)).changes.qcow2")
+            return [LayerBitmap(name: snapshot, file: file)]
+        }
         let layout = try await disks.layout(of: now.locator, kind: now.backend).1
         return (Self.layerChain(layout, downTo: disk.image) ?? [layout.disk.active]).map {
             LayerBitmap(layer: $0 == layout.disk.active ? nil : $0, name: disk.bitmap)
@@ -402,9 +443,11 @@ extension DomainService {
         var j = BlockJournal(operation: .checkpointDelete, removing: removing)
         let id = try beginBlockJournal(domain: domain, j)
         if !metadataOnly {
-            try await withBitmapAccess(try definition(domain).definition) { access in
-                for r in removing { try await access.remove(r.name, targets: r.disks.map(\.target)) }
+            let (definition, _) = try definition(domain)
+            try await withBitmapAccess(definition) { access in
+                for r in removing { try await access.remove(r.name, targets: r.bitmapTargets) }
             }
+            try await removeCheckpointSnapshots(removing, definition: definition)
         }
         try blockPhase(id, &j, "bitmaps-removed", domain: domain)
         try finishCheckpointDelete(domain: domain, removing: removing)
@@ -462,16 +505,18 @@ extension DomainService {
             }
             let (definition, _) = try definition(domain)
             try await withBitmapAccess(definition) {
-                try await $0.remove(record.name, targets: record.disks.map(\.target))
+                try await $0.remove(record.name, targets: record.bitmapTargets)
             }
+            try await removeCheckpointSnapshots([record], definition: definition)
             try store.finishDomainJournal(entry.id, state: "rolled-back")
             notify("recovered an interrupted checkpoint create on domain '\(domain)': rolled back")
             return
         case .checkpointDelete:
             let (definition, _) = try definition(domain)
             try await withBitmapAccess(definition) { access in
-                for r in j.removing { try await access.remove(r.name, targets: r.disks.map(\.target)) }
+                for r in j.removing { try await access.remove(r.name, targets: r.bitmapTargets) }
             }
+            try await removeCheckpointSnapshots(j.removing, definition: definition)
             try finishCheckpointDelete(domain: domain, removing: j.removing)
             try store.finishDomainJournal(entry.id, state: "done")
             notify("recovered an interrupted checkpoint delete on domain '\(domain)': finished")

@@ -200,7 +200,7 @@ extension DomainService {
                 try await takeThroughBackends(parts, name: name, request: request, journalID: journalID, j: &j)
                 if let checkpoint {
                     try await withBitmapAccess(definition) {
-                        try await $0.add(checkpoint.name, targets: checkpoint.disks.map(\.target))
+                        try await $0.add(checkpoint.name, targets: checkpoint.bitmapTargets)
                     }
                 }
             } else {
@@ -349,7 +349,7 @@ extension DomainService {
     ) async throws -> ([DiskPart], [DomainSnapshotDisk]) {
         var parts: [DiskPart] = []
         var excluded: [DomainSnapshotDisk] = []
-        let tracked = Set(try store.checkpoints(of: definition.name).flatMap { $0.disks.map(\.target) })
+        let tracked = Set(try store.checkpoints(of: definition.name).flatMap { $0.bitmapTargets })
         // Room the store must keep: the memory image (when it goes there), then each held overlay.
         let memoryInStore =
             state != .shutoff && !request.diskOnly && !request.internalMemory && request.memoryFile == nil
@@ -498,7 +498,7 @@ extension DomainService {
             parts.filter { $0.live == nil && !$0.held }, name: name, request: request, journalID: journalID, j: &j)
         if !atOnce.isEmpty { try await live.snapshotDisks(atOnce) }
         if let c = j.checkpoint {
-            try await live.addDirtyBitmaps(c.name, targets: c.disks.map(\.target))
+            try await live.addDirtyBitmaps(c.name, targets: c.bitmapTargets)
         }
         if tracking {
             // Still paused: the new overlays record from the snapshot's instant on.
@@ -610,7 +610,7 @@ extension DomainService {
             try phase(journalID, &j, "paused")
             try await live.pause()
         }
-        if let checkpoint { try await live.addDirtyBitmaps(checkpoint.name, targets: checkpoint.disks.map(\.target)) }
+        if let checkpoint { try await live.addDirtyBitmaps(checkpoint.name, targets: checkpoint.bitmapTargets) }
         try phase(journalID, &j, "transaction")
         try await live.saveInternal(name: name, targets: parts.map(\.disk.target))
         if resume {
@@ -651,7 +651,7 @@ extension DomainService {
         // The checkpoint taken with it goes too (through a new connection: QEMU serves one).
         if let c = j.checkpoint, try !store.checkpoints(of: domain).contains(where: { $0.name == c.name }) {
             try await withBitmapAccess(record.definition) {
-                try await $0.remove(c.name, targets: c.disks.map(\.target))
+                try await $0.remove(c.name, targets: c.bitmapTargets)
             }
         }
     }

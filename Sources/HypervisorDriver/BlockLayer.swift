@@ -6,10 +6,14 @@ import SnapshotCore
 public struct LayerBitmap: Codable, Sendable, Hashable {
     public var layer: String?
     public var name: String
+    /// A bitmap file outside the disk's chain instead (``BackupImageTool/writeChangesBitmap``):
+    /// the changes the disk's storage reported, opened read-only only to be merged.
+    public var file: String?
 
-    public init(layer: String? = nil, name: String) {
+    public init(layer: String? = nil, name: String, file: String? = nil) {
         self.layer = layer
         self.name = name
+        self.file = file
     }
 }
 
@@ -204,9 +208,19 @@ public protocol BackupImageTool: Sendable {
     /// Makes `image` name `backing` as its backing file, changing nothing else (its data, and what
     /// it reads, stay the caller's business): undoes a header a crash left half-merged.
     func setBackingFile(of image: String, to backing: String) async throws
+    /// Writes at `path` (an empty file the caller made) an image of `size` bytes holding no data
+    /// and one bitmap, `name`, with exactly the bits of `extents` set: the changes a disk's
+    /// storage reported, in the form the hypervisor's backup jobs take.
+    func writeChangesBitmap(_ path: String, size: UInt64, name: String, extents: [ChangedExtent]) async throws
 }
 
 extension BackupImageTool {
+    public func writeChangesBitmap(_ path: String, size: UInt64, name: String, extents: [ChangedExtent])
+        async throws
+    {
+        throw SnapshotError(.unsupported, "this hypervisor's image tool cannot write a bitmap of changed extents")
+    }
+
     public func mergeIntoBacking(_ image: String) async throws {
         throw SnapshotError(.unsupported, "this hypervisor's image tool cannot merge \(image) into its backing file")
     }

@@ -26,6 +26,33 @@ public struct QEMUBlockLayer: BlockLayer {
     static func viewNode(_ id: String) -> String { "vmsnap-view-\(id)" }
     static func viewJob(_ id: String) -> String { "vmsnap-view-\(id)" }
     static func backupNode(_ target: String) -> String { "vmsnap-backup-\(target)" }
+    /// The node a bitmap file is opened as while it is merged (FNV-1a of its path: node names
+    /// are short and plain).
+    static func bitmapFileNode(_ path: String) -> String {
+        var hash: UInt32 = 2_166_136_261
+        for byte in path.utf8 { hash = (hash ^ UInt32(byte)) &* 16_777_619 }
+        return "vmsnap-cb-" + String(format: "%08x", hash)
+    }
+
+    /// Opens every bitmap file the parts merge from (read-only), runs `body`, closes them again.
+    func withBitmapFiles<T>(_ sources: [[LayerBitmap]], _ body: () async throws -> T) async throws -> T {
+        let files = Array(Set(sources.flatMap { $0.compactMap(\.file) })).sorted()
+        var opened: [String] = []
+        func closeAll() async { for node in opened { try? await client.run(QMP.DeleteNode(nodeName: node)) } }
+        do {
+            for file in files {
+                let node = Self.bitmapFileNode(file)
+                try await client.run(QMP.AddReadOnlyQcow2Node(nodeName: node, path: file))
+                opened.append(node)
+            }
+            let result = try await body()
+            await closeAll()
+            return result
+        } catch {
+            await closeAll()
+            throw error
+        }
+    }
     static func backupJob(_ target: String) -> String { "vmsnap-backup-\(target)" }
     /// The frozen copy of the checkpoint bitmaps a push incremental copies from.
     static func frozenBitmap(_ target: String) -> String { "vmsnap-backup-\(target)" }
@@ -72,9 +99,14 @@ public struct QEMUBlockLayer: BlockLayer {
             return nodes.first { $0.nodeName == name }?.bitmaps ?? []
         }
 
-        /// The bitmaps to merge, each by node.
+        /// The bitmaps to merge, each by node (a bitmap file by the node ``openBitmapFiles`` gave it).
         func sources(_ target: String, _ bitmaps: [LayerBitmap]) throws -> [QMP.BitmapRef] {
-            try bitmaps.map { QMP.BitmapRef(node: try node(target, layer: $0.layer), name: $0.name) }
+            try bitmaps.map {
+                if let file = $0.file {
+                    return QMP.BitmapRef(node: QEMUBlockLayer.bitmapFileNode(file), name: $0.name)
+                }
+                return QMP.BitmapRef(node: try node(target, layer: $0.layer), name: $0.name)
+            }
         }
 
         /// The actions that add a new checkpoint's bitmap to its disks, persistent and recording.
@@ -146,7 +178,9 @@ public struct QEMUBlockLayer: BlockLayer {
             actions += try g.addActions(newBitmap)
             do {
                 Trace.mark("views prepared")
-                try await client.run(QMP.BlockTransaction(actions: actions))
+                try await withBitmapFiles(parts.map(\.changedSince)) {
+                    try await client.run(QMP.BlockTransaction(actions: actions))
+                }
                 Trace.mark("views transaction")
             } catch {
                 for part in parts { try? await client.run(QMP.DeleteNode(nodeName: Self.viewNode(part.id))) }
@@ -265,7 +299,11 @@ public struct QEMUBlockLayer: BlockLayer {
                 }
             }
             actions += try g.addActions(newBitmap)
-            do { try await client.run(QMP.BlockTransaction(actions: actions)) } catch {
+            do {
+                try await withBitmapFiles(parts.map(\.changedSince)) {
+                    try await client.run(QMP.BlockTransaction(actions: actions))
+                }
+            } catch {
                 for part in parts { try? await client.run(QMP.DeleteNode(nodeName: Self.backupNode(part.target))) }
                 throw error
             }
@@ -423,6 +461,27 @@ public struct QEMUBackupImages: BackupImageTool {
             )
         }
         return (info["full-backing-filename"] as? String) ?? (info["backing-filename"] as? String)
+    }
+
+    /// A qcow2 image with no data and one persistent bitmap (64 KiB a bit): qemu-io writes zeros
+    /// over each extent (a zero write allocates nothing, but marks the bitmap), a few thousand
+    /// extents a run. Extents are widened to whole sectors; a bit covers its whole 64 KiB.
+    public func writeChangesBitmap(_ path: String, size: UInt64, name: String, extents: [ChangedExtent])
+        async throws
+    {
+        try await runner.run(["qemu-img", "create", "-q", "-f", "qcow2", path, String(size)])
+        try await runner.run(["qemu-img", "bitmap", "--add", "-g", "65536", path, name])
+        var commands: [String] = []
+        for e in extents {
+            let first = e.offset / 512 * 512
+            let end = min((e.offset + e.length + 511) / 512 * 512, size)
+            guard end > first else { continue }
+            commands += ["-c", "write -z \(first) \(end - first)"]
+        }
+        for batch in stride(from: 0, to: commands.count, by: 4000) {
+            try await runner.run(
+                ["qemu-io", "-f", "qcow2"] + commands[batch..<min(batch + 4000, commands.count)] + [path])
+        }
     }
 
     public func setBackingFile(of image: String, to backing: String) async throws {

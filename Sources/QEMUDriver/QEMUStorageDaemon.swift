@@ -23,22 +23,69 @@ struct QEMUStorageDaemon: Sendable {
     /// One `--blockdev` in JSON (no option-string escaping): the drive's format over its file or
     /// block device, named after the drive as the domain's QEMU names it.
     static func blockdev(_ drive: DomainDrive) throws -> String {
-        let protocolDriver: String
+        let file: [String: Any]
         switch drive.drive.sourceType {
-        case .file: protocolDriver = "file"
-        case .block: protocolDriver = "host_device"
+        case .file: file = ["driver": "file", "filename": drive.drive.path]
+        case .block: file = ["driver": "host_device", "filename": drive.drive.path]
         case .network:
-            throw SnapshotError(
-                .unsupported,
-                "disk \(drive.target) is a network volume (\(drive.drive.path)); backups of a shut-off domain open files and block devices only. Start the domain and back it up while it runs"
-            )
+            // `-drive` takes QEMU's legacy `rbd:` filename; `--blockdev` wants its parts.
+            guard let rbd = rbdOptions(drive.drive.path) else {
+                throw SnapshotError(
+                    .unsupported,
+                    "disk \(drive.target) is a network volume QEMU names \(drive.drive.path); the storage daemon that serves a shut-off domain's backups opens files, block devices and rbd: volumes only. Start the domain and back it up while it runs"
+                )
+            }
+            file = rbd
         }
         let spec: [String: Any] = [
-            "driver": drive.drive.format, "node-name": QEMUDriver.driveID(drive.target),
-            "file": ["driver": protocolDriver, "filename": drive.drive.path],
+            "driver": drive.drive.format, "node-name": QEMUDriver.driveID(drive.target), "file": file,
         ]
         let data = try JSONSerialization.data(withJSONObject: spec, options: [.sortedKeys])
         return String(decoding: data, as: UTF8.self)
+    }
+
+    /// QEMU's legacy `rbd:pool[/namespace]/image[@snapshot][:id=USER][:conf=PATH]` filename
+    /// (`\\` escapes `:` and itself) as `--blockdev` options for the rbd driver; nil for any
+    /// other spelling, or a key this does not know (nothing guessed).
+    static func rbdOptions(_ path: String) -> [String: Any]? {
+        guard path.hasPrefix("rbd:") else { return nil }
+        var fields: [String] = [""]
+        var escaped = false
+        for c in path.dropFirst(4) {
+            if escaped {
+                fields[fields.count - 1].append(c)
+                escaped = false
+            } else if c == "\\" {
+                escaped = true
+            } else if c == ":" {
+                fields.append("")
+            } else {
+                fields[fields.count - 1].append(c)
+            }
+        }
+        guard !escaped else { return nil }
+        var name = Substring(fields[0])
+        var options: [String: Any] = ["driver": "rbd"]
+        if let at = name.firstIndex(of: "@") {
+            options["snapshot"] = String(name[name.index(after: at)...])
+            name = name[..<at]
+        }
+        let parts = name.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
+        guard (2...3).contains(parts.count), parts.allSatisfy({ !$0.isEmpty }) else { return nil }
+        options["pool"] = parts[0]
+        if parts.count == 3 { options["namespace"] = parts[1] }
+        options["image"] = parts[parts.count - 1]
+        for field in fields.dropFirst() {
+            guard let eq = field.firstIndex(of: "=") else { return nil }
+            let key = field[..<eq]
+            let value = String(field[field.index(after: eq)...])
+            switch key {
+            case "id": options["user"] = value
+            case "conf": options["conf"] = value
+            default: return nil
+            }
+        }
+        return options
     }
 
     /// Starts the daemon over `drives` (they are opened read-write: a checkpoint's new bitmap is

@@ -91,6 +91,19 @@ extension QMP {
         }
     }
 
+    /// A qcow2 image opened read-only without its backing (its bitmaps, to merge from).
+    public struct AddReadOnlyQcow2Node: QMPCommand {
+        public typealias Response = Void
+        public static let name = "blockdev-add"
+        public var nodeName: String, path: String
+        public var arguments: JSONValue? {
+            [
+                "driver": "qcow2", "node-name": .string(nodeName), "read-only": true,
+                "file": ["driver": "file", "filename": .string(path)], "backing": .null,
+            ]
+        }
+    }
+
     /// A file opened as a protocol node (for `blockdev-create` to format it).
     public struct AddFileNode: QMPCommand {
         public typealias Response = Void

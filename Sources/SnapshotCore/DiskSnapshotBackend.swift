@@ -26,14 +26,19 @@ public struct BackendDescriptor: Codable, Sendable, Hashable {
     /// every host that reaches it (cluster storage): see SharedMetadata.swift. False: the record
     /// lives in this host's store only.
     public var sharedMetadata: Bool
+    /// The storage reports, from its own metadata, which extents differ between a snapshot and
+    /// a newer view of the disk (``DiskSnapshotBackend/changes(_:from:to:)``, SnapshotChanges.swift).
+    public var reportsChanges: Bool
 
     public init(
         kind: BackendKind, apiVersion: Int = diskSnapshotBackendAPIVersion, summary: String,
         capabilities: CapabilityTable,
         settings: [SettingSpec] = [], liveSnapshots: LiveSnapshotTaker = .none, imageFormat: String,
-        sourceType: DiskSourceType = .file, tools: [String] = [], sharedMetadata: Bool = false
+        sourceType: DiskSourceType = .file, tools: [String] = [], sharedMetadata: Bool = false,
+        reportsChanges: Bool = false
     ) {
         self.tools = tools
+        self.reportsChanges = reportsChanges
         self.sharedMetadata = sharedMetadata
         self.kind = kind
         self.apiVersion = apiVersion
@@ -47,7 +52,7 @@ public struct BackendDescriptor: Codable, Sendable, Hashable {
 
     enum CodingKeys: String, CodingKey {
         case kind, apiVersion, summary, capabilities, settings, liveSnapshots, imageFormat, sourceType, tools
-        case sharedMetadata
+        case sharedMetadata, reportsChanges
     }
 
     public init(from decoder: any Decoder) throws {
@@ -62,6 +67,7 @@ public struct BackendDescriptor: Codable, Sendable, Hashable {
         sourceType = try c.decodeIfPresent(DiskSourceType.self, forKey: .sourceType) ?? .file
         tools = try c.decodeIfPresent([String].self, forKey: .tools) ?? []
         sharedMetadata = try c.decodeIfPresent(Bool.self, forKey: .sharedMetadata) ?? false
+        reportsChanges = try c.decodeIfPresent(Bool.self, forKey: .reportsChanges) ?? false
     }
 }
 
@@ -212,6 +218,11 @@ public protocol DiskSnapshotBackend: Sendable {
     func addBitmap(_ name: String, layout: DiskLayout) async throws
     /// Removes a bitmap from the active layer (offline); nothing if it is not there.
     func removeBitmap(_ name: String, layout: DiskLayout) async throws
+
+    /// The extents that differ between `snapshot` and a newer view of the disk (another
+    /// snapshot, or the disk now), from the storage's metadata; for a backend that declares
+    /// ``BackendDescriptor/reportsChanges`` (default: refused).
+    func changes(_ layout: DiskLayout, from snapshot: String, to view: DataView) async throws -> DiskChanges
 
     // MARK: Metadata shared through the storage (defaults: none; SharedMetadata.swift)
 

@@ -454,6 +454,37 @@ public struct DiskSnapshotService: Sendable {
         try await withManagedDisk(locator, kind: kind) { backend, layout in try await backend.maintain(layout: layout) }
     }
 
+    /// The extents that differ between snapshot `from` and `to` (another snapshot, or the disk
+    /// now), as the disk's storage reports them, under the disk's lock so no operation changes
+    /// the layout meanwhile. Refused for a backend that does not report changes, and for names
+    /// the disk does not have; what the backend answers is checked against the disk's size.
+    public func changes(disk locator: String, kind: BackendKind? = nil, from: String, to: DataView) async throws
+        -> DiskChanges
+    {
+        try await withManagedDisk(locator, kind: kind) { backend, layout in
+            guard backend.descriptor.reportsChanges else {
+                throw SnapshotError(
+                    .unsupported,
+                    "backend '\(backend.kind)' does not report which blocks changed between snapshots of \(layout.disk.id); back the disk up in full, or compare the two views' data"
+                )
+            }
+            let base = try Self.require(from, in: layout)
+            var limit = base.virtualSize
+            if case .snapshot(let name) = to {
+                let newer = try Self.require(name, in: layout)
+                guard name != from else {
+                    throw SnapshotError(
+                        .invalidArgument, "--from and --to both name \(SnapshotName.quoted(name)): nothing to compare")
+                }
+                limit = max(limit, newer.virtualSize)
+            } else {
+                limit = max(limit, try await backend.inspect(locator: layout.disk.active).virtualSize)
+            }
+            let reported = try await backend.changes(layout, from: from, to: to)
+            return try reported.normalized(limit: limit, who: "backend '\(backend.kind)'")
+        }
+    }
+
     /// Removes snapshot records only; children are reparented, storage is untouched.
     private func forget(_ name: String, mode: DeleteMode, layout: DiskLayout) throws -> DiskLayout {
         var after = layout

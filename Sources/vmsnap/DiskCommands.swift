@@ -7,7 +7,7 @@ struct DiskCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "disk",
         abstract: "Snapshots of a single disk (qcow2 file, LVM volume, VHD file).",
-        subcommands: [DiskInfoCommand.self, DiskCheckCommand.self, DiskSnapshotCommand.self]
+        subcommands: [DiskInfoCommand.self, DiskCheckCommand.self, DiskSnapshotCommand.self, DiskChangesCommand.self]
     )
 }
 

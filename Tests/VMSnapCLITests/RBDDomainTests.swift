@@ -15,7 +15,9 @@ let rbdPluginDirectory = URL(fileURLWithPath: #filePath).deletingLastPathCompone
 struct RBDDomainTests {
     let cluster = GuestImage.repository + "/scripts/ceph-cluster"
 
-    @Test func rbdAndQcow2DisksTogether() async throws {
+    /// Starts the one-node cluster (unless it runs): whether it ran before, vmsnap's environment
+    /// for the rbd plug-in and the cluster, and the cluster's conf.
+    func startCluster() async throws -> (Bool, [String: String], String) {
         let wasRunning = try await SubprocessRunner().execute([cluster, "status"]).status == 0
         let started = try await SubprocessRunner().run([cluster, "start"]).standardOutput
         var env: [String: String] = ["VMSNAP_BACKEND_PATH": rbdPluginDirectory]
@@ -23,7 +25,11 @@ struct RBDDomainTests {
             let pair = line.dropFirst(7).split(separator: "=", maxSplits: 1).map(String.init)
             if pair.count == 2 { env[pair[0]] = pair[1] }
         }
-        let conf = try #require(env["CEPH_CONF"])
+        return (wasRunning, env, try #require(env["CEPH_CONF"]))
+    }
+
+    @Test func rbdAndQcow2DisksTogether() async throws {
+        let (wasRunning, env, conf) = try await startCluster()
         let cli = try CLI()
         let image = "vmsnap/dom-\(UUID().uuidString.prefix(6).lowercased())"
         try await SubprocessRunner().run(["env", "CEPH_CONF=\(conf)", "rbd", "create", image, "--size", "16M"])
@@ -67,5 +73,94 @@ struct RBDDomainTests {
         }
         _ = try? await cli.run(["domain", "stop", "rbddom", "--force"], environment: env)
         if !wasRunning { _ = try? await SubprocessRunner().run([cluster, "stop"]) }
+    }
+
+    /// A shut-off domain's RBD disk: a checkpoint is an RBD snapshot, an incremental holds what
+    /// the storage's diff reports since it (the storage daemon opens the image through QEMU's rbd
+    /// driver), pull and push, restored byte for byte; deleting the checkpoint removes its snapshot.
+    @Test func shutOffCheckpointsFromTheStoragesDiff() async throws {
+        let (wasRunning, env, conf) = try await startCluster()
+        do { try await checkpointsFromTheStoragesDiff(env, conf) } catch {
+            if !wasRunning { _ = try? await SubprocessRunner().run([cluster, "stop"]) }
+            throw error
+        }
+        if !wasRunning { _ = try? await SubprocessRunner().run([cluster, "stop"]) }
+    }
+
+    func checkpointsFromTheStoragesDiff(_ env: [String: String], _ conf: String) async throws {
+        let cli = try CLI()
+        let image = "vmsnap/bk-\(UUID().uuidString.prefix(6).lowercased())"
+        let rbd = ["env", "CEPH_CONF=\(conf)", "rbd"]
+        try await SubprocessRunner().run(rbd + ["create", image, "--size", "16M"])
+        let rbdPath = "rbd:\(image):id=admin:conf=\(conf)"
+        func write(_ value: UInt8, at offset: Int, length: Int = 65536) async throws {
+            try await SubprocessRunner().run([
+                "qemu-io", "-f", "raw", "-c", "write -P \(value) \(offset) \(length)", rbdPath,
+            ])
+        }
+        func ok(_ args: String...) async throws -> String {
+            let r = try await cli.run(args, environment: env)
+            guard r.status == 0 else {
+                throw CLIFailure("vmsnap \(args.joined(separator: " ")) exited \(r.status): \(r.err)")
+            }
+            return r.out
+        }
+        func snaps() async throws -> String {
+            try await SubprocessRunner().run(rbd + ["snap", "ls", image]).standardOutput
+        }
+        try await write(1, at: 0, length: 16 << 20)
+        try #"{"name": "g", "memoryMiB": 32, "disks": [{"target": "vda", "backend": "rbd", "locator": "\#(image)"}]}"#
+            .write(toFile: cli.root + "/g.json", atomically: true, encoding: .utf8)
+        _ = try await ok("domain", "define", cli.root + "/g.json")
+        let dir = cli.root + "/b"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        _ = try await ok("backup", "begin", "g", "--target", dir, "--checkpoint", "c1")
+        #expect(try await snaps().contains("vmsnap-checkpoint-c1"))
+
+        // One 64 KiB write: the object map counts its whole 4 MiB object.
+        try await write(2, at: 4 << 20)
+        let info = try await ok("checkpoint", "info", "g", "c1", "--json")
+        let states =
+            (try JSONSerialization.jsonObject(with: Data(info.utf8)) as? [String: Any])?["disks"] as? [[String: Any]]
+        #expect(
+            states?.first?["changedBytes"] as? Int == 4 << 20 && states?.first?["usable"] as? Bool == true, "\(info)")
+        _ = try await ok("backup", "begin", "g", "--target", dir, "--incremental", "c1", "--checkpoint", "c2")
+        let manifest =
+            try JSONSerialization.jsonObject(
+                with: try Data(contentsOf: URL(fileURLWithPath: dir + "/vmsnap-backups.json")))
+            as? [String: Any]
+        let newest = try #require(
+            ((manifest?["backups"] as? [[String: Any]])?.last?["files"] as? [String: String])?["vda"])
+        let map = try await SubprocessRunner().run(["qemu-img", "map", "--output=json", dir + "/" + newest])
+            .standardOutput
+        let own = (try JSONSerialization.jsonObject(with: Data(map.utf8)) as? [[String: Any]] ?? [])
+            .filter { ($0["depth"] as? Int) == 0 && ($0["data"] as? Bool) == true }
+            .reduce(0) { $0 + (($1["length"] as? Int) ?? 0) }
+        #expect(own == 4 << 20, "the incremental holds the one changed object, not the 16 MiB disk: \(own)")
+        let out = cli.root + "/restored"
+        try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+        _ = try await ok("backup", "restore", dir, "--to", out)
+        let same = try await SubprocessRunner().execute([
+            "qemu-img", "compare", "-f", "raw", "-F", "qcow2", rbdPath, out + "/g-vda.qcow2",
+        ])
+        #expect(same.status == 0, "the chain restores the image byte for byte: \(same.standardOutput)")
+
+        // Pull: the export's dirty-bitmap context names the object written since c2.
+        try await write(3, at: 12 << 20)
+        let pull = try await ok("backup", "begin", "g", "--incremental", "c2")
+        let uri = try #require(
+            pull.split(whereSeparator: { $0 == " " || $0 == "\n" }).map(String.init).first { $0.hasPrefix("nbd+unix") })
+        let dirtyMap = try await SubprocessRunner().run(["nbdinfo", "--map=qemu:dirty-bitmap:c2", uri]).standardOutput
+        _ = try await ok("backup", "end", "g")
+        let dirty = dirtyMap.split(separator: "\n").filter { $0.contains("dirty") }.map {
+            $0.split(separator: " ", omittingEmptySubsequences: true).prefix(2).compactMap { UInt64($0) }
+        }
+        #expect(dirty == [[12 << 20, 4 << 20]], "\(dirtyMap)")
+
+        _ = try await ok("checkpoint", "delete", "g", "c1")
+        let left = try await snaps()
+        #expect(!left.contains("vmsnap-checkpoint-c1") && left.contains("vmsnap-checkpoint-c2"), "\(left)")
+        _ = try await ok("checkpoint", "delete", "g", "c2")
+        #expect(try await !snaps().contains("vmsnap-checkpoint"))
     }
 }

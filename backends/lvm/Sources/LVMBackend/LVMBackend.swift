@@ -62,7 +62,8 @@ public struct LVMBackend: DiskSnapshotBackend {
                 "a classic snapshot whose copy-on-write area overflowed is invalid: reported as lost, never reverted to",
             ]),
             settings: Self.settingsSchema, liveSnapshots: .storage, imageFormat: "raw", sourceType: .block,
-            tools: ["lvcreate", "lvconvert", "lvremove", "lvrename", "lvchange", "lvextend", "lvs", "vgs"])
+            tools: ["lvcreate", "lvconvert", "lvremove", "lvrename", "lvchange", "lvextend", "lvs", "vgs"],
+            reportsChanges: true)
     }
 
     /// The settings the backend reads.

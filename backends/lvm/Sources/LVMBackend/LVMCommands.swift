@@ -8,6 +8,25 @@ public enum LVMCommands {
         ["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", lvFields, target]
     }
 
+    /// A volume's thin pool and thin device id (empty for classic volumes).
+    public static func thinIdentity(_ target: String) -> [String] {
+        [
+            "lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", "vg_name,pool_lv,thin_id,lv_size",
+            target,
+        ]
+    }
+
+    /// A message to a thin pool's device-mapper target (`reserve_metadata_snap`, `release_metadata_snap`).
+    public static func poolMessage(_ tpool: String, _ message: String) -> [String] {
+        ["dmsetup", "message", tpool, "0", message]
+    }
+
+    /// The block mappings that differ between two thin devices, read from the pool's metadata
+    /// snapshot.
+    public static func thinDelta(_ id1: String, _ id2: String, metadata: String) -> [String] {
+        ["thin_delta", "-m", "--snap1", id1, "--snap2", id2, metadata]
+    }
+
     public static func vgs(_ vg: String) -> [String] {
         [
             "vgs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o",

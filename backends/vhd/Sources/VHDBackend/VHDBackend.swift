@@ -49,7 +49,8 @@ public struct VHDBackend: DiskSnapshotBackend {
                     "QEMU cannot open differencing VHDs: a running QEMU domain's VHD disk is refused for snapshots (stop the domain, or leave the disk out with --disks); native VHD chains serve Xen/blktap hosts",
                     "engine: \(useVhdUtil ? "vhd-util" : "native")",
                 ]),
-            settings: Self.settingsSchema, imageFormat: "vpc", sourceType: .file, tools: ["vhd-util"])
+            settings: Self.settingsSchema, imageFormat: "vpc", sourceType: .file, tools: ["vhd-util"],
+            reportsChanges: true)
     }
 
     /// QEMU opens dynamic and fixed VHDs (`vpc`), never differencing ones.

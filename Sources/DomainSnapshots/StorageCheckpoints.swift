@@ -1,0 +1,142 @@
+import Foundation
+import HypervisorDriver
+import SnapshotCore
+
+/// Checkpoints on disks whose storage, not a bitmap, knows what changed (a backend that declares
+/// `reportsChanges`: LVM thin volumes, RBD images, VHD chains). The checkpoint takes a disk
+/// snapshot, `vmsnap-checkpoint-<name>`; "changed since" is what the storage reports between it
+/// and the disk now. A backup turns those extents into a bitmap file the hypervisor's backup job
+/// merges like any other bitmap (``BackupImageTool/writeChangesBitmap``), so pull and push,
+/// full and incremental, run the same job as for bitmap-tracked disks. Only while the domain is
+/// shut off: a running guest would write between the count and the job's instant.
+extension DomainService {
+    static func checkpointSnapshotName(_ checkpoint: String) -> String { "vmsnap-checkpoint-\(checkpoint)" }
+
+    /// Why a checkpoint snapshot would not serve this disk (nil: it would): the backend plans one
+    /// (a plan is data; nothing runs) and the snapshot must leave the disk's active image where
+    /// it is. A VHD's external snapshot moves it to a differencing file, which QEMU (the backup
+    /// job's reader) cannot open.
+    func checkpointSnapshotProblem(_ backend: any DiskSnapshotBackend, _ layout: DiskLayout) async throws -> String? {
+        let table = backend.descriptor.capabilities
+        let kind: SnapshotKind = table.supports(.create, .internal, .offline) ? .internal : .external
+        let plan = try await backend.planCreate(
+            SnapshotRequest(name: Self.checkpointSnapshotName("probe"), kind: kind), layout: layout)
+        guard plan.result.disk.active == layout.disk.active else {
+            return
+                "backend '\(backend.kind)' reports changes between snapshots, but a snapshot moves the disk's active image (to \(plan.result.disk.active)), which the backup job could not then read"
+        }
+        // A snapshot it has already: can the storage count from it? (An LVM classic volume
+        // cannot; with no snapshot yet, the checkpoint's own is asked once it is taken.)
+        if let any = layout.snapshots.first {
+            do { _ = try await backend.changes(layout, from: any.name, to: .active) } catch let e as SnapshotError
+                where e.code == .unsupported
+            {
+                return e.message
+            }
+        }
+        return nil
+    }
+
+    /// The domain's disk (its backend and locator) a checkpoint disk names.
+    func checkpointDisk(_ disk: CheckpointDisk, definition: DomainDefinition) throws -> DomainDisk {
+        guard let now = definition.disks.first(where: { $0.target == disk.target }) else {
+            throw SnapshotError(.notFound, "domain '\(definition.name)' has no disk \(disk.target) any more")
+        }
+        return now
+    }
+
+    /// Takes each storage-tracked disk's checkpoint snapshot (create is idempotent by name), then
+    /// asks the storage once for the changes since it: a volume that cannot answer (an LVM
+    /// classic volume) is refused here, with the storage's reason, and its snapshot removed.
+    func takeCheckpointSnapshots(_ record: CheckpointRecord, definition: DomainDefinition) async throws {
+        for disk in record.disks {
+            guard let name = disk.snapshot else { continue }
+            let d = try checkpointDisk(disk, definition: definition)
+            let (backend, _) = try await disks.manage(d.locator, kind: d.backend)
+            let table = backend.descriptor.capabilities
+            let kind: SnapshotKind = table.supports(.create, .internal, .offline) ? .internal : .external
+            _ = try await disks.create(
+                SnapshotRequest(
+                    name: name, kind: kind, description: "checkpoint \(record.name) of domain \(record.domain)"),
+                disk: d.locator, kind: d.backend)
+            do {
+                _ = try await disks.changes(disk: d.locator, kind: d.backend, from: name, to: .active)
+            } catch let e as SnapshotError where e.code == .unsupported {
+                throw SnapshotError(
+                    .unsupported,
+                    "disk \(disk.target) of domain '\(record.domain)' cannot be in a checkpoint: \(e.message). Leave it out (--disks), or back it up in full"
+                )
+            }
+        }
+    }
+
+    /// Removes the checkpoint snapshots of `records` that still exist.
+    func removeCheckpointSnapshots(_ records: [CheckpointRecord], definition: DomainDefinition) async throws {
+        for record in records {
+            for disk in record.disks {
+                guard let name = disk.snapshot, let d = try? checkpointDisk(disk, definition: definition) else {
+                    continue
+                }
+                let layout = try await disks.layout(of: d.locator, kind: d.backend).1
+                guard layout.disk.id == disk.diskID, layout.snapshot(named: name) != nil else { continue }
+                _ = try await disks.delete(disk: d.locator, snapshot: name, mode: .merge, kind: d.backend)
+            }
+        }
+    }
+
+    /// Why a storage-tracked disk cannot serve an incremental (nil: it can), and what changed
+    /// since its snapshot. A revert does not spoil it: the storage compares what the disk holds.
+    func storageCheckpointProblem(_ disk: CheckpointDisk, snapshot: String, definition: DomainDefinition)
+        async throws -> (String?, DiskChanges?)
+    {
+        guard let d = try? checkpointDisk(disk, definition: definition),
+            let layout = try? await disks.layout(of: d.locator, kind: d.backend).1, layout.disk.id == disk.diskID
+        else {
+            return ("disk \(disk.target) is no longer the disk the checkpoint tracked", nil)
+        }
+        guard layout.snapshot(named: snapshot) != nil else {
+            return (
+                "snapshot \(snapshot) of disk \(disk.target), which the checkpoint counts changes from, is gone (deleted outside `vmsnap checkpoint delete`)",
+                nil
+            )
+        }
+        do {
+            let changes = try await disks.changes(disk: d.locator, kind: d.backend, from: snapshot, to: .active)
+            return (nil, changes)
+        } catch let e as SnapshotError {
+            return ("the storage of disk \(disk.target) cannot count the changes since \(snapshot): \(e.message)", nil)
+        }
+    }
+
+    /// Writes the bitmap file of each storage-tracked part of a job or view (journaled as
+    /// planned, then created): the changes since the checkpoint's snapshot, counted now.
+    func writeChangesFiles(
+        _ parts: [(target: String, changedSince: [LayerBitmap])], definition: DomainDefinition,
+        tools: any BackupImageTool, size: (String) async throws -> UInt64, journalID: Int64,
+        journal j: inout BlockJournal
+    ) async throws {
+        for part in parts {
+            for bitmap in part.changedSince {
+                guard let file = bitmap.file else { continue }
+                guard let d = definition.disks.first(where: { $0.target == part.target }) else { continue }
+                let changes = try await disks.changes(disk: d.locator, kind: d.backend, from: bitmap.name, to: .active)
+                try FileManager.default.createDirectory(
+                    atPath: (file as NSString).deletingLastPathComponent, withIntermediateDirectories: true,
+                    attributes: [.posixPermissions: 0o700])
+                j.planned.append(file)
+                try blockJournal(journalID, j)
+                try NewFile.create(file, like: file, resume: false)
+                j.created.append(file)
+                try blockJournal(journalID, j)
+                try await tools.writeChangesBitmap(
+                    file, size: try await size(part.target), name: bitmap.name, extents: changes.extents)
+            }
+        }
+    }
+
+    /// Removes the bitmap files once the hypervisor merged them (the job's or view's own bitmap
+    /// holds the changes now).
+    static func removeChangesFiles(_ parts: [[LayerBitmap]]) {
+        for file in parts.flatMap({ $0.compactMap(\.file) }) { unlink(file) }
+    }
+}
