@@ -114,6 +114,7 @@ extension DomainService {
                 domain: domain, name: name, description: "taken with backup \(job.name)",
                 tracked: try await trackedDisks(
                     definition, targets: request.targets, storageSnapshots: !driver.isRunning(domain)))
+            try await requireFreeCheckpointSnapshots(newRecord!, definition: definition)
         }
         let base = try await incrementalBase(
             from: request.incremental, fallbackFull: request.fallbackFull, definition: definition, targets: targets)
@@ -448,7 +449,7 @@ extension DomainService {
             }
         }
         if let record = j.checkpoint {
-            try await removeCheckpointSnapshots([record], definition: try definition(job.domain).definition)
+            await removeCheckpointSnapshots([record], definition: try definition(job.domain).definition)
         }
         j.removeFiles()
         if let record = j.checkpoint { try store.updateCheckpoints(domain: job.domain, remove: [record.name]) }

@@ -210,6 +210,10 @@ extension DomainService {
             throw SnapshotError(
                 .invalidName, "checkpoint names starting with 'vmsnap-' are vmsnap's own bitmaps; pick another name")
         }
+        // The snapshot a storage-tracked disk keeps for it must be a valid name too.
+        if let why = SnapshotName.problem(Self.checkpointSnapshotName(name)) {
+            throw SnapshotError(.invalidName, "checkpoint name \(SnapshotName.quoted(name)) is too long or odd: \(why)")
+        }
         if try store.checkpoints(of: domain).contains(where: { $0.name == name }) {
             throw SnapshotError(
                 .alreadyExists,
@@ -270,6 +274,7 @@ extension DomainService {
         let tracked = try await trackedDisks(definition, targets: request.targets, storageSnapshots: true)
         let record = try newCheckpointRecord(
             domain: domain, name: name, description: request.description, tracked: tracked)
+        try await requireFreeCheckpointSnapshots(record, definition: definition)
         var j = BlockJournal(operation: .checkpointCreate, checkpoint: record)
         let id = try beginBlockJournal(domain: domain, j)
         let access = try await bitmapAccess(definition)
@@ -283,7 +288,7 @@ extension DomainService {
         } catch {
             try? await access.remove(name, targets: record.bitmapTargets)
             await access.close()
-            try? await removeCheckpointSnapshots([record], definition: definition)
+            await removeCheckpointSnapshots([record], definition: definition)
             try? store.finishDomainJournal(id, state: "rolled-back")
             throw error
         }
@@ -447,7 +452,7 @@ extension DomainService {
             try await withBitmapAccess(definition) { access in
                 for r in removing { try await access.remove(r.name, targets: r.bitmapTargets) }
             }
-            try await removeCheckpointSnapshots(removing, definition: definition)
+            await removeCheckpointSnapshots(removing, definition: definition)
         }
         try blockPhase(id, &j, "bitmaps-removed", domain: domain)
         try finishCheckpointDelete(domain: domain, removing: removing)
@@ -507,7 +512,7 @@ extension DomainService {
             try await withBitmapAccess(definition) {
                 try await $0.remove(record.name, targets: record.bitmapTargets)
             }
-            try await removeCheckpointSnapshots([record], definition: definition)
+            await removeCheckpointSnapshots([record], definition: definition)
             try store.finishDomainJournal(entry.id, state: "rolled-back")
             notify("recovered an interrupted checkpoint create on domain '\(domain)': rolled back")
             return
@@ -516,7 +521,7 @@ extension DomainService {
             try await withBitmapAccess(definition) { access in
                 for r in j.removing { try await access.remove(r.name, targets: r.bitmapTargets) }
             }
-            try await removeCheckpointSnapshots(j.removing, definition: definition)
+            await removeCheckpointSnapshots(j.removing, definition: definition)
             try finishCheckpointDelete(domain: domain, removing: j.removing)
             try store.finishDomainJournal(entry.id, state: "done")
             notify("recovered an interrupted checkpoint delete on domain '\(domain)': finished")

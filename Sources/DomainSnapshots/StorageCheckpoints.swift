@@ -45,7 +45,8 @@ extension DomainService {
         return now
     }
 
-    /// Takes each storage-tracked disk's checkpoint snapshot (create is idempotent by name), then
+    /// Takes each storage-tracked disk's checkpoint snapshot (its name checked free before the
+    /// journal began: ``requireFreeCheckpointSnapshots``), then
     /// asks the storage once for the changes since it: a volume that cannot answer (an LVM
     /// classic volume) is refused here, with the storage's reason, and its snapshot removed.
     func takeCheckpointSnapshots(_ record: CheckpointRecord, definition: DomainDefinition) async throws {
@@ -70,16 +71,41 @@ extension DomainService {
         }
     }
 
-    /// Removes the checkpoint snapshots of `records` that still exist.
-    func removeCheckpointSnapshots(_ records: [CheckpointRecord], definition: DomainDefinition) async throws {
+    /// Refuses, before anything is journaled, a checkpoint whose snapshot name a disk already
+    /// has (a snapshot made by hand, or one `checkpoint delete --metadata-only` left): a rollback
+    /// removes the checkpoint's snapshots by name, so the name must be new.
+    func requireFreeCheckpointSnapshots(_ record: CheckpointRecord, definition: DomainDefinition) async throws {
+        for disk in record.disks {
+            guard let name = disk.snapshot else { continue }
+            let d = try checkpointDisk(disk, definition: definition)
+            if try await disks.layout(of: d.locator, kind: d.backend).1.snapshot(named: name) != nil {
+                throw SnapshotError(
+                    .alreadyExists,
+                    "disk \(disk.target) of domain '\(record.domain)' already has a snapshot named \(name), the name checkpoint \(record.name) would take; delete that snapshot (`vmsnap disk snapshot delete \(d.locator) \(name)`) or pick another checkpoint name. Nothing was changed"
+                )
+            }
+        }
+    }
+
+    /// Removes the checkpoint snapshots of `records` that still exist. Never throws: a snapshot
+    /// the storage will not remove now (unreachable, held by another host) is named for the
+    /// operator and left, and the checkpoint's record goes anyway (a stuck journal would block
+    /// every other operation on the domain).
+    func removeCheckpointSnapshots(_ records: [CheckpointRecord], definition: DomainDefinition) async {
         for record in records {
             for disk in record.disks {
                 guard let name = disk.snapshot, let d = try? checkpointDisk(disk, definition: definition) else {
                     continue
                 }
-                let layout = try await disks.layout(of: d.locator, kind: d.backend).1
-                guard layout.disk.id == disk.diskID, layout.snapshot(named: name) != nil else { continue }
-                _ = try await disks.delete(disk: d.locator, snapshot: name, mode: .merge, kind: d.backend)
+                do {
+                    let layout = try await disks.layout(of: d.locator, kind: d.backend).1
+                    guard layout.disk.id == disk.diskID, layout.snapshot(named: name) != nil else { continue }
+                    _ = try await disks.delete(disk: d.locator, snapshot: name, mode: .merge, kind: d.backend)
+                } catch {
+                    notify(
+                        "left snapshot \(name) of disk \(disk.target) (\(d.locator)), which checkpoint \(record.name) counted from: \(error). Delete it with `vmsnap disk snapshot delete \(d.locator) \(name)` once the storage allows"
+                    )
+                }
             }
         }
     }
@@ -89,6 +115,14 @@ extension DomainService {
     func storageCheckpointProblem(_ disk: CheckpointDisk, snapshot: String, definition: DomainDefinition)
         async throws -> (String?, DiskChanges?)
     {
+        // A running guest writes between the count and the job's instant: those writes would be
+        // in no bitmap. Never a silently short incremental.
+        if try drivers.driver(for: definition).isRunning(definition.name) {
+            return (
+                "disk \(disk.target) is tracked by its storage (snapshot \(snapshot)), which vmsnap counts only while the domain is shut off: a running guest's writes after the count would be missed. Stop the domain, or take a full backup",
+                nil
+            )
+        }
         guard let d = try? checkpointDisk(disk, definition: definition),
             let layout = try? await disks.layout(of: d.locator, kind: d.backend).1, layout.disk.id == disk.diskID
         else {

@@ -45,43 +45,60 @@ struct QEMUStorageDaemon: Sendable {
     }
 
     /// QEMU's legacy `rbd:pool[/namespace]/image[@snapshot][:id=USER][:conf=PATH]` filename
-    /// (`\\` escapes `:` and itself) as `--blockdev` options for the rbd driver; nil for any
-    /// other spelling, or a key this does not know (nothing guessed).
+    /// as `--blockdev` options for the rbd driver, split as QEMU splits it (on unescaped `:`,
+    /// then `/` and `@`; `\\` makes the next character literal); nil for any other spelling, a
+    /// key this does not know, or an empty part (nothing guessed).
     static func rbdOptions(_ path: String) -> [String: Any]? {
         guard path.hasPrefix("rbd:") else { return nil }
-        var fields: [String] = [""]
-        var escaped = false
-        for c in path.dropFirst(4) {
-            if escaped {
-                fields[fields.count - 1].append(c)
-                escaped = false
-            } else if c == "\\" {
-                escaped = true
-            } else if c == ":" {
-                fields.append("")
-            } else {
-                fields[fields.count - 1].append(c)
+        /// Splits on unescaped `separators`, keeping escapes; nil if the text ends in `\`.
+        func split(_ text: Substring, on separators: Set<Character>) -> [(Substring, Character?)]? {
+            var out: [(Substring, Character?)] = []
+            var start = text.startIndex
+            var i = text.startIndex
+            while i < text.endIndex {
+                if text[i] == "\\" {
+                    i = text.index(after: i)
+                    guard i < text.endIndex else { return nil }
+                } else if separators.contains(text[i]) {
+                    out.append((text[start..<i], text[i]))
+                    start = text.index(after: i)
+                }
+                i = text.index(after: i)
             }
+            out.append((text[start...], nil))
+            return out
         }
-        guard !escaped else { return nil }
-        var name = Substring(fields[0])
-        var options: [String: Any] = ["driver": "rbd"]
-        if let at = name.firstIndex(of: "@") {
-            options["snapshot"] = String(name[name.index(after: at)...])
-            name = name[..<at]
+        func unescape(_ text: Substring) -> String {
+            var out = ""
+            var escaped = false
+            for c in text {
+                if !escaped && c == "\\" {
+                    escaped = true
+                } else {
+                    out.append(c)
+                    escaped = false
+                }
+            }
+            return out
         }
-        let parts = name.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
-        guard (2...3).contains(parts.count), parts.allSatisfy({ !$0.isEmpty }) else { return nil }
-        options["pool"] = parts[0]
-        if parts.count == 3 { options["namespace"] = parts[1] }
-        options["image"] = parts[parts.count - 1]
-        for field in fields.dropFirst() {
-            guard let eq = field.firstIndex(of: "=") else { return nil }
-            let key = field[..<eq]
-            let value = String(field[field.index(after: eq)...])
-            switch key {
-            case "id": options["user"] = value
-            case "conf": options["conf"] = value
+        guard let fields = split(path.dropFirst(4), on: [":"]), let name = split(fields[0].0, on: ["/", "@"]) else {
+            return nil
+        }
+        // pool / [namespace /] image [@ snapshot]
+        let slashes = name.filter { $0.1 == "/" }.count
+        let at = name.firstIndex { $0.1 == "@" }
+        guard (1...2).contains(slashes), name.filter({ $0.1 == "@" }).count <= 1,
+            at.map({ $0 == name.count - 2 }) ?? true, name.allSatisfy({ !$0.0.isEmpty })
+        else { return nil }
+        var options: [String: Any] = ["driver": "rbd", "pool": unescape(name[0].0)]
+        if slashes == 2 { options["namespace"] = unescape(name[1].0) }
+        options["image"] = unescape(name[slashes].0)
+        if at != nil { options["snapshot"] = unescape(name[slashes + 1].0) }
+        for (field, _) in fields.dropFirst() {
+            guard let kv = split(field, on: ["="]), kv.count == 2, !kv[1].0.isEmpty else { return nil }
+            switch unescape(kv[0].0) {
+            case "id": options["user"] = unescape(kv[1].0)
+            case "conf": options["conf"] = unescape(kv[1].0)
             default: return nil
             }
         }

@@ -31,13 +31,16 @@ struct StorageDaemonDriveTests {
             ])
         let plain = try #require(QEMUStorageDaemon.rbdOptions("rbd:vms/web") as? [String: String])
         #expect(plain == ["driver": "rbd", "pool": "vms", "image": "web"])
+        // An escaped '@' or '/' is part of the name, as QEMU reads it.
+        let escaped = try #require(QEMUStorageDaemon.rbdOptions(#"rbd:vms/im\@g\/x"#) as? [String: String])
+        #expect(escaped == ["driver": "rbd", "pool": "vms", "image": "im@g/x"])
     }
 
     @Test("other network spellings, unknown keys and malformed names are refused, naming the disk")
     func refusals() throws {
         for path in [
             "nbd:localhost:10809", "rbd:vms", "rbd:vms/web:mon_host=1.2.3.4", "rbd:vms//web", #"rbd:vms/web\"#,
-            "rbd:vms/web:id",
+            "rbd:vms/web:id", "rbd:vms/web@", "rbd:vms@s/web", "rbd:a/b/c/d", "rbd:vms/web@a@b",
         ] {
             #expect(QEMUStorageDaemon.rbdOptions(path) == nil, "\(path)")
             do {

@@ -25,9 +25,9 @@ extension LVMBackend {
         }
         let delta = try ThinDelta(xml: xml)
         let chunk = delta.blockSectors * 512
-        let extents = delta.runs.map {
-            ChangedExtent(offset: $0.begin * chunk, length: $0.length * chunk, zero: $0.kind == .leftOnly)
-        }
+        // Blocks only the older volume maps are not marked zero: a thin volume with an external
+        // origin reads unmapped blocks from it.
+        let extents = delta.runs.map { ChangedExtent(offset: $0.begin * chunk, length: $0.length * chunk) }
         // The last chunk may reach past a volume whose size is not a multiple of the chunk.
         let clipped = extents.compactMap { e -> ChangedExtent? in
             guard e.offset < newer.size else { return nil }
@@ -72,24 +72,39 @@ extension LVMBackend {
                 "\(path) of disk \(disk) is a classic (copy-on-write) volume: LVM keeps no map of the chunks that changed between two of its snapshots; thin volumes have one (back this disk up in full)"
             )
         }
-        return ThinVolume(vg: row.vg_name, pool: row.pool_lv, id: id, size: UInt64(row.lv_size) ?? 0)
+        guard let size = UInt64(row.lv_size), size > 0 else {
+            throw SnapshotError(
+                .invalidArgument, "lvs reported size '\(row.lv_size)' for \(path); cannot count its changes")
+        }
+        return ThinVolume(vg: row.vg_name, pool: row.pool_lv, id: id, size: size)
     }
 
     /// Runs `body` while the pool holds a metadata snapshot, and releases it after, whatever
-    /// happens. A snapshot someone else holds is not taken over: the error says how to release it.
+    /// happens. vmsnap processes take turns on a pool (an advisory lock on the pool's device
+    /// node); a snapshot another tool holds is not taken over: the error says whose it may be.
     func withMetadataSnapshot<T: Sendable>(vg: String, pool: String, _ body: () async throws -> T) async throws -> T {
         let tpool = Self.dmPath(vg, "\(pool)-tpool")
-        guard FileManager.default.fileExists(atPath: tpool) else {
+        let fd = open(tpool, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
             throw SnapshotError(
                 .unsupported,
                 "thin pool \(vg)/\(pool) is not active (no \(tpool)): activate it (lvchange -ay \(vg)/\(pool)) to compare its volumes"
             )
         }
+        defer { close(fd) }  // also drops the lock
+        let deadline = Date().addingTimeInterval(60)
+        while flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            guard Date() < deadline else {
+                throw SnapshotError(
+                    .busy, "another vmsnap has held thin pool \(vg)/\(pool)'s metadata snapshot for 60 s; try again")
+            }
+            try await Task.sleep(for: .milliseconds(50))
+        }
         let reserve = try await runner.execute(LVMCommands.poolMessage(tpool, "reserve_metadata_snap"))
         guard reserve.status == 0 else {
             throw SnapshotError(
                 .busy,
-                "thin pool \(vg)/\(pool) refused a metadata snapshot (\(reserve.standardError.trimmingCharacters(in: .whitespacesAndNewlines))); if another tool holds one it has not released (thin_dump, a backup program), `dmsetup message \(tpool) 0 release_metadata_snap` releases it"
+                "thin pool \(vg)/\(pool) refused a metadata snapshot (\(reserve.standardError.trimmingCharacters(in: .whitespacesAndNewlines))): one is held, by a tool reading the pool's metadata (thin_dump -m, a backup program) or by a vmsnap that was killed while counting changes. Once nothing reads it, `dmsetup message \(tpool) 0 release_metadata_snap` releases it"
             )
         }
         do {
