@@ -202,8 +202,7 @@ enum ConformanceChecks {
         "a second host (a store of its own) sees the tree, reverts it, and finishes a create the first host was stopped in",
         applies: { $0.sharedMetadata ? nil : "backend keeps vmsnap's record in this host's store (no sharedMetadata)" }
     ) { c in
-        let table = c.backend.descriptor.capabilities
-        let kind: SnapshotKind = table.supports(cap(.create, .internal)) ? .internal : .external
+        let kind = c.backend.descriptor.capabilities.defaultKind
         let a = try await c.write(seed: 1)
         try await c.snapshot("s1", kind)
         try await c.write(seed: 2)
@@ -247,8 +246,7 @@ enum ConformanceChecks {
         "the storage's changed extents cover every byte written between two snapshots (or since one), and no region written before both",
         applies: { $0.reportsChanges ? nil : "backend does not report changes between snapshots (no reportsChanges)" }
     ) { c in
-        let table = c.backend.descriptor.capabilities
-        let kind: SnapshotKind = table.supports(cap(.create, .internal)) ? .internal : .external
+        let kind = c.backend.descriptor.capabilities.defaultKind
         let before: Range<UInt64> = 0..<(64 << 10)
         let a: Range<UInt64> = (4 << 20) + 512..<(4 << 20) + 512 + 4096
         let b: Range<UInt64> = (12 << 20)..<(12 << 20) + 8192

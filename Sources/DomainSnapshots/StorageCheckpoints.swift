@@ -17,10 +17,10 @@ extension DomainService {
     /// it is. A VHD's external snapshot moves it to a differencing file, which QEMU (the backup
     /// job's reader) cannot open.
     func checkpointSnapshotProblem(_ backend: any DiskSnapshotBackend, _ layout: DiskLayout) async throws -> String? {
-        let table = backend.descriptor.capabilities
-        let kind: SnapshotKind = table.supports(.create, .internal, .offline) ? .internal : .external
         let plan = try await backend.planCreate(
-            SnapshotRequest(name: Self.checkpointSnapshotName("probe"), kind: kind), layout: layout)
+            SnapshotRequest(
+                name: Self.checkpointSnapshotName("probe"), kind: backend.descriptor.capabilities.defaultKind),
+            layout: layout)
         guard plan.result.disk.active == layout.disk.active else {
             return
                 "backend '\(backend.kind)' reports changes between snapshots, but a snapshot moves the disk's active image (to \(plan.result.disk.active)), which the backup job could not then read"
@@ -54,11 +54,10 @@ extension DomainService {
             guard let name = disk.snapshot else { continue }
             let d = try checkpointDisk(disk, definition: definition)
             let (backend, _) = try await disks.manage(d.locator, kind: d.backend)
-            let table = backend.descriptor.capabilities
-            let kind: SnapshotKind = table.supports(.create, .internal, .offline) ? .internal : .external
             _ = try await disks.create(
                 SnapshotRequest(
-                    name: name, kind: kind, description: "checkpoint \(record.name) of domain \(record.domain)"),
+                    name: name, kind: backend.descriptor.capabilities.defaultKind,
+                    description: "checkpoint \(record.name) of domain \(record.domain)"),
                 disk: d.locator, kind: d.backend)
             do {
                 _ = try await disks.changes(disk: d.locator, kind: d.backend, from: name, to: .active)

@@ -71,6 +71,10 @@ public struct CapabilityTable: Codable, Sendable, Hashable {
         supports(Capability(op, kind, state))
     }
 
+    /// The kind a snapshot takes when the caller has no preference: internal where the backend
+    /// creates internal snapshots offline, else external.
+    public var defaultKind: SnapshotKind { supports(.create, .internal, .offline) ? .internal : .external }
+
     /// Throws `.unsupported`, naming the backend and the capability, unless it is supported.
     public func require(_ capability: Capability, backend: BackendKind) throws {
         guard supports(capability) else { throw SnapshotError.unsupported(backend, capability) }
