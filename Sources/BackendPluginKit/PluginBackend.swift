@@ -236,6 +236,7 @@ public final class PluginBackend: DiskSnapshotBackend, @unchecked Sendable {
             nextID = 2
             return (fresh, nextID, callTimeout)
         }
+        defer { Trace.mark("plug-in \(kind) call \(method.rawValue)") }
         return try Self.call(live, id: id, method, params, kind: kind, timeout: timeout)
     }
 

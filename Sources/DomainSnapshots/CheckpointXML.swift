@@ -7,6 +7,9 @@ import SnapshotCore
 
 /// libvirt's `<domaincheckpoint>` XML: written by `checkpoint dumpxml`, read by `checkpoint
 /// redefine`. Disks outside the checkpoint appear with `checkpoint='no'`, as libvirt writes them.
+/// A disk its storage tracks (StorageCheckpoints.swift) is written like a bitmap disk, so the XML
+/// stays valid for libvirt's schema; its snapshot's name follows from the checkpoint's, and a
+/// redefine finds it there.
 public enum CheckpointXML {
     static let escape = SnapshotXML.escape
 
@@ -119,16 +122,43 @@ extension DomainService {
                 "the checkpoint's parent \(SnapshotName.quoted(p)) is not a checkpoint of '\(domain)'; redefine it first"
             )
         }
-        for i in record.disks.indices { record.disks[i].epoch = try store.contentEpoch(diskID: record.disks[i].diskID) }
-        try await withBitmapAccess(definition) { access in
-            for d in record.disks where try await !access.bitmaps(d.target).contains(where: { $0.name == d.bitmap }) {
-                throw SnapshotError(
-                    .notFound,
-                    "disk \(d.target) has no bitmap \(d.bitmap) in \(d.image); a checkpoint is redefined only over the bitmap it describes"
-                )
+        for i in record.disks.indices {
+            record.disks[i].epoch = try store.contentEpoch(diskID: record.disks[i].diskID)
+            record.disks[i].snapshot = try await storageSnapshot(
+                of: record.disks[i], checkpoint: record.name, definition)
+        }
+        let bitmapDisks = record.disks.filter { $0.snapshot == nil }
+        if !bitmapDisks.isEmpty {
+            try await withBitmapAccess(definition) { access in
+                for d in bitmapDisks where try await !access.bitmaps(d.target).contains(where: { $0.name == d.bitmap })
+                {
+                    throw SnapshotError(
+                        .notFound,
+                        "disk \(d.target) has no bitmap \(d.bitmap) in \(d.image) (nor, if its storage tracks it, a snapshot \(Self.checkpointSnapshotName(record.name))); a checkpoint is redefined only over the bitmap or snapshot it counts from"
+                    )
+                }
             }
         }
         try store.updateCheckpoints(domain: domain, upsert: [record])
         return record
+    }
+
+    /// The storage's snapshot a redefined checkpoint counts from on `disk`, when its backend
+    /// reports changes and the disk holds the snapshot named for the checkpoint; nil: a bitmap.
+    private func storageSnapshot(of disk: CheckpointDisk, checkpoint: String, _ definition: DomainDefinition)
+        async throws -> String?
+    {
+        guard let d = definition.disks.first(where: { $0.target == disk.target }) else { return nil }
+        let (backend, layout) = try await disks.layout(of: d.locator, kind: d.backend)
+        let name = Self.checkpointSnapshotName(checkpoint)
+        guard backend.descriptor.reportsChanges else { return nil }
+        if layout.snapshot(named: name) != nil { return name }
+        guard backend.changeTracking.isAvailable else {
+            throw SnapshotError(
+                .notFound,
+                "disk \(disk.target) (\(d.locator)) has no snapshot \(name), which a checkpoint of its storage counts from (and backend '\(backend.kind)' keeps no bitmaps); a checkpoint is redefined only over the snapshot it counts from"
+            )
+        }
+        return nil
     }
 }

@@ -158,6 +158,31 @@ struct RBDDomainTests {
         }
         #expect(dirty == [[12 << 20, 4 << 20]], "\(dirtyMap)")
 
+        // The checkpoint's XML is libvirt's, a bitmap disk's line; forgotten (metadata only) and
+        // redefined from it, the checkpoint counts from the storage's snapshot again.
+        let xml = try await ok("checkpoint", "dumpxml", "g", "c2")
+        #expect(xml.contains("<disk name='vda' checkpoint='bitmap' bitmap='c2'/>"), "\(xml)")
+        _ = try await ok("checkpoint", "delete", "g", "c2", "--metadata")
+        #expect(try await snaps().contains("vmsnap-checkpoint-c2"), "--metadata leaves the storage's snapshot")
+        let file = cli.root + "/c2.xml"
+        try xml.write(toFile: file, atomically: true, encoding: .utf8)
+        _ = try await ok("checkpoint", "redefine", "g", file)
+        #expect(try await ok("checkpoint", "dumpxml", "g", "c2") == xml, "the XML reads back as written")
+        let recounted = try await ok("checkpoint", "info", "g", "c2", "--json")
+        let again =
+            (try JSONSerialization.jsonObject(with: Data(recounted.utf8)) as? [String: Any])?["disks"]
+            as? [[String: Any]]
+        #expect(
+            again?.first?["changedBytes"] as? Int == 4 << 20 && again?.first?["usable"] as? Bool == true,
+            "the object written since c2: \(recounted)")
+        try xml.replacingOccurrences(of: "c2", with: "c9").write(toFile: file, atomically: true, encoding: .utf8)
+        let gone = try await cli.run(["checkpoint", "redefine", "g", file], environment: env)
+        #expect(
+            gone.status != 0
+                && gone.err.contains(
+                    "has no snapshot vmsnap-checkpoint-c9, which a checkpoint of its storage counts from"),
+            "redefined only over its snapshot: \(gone.err)")
+
         // While the domain runs, the storage's count would miss the guest's writes after it:
         // an incremental from such a checkpoint is refused, never short.
         _ = try await ok("domain", "start", "g")
