@@ -112,8 +112,7 @@ extension DomainService {
             try checkCheckpointName(name, domain: domain)
             newRecord = try newCheckpointRecord(
                 domain: domain, name: name, description: "taken with backup \(job.name)",
-                tracked: try await trackedDisks(
-                    definition, targets: request.targets, storageSnapshots: !driver.isRunning(domain)))
+                tracked: try await trackedDisks(definition, targets: request.targets, storageSnapshots: true))
             try await requireFreeCheckpointSnapshots(newRecord!, definition: definition)
         }
         let base = try await incrementalBase(
@@ -137,12 +136,16 @@ extension DomainService {
         let layer = try await driver.blockLayer(definition, drives: try await drives(definition))
         do {
             try await createJobFiles(job, layer: layer, tools: driver.backupImages, journalID: id, journal: &j)
+            try await startBridges(job.disks.map { ($0.target, $0.changedSince) }, layer: layer)
             try await writeChangesFiles(
                 job.disks.map { ($0.target, $0.changedSince) }, definition: definition, tools: driver.backupImages,
                 size: { try await layer.virtualSize(target: $0) },
                 journalID: id, journal: &j)
             try blockPhase(id, &j, "files-created", domain: domain)
-            if let newRecord { try await takeCheckpointSnapshots(newRecord, definition: definition) }
+            if let record = newRecord {
+                newRecord = try await takeCheckpointSnapshots(
+                    record, definition: definition, leaveOut: request.targets == nil)
+            }
             try await startJob(
                 job, layer: layer,
                 newBitmap: newRecord.map { NewBitmap(name: $0.name, targets: $0.bitmapTargets) })
@@ -439,8 +442,10 @@ extension DomainService {
             for t in targets { try? await layer.stopBlockSnapshot(id: t) }
             try? await layer.cancelBackups(targets: targets)
             if let record = j.checkpoint { try? await layer.removeBitmaps(record.name, targets: targets) }
+            await stopBridges(job.disks.map { ($0.target, $0.changedSince) }, layer: layer)
             await layer.close(keepDaemon: false)
         } else {
+            await stopBridges(job.disks.map { ($0.target, $0.changedSince) }, domain: job.domain)
             try await tearDown(job, removing: [])
             if let record = j.checkpoint {
                 try await withBitmapAccess(try definition(job.domain).definition) {

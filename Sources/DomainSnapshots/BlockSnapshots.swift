@@ -156,6 +156,7 @@ extension DomainService {
                 try await driver.backupImages.create(
                     disk.source, size: try await layer.virtualSize(target: disk.target), backing: nil)
             }
+            try await startBridges(record.disks.map { ($0.target, $0.changedSince) }, layer: layer)
             try await writeChangesFiles(
                 record.disks.map { ($0.target, $0.changedSince) }, definition: definition,
                 tools: driver.backupImages, size: { try await layer.virtualSize(target: $0) }, journalID: id,
@@ -236,7 +237,9 @@ extension DomainService {
             try? await layer.stopExports(ids: record.disks.map(\.id))
             for d in record.disks { try? await layer.stopBlockSnapshot(id: d.id) }
             if let c = j.checkpoint { try? await layer.removeBitmaps(c.name, targets: c.bitmapTargets) }
+            await stopBridges(record.disks.map { ($0.target, $0.changedSince) }, layer: layer)
         } else {
+            await stopBridges(record.disks.map { ($0.target, $0.changedSince) }, domain: record.domain)
             try await finishBlockSnapshotDelete(record)
             if let c = j.checkpoint {
                 try await withBitmapAccess(try definition(record.domain).definition) {

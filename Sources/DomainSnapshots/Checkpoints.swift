@@ -159,9 +159,14 @@ extension DomainService {
             if case .unavailable(let reason) = backend.changeTracking {
                 why = reason
                 if backend.descriptor.reportsChanges {
-                    if running {
+                    let live = backend.descriptor.capabilities.supports(
+                        .create, backend.descriptor.capabilities.defaultKind, .live)
+                    if running && !live {
                         why =
-                            "backend '\(backend.kind)' reports changes between snapshots, which checkpoints use only while the domain is shut off"
+                            "backend '\(backend.kind)' reports changes between snapshots, but takes no snapshot of a disk a running guest has open, which a checkpoint of a running domain needs"
+                    } else if running && !driver.capabilities.dirtyBitmaps {
+                        why =
+                            "the \(driver.name) hypervisor records no writes in bitmaps, which a running domain's storage-tracked disks need between the storage's count and the backup's instant"
                     } else if !storageSnapshots {
                         why =
                             "backend '\(backend.kind)' reports changes between snapshots, which only `checkpoint create` and `backup begin` use"
@@ -272,7 +277,7 @@ extension DomainService {
             throw SnapshotError(.invalidArgument, "the description is \(d.utf8.count) bytes; the limit is 4096")
         }
         let tracked = try await trackedDisks(definition, targets: request.targets, storageSnapshots: true)
-        let record = try newCheckpointRecord(
+        var record = try newCheckpointRecord(
             domain: domain, name: name, description: request.description, tracked: tracked)
         try await requireFreeCheckpointSnapshots(record, definition: definition)
         var j = BlockJournal(operation: .checkpointCreate, checkpoint: record)
@@ -281,7 +286,8 @@ extension DomainService {
         do {
             try await access.add(name, targets: record.bitmapTargets)
             try blockPhase(id, &j, "bitmaps-added", domain: domain)
-            try await takeCheckpointSnapshots(record, definition: definition)
+            record = try await takeCheckpointSnapshots(
+                record, definition: definition, leaveOut: request.targets == nil)
             try blockPhase(id, &j, "snapshots-taken", domain: domain)
             try store.updateCheckpoints(domain: domain, upsert: [record])
             try store.finishDomainJournal(id, state: "done")
@@ -418,10 +424,13 @@ extension DomainService {
     func changedSince(_ disk: CheckpointDisk, definition: DomainDefinition) async throws -> [LayerBitmap] {
         guard let now = definition.disks.first(where: { $0.target == disk.target }) else { return [] }
         if let snapshot = disk.snapshot {
-            // A bitmap file the job writes from the storage's changes (writeChangesFiles).
+            // A bitmap file the job writes from the storage's changes (writeChangesFiles), and
+            // for a running guest the bridge (StorageCheckpoints.swift).
             let file = (store.directory as NSString).appendingPathComponent(
                 "backup/\(definition.name)/\(disk.target).\(UUID().uuidString.prefix(8)).changes.qcow2")
+            let running = try drivers.driver(for: definition).isRunning(definition.name)
             return [LayerBitmap(name: snapshot, file: file)]
+                + (running ? [LayerBitmap(name: Self.bridgeBitmap, mergedAway: true)] : [])
         }
         let layout = try await disks.layout(of: now.locator, kind: now.backend).1
         return (Self.layerChain(layout, downTo: disk.image) ?? [layout.disk.active]).map {

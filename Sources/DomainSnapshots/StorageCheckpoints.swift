@@ -7,10 +7,44 @@ import SnapshotCore
 /// snapshot, `vmsnap-checkpoint-<name>`; "changed since" is what the storage reports between it
 /// and the disk now. A backup turns those extents into a bitmap file the hypervisor's backup job
 /// merges like any other bitmap (``BackupImageTool/writeChangesBitmap``), so pull and push,
-/// full and incremental, run the same job as for bitmap-tracked disks. Only while the domain is
-/// shut off: a running guest would write between the count and the job's instant.
+/// full and incremental, run the same job as for bitmap-tracked disks.
+///
+/// A running guest writes between the count and the job's instant, and some of its finished
+/// writes may still sit in the hypervisor's cache. So for a running domain the job first starts a
+/// bridge on each such disk: a bitmap in the hypervisor only that records every write from then
+/// on, after which the hypervisor flushes each disk, the guest running on
+/// (``BlockLayer/startRecording(_:targets:)``). Then the
+/// storage counts; the job's transaction merges the count and the bridge and removes the bridge,
+/// at one instant.
+/// A write lands either on the storage before the count or in the bridge: never in neither.
 extension DomainService {
     static func checkpointSnapshotName(_ checkpoint: String) -> String { "vmsnap-checkpoint-\(checkpoint)" }
+
+    /// The bridge's name on each disk's node (bitmap names are per node).
+    static let bridgeBitmap = "vmsnap-bridge"
+
+    static func bridgeTargets(_ parts: [(target: String, changedSince: [LayerBitmap])]) -> [String] {
+        parts.filter { $0.changedSince.contains { $0.mergedAway == true && $0.name == bridgeBitmap } }
+            .map(\.target)
+    }
+
+    /// Starts the bridges of a job's or view's parts, before the storage counts.
+    func startBridges(_ parts: [(target: String, changedSince: [LayerBitmap])], layer: any BlockLayer) async throws {
+        let targets = Self.bridgeTargets(parts)
+        guard !targets.isEmpty else { return }
+        try await layer.startRecording(Self.bridgeBitmap, targets: targets)
+    }
+
+    /// Removes the bridges of a job or view that was undone before its transaction (which removes
+    /// them itself). Never throws: a bridge left in the hypervisor only costs memory, and the
+    /// next one replaces it.
+    func stopBridges(_ parts: [(target: String, changedSince: [LayerBitmap])], layer: any BlockLayer) async {
+        let targets = Self.bridgeTargets(parts)
+        guard !targets.isEmpty else { return }
+        do { try await layer.removeBitmaps(Self.bridgeBitmap, targets: targets) } catch {
+            notify("left the recording bitmap \(Self.bridgeBitmap) on \(targets.joined(separator: ", ")): \(error)")
+        }
+    }
 
     /// Why a checkpoint snapshot would not serve this disk (nil: it would): the backend plans one
     /// (a plan is data; nothing runs) and the snapshot must leave the disk's active image where
@@ -46,10 +80,15 @@ extension DomainService {
     }
 
     /// Takes each storage-tracked disk's checkpoint snapshot (its name checked free before the
-    /// journal began: ``requireFreeCheckpointSnapshots``), then
-    /// asks the storage once for the changes since it: a volume that cannot answer (an LVM
-    /// classic volume) is refused here, with the storage's reason, and its snapshot removed.
-    func takeCheckpointSnapshots(_ record: CheckpointRecord, definition: DomainDefinition) async throws {
+    /// journal began: ``requireFreeCheckpointSnapshots``), then asks the storage once for the
+    /// changes since it. A volume that cannot answer (an LVM classic volume) has its snapshot
+    /// removed and is refused with the storage's reason; when the operator named no disks
+    /// (`leaveOut`), it is left out of the checkpoint instead, saying why, unless no disk is
+    /// left. Returns the checkpoint as taken.
+    func takeCheckpointSnapshots(_ record: CheckpointRecord, definition: DomainDefinition, leaveOut: Bool)
+        async throws -> CheckpointRecord
+    {
+        var taken = record
         for disk in record.disks {
             guard let name = disk.snapshot else { continue }
             let d = try checkpointDisk(disk, definition: definition)
@@ -62,12 +101,20 @@ extension DomainService {
             do {
                 _ = try await disks.changes(disk: d.locator, kind: d.backend, from: name, to: .active)
             } catch let e as SnapshotError where e.code == .unsupported {
-                throw SnapshotError(
+                let refusal = SnapshotError(
                     .unsupported,
                     "disk \(disk.target) of domain '\(record.domain)' cannot be in a checkpoint: \(e.message). Leave it out (--disks), or back it up in full"
                 )
+                taken.disks.removeAll { $0.target == disk.target }
+                guard leaveOut, !taken.disks.isEmpty else { throw refusal }
+                var one = record
+                one.disks = [disk]
+                await removeCheckpointSnapshots([one], definition: definition)
+                notify(
+                    "checkpoint \(record.name) leaves disk \(disk.target) out (\(e.message)); it is backed up in full")
             }
         }
+        return taken
     }
 
     /// Refuses, before anything is journaled, a checkpoint whose snapshot name a disk already
@@ -109,19 +156,26 @@ extension DomainService {
         }
     }
 
+    /// Recovery's part: the bridges and bitmap-file nodes an interrupted job or view left in the
+    /// running hypervisor (a storage daemon's go with it).
+    func stopBridges(_ parts: [(target: String, changedSince: [LayerBitmap])], domain: String) async {
+        let files = parts.flatMap { $0.changedSince.compactMap(\.file) }
+        guard !Self.bridgeTargets(parts).isEmpty || !files.isEmpty,
+            let definition = try? definition(domain).definition,
+            let layer = try? await aliveLayer(definition, storageDaemon: false)
+        else { return }
+        await layer.closeBitmapFiles(files)
+        await stopBridges(parts, layer: layer)
+        await layer.close(keepDaemon: true)
+    }
+
     /// Why a storage-tracked disk cannot serve an incremental (nil: it can), and what changed
     /// since its snapshot. A revert does not spoil it: the storage compares what the disk holds.
+    /// While the guest runs the count leaves out what it has not flushed yet (a job's bridge
+    /// covers that).
     func storageCheckpointProblem(_ disk: CheckpointDisk, snapshot: String, definition: DomainDefinition)
         async throws -> (String?, DiskChanges?)
     {
-        // A running guest writes between the count and the job's instant: those writes would be
-        // in no bitmap. Never a silently short incremental.
-        if try drivers.driver(for: definition).isRunning(definition.name) {
-            return (
-                "disk \(disk.target) is tracked by its storage (snapshot \(snapshot)), which vmsnap counts only while the domain is shut off: a running guest's writes after the count would be missed. Stop the domain, or take a full backup",
-                nil
-            )
-        }
         guard let d = try? checkpointDisk(disk, definition: definition),
             let layout = try? await disks.layout(of: d.locator, kind: d.backend).1, layout.disk.id == disk.diskID
         else {

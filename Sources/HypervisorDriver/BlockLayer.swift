@@ -9,11 +9,15 @@ public struct LayerBitmap: Codable, Sendable, Hashable {
     /// A bitmap file outside the disk's chain instead (``BackupImageTool/writeChangesBitmap``):
     /// the changes the disk's storage reported, opened read-only only to be merged.
     public var file: String?
+    /// Removed in the same instant it is merged (true): a bitmap that bridges a storage's count
+    /// to the job's instant (``BlockLayer/startRecording(_:targets:)``).
+    public var mergedAway: Bool?
 
-    public init(layer: String? = nil, name: String, file: String? = nil) {
+    public init(layer: String? = nil, name: String, file: String? = nil, mergedAway: Bool? = nil) {
         self.layer = layer
         self.name = name
         self.file = file
+        self.mergedAway = mergedAway
     }
 }
 
@@ -158,6 +162,14 @@ public protocol BlockLayer: Sendable {
     func addBitmaps(_ name: String, targets: [String]) async throws
     /// Removes bitmap `name` from each target that has it.
     func removeBitmaps(_ name: String, targets: [String]) async throws
+    /// Starts bitmap `name` on each target of a running guest: it records the guest's writes from
+    /// now on, in the hypervisor only (never stored in an image; one of that name is replaced).
+    /// Then every write the guest finished before it is made to reach the storage (a flush whose
+    /// failure throws). A storage's count of changes taken after this call plus this bitmap cover
+    /// every write, however long the count takes (StorageCheckpoints.swift: the bridge).
+    func startRecording(_ name: String, targets: [String]) async throws
+    /// Closes what a killed job left open over bitmap files (`LayerBitmap.file`); recovery's part.
+    func closeBitmapFiles(_ paths: [String]) async
     /// Starts views of `parts` at one instant, adding bitmap `newBitmap` (a new checkpoint) to its
     /// same disks at the same instant when given.
     func startBlockSnapshots(_ parts: [BlockSnapshotPart], newBitmap: NewBitmap?) async throws

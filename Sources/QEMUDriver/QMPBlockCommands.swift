@@ -12,6 +12,7 @@ extension QMP {
         /// Copy-before-write from `device` into `target`: sync none (a view), full, or the blocks
         /// of `bitmap` (left as it is).
         case backup(device: String, target: String, jobID: String, sync: BackupSync)
+        case removeBitmap(node: String, name: String)
 
         var json: JSONValue {
             switch self {
@@ -45,6 +46,8 @@ extension QMP {
                     data["bitmap-mode"] = "never"
                 }
                 return ["type": "blockdev-backup", "data": .object(data)]
+            case .removeBitmap(let node, let name):
+                return ["type": "block-dirty-bitmap-remove", "data": ["node": .string(node), "name": .string(name)]]
             }
         }
     }
