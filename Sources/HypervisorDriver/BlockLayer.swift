@@ -164,9 +164,10 @@ public protocol BlockLayer: Sendable {
     func removeBitmaps(_ name: String, targets: [String]) async throws
     /// Starts bitmap `name` on each target of a running guest: it records the guest's writes from
     /// now on, in the hypervisor only (never stored in an image; one of that name is replaced).
-    /// Then every write the guest finished before it is made to reach the storage (a flush whose
-    /// failure throws). A storage's count of changes taken after this call plus this bitmap cover
-    /// every write, however long the count takes (StorageCheckpoints.swift: the bridge).
+    /// Then every write the guest finished before it is made to reach the storage (a flush; one
+    /// the hypervisor reports as failed throws). A storage's count of changes taken after this
+    /// call plus this bitmap cover every write, however long the count takes
+    /// (StorageCheckpoints.swift: the bridge).
     func startRecording(_ name: String, targets: [String]) async throws
     /// Closes what a killed job left open over bitmap files (`LayerBitmap.file`); recovery's part.
     func closeBitmapFiles(_ paths: [String]) async

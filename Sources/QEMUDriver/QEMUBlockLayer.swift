@@ -179,9 +179,10 @@ public struct QEMUBlockLayer: BlockLayer {
                 QMP.BlockAction.addBitmap(node: try g.node($0), name: name, persistent: false, disabled: false)
             }
             try await client.run(QMP.BlockTransaction(actions: actions))
-            // A flush per disk, its error reported (QMP `stop` flushes too, but QEMU 7.2 drops a
-            // failed flush's error there, and a vmsnap killed between `stop` and `cont` would
-            // leave the guest paused). The guest keeps running.
+            // A flush per disk through HMP `qemu-io`, the guest running on (QMP `stop` flushes too,
+            // but a vmsnap killed between `stop` and `cont` would leave the guest paused). QEMU 7.2
+            // prints a failed qemu-io command's error on its own stdout, not in the answer; the
+            // check below serves QEMUs that answer with it.
             for target in targets {
                 let answer = try await client.execute(
                     "human-monitor-command",
