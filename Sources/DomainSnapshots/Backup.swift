@@ -445,7 +445,7 @@ extension DomainService {
             await stopBridges(job.disks.map { ($0.target, $0.changedSince) }, layer: layer)
             await layer.close(keepDaemon: false)
         } else {
-            await stopBridges(job.disks.map { ($0.target, $0.changedSince) }, domain: job.domain)
+            await releaseCounts(job.disks.map { ($0.target, $0.changedSince) }, domain: job.domain)
             try await tearDown(job, removing: [])
             if let record = j.checkpoint {
                 try await withBitmapAccess(try definition(job.domain).definition) {

@@ -239,7 +239,7 @@ extension DomainService {
             if let c = j.checkpoint { try? await layer.removeBitmaps(c.name, targets: c.bitmapTargets) }
             await stopBridges(record.disks.map { ($0.target, $0.changedSince) }, layer: layer)
         } else {
-            await stopBridges(record.disks.map { ($0.target, $0.changedSince) }, domain: record.domain)
+            await releaseCounts(record.disks.map { ($0.target, $0.changedSince) }, domain: record.domain)
             try await finishBlockSnapshotDelete(record)
             if let c = j.checkpoint {
                 try await withBitmapAccess(try definition(record.domain).definition) {

@@ -158,7 +158,7 @@ extension DomainService {
 
     /// Recovery's part: the bridges and bitmap-file nodes an interrupted job or view left in the
     /// running hypervisor (a storage daemon's go with it).
-    func stopBridges(_ parts: [(target: String, changedSince: [LayerBitmap])], domain: String) async {
+    func releaseCounts(_ parts: [(target: String, changedSince: [LayerBitmap])], domain: String) async {
         let files = parts.flatMap { $0.changedSince.compactMap(\.file) }
         guard !Self.bridgeTargets(parts).isEmpty || !files.isEmpty,
             let definition = try? definition(domain).definition,

@@ -38,14 +38,6 @@ struct LVMThinBackupTests {
         try await cli.list(disk).snapshots.map(\.name)
     }
 
-    /// Bytes the image holds itself (not through its backing file).
-    func ownBytes(_ image: String) async throws -> UInt64 {
-        let out = try await SubprocessRunner().run(["qemu-img", "map", "--output=json", image]).standardOutput
-        let rows = try JSONSerialization.jsonObject(with: Data(out.utf8)) as? [[String: Any]] ?? []
-        return rows.filter { ($0["depth"] as? Int) == 0 && ($0["data"] as? Bool) == true }
-            .reduce(0) { $0 + UInt64(($1["length"] as? Int) ?? 0) }
-    }
-
     /// Runs `body` over a new domain and removes its volume (and the snapshots left) after.
     func withDomain(_ body: (CLI, String, String) async throws -> Void) async throws {
         let cli = try CLI()
@@ -84,20 +76,12 @@ struct LVMThinBackupTests {
             states?.first?["changedBytes"] as? Int == 131072 && states?.first?["usable"] as? Bool == true, "\(info)")
 
         try await cli.ok("backup", "begin", "g", "--target", dir, "--incremental", "c1", "--checkpoint", "c2")
-        let manifest =
-            try JSONSerialization.jsonObject(
-                with: try Data(contentsOf: URL(fileURLWithPath: dir + "/vmsnap-backups.json")))
-            as? [String: Any]
-        let backups = manifest?["backups"] as? [[String: Any]] ?? []
-        let newest = try #require((backups.last?["files"] as? [String: String])?["vda"])
-        let own = try await ownBytes(dir + "/" + newest)
+        let own = try await BackupChainProbe.newestOwnBytes(dir)
         #expect(own >= 131072 && own <= 262144, "the incremental holds the two changed chunks, not the disk: \(own)")
         let out = cli.root + "/restored"
         try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
         try await cli.ok("backup", "restore", dir, "--to", out)
-        let same = try await SubprocessRunner().execute([
-            "qemu-img", "compare", "-f", "raw", "-F", "qcow2", device, out + "/g-vda.qcow2",
-        ])
+        let same = try await BackupChainProbe.compareRaw(device, with: out + "/g-vda.qcow2")
         #expect(same.status == 0, "the chain restores the volume byte for byte: \(same.standardOutput)")
 
         // Pull: the export's dirty-bitmap context names the chunk written since c2.
@@ -138,20 +122,12 @@ struct LVMThinBackupTests {
             }
             try await cli.ok("domain", "stop", "g", "--force")
             #expect(try await snapshots(cli, disk).contains("vmsnap-checkpoint-c2"))
-            let manifest =
-                try JSONSerialization.jsonObject(
-                    with: try Data(contentsOf: URL(fileURLWithPath: dir + "/vmsnap-backups.json")))
-                as? [String: Any]
-            let newest = try #require(
-                ((manifest?["backups"] as? [[String: Any]])?.last?["files"] as? [String: String])?["vda"])
-            let own = try await ownBytes(dir + "/" + newest)
+            let own = try await BackupChainProbe.newestOwnBytes(dir)
             #expect(own == 65536, "the incremental holds the one chunk QEMU wrote: \(own)")
             let out = cli.root + "/restored"
             try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
             try await cli.ok("backup", "restore", dir, "--to", out)
-            let same = try await SubprocessRunner().execute([
-                "qemu-img", "compare", "-f", "raw", "-F", "qcow2", device, out + "/g-vda.qcow2",
-            ])
+            let same = try await BackupChainProbe.compareRaw(device, with: out + "/g-vda.qcow2")
             #expect(same.status == 0, "the chain restores the volume byte for byte: \(same.standardOutput)")
             try await cli.ok("checkpoint", "delete", "g", "c1")
             try await cli.ok("checkpoint", "delete", "g", "c2")

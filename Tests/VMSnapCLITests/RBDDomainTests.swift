@@ -128,24 +128,12 @@ struct RBDDomainTests {
         #expect(
             states?.first?["changedBytes"] as? Int == 4 << 20 && states?.first?["usable"] as? Bool == true, "\(info)")
         _ = try await ok("backup", "begin", "g", "--target", dir, "--incremental", "c1", "--checkpoint", "c2")
-        let manifest =
-            try JSONSerialization.jsonObject(
-                with: try Data(contentsOf: URL(fileURLWithPath: dir + "/vmsnap-backups.json")))
-            as? [String: Any]
-        let newest = try #require(
-            ((manifest?["backups"] as? [[String: Any]])?.last?["files"] as? [String: String])?["vda"])
-        let map = try await SubprocessRunner().run(["qemu-img", "map", "--output=json", dir + "/" + newest])
-            .standardOutput
-        let own = (try JSONSerialization.jsonObject(with: Data(map.utf8)) as? [[String: Any]] ?? [])
-            .filter { ($0["depth"] as? Int) == 0 && ($0["data"] as? Bool) == true }
-            .reduce(0) { $0 + (($1["length"] as? Int) ?? 0) }
+        let own = try await BackupChainProbe.newestOwnBytes(dir)
         #expect(own == 4 << 20, "the incremental holds the one changed object, not the 16 MiB disk: \(own)")
         let out = cli.root + "/restored"
         try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
         _ = try await ok("backup", "restore", dir, "--to", out)
-        let same = try await SubprocessRunner().execute([
-            "qemu-img", "compare", "-f", "raw", "-F", "qcow2", rbdPath, out + "/g-vda.qcow2",
-        ])
+        let same = try await BackupChainProbe.compareRaw(rbdPath, with: out + "/g-vda.qcow2")
         #expect(same.status == 0, "the chain restores the image byte for byte: \(same.standardOutput)")
 
         // Pull: the export's dirty-bitmap context names the object written since c2.
@@ -222,24 +210,12 @@ struct RBDDomainTests {
         _ = try await ok("domain", "stop", "g", "--force")
         #expect(nodes.contains("node-name") && !nodes.contains("vmsnap-bridge"), "no bridge left: \(beginErr) \(nodes)")
         #expect(try await snaps().contains("vmsnap-checkpoint-c3"))
-        let chain =
-            try JSONSerialization.jsonObject(
-                with: try Data(contentsOf: URL(fileURLWithPath: dir + "/vmsnap-backups.json")))
-            as? [String: Any]
-        let live = try #require(
-            ((chain?["backups"] as? [[String: Any]])?.last?["files"] as? [String: String])?["vda"])
-        let liveMap = try await SubprocessRunner().run(["qemu-img", "map", "--output=json", dir + "/" + live])
-            .standardOutput
-        let liveOwn = (try JSONSerialization.jsonObject(with: Data(liveMap.utf8)) as? [[String: Any]] ?? [])
-            .filter { ($0["depth"] as? Int) == 0 && ($0["data"] as? Bool) == true }
-            .reduce(0) { $0 + (($1["length"] as? Int) ?? 0) }
+        let liveOwn = try await BackupChainProbe.newestOwnBytes(dir)
         #expect(liveOwn == 8 << 20, "the objects written since c2 (at 8 and 12 MiB), no more: \(liveOwn)")
         let out2 = cli.root + "/restored-live"
         try FileManager.default.createDirectory(atPath: out2, withIntermediateDirectories: true)
         _ = try await ok("backup", "restore", dir, "--to", out2)
-        let sameLive = try await SubprocessRunner().execute([
-            "qemu-img", "compare", "-f", "raw", "-F", "qcow2", rbdPath, out2 + "/g-vda.qcow2",
-        ])
+        let sameLive = try await BackupChainProbe.compareRaw(rbdPath, with: out2 + "/g-vda.qcow2")
         #expect(
             sameLive.status == 0, "the chain with the live incremental restores the image: \(sameLive.standardOutput)")
 
