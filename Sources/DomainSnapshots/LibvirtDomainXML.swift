@@ -38,17 +38,18 @@ public enum LibvirtDomainXML {
     public static let unformatted = "raw"
 
     /// `<domain>` for `definition`, with each disk's source (`sources[target]`, else its locator)
-    /// and the driver and source types its backend declares; `indent` spaces before each line.
+    /// and the driver and source types its backend declares, and the rest of the hardware as the
+    /// domain's driver describes it; `indent` spaces before each line.
     public static func render(
         _ def: DomainDefinition, sources: [String: String], descriptors: [BackendKind: BackendDescriptor],
-        domainType: String,
+        domainType: String, hardware: LibvirtHardware = LibvirtHardware(),
         indent: Int = 0
     ) -> String {
         let pad = String(repeating: " ", count: indent)
         var x = "\(pad)<domain type='\(escape(domainType))'>\n"
         x += "\(pad)  <name>\(escape(def.name))</name>\n\(pad)  <uuid>\(def.uuid.uuidString.lowercased())</uuid>\n"
         x += "\(pad)  <memory unit='KiB'>\(def.memoryMiB * 1024)</memory>\n\(pad)  <vcpu>\(def.vcpus)</vcpu>\n"
-        x += "\(pad)  <os>\n\(pad)    <type arch='x86_64' machine='pc'>hvm</type>\n"
+        x += "\(pad)  <os>\n\(pad)    <type arch='x86_64' machine='\(escape(hardware.machine))'>hvm</type>\n"
         if let f = def.firmware {
             x += "\(pad)    <loader readonly='yes' type='pflash'>\(escape(f.code))</loader>\n"
             x += "\(pad)    <nvram\(f.template.map { " template='\(escape($0))'" } ?? "")>\(escape(f.vars))</nvram>\n"
@@ -56,21 +57,51 @@ public enum LibvirtDomainXML {
         if let k = def.boot.kernel { x += "\(pad)    <kernel>\(escape(k))</kernel>\n" }
         if let i = def.boot.initrd { x += "\(pad)    <initrd>\(escape(i))</initrd>\n" }
         if let c = def.boot.cmdline { x += "\(pad)    <cmdline>\(escape(c))</cmdline>\n" }
-        x += "\(pad)  </os>\n\(pad)  <devices>\n"
-        for disk in def.disks {
+        x += "\(pad)  </os>\n"
+        if !hardware.features.isEmpty {
+            x += "\(pad)  <features>" + hardware.features.map { "<\(escape($0))/>" }.joined() + "</features>\n"
+        }
+        x += "\(pad)  <devices>\n"
+        for (index, disk) in def.disks.enumerated() {
             let type = descriptors[disk.backend]?.sourceType ?? .file
             x += "\(pad)    <disk type='\(type.rawValue)' device='disk'>\n"
             if let format = descriptors[disk.backend]?.imageFormat {
                 x += "\(pad)      <driver name='qemu' type='\(escape(format))'/>\n"
             }
             x += "\(pad)      \(SnapshotXML.source(sources[disk.target] ?? disk.locator, type: type))\n"
-            x += "\(pad)      <target dev='\(escape(disk.target))' bus='virtio'/>\n\(pad)    </disk>\n"
+            x += "\(pad)      <target dev='\(escape(disk.target))' bus='virtio'/>\n"
+            if let first = hardware.firstDiskSlot { x += "\(pad)      \(pciAddress(slot: first + index))\n" }
+            x += "\(pad)    </disk>\n"
         }
         if let t = def.tpm {
             x += "\(pad)    <tpm model='\(escape(t.model))'>\n\(pad)      <backend type='emulator' version='2.0'/>\n"
             x += "\(pad)    </tpm>\n"
         }
+        x += otherDevices(hardware, pad: pad + "    ")
         x += "\(pad)  </devices>\n\(pad)</domain>\n"
+        return x
+    }
+
+    static func pciAddress(slot: Int) -> String {
+        "<address type='pci' domain='0x0000' bus='0x00' slot='0x\(String(format: "%02x", slot))' function='0x0'/>"
+    }
+
+    /// The serial console, the guest agent's channel, and the devices libvirt must leave out.
+    static func otherDevices(_ hardware: LibvirtHardware, pad: String) -> String {
+        var x = ""
+        if hardware.withoutUSBAndBalloon { x += "\(pad)<controller type='usb' model='none'/>\n" }
+        if let slot = hardware.agentChannelSlot {
+            x += "\(pad)<controller type='virtio-serial' index='0'>\n\(pad)  \(pciAddress(slot: slot))\n"
+            x += "\(pad)</controller>\n"
+            // No path: libvirt makes the socket in its own channel directory.
+            x += "\(pad)<channel type='unix'>\n\(pad)  <source mode='bind'/>\n"
+            x += "\(pad)  <target type='virtio' name='org.qemu.guest_agent.0'/>\n\(pad)</channel>\n"
+        }
+        if let log = hardware.serialLog {
+            x += "\(pad)<serial type='file'>\n\(pad)  <source path='\(escape(log))' append='on'/>\n"
+            x += "\(pad)  <target port='0'/>\n\(pad)</serial>\n"
+        }
+        if hardware.withoutUSBAndBalloon { x += "\(pad)<memballoon model='none'/>\n" }
         return x
     }
 
@@ -104,7 +135,9 @@ public enum LibvirtDomainXML {
             unmodeled.append("<os><\(e)> (UEFI firmware: give the domain a firmware section)")
         }
         var disks: [Disk] = []
-        let ignoredDevices: Set<String> = ["emulator", "serial", "console", "controller", "memballoon", "input", "rng"]
+        let ignoredDevices: Set<String> = [
+            "emulator", "serial", "console", "controller", "memballoon", "input", "rng", "channel",
+        ]
         for device in child(domain, "devices")?.children?.compactMap({ $0 as? XMLElement }) ?? [] {
             guard device.name == "disk" else {
                 if !ignoredDevices.contains(device.name ?? "") { unmodeled.append("device <\(device.name ?? "?")>") }

@@ -216,7 +216,8 @@ extension DomainService {
         }
         let driver = try drivers.driver(for: definition)
         let domainXML = LibvirtDomainXML.render(
-            definition, sources: sources, descriptors: descriptors, domainType: driver.libvirtDomainType(definition))
+            definition, sources: sources, descriptors: descriptors, domainType: driver.libvirtDomainType(definition),
+            hardware: driver.libvirtHardware(definition))
         let records = try store.domainSnapshots(of: name)
         var ordered: [DomainSnapshotRecord] = []
         var placed = Set<String>()

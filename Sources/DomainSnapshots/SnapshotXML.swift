@@ -30,10 +30,11 @@ public enum SnapshotXML {
     }
 
     /// `descriptors` says, per backend kind, how libvirt names its disks (source type, format);
-    /// `domainType` is libvirt's `<domain type>` as the domain's driver names it.
+    /// `domainType` is libvirt's `<domain type>` and `hardware` the rest of the machine, as the
+    /// domain's driver names them.
     public static func render(
         _ r: DomainSnapshotRecord, layouts: [String: DiskLayout], descriptors: [BackendKind: BackendDescriptor],
-        domainType: String
+        domainType: String, hardware: LibvirtHardware = LibvirtHardware()
     ) -> String {
         var x = "<domainsnapshot>\n  <name>\(escape(r.name))</name>\n"
         if let d = r.description { x += "  <description>\(escape(d))</description>\n" }
@@ -70,7 +71,8 @@ public enum SnapshotXML {
         var sources: [String: String] = [:]
         for d in r.disks { if let source = d.source { sources[d.target] = source } }
         x += LibvirtDomainXML.render(
-            r.definition, sources: sources, descriptors: descriptors, domainType: domainType, indent: 2)
+            r.definition, sources: sources, descriptors: descriptors, domainType: domainType, hardware: hardware,
+            indent: 2)
         x += "</domainsnapshot>\n"
         return x
     }
@@ -169,7 +171,8 @@ extension DomainService {
         }
         let driver = try drivers.driver(for: record.definition)
         return SnapshotXML.render(
-            record, layouts: layouts, descriptors: descriptors, domainType: driver.libvirtDomainType(record.definition))
+            record, layouts: layouts, descriptors: descriptors, domainType: driver.libvirtDomainType(record.definition),
+            hardware: driver.libvirtHardware(record.definition))
     }
 
     /// Imports a snapshot record from XML (`create --redefine`): every disk snapshot it names

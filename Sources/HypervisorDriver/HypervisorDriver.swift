@@ -304,6 +304,9 @@ public protocol HypervisorDriver: Sendable {
     func consoleLog(_ domain: String) -> String
     /// libvirt's `<domain type>` for this domain (`kvm`, `qemu`, `xen`), for snapshot XML.
     func libvirtDomainType(_ definition: DomainDefinition) -> String
+    /// The domain's hardware beyond its disks in libvirt's terms, so that libvirt starts the
+    /// same machine from vmsnap's XML (and can load its saved state).
+    func libvirtHardware(_ definition: DomainDefinition) -> LibvirtHardware
     /// The accelerator setting for a libvirt domain of this `<domain type>`, or nil if this
     /// driver does not run such domains (`domain import`).
     func accelerator(forLibvirtType type: String) -> String?
@@ -323,10 +326,44 @@ public protocol HypervisorDriver: Sendable {
 extension HypervisorDriver {
     public func isRunning(_ domain: String) -> Bool { pid(domain) != nil }
 
+    public func libvirtHardware(_ definition: DomainDefinition) -> LibvirtHardware { LibvirtHardware() }
+
     public func adopt(_ domain: String) async throws -> AdoptedDomain {
         throw SnapshotError(
             .unsupported,
             "the \(name) driver cannot adopt a domain it did not start (for libvirt's domains: `vmsnap domain import`)")
+    }
+}
+
+/// A domain's virtual hardware beyond its disks, as libvirt's `<domain>` XML has to say it so that
+/// libvirt starts the same machine (and its QEMU can load the device state vmsnap's saved: a
+/// migration stream loads only into the same devices in the same places).
+public struct LibvirtHardware: Sendable, Hashable {
+    /// `<os><type machine=...>`.
+    public var machine: String
+    /// Elements inside `<features>` (`acpi`).
+    public var features: [String]
+    /// The PCI slot of the first disk on bus 0; the next disks take the slots after it, in
+    /// definition order. nil: libvirt places them.
+    public var firstDiskSlot: Int?
+    /// A serial port (port 0) writing to this file: the console log.
+    public var serialLog: String?
+    /// The PCI slot of a virtio-serial controller carrying the guest agent's channel
+    /// (`org.qemu.guest_agent.0`, port 1); nil: no such channel.
+    public var agentChannelSlot: Int?
+    /// No USB controller and no memory balloon (libvirt adds both unless told not to).
+    public var withoutUSBAndBalloon: Bool
+
+    public init(
+        machine: String = "pc", features: [String] = [], firstDiskSlot: Int? = nil, serialLog: String? = nil,
+        agentChannelSlot: Int? = nil, withoutUSBAndBalloon: Bool = false
+    ) {
+        self.machine = machine
+        self.features = features
+        self.firstDiskSlot = firstDiskSlot
+        self.serialLog = serialLog
+        self.agentChannelSlot = agentChannelSlot
+        self.withoutUSBAndBalloon = withoutUSBAndBalloon
     }
 }
 

@@ -128,7 +128,21 @@ public struct QEMUDriver: HypervisorDriver {
     public func consoleLog(_ domain: String) -> String { runtime(domain).serialLog }
 
     public func libvirtDomainType(_ definition: DomainDefinition) -> String {
-        definition.accel == "kvm" ? "kvm" : "qemu"
+        Self.chooseAccelerator(definition.accel) == "kvm" ? "kvm" : "qemu"
+    }
+
+    /// PCI slots on bus 0, fixed so libvirt can place the same devices at the same addresses
+    /// (slot 1 is the PIIX3 bridge; -nodefaults leaves out the VGA card).
+    static let agentChannelSlot = 2
+    static let firstDiskSlot = 3
+
+    /// What `argv` builds besides the disks: ACPI (QEMU's default), the serial console, the guest
+    /// agent's channel; no USB, no balloon. libvirt 9.0 then loads this QEMU's device state.
+    public func libvirtHardware(_ definition: DomainDefinition) -> LibvirtHardware {
+        LibvirtHardware(
+            machine: "pc", features: ["acpi"], firstDiskSlot: Self.firstDiskSlot,
+            serialLog: runtime(definition.name).serialLog, agentChannelSlot: Self.agentChannelSlot,
+            withoutUSBAndBalloon: true)
     }
 
     public func accelerator(forLibvirtType type: String) -> String? {
@@ -291,7 +305,7 @@ public struct QEMUDriver: HypervisorDriver {
             "-chardev", "file,id=serial0,path=\(Self.escape(runtime.serialLog)),append=on",
             "-serial", "chardev:serial0",
             // A channel for the guest agent (freeze and thaw around snapshots, --quiesce).
-            "-device", "virtio-serial-pci,id=vmsnap-vser0",
+            "-device", "virtio-serial-pci,id=vmsnap-vser0,addr=\(Self.agentChannelSlot)",
             "-chardev", "socket,id=qga0,path=\(Self.escape(runtime.agentSocket)),server=on,wait=off",
             "-device", "virtserialport,bus=vmsnap-vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
         ]
@@ -314,7 +328,8 @@ public struct QEMUDriver: HypervisorDriver {
                 "-drive",
                 "file=\(Self.escape(disk.drive.path)),format=\(disk.drive.format),if=none,id=\(id),cache=writeback,discard=unmap",
                 "-device",
-                "virtio-blk-pci,drive=\(id),id=\(disk.target)\(index == 0 && definition.boot.kernel == nil ? ",bootindex=1" : "")",
+                "virtio-blk-pci,drive=\(id),id=\(disk.target),addr=\(Self.firstDiskSlot + index)"
+                    + (index == 0 && definition.boot.kernel == nil ? ",bootindex=1" : ""),
             ]
         }
         if options.paused || options.incoming { argv.append("-S") }

@@ -134,6 +134,60 @@ struct LibvirtInteropTests {
         _ = try? await virsh("undefine", name, "--snapshots-metadata")
     }
 
+    /// The other half of the way back: libvirt reverts to a full-system snapshot vmsnap took, with
+    /// the guest's memory, and the guest goes on from the snapshot's instant. libvirt 9.0 reverts
+    /// only internal snapshots (memory inside the qcow2 images); its QEMU loads vmsnap's device
+    /// state because the exported `<domain>` describes vmsnap's machine (ACPI, the serial console,
+    /// the agent's channel, the disks' PCI slots, no USB, no balloon).
+    @Test("libvirt reverts to a full-system snapshot vmsnap took: the guest goes on from the snapshot's counter")
+    func libvirtRevertsVmsnapFullSystemSnapshot() async throws {
+        try await runner.run([GuestImage.repository + "/scripts/libvirt-peer", "start"])
+        let cli = try CLI()
+        let name = "lvf-\(UUID().uuidString.prefix(6).lowercased())"
+        let g = try await Guest.define(cli, name: name, disks: [("vda", "qcow2"), ("vdb", "qcow2")])
+        do {
+            try await cli.ok("domain", "start", name)
+            let before = try await g.waitCounter(atLeast: 3)
+            try await cli.ok("snapshot", "create", name, "--name", "f1", "--memory", "internal")
+            let after = try await g.waitCounter(atLeast: before + 8)
+            await g.stop()
+            let xml = try await cli.ok("snapshot", "dumpxml", name, "f1")
+            #expect(
+                xml.contains("<features><acpi/></features>") && xml.contains("<memballoon model='none'/>")
+                    && xml.contains("slot='0x04'"), "\(xml)")
+
+            let export = try await cli.ok("domain", "export", name, "--to", cli.root + "/export")
+            for line in export.split(whereSeparator: \.isNewline) where line.hasPrefix("  virsh ") {
+                let argv = line.split(separator: " ").map(String.init)
+                _ = try await runner.run(["virsh", "-q", "-c", "qemu:///system"] + argv.dropFirst())
+            }
+            // libvirt reverts, paused: the disks hold the snapshot's instant.
+            _ = try await virsh("snapshot-revert", name, "f1", "--paused")
+            #expect(try await virsh("domstate", name).trimmingCharacters(in: .whitespacesAndNewlines) == "paused")
+            let vda = try #require(try await g.diskCounter(g.disks[0].path, format: "qcow2"))
+            let vdb = try #require(try await g.diskCounter(g.disks[1].path, format: "qcow2"))
+            #expect(
+                vda >= before && vda < after - 2 && (vda == vdb || vda == vdb + 1),
+                "disks at the snapshot: vda \(vda), vdb \(vdb) (taken after \(before), stopped at \(after))")
+            // Resumed, the guest goes on from the snapshot's memory; libvirt's QEMU writes the same
+            // console log (the exported serial port's file).
+            let mark = g.mark()
+            _ = try await virsh("resume", name)
+            try await g.waitCounter(atLeast: 1, after: mark, timeout: 60)
+            let first = try #require(g.counters(after: mark).first)
+            #expect(
+                first == vda || first == vda + 1,
+                "the guest went on from the snapshot's memory (\(first), its disk held \(vda); stopped at \(after))")
+        } catch {
+            _ = try? await virsh("destroy", name)
+            _ = try? await virsh("undefine", name, "--snapshots-metadata")
+            await g.stop()
+            throw error
+        }
+        _ = try? await virsh("destroy", name)
+        _ = try? await virsh("undefine", name, "--snapshots-metadata")
+    }
+
     @Test(
         "checkpoints both ways: libvirt's come in with domain import, vmsnap's are redefined in libvirt and read back the same"
     )
