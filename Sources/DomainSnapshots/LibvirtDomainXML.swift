@@ -77,7 +77,7 @@ public enum LibvirtDomainXML {
             x += "\(pad)    <tpm model='\(escape(t.model))'>\n\(pad)      <backend type='emulator' version='2.0'/>\n"
             x += "\(pad)    </tpm>\n"
         }
-        x += otherDevices(hardware, pad: pad + "    ")
+        x += otherDevices(hardware, domain: def.name, pad: pad + "    ")
         x += "\(pad)  </devices>\n\(pad)</domain>\n"
         return x
     }
@@ -86,8 +86,12 @@ public enum LibvirtDomainXML {
         "<address type='pci' domain='0x0000' bus='0x00' slot='0x\(String(format: "%02x", slot))' function='0x0'/>"
     }
 
+    /// Where libvirt keeps a domain's serial console output: its own log folder, which exists
+    /// wherever libvirt's QEMU driver runs.
+    public static func serialLog(domain: String) -> String { "/var/log/libvirt/qemu/\(domain)-serial.log" }
+
     /// The serial console, the guest agent's channel, and the devices libvirt must leave out.
-    static func otherDevices(_ hardware: LibvirtHardware, pad: String) -> String {
+    static func otherDevices(_ hardware: LibvirtHardware, domain: String, pad: String) -> String {
         var x = ""
         if hardware.withoutUSBAndBalloon { x += "\(pad)<controller type='usb' model='none'/>\n" }
         if let slot = hardware.agentChannelSlot {
@@ -97,8 +101,9 @@ public enum LibvirtDomainXML {
             x += "\(pad)<channel type='unix'>\n\(pad)  <source mode='bind'/>\n"
             x += "\(pad)  <target type='virtio' name='org.qemu.guest_agent.0'/>\n\(pad)</channel>\n"
         }
-        if let log = hardware.serialLog {
-            x += "\(pad)<serial type='file'>\n\(pad)  <source path='\(escape(log))' append='on'/>\n"
+        if hardware.serialConsole {
+            // A pty (`virsh console`), its output also kept in libvirt's log folder.
+            x += "\(pad)<serial type='pty'>\n\(pad)  <log file='\(escape(serialLog(domain: domain)))' append='on'/>\n"
             x += "\(pad)  <target port='0'/>\n\(pad)</serial>\n"
         }
         if hardware.withoutUSBAndBalloon { x += "\(pad)<memballoon model='none'/>\n" }

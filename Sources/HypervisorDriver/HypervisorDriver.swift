@@ -346,8 +346,8 @@ public struct LibvirtHardware: Sendable, Hashable {
     /// The PCI slot of the first disk on bus 0; the next disks take the slots after it, in
     /// definition order. nil: libvirt places them.
     public var firstDiskSlot: Int?
-    /// A serial port (port 0) writing to this file: the console log.
-    public var serialLog: String?
+    /// A serial port (port 0): the console.
+    public var serialConsole: Bool
     /// The PCI slot of a virtio-serial controller carrying the guest agent's channel
     /// (`org.qemu.guest_agent.0`, port 1); nil: no such channel.
     public var agentChannelSlot: Int?
@@ -355,13 +355,13 @@ public struct LibvirtHardware: Sendable, Hashable {
     public var withoutUSBAndBalloon: Bool
 
     public init(
-        machine: String = "pc", features: [String] = [], firstDiskSlot: Int? = nil, serialLog: String? = nil,
+        machine: String = "pc", features: [String] = [], firstDiskSlot: Int? = nil, serialConsole: Bool = false,
         agentChannelSlot: Int? = nil, withoutUSBAndBalloon: Bool = false
     ) {
         self.machine = machine
         self.features = features
         self.firstDiskSlot = firstDiskSlot
-        self.serialLog = serialLog
+        self.serialConsole = serialConsole
         self.agentChannelSlot = agentChannelSlot
         self.withoutUSBAndBalloon = withoutUSBAndBalloon
     }

@@ -132,17 +132,25 @@ public struct QEMUDriver: HypervisorDriver {
     }
 
     /// PCI slots on bus 0, fixed so libvirt can place the same devices at the same addresses
-    /// (slot 1 is the PIIX3 bridge; -nodefaults leaves out the VGA card).
+    /// (slot 1 is the PIIX3 bridge; -nodefaults leaves out the VGA card). QEMU chose the same ones
+    /// itself before they were fixed, so older saved states still load.
     static let agentChannelSlot = 2
     static let firstDiskSlot = 3
+
+    /// The slot argument for a device, or nothing: a definition with `qemuArgs` may add devices
+    /// (`-nic`, `-vga`) that QEMU places before any `-device`, in the slots fixed here, so its
+    /// devices are placed by QEMU as before (and libvirt cannot be told the same machine).
+    static func slot(_ slot: Int, _ definition: DomainDefinition) -> String {
+        definition.qemuArgs.isEmpty ? ",addr=0x" + String(slot, radix: 16) : ""
+    }
 
     /// What `argv` builds besides the disks: ACPI (QEMU's default), the serial console, the guest
     /// agent's channel; no USB, no balloon. libvirt 9.0 then loads this QEMU's device state.
     public func libvirtHardware(_ definition: DomainDefinition) -> LibvirtHardware {
-        LibvirtHardware(
-            machine: "pc", features: ["acpi"], firstDiskSlot: Self.firstDiskSlot,
-            serialLog: runtime(definition.name).serialLog, agentChannelSlot: Self.agentChannelSlot,
-            withoutUSBAndBalloon: true)
+        let placed = definition.qemuArgs.isEmpty
+        return LibvirtHardware(
+            machine: "pc", features: ["acpi"], firstDiskSlot: placed ? Self.firstDiskSlot : nil, serialConsole: true,
+            agentChannelSlot: placed ? Self.agentChannelSlot : nil, withoutUSBAndBalloon: true)
     }
 
     public func accelerator(forLibvirtType type: String) -> String? {
@@ -305,7 +313,7 @@ public struct QEMUDriver: HypervisorDriver {
             "-chardev", "file,id=serial0,path=\(Self.escape(runtime.serialLog)),append=on",
             "-serial", "chardev:serial0",
             // A channel for the guest agent (freeze and thaw around snapshots, --quiesce).
-            "-device", "virtio-serial-pci,id=vmsnap-vser0,addr=\(Self.agentChannelSlot)",
+            "-device", "virtio-serial-pci,id=vmsnap-vser0" + Self.slot(Self.agentChannelSlot, definition),
             "-chardev", "socket,id=qga0,path=\(Self.escape(runtime.agentSocket)),server=on,wait=off",
             "-device", "virtserialport,bus=vmsnap-vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
         ]
@@ -328,7 +336,7 @@ public struct QEMUDriver: HypervisorDriver {
                 "-drive",
                 "file=\(Self.escape(disk.drive.path)),format=\(disk.drive.format),if=none,id=\(id),cache=writeback,discard=unmap",
                 "-device",
-                "virtio-blk-pci,drive=\(id),id=\(disk.target),addr=\(Self.firstDiskSlot + index)"
+                "virtio-blk-pci,drive=\(id),id=\(disk.target)" + Self.slot(Self.firstDiskSlot + index, definition)
                     + (index == 0 && definition.boot.kernel == nil ? ",bootindex=1" : ""),
             ]
         }

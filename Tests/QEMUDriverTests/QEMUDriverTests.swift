@@ -260,3 +260,54 @@ struct QEMUDriverTests {
         try await driver.destroy("d")
     }
 }
+
+/// The PCI slots on QEMU's command line are the ones the driver gives libvirt: both describe one
+/// machine, or libvirt's QEMU cannot load vmsnap's saved device state.
+@Suite("QEMU command line and libvirt hardware")
+struct QEMUCommandLineSlotTests {
+    let driver = QEMUDriver(storeDirectory: NSTemporaryDirectory() + "vmsnap-argv")
+    let targets = (0..<9).map { "vd\(Character(UnicodeScalar(97 + $0)!))" }
+
+    func argv(qemuArgs: [String] = []) -> (argv: [String], hardware: LibvirtHardware) {
+        let def = DomainDefinition(
+            name: "d", memoryMiB: 32,
+            disks: targets.map { DomainDisk(target: $0, backend: "qcow2", locator: "/x/\($0).qcow2") }, accel: "tcg",
+            qemuArgs: qemuArgs)
+        let drives = targets.map {
+            DomainDrive(
+                target: $0, drive: HypervisorDrive(path: "/x/\($0).qcow2", format: "qcow2", liveSnapshots: true))
+        }
+        let argv = driver.argv(
+            def, drives: drives, runtime: QEMURuntime(storeDirectory: "/tmp/s", domain: "d"),
+            options: QEMULaunchOptions())
+        return (argv, driver.libvirtHardware(def))
+    }
+
+    /// The options of the `-device` whose value starts with `prefix` and names `id`.
+    func device(_ argv: [String], _ prefix: String, id: String) -> [String] {
+        argv.first { $0.hasPrefix(prefix) && $0.split(separator: ",").contains("id=\(id)") }?
+            .split(separator: ",").map(String.init) ?? []
+    }
+
+    @Test("each disk and the agent's channel sit in the slot libvirt is told, written in hex as QEMU reads it")
+    func slotsAgree() throws {
+        let (argv, hardware) = argv()
+        let first = try #require(hardware.firstDiskSlot)
+        for (index, target) in targets.enumerated() {
+            #expect(
+                device(argv, "virtio-blk-pci,", id: target).contains("addr=0x" + String(first + index, radix: 16)),
+                "\(target): \(device(argv, "virtio-blk-pci,", id: target))")
+        }
+        #expect(device(argv, "virtio-blk-pci,", id: "vdi").contains("addr=0xb"), "the ninth disk in slot 11")
+        let channel = try #require(hardware.agentChannelSlot)
+        #expect(device(argv, "virtio-serial-pci,", id: "vmsnap-vser0").contains("addr=0x\(channel)"))
+        #expect(hardware.features == ["acpi"] && hardware.withoutUSBAndBalloon && hardware.serialConsole)
+    }
+
+    @Test("a definition with qemuArgs leaves placement to QEMU (a -nic takes a slot first) and tells libvirt no slots")
+    func qemuArgsLeavePlacementToQEMU() {
+        let (argv, hardware) = argv(qemuArgs: ["-nic", "user,model=virtio-net-pci"])
+        #expect(!argv.contains { $0.contains("addr=") }, "\(argv)")
+        #expect(hardware.firstDiskSlot == nil && hardware.agentChannelSlot == nil)
+    }
+}
