@@ -93,8 +93,11 @@ struct Guest {
     func mark() -> Int { (try? FileManager.default.attributesOfItem(atPath: serialLog)[.size] as? Int) ?? 0 }
 
     /// Counters printed after `mark`, in order.
-    func counters(after mark: Int) -> [Int] {
-        guard let data = FileManager.default.contents(atPath: serialLog), data.count >= mark else { return [] }
+    func counters(after mark: Int) -> [Int] { Self.counters(inLog: serialLog, after: mark) }
+
+    /// The counters a console log at `path` holds after byte `mark` (vmsnap's or libvirt's).
+    static func counters(inLog path: String, after mark: Int = 0) -> [Int] {
+        guard let data = FileManager.default.contents(atPath: path), data.count >= mark else { return [] }
         return String(decoding: data[mark...], as: UTF8.self).split(whereSeparator: \.isNewline).compactMap { line in
             guard let r = line.range(of: "vmsnap-counter ") else { return nil }
             return Int(line[r.upperBound...].prefix { $0.isNumber })

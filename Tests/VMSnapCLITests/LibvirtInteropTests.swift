@@ -17,6 +17,14 @@ struct LibvirtInteropTests {
         try await runner.run(["virsh", "-q", "-c", "qemu:///system"] + args).standardOutput
     }
 
+    /// Runs the `virsh` commands `vmsnap domain export` prints (define, then redefine in parent order).
+    func runVirshLines(_ export: String) async throws {
+        for line in export.split(whereSeparator: \.isNewline) where line.hasPrefix("  virsh ") {
+            let argv = line.split(separator: " ").map(String.init)
+            _ = try await runner.run(["virsh", "-q", "-c", "qemu:///system"] + argv.dropFirst())
+        }
+    }
+
     /// name -> parent, from `virsh snapshot-list --parent`.
     func libvirtTree(_ domain: String) async throws -> [String: String] {
         var tree: [String: String] = [:]
@@ -113,10 +121,7 @@ struct LibvirtInteropTests {
             try await cli.sh("qemu-io", "-f", "qcow2", "-c", "write -P 77 0 64k", active)
             let export = try await cli.ok("domain", "export", name, "--to", cli.root + "/export")
             _ = try await virsh("undefine", name, "--snapshots-metadata")
-            for line in export.split(whereSeparator: \.isNewline) where line.hasPrefix("  virsh ") {
-                let argv = line.split(separator: " ").map(String.init)
-                _ = try await runner.run(["virsh", "-q", "-c", "qemu:///system"] + argv.dropFirst())
-            }
+            try await runVirshLines(export)
             let back = try await libvirtTree(name)
             #expect(back == after, "libvirt has vmsnap's tree: \(back)")
             #expect(
@@ -158,10 +163,7 @@ struct LibvirtInteropTests {
                     && xml.contains("slot='0x04'"), "\(xml)")
 
             let export = try await cli.ok("domain", "export", name, "--to", cli.root + "/export")
-            for line in export.split(whereSeparator: \.isNewline) where line.hasPrefix("  virsh ") {
-                let argv = line.split(separator: " ").map(String.init)
-                _ = try await runner.run(["virsh", "-q", "-c", "qemu:///system"] + argv.dropFirst())
-            }
+            try await runVirshLines(export)
             // libvirt reverts, paused: the disks hold the snapshot's instant.
             _ = try await virsh("snapshot-revert", name, "f1", "--paused")
             #expect(try await virsh("domstate", name).trimmingCharacters(in: .whitespacesAndNewlines) == "paused")
@@ -178,10 +180,7 @@ struct LibvirtInteropTests {
             let deadline = ContinuousClock.now + .seconds(60)
             while printed.isEmpty && ContinuousClock.now < deadline {
                 try await Task.sleep(for: .milliseconds(500))
-                printed = String(decoding: FileManager.default.contents(atPath: log) ?? Data(), as: UTF8.self)
-                    .split(whereSeparator: \.isNewline).compactMap { line in
-                        line.range(of: "vmsnap-counter ").flatMap { Int(line[$0.upperBound...].prefix { $0.isNumber }) }
-                    }
+                printed = Guest.counters(inLog: log)
             }
             let first = try #require(printed.first, "libvirt's guest printed no counter to \(log)")
             #expect(
@@ -244,10 +243,7 @@ struct LibvirtInteropTests {
 
             let export = try await cli.ok("domain", "export", name, "--to", cli.root + "/export")
             _ = try await virsh("undefine", name, "--checkpoints-metadata")
-            for line in export.split(whereSeparator: \.isNewline) where line.hasPrefix("  virsh ") {
-                let argv = line.split(separator: " ").map(String.init)
-                _ = try await runner.run(["virsh", "-q", "-c", "qemu:///system"] + argv.dropFirst())
-            }
+            try await runVirshLines(export)
             let list = try await virsh("checkpoint-list", name, "--parent")
             let tree = list.split(whereSeparator: \.isNewline).map {
                 $0.split(separator: " ", omittingEmptySubsequences: true)
