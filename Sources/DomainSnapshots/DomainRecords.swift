@@ -31,13 +31,22 @@ public struct DomainSnapshotDisk: Codable, Sendable, Hashable {
     /// The image the domain had open for this disk when the snapshot was taken (libvirt's
     /// `<domain>` inside the snapshot names it); nil in records made before it was kept.
     public var source: String?
+    /// How libvirt named that image when it differs from the disk's backend (a chain imported
+    /// from libvirt that starts on a raw block device); nil where the backend's types hold.
+    public var sourceType: DiskSourceType?
+    public var sourceFormat: String?
 
-    public init(target: String, diskID: String, backend: BackendKind, kind: SnapshotKind?, source: String? = nil) {
+    public init(
+        target: String, diskID: String, backend: BackendKind, kind: SnapshotKind?, source: String? = nil,
+        sourceType: DiskSourceType? = nil, sourceFormat: String? = nil
+    ) {
         self.target = target
         self.diskID = diskID
         self.backend = backend
         self.kind = kind
         self.source = source
+        self.sourceType = sourceType
+        self.sourceFormat = sourceFormat
     }
 }
 

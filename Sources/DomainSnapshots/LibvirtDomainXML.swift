@@ -38,12 +38,13 @@ public enum LibvirtDomainXML {
     public static let unformatted = "raw"
 
     /// `<domain>` for `definition`, with each disk's source (`sources[target]`, else its locator)
-    /// and the driver and source types its backend declares, and the rest of the hardware as the
-    /// domain's driver describes it; `indent` spaces before each line.
+    /// and the source and driver types its backend declares (or `named[target]`, as libvirt named
+    /// that image), and the rest of the hardware as the domain's driver describes it; `indent`
+    /// spaces before each line.
     public static func render(
         _ def: DomainDefinition, sources: [String: String], descriptors: [BackendKind: BackendDescriptor],
         domainType: String, hardware: LibvirtHardware = LibvirtHardware(),
-        indent: Int = 0
+        indent: Int = 0, named: [String: (DiskSourceType, String)] = [:]
     ) -> String {
         let pad = String(repeating: " ", count: indent)
         var x = "\(pad)<domain type='\(escape(domainType))'>\n"
@@ -63,9 +64,9 @@ public enum LibvirtDomainXML {
         }
         x += "\(pad)  <devices>\n"
         for (index, disk) in def.disks.enumerated() {
-            let type = descriptors[disk.backend]?.sourceType ?? .file
+            let type = named[disk.target]?.0 ?? descriptors[disk.backend]?.sourceType ?? .file
             x += "\(pad)    <disk type='\(type.rawValue)' device='disk'>\n"
-            if let format = descriptors[disk.backend]?.imageFormat {
+            if let format = named[disk.target]?.1 ?? descriptors[disk.backend]?.imageFormat {
                 x += "\(pad)      <driver name='qemu' type='\(escape(format))'/>\n"
             }
             x += "\(pad)      \(SnapshotXML.source(sources[disk.target] ?? disk.locator, type: type))\n"

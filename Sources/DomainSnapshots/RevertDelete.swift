@@ -179,6 +179,9 @@ extension DomainService {
                             "deleting a subtree while domain '\(domain)' runs is not supported for its \(drive.format) disk \(disk.target); stop the domain first, or delete the snapshots one at a time"
                         )
                     }
+                    if try await keptByBackend(layout: layout, name: name, kind: backend.kind) != nil {
+                        continue  // only the record goes
+                    }
                     if case .storage = try liveDeleteResult(layout: layout, name: name, target: disk.target).1 {
                         // Nothing of it is open: the backend's own refusal, if any, comes now.
                         _ = try await backend.planDelete(name, mode: mode, layout: layout)
@@ -363,6 +366,10 @@ extension DomainService {
         domain: String, target: String, layout: DiskLayout, name: String, mode: DeleteMode, kind: BackendKind,
         beforeStream: (DiskLayout) throws -> Void, afterStream: () throws -> Void
     ) async throws {
+        if mode == .merge, let kept = try await keptByBackend(layout: layout, name: name, kind: kind) {
+            try await disks.record(kept, replacing: layout)
+            return
+        }
         let (after, way) = try liveDeleteResult(layout: layout, name: name, target: target)
         guard let snap = layout.snapshot(named: name) else { return }
         switch way {
@@ -396,7 +403,29 @@ extension DomainService {
         if case .merge = way { try afterStream() }
         DomainFault.point("delete:confirmed-\(target)", hypervisor: hypervisorProcess(domain))
         try await disks.record(after, replacing: layout)
-        if snap.kind == .external { unlink(snap.image) }
+        if snap.kind == .external { Self.removeMergedImage(snap.image) }
+    }
+
+    /// The layout after deleting external snapshot `name` when the backend's own delete of it only
+    /// forgets the record and keeps its image as a layer (the raw image a chain starts on, which
+    /// the layer above merely reads), or nil. The hypervisor's merge would pull that image into
+    /// the layer above and remove it, so a live delete does what the backend does.
+    func keptByBackend(layout: DiskLayout, name: String, kind: BackendKind) async throws -> DiskLayout? {
+        guard let snap = layout.snapshot(named: name), snap.kind == .external else { return nil }
+        let backend = try disks.registry.backend(kind, environment: disks.environment)
+        // The backend refuses to plan for images the hypervisor holds; then the hypervisor merges.
+        guard let plan = try? await backend.planDelete(name, mode: .merge, layout: layout), plan.steps.isEmpty,
+            plan.result.layer(snap.image) != nil
+        else { return nil }
+        return plan.result
+    }
+
+    /// Removes an image a live merge emptied: a regular file only (never a device node, whatever
+    /// the records say).
+    static func removeMergedImage(_ image: String) {
+        var st = stat()
+        guard lstat(image, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { return }
+        unlink(image)
     }
 
     /// After a crash during a live delete's merge (`streaming-<target>` journaled), from what the
@@ -418,7 +447,9 @@ extension DomainService {
         if j.phases.contains("streamed-\(target)") {
             guard current == before || current == after else { return false }
             if current == before { try await disks.record(after, replacing: before) }
-            if !after.layers.contains(where: { $0.image == image || $0.backing == image }) { unlink(image) }
+            if !after.layers.contains(where: { $0.image == image || $0.backing == image }) {
+                Self.removeMergedImage(image)
+            }
             return true
         }
         guard !running, current == before,

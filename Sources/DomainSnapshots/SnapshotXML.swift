@@ -69,10 +69,14 @@ public enum SnapshotXML {
         x += "  </disks>\n"
         // The domain as it was: each disk's source is the image it had open then.
         var sources: [String: String] = [:]
-        for d in r.disks { if let source = d.source { sources[d.target] = source } }
+        var named: [String: (DiskSourceType, String)] = [:]
+        for d in r.disks {
+            if let source = d.source { sources[d.target] = source }
+            if let type = d.sourceType, let format = d.sourceFormat { named[d.target] = (type, format) }
+        }
         x += LibvirtDomainXML.render(
             r.definition, sources: sources, descriptors: descriptors, domainType: domainType, hardware: hardware,
-            indent: 2)
+            indent: 2, named: named)
         x += "</domainsnapshot>\n"
         return x
     }
@@ -129,6 +133,12 @@ public enum SnapshotXML {
         if stateText == "disk-snapshot", memory != nil {
             throw SnapshotError(.invalidArgument, "a disk-snapshot state cannot carry memory")
         }
+        // The image each disk had open when the snapshot was taken, as the embedded <domain> says
+        // (libvirt records the definition from before an external snapshot's new overlay).
+        var sources: [String: LibvirtDomainXML.Disk] = [:]
+        if let embedded = child(root, "domain"), let parsed = try? LibvirtDomainXML.parse(embedded) {
+            for disk in parsed.disks { sources[disk.target] = disk }
+        }
         var disks: [DomainSnapshotDisk] = []
         for e in child(root, "disks")?.elements(forName: "disk") ?? [] {
             guard let target = e.attribute(forName: "name")?.stringValue else {
@@ -144,7 +154,11 @@ public enum SnapshotXML {
                 throw SnapshotError(
                     .invalidArgument, "disk \(target): snapshot='\(kindText)' is not internal, external or no")
             }
-            disks.append(DomainSnapshotDisk(target: target, diskID: id, backend: backend, kind: kind))
+            let was = sources[target]
+            disks.append(
+                DomainSnapshotDisk(
+                    target: target, diskID: id, backend: backend, kind: kind, source: was?.source,
+                    sourceType: was.map(\.sourceType), sourceFormat: was.map(\.driverType)))
         }
         let created =
             Int64(child(root, "creationTime")?.stringValue?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "")
@@ -175,6 +189,35 @@ extension DomainService {
             hardware: driver.libvirtHardware(record.definition))
     }
 
+    /// The embedded <domain>'s image for a disk, kept only when it is one of that disk's own
+    /// images (an export never hands libvirt a path the XML alone made up), with the format the
+    /// storage records for it, not the one the XML claims: the backend's own, or for a lower
+    /// image the one the layer above records (the raw image a chain starts on).
+    func checkedSource(_ disk: DomainSnapshotDisk) async throws -> DomainSnapshotDisk {
+        var d = disk
+        (d.sourceType, d.sourceFormat) = (nil, nil)
+        guard let source = d.source else { return d }
+        let backend = try disks.registry.backend(d.backend, environment: disks.environment)
+        let path = backend.normalize(locator: source)
+        guard let layout = try store.layout(diskID: d.diskID),
+            let image = [source, path].first(where: {
+                [layout.disk.id, layout.disk.active].contains($0) || layout.layer($0) != nil
+            })
+        else {
+            d.source = nil
+            return d
+        }
+        guard image != layout.disk.active, image != layout.disk.id else { return d }
+        let info = try? await backend.inspect(locator: layout.disk.active)
+        guard let info, let k = info.backingChain.firstIndex(of: image), let formats = info.backingFormats,
+            k < formats.count, !formats[k].isEmpty, formats[k] != backend.descriptor.imageFormat
+        else { return d }
+        var st = stat()
+        d.sourceFormat = formats[k]
+        d.sourceType = stat(image, &st) == 0 && (st.st_mode & S_IFMT) == S_IFBLK ? .block : .file
+        return d
+    }
+
     /// Imports a snapshot record from XML (`create --redefine`): every disk snapshot it names
     /// must exist on its disk already; nothing on storage changes.
     public func redefine(domain: String, xml: String, makeCurrent: Bool) async throws -> DomainSnapshotRecord {
@@ -186,7 +229,8 @@ extension DomainService {
             let (backend, layout) = try await disks.manage(disk.locator, kind: disk.backend)
             ids[disk.target] = (layout.disk.id, backend.kind)
         }
-        let record = try SnapshotXML.parse(xml, domain: definition, diskIDs: ids)
+        var record = try SnapshotXML.parse(xml, domain: definition, diskIDs: ids)
+        for i in record.disks.indices { record.disks[i] = try await checkedSource(record.disks[i]) }
         let existing = try store.domainSnapshots(of: domain)
         if existing.contains(where: { $0.name == record.name }) {
             throw SnapshotError(

@@ -255,8 +255,13 @@ public struct DiskSnapshotService: Sendable {
         var layout = DiskLayout(disk: DiskRecord(id: top, kind: backend.kind, active: top, current: current))
         for (i, image) in chain.prefix(deepest + 1).enumerated() {
             layout.layers.append(DiskLayer(image: image, backing: i + 1 < chain.count ? chain[i + 1] : nil))
-            let stored = i == 0 ? info : try await backend.inspect(locator: image)
-            for s in stored.snapshots where !external.contains(where: { $0.name == s.name }) {
+            // A layer recorded as another format than the backend's (the raw image a chain starts
+            // on) holds none of its snapshots, and is not read as its format.
+            let formats = info.backingFormats ?? []
+            let recorded = i > 0 && i - 1 < formats.count ? formats[i - 1] : ""
+            let foreign = !recorded.isEmpty && recorded != backend.descriptor.imageFormat
+            let stored = i == 0 ? info : foreign ? nil : try await backend.inspect(locator: image)
+            for s in stored?.snapshots ?? [] where !external.contains(where: { $0.name == s.name }) {
                 layout.snapshots.append(
                     DiskSnapshot(
                         name: s.name, kind: .internal, image: image, backendID: s.id, createdAt: s.createdAt,

@@ -151,16 +151,20 @@ public struct DiskInfo: Codable, Sendable, Hashable {
     public var backingChain: [String]
     /// Snapshots the storage itself holds (internal snapshots, snapshot volumes).
     public var snapshots: [StoredSnapshot]
+    /// The format each image of `backingChain` is recorded as by the layer above it ("" where
+    /// none is recorded); nil when the backend does not say.
+    public var backingFormats: [String]?
 
     public init(
         format: String, virtualSize: UInt64, allocatedSize: UInt64? = nil, backingChain: [String] = [],
-        snapshots: [StoredSnapshot] = []
+        snapshots: [StoredSnapshot] = [], backingFormats: [String]? = nil
     ) {
         self.format = format
         self.virtualSize = virtualSize
         self.allocatedSize = allocatedSize
         self.backingChain = backingChain
         self.snapshots = snapshots
+        self.backingFormats = backingFormats
     }
 }
 

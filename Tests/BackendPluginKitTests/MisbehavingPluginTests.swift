@@ -126,7 +126,9 @@ struct MisbehavingPluginTests {
         ) {
             try await rig.service.create(SnapshotRequest(name: "boom", kind: .external), disk: rig.disk, kind: "hangs")
         }
-        #expect(ContinuousClock.now - started < .seconds(10), "the timeout, not the plug-in's hour")
+        // The plug-in sleeps an hour. The bound is loose on purpose: with both cores busy (CI runs
+        // every suite at once) the plug-in's start and the failed create took 10.5 s once.
+        #expect(ContinuousClock.now - started < .seconds(300), "the timeout, not the plug-in's hour")
     }
 
     @Test("a plug-in that prints something that is not protocol JSON")

@@ -61,4 +61,28 @@ struct LVMLibvirtTests {
         }
         _ = try? await cli.sh("lvremove", "-q", "-y", "-f", "\(vg)/\(lv)")
     }
+
+    /// The same tree through a live libvirtd in the guest, on an LVM volume: libvirt's disk-only
+    /// snapshots write qcow2 overlays over the block device, and vmsnap takes the chain down to it.
+    @Test(
+        "a live libvirtd's disk-only snapshots over an LVM volume: imported to the volume, reverted, pruned, given back",
+        .enabled(if: canRunLibvirt, "needs root and qemu-system-x86_64"))
+    func liveLibvirtdOverAnLVMVolume() async throws {
+        try await LibvirtPeer.start()
+        let cli = try CLI()
+        let peer = LibvirtPeer()
+        let lv = "vmsnap-lvlive-\(UUID().uuidString.prefix(6).lowercased())"
+        try await cli.sh("lvcreate", "-q", "-y", "-L", "16m", "-n", lv, vg)
+        let name = "lvl-\(UUID().uuidString.prefix(6).lowercased())"
+        do {
+            try await peer.diskOnlyTreeOverARawBase(
+                cli, base: .init(path: "/dev/\(vg)/\(lv)", diskType: "block", sourceAttribute: "dev"), name: name)
+        } catch {
+            await peer.cleanUp(cli, name)
+            _ = try? await cli.sh("lvremove", "-q", "-y", "-f", "\(vg)/\(lv)")
+            throw error
+        }
+        await peer.undefine(name)
+        try await cli.sh("lvremove", "-q", "-y", "-f", "\(vg)/\(lv)")
+    }
 }

@@ -12,48 +12,13 @@ let canRunLibvirt = getuid() == 0 && FileManager.default.isExecutableFile(atPath
 @Suite("libvirt interop", .serialized, .enabled(if: canRunLibvirt, "needs root and qemu-system-x86_64"))
 struct LibvirtInteropTests {
     let runner = SubprocessRunner()
+    let peer = LibvirtPeer()
 
-    func virsh(_ args: String...) async throws -> String {
-        try await runner.run(["virsh", "-q", "-c", "qemu:///system"] + args).standardOutput
-    }
-
-    /// Runs the `virsh` commands `vmsnap domain export` prints (define, then redefine in parent order).
-    func runVirshLines(_ export: String) async throws {
-        for line in export.split(whereSeparator: \.isNewline) where line.hasPrefix("  virsh ") {
-            let argv = line.split(separator: " ").map(String.init)
-            _ = try await runner.run(["virsh", "-q", "-c", "qemu:///system"] + argv.dropFirst())
-        }
-    }
-
-    /// name -> parent, from `virsh snapshot-list --parent`.
-    func libvirtTree(_ domain: String) async throws -> [String: String] {
-        var tree: [String: String] = [:]
-        for line in try await virsh("snapshot-list", domain, "--parent").split(whereSeparator: \.isNewline) {
-            let f = line.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
-            // name, date, time, zone, state, [parent]
-            guard f.count >= 5 else { continue }
-            tree[f[0]] = f.count >= 6 ? f[5] : ""
-        }
-        return tree
-    }
-
-    func vmsnapTree(_ cli: CLI, _ domain: String) async throws -> ([String: String], String?) {
-        struct Record: Decodable {
-            var name: String
-            var parent: String?
-            var current: Bool
-        }
-        let out = try await cli.ok("snapshot", "list", domain, "--json")
-        let records = try JSONDecoder().decode([Record].self, from: Data(out.utf8))
-        return (
-            Dictionary(uniqueKeysWithValues: records.map { ($0.name, $0.parent ?? "") }),
-            records.first { $0.current }?.name
-        )
-    }
+    func virsh(_ args: String...) async throws -> String { try await peer.virsh(args) }
 
     @Test("import a libvirt tree, revert and delete in vmsnap, export back, libvirt reverts to vmsnap's snapshot")
     func roundTrip() async throws {
-        try await runner.run([GuestImage.repository + "/scripts/libvirt-peer", "start"])
+        try await LibvirtPeer.start()
         let cli = try CLI()
         let (kernel, initrd) = try await GuestImage.shared.files()
         let name = "lvi-\(UUID().uuidString.prefix(6).lowercased())"
@@ -95,13 +60,13 @@ struct LibvirtInteropTests {
                 "snapshot-create-as", name, "s3", "--memspec", "file=\(cli.root)/s3.mem,snapshot=external",
                 "--diskspec", "vda,snapshot=external", "--diskspec", "vdb,snapshot=external")
             _ = try await virsh("destroy", name)
-            let built = try await libvirtTree(name)
+            let built = try await peer.tree(name)
             #expect(built == ["s1": "", "s2": "s1", "s3": "s2"], "\(built)")
 
             // Import: the tree, the current snapshot and the backing chains libvirt built.
             let imported = try await cli.ok("domain", "import", "--libvirt", name)
             #expect(imported.contains("snapshots: s1, s2, s3; current s3"), "\(imported)")
-            let (tree, current) = try await vmsnapTree(cli, name)
+            let (tree, current) = try await LibvirtPeer.vmsnapTree(cli, name)
             #expect(tree == built && current == "s3", "\(tree) current \(current ?? "-")")
             let vda = try await cli.list(cli.pool + "/vda.s3")
             #expect(vda.snapshots.map(\.name).sorted() == ["s1", "s2", "s3"])
@@ -113,7 +78,7 @@ struct LibvirtInteropTests {
             try await cli.ok("domain", "stop", name, "--force")
             try await cli.ok("snapshot", "delete", name, "s3")
             try await cli.ok("snapshot", "create", name, "--name", "v2")
-            let (after, currentAfter) = try await vmsnapTree(cli, name)
+            let (after, currentAfter) = try await LibvirtPeer.vmsnapTree(cli, name)
             #expect(after == ["s1": "", "s2": "s1", "v2": "s2"] && currentAfter == "v2", "\(after)")
 
             // Export and give it back to libvirt.
@@ -121,8 +86,8 @@ struct LibvirtInteropTests {
             try await cli.sh("qemu-io", "-f", "qcow2", "-c", "write -P 77 0 64k", active)
             let export = try await cli.ok("domain", "export", name, "--to", cli.root + "/export")
             _ = try await virsh("undefine", name, "--snapshots-metadata")
-            try await runVirshLines(export)
-            let back = try await libvirtTree(name)
+            try await peer.runVirshLines(export)
+            let back = try await peer.tree(name)
             #expect(back == after, "libvirt has vmsnap's tree: \(back)")
             #expect(
                 try await virsh("snapshot-current", name, "--name").trimmingCharacters(in: .whitespacesAndNewlines)
@@ -147,7 +112,7 @@ struct LibvirtInteropTests {
     /// the agent's channel, the disks' PCI slots, no USB, no balloon).
     @Test("libvirt reverts to a full-system snapshot vmsnap took: the guest goes on from the snapshot's counter")
     func libvirtRevertsVmsnapFullSystemSnapshot() async throws {
-        try await runner.run([GuestImage.repository + "/scripts/libvirt-peer", "start"])
+        try await LibvirtPeer.start()
         let cli = try CLI()
         let name = "lvf-\(UUID().uuidString.prefix(6).lowercased())"
         let g = try await Guest.define(cli, name: name, disks: [("vda", "qcow2"), ("vdb", "qcow2")])
@@ -163,7 +128,7 @@ struct LibvirtInteropTests {
                     && xml.contains("slot='0x04'"), "\(xml)")
 
             let export = try await cli.ok("domain", "export", name, "--to", cli.root + "/export")
-            try await runVirshLines(export)
+            try await peer.runVirshLines(export)
             // libvirt reverts, paused: the disks hold the snapshot's instant.
             _ = try await virsh("snapshot-revert", name, "f1", "--paused")
             #expect(try await virsh("domstate", name).trimmingCharacters(in: .whitespacesAndNewlines) == "paused")
@@ -199,26 +164,39 @@ struct LibvirtInteropTests {
     }
 
     @Test(
+        "a libvirt tree of disk-only snapshots over a raw image: imported down to the raw base, reverted, pruned, given back"
+    )
+    func diskOnlyTreeOverARawFile() async throws {
+        try await LibvirtPeer.start()
+        let cli = try CLI()
+        let base = cli.pool + "/vda.raw"
+        try await cli.sh("qemu-img", "create", "-q", "-f", "raw", base, "16M")
+        let name = "lvr-\(UUID().uuidString.prefix(6).lowercased())"
+        do {
+            try await peer.diskOnlyTreeOverARawBase(
+                cli, base: .init(path: base, diskType: "file", sourceAttribute: "file"), name: name)
+        } catch {
+            await peer.cleanUp(cli, name)
+            throw error
+        }
+        await peer.undefine(name)
+    }
+
+    @Test(
         "checkpoints both ways: libvirt's come in with domain import, vmsnap's are redefined in libvirt and read back the same"
     )
     func checkpointsBothWays() async throws {
-        try await runner.run([GuestImage.repository + "/scripts/libvirt-peer", "start"])
+        try await LibvirtPeer.start()
         let cli = try CLI()
         let name = "lvc-\(UUID().uuidString.prefix(6).lowercased())"
         let disk = cli.pool + "/vda.qcow2"
         try await cli.sh("qemu-img", "create", "-q", "-f", "qcow2", disk, "16M")
-        let domainXML = """
-            <domain type='qemu'>
-              <name>\(name)</name>
-              <memory unit='MiB'>128</memory>
-              <vcpu>1</vcpu>
-              <os><type arch='x86_64' machine='pc'>hvm</type></os>
-              <devices>
+        let domainXML = LibvirtPeer.diskOnlyDomain(
+            name,
+            devices: """
                 <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='\(disk)'/><target dev='vda' bus='virtio'/></disk>
                 <memballoon model='none'/>
-              </devices>
-            </domain>
-            """
+                """)
         try domainXML.write(toFile: cli.root + "/domain.xml", atomically: true, encoding: .utf8)
         _ = try await virsh("define", cli.root + "/domain.xml")
         do {
@@ -243,7 +221,7 @@ struct LibvirtInteropTests {
 
             let export = try await cli.ok("domain", "export", name, "--to", cli.root + "/export")
             _ = try await virsh("undefine", name, "--checkpoints-metadata")
-            try await runVirshLines(export)
+            try await peer.runVirshLines(export)
             let list = try await virsh("checkpoint-list", name, "--parent")
             let tree = list.split(whereSeparator: \.isNewline).map {
                 $0.split(separator: " ", omittingEmptySubsequences: true)

@@ -84,14 +84,32 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         return img
     }
 
+    /// True for the raw image a chain starts on (a raw file, or a block device such as an LVM
+    /// volume another tool's external snapshot froze): the deepest layer of the disk, recorded as
+    /// raw in the header of the qcow2 layer built on it. That header was written by whoever made
+    /// the layer; the raw image's own bytes are the guest's, so they decide nothing (a guest can
+    /// write a qcow2 header into its disk).
+    static func isRawBase(_ image: String, in layout: DiskLayout) -> Bool {
+        guard let layer = layout.layer(image), layer.backing == nil else { return false }
+        return layout.layers.contains {
+            $0.backing == image && (try? Qcow2Image(path: $0.image))?.backingFormat == "raw"
+        }
+    }
+
     public func inspect(locator: String) async throws -> DiskInfo {
         let path = normalize(locator: locator)
         let img = try image(path)
         var chain: [String] = []
+        var formats: [String] = []
         var next = img.resolvedBackingFile
+        var recorded = img.backingFormat
         while let backing = next, chain.count < 256, !chain.contains(backing) {
             chain.append(backing)
-            next = Qcow2Image.hasMagic(backing) ? (try? Qcow2Image(path: backing))?.resolvedBackingFile : nil
+            formats.append(recorded ?? "")
+            // An image the layer above records as raw is read as raw, whatever its bytes say.
+            let below = recorded != "raw" && Qcow2Image.hasMagic(backing) ? try? Qcow2Image(path: backing) : nil
+            next = below?.resolvedBackingFile
+            recorded = below?.backingFormat
         }
         let allocated = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? UInt64) ?? nil
         return DiskInfo(
@@ -100,7 +118,7 @@ public struct Qcow2Backend: DiskSnapshotBackend {
                 StoredSnapshot(
                     id: $0.id, name: $0.name, createdAt: $0.date, virtualSize: $0.diskSize ?? img.virtualSize,
                     stateSize: $0.vmStateSize)
-            })
+            }, backingFormats: formats)
     }
 
     public func adopt(locator: String) async throws -> DiskLayout {
@@ -142,10 +160,22 @@ public struct Qcow2Backend: DiskSnapshotBackend {
     // MARK: - Planning
 
     /// The shared chain logic, with qcow2's actions.
-    var chain: LayerChainPlanner {
+    var chain: LayerChainPlanner { chain(overRawBase: nil) }
+
+    /// The chain logic; `rawBase` names the raw image the chain starts on (see isRawBase) and the
+    /// layer whose mode and owner a new overlay on it takes: its bytes are the guest's, so
+    /// nothing is read from it, and the overlay records it as raw.
+    func chain(overRawBase rawBase: (image: String, like: String)?) -> LayerChainPlanner {
         LayerChainPlanner(
             actions: .init(
                 createOverlay: { overlay, base in
+                    if let rawBase, base == rawBase.image {
+                        return .backend(
+                            name: "create-overlay",
+                            arguments: [
+                                "overlay": overlay, "backing": base, "backing-format": "raw", "like": rawBase.like,
+                            ])
+                    }
                     if try Qcow2Image(path: base).isEncrypted {
                         throw SnapshotError(
                             .unsupported,
@@ -165,9 +195,11 @@ public struct Qcow2Backend: DiskSnapshotBackend {
                     ]
                 },
                 rebase: { child, oldBase, newBase in
-                    let format = try newBase.map { b in
-                        try Qcow2Image.hasMagic(b) ? "qcow2" : (Qcow2Image(path: oldBase).backingFormat ?? "raw")
-                    }
+                    // The format oldBase's header records for its backing (newBase), as QEMU reads
+                    // it; the bytes decide only where nothing is recorded (a raw base's bytes are
+                    // the guest's).
+                    let recorded = (try? Qcow2Image(path: oldBase))?.backingFormat
+                    let format = newBase.map { b in recorded ?? (Qcow2Image.hasMagic(b) ? "qcow2" : "raw") }
                     return .run(Qcow2Commands.rebase(child, onto: newBase, backingFormat: format))
                 },
                 deleteInternal: { image, name in
@@ -226,9 +258,11 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         guard let target = layout.snapshot(named: name) else {
             throw SnapshotError(.notFound, "no snapshot '\(name)' on \(layout.disk.id)")
         }
-        _ = try image(target.image)
+        let rawBase = target.kind == .external && Self.isRawBase(target.image, in: layout)
+        if !rawBase { _ = try image(target.image) }
         if target.kind == .external {
-            return try chain.planRevertExternal(to: target, layout: layout, overlayDirectory: settings["overlay-dir"])
+            return try chain(overRawBase: rawBase ? (target.image, layout.disk.active) : nil)
+                .planRevertExternal(to: target, layout: layout, overlayDirectory: settings["overlay-dir"])
         }
         // Internal: apply it in the image that holds it; where other layers read that image (an
         // external snapshot froze it), revert as a branch instead.
@@ -307,10 +341,9 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         try NewFile.create(into, like: image)
         var argv = [Qcow2Commands.qemuImg, "convert", "-q", "-f", "qcow2", "-l", "snapshot.name=\(name)"]
         if let backing {
-            argv += [
-                "-B", backing, "-F",
-                try Qcow2Image.hasMagic(backing) ? "qcow2" : (Qcow2Image(path: image).backingFormat ?? "raw"),
-            ]
+            // As the image's header records its backing (a raw base's bytes are the guest's).
+            let recorded = try Qcow2Image(path: image).backingFormat
+            argv += ["-B", backing, "-F", recorded ?? (Qcow2Image.hasMagic(backing) ? "qcow2" : "raw")]
         }
         try await runner.run(argv + ["-O", "qcow2", image, into])
     }
@@ -321,10 +354,25 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         }
         switch (mode, target.kind) {
         case (.merge, .internal): return try chain.planDeleteInternal(target, layout: layout)
+        case (.merge, .external) where Self.isRawBase(target.image, in: layout):
+            return keepRawBase(target, layout: layout)
         case (.merge, .external): return try chain.planMergeExternal(target, layout: layout)
         case (.children, _), (.childrenOnly, _):
             return try chain.planSubtree(target, includeSelf: mode == .children, layout: layout)
         }
+    }
+
+    /// An external snapshot that froze the raw image the chain starts from (an LVM volume or a raw
+    /// file another tool snapshotted): merging would commit the layer above into the raw image
+    /// and move the raw image into that layer's place, which a block device cannot take and a raw
+    /// file must not (the disk would stop being qcow2). The record goes; the image stays the base.
+    func keepRawBase(_ target: DiskSnapshot, layout: DiskLayout) -> Plan {
+        Plan(
+            operation: "delete snapshot '\(target.name)' of \(layout.disk.id)", steps: [], pointOfNoReturn: 0,
+            result: chain.removingRecord(target.name, from: layout),
+            notes: [
+                "kept \(target.image) as the base of the chain: it is a raw image, and only qcow2 layers are merged away"
+            ])
     }
 
     // MARK: - Hypervisor
@@ -375,23 +423,34 @@ public struct Qcow2Backend: DiskSnapshotBackend {
     /// The overlay file is made first, exclusively and with the base's mode and owner, then
     /// qemu-img writes the qcow2 structure into it (keeping both). Idempotent: an overlay already
     /// on `backing` is done, an empty one (a crash between the two) is filled.
-    func createOverlay(_ overlay: String, backing: String) async throws {
+    /// `backingFormat` "raw" puts the overlay on the raw image a chain starts on: it keeps no
+    /// bitmaps, and it may be a device node (root:disk 0660), so the overlay takes the mode and
+    /// owner of `like` (the layer it replaces) instead.
+    func createOverlay(_ overlay: String, backing: String, backingFormat: String = "qcow2", like: String? = nil)
+        async throws
+    {
+        guard ["qcow2", "raw"].contains(backingFormat) else {
+            throw SnapshotError(.invalidArgument, "backing format '\(backingFormat)' is not qcow2 or raw")
+        }
+        let raw = backingFormat == "raw"
         var st = stat()
         if lstat(overlay, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG, let existing = try? Qcow2Image(path: overlay),
-            existing.resolvedBackingFile == backing
+            existing.resolvedBackingFile == backing, (existing.backingFormat ?? "qcow2") == backingFormat
         {
-            return try await carryBitmaps(from: backing, to: overlay)
+            return raw ? () : try await carryBitmaps(from: backing, to: overlay)
         }
-        try NewFile.create(overlay, like: backing)
-        try await runner.run(Qcow2Commands.createOverlay(overlay, backing: backing))
-        try await carryBitmaps(from: backing, to: overlay)
+        try NewFile.create(overlay, like: like ?? backing)
+        try await runner.run(Qcow2Commands.createOverlay(overlay, backing: backing, backingFormat: backingFormat))
+        if !raw { try await carryBitmaps(from: backing, to: overlay) }
     }
 
     public func perform(_ name: String, arguments: [String: String]) async throws {
         switch name {
         case "create-overlay":
             guard let overlay = arguments["overlay"], let backing = arguments["backing"] else { break }
-            try await createOverlay(overlay, backing: backing)
+            try await createOverlay(
+                overlay, backing: backing, backingFormat: arguments["backing-format"] ?? "qcow2",
+                like: arguments["like"])
             return
         case "copy-out-internal":
             guard let image = arguments["image"], let snapshot = arguments["name"], let into = arguments["into"] else {
@@ -430,6 +489,8 @@ public struct Qcow2Backend: DiskSnapshotBackend {
                 problems.append("\(layer.image): missing")
                 continue
             }
+            // A raw base (the volume or file a chain starts on) has no structure to check.
+            if Self.isRawBase(layer.image, in: layout) { continue }
             let out = try await runner.execute(Qcow2Commands.check(layer.image))
             if out.status != 0 {
                 problems.append(
@@ -457,7 +518,7 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         // The disk's own folder and the overlay folder vmsnap was told to use.
         var folders: Set<String> = [(layout.disk.id as NSString).deletingLastPathComponent]
         if let dir = settings["overlay-dir"] { folders.insert(URL(fileURLWithPath: dir).standardizedFileURL.path) }
-        for layer in layout.layers {
+        for layer in layout.layers where !Self.isRawBase(layer.image, in: layout) {
             guard let img = try? Qcow2Image(path: layer.image) else { continue }
             let known = Set(layout.internalSnapshots(in: layer.image).map(\.name))
             for stored in img.snapshots where !known.contains(stored.name) {
@@ -466,7 +527,9 @@ public struct Qcow2Backend: DiskSnapshotBackend {
                 )
             }
             if let why = img.backingSpecProblem { problems.append("\(layer.image): \(why)") }
-            if let backing = img.resolvedBackingFile, img.backingSpecProblem == nil,
+            // A backing that is a layer of the disk was recorded on purpose (an imported chain
+            // that starts on a block device); one that is not lies where vmsnap was never told.
+            if let backing = img.resolvedBackingFile, img.backingSpecProblem == nil, layout.layer(backing) == nil,
                 !folders.contains((backing as NSString).deletingLastPathComponent)
             {
                 problems.append(
@@ -493,7 +556,10 @@ public struct Qcow2Backend: DiskSnapshotBackend {
     }
 
     public func destroyDisk(layout: DiskLayout) async throws {
-        for image in Set(layout.layers.map(\.image) + [layout.disk.id]) { unlink(image) }
+        // Files only: a raw base may be a block device, which is not the test's to remove.
+        for image in Set(layout.layers.map(\.image) + [layout.disk.id]) where !Self.isRawBase(image, in: layout) {
+            unlink(image)
+        }
     }
 
     public func write(_ bytes: [UInt8], at offset: UInt64, layout: DiskLayout) async throws {
