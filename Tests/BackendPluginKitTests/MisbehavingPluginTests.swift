@@ -119,10 +119,10 @@ struct MisbehavingPluginTests {
             raw.METHODS["planCreate"] = hanging
             """)
         let rig = try await PluginRig(path)
-        rig.backend.timeout = 1
+        rig.backend.timeout = 5
         let started = ContinuousClock.now
         try await rig.expectFailure(
-            .pluginFailed, mentioning: ["'hangs'", "did not answer 'planCreate' within 1 s", "stopped"]
+            .pluginFailed, mentioning: ["'hangs'", "did not answer 'planCreate' within 5 s", "stopped"]
         ) {
             try await rig.service.create(SnapshotRequest(name: "boom", kind: .external), disk: rig.disk, kind: "hangs")
         }

@@ -117,6 +117,21 @@ struct Guest {
         throw CLIFailure("guest '\(name)' printed no counter >= \(n) within \(Int(timeout)) s; console tail: \(tail)")
     }
 
+    /// The restored guest's first counter after `mark`: the lowest one below `limit`. The old
+    /// guest, which the revert stops, may print once more after the mark, at `limit` or above; on
+    /// a loaded machine the restored guest may print several before anyone looks, so the last one
+    /// seen says little.
+    func restoredCounter(after mark: Int, below limit: Int, timeout: Double = 120) async throws -> Int {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if let low = counters(after: mark).filter({ $0 < limit }).min() { return low }
+            try await Task.sleep(for: .milliseconds(200))
+        }
+        throw CLIFailure(
+            "guest '\(name)' printed no counter below \(limit) within \(Int(timeout)) s of the mark; after it: \(counters(after: mark))"
+        )
+    }
+
     /// The counter the guest last wrote to a disk image (read through its chain, `-U` so a
     /// running QEMU's lock does not stop the reader).
     func diskCounter(_ image: String, format: String) async throws -> Int? {

@@ -411,7 +411,8 @@ class RbdPluginTests(unittest.TestCase):
             self.assertEqual(err["code"], "io", err)
             self.assertIn(conf, err["message"])
             self.assertIn("is the cluster up?", err["message"])
-            self.assertLess(took, 2 + 3, f"took {took:.1f} s with timeout=2")
+            # Under the default (10 s) either way; the margin is for a loaded CI machine.
+            self.assertLess(took, 9, f"took {took:.1f} s with timeout=2")
             self.assertEqual(self.p.ok("recognizes", {"locator": f"{POOL}/anything"}), {"recognized": False})
             missing = os.path.join(d, "missing.conf")
             self.p.ok("configure", {"settings": {"ceph-conf": missing}})
