@@ -101,15 +101,13 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         let img = try image(path)
         var chain: [String] = []
         var formats: [String] = []
-        var next = img.resolvedBackingFile
-        var recorded = img.backingFormat
-        while let backing = next, chain.count < 256, !chain.contains(backing) {
+        var above = img
+        while let backing = above.resolvedBackingFile, chain.count < 256, !chain.contains(backing) {
             chain.append(backing)
-            formats.append(recorded ?? "")
-            // An image the layer above records as raw is read as raw, whatever its bytes say.
-            let below = recorded != "raw" && Qcow2Image.hasMagic(backing) ? try? Qcow2Image(path: backing) : nil
-            next = below?.resolvedBackingFile
-            recorded = below?.backingFormat
+            formats.append(above.backingFormat ?? "")
+            // An image the layer above reads as raw is raw, whatever its bytes say.
+            guard above.readsBacking(backing) == "qcow2", let below = try? Qcow2Image(path: backing) else { break }
+            above = below
         }
         let allocated = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? UInt64) ?? nil
         return DiskInfo(
@@ -195,11 +193,10 @@ public struct Qcow2Backend: DiskSnapshotBackend {
                     ]
                 },
                 rebase: { child, oldBase, newBase in
-                    // The format oldBase's header records for its backing (newBase), as QEMU reads
-                    // it; the bytes decide only where nothing is recorded (a raw base's bytes are
-                    // the guest's).
-                    let recorded = (try? Qcow2Image(path: oldBase))?.backingFormat
-                    let format = newBase.map { b in recorded ?? (Qcow2Image.hasMagic(b) ? "qcow2" : "raw") }
+                    // As oldBase reads its backing (newBase).
+                    let above = try? Qcow2Image(path: oldBase)
+                    let format = newBase.map { b in above?.readsBacking(b) ?? (Qcow2Image.hasMagic(b) ? "qcow2" : "raw")
+                    }
                     return .run(Qcow2Commands.rebase(child, onto: newBase, backingFormat: format))
                 },
                 deleteInternal: { image, name in
@@ -341,9 +338,7 @@ public struct Qcow2Backend: DiskSnapshotBackend {
         try NewFile.create(into, like: image)
         var argv = [Qcow2Commands.qemuImg, "convert", "-q", "-f", "qcow2", "-l", "snapshot.name=\(name)"]
         if let backing {
-            // As the image's header records its backing (a raw base's bytes are the guest's).
-            let recorded = try Qcow2Image(path: image).backingFormat
-            argv += ["-B", backing, "-F", recorded ?? (Qcow2Image.hasMagic(backing) ? "qcow2" : "raw")]
+            argv += ["-B", backing, "-F", try Qcow2Image(path: image).readsBacking(backing)]
         }
         try await runner.run(argv + ["-O", "qcow2", image, into])
     }

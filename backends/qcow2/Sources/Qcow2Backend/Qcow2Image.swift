@@ -70,6 +70,13 @@ public struct Qcow2Image: Sendable, Hashable {
         return bytes.bigEndianUInt32(at: 0) == magic
     }
 
+    /// The format this image reads `backing` as: the one its header records (written by whoever
+    /// made the image), probed from the backing's bytes only where nothing is recorded (a raw
+    /// base's bytes are the guest's).
+    public func readsBacking(_ backing: String) -> String {
+        backingFormat ?? (Self.hasMagic(backing) ? "qcow2" : "raw")
+    }
+
     /// Parses the header and snapshot table of `path`.
     public init(path: String) throws {
         self.path = path
