@@ -81,6 +81,8 @@ public struct SubprocessRunner: CommandRunning {
             throw SnapshotError(.invalidArgument, "empty command line")
         }
         let executable: Executable = tool.contains("/") ? .path(FilePath(tool)) : .name(tool)
+        Trace.mark("(before \(tool))")
+        defer { Trace.mark("ran \(argv.prefix(3).joined(separator: " "))") }
         do {
             let result = try await Subprocess.run(
                 executable,

@@ -23,6 +23,7 @@ struct BackendCommand: AsyncParsableCommand {
 
     struct List: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "list",
             abstract: "Built-in backends and plug-ins: where each comes from, its API version and capability table.")
         @Flag(name: .long, help: "Print JSON.") var json = false
 
@@ -66,7 +67,8 @@ struct BackendCommand: AsyncParsableCommand {
     }
 
     struct Describe: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "One backend's capabilities and settings schema.")
+        static let configuration = CommandConfiguration(
+            commandName: "describe", abstract: "One backend's capabilities and settings schema.")
         @Argument(help: "The backend kind, as `vmsnap backend list` shows it.") var kind: BackendKind
         @Flag(name: .long, help: "Print JSON.") var json = false
 
@@ -100,6 +102,7 @@ struct BackendCommand: AsyncParsableCommand {
 
     struct Test: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "test",
             abstract: "Run the conformance suite against a backend on a scratch pool.",
             discussion:
                 "Creates scratch disks in the pool, writes data, snapshots, reverts and deletes, and compares bytes. Prints a line per check and a summary; exits non-zero if any check fails."

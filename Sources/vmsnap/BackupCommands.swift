@@ -14,6 +14,7 @@ struct BackupCommand: AsyncParsableCommand {
 
     struct Begin: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "begin",
             abstract:
                 "Begin a backup. With --target DIR: push, waits until every disk is copied and checked. Without: pull, prints each disk's NBD URI and keeps the exports until `backup end`."
         )
@@ -67,6 +68,7 @@ struct BackupCommand: AsyncParsableCommand {
 
     struct Status: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "status",
             abstract: "Show the domain's backup job, with bytes done and left.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
@@ -95,6 +97,7 @@ struct BackupCommand: AsyncParsableCommand {
 
     struct End: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "end",
             abstract: "End the domain's backup job: exports, views and scratch images go.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
@@ -109,6 +112,7 @@ struct BackupCommand: AsyncParsableCommand {
 
     struct Verify: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "verify",
             abstract: "Check every image of a backup's chains in a push directory; changes nothing.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The backup directory.") var directory: String
@@ -129,6 +133,7 @@ struct BackupCommand: AsyncParsableCommand {
 
     struct Restore: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "restore",
             abstract:
                 "Rebuild disks from a backup chain into standalone images (checked and compared with the chain), optionally as a new domain."
         )

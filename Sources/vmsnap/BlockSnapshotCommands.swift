@@ -15,6 +15,7 @@ struct BlockSnapshotCommand: AsyncParsableCommand {
 
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "create",
             abstract: "Take a view of the chosen disks at one instant; the guest keeps running.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
@@ -41,7 +42,8 @@ struct BlockSnapshotCommand: AsyncParsableCommand {
     }
 
     struct List: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List a domain's block snapshots.")
+        static let configuration = CommandConfiguration(
+            commandName: "list", abstract: "List a domain's block snapshots.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         @Flag(name: .long, help: "Print JSON.") var json = false
@@ -60,7 +62,7 @@ struct BlockSnapshotCommand: AsyncParsableCommand {
     }
 
     struct Info: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Show a block snapshot.")
+        static let configuration = CommandConfiguration(commandName: "info", abstract: "Show a block snapshot.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         @Argument(help: "The block snapshot.") var name: String
@@ -96,6 +98,7 @@ struct BlockSnapshotCommand: AsyncParsableCommand {
 
     struct Delete: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "delete",
             abstract: "Delete a block snapshot: its export, views and kept blocks go.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
@@ -119,7 +122,8 @@ struct ExportCommand: AsyncParsableCommand {
     )
 
     struct Start: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Export a block snapshot's disks over NBD.")
+        static let configuration = CommandConfiguration(
+            commandName: "start", abstract: "Export a block snapshot's disks over NBD.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         @Argument(help: "The block snapshot.") var name: String
@@ -135,7 +139,8 @@ struct ExportCommand: AsyncParsableCommand {
     }
 
     struct Stop: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Stop a block snapshot's export (the view stays).")
+        static let configuration = CommandConfiguration(
+            commandName: "stop", abstract: "Stop a block snapshot's export (the view stays).")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         @Argument(help: "The block snapshot.") var name: String
@@ -150,6 +155,7 @@ struct ExportCommand: AsyncParsableCommand {
 
     struct Address: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "address",
             abstract: "Print the NBD URI of each exported disk (all the domain's exports, or one block snapshot's).")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String

@@ -16,6 +16,7 @@ struct CheckpointCommand: AsyncParsableCommand {
 
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "create",
             abstract: "Take a checkpoint: a bitmap in each tracked disk, all at one instant.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
@@ -41,7 +42,8 @@ struct CheckpointCommand: AsyncParsableCommand {
     }
 
     struct List: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List a domain's checkpoints, oldest first.")
+        static let configuration = CommandConfiguration(
+            commandName: "list", abstract: "List a domain's checkpoints, oldest first.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         @Flag(name: .long, help: "Print JSON.") var json = false
@@ -65,6 +67,7 @@ struct CheckpointCommand: AsyncParsableCommand {
 
     struct Info: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "info",
             abstract:
                 "Show a checkpoint: each disk's bitmap, whether an incremental can use it, and bytes changed since.")
         @OptionGroup var storeOptions: StoreOptions
@@ -117,6 +120,7 @@ struct CheckpointCommand: AsyncParsableCommand {
 
     struct Delete: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "delete",
             abstract:
                 "Delete a checkpoint and its bitmaps; its parent's tracking already covers its changes, so incrementals from the parent stay whole."
         )
@@ -143,6 +147,7 @@ struct CheckpointCommand: AsyncParsableCommand {
 
     struct Redefine: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "redefine",
             abstract: "Record a checkpoint from <domaincheckpoint> XML whose bitmaps the disks already hold.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String

@@ -118,7 +118,7 @@ struct DiskSnapshotCommand: AsyncParsableCommand {
     )
 
     struct Create: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Take a snapshot of a disk.")
+        static let configuration = CommandConfiguration(commandName: "create", abstract: "Take a snapshot of a disk.")
         @OptionGroup var storeOptions: StoreOptions
         @OptionGroup var diskOptions: DiskOptions
         @Argument(help: "The snapshot's name.") var name: String
@@ -159,7 +159,7 @@ struct DiskSnapshotCommand: AsyncParsableCommand {
     }
 
     struct List: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List a disk's snapshots.")
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "List a disk's snapshots.")
         @OptionGroup var storeOptions: StoreOptions
         @OptionGroup var diskOptions: DiskOptions
         @Flag(name: .long, help: "Draw the snapshot tree.") var tree = false
@@ -214,6 +214,7 @@ struct DiskSnapshotCommand: AsyncParsableCommand {
 
     struct Revert: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "revert",
             abstract: "Make the disk what it was at a snapshot (the current state is discarded).")
         @OptionGroup var storeOptions: StoreOptions
         @OptionGroup var diskOptions: DiskOptions
@@ -230,6 +231,7 @@ struct DiskSnapshotCommand: AsyncParsableCommand {
 
     struct Delete: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "delete",
             abstract: "Delete a snapshot, merging its changes into its children.")
         @OptionGroup var storeOptions: StoreOptions
         @OptionGroup var diskOptions: DiskOptions

@@ -58,6 +58,7 @@ struct DomainCommand: AsyncParsableCommand {
 
     struct Define: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "define",
             abstract:
                 "Define (or update) a domain from a JSON file: name, uuid, memoryMiB, vcpus, disks [{target, backend, locator}], boot {kernel, initrd, cmdline}, hypervisor (qemu, or xen for a PV guest through libxl), accel, qemuArgs, firmware {code, vars, template} (UEFI), tpm {state, model} (an emulated TPM 2.0 through swtpm)."
         )
@@ -93,7 +94,7 @@ struct DomainCommand: AsyncParsableCommand {
     }
 
     struct List: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List domains and their states.")
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "List domains and their states.")
         @OptionGroup var storeOptions: StoreOptions
         @Flag(name: .long, help: "Print JSON.") var json = false
 
@@ -111,7 +112,7 @@ struct DomainCommand: AsyncParsableCommand {
     }
 
     struct Start: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Start a domain.")
+        static let configuration = CommandConfiguration(commandName: "start", abstract: "Start a domain.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         @Flag(name: .long, help: "Start with the vCPUs paused.") var paused = false
@@ -126,6 +127,7 @@ struct DomainCommand: AsyncParsableCommand {
 
     struct Stop: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "stop",
             abstract: "Stop a domain: ask the guest to power off, or with --force stop it at once.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
@@ -141,21 +143,23 @@ struct DomainCommand: AsyncParsableCommand {
     }
 
     struct Suspend: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Pause a running domain's vCPUs.")
+        static let configuration = CommandConfiguration(
+            commandName: "suspend", abstract: "Pause a running domain's vCPUs.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         func run() async throws { try await guarded { try await storeOptions.domains().setPaused(domain, true) } }
     }
 
     struct Resume: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Resume a paused domain.")
+        static let configuration = CommandConfiguration(commandName: "resume", abstract: "Resume a paused domain.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         func run() async throws { try await guarded { try await storeOptions.domains().setPaused(domain, false) } }
     }
 
     struct Status: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "A domain's state, process and current snapshot.")
+        static let configuration = CommandConfiguration(
+            commandName: "status", abstract: "A domain's state, process and current snapshot.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         @Flag(name: .long, help: "Print JSON.") var json = false
@@ -173,7 +177,8 @@ struct DomainCommand: AsyncParsableCommand {
     }
 
     struct Undefine: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Forget a shut-off domain (its disks stay).")
+        static let configuration = CommandConfiguration(
+            commandName: "undefine", abstract: "Forget a shut-off domain (its disks stay).")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         @Flag(name: .long, help: "Also forget its snapshot records (the disk snapshots stay on the disks).")
@@ -198,6 +203,7 @@ struct SnapshotCommand: AsyncParsableCommand {
 
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "create",
             abstract:
                 "Take a snapshot: full-system (live) of a running domain by default, disk-only with --disk-only or when shut off."
         )
@@ -267,6 +273,7 @@ struct SnapshotCommand: AsyncParsableCommand {
 
     struct Revert: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "revert",
             abstract: "Make the domain what it was at a snapshot: disks, memory and run state.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
@@ -294,6 +301,7 @@ struct SnapshotCommand: AsyncParsableCommand {
 
     struct Delete: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "delete",
             abstract: "Delete a snapshot; its disk changes merge into its children (while the domain runs too).")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
@@ -313,7 +321,8 @@ struct SnapshotCommand: AsyncParsableCommand {
     }
 
     struct List: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List a domain's snapshots, with libvirt's filters.")
+        static let configuration = CommandConfiguration(
+            commandName: "list", abstract: "List a domain's snapshots, with libvirt's filters.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         @Flag(name: .long, help: "Print as a tree.") var tree = false
@@ -409,6 +418,7 @@ struct SnapshotCommand: AsyncParsableCommand {
 
     struct Current: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "current",
             abstract: "Print the current snapshot, or make NAME current (metadata only).")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
@@ -427,7 +437,7 @@ struct SnapshotCommand: AsyncParsableCommand {
     }
 
     struct Info: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Details of one snapshot.")
+        static let configuration = CommandConfiguration(commandName: "info", abstract: "Details of one snapshot.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The domain.") var domain: String
         @Argument(help: "The snapshot.") var name: String
