@@ -4,12 +4,13 @@ import Foundation
 public enum Trace {
     static let enabled = ProcessInfo.processInfo.environment["VMSNAP_TRACE"] != nil
     nonisolated(unsafe) static var last = DispatchTime.now().uptimeNanoseconds
-    public static func mark(_ what: String) {
+    /// `what` is built only when tracing is on: marks sit on hot paths (every command vmsnap runs).
+    public static func mark(_ what: @autoclosure () -> String) {
         guard enabled else { return }
         let previous = last
         let now = DispatchTime.now().uptimeNanoseconds
         FileHandle.standardError.write(
-            Data(String(format: "trace %7.2f ms  %@\n", Double(now &- previous) / 1e6, what).utf8))
+            Data(String(format: "trace %7.2f ms  %@\n", Double(now &- previous) / 1e6, what()).utf8))
         last = now
     }
 }
