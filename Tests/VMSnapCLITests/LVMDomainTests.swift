@@ -79,4 +79,92 @@ struct LVMDomainTests {
             .split(whereSeparator: \.isWhitespace) ?? []
         where extra.hasPrefix(lv) { _ = try? await cli.sh("lvremove", "-q", "-y", "\(vg)/\(extra)") }
     }
+
+    /// An RBD disk beside an LVM volume and a qcow2 file in one running domain (issue 16): the
+    /// host's Ceph cluster, reached from scripts/lvm-guest over its user-mode network. Two
+    /// full-system snapshots (the LV and the RBD image snapshotted by their storage while the vCPUs
+    /// are paused, the qcow2 disk in QEMU's transaction), a revert to the older one and one to the
+    /// newer (each disk holds what the guest wrote before that snapshot), then deletes while it
+    /// runs that leave no snapshot in any storage and the disks as they were.
+    @Test(.enabled(if: ProcessInfo.processInfo.environment["CEPH_CONF"] != nil, "no Ceph cluster (lvm-guest's relay)"))
+    func rbdBesideLVMAndQcow2() async throws {
+        let cli = try CLI()
+        let environment = ProcessInfo.processInfo.environment
+        let conf = environment["CEPH_CONF"] ?? ""
+        let env = [
+            "VMSNAP_BACKEND_PATH": [rbdPluginDirectory, environment["VMSNAP_BACKEND_PATH"]].compactMap { $0 }
+                .joined(separator: ":")
+        ]
+        let lv = "vmsnap-rbdlv-\(UUID().uuidString.prefix(6).lowercased())"
+        let image = "\(environment["CEPH_POOL"] ?? "vmsnap")/mix-\(UUID().uuidString.prefix(6).lowercased())"
+        let rbdPath = "rbd:\(image):id=admin:conf=\(conf)"
+        let device = "/dev/\(vg)/\(lv)"
+        try await cli.sh("lvcreate", "-q", "-y", "-L", "16m", "-n", lv, vg)
+        try await cli.sh("rbd", "create", image, "--size", "16M")
+        let qcow = try await cli.disk("mix-vdb")
+        func ok(_ args: String...) async throws {
+            let r = try await cli.run(args, environment: env)
+            guard r.status == 0 else {
+                throw CLIFailure("vmsnap \(args.joined(separator: " ")) exited \(r.status): \(r.err)")
+            }
+        }
+        func rbdSnapshots() async throws -> String {
+            try await SubprocessRunner().run(["rbd", "snap", "ls", image]).standardOutput
+        }
+        func lvmSnapshots() async throws -> String {
+            try await SubprocessRunner().run(["lvs", "--noheadings", "-o", "lv_name,origin", vg]).standardOutput
+                .split(separator: "\n").filter {
+                    let fields = $0.split(separator: " ")
+                    return fields.count == 2 && fields[1] == lv
+                }
+                .joined(separator: "\n")
+        }
+        func allHold(_ value: UInt8, _ why: String) async throws {
+            #expect(try await BlockLayerProbe.holds(device, format: "raw", value), "the LV \(why)")
+            #expect(try await BlockLayerProbe.holds(rbdPath, format: "raw", value), "the RBD image \(why)")
+            #expect(
+                try await BlockLayerProbe.holds(try await cli.list(qcow).active, format: "qcow2", value),
+                "the qcow2 disk \(why)")
+        }
+        try
+            #"{"name": "mixdom", "memoryMiB": 32, "accel": "tcg", "disks": [{"target": "vda", "backend": "lvm", "locator": "\#(vg)/\#(lv)"}, {"target": "vdb", "backend": "qcow2", "locator": "\#(qcow)"}, {"target": "vdc", "backend": "rbd", "locator": "\#(image)"}]}"#
+            .write(toFile: cli.root + "/mix.json", atomically: true, encoding: .utf8)
+        let drives = ["drive-vda", "drive-vdb", "drive-vdc"]
+        do {
+            try await ok("domain", "define", cli.root + "/mix.json")
+            try await ok("domain", "start", "mixdom")
+            for drive in drives { try await BlockLayerProbe.write(cli, "mixdom", drive, 17) }
+            try await ok("snapshot", "create", "mixdom", "--name", "s1")
+            for drive in drives { try await BlockLayerProbe.write(cli, "mixdom", drive, 34) }
+            try await ok("snapshot", "create", "mixdom", "--name", "s2")
+            #expect(try await rbdSnapshots().contains("s2"), "an RBD snapshot per domain snapshot")
+            let taken = try await lvmSnapshots()
+            #expect(taken.split(separator: "\n").count == 2, "a snapshot LV per domain snapshot: \(taken)")
+            for drive in drives { try await BlockLayerProbe.write(cli, "mixdom", drive, 51) }
+
+            try await ok("snapshot", "revert", "mixdom", "s1")
+            try await allHold(17, "holds s1's data after the revert to s1")
+            try await ok("snapshot", "revert", "mixdom", "s2")
+            try await allHold(34, "holds s2's data after the revert to s2")
+            let status = try await cli.run(["domain", "status", "mixdom"], environment: env)
+            #expect(status.out.contains("running"), "\(status.out)")
+
+            // Deleted while the domain runs, one at a time (QEMU merges the qcow2 overlays live).
+            try await ok("snapshot", "delete", "mixdom", "s2")
+            #expect(!(try await rbdSnapshots().contains("s2")), "s2's RBD snapshot is gone")
+            try await ok("snapshot", "delete", "mixdom", "s1")
+            let rbdLeft = try await rbdSnapshots()
+            #expect(!rbdLeft.contains("s1") && !rbdLeft.contains("s2"), "no RBD snapshot left: \(rbdLeft)")
+            #expect(try await lvmSnapshots().isEmpty, "no snapshot LV left")
+            try await allHold(34, "keeps the current data after the delete")
+        } catch {
+            _ = try? await cli.run(["domain", "stop", "mixdom", "--force"], environment: env)
+            throw error
+        }
+        _ = try? await cli.run(["domain", "stop", "mixdom", "--force"], environment: env)
+        _ = try? await SubprocessRunner().run(["rbd", "rm", image])
+        for extra in (try? await SubprocessRunner().run(["lvs", "--noheadings", "-o", "lv_name", vg]).standardOutput)?
+            .split(whereSeparator: \.isWhitespace) ?? []
+        where extra.hasPrefix(lv) { _ = try? await cli.sh("lvremove", "-q", "-y", "\(vg)/\(extra)") }
+    }
 }
