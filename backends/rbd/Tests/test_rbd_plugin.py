@@ -302,6 +302,24 @@ class RbdPluginTests(unittest.TestCase):
         self.p.ok("destroyDisk", {"layout": layout})   # done if gone
         self.assertFalse(any(i.startswith(name) for i in self.inventory()))
 
+    def test_a_locked_operation_sees_what_its_own_steps_changed(self):
+        # Under the cluster lock the plug-in keeps one read-only handle from the state call on
+        # (it has no watch); a step that changes the image must not leave a later call reading it.
+        disk, before = self.new_disk(MiB)
+        self.p.ok("lockShared", {"disk": disk, "holder": "unit test", "wait": 5})
+        self.assertEqual(self.p.ok("state", {"layout": before}), {"state": "offline"})
+        after, _ = self.create(before, "k1")
+        err = self.p.error("planCreate", {"request": {"name": "k1", "kind": "internal"}, "layout": before})
+        self.assertEqual(err["code"], "alreadyExists", err)
+        revert = self.p.ok("planRevert", {"snapshot": "k1", "layout": after})
+        self.assertEqual([s["action"]["backend"]["name"] for s in revert["steps"]], ["rollback"])
+        # Released, then changed by another client: the next lock's calls see that too.
+        self.p.ok("unlockShared", {"disk": disk})
+        helper("img = rbd.Image(io, sys.argv[1]); img.create_snap('k2'); img.close()\n", disk.split("/")[1])
+        self.p.ok("lockShared", {"disk": disk, "holder": "unit test", "wait": 5})
+        err = self.p.error("planCreate", {"request": {"name": "k2", "kind": "internal"}, "layout": after})
+        self.assertEqual(err["code"], "alreadyExists", err)
+
     def test_a_replayed_rollback_does_not_roll_back_again(self):
         # A journal replayed from a record one write behind (another host's) names the rollback
         # it already ran: the image remembers the last rollback's operation id and skips it.
