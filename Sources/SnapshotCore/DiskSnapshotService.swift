@@ -555,6 +555,50 @@ public struct DiskSnapshotService: Sendable {
         return reports
     }
 
+    /// Gives up on interrupted operation `id` (`vmsnap recover --abandon`): its journal is marked
+    /// abandoned, so nothing runs it again; the disk's metadata stays as it was before the
+    /// operation and its storage as the steps left it. For a disk whose storage shares its record
+    /// with other hosts this happens under the storage's lock, after bringing the record in (the
+    /// operation is found there again by what it is: local ids differ per store, and another host
+    /// may have finished it since), and the record is written back, so no host runs it again.
+    public func abandon(_ id: Int64) async throws -> JournalEntry {
+        let open = try store.openJournals()
+        guard let entry = open.first(where: { $0.id == id }) else {
+            throw SnapshotError(
+                .notFound,
+                "no interrupted operation has id \(id); open ones: \(open.isEmpty ? "none" : open.map { "\($0.id) (\($0.operation))" }.joined(separator: ", "))"
+            )
+        }
+        let lock = try DiskLock(store: store, diskID: entry.diskID, timeout: 0)
+        defer { withExtendedLifetime(lock) {} }
+        let backend = try registry.backend(entry.kind, environment: environment)
+        guard
+            let session = try await SharedDiskSession.open(
+                backend, diskID: entry.diskID, store: store, wait: sharedLockWait, notify: notify)
+        else {
+            _ = try store.abandonJournal(id)
+            return entry
+        }
+        do {
+            guard
+                let same = try store.openJournals(diskID: entry.diskID).first(where: {
+                    $0.operation == entry.operation && $0.startedAt == entry.startedAt && $0.pid == entry.pid
+                })
+            else {
+                throw SnapshotError(
+                    .notFound,
+                    "operation \(id) ('\(entry.operation)') is no longer open in the shared record of disk \(entry.diskID): another host finished or gave it up. Nothing was changed; see `vmsnap disk check \(entry.diskID)`"
+                )
+            }
+            _ = try store.abandonJournal(same.id)
+            try await session.close(publishing: true, notify: notify)
+            return same
+        } catch {
+            try? await session.close(publishing: false, notify: notify)
+            throw error
+        }
+    }
+
     /// Recovery of a disk whose record its storage shares: under both locks, after bringing the
     /// record in, so an operation another host has finished since is not run again here.
     private func recoverShared(_ id: String, backend: any DiskSnapshotBackend) async throws -> [RecoveryReport] {

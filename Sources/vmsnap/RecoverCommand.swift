@@ -26,7 +26,7 @@ struct RecoverCommand: AsyncParsableCommand {
 
     func run() async throws {
         try await guarded {
-            if let abandon { return try abandonOperation(abandon) }
+            if let abandon { return try await abandonOperation(abandon) }
             if let disk {
                 try await storeOptions.service().recover(disk: disk, kind: backend.map(BackendKind.init(rawValue:)))
                 if !json { print("\(disk): nothing left to recover") }
@@ -51,27 +51,10 @@ struct RecoverCommand: AsyncParsableCommand {
         }
     }
 
-    /// Marks one wedged operation abandoned and prints what the operator must check.
-    func abandonOperation(_ id: Int64) throws {
-        let store = try storeOptions.openStore()
-        if let entry = try store.openJournals().first(where: { $0.id == id }),
-            try storeOptions.service().registry.backend(entry.kind).descriptor.sharedMetadata
-        {
-            throw SnapshotError(
-                .unsupported,
-                "operation \(id) is on disk \(entry.diskID), whose record its storage shares with other hosts: giving it up here would leave the others to run it. Fix what stops it and run `vmsnap recover --disk \(entry.diskID)`; nothing was changed"
-            )
-        }
-        let lockID = try store.openJournals().first { $0.id == id }?.diskID
-        let lock = try lockID.map { try DiskLock(store: store, diskID: $0, timeout: 0) }
-        defer { withExtendedLifetime(lock) {} }
-        guard let entry = try store.abandonJournal(id) else {
-            let open = try store.openJournals().map { "\($0.id) (\($0.operation))" }
-            throw SnapshotError(
-                .notFound,
-                "no interrupted operation has id \(id); open ones: \(open.isEmpty ? "none" : open.joined(separator: ", "))"
-            )
-        }
+    /// Marks one wedged operation abandoned and prints what the operator must check. For a disk
+    /// whose storage shares its record, the record says so too (under the storage's lock).
+    func abandonOperation(_ id: Int64) async throws {
+        let entry = try await storeOptions.service().abandon(id)
         print(
             "abandoned: \(entry.operation) on \(entry.diskID) (journal \(entry.id)); \(entry.stepsDone) of \(entry.steps.count) steps had run"
         )

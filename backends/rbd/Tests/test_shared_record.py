@@ -7,11 +7,13 @@ vmsnap's back (writing the image, holding the lock as a third host) runs in /usr
 which has Debian's python3-rados and python3-rbd.
 """
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import signal
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -231,6 +233,36 @@ class TwoHosts(unittest.TestCase):
         again = self.vmsnap("A", "recover")
         self.assertEqual(again.stdout.strip(), "nothing to recover", again.stderr)
         self.assertEqual(self.tree("A"), ({"s1": None, "s2": "s1"}, "s2", []))
+
+    def open_journal_ids(self, host):
+        with contextlib.closing(sqlite3.connect(os.path.join(self.stores[host], "vmsnap.sqlite"))) as db:
+            return [row[0] for row in db.execute("SELECT id FROM journal WHERE state = 'open'")]
+
+    def test_an_abandoned_operation_is_given_up_for_every_host(self):
+        self.vmsnap("A", "disk", "snapshot", "create", self.disk, "s1")
+        killed = self.vmsnap("A", "disk", "snapshot", "create", self.disk, "s2", ok=False,
+                             VMSNAP_FAULT="after-step:0")
+        self.assertEqual(killed.returncode, -signal.SIGKILL, killed.stderr)
+        [journal] = self.open_journal_ids("A")
+        given_up = self.vmsnap("A", "recover", "--abandon", str(journal))
+        self.assertIn("abandoned: create snapshot 's2'", given_up.stdout)
+        # The record no longer holds it: no host runs it again; the metadata is as before the
+        # create, the storage as the step left it.
+        self.assertEqual(self.document()["content"]["journals"], [])
+        self.assertEqual(self.tree("B"), ({"s1": None}, "s1", []))
+        self.assertEqual(self.vmsnap("B", "recover").stdout.strip(), "nothing to recover")
+        self.assertEqual(self.rbd_snapshots(), ["s1", "s2"])
+
+        # Finished by host B in the meantime: host A's id names nothing open any more.
+        killed = self.vmsnap("A", "disk", "snapshot", "create", self.disk, "s3", ok=False,
+                             VMSNAP_FAULT="after-step:0")
+        self.assertEqual(killed.returncode, -signal.SIGKILL, killed.stderr)
+        [journal] = self.open_journal_ids("A")
+        self.vmsnap("B", "recover", "--disk", self.disk)
+        late = self.vmsnap("A", "recover", "--abandon", str(journal), ok=False)
+        self.assertEqual(late.returncode, 1, late.stderr)
+        self.assertIn("no longer open in the shared record", late.stderr)
+        self.assertEqual(self.tree("A"), ({"s1": None, "s3": "s1"}, "s3", []))
 
     def test_a_killed_host_before_its_step_is_rolled_back_by_the_other(self):
         self.vmsnap("A", "disk", "snapshot", "create", self.disk, "s1")
