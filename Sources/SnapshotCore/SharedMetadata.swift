@@ -19,6 +19,10 @@ public struct SharedDiskDocument: Codable, Sendable, Hashable {
     /// Raised by one at every write: a host whose local copy was synced at another
     /// generation takes the document's word over its own.
     public var generation: Int
+    /// New at every write (a random id): a record restored from an old copy can carry a
+    /// generation a host has synced for a different record; the pair tells them apart. Nil in
+    /// records written before it existed.
+    public var revision: String?
     /// Who wrote it (host, store, process), for the operator.
     public var writtenBy: String
     public var writtenAt: Date
@@ -158,11 +162,15 @@ public struct SharedDiskSession: Sendable {
     func pull(notify: @Sendable (String) -> Void) async throws {
         let document = try await Self.read(backend, diskID: diskID)
         known.value.withLock { $0 = document }
-        let synced = try store.sharedGeneration(diskID: diskID)
+        let synced = try store.sharedSync(diskID: diskID)
         let local = try localContent()
-        // A record written since this store last synced wins; so does one that has the disk
-        // when this store's copy lost it (a local copy never erases the record).
-        if let document, document.generation != synced || (local.layout == nil && document.content.layout != nil) {
+        // A record written since this store last synced wins (another generation, or the same
+        // generation of another write: an old copy restored, then written again); so does one
+        // that has the disk when this store's copy lost it (a local copy never erases the record).
+        if let document,
+            document.generation != synced?.generation || document.revision != synced?.revision
+                || (local.layout == nil && document.content.layout != nil)
+        {
             try await check(document)
             try store.adoptShared(document, diskID: diskID)
             for j in document.content.journals where j.host != holder {
@@ -227,10 +235,10 @@ public struct SharedDiskSession: Sendable {
 
     /// Writes the local copy out as the next generation of the document.
     public func publish() async throws {
-        let generation = (try store.sharedGeneration(diskID: diskID) ?? 0) + 1
+        let generation = (try store.sharedSync(diskID: diskID)?.generation ?? 0) + 1
         let document = SharedDiskDocument(
-            format: SharedDiskDocument.currentFormat, generation: generation, writtenBy: holder, writtenAt: Date(),
-            content: try localContent())
+            format: SharedDiskDocument.currentFormat, generation: generation, revision: UUID().uuidString,
+            writtenBy: holder, writtenAt: Date(), content: try localContent())
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         encoder.dateEncodingStrategy = .secondsSince1970
@@ -242,7 +250,7 @@ public struct SharedDiskSession: Sendable {
                 cause: error)
         }
         known.value.withLock { $0 = document }
-        try store.setSharedGeneration(diskID: diskID, generation)
+        try store.setSharedSync(diskID: diskID, generation: generation, revision: document.revision)
     }
 
     /// Writes the final record (when `publishing` and the local copy differs from it) and
@@ -293,26 +301,32 @@ extension MetadataStore {
                     );
                     """)
         }
+        migrator.registerMigration("v6-shared-revision") { db in
+            try db.execute(sql: "ALTER TABLE shared_sync ADD COLUMN revision TEXT")
+        }
     }
 
-    /// The generation of the shared document this store last read or wrote for the disk.
-    public func sharedGeneration(diskID: String) throws -> Int? {
+    /// The generation and revision of the shared document this store last read or wrote for the
+    /// disk.
+    public func sharedSync(diskID: String) throws -> (generation: Int, revision: String?)? {
         try wrap {
             try dbQueue.read { db in
-                try Int.fetchOne(db, sql: "SELECT generation FROM shared_sync WHERE disk_id = ?", arguments: [diskID])
+                try Row.fetchOne(
+                    db, sql: "SELECT generation, revision FROM shared_sync WHERE disk_id = ?", arguments: [diskID]
+                ).map { ($0["generation"], $0["revision"]) }
             }
         }
     }
 
-    func setSharedGeneration(diskID: String, _ generation: Int) throws {
-        try wrap { try dbQueue.write { db in try Self.recordGeneration(db, diskID: diskID, generation) } }
+    func setSharedSync(diskID: String, generation: Int, revision: String?) throws {
+        try wrap { try dbQueue.write { db in try Self.recordSync(db, diskID: diskID, generation, revision) } }
     }
 
-    private static func recordGeneration(_ db: Database, diskID: String, _ generation: Int) throws {
+    private static func recordSync(_ db: Database, diskID: String, _ generation: Int, _ revision: String?) throws {
         try db.execute(
             sql:
-                "INSERT INTO shared_sync (disk_id, generation) VALUES (?, ?) ON CONFLICT(disk_id) DO UPDATE SET generation = excluded.generation",
-            arguments: [diskID, generation])
+                "INSERT INTO shared_sync (disk_id, generation, revision) VALUES (?, ?, ?) ON CONFLICT(disk_id) DO UPDATE SET generation = excluded.generation, revision = excluded.revision",
+            arguments: [diskID, generation, revision])
     }
 
     /// Replaces this store's copy of the disk by the shared document, in one transaction: its
@@ -339,7 +353,7 @@ extension MetadataStore {
                             Int64(j.pid),
                         ])
                 }
-                try Self.recordGeneration(db, diskID: diskID, document.generation)
+                try Self.recordSync(db, diskID: diskID, document.generation, document.revision)
             }
         }
     }

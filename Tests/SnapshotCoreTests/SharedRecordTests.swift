@@ -233,6 +233,28 @@ import Testing
         #expect(try a.store.layout(diskID: "pool/disk") == nil)
     }
 
+    /// An old copy of the record put back (an operator's restore), then written again by host A:
+    /// the record's generation is again one host B synced, for another record. B must take the
+    /// record's word, not write its own copy over it.
+    @Test func aRestoredRecordIsNotOverwrittenByAHostThatSyncedTheSameGeneration() async throws {
+        let cluster = Cluster()
+        let ((a, dirA), (b, dirB)) = (try Self.host(cluster), try Self.host(cluster))
+        defer { for d in [dirA, dirB] { try? FileManager.default.removeItem(atPath: d) } }
+        try await a.create(SnapshotRequest(name: "s1", kind: .internal), disk: "pool/disk", kind: "shared-test")
+        let old = cluster.state.withLock { $0.document }
+        try await a.create(SnapshotRequest(name: "s2", kind: .internal), disk: "pool/disk", kind: "shared-test")
+        _ = try await b.manage("pool/disk", kind: "shared-test")
+        #expect(try await Self.names(b) == ["s1", "s2"])
+        cluster.state.withLock { $0.document = old }
+        try await a.create(SnapshotRequest(name: "s3", kind: .internal), disk: "pool/disk", kind: "shared-test")
+        #expect(try await Self.names(a) == ["s1", "s3"], "host A took the restored record's word")
+
+        let layout = try await b.manage("pool/disk", kind: "shared-test").1
+        #expect(layout.snapshots.map(\.name) == ["s1", "s3"], "host B takes the record's word too")
+        let record = cluster.state.withLock { $0.document } ?? ""
+        #expect(record.contains(#""s3""#) && !record.contains(#""s2""#), "the record keeps s3: \(record)")
+    }
+
     @Test func aRecordFromANewerVmsnapIsRefused() async throws {
         let cluster = Cluster()
         let (a, dir) = try Self.host(cluster)
