@@ -102,6 +102,11 @@ import Testing
         )
     }
 
+    /// Snapshot `name` of the test disk, taken by `host`.
+    static func snapshot(_ host: DiskSnapshotService, _ name: String) async throws {
+        try await host.create(SnapshotRequest(name: name, kind: .internal), disk: "pool/disk", kind: "shared-test")
+    }
+
     static func names(_ service: DiskSnapshotService) async throws -> [String] {
         try await service.layout(of: "pool/disk", kind: "shared-test").1.snapshots.map(\.name)
     }
@@ -240,13 +245,13 @@ import Testing
         let cluster = Cluster()
         let ((a, dirA), (b, dirB)) = (try Self.host(cluster), try Self.host(cluster))
         defer { for d in [dirA, dirB] { try? FileManager.default.removeItem(atPath: d) } }
-        try await a.create(SnapshotRequest(name: "s1", kind: .internal), disk: "pool/disk", kind: "shared-test")
+        try await Self.snapshot(a, "s1")
         let old = cluster.state.withLock { $0.document }
-        try await a.create(SnapshotRequest(name: "s2", kind: .internal), disk: "pool/disk", kind: "shared-test")
+        try await Self.snapshot(a, "s2")
         _ = try await b.manage("pool/disk", kind: "shared-test")
         #expect(try await Self.names(b) == ["s1", "s2"])
         cluster.state.withLock { $0.document = old }
-        try await a.create(SnapshotRequest(name: "s3", kind: .internal), disk: "pool/disk", kind: "shared-test")
+        try await Self.snapshot(a, "s3")
         #expect(try await Self.names(a) == ["s1", "s3"], "host A took the restored record's word")
 
         let layout = try await b.manage("pool/disk", kind: "shared-test").1
