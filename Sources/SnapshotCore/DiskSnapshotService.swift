@@ -562,13 +562,7 @@ public struct DiskSnapshotService: Sendable {
     /// operation is found there again by what it is: local ids differ per store, and another host
     /// may have finished it since), and the record is written back, so no host runs it again.
     public func abandon(_ id: Int64) async throws -> JournalEntry {
-        let open = try store.openJournals()
-        guard let entry = open.first(where: { $0.id == id }) else {
-            throw SnapshotError(
-                .notFound,
-                "no interrupted operation has id \(id); open ones: \(open.isEmpty ? "none" : open.map { "\($0.id) (\($0.operation))" }.joined(separator: ", "))"
-            )
-        }
+        guard let entry = try store.openJournals().first(where: { $0.id == id }) else { throw try noOpenJournal(id) }
         let lock = try DiskLock(store: store, diskID: entry.diskID, timeout: 0)
         defer { withExtendedLifetime(lock) {} }
         let backend = try registry.backend(entry.kind, environment: environment)
@@ -576,27 +570,46 @@ public struct DiskSnapshotService: Sendable {
             let session = try await SharedDiskSession.open(
                 backend, diskID: entry.diskID, store: store, wait: sharedLockWait, notify: notify)
         else {
-            _ = try store.abandonJournal(id)
+            // Finished by a `recover` between the look-up and the lock: nothing to give up.
+            guard try store.abandonJournal(id) != nil else { throw try noOpenJournal(id) }
             return entry
         }
+        func same(_ other: JournalEntry) -> Bool {
+            other.operation == entry.operation && other.startedAt == entry.startedAt && other.pid == entry.pid
+        }
+        let abandoned: JournalEntry
         do {
-            guard
-                let same = try store.openJournals(diskID: entry.diskID).first(where: {
-                    $0.operation == entry.operation && $0.startedAt == entry.startedAt && $0.pid == entry.pid
-                })
+            guard let found = try store.openJournals(diskID: entry.diskID).first(where: same),
+                try store.abandonJournal(found.id) != nil
             else {
                 throw SnapshotError(
                     .notFound,
                     "operation \(id) ('\(entry.operation)') is no longer open in the shared record of disk \(entry.diskID): another host finished or gave it up. Nothing was changed; see `vmsnap disk check \(entry.diskID)`"
                 )
             }
-            _ = try store.abandonJournal(same.id)
-            try await session.close(publishing: true, notify: notify)
-            return same
+            abandoned = found
         } catch {
             try? await session.close(publishing: false, notify: notify)
             throw error
         }
+        do { try await session.close(publishing: true, notify: notify) } catch {
+            // The close put this host's copy back to the record, where the operation is open.
+            let reopened = try? store.openJournals(diskID: entry.diskID).first(where: same)
+            throw SnapshotError(
+                (error as? SnapshotError)?.code ?? .io,
+                "operation '\(entry.operation)' on disk \(entry.diskID) was not given up: its shared record could not be written (\((error as? SnapshotError)?.message ?? "\(error)")). Nothing was changed; the operation is open again\(reopened.map { " as journal \($0.id)" } ?? ""): run `vmsnap recover --abandon` with that id once the storage answers",
+                cause: error)
+        }
+        return abandoned
+    }
+
+    /// The error for an id that names no open operation, listing the open ones.
+    private func noOpenJournal(_ id: Int64) throws -> SnapshotError {
+        let open = try store.openJournals()
+        return SnapshotError(
+            .notFound,
+            "no interrupted operation has id \(id); open ones: \(open.isEmpty ? "none" : open.map { "\($0.id) (\($0.operation))" }.joined(separator: ", "))"
+        )
     }
 
     /// Recovery of a disk whose record its storage shares: under both locks, after bringing the

@@ -253,11 +253,39 @@ import Testing
         cluster.state.withLock { $0.document = old }
         try await Self.snapshot(a, "s3")
         #expect(try await Self.names(a) == ["s1", "s3"], "host A took the restored record's word")
+        let generation = try JSONDecoder().decode(
+            SharedDiskDocument.self, from: Data((cluster.state.withLock { $0.document } ?? "").utf8)
+        ).generation
+        #expect(
+            try b.store.sharedSync(diskID: "pool/disk")?.generation == generation,
+            "the case under test: host B synced this generation for another record")
 
         let layout = try await b.manage("pool/disk", kind: "shared-test").1
         #expect(layout.snapshots.map(\.name) == ["s1", "s3"], "host B takes the record's word too")
         let record = cluster.state.withLock { $0.document } ?? ""
         #expect(record.contains(#""s3""#) && !record.contains(#""s2""#), "the record keeps s3: \(record)")
+    }
+
+    /// Giving up on an operation is written to the record; when that write fails nothing is
+    /// given up, and the error says under which id the operation is open again.
+    @Test func anAbandonTheRecordDidNotTakeChangesNothing() async throws {
+        let cluster = Cluster()
+        let (a, dir) = try Self.host(cluster)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try await Self.snapshot(a, "s1")
+        cluster.state.withLock { $0.failWrites = Set(($0.writes + 2)...($0.writes + 9)) }
+        await #expect(throws: SnapshotError.self) { try await Self.snapshot(a, "s2") }
+        let id = try #require(try a.store.openJournals().first?.id)
+        let error = await #expect(throws: SnapshotError.self) { _ = try await a.abandon(id) }
+        #expect(error?.message.contains("was not given up") == true, "\(String(describing: error))")
+        #expect(cluster.state.withLock { $0.document?.contains(#""operation":"create s2""#) } == true)
+        let reopened = try #require(try a.store.openJournals().first?.id)
+        #expect(error?.message.contains("as journal \(reopened)") == true, "\(String(describing: error))")
+
+        cluster.state.withLock { $0.failWrites = [] }
+        #expect(try await a.abandon(reopened).operation == "create s2")
+        #expect(cluster.state.withLock { $0.document?.contains(#""operation":"create s2""#) } == false)
+        #expect(try a.store.openJournals().isEmpty)
     }
 
     @Test func aRecordFromANewerVmsnapIsRefused() async throws {

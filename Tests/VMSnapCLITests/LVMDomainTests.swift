@@ -75,9 +75,7 @@ struct LVMDomainTests {
             throw error
         }
         _ = try? await cli.run(["domain", "stop", "lvdom", "--force"])
-        for extra in (try? await SubprocessRunner().run(["lvs", "--noheadings", "-o", "lv_name", vg]).standardOutput)?
-            .split(whereSeparator: \.isWhitespace) ?? []
-        where extra.hasPrefix(lv) { _ = try? await cli.sh("lvremove", "-q", "-y", "\(vg)/\(extra)") }
+        try? await removeLVs(lv)
     }
 
     /// An RBD disk beside an LVM volume and a qcow2 file in one running domain (issue 16): the
@@ -159,10 +157,19 @@ struct LVMDomainTests {
             try await allHold(34, "keeps the current data after the delete")
         } catch {
             _ = try? await cli.run(["domain", "stop", "mixdom", "--force"], environment: env)
+            try? await removeLVs(lv)
+            _ = try? await SubprocessRunner().run(["rbd", "snap", "purge", image])
+            _ = try? await SubprocessRunner().run(["rbd", "rm", image])
             throw error
         }
         _ = try? await cli.run(["domain", "stop", "mixdom", "--force"], environment: env)
         _ = try? await SubprocessRunner().run(["rbd", "rm", image])
+        try? await removeLVs(lv)
+    }
+
+    /// Removes volume `lv` and every volume named after it (its snapshots).
+    func removeLVs(_ lv: String) async throws {
+        let cli = try CLI()
         for extra in (try? await SubprocessRunner().run(["lvs", "--noheadings", "-o", "lv_name", vg]).standardOutput)?
             .split(whereSeparator: \.isWhitespace) ?? []
         where extra.hasPrefix(lv) { _ = try? await cli.sh("lvremove", "-q", "-y", "\(vg)/\(extra)") }

@@ -320,6 +320,19 @@ class RbdPluginTests(unittest.TestCase):
         err = self.p.error("planCreate", {"request": {"name": "k2", "kind": "internal"}, "layout": after})
         self.assertEqual(err["code"], "alreadyExists", err)
 
+    def test_a_locked_clone_swap_leaves_no_handle_on_the_image_set_aside(self):
+        # The step opens the disk before it renames it aside: a handle kept from there would make
+        # the calls after it read the image set aside instead of the clone now under the name.
+        disk, layout = self.new_disk(MiB)
+        layout, _ = self.create(layout, "c1")
+        self.p.ok("configure", {"settings": {"revert-mode": "clone"}})
+        self.p.ok("lockShared", {"disk": disk, "holder": "unit test", "wait": 5})
+        self.assertEqual(self.p.ok("state", {"layout": layout}), {"state": "offline"})
+        layout = run_plan(self.p, self.p.ok("planRevert", {"snapshot": "c1", "layout": layout}))
+        info = self.p.ok("inspect", {"locator": disk})
+        self.assertEqual(info["snapshots"], [], info)
+        self.assertEqual(len(info["backingChain"]), 1, info)
+
     def test_a_replayed_rollback_does_not_roll_back_again(self):
         # A journal replayed from a record one write behind (another host's) names the rollback
         # it already ran: the image remembers the last rollback's operation id and skips it.
