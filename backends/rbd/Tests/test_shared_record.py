@@ -46,6 +46,61 @@ def ceph(code, *args, timeout=60):
     return done.stdout
 
 
+def ceph_cli(*args, timeout=30):
+    """The `ceph` command against the test cluster; its stdout."""
+    done = subprocess.run(["ceph", "--connect-timeout", "10", *args], env=dict(os.environ, CEPH_CONF=CONF),
+                          capture_output=True, timeout=timeout, text=True)
+    if done.returncode != 0:
+        raise AssertionError(f"ceph {' '.join(args)} failed: {done.stderr}")
+    return done.stdout
+
+
+@contextlib.contextmanager
+def osd_stopped():
+    """The cluster's one OSD stopped, then started again. memstore keeps the data in the OSD's
+    memory, so the daemon is not killed: the monitor marks it down and `noup` keeps it from
+    coming back (to clients, an OSD that is gone: no placement group serves I/O), then `noup`
+    is lifted and the OSD boots and peers again, as a restarted OSD does. (Freezing the daemon
+    with SIGSTOP instead left ops on one object stuck in the OSD for minutes once in CI.)"""
+    ceph_cli("osd", "set", "noup")
+    try:
+        ceph_cli("osd", "down", "0")
+        deadline = time.monotonic() + 30
+        while json.loads(ceph_cli("osd", "stat", "-f", "json"))["num_up_osds"] != 0:
+            if time.monotonic() > deadline:
+                raise AssertionError("osd.0 was not marked down within 30 s")
+            time.sleep(0.2)
+        yield
+    finally:
+        ceph_cli("osd", "unset", "noup")
+        wait_for_active_pgs()
+
+
+def wait_for_active_pgs(within=90):
+    """Until the OSD is up and serves I/O in every placement group of the pool again (there is
+    no mgr for `ceph pg stat`: an object written and read in each PG says it)."""
+    deadline = time.monotonic() + within
+    while json.loads(ceph_cli("osd", "stat", "-f", "json"))["num_up_osds"] != 1:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"osd.0 did not come up within {within} s")
+        time.sleep(0.2)
+    pgs = json.loads(ceph_cli("osd", "pool", "get", POOL, "pg_num", "-f", "json"))["pg_num"]
+    ceph("c.conf_set('rados_osd_op_timeout', '10')\n"
+         "seen, deadline = set(), time.monotonic() + float(sys.argv[2])\n"
+         "n = 0\n"
+         "while len(seen) < int(sys.argv[1]):\n"
+         "    name = f'pg-probe-{n}'; n += 1\n"
+         "    pg = c.mon_command(json.dumps({'prefix': 'osd map', 'pool': os.environ['CEPH_POOL'], "
+         "'object': name, 'format': 'json'}), b'')[1]\n"
+         "    pgid = json.loads(pg)['pgid']\n"
+         "    if pgid in seen: continue\n"
+         "    while True:\n"
+         "        try: io.write_full(name, b'probe'); io.read(name); io.remove_object(name); break\n"
+         "        except rados.TimedOut:\n"
+         "            if time.monotonic() > deadline: raise\n"
+         "    seen.add(pgid)\n", str(pgs), str(within), timeout=within + 30)
+
+
 @unittest.skipUnless(CONF and os.path.exists(CONF), "needs a Ceph cluster (scripts/ceph-cluster start; CEPH_CONF)")
 @unittest.skipUnless(os.access(VMSNAP, os.X_OK), f"needs the vmsnap binary ({VMSNAP}; swift build)")
 class TwoHosts(unittest.TestCase):
@@ -306,10 +361,6 @@ class TwoHosts(unittest.TestCase):
         self.assertEqual(self.tree("A"), ({"s1": None, "s2": "s1"}, "s2", []))
 
     def test_an_osd_stopped_mid_snapshot_leaves_a_journal_that_recovers(self):
-        # memstore keeps the data in the OSD's memory, so the OSD is frozen (SIGSTOP) rather than
-        # killed: to the client that is an OSD that stops answering, then comes back.
-        with open(os.path.join(CEPH_DIR, "run", "ceph-osd.0.pid")) as f:
-            osd_pid = int(f.read())
         self.vmsnap("A", "disk", "snapshot", "create", self.disk, "s1")
         run = subprocess.Popen([VMSNAP, "disk", "snapshot", "create", self.disk, "s2", "--store", self.stores["A"],
                                 "--set", "timeout=3", "--set", "lock-lease=5"],
@@ -320,11 +371,8 @@ class TwoHosts(unittest.TestCase):
             while not self.document()["content"]["journals"]:
                 self.assertLess(time.monotonic(), deadline, "the create never journaled its start")
                 time.sleep(0.2)
-            os.kill(osd_pid, signal.SIGSTOP)
-            try:
+            with osd_stopped():
                 _, err = run.communicate(timeout=180)
-            finally:
-                os.kill(osd_pid, signal.SIGCONT)
         finally:
             if run.poll() is None:
                 run.kill()
