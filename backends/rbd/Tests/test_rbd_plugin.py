@@ -150,7 +150,8 @@ class RbdPluginTests(unittest.TestCase):
             p.ok("configure", {"settings": {"ceph-conf": CONF}})
             layout = {"disk": {"id": locator, "kind": "rbd", "active": locator, "createdAt": 0},
                       "snapshots": [], "layers": []}
-            p.call("destroyDisk", {"layout": layout})
+            adopted = p.call("adopt", {"locator": locator})   # its layers: the images set aside go too
+            p.call("destroyDisk", {"layout": adopted.get("result", layout)})
         finally:
             p.close()
 
@@ -567,14 +568,35 @@ class RbdPluginTests(unittest.TestCase):
 
         # Again, while the active image holds no snapshot: it is not kept.
         plan = self.p.ok("planRevert", {"snapshot": "s2", "layout": layout})
+        # It goes to the RBD trash (one request), not removed (a request per object written).
         self.assertEqual([s["action"]["backend"]["name"] for s in plan["steps"]],
-                         ["protect", "clone-swap", "remove-image"])
+                         ["protect", "clone-swap", "trash-image"])
+        swapped = plan["steps"][1]["action"]["backend"]["arguments"]["frozen"]
         layout = run_plan(self.p, plan)
+        self.p.ok("perform", plan["steps"][2]["action"]["backend"])   # again after a crash: done
         self.assertEqual(layout["layers"], [{"image": disk, "backing": frozen}, {"image": frozen}])
         self.assertEqual(self.read(layout, {"active": True}, 0, 4096), b)
         name = disk.split("/", 1)[1]
-        self.assertEqual([i for i in self.inventory() if i.startswith(name + ".vmsnap-") and "@" not in i],
-                         [frozen.split("/", 1)[1]])
+        set_aside = [i for i in self.inventory() if i.startswith(name + ".vmsnap-") and "@" not in i]
+        in_pool = [i for i in set_aside if "(in the trash" not in i]
+        in_trash = [i for i in set_aside if "(in the trash" in i]
+        self.assertEqual(in_pool, [frozen.split("/", 1)[1]], set_aside)
+        self.assertEqual(len(in_trash), 1, set_aside)
+        self.assertTrue(in_trash[0].startswith(swapped.split("/", 1)[1] + " (in the trash, id "), set_aside)
+        self.assertEqual(self.p.ok("verify", {"layout": layout})["problems"], [])
+        # A trashed clone keeps its parent snapshot (frozen@s1) held: `maintain` removes it for
+        # good, and a delete would remove it first (below: a second swapped clone).
+        self.assertEqual(self.p.ok("maintain", {"layout": layout})["actions"],
+                         [f"removed {swapped} from the RBD trash (set aside by a clone-swap revert)"])
+        self.assertNotIn("trash", " ".join(i for i in self.inventory() if i.startswith(name)))
+        self.assertEqual(self.p.ok("maintain", {"layout": layout})["actions"], [])
+        plan = self.p.ok("planRevert", {"snapshot": "s1", "layout": layout})
+        layout = run_plan(self.p, plan)
+        self.assertEqual(self.read(layout, {"active": True}, 0, 4096), a)
+        plan = self.p.ok("planRevert", {"snapshot": "s2", "layout": layout})
+        layout = run_plan(self.p, plan)
+        self.assertEqual(self.read(layout, {"active": True}, 0, 4096), b)
+        self.assertEqual(len([i for i in self.inventory() if i.startswith(name) and "(in the trash" in i]), 2)   # clones of s2, s1
 
         self.write(layout, 0, d)
         layout, _ = self.create(layout, "s3")
@@ -586,9 +608,12 @@ class RbdPluginTests(unittest.TestCase):
 
         # Deleting s1 (nothing cloned from it now) removes it; deleting s2 flattens the clone that
         # depends on it and then empties the frozen image.
+        # (s1 is held by a clone in the trash: the delete removes the disk's trashed images first.)
         plan = self.p.ok("planDelete", {"snapshot": "s1", "mode": "merge", "layout": layout})
-        self.assertEqual([s["action"]["backend"]["name"] for s in plan["steps"]], ["unprotect-unused", "snap-remove"])
+        self.assertEqual([s["action"]["backend"]["name"] for s in plan["steps"]],
+                         ["purge-trash", "purge-trash", "unprotect-unused", "snap-remove"])
         layout = run_plan(self.p, plan)
+        self.assertNotIn("trash", " ".join(i for i in self.inventory() if i.startswith(name)))
         self.assertEqual(self.read(layout, {"snapshot": "s2"}, 0, 4096), b)
         self.assertIn(frozen.split("/", 1)[1], self.inventory())
         plan = self.p.ok("planDelete", {"snapshot": "s2", "mode": "merge", "layout": layout})
@@ -599,6 +624,25 @@ class RbdPluginTests(unittest.TestCase):
         self.assertNotIn(frozen.split("/", 1)[1], self.inventory())
         self.assertEqual(self.p.ok("verify", {"layout": layout})["problems"], [])
         self.assertEqual(self.read(layout, {"active": True}, 0, 4096), d)
+
+    def test_destroy_removes_what_clone_swaps_left_in_the_trash(self):
+        disk, layout = self.new_disk(4 * MiB)
+        self.write(layout, 0, b"\1" * 4096)
+        layout, _ = self.create(layout, "s1")
+        self.p.ok("configure", {"settings": {"revert-mode": "clone"}})
+        for _ in range(2):   # the second revert moves the first one's clone (no snapshots) to the trash
+            layout = run_plan(self.p, self.p.ok("planRevert", {"snapshot": "s1", "layout": layout}))
+        name = disk.split("/", 1)[1]
+        ours = lambda: [i for i in self.inventory() if i.startswith(name)]
+        self.assertEqual(len([i for i in ours() if "(in the trash, id " in i]), 1, ours())
+        # An image named like a set-aside one but moved to the trash by someone else stays there.
+        helper("rbd.RBD().create(io, sys.argv[1], 1 << 20); rbd.RBD().trash_move(io, sys.argv[1], 0)",
+               name + ".vmsnap-0therone")
+        self.p.ok("destroyDisk", {"layout": layout})
+        left = ours()
+        self.assertEqual(len(left), 1, left)
+        self.assertTrue(left[0].startswith(name + ".vmsnap-0therone (in the trash, id "), left)
+        helper("rbd.RBD().trash_remove(io, sys.argv[1])", left[0].rsplit("id ", 1)[1].rstrip(")"))
 
     def test_a_clone_swap_stopped_after_the_rename_finishes(self):
         # The disk's name is gone between the rename and the clone: the lock must still be
