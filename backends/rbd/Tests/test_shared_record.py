@@ -25,7 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(BACKEND_DIR))
 VMSNAP = os.environ.get("VMSNAP", os.path.join(ROOT, ".build", "debug", "vmsnap"))
 CONF = os.environ.get("CEPH_CONF", "")
 POOL = os.environ.get("CEPH_POOL", "vmsnap")
-CEPH_DIR = os.environ.get("CEPH_DIR", "/tmp/vmsnap-ceph")
 SYSTEM_PYTHON = "/usr/bin/python3"
 MiB = 1 << 20
 
