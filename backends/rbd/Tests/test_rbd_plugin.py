@@ -304,8 +304,9 @@ class RbdPluginTests(unittest.TestCase):
         self.assertFalse(any(i.startswith(name) for i in self.inventory()))
 
     def test_a_locked_operation_sees_what_its_own_steps_changed(self):
-        # Under the cluster lock the plug-in keeps one read-only handle from the state call on
-        # (it has no watch); a step that changes the image must not leave a later call reading it.
+        # Under the cluster lock the plug-in keeps one handle from the state call on, through the
+        # steps: a step that changes the image must not leave a later call reading it as it was,
+        # nor seeing its own handle (a watcher, the exclusive lock after a write) as another user.
         disk, before = self.new_disk(MiB)
         self.p.ok("lockShared", {"disk": disk, "holder": "unit test", "wait": 5})
         self.assertEqual(self.p.ok("state", {"layout": before}), {"state": "offline"})
@@ -336,22 +337,38 @@ class RbdPluginTests(unittest.TestCase):
 
     def test_a_replayed_rollback_does_not_roll_back_again(self):
         # A journal replayed from a record one write behind (another host's) names the rollback
-        # it already ran: the image remembers the last rollback's operation id and skips it.
-        disk, layout = self.new_disk()
-        layout = run_plan(self.p, self.p.ok("planCreate", {"request": {"name": "s1", "kind": "internal"},
-                                                           "layout": layout}))
-        plan = self.p.ok("planRevert", {"snapshot": "s1", "layout": layout})
-        step = plan["steps"][0]["action"]["backend"]
-        self.assertRegex(step["arguments"].get("op", ""), r"^[0-9a-f]{32}$")
-        self.p.ok("perform", step)
-        later = b"written after the revert " * 64
-        self.write(layout, 0, later)
-        self.p.ok("perform", step)   # the replay
-        self.assertEqual(self.read(layout, {"active": True}, 0, len(later)), later)
-        again = self.p.ok("planRevert", {"snapshot": "s1", "layout": layout})["steps"][0]["action"]["backend"]
-        self.assertNotEqual(again["arguments"]["op"], step["arguments"]["op"])
-        self.p.ok("perform", again)   # a new revert does roll back
-        self.assertEqual(self.read(layout, {"active": True}, 0, len(later)), bytes(len(later)))
+        # it already ran: the last rollback's operation id is remembered and the replay skips it.
+        # Under the disk's cluster lock (as vmsnap runs it) the id is an xattr of the disk's shared
+        # record; without the lock, the image's metadata.
+        for locked in (False, True):
+            with self.subTest(locked=locked):
+                disk, layout = self.new_disk()
+                if locked:
+                    self.p.ok("lockShared", {"disk": disk, "holder": "unit test", "wait": 5})
+                layout = run_plan(self.p, self.p.ok("planCreate", {"request": {"name": "s1", "kind": "internal"},
+                                                                   "layout": layout}))
+                plan = self.p.ok("planRevert", {"snapshot": "s1", "layout": layout})
+                step = plan["steps"][0]["action"]["backend"]
+                self.assertRegex(step["arguments"].get("op", ""), r"^[0-9a-f]{32}$")
+                self.p.ok("perform", step)
+                later = b"written after the revert " * 64
+                self.write(layout, 0, later)
+                self.p.ok("perform", step)   # the replay
+                self.assertEqual(self.read(layout, {"active": True}, 0, len(later)), later)
+                kept = helper("name = sys.argv[1]\n"
+                              "try: print(io.get_xattr('vmsnap_disk.' + name, 'vmsnap.last-rollback').decode())\n"
+                              "except (rados.NoData, rados.ObjectNotFound): print('-')\n"
+                              "with rbd.Image(io, name, read_only=True) as img:\n"
+                              "    print(dict(img.metadata_list()).get('vmsnap.last-rollback', '-'))\n",
+                              disk.split("/", 1)[1]).split()
+                op = step["arguments"]["op"]
+                self.assertEqual(kept, [op, "-"] if locked else ["-", op])
+                again = self.p.ok("planRevert", {"snapshot": "s1", "layout": layout})["steps"][0]["action"]["backend"]
+                self.assertNotEqual(again["arguments"]["op"], op)
+                self.p.ok("perform", again)   # a new revert does roll back
+                self.assertEqual(self.read(layout, {"active": True}, 0, len(later)), bytes(len(later)))
+                if locked:
+                    self.p.ok("unlockShared", {"disk": disk})
 
     def test_a_stalled_plugin_acts_on_nothing_after_its_lease(self):
         # The plug-in holds a disk's lock with a 3 s lease, then stalls (SIGSTOP) past it while
