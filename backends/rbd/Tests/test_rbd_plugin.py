@@ -367,8 +367,25 @@ class RbdPluginTests(unittest.TestCase):
                 self.assertNotEqual(again["arguments"]["op"], op)
                 self.p.ok("perform", again)   # a new revert does roll back
                 self.assertEqual(self.read(layout, {"active": True}, 0, len(later)), bytes(len(later)))
-                if locked:
-                    self.p.ok("unlockShared", {"disk": disk})
+
+    def test_a_rollback_run_without_the_lock_is_not_replayed_under_it(self):
+        # A plug-in restarted after a call timeout holds no lock, so the rollback it runs is
+        # remembered in the image's metadata while the record's xattr still names an older one:
+        # a replay under the lock must find it there.
+        disk, layout = self.new_disk()
+        layout = run_plan(self.p, self.p.ok("planCreate", {"request": {"name": "s1", "kind": "internal"},
+                                                           "layout": layout}))
+        self.p.ok("lockShared", {"disk": disk, "holder": "unit test", "wait": 5})
+        first = self.p.ok("planRevert", {"snapshot": "s1", "layout": layout})["steps"][0]["action"]["backend"]
+        self.p.ok("perform", first)   # under the lock: the record's xattr names it
+        second = self.p.ok("planRevert", {"snapshot": "s1", "layout": layout})["steps"][0]["action"]["backend"]
+        self.p.ok("unlockShared", {"disk": disk})
+        self.p.ok("perform", second)   # without the lock: the image's metadata names it
+        later = b"written after the second revert " * 64
+        self.write(layout, 0, later)
+        self.p.ok("lockShared", {"disk": disk, "holder": "unit test", "wait": 5})
+        self.p.ok("perform", second)   # the replay, under the lock
+        self.assertEqual(self.read(layout, {"active": True}, 0, len(later)), later)
 
     def test_a_stalled_plugin_acts_on_nothing_after_its_lease(self):
         # The plug-in holds a disk's lock with a 3 s lease, then stalls (SIGSTOP) past it while
@@ -525,6 +542,19 @@ class RbdPluginTests(unittest.TestCase):
         self.assertIn(f"{image}@base", self.inventory())
         # a rollback does not touch clones: no blocker
         self.assertEqual(self.p.ok("rollbackBlockers", {"snapshot": "base", "layout": layout})["blockers"], [])
+        # Under the disk's lock the clones are listed through the kept handle (moved to the
+        # snapshot and back): the same refusals, and the handle reads the image again after.
+        self.p.ok("lockShared", {"disk": disk, "holder": "unit test", "wait": 5})
+        self.assertEqual(self.p.ok("state", {"layout": layout}), {"state": "offline"})
+        err = self.p.error("planDelete", {"snapshot": "base", "mode": "merge", "layout": layout})
+        self.assertEqual(err["code"], "conflict")
+        self.assertIn(clone, err["message"])
+        err = self.p.error("perform", {"name": "snap-remove", "arguments": {"image": disk, "snapshot": "base"}})
+        self.assertEqual(err["code"], "conflict")
+        self.assertIn(clone, err["message"])
+        after, _ = self.create(layout, "next")   # a write through a handle at a snapshot would fail
+        self.assertEqual(after["disk"]["current"], "next")
+        self.assertIn(f"{image}@next", self.inventory())
 
     def test_snapshots_made_outside_vmsnap(self):
         disk, layout = self.new_disk(MiB)
