@@ -94,6 +94,21 @@ extension QMP {
         }
     }
 
+    /// A new external snapshot's overlay opened before the pause, without its backing (the
+    /// transaction's `blockdev-snapshot` gives it the disk's active layer), as the guest's
+    /// `-drive` opens its disks: writeback cache, discards passed down.
+    public struct AddOverlayNode: QMPCommand {
+        public typealias Response = Void
+        public static let name = "blockdev-add"
+        public var nodeName: String, path: String
+        public var arguments: JSONValue? {
+            [
+                "driver": "qcow2", "node-name": .string(nodeName), "discard": "unmap",
+                "file": ["driver": "file", "filename": .string(path), "discard": "unmap"], "backing": .null,
+            ]
+        }
+    }
+
     /// A qcow2 image opened read-only without its backing (its bitmaps, to merge from).
     public struct AddReadOnlyQcow2Node: QMPCommand {
         public typealias Response = Void

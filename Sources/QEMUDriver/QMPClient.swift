@@ -367,6 +367,8 @@ public struct QEMUBlockDevice: Sendable, Hashable {
     public var backing: String? = nil
     /// Names of the internal snapshots in the open image.
     public var internalSnapshots: [String] = []
+    /// Every image of the open chain, the active layer first.
+    public var chain: [String] = []
 }
 
 /// Migration progress (`query-migrate`).

@@ -114,8 +114,19 @@ public enum QMP {
                     virtualSize: $0["inserted"]?["image"]?["virtual-size"]?.int.map { UInt64($0) },
                     backing: $0["inserted"]?["image"]?["backing-image"]?["filename"]?.string,
                     internalSnapshots: $0["inserted"]?["image"]?["snapshots"]?.array?.compactMap { $0["name"]?.string }
-                        ?? [])
+                        ?? [],
+                    chain: Self.chain($0["inserted"]?["image"]))
             } ?? []
+        }
+
+        static func chain(_ image: JSONValue?) -> [String] {
+            var files: [String] = []
+            var image = image
+            while let i = image, let file = i["filename"]?.string {
+                files.append(file)
+                image = i["backing-image"]
+            }
+            return files
         }
     }
 
@@ -123,6 +134,9 @@ public enum QMP {
     public enum TransactionAction: Sendable, Hashable {
         /// `existing`: the overlay file was made (and formatted) beforehand, QEMU only opens it.
         case externalSnapshot(disk: QEMUDiskAddress, overlay: String, format: String, existing: Bool = false)
+        /// The overlay is open already as node `overlay` (without its backing): QEMU only puts
+        /// it on top of the disk's active layer.
+        case attachOverlay(disk: QEMUDiskAddress, overlay: String)
         /// QEMU looks the name up as a device, then as a node.
         case internalSnapshot(device: String, name: String)
 
@@ -141,6 +155,10 @@ public enum QMP {
                     data["snapshot-node-name"] = .string("vmsnap-" + UUID().uuidString.prefix(8).lowercased())
                 }
                 return ["type": "blockdev-snapshot-sync", "data": .object(data)]
+            case .attachOverlay(let disk, let overlay):
+                return [
+                    "type": "blockdev-snapshot", "data": ["node": .string(disk.name), "overlay": .string(overlay)],
+                ]
             case .internalSnapshot(let device, let name):
                 return [
                     "type": "blockdev-snapshot-internal-sync",

@@ -156,15 +156,33 @@ struct QEMUDriverTests {
         #expect(!FileManager.default.fileExists(atPath: external(2).overlay!))
         #expect(try await holds(external(1).overlay!, 3), "the write since s2 went into s2's backing")
         #expect(try await holds(b, 1), "the image under s1 is untouched by the undo of s2")
-
-        // Prepared, never switched in (a failure before the pause): closed and removed.
-        try await live.prepareDiskSnapshots([external(3)])
-        try await live.undoDiskSnapshot(external(3))
-        #expect(!FileManager.default.fileExists(atPath: external(3).overlay!))
         let qemu = try #require(live as? QEMULiveDomain)
-        let nodes = try await qemu.client.run(QMP.QueryNamedBlockNodes())
-        #expect(!nodes.contains { $0.file.contains("b.s3.qcow2") }, "\(nodes.map(\.file))")
+        func openFiles() async throws -> [String] {
+            try await qemu.client.run(QMP.QueryNamedBlockNodes()).map(\.file)
+        }
+        #expect(!(try await openFiles()).contains { $0.contains("b.s2.qcow2") }, "the merged overlay's node is closed")
+
+        // A stream into the running layer takes s1's overlay out of the chain: its node is closed.
+        try await take(external(4))
+        try await write(live, "drive-vda", 4)
+        try await live.mergeIntoActive(target: "vda", base: nil, progress: nil)
+        #expect(try await holds(external(4).overlay!, 4))
+        let files = try await openFiles()
+        #expect(!files.contains { $0.contains("b.s1.qcow2") }, "\(files)")
+        #expect(files.contains { $0.contains("b.s4.qcow2") }, "\(files)")
+
+        // Prepared, never switched in, then vmsnap killed: a recovery's new handle finds the node
+        // by the overlay's path, closes it and removes the file.
+        try await live.prepareDiskSnapshots([external(3)])
+        #expect((try await openFiles()).contains { $0.contains("b.s3.qcow2") }, "opened before the pause")
         await live.close()
+        let recovery = try #require(try await driver.connect("d") as? QEMULiveDomain)
+        try await recovery.undoDiskSnapshot(external(3))
+        #expect(!FileManager.default.fileExists(atPath: external(3).overlay!))
+        let left = try await recovery.client.run(QMP.QueryNamedBlockNodes()).map(\.file)
+        #expect(!left.contains { $0.contains("b.s3.qcow2") }, "\(left)")
+        #expect(try await holds(external(4).overlay!, 4), "the disk is untouched by the undo")
+        await recovery.close()
         try await driver.destroy("d")
     }
 
