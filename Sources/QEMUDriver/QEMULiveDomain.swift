@@ -257,6 +257,9 @@ public struct QEMULiveDomain: LiveDomain {
     /// chain: those close it (``closeOverlayNodes(_:)``, ``closeDetachedOverlays()``).
     public func prepareDiskSnapshots(_ snapshots: [LiveDiskSnapshot]) async throws {
         try await layer {
+            // A node an earlier operation could not close (a QMP error after its switch) would
+            // hold its file, and its name if the same overlay path comes again.
+            await closeDetachedOverlays()
             let devices = try await client.blockDevices()
             for s in snapshots where s.kind == .external && s.format == "qcow2" {
                 guard let overlay = s.overlay else { continue }
@@ -454,8 +457,11 @@ public struct QEMULiveDomain: LiveDomain {
                 .commandFailed,
                 "merging \(overlay) back into the disk of \(target) failed: \(error); the overlay was kept")
         }
-        // Out of the chain now; a node vmsnap opened before the pause is still open.
-        try await closeOverlayNodes(overlay)
+        // Out of the chain now; a node vmsnap opened before the pause is still open. Closed at
+        // once (one command: a held disk's guest is still stopped for the switch), and only as
+        // well as it goes: the switch happened, so nothing here may fail the merge. A node left
+        // open is closed before the next snapshot (``closeDetachedOverlays()``).
+        _ = try? await client.run(QMP.DeleteNode(nodeName: Self.overlayNode(overlay)))
     }
 
     /// Brings job `id` to a state to act on: true once it is ready to switch, false once it is
@@ -507,11 +513,14 @@ public struct QEMULiveDomain: LiveDomain {
 
     /// Closes the overlay nodes vmsnap opened that no disk's chain holds any more (a stream took
     /// them out; one opened by a vmsnap killed before its pause shows a `json:` filename). A node
-    /// something else still uses (a job, an export) QEMU refuses to close: it is left.
-    func closeDetachedOverlays() async throws {
-        let inChains = Set(try await client.blockDevices().flatMap(\.chain))
-        for node in try await client.run(QMP.QueryNamedBlockNodes())
-        where node.nodeName.hasPrefix(Self.overlayNodePrefix) && !inChains.contains(node.file) {
+    /// something else still uses (a job, an export) QEMU refuses to close: it is left. Best
+    /// effort: the work before it is done, and a node left is closed by the next call.
+    func closeDetachedOverlays() async {
+        guard let devices = try? await client.blockDevices(),
+            let nodes = try? await client.run(QMP.QueryNamedBlockNodes())
+        else { return }
+        let inChains = Set(devices.flatMap(\.chain))
+        for node in nodes where node.nodeName.hasPrefix(Self.overlayNodePrefix) && !inChains.contains(node.file) {
             _ = try? await client.run(QMP.DeleteNode(nodeName: node.nodeName))
         }
     }
@@ -572,8 +581,8 @@ public struct QEMULiveDomain: LiveDomain {
                 backing = nodes.first { $0.nodeName == device }.map { $0.backingFile }
             }
             if let backing, backing == base, !(try await client.run(QMP.QueryJobs()).contains { $0.id == job }) {
-                try await closeDetachedOverlays()
                 try await flushAll()
+                await closeDetachedOverlays()
                 return
             }
             try await client.run(QMP.BlockStream(device: device, jobID: job, base: base))
@@ -587,8 +596,8 @@ public struct QEMULiveDomain: LiveDomain {
                         throw SnapshotError(
                             .commandFailed, "merging into the running layer of \(target) failed: \(error)")
                     }
-                    try await closeDetachedOverlays()
                     try await flushAll()
+                    await closeDetachedOverlays()
                     return
                 }
                 let elapsed = ContinuousClock.now - started

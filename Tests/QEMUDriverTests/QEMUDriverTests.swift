@@ -149,6 +149,17 @@ struct QEMUDriverTests {
             try await live.resume()
         }
         try await take(external(1))
+        // Opened before the pause by vmsnap, the overlay must be opened as the `-drive` opened
+        // the disk: cache mode and zero detection.
+        let qemu = try #require(live as? QEMULiveDomain)
+        let raw = try await qemu.client.execute("query-named-block-nodes").array ?? []
+        func options(_ file: String) -> [String] {
+            guard let n = raw.first(where: { $0["file"]?.string == file && $0["drv"]?.string == "qcow2" }) else {
+                return ["not open"]
+            }
+            return [n["cache"]?.description ?? "-", n["detect_zeroes"]?.description ?? "-"]
+        }
+        #expect(options(external(1).overlay!) == options(b), "the overlay opens like the disk")
         try await write(live, "drive-vda", 2)
         try await take(external(2))
         try await write(live, "drive-vda", 3)
@@ -156,7 +167,6 @@ struct QEMUDriverTests {
         #expect(!FileManager.default.fileExists(atPath: external(2).overlay!))
         #expect(try await holds(external(1).overlay!, 3), "the write since s2 went into s2's backing")
         #expect(try await holds(b, 1), "the image under s1 is untouched by the undo of s2")
-        let qemu = try #require(live as? QEMULiveDomain)
         func openFiles() async throws -> [String] {
             try await qemu.client.run(QMP.QueryNamedBlockNodes()).map(\.file)
         }
