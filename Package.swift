@@ -52,6 +52,12 @@ let package = Package(
             swiftSettings: strict
         ),
 
+        // vmsnap's NBD disk server: a backend's own engine serving a disk a hypervisor cannot open.
+        .target(
+            name: "DiskServer",
+            dependencies: ["SnapshotCore"],
+            swiftSettings: strict
+        ),
         // MARK: - Hypervisor drivers and domain snapshots
         // The protocol a hypervisor conforms to, with the domain definition it runs.
         .target(
@@ -75,7 +81,9 @@ let package = Package(
         // Names no hypervisor and no backend kind: asks the drivers and the backends.
         .target(
             name: "DomainSnapshots",
-            dependencies: ["SnapshotCore", "HypervisorDriver", .product(name: "GRDB", package: "GRDB.swift")],
+            dependencies: [
+                "SnapshotCore", "HypervisorDriver", "DiskServer", .product(name: "GRDB", package: "GRDB.swift"),
+            ],
             swiftSettings: strict
         ),
 
@@ -127,7 +135,7 @@ let package = Package(
             name: "vmsnap",
             dependencies: [
                 "SnapshotCore", "BackendConformance", "BackendPluginKit", "Qcow2Backend", "VHDBackend", "LVMBackend",
-                "DomainSnapshots",
+                "DomainSnapshots", "DiskServer",
                 "HypervisorDriver", "QEMUDriver", "XenDriver",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
@@ -181,6 +189,11 @@ let package = Package(
             swiftSettings: strict
         ),
         .testTarget(
+            name: "DiskServerTests",
+            dependencies: ["DiskServer", "VHDBackend", "SnapshotCore", "IndependentReaders"],
+            swiftSettings: strict
+        ),
+        .testTarget(
             name: "VHDBackendTests",
             dependencies: ["VHDBackend", "SnapshotCore", "BackendConformance", "IndependentReaders"],
             path: "backends/vhd/Tests/VHDBackendTests",
@@ -213,7 +226,9 @@ let package = Package(
         ),
         .testTarget(
             name: "VMSnapCLITests",
-            dependencies: ["SnapshotCore", "HypervisorDriver", "QEMUDriver", "DomainSnapshots", "vmsnap"],
+            dependencies: [
+                "SnapshotCore", "HypervisorDriver", "QEMUDriver", "DomainSnapshots", "vmsnap", "IndependentReaders",
+            ],
             swiftSettings: strict
         ),
     ]

@@ -90,6 +90,9 @@ public struct CreateReport: Codable, Sendable, Hashable {
     /// Held disks: how long the guest stopped, after the snapshot, for their switches back from
     /// the temporary overlays (milliseconds, all held disks together).
     public var switchPauseMs: Double?
+    /// Served disks: how long the guest's requests to them waited (the disk server held from
+    /// inside the pause until its storage snapshot was taken, after the resume), milliseconds.
+    public var servedWaitMs: Double?
     /// Downtime the hypervisor reported for the memory save.
     public var qemuDowntimeMs: Double?
     /// Wall time of the memory save, in seconds.
@@ -122,6 +125,9 @@ extension DomainService {
         /// The storage takes this disk's snapshot after the guest resumed: the hypervisor holds
         /// the disk's point in time (a temporary overlay takes the writes) until it is taken.
         var held = false
+        /// vmsnap's disk server serves this disk to the hypervisor: the backend takes the
+        /// snapshot offline while the server is held (DiskServers.swift).
+        var served = false
 
         /// What the hypervisor is asked to take.
         func liveSnapshot(_ name: String) -> LiveDiskSnapshot {
@@ -380,6 +386,9 @@ extension DomainService {
                 if drive.liveSnapshots, driver.capabilities.snapshotsLive(format: drive.format, kind: kind) {
                     part.live = try await backend.planLiveCreate(
                         SnapshotRequest(name: name, kind: kind, description: request.description), layout: layout)
+                } else if drive.served, driver.capabilities.servedDisks {
+                    try caps.require(Capability(.create, kind, .offline), backend: backend.kind)
+                    part.served = true
                 } else if !caps.supports(.create, kind, .live)
                     || !driver.capabilities.pausedStorageSnapshotSources.contains(drive.sourceType)
                 {
@@ -420,9 +429,18 @@ extension DomainService {
         _ chosen: [DiskPart], name: String, request: DomainSnapshotRequest, journalID: Int64, j: inout DomainJournal
     ) async throws {
         for part in chosen {
+            if part.served {
+                try holdServed(j.record?.domain ?? "", target: part.disk.target)
+                Trace.mark("served \(part.disk.target) held")
+            }
             try await disks.create(
                 SnapshotRequest(name: name, kind: part.kind, description: request.description),
                 disk: part.layout.disk.id, kind: part.backend.kind)
+            if part.served {
+                DomainFault.point("\(j.operation.rawValue):served-\(part.disk.target)")
+                try reopenServed(j.record?.domain ?? "", targets: [part.disk.target])
+                Trace.mark("served \(part.disk.target) reopened")
+            }
             j.disksDone.append(part.disk.target)
             try phase(journalID, &j, "disk-\(part.disk.target)")
         }
@@ -493,9 +511,15 @@ extension DomainService {
         // The vCPUs are stopped and the hypervisor has flushed: the firmware's variables and the
         // TPM's state are still.
         try saveDeviceState(record.definition, snapshot: name, sync: false)
+        // Served disks' point in time: their servers hold (flushed; the guest's requests to them
+        // wait) until their storage snapshots, taken once the guest runs again.
+        let served = parts.filter(\.served)
+        for part in served { try holdServed(record.domain, target: part.disk.target) }
+        let servedHeld = ContinuousClock.now
         // Storage-side snapshots while the vCPUs are stopped and the hypervisor has flushed.
         try await takeThroughBackends(
-            parts.filter { $0.live == nil && !$0.held }, name: name, request: request, journalID: journalID, j: &j)
+            parts.filter { $0.live == nil && !$0.held && !$0.served }, name: name, request: request,
+            journalID: journalID, j: &j)
         if !atOnce.isEmpty { try await live.snapshotDisks(atOnce) }
         if let c = j.checkpoint {
             try await live.addDirtyBitmaps(c.name, targets: c.bitmapTargets)
@@ -514,6 +538,14 @@ extension DomainService {
         let memoryMark = await live.mark()
         if withMemory { try await live.startMemorySave() }
         Trace.mark("memory save started")
+        // (With memory the save goes on while they are taken: it never waits for a held disk,
+        // whose server answers flushes while it holds.)
+        func completeServed() async throws {
+            guard !served.isEmpty else { return }
+            try await takeThroughBackends(served, name: name, request: request, journalID: journalID, j: &j)
+            report.servedWaitMs = (ContinuousClock.now - servedHeld).seconds * 1000
+        }
+        if withMemory { try await completeServed() }
         for part in byHypervisor {
             try await disks.record(part.live!.result, replacing: part.layout)
             j.disksDone.append(part.disk.target)
@@ -530,6 +562,7 @@ extension DomainService {
         }
         if state == .running, try await !live.isRunning() { try await live.resume() }
         j.pausedByUs = false
+        if !withMemory { try await completeServed() }
         try syncDeviceState(record.definition, snapshot: name)
         if !held.isEmpty { try phase(journalID, &j, "resumed") }
         return Array(zip(held, holds))
@@ -680,6 +713,9 @@ extension DomainService {
                 try await mergeHeldOffline(record, disk: disk, overlay: overlay, j)
             }
         }
+        // Served disks change offline: held first, served again (at the record's layer) below.
+        let served = servedControls(record.domain).map(\.target)
+        for target in served { try holdServed(record.domain, target: target) }
         for disk in record.disks where disk.kind != nil {
             if let before = j.liveBefore[disk.target] {
                 let after = j.liveAfter[disk.target]
@@ -715,6 +751,7 @@ extension DomainService {
                 }
             }
         }
+        if !served.isEmpty { try reopenServed(record.domain, targets: served) }
         if let memory = record.memory, memory.location == .external { unlink(memory.path) }
         removeDeviceState(record.domain, snapshot: record.name)
         if let connected, j.pausedByUs, await connected.isConnected() { try? await connected.resume() }

@@ -49,11 +49,18 @@ public struct DomainService: Sendable {
     public let disks: DiskSnapshotService
     public let drivers: HypervisorDrivers
     public var progress: ProgressHandler?
+    /// The command that starts vmsnap's disk server (`vmsnap disk serve` with the store), for
+    /// disks a hypervisor cannot open (DiskServers.swift); nil: such disks cannot run.
+    public var diskServerCommand: [String]?
 
     public var store: MetadataStore { disks.store }
     var notify: @Sendable (String) -> Void { disks.notify }
 
-    public init(disks: DiskSnapshotService, drivers: HypervisorDrivers, progress: ProgressHandler? = nil) {
+    public init(
+        disks: DiskSnapshotService, drivers: HypervisorDrivers, progress: ProgressHandler? = nil,
+        diskServerCommand: [String]? = nil
+    ) {
+        self.diskServerCommand = diskServerCommand
         self.disks = disks
         self.drivers = drivers
         self.progress = progress
@@ -172,8 +179,13 @@ public struct DomainService: Sendable {
                 "a backup or block snapshot of shut-off domain '\(name)' holds its disks; end it first (`vmsnap backup end \(name)`, `vmsnap blocksnapshot delete \(name) NAME`)"
             )
         }
-        try await driver.start(
-            definition, drives: try await drives(definition), mode: .boot(paused: paused), progress: progress)
+        let drives = try await startDrives(definition, driver: driver)
+        do {
+            try await driver.start(definition, drives: drives, mode: .boot(paused: paused), progress: progress)
+        } catch {
+            stopDiskServers(name)
+            throw error
+        }
     }
 
     /// Stops the domain: with `force` at once (like pulling the plug), else by asking the guest to
@@ -199,8 +211,10 @@ public struct DomainService: Sendable {
         }
         if force {
             try await driver.destroy(name)
+            stopDiskServers(name)
             return
         }
+        defer { if !driver.isRunning(name) { stopDiskServers(name) } }
         guard try await driver.shutdown(name, timeout: timeout) else {
             throw SnapshotError(
                 .busy,

@@ -108,6 +108,8 @@ extension DomainService {
             Trace.mark("revert: domain stopped")
             try phase(journalID, &j, "stopped")
         }
+        // Served disks' servers go with the hypervisor (each flushes first).
+        stopDiskServers(domain)
         // With the hypervisor gone every disk must be closed: an LVM merge into a volume someone else
         // holds would wait for its next activation while the domain ran on the old data.
         for disk in record.disks where disk.kind != nil && !j.disksDone.contains(disk.target) {
@@ -135,7 +137,7 @@ extension DomainService {
         }
         if target != .shutoff, !j.phases.contains("started") {
             try await driver.destroy(domain)  // a half-started hypervisor from an interrupted run
-            let drives = try await drives(record.definition)
+            let drives = try await startDrives(record.definition, driver: driver)
             let mode: StartMode =
                 switch record.memory?.location {
                 case .external?: .restoreMemory(path: record.memory!.path, running: target == .running)
@@ -186,6 +188,10 @@ extension DomainService {
                         // Nothing of it is open: the backend's own refusal, if any, comes now.
                         _ = try await backend.planDelete(name, mode: mode, layout: layout)
                     }
+                } else if drive.served, try driver(domain).capabilities.servedDisks {
+                    // Deleted offline with its server held (the guest's requests to it wait).
+                    try backend.descriptor.capabilities.require(
+                        Capability(.delete, disk.kind!, .offline), backend: backend.kind)
                 } else if !backend.descriptor.capabilities.supports(.delete, disk.kind!, .live) {
                     throw SnapshotError(
                         .unsupported,
@@ -238,6 +244,18 @@ extension DomainService {
                                 try phase(journalID, &j, streaming)
                             },
                             afterStream: { try phase(journalID, &j, streamed) })
+                    } else if running, (try? backend.hypervisorDrive(layout))?.served == true {
+                        // A served disk changes offline, its server held (the guest's requests
+                        // to it wait for the merge), then serves the record's active layer.
+                        try holdServed(domain, target: disk.target)
+                        do {
+                            try await disks.delete(
+                                disk: disk.diskID, snapshot: record.name, mode: mode, kind: disk.backend)
+                        } catch {
+                            try? reopenServed(domain, targets: [disk.target])
+                            throw error
+                        }
+                        try reopenServed(domain, targets: [disk.target])
                     } else {
                         try await disks.delete(disk: disk.diskID, snapshot: record.name, mode: mode, kind: disk.backend)
                     }
@@ -501,7 +519,10 @@ extension DomainService {
     /// Finishes or rolls back interrupted domain operations (the caller holds the domain lock,
     /// or `recoverAll` takes it).
     public func recover(domain: String) async throws {
-        for entry in try store.openDomainJournals(domain: domain) {
+        let entries = try store.openDomainJournals(domain: domain)
+        // Whatever happened, a served disk then serves the layer its record names active.
+        defer { if !entries.isEmpty { try? reopenServed(domain) } }
+        for entry in entries {
             if entry.pid != getpid(), kill(entry.pid, 0) == 0, entry.pid > 0,
                 (try? String(contentsOfFile: "/proc/\(entry.pid)/comm", encoding: .utf8))?.hasPrefix("vmsnap") == true
             {

@@ -37,6 +37,9 @@ public struct HypervisorCapabilities: Codable, Sendable, Hashable {
     /// guest resumed (it is unwritten since the pause), and the overlay is merged back into the
     /// disk while the guest runs (``LiveDomain/mergeHeldOverlay(_:synced:)``).
     public var heldStorageSnapshots = false
+    /// The hypervisor opens a disk vmsnap's disk server serves over NBD on a Unix socket
+    /// (``HypervisorDrive/served``, ``HypervisorDrive/nbdSocket``).
+    public var servedDisks = false
 
     public init(
         liveMemorySave: Bool, suspendedMemorySave: Bool, internalMemory: Bool, liveDiskSnapshotFormats: [String],

@@ -50,26 +50,7 @@ struct GuestAgent {
     }
 
     private func connect() throws -> Int32 {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw SnapshotError(.io, "cannot create a socket for the guest agent") }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(socketPath.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
-            close(fd)
-            throw SnapshotError(.invalidArgument, "the guest agent socket path \(socketPath) is too long")
-        }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
-        }
-        let rc = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-            }
-        }
-        guard rc == 0 else {
-            close(fd)
+        guard let fd = try UnixSocket.connect(socketPath) else {
             throw SnapshotError(
                 .unsupported,
                 "the domain has no guest agent channel (\(socketPath): \(String(cString: strerror(errno)))); start it with this vmsnap"

@@ -92,6 +92,7 @@ public struct QEMUDriver: HypervisorDriver {
             liveDiskSnapshotKinds: [.internal, .external], quiesce: true, liveMerge: true, dirtyBitmaps: true,
             blockExport: true, dirtyBitmapFormats: ["qcow2"])
         caps.heldStorageSnapshots = true
+        caps.servedDisks = true
         return caps
     }
 
@@ -332,9 +333,14 @@ public struct QEMUDriver: HypervisorDriver {
         }
         for (index, disk) in drives.enumerated() {
             let id = Self.driveID(disk.target)
+            // A served disk: the raw NBD export of vmsnap's disk server, not the image file.
+            let source =
+                disk.drive.nbdSocket.map {
+                    "file.driver=nbd,file.server.type=unix,file.server.path=\(Self.escape($0)),file.export=\(Self.escape(disk.target)),format=raw"
+                } ?? "file=\(Self.escape(disk.drive.path)),format=\(disk.drive.format)"
             argv += [
                 "-drive",
-                "file=\(Self.escape(disk.drive.path)),format=\(disk.drive.format),if=none,id=\(id),cache=writeback,discard=unmap",
+                "\(source),if=none,id=\(id),cache=writeback,discard=unmap",
                 "-device",
                 "virtio-blk-pci,drive=\(id),id=\(disk.target)" + Self.slot(Self.firstDiskSlot + index, definition)
                     + (index == 0 && definition.boot.kernel == nil ? ",bootindex=1" : ""),

@@ -186,6 +186,11 @@ public protocol DiskSnapshotBackend: Sendable {
     /// Throws `unsupported` with the reason when the hypervisor cannot open the layering.
     func hypervisorDrive(_ layout: DiskLayout) throws -> HypervisorDrive
 
+    /// The disk's data through the backend's own engine, for vmsnap's disk server to serve to a
+    /// hypervisor that cannot open the format (``HypervisorDrive/served``): opened at the active
+    /// layer, writable. The default throws `unsupported`.
+    func openServed(_ layout: DiskLayout) throws -> any ServedImage
+
     /// Plans a snapshot that the hypervisor takes while the disk is open (a QMP transaction
     /// action): the plan's `result` is the layout afterwards and `steps` stay empty; the caller
     /// performs the live action and records the result. Throws `unsupported` where only the
@@ -284,11 +289,18 @@ public struct HypervisorDrive: Sendable, Hashable {
     /// The hypervisor can keep a full-system snapshot's memory inside this image (qcow2's
     /// vmstate area).
     public var holdsInternalMemory: Bool
+    /// The hypervisor cannot open this image's layering (a differencing VHD under QEMU): vmsnap's
+    /// disk server serves the disk's data (``DiskSnapshotBackend/openServed(_:)``) and the
+    /// hypervisor opens that export instead of `path`.
+    public var served: Bool
+    /// Set by the domain layer for a served disk: the Unix socket of the disk server's NBD export.
+    public var nbdSocket: String?
 
     public init(
         path: String, format: String, liveSnapshots: Bool = false, sourceType: DiskSourceType = .file,
-        holdsInternalMemory: Bool = false
+        holdsInternalMemory: Bool = false, served: Bool = false
     ) {
+        self.served = served
         self.path = path
         self.format = format
         self.liveSnapshots = liveSnapshots
@@ -314,6 +326,10 @@ extension DiskSnapshotBackend {
 
     public func hypervisorDrive(_ layout: DiskLayout) throws -> HypervisorDrive {
         throw SnapshotError(.unsupported, "backend '\(kind)' does not say how a hypervisor opens its disks")
+    }
+
+    public func openServed(_ layout: DiskLayout) throws -> any ServedImage {
+        throw SnapshotError(.unsupported, "backend '\(kind)' cannot serve its disks' data itself")
     }
 
     public func planLiveCreate(_ request: SnapshotRequest, layout: DiskLayout) async throws -> Plan {

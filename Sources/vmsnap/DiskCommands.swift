@@ -1,4 +1,5 @@
 import ArgumentParser
+import DiskServer
 import Foundation
 import SnapshotCore
 
@@ -7,7 +8,10 @@ struct DiskCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "disk",
         abstract: "Snapshots of a single disk (qcow2 file, LVM volume, VHD file).",
-        subcommands: [DiskInfoCommand.self, DiskCheckCommand.self, DiskSnapshotCommand.self, DiskChangesCommand.self]
+        subcommands: [
+            DiskInfoCommand.self, DiskCheckCommand.self, DiskSnapshotCommand.self, DiskChangesCommand.self,
+            DiskServeCommand.self,
+        ]
     )
 }
 
@@ -62,6 +66,41 @@ struct DiskInfoCommand: AsyncParsableCommand {
             if !info.backingChain.isEmpty { print("backing:      \(info.backingChain.joined(separator: " <- "))") }
             print("current:      \(layout.disk.current ?? "-")")
             print("in the image: \(info.snapshots.count) internal snapshot(s)")
+        }
+    }
+}
+
+struct DiskServeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Serve a disk's data over NBD on a Unix socket, through its backend's own engine.",
+        discussion:
+            "vmsnap starts this for a running domain's disk whose format the hypervisor cannot open (a VHD chain under QEMU) and stops it with the domain; run by hand it serves until stopped (`--linger` ends it once the last client has been gone that long). The control socket takes one line: status, hold (flush, drop the image lock, make requests wait), reopen (serve the layer the disk's record names active now), stop."
+    )
+    @OptionGroup var storeOptions: StoreOptions
+    @OptionGroup var diskOptions: DiskOptions
+    @Option(name: .long, help: "The NBD export's Unix socket.") var socket: String
+    @Option(name: .long, help: "The control socket.") var control: String
+    @Option(name: .long, help: "The export's name (the default export '' is served too).") var export = "disk"
+    @Option(name: .long, help: "Exit once the last client has been gone this many seconds.") var linger: Double?
+
+    func run() async throws {
+        try await guarded {
+            let service = try storeOptions.service()
+            let (backend, layout) = try await service.manage(diskOptions.disk, kind: diskOptions.backend)
+            let store = service.store
+            let id = layout.disk.id
+            let server = try DiskServer(
+                dataSocket: socket, controlSocket: control, exportName: export, linger: linger,
+                log: { FileHandle.standardError.write(Data("vmsnap disk serve: \($0)\n".utf8)) }
+            ) {
+                guard let now = try store.layout(diskID: id) else {
+                    throw SnapshotError(.notFound, "disk \(id) is no longer managed by vmsnap; nothing to serve")
+                }
+                return try backend.openServed(now)
+            }
+            FileHandle.standardError.write(Data("vmsnap disk serve: \(id) on \(socket)\n".utf8))
+            try server.run()
         }
     }
 }

@@ -7,13 +7,19 @@ import XenDriver
 import SnapshotCore
 
 extension StoreOptions {
+    /// This program, for the processes it starts of itself (disk servers).
+    static var executable: String {
+        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    }
+
     func domains(json: Bool = false) throws -> DomainService {
         let show = json || isatty(STDERR_FILENO) == 1
         var reporter: (@Sendable (ProgressReport) -> Void)?
         if show { reporter = { @Sendable (report: ProgressReport) -> Void in showProgress(report, json: json) } }
         let disks = try service()
         return DomainService(
-            disks: disks, drivers: Hypervisors.drivers(storeDirectory: disks.store.directory), progress: reporter)
+            disks: disks, drivers: Hypervisors.drivers(storeDirectory: disks.store.directory), progress: reporter,
+            diskServerCommand: [Self.executable, "disk", "serve", "--store", disks.store.directory])
     }
 }
 

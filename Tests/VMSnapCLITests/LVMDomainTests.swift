@@ -3,10 +3,11 @@ import QEMUDriver
 import SnapshotCore
 import Testing
 
-/// A domain with an LVM disk and a qcow2 disk, run by a QEMU with no guest OS that writes through
-/// its own block layer (HMP `qemu-io`): live full-system snapshot (the LV snapshotted while the
-/// vCPUs are paused, the qcow2 disk in a QMP transaction), revert (LVM merge once QEMU is
-/// stopped, memory restored), delete while running. Needs a real device-mapper, so it runs in
+/// A domain with an LVM disk, a qcow2 disk and a VHD disk, run by a QEMU with no guest OS that
+/// writes through its own block layer (HMP `qemu-io`): live full-system snapshot (the LV
+/// snapshotted while the vCPUs are paused, the qcow2 disk in a QMP transaction, the VHD by its
+/// backend with vmsnap's disk server held), revert (LVM merge once QEMU is stopped, memory
+/// restored), delete while running. The VHD chain is read with libvhdi. Needs a real device-mapper, so it runs in
 /// scripts/lvm-guest (VMSNAP_LVM_VG set), or on a host with a volume group to spare.
 @Suite(
     "LVM disk in a running domain", .serialized,
@@ -20,23 +21,29 @@ struct LVMDomainTests {
         let lv = "vmsnap-domlv-\(UUID().uuidString.prefix(6).lowercased())"
         try await cli.sh("lvcreate", "-q", "-y", "-L", "16m", "-n", lv, vg)
         let qcow = try await cli.disk("dom-vdb")
+        let vhd = cli.pool + "/dom-vdc.vhd"
+        try await cli.sh("qemu-img", "create", "-q", "-f", "vpc", "-o", "subformat=dynamic", vhd, "16M")
         let file = cli.root + "/dom.json"
         let definition =
-            #"{"name": "lvdom", "memoryMiB": 32, "accel": "tcg", "disks": [{"target": "vda", "backend": "lvm", "locator": "\#(vg)/\#(lv)"}, {"target": "vdb", "backend": "qcow2", "locator": "\#(qcow)"}]}"#
+            #"{"name": "lvdom", "memoryMiB": 32, "accel": "tcg", "disks": [{"target": "vda", "backend": "lvm", "locator": "\#(vg)/\#(lv)"}, {"target": "vdb", "backend": "qcow2", "locator": "\#(qcow)"}, {"target": "vdc", "backend": "vhd", "locator": "\#(vhd)"}]}"#
         try definition.write(toFile: file, atomically: true, encoding: .utf8)
         try await cli.ok("domain", "define", file)
         try await cli.ok("domain", "start", "lvdom")
         do {
             let device = "/dev/\(vg)/\(lv)"
-            for drive in ["drive-vda", "drive-vdb"] { try await BlockLayerProbe.write(cli, "lvdom", drive, 17) }
+            let drives = ["drive-vda", "drive-vdb", "drive-vdc"]
+            for drive in drives { try await BlockLayerProbe.write(cli, "lvdom", drive, 17) }
             #expect(try await BlockLayerProbe.holds(device, format: "raw", 17))
             #expect(try await BlockLayerProbe.holds(qcow, format: "qcow2", 17))
+            #expect(try ServedDiskTests.vhdHolds(vhd, 17))
             try await cli.ok("snapshot", "create", "lvdom", "--name", "s1")
             let lvs = try await SubprocessRunner().run(["lvs", "--noheadings", "-o", "lv_name,origin", vg])
                 .standardOutput
             #expect(lvs.contains(lv), "a snapshot LV of \(lv): \(lvs)")
-            for drive in ["drive-vda", "drive-vdb"] { try await BlockLayerProbe.write(cli, "lvdom", drive, 34) }
+            for drive in drives { try await BlockLayerProbe.write(cli, "lvdom", drive, 34) }
             #expect(try await BlockLayerProbe.holds(device, format: "raw", 34))
+            #expect(try ServedDiskTests.vhdHolds(try await cli.list(vhd).active, 34))
+            #expect(try ServedDiskTests.vhdHolds(vhd, 17), "the snapshot's VHD layer is unchanged")
 
             try await cli.ok("snapshot", "revert", "lvdom", "s1")
             #expect(
@@ -44,6 +51,7 @@ struct LVMDomainTests {
             #expect(
                 try await BlockLayerProbe.holds(try await cli.list(qcow).active, format: "qcow2", 17),
                 "the qcow2 disk holds the snapshot's data again")
+            #expect(try ServedDiskTests.vhdHolds(try await cli.list(vhd).active, 17), "so does the VHD")
             let status = try await cli.ok("domain", "status", "lvdom")
             #expect(status.contains("running"))
 
@@ -69,6 +77,10 @@ struct LVMDomainTests {
                 .standardOutput
             #expect(!after.contains("vmsnap.origin"), "no snapshot LV left: \(after)")
             #expect(try await BlockLayerProbe.holds(device, format: "raw", 17))
+            // The VHD merged while the domain ran: one layer again, and it takes writes.
+            #expect(try await cli.list(vhd).snapshots.isEmpty)
+            try await BlockLayerProbe.write(cli, "lvdom", "drive-vdc", 68)
+            #expect(try ServedDiskTests.vhdHolds(try await cli.list(vhd).active, 68))
         } catch {
             _ = try? await cli.run(["domain", "stop", "lvdom", "--force"])
             _ = try? await cli.sh("lvremove", "-q", "-y", "\(vg)/\(lv)")

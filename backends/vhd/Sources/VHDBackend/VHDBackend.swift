@@ -46,23 +46,22 @@ public struct VHDBackend: DiskSnapshotBackend {
                 kinds: [.external], states: [.offline],
                 notes: [
                     "VHD has no internal snapshots",
-                    "QEMU cannot open differencing VHDs: a running QEMU domain's VHD disk is refused for snapshots (stop the domain, or leave the disk out with --disks); native VHD chains serve Xen/blktap hosts",
+                    "a running QEMU domain's VHD disk is served by vmsnap's disk server (QEMU's vpc driver cannot write differencing VHDs); its snapshots are taken with the server held, so the storage itself is only ever changed offline",
                     "engine: \(useVhdUtil ? "vhd-util" : "native")",
                 ]),
             settings: Self.settingsSchema, imageFormat: "vpc", sourceType: .file, tools: ["vhd-util"],
             reportsChanges: true)
     }
 
-    /// QEMU opens dynamic and fixed VHDs (`vpc`), never differencing ones.
+    /// QEMU's vpc driver reads dynamic and fixed VHDs but never a differencing one, and is not
+    /// safe for writes into one: a running domain's VHD disk is served by vmsnap's disk server
+    /// over this engine (``openServed(_:)``), whatever its layering.
     public func hypervisorDrive(_ layout: DiskLayout) throws -> HypervisorDrive {
-        let image = try VHDImage(path: layout.disk.active)
-        guard image.type != .differencing else {
-            throw SnapshotError(
-                .unsupported,
-                "QEMU cannot open the differencing VHD \(layout.disk.active) (the active layer after a VHD snapshot); run this disk under Xen/blktap, or delete its snapshots so the base is active again"
-            )
-        }
-        return HypervisorDrive(path: layout.disk.active, format: "vpc")
+        HypervisorDrive(path: layout.disk.active, format: "vpc", served: true)
+    }
+
+    public func openServed(_ layout: DiskLayout) throws -> any ServedImage {
+        try VHDServedImage(path: layout.disk.active)
     }
 
     public func normalize(locator: String) -> String { URL(fileURLWithPath: locator).standardizedFileURL.path }

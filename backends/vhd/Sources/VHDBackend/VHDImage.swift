@@ -170,15 +170,24 @@ public final class VHDImage {
     }
 
     static func pread(_ fd: Int32, at offset: UInt64, count: Int, path: String) throws -> [UInt8] {
+        var buffer = [UInt8](repeating: 0, count: count)
+        try pread(fd, at: offset, count: count, into: &buffer, at: 0, path: path)
+        return buffer
+    }
+
+    /// Reads `count` bytes at file offset `offset` straight into `buffer` at `start`.
+    static func pread(
+        _ fd: Int32, at offset: UInt64, count: Int, into buffer: inout [UInt8], at start: Int, path: String
+    ) throws {
         // Offsets come from the file: one past what a file offset can hold is a bad file, not a trap.
-        guard count >= 0, offset <= UInt64(Int64.max) - UInt64(count) else {
+        guard count >= 0, offset <= UInt64(Int64.max) - UInt64(count), start >= 0, start + count <= buffer.count
+        else {
             throw SnapshotError(.invalidImage, "\(path): offset \(offset) (+\(count) bytes) is beyond any file")
         }
-        var buffer = [UInt8](repeating: 0, count: count)
         var done = 0
         while done < count {
             let got = buffer.withUnsafeMutableBytes {
-                Glibc.pread(fd, $0.baseAddress! + done, count - done, off_t(offset) + off_t(done))
+                Glibc.pread(fd, $0.baseAddress! + start + done, count - done, off_t(offset) + off_t(done))
             }
             if got < 0 { throw SnapshotError(.io, "\(path): read at \(offset): \(String(cString: strerror(errno)))") }
             if got == 0 {
@@ -186,7 +195,6 @@ public final class VHDImage {
             }
             done += got
         }
-        return buffer
     }
 
     func pwrite(_ bytes: [UInt8], at offset: UInt64) throws {
@@ -292,14 +300,13 @@ public final class VHDImage {
         var sectors = [UInt8](repeating: 0, count: Int(last - first) * 512)
         try readSectors(first, Int(last - first), into: &sectors, at: 0)
         let skip = Int(offset - first * 512)
-        return Array(sectors[skip..<skip + count])
+        return skip == 0 && sectors.count == count ? sectors : Array(sectors[skip..<skip + count])
     }
 
     /// Reads whole sectors into `buffer` at `at`, from this layer where it holds them, else below.
     func readSectors(_ first: UInt64, _ count: Int, into buffer: inout [UInt8], at base: Int) throws {
         if type == .fixed {
-            let bytes = try Self.pread(fd, at: first * 512, count: count * 512, path: path)
-            buffer.replaceSubrange(base..<base + count * 512, with: bytes)
+            try Self.pread(fd, at: first * 512, count: count * 512, into: &buffer, at: base, path: path)
             return
         }
         var sector = first
@@ -321,8 +328,7 @@ public final class VHDImage {
                     if present {
                         let fileOffset =
                             UInt64(bat[block]) * 512 + UInt64(bitmapBytes) + (s % UInt64(sectorsPerBlock)) * 512
-                        let bytes = try Self.pread(fd, at: fileOffset, count: Int(e - s) * 512, path: path)
-                        buffer.replaceSubrange(at..<at + bytes.count, with: bytes)
+                        try Self.pread(fd, at: fileOffset, count: Int(e - s) * 512, into: &buffer, at: at, path: path)
                     } else {
                         try fromBelow(s, Int(e - s), &buffer, at)
                     }
@@ -337,7 +343,7 @@ public final class VHDImage {
         if let parent = try parent() {
             try parent.readSectors(sector, count, into: &buffer, at: at)
         } else {
-            buffer.replaceSubrange(at..<at + count * 512, with: repeatElement(0, count: count * 512))
+            buffer.withUnsafeMutableBytes { _ = memset($0.baseAddress! + at, 0, count * 512) }
         }
     }
 

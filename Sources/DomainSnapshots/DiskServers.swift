@@ -1,0 +1,159 @@
+import DiskServer
+import Foundation
+import HypervisorDriver
+import SnapshotCore
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// Served disks: a running domain's disks whose image the hypervisor cannot open (a VHD chain
+/// under QEMU). vmsnap's disk server (`vmsnap disk serve`, one process per disk) serves each over
+/// NBD on a Unix socket under the store, started before the hypervisor and stopped after it.
+/// Storage changes happen with the server held (every write flushed, its image lock dropped,
+/// requests waiting), so the backend changes the disk offline; the server then reopens the layer
+/// the disk's record names active. A recovery reopens every served disk of a running domain, so
+/// a vmsnap killed in between never leaves a server on a stale layer, nor one held for ever.
+extension DomainService {
+    /// The sockets and log of the server of `target`: under the store, in an owner-only directory.
+    func servedPaths(_ domain: String, target: String) -> (data: String, control: String, log: String) {
+        let dir = servedDirectory(domain)
+        return ("\(dir)/\(target).nbd", "\(dir)/\(target).ctl", "\(dir)/\(target).log")
+    }
+
+    func servedDirectory(_ domain: String) -> String {
+        (store.directory as NSString).appendingPathComponent("served/\(domain)")
+    }
+
+    /// The drives to start the hypervisor with: `drives(_:)`, each served disk's server started
+    /// (any left from an earlier run stopped first) and its export named.
+    func startDrives(_ definition: DomainDefinition, driver: any HypervisorDriver) async throws -> [DomainDrive] {
+        var drives = try await drives(definition)
+        stopDiskServers(definition.name)
+        do {
+            // A driver that opens no served disk gets the image itself, and says why it cannot run it.
+            for (i, d) in drives.enumerated() where d.drive.served && driver.capabilities.servedDisks {
+                guard let disk = definition.disks.first(where: { $0.target == d.target }) else { continue }
+                drives[i].drive.nbdSocket = try startDiskServer(definition.name, disk: disk)
+            }
+        } catch {
+            stopDiskServers(definition.name)
+            throw error
+        }
+        return drives
+    }
+
+    /// Starts `vmsnap disk serve` for one disk, detached (its own session), and waits until its
+    /// control socket answers.
+    func startDiskServer(_ domain: String, disk: DomainDisk) throws -> String {
+        guard let command = diskServerCommand, !command.isEmpty else {
+            throw SnapshotError(
+                .unsupported,
+                "disk \(disk.target) must be served by vmsnap's disk server, which this program cannot start; use the vmsnap command"
+            )
+        }
+        let paths = servedPaths(domain, target: disk.target)
+        try FileManager.default.createDirectory(
+            atPath: servedDirectory(domain), withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        let log = open(paths.log, O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        guard log >= 0 else {
+            throw SnapshotError(.io, "cannot open \(paths.log): \(String(cString: strerror(errno)))")
+        }
+        defer { close(log) }
+        let argv =
+            command + [
+                disk.locator, "--backend", disk.backend.rawValue, "--socket", paths.data, "--control", paths.control,
+                "--export", disk.target, "--linger", "3",
+            ]
+        let pid = try Self.spawnDetached(argv, output: log)
+        let deadline = ContinuousClock.now + .seconds(20)
+        while true {
+            if (try? DiskServerControl.send("status", to: paths.control, timeout: 5)) != nil { return paths.data }
+            var status: Int32 = 0
+            if waitpid(pid, &status, WNOHANG) == pid || ContinuousClock.now > deadline {
+                if ContinuousClock.now > deadline { kill(pid, SIGKILL) }
+                let tail = (try? String(contentsOfFile: paths.log, encoding: .utf8))?.split(separator: "\n").suffix(3)
+                    .joined(separator: "; ")
+                throw SnapshotError(
+                    .commandFailed,
+                    "vmsnap's disk server for disk \(disk.target) did not start: \(tail ?? "no output") (log: \(paths.log))"
+                )
+            }
+            usleep(20_000)
+        }
+    }
+
+    /// Stops every disk server of `domain` (each flushes first) and waits for each to go.
+    func stopDiskServers(_ domain: String) {
+        let dir = servedDirectory(domain)
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: dir) else { return }
+        for name in names where name.hasSuffix(".ctl") {
+            let control = "\(dir)/\(name)"
+            let data = String(control.dropLast(4)) + ".nbd"
+            if (try? DiskServerControl.send("stop", to: control, timeout: 10)) != nil {
+                let deadline = ContinuousClock.now + .seconds(10)
+                while NewFile.exists(data), ContinuousClock.now < deadline { usleep(10_000) }
+            }
+        }
+    }
+
+    /// The running domain's served disks among `targets` (all with nil), with their control sockets.
+    func servedControls(_ domain: String, targets: [String]? = nil) -> [(target: String, control: String)] {
+        guard let definition = try? definition(domain).definition else { return [] }
+        return definition.disks.compactMap { disk in
+            guard targets?.contains(disk.target) ?? true else { return nil }
+            let control = servedPaths(domain, target: disk.target).control
+            return NewFile.exists(control) ? (disk.target, control) : nil
+        }
+    }
+
+    /// Holds a served disk before its storage changes.
+    func holdServed(_ domain: String, target: String) throws {
+        for s in servedControls(domain, targets: [target]) {
+            do { try DiskServerControl.send("hold", to: s.control) } catch let e as SnapshotError
+                where e.code == .notFound
+            {
+                continue  // the server is gone: nothing writes the disk
+            }
+        }
+    }
+
+    /// Serves each served disk's active layer as its record names it now (after a storage change,
+    /// and in every recovery): a server left held by a killed vmsnap serves again.
+    func reopenServed(_ domain: String, targets: [String]? = nil) throws {
+        for s in servedControls(domain, targets: targets) {
+            do { try DiskServerControl.send("reopen", to: s.control) } catch let e as SnapshotError
+                where e.code == .notFound
+            {
+                continue  // no server (the domain stopped): nothing is served
+            } catch let e as SnapshotError {
+                throw SnapshotError(
+                    e.code,
+                    "disk \(s.target) of domain '\(domain)': \(e.message). The guest's requests to it wait; fix the disk, then run `vmsnap recover`"
+                )
+            }
+        }
+    }
+
+    /// posix_spawn in a session of its own, stdin from /dev/null, stdout and stderr to `output`.
+    static func spawnDetached(_ argv: [String], output: Int32) throws -> pid_t {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_adddup2(&actions, output, 1)
+        posix_spawn_file_actions_adddup2(&actions, output, 2)
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        let setsid: Int16 = 0x80  // POSIX_SPAWN_SETSID (glibc)
+        posix_spawnattr_setflags(&attributes, setsid)
+        var cArgs = argv.map { strdup($0) } + [nil]
+        defer { for p in cArgs { free(p) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, argv[0], &actions, &attributes, &cArgs, environ)
+        guard rc == 0 else {
+            throw SnapshotError(.commandFailed, "cannot start \(argv[0]): \(String(cString: strerror(rc)))")
+        }
+        return pid
+    }
+}
