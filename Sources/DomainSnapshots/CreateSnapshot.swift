@@ -424,15 +424,12 @@ extension DomainService {
         return (parts, excluded)
     }
 
-    /// Disks without a hypervisor path, each through its backend's own journaled plan.
+    /// Disks without a hypervisor path, each through its backend's own journaled plan; a served
+    /// disk's server (held by the caller) then serves its new active layer.
     func takeThroughBackends(
         _ chosen: [DiskPart], name: String, request: DomainSnapshotRequest, journalID: Int64, j: inout DomainJournal
     ) async throws {
         for part in chosen {
-            if part.served {
-                try holdServed(j.record?.domain ?? "", target: part.disk.target)
-                Trace.mark("served \(part.disk.target) held")
-            }
             try await disks.create(
                 SnapshotRequest(name: name, kind: part.kind, description: request.description),
                 disk: part.layout.disk.id, kind: part.backend.kind)
@@ -515,6 +512,7 @@ extension DomainService {
         // wait) until their storage snapshots, taken once the guest runs again.
         let served = parts.filter(\.served)
         for part in served { try holdServed(record.domain, target: part.disk.target) }
+        if !served.isEmpty { Trace.mark("served disks held") }
         let servedHeld = ContinuousClock.now
         // Storage-side snapshots while the vCPUs are stopped and the hypervisor has flushed.
         try await takeThroughBackends(

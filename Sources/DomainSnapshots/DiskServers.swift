@@ -84,25 +84,23 @@ extension DomainService {
 
     /// Stops every disk server of `domain` (each flushes first) and waits for each to go.
     func stopDiskServers(_ domain: String) {
-        let dir = servedDirectory(domain)
-        guard let names = try? FileManager.default.contentsOfDirectory(atPath: dir) else { return }
-        for name in names where name.hasSuffix(".ctl") {
-            let control = "\(dir)/\(name)"
-            let data = String(control.dropLast(4)) + ".nbd"
-            if (try? DiskServerControl.send("stop", to: control, timeout: 10)) != nil {
+        for s in servedControls(domain) {
+            let data = servedPaths(domain, target: s.target).data
+            if (try? DiskServerControl.send("stop", to: s.control, timeout: 10)) != nil {
                 let deadline = ContinuousClock.now + .seconds(10)
                 while NewFile.exists(data), ContinuousClock.now < deadline { usleep(10_000) }
             }
         }
     }
 
-    /// The running domain's served disks among `targets` (all with nil), with their control sockets.
+    /// The control sockets of `domain`'s disk servers among `targets` (all with nil), from the
+    /// served directory (no store read: a hold runs inside the guest's pause).
     func servedControls(_ domain: String, targets: [String]? = nil) -> [(target: String, control: String)] {
-        guard let definition = try? definition(domain).definition else { return [] }
-        return definition.disks.compactMap { disk in
-            guard targets?.contains(disk.target) ?? true else { return nil }
-            let control = servedPaths(domain, target: disk.target).control
-            return NewFile.exists(control) ? (disk.target, control) : nil
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: servedDirectory(domain))) ?? []
+        return names.filter { $0.hasSuffix(".ctl") }.sorted().compactMap { name in
+            let target = String(name.dropLast(4))
+            guard targets?.contains(target) ?? true else { return nil }
+            return (target, servedPaths(domain, target: target).control)
         }
     }
 

@@ -33,6 +33,19 @@ import Testing
         return try LibVhdiReader(path: chain[0], parentChain: Array(chain.dropFirst()))
     }
 
+    /// Waits until the guest prints a counter of at least `n`, then checks that its writes reach
+    /// `layer` (the served one) and that the snapshot's layer `base` still holds `frozen`.
+    static func guestWrites(
+        _ g: Guest, layer: String, atLeast n: Int, base: String, frozen: Int,
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) async throws -> Int {
+        let counter = try await g.waitCounter(atLeast: n, after: g.mark())
+        try await Task.sleep(for: .seconds(1.5))
+        #expect(try vhdCounter(layer) ?? 0 >= counter - 1, "writes reach \(layer)", sourceLocation: sourceLocation)
+        #expect(try vhdCounter(base) == frozen, "the snapshot's layer is unchanged", sourceLocation: sourceLocation)
+        return counter
+    }
+
     static func commandLine(_ pid: Int32) -> String {
         let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") ?? Data()
         return String(decoding: data.map { $0 == 0 ? 32 : $0 }, as: UTF8.self)
@@ -67,11 +80,7 @@ import Testing
             #expect(child != vhd.path)
             let frozen = try #require(try Self.vhdCounter(vhd.path), "the base holds a counter")
             // The guest runs on, and its writes reach the new differencing layer.
-            let m1 = g.mark()
-            let later = try await g.waitCounter(atLeast: frozen + 3, after: m1)
-            try await Task.sleep(for: .seconds(1.5))
-            #expect(try Self.vhdCounter(child) ?? 0 >= later - 1, "writes after the snapshot reach \(child)")
-            #expect(try Self.vhdCounter(vhd.path) == frozen, "the snapshot's layer is unchanged")
+            let later = try await Self.guestWrites(g, layer: child, atLeast: frozen + 3, base: vhd.path, frozen: frozen)
 
             // A kill after the VHD's snapshot, before its server serves the new layer: the
             // recovery rolls the snapshot back and the server serves the base again.
@@ -84,11 +93,8 @@ import Testing
             #expect(try await cli.list(vhd.path).snapshots.map(\.name) == ["s1"])
             // (Deleting k merged the layer it froze into the newer one: that is the active now.)
             let afterKill = try await g.active(vhd)
-            let m2 = g.mark()
-            let resumed = try await g.waitCounter(atLeast: later + 2, after: m2)
-            try await Task.sleep(for: .seconds(1.5))
-            #expect(try Self.vhdCounter(afterKill) ?? 0 >= resumed - 1, "the guest writes the served layer again")
-            #expect(try Self.vhdCounter(vhd.path) == frozen, "the snapshot's layer is unchanged")
+            let resumed = try await Self.guestWrites(
+                g, layer: afterKill, atLeast: later + 2, base: vhd.path, frozen: frozen)
 
             // Revert with memory: the guest resumes from the snapshot's counter, the VHD is
             // served from a new layer over the snapshot's.
@@ -110,11 +116,7 @@ import Testing
             try await cli.ok("snapshot", "delete", g.name, "s2")
             #expect(try await g.snapshots().map(\.name) == ["s1"])
             let afterDelete = try await g.active(vhd)
-            let m5 = g.mark()
-            let onward = try await g.waitCounter(atLeast: next + 3, after: m5)
-            try await Task.sleep(for: .seconds(1.5))
-            #expect(try Self.vhdCounter(afterDelete) ?? 0 >= onward - 1, "writes after the live delete")
-            #expect(try Self.vhdCounter(vhd.path) == frozen, "s1's layer is unchanged")
+            _ = try await Self.guestWrites(g, layer: afterDelete, atLeast: next + 3, base: vhd.path, frozen: frozen)
 
             // Stopped: the server goes with QEMU; offline delete merges the VHD back.
             try await cli.ok("domain", "stop", g.name, "--force")
