@@ -246,6 +246,8 @@ public struct AdoptReport: Codable, Sendable, Hashable {
     /// Backend per disk target.
     public var disks: [String: String]
     public var notAdopted: [String]
+    /// Devices and settings kept in the hypervisor's own form (a revert recreates them).
+    public var kept: [String]
 }
 
 extension DomainService {
@@ -267,11 +269,11 @@ extension DomainService {
         }
         let definition = DomainDefinition(
             name: found.name, uuid: found.uuid, memoryMiB: found.memoryMiB, vcpus: found.vcpus, disks: disks,
-            boot: found.boot, accel: found.accel, hypervisor: driver.name)
+            boot: found.boot, accel: found.accel, hypervisor: driver.name, hypervisorConfig: found.kept)
         try await define(definition)
         return AdoptReport(
             domain: name, hypervisor: driver.name,
             disks: Dictionary(uniqueKeysWithValues: disks.map { ($0.target, $0.backend.rawValue) }),
-            notAdopted: found.notModeled)
+            notAdopted: found.notModeled, kept: found.keptItems)
     }
 }

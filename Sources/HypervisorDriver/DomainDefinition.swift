@@ -127,13 +127,19 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
     public var firmware: DomainFirmware?
     /// An emulated TPM; nil: none.
     public var tpm: DomainTPM?
+    /// The hypervisor's own configuration of what this definition does not model (network
+    /// interfaces, consoles, drives no backend manages, tuning), as the driver read it when the
+    /// domain was adopted: a JSON text only that driver reads. It lays what the definition says
+    /// over it each time it creates the domain, so a revert recreates the whole domain. nil: none.
+    public var hypervisorConfig: String?
 
     public init(
         name: String, uuid: UUID = UUID(), memoryMiB: Int, vcpus: Int = 1, disks: [DomainDisk],
         boot: DomainBoot = DomainBoot(),
         accel: String = "auto", qemuArgs: [String] = [], hypervisor: String = "qemu", firmware: DomainFirmware? = nil,
-        tpm: DomainTPM? = nil
+        tpm: DomainTPM? = nil, hypervisorConfig: String? = nil
     ) {
+        self.hypervisorConfig = hypervisorConfig
         self.firmware = firmware
         self.tpm = tpm
         self.name = name
@@ -148,7 +154,7 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
     }
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case name, uuid, memoryMiB, vcpus, disks, boot, accel, qemuArgs, hypervisor, firmware, tpm
+        case name, uuid, memoryMiB, vcpus, disks, boot, accel, qemuArgs, hypervisor, firmware, tpm, hypervisorConfig
     }
 
     public init(from decoder: any Decoder) throws {
@@ -165,6 +171,7 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
         hypervisor = try c.decodeIfPresent(String.self, forKey: .hypervisor) ?? "qemu"
         firmware = try c.decodeIfPresent(DomainFirmware.self, forKey: .firmware)
         tpm = try c.decodeIfPresent(DomainTPM.self, forKey: .tpm)
+        hypervisorConfig = try c.decodeIfPresent(String.self, forKey: .hypervisorConfig)
     }
 
     /// Checks everything that can be checked without touching storage.

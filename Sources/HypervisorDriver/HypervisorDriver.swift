@@ -259,14 +259,21 @@ public struct AdoptedDomain: Sendable, Hashable {
     public var boot: DomainBoot
     public var accel: String
     public var disks: [Disk]
-    /// Devices and settings a vmsnap definition does not carry: a revert recreates the domain
-    /// without them.
+    /// Devices and settings a vmsnap definition does not carry and the driver does not keep: a
+    /// revert recreates the domain without them.
     public var notModeled: [String]
+    /// The driver's own configuration of what the definition does not model
+    /// (``DomainDefinition/hypervisorConfig``), kept so that a revert recreates them.
+    public var kept: String?
+    /// What `kept` holds, by name (`nics (1)`, a read-only drive).
+    public var keptItems: [String]
 
     public init(
         name: String, uuid: UUID, memoryMiB: Int, vcpus: Int, boot: DomainBoot, accel: String, disks: [Disk],
-        notModeled: [String]
+        notModeled: [String], kept: String? = nil, keptItems: [String] = []
     ) {
+        self.kept = kept
+        self.keptItems = keptItems
         self.name = name
         self.uuid = uuid
         self.memoryMiB = memoryMiB

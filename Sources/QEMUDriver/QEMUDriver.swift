@@ -107,6 +107,12 @@ public struct QEMUDriver: HypervisorDriver {
                 .invalidArgument,
                 "domain '\(definition.name)': accel '\(definition.accel)' is not one of auto, kvm, tcg")
         }
+        guard definition.hypervisorConfig == nil else {
+            throw SnapshotError(
+                .invalidArgument,
+                "domain '\(definition.name)': hypervisorConfig holds another hypervisor's own configuration (a Xen domain's, from `vmsnap domain adopt`); a QEMU domain takes extra settings as qemuArgs. Remove it"
+            )
+        }
         // swtpm's option parser splits at commas and has no escape for them.
         if let tpm = definition.tpm, tpm.state.contains(",") {
             throw SnapshotError(

@@ -10,7 +10,9 @@ import SnapshotCore
 /// (`libxl_retrieve_domain_configuration`, in libxl's JSON form) as vmsnap models it.
 enum XenAdoption {
     /// The definition in libxl's JSON configuration; `isBlockDevice` tells block devices from
-    /// image files. Refuses what vmsnap cannot run; names what it does not model.
+    /// image files. Refuses what vmsnap cannot run; keeps the rest of libxl's configuration
+    /// (network interfaces, consoles, drives no backend manages, tuning) for every later create,
+    /// and names it.
     static func adopted(json: String, isBlockDevice: (String) -> Bool) throws -> AdoptedDomain {
         guard let config = try? JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any],
             let c = config["c_info"] as? [String: Any], let b = config["b_info"] as? [String: Any]
@@ -37,16 +39,21 @@ enum XenAdoption {
             throw SnapshotError(.invalidArgument, "domain '\(name)': libxl's configuration has no UUID")
         }
         let kib = (b["target_memkb"] as? Int) ?? (b["max_memkb"] as? Int) ?? 0
-        var notModeled: [String] = []
         var disks: [AdoptedDomain.Disk] = []
+        var keptDisks: [[String: Any]] = []
+        var keptItems: [String] = []
         for d in config["disks"] as? [[String: Any]] ?? [] {
             let vdev = d["vdev"] as? String ?? "?"
+            // Drives no backend manages stay as libxl has them, and come back with every create.
             guard let path = d["pdev_path"] as? String, !path.isEmpty, (d["is_cdrom"] as? Int ?? 0) == 0 else {
-                notModeled.append("disk \(vdev): a CD-ROM or an empty drive")
+                keptDisks.append(d)
+                keptItems.append("disk \(vdev): a CD-ROM or an empty drive")
                 continue
             }
-            guard (d["readwrite"] as? Int ?? 1) == 1 else {
-                notModeled.append("disk \(vdev) (\(path)): read-only")
+            // libxl writes `readwrite` only for writable drives (0 is its default, left out).
+            guard (d["readwrite"] as? Int ?? 0) == 1 else {
+                keptDisks.append(d)
+                keptItems.append("disk \(vdev) (\(path)): read-only")
                 continue
             }
             let format = (d["format"] as? String).map { $0 == "vhd" ? "vpc" : $0 } ?? "raw"
@@ -55,12 +62,13 @@ enum XenAdoption {
                     target: vdev, path: path, format: format, sourceType: isBlockDevice(path) ? .block : .file))
         }
         for (key, value) in config.sorted(by: { $0.key < $1.key }) where key != "disks" {
-            if let list = value as? [Any], !list.isEmpty { notModeled.append("\(key) (\(list.count))") }
+            if let list = value as? [Any], !list.isEmpty { keptItems.append("\(key) (\(list.count))") }
         }
+        let kept = try XenConfig.keptPart(of: config, disks: keptDisks)
         return AdoptedDomain(
             name: name, uuid: uuid, memoryMiB: kib / 1024, vcpus: b["max_vcpus"] as? Int ?? 1,
             boot: DomainBoot(kernel: kernel, initrd: b["ramdisk"] as? String, cmdline: b["cmdline"] as? String),
-            accel: "pv", disks: disks, notModeled: notModeled)
+            accel: "pv", disks: disks, notModeled: [], kept: kept, keptItems: keptItems)
     }
 
     static func isBlockDevice(_ path: String) -> Bool {

@@ -49,15 +49,20 @@ enum XenConfig {
                 "domain '\(definition.name)': a Xen PV domain boots a kernel: set boot.kernel (and boot.initrd, boot.cmdline)"
             )
         }
+        // What an adopted domain keeps (network interfaces, drives no backend manages, tuning),
+        // with what the definition says laid over it.
+        var config = try kept(definition)
+        var bInfo = config["b_info"] as? [String: Any] ?? [:]
+        for key in definitionKeys { bInfo[key] = nil }
+        var pv = bInfo["type.pv"] as? [String: Any] ?? [:]
+        for key in ["kernel", "ramdisk", "cmdline", "bootloader", "bootloader_args"] { pv[key] = nil }
         let kib = definition.memoryMiB * 1024
-        var bInfo: [String: Any] = [
-            "max_vcpus": definition.vcpus,
-            "avail_vcpus": Array(0..<definition.vcpus),
-            "max_memkb": kib,
-            "target_memkb": kib,
-            "kernel": kernel,
-            "type.pv": [String: Any](),
-        ]
+        bInfo["type.pv"] = pv
+        bInfo["max_vcpus"] = definition.vcpus
+        bInfo["avail_vcpus"] = Array(0..<definition.vcpus)
+        bInfo["max_memkb"] = kib
+        bInfo["target_memkb"] = kib
+        bInfo["kernel"] = kernel
         if let initrd = definition.boot.initrd { bInfo["ramdisk"] = initrd }
         if let cmdline = definition.boot.cmdline { bInfo["cmdline"] = cmdline }
         let disks: [[String: Any]] = try drives.map {
@@ -66,14 +71,74 @@ enum XenConfig {
                 "pdev_path": d.path, "vdev": d.vdev, "backend": d.backend, "format": d.format, "readwrite": 1,
             ]
         }
-        let config: [String: Any] = [
-            "c_info": ["type": "pv", "name": definition.name, "uuid": definition.uuid.uuidString.lowercased()],
-            "b_info": bInfo,
-            "disks": disks,
-            // A guest that powers off, reboots or crashes is gone, as a QEMU domain's process is.
-            "on_poweroff": "destroy", "on_reboot": "destroy", "on_crash": "destroy",
-        ]
+        var cInfo = config["c_info"] as? [String: Any] ?? [:]
+        cInfo["type"] = "pv"
+        cInfo["name"] = definition.name
+        cInfo["uuid"] = definition.uuid.uuidString.lowercased()
+        config["c_info"] = cInfo
+        config["b_info"] = bInfo
+        config["disks"] = disks + (config["disks"] as? [[String: Any]] ?? [])
+        // A guest that powers off, reboots or crashes is gone, as a QEMU domain's process is.
+        for key in ["on_poweroff", "on_reboot", "on_crash"] { config[key] = "destroy" }
         let data = try JSONSerialization.data(withJSONObject: config, options: [.sortedKeys])
         return String(decoding: data, as: UTF8.self)
+    }
+
+    /// What the definition leaves to the kept configuration: libxl's whole domain configuration
+    /// without the name, UUID, memory, vCPUs, kernel and the drives vmsnap manages (those come
+    /// from the definition), and without the lifecycle actions (vmsnap's own). `disks`: the
+    /// drives no backend manages, kept as libxl has them.
+    static func keptPart(of config: [String: Any], disks: [[String: Any]]) throws -> String {
+        var kept = config
+        var c = kept["c_info"] as? [String: Any] ?? [:]
+        for key in ["type", "name", "uuid"] { c[key] = nil }
+        kept["c_info"] = c
+        var b = kept["b_info"] as? [String: Any] ?? [:]
+        for key in definitionKeys { b[key] = nil }
+        if var pv = b["type.pv"] as? [String: Any] {
+            for key in ["kernel", "ramdisk", "cmdline"] { pv[key] = nil }
+            b["type.pv"] = pv
+        }
+        kept["b_info"] = b
+        kept["disks"] = disks.isEmpty ? nil : disks
+        for key in ["on_poweroff", "on_reboot", "on_crash", "on_watchdog", "on_soft_reset"] { kept[key] = nil }
+        let data = try JSONSerialization.data(withJSONObject: kept, options: [.sortedKeys])
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    /// The b_info fields a definition sets.
+    static let definitionKeys = [
+        "max_vcpus", "avail_vcpus", "max_memkb", "target_memkb", "kernel", "ramdisk", "cmdline",
+    ]
+
+    /// The definition's kept configuration as a dictionary ([:] when it has none), or a refusal.
+    static func kept(_ definition: DomainDefinition) throws -> [String: Any] {
+        guard let text = definition.hypervisorConfig else { return [:] }
+        guard let kept = try? JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any] else {
+            throw SnapshotError(
+                .invalidArgument,
+                "domain '\(definition.name)': hypervisorConfig is not a JSON object (it holds libxl's configuration of what the definition does not model, as `vmsnap domain adopt` read it); remove it or restore it from a snapshot's definition"
+            )
+        }
+        for (key, type) in [("c_info", "object"), ("b_info", "object"), ("disks", "array")] {
+            guard let value = kept[key] else { continue }
+            guard type == "object" ? value is [String: Any] : value is [[String: Any]] else {
+                throw SnapshotError(
+                    .invalidArgument,
+                    "domain '\(definition.name)': hypervisorConfig's \(key) is not a JSON \(type) as libxl writes it; remove it or correct it"
+                )
+            }
+        }
+        let ours = Set(definition.disks.map(\.target))
+        for disk in kept["disks"] as? [[String: Any]] ?? [] {
+            let vdev = disk["vdev"] as? String ?? ""
+            guard !ours.contains(vdev) else {
+                throw SnapshotError(
+                    .invalidArgument,
+                    "domain '\(definition.name)': disk target \(vdev) is also a drive in hypervisorConfig (one no backend manages); give the disk another target or remove that drive from hypervisorConfig"
+                )
+            }
+        }
+        return kept
     }
 }

@@ -25,6 +25,7 @@ struct DomainAdopt: AsyncParsableCommand {
             print(
                 "adopted \(report.hypervisor) domain '\(report.domain)': disks \(report.disks.sorted { $0.key < $1.key }.map { "\($0.key) (\($0.value))" }.joined(separator: ", "))"
             )
+            for item in report.kept { print("kept as the hypervisor has it: \(item)") }
             for item in report.notAdopted { print("not adopted: \(item)") }
         }
     }

@@ -67,6 +67,13 @@ struct QEMUDriverTests {
         #expect(throws: SnapshotError.self) {
             try driver.validate(DomainDefinition(name: "d", memoryMiB: 32, disks: [], accel: "hvf"))
         }
+        // Another hypervisor's kept configuration (an adopted Xen domain's) is not QEMU's.
+        #expect(throws: SnapshotError.self) {
+            try driver.validate(
+                DomainDefinition(
+                    name: "d", memoryMiB: 32, disks: [], boot: DomainBoot(kernel: "/k"), accel: "tcg",
+                    hypervisorConfig: "{}"))
+        }
         #expect(try await driver.runState("d") == .shutoff)
         try await driver.start(definition([disk]), drives: drives([disk]), mode: .boot(paused: true), progress: nil)
         #expect(driver.pid("d") != nil)
