@@ -132,6 +132,32 @@ extension DomainService {
         }
     }
 
+    /// Starts again the server of each served disk of a running domain whose server is gone (its
+    /// control socket is left, nothing answers it: killed, or crashed). The hypervisor holds the
+    /// guest's requests to that disk meanwhile and reconnects on its own. Returns the targets.
+    func reviveDiskServers(_ domain: String) async throws -> [String] {
+        let dead = servedControls(domain).filter {
+            (try? DiskServerControl.send("status", to: $0.control, timeout: 5)) == nil
+        }
+        guard !dead.isEmpty, let definition = try? definition(domain).definition,
+            try await runState(domain) != .shutoff
+        else { return [] }
+        var revived: [String] = []
+        for s in dead {
+            guard let disk = definition.disks.first(where: { $0.target == s.target }) else { continue }
+            _ = try startDiskServer(domain, disk: disk)
+            notify("disk \(s.target) of domain '\(domain)': its disk server was gone; started again")
+            revived.append(s.target)
+        }
+        return revived
+    }
+
+    /// The domains that have disk servers (running or left behind).
+    func domainsWithServedDisks() -> [String] {
+        let dir = (store.directory as NSString).appendingPathComponent("served")
+        return ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).sorted()
+    }
+
     /// posix_spawn in a session of its own, stdin from /dev/null, stdout and stderr to `output`.
     static func spawnDetached(_ argv: [String], output: Int32) throws -> pid_t {
         var actions = posix_spawn_file_actions_t()

@@ -551,16 +551,24 @@ extension DomainService {
                 notify("recovered an interrupted '\(entry.operation)' on domain '\(domain)': finished")
             }
         }
+        _ = try await reviveDiskServers(domain)
     }
 
-    /// Recovers every domain with interrupted work.
+    /// Recovers every domain with interrupted work, and starts again the disk servers that are
+    /// gone from running domains (a domain some other vmsnap works on is left to it).
     public func recoverAll() async throws -> [String] {
         var done: [String] = []
-        for domain in Set(try store.openDomainJournals().map(\.domain)).sorted() {
+        let journaled = Set(try store.openDomainJournals().map(\.domain))
+        for domain in journaled.sorted() {
             let lock = try DiskLock(store: store, diskID: "domain:" + domain, timeout: 0)
             try await recover(domain: domain)
             withExtendedLifetime(lock) {}
             done.append(domain)
+        }
+        for domain in domainsWithServedDisks() where !journaled.contains(domain) {
+            guard let lock = try? DiskLock(store: store, diskID: "domain:" + domain, timeout: 0) else { continue }
+            if try await !reviveDiskServers(domain).isEmpty { done.append(domain) }
+            withExtendedLifetime(lock) {}
         }
         return done
     }

@@ -301,6 +301,9 @@ public struct QEMUDriver: HypervisorDriver {
         return words.contains("vmx") || words.contains("svm") ? "kvm" : "tcg"
     }
 
+    /// How long QEMU holds a served disk's requests while its server is gone (then they fail).
+    static let servedReconnectSeconds = 300
+
     /// A `-drive` or `-chardev` option value: commas doubled, as QEMU's option parser wants.
     static func escape(_ value: String) -> String { value.replacingOccurrences(of: ",", with: ",,") }
 
@@ -339,10 +342,12 @@ public struct QEMUDriver: HypervisorDriver {
         }
         for (index, disk) in drives.enumerated() {
             let id = Self.driveID(disk.target)
-            // A served disk: the raw NBD export of vmsnap's disk server, not the image file.
+            // A served disk: the raw NBD export of vmsnap's disk server, not the image file. If the
+            // server goes (killed, crashed), QEMU holds the guest's requests and reconnects to the
+            // one a recovery starts (`vmsnap recover`), for up to `servedReconnectSeconds`.
             let source =
                 disk.drive.nbdSocket.map {
-                    "file.driver=nbd,file.server.type=unix,file.server.path=\(Self.escape($0)),file.export=\(Self.escape(disk.target)),format=raw"
+                    "file.driver=nbd,file.server.type=unix,file.server.path=\(Self.escape($0)),file.export=\(Self.escape(disk.target)),file.reconnect-delay=\(Self.servedReconnectSeconds),format=raw"
                 } ?? "file=\(Self.escape(disk.drive.path)),format=\(disk.drive.format)"
             argv += [
                 "-drive",

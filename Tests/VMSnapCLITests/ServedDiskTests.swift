@@ -51,6 +51,12 @@ import Testing
         return String(decoding: data.map { $0 == 0 ? 32 : $0 }, as: UTF8.self)
     }
 
+    /// The first process whose command line satisfies `matches`.
+    static func process(_ matches: (String) -> Bool) -> Int32? {
+        let pids = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { Int32($0) }
+        return pids.first { matches(commandLine($0)) }
+    }
+
     struct Status: Decodable { var pid: Int32? }
 
     func pid(_ cli: CLI, _ g: Guest) async throws -> Int32 {
@@ -116,7 +122,26 @@ import Testing
             try await cli.ok("snapshot", "delete", g.name, "s2")
             #expect(try await g.snapshots().map(\.name) == ["s1"])
             let afterDelete = try await g.active(vhd)
-            _ = try await Self.guestWrites(g, layer: afterDelete, atLeast: next + 3, base: vhd.path, frozen: frozen)
+            let beforeKill = try await Self.guestWrites(
+                g, layer: afterDelete, atLeast: next + 3, base: vhd.path, frozen: frozen)
+
+            // The disk server killed: QEMU holds the guest's requests to vdb, a recovery starts a
+            // new server, QEMU reconnects, and the guest's writes reach the disk again.
+            let control = cli.store + "/served/\(g.name)/vdb.ctl"
+            let server = try #require(Self.process { $0.contains(" disk serve ") && $0.contains(control) })
+            let beforeKillMark = g.mark()
+            kill(server, SIGKILL)
+            try await Task.sleep(for: .seconds(3))
+            let recovered = try await cli.ok("recover")
+            #expect(recovered.contains("recovered domain '\(g.name)'"), "\(recovered)")
+            #expect(Self.process { $0.contains(" disk serve ") && $0.contains(control) } != nil)
+            _ = try await Self.guestWrites(
+                g, layer: afterDelete, atLeast: beforeKill + 6, base: vhd.path, frozen: frozen)
+            // The guest's writes waited for the new server instead of failing.
+            let console = String(
+                decoding: (FileManager.default.contents(atPath: g.serialLog) ?? Data()).dropFirst(beforeKillMark),
+                as: UTF8.self)
+            #expect(!console.contains("I/O error"), "the guest saw I/O errors: \(console.suffix(400))")
 
             // Stopped: the server goes with QEMU; offline delete merges the VHD back.
             try await cli.ok("domain", "stop", g.name, "--force")
