@@ -51,13 +51,9 @@ enum XenConfig {
         }
         // What an adopted domain keeps (network interfaces, drives no backend manages, tuning),
         // with what the definition says laid over it.
-        var config = try kept(definition)
+        var config = withoutDefinitionFields(try kept(definition))
         var bInfo = config["b_info"] as? [String: Any] ?? [:]
-        for key in definitionKeys { bInfo[key] = nil }
-        var pv = bInfo["type.pv"] as? [String: Any] ?? [:]
-        for key in ["kernel", "ramdisk", "cmdline", "bootloader", "bootloader_args"] { pv[key] = nil }
         let kib = definition.memoryMiB * 1024
-        bInfo["type.pv"] = pv
         bInfo["max_vcpus"] = definition.vcpus
         bInfo["avail_vcpus"] = Array(0..<definition.vcpus)
         bInfo["max_memkb"] = kib
@@ -85,31 +81,33 @@ enum XenConfig {
     }
 
     /// What the definition leaves to the kept configuration: libxl's whole domain configuration
-    /// without the name, UUID, memory, vCPUs, kernel and the drives vmsnap manages (those come
-    /// from the definition), and without the lifecycle actions (vmsnap's own). `disks`: the
-    /// drives no backend manages, kept as libxl has them.
+    /// without what a definition sets, and `disks`: the drives no backend manages, kept as libxl
+    /// has them (the managed ones come from the definition).
     static func keptPart(of config: [String: Any], disks: [[String: Any]]) throws -> String {
-        var kept = config
-        var c = kept["c_info"] as? [String: Any] ?? [:]
-        for key in ["type", "name", "uuid"] { c[key] = nil }
-        kept["c_info"] = c
-        var b = kept["b_info"] as? [String: Any] ?? [:]
-        for key in definitionKeys { b[key] = nil }
-        if var pv = b["type.pv"] as? [String: Any] {
-            for key in ["kernel", "ramdisk", "cmdline"] { pv[key] = nil }
-            b["type.pv"] = pv
-        }
-        kept["b_info"] = b
+        var kept = withoutDefinitionFields(config)
         kept["disks"] = disks.isEmpty ? nil : disks
-        for key in ["on_poweroff", "on_reboot", "on_crash", "on_watchdog", "on_soft_reset"] { kept[key] = nil }
         let data = try JSONSerialization.data(withJSONObject: kept, options: [.sortedKeys])
         return String(decoding: data, as: UTF8.self)
     }
 
-    /// The b_info fields a definition sets.
-    static let definitionKeys = [
-        "max_vcpus", "avail_vcpus", "max_memkb", "target_memkb", "kernel", "ramdisk", "cmdline",
-    ]
+    /// libxl's configuration without the fields a definition sets: the name, UUID, memory,
+    /// vCPUs, kernel (initrd, command line, boot loader) and the lifecycle actions (vmsnap's own).
+    static func withoutDefinitionFields(_ config: [String: Any]) -> [String: Any] {
+        var config = config
+        var c = config["c_info"] as? [String: Any] ?? [:]
+        for key in ["type", "name", "uuid"] { c[key] = nil }
+        var b = config["b_info"] as? [String: Any] ?? [:]
+        for key in ["max_vcpus", "avail_vcpus", "max_memkb", "target_memkb", "kernel", "ramdisk", "cmdline"] {
+            b[key] = nil
+        }
+        var pv = b["type.pv"] as? [String: Any] ?? [:]
+        for key in ["kernel", "ramdisk", "cmdline", "bootloader", "bootloader_args"] { pv[key] = nil }
+        b["type.pv"] = pv
+        config["c_info"] = c
+        config["b_info"] = b
+        for key in ["on_poweroff", "on_reboot", "on_crash", "on_watchdog", "on_soft_reset"] { config[key] = nil }
+        return config
+    }
 
     /// The definition's kept configuration as a dictionary ([:] when it has none), or a refusal.
     static func kept(_ definition: DomainDefinition) throws -> [String: Any] {
