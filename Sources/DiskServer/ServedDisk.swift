@@ -92,11 +92,19 @@ final class ServedDisk: @unchecked Sendable {
     // MARK: - The image lock
 
     /// A shared lock on the bytes hypervisors lock (FileLockProbe.imageLockBytes): any probe
-    /// for a write lock there sees the disk in use. Refused when another process holds one.
+    /// for a write lock there sees the disk in use. Refused when another process holds one for
+    /// longer than a second: a lock seen for a moment only is waited out, since a process that
+    /// has just closed the image (the backend that made the layer) may have a child between
+    /// fork and exec that still shares the descriptor, and with it the lock, until the exec.
     private func lock(_ path: String) throws {
-        guard !FileLockProbe.isLocked(path, range: FileLockProbe.imageLockBytes) else {
-            throw SnapshotError(
-                .inUse, "\(path) is in use by another process (it holds the image lock); it cannot be served")
+        var waited = 0
+        while FileLockProbe.isLocked(path, range: FileLockProbe.imageLockBytes) {
+            guard waited < 100 else {
+                throw SnapshotError(
+                    .inUse, "\(path) is in use by another process (it holds the image lock); it cannot be served")
+            }
+            waited += 1
+            usleep(10_000)
         }
         let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
         guard fd >= 0 else { throw SnapshotError(.io, "\(path): cannot open: \(String(cString: strerror(errno)))") }
