@@ -95,6 +95,8 @@ public struct CreateReport: Codable, Sendable, Hashable {
     public var servedWaitMs: Double?
     /// Downtime the hypervisor reported for the memory save.
     public var qemuDowntimeMs: Double?
+    /// How the hypervisor saved the memory of a running guest, in its words.
+    public var memorySaveMethod: String?
     /// Wall time of the memory save, in seconds.
     public var memorySeconds: Double?
     /// Filesystems the guest agent froze (`--quiesce`).
@@ -565,6 +567,7 @@ extension DomainService {
             // The whole save: a pre-copy streams most of the memory before the pause.
             report.memorySeconds = (ContinuousClock.now - saveStarted).seconds
             report.qemuDowntimeMs = downtime
+            report.memorySaveMethod = liveMemory ? await live.memorySaveMethod() : nil
             record.memory?.size = size
             j.record = record
             try phase(journalID, &j, "memory-saved")

@@ -161,6 +161,9 @@ public protocol LiveDomain: Sendable {
         -> Double?
     /// Lets a started memory save run to its end (rollback: cancelling one may hang the guest).
     func drainMemorySave() async
+    /// How the last prepared live memory save keeps its point in time, in words for the
+    /// snapshot's report (nil: nothing to say).
+    func memorySaveMethod() async -> String?
     /// Does before the pause what it can for these disk snapshots (new overlays created and
     /// opened), so the pause holds only the switch; ``undoDiskSnapshot(_:)`` undoes it too.
     func prepareDiskSnapshots(_ snapshots: [LiveDiskSnapshot]) async throws
@@ -229,6 +232,7 @@ public struct PausePhase: Codable, Sendable, Hashable {
 
 extension LiveDomain {
     public func pausePhases(since mark: Int) async -> [PausePhase] { [] }
+    public func memorySaveMethod() async -> String? { nil }
 
     /// Nothing to prepare: the disk snapshots happen whole inside the pause.
     public func prepareDiskSnapshots(_ snapshots: [LiveDiskSnapshot]) async throws {}

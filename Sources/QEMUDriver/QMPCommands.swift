@@ -103,6 +103,12 @@ public enum QMP {
         }
     }
 
+    /// Whether the vCPUs run under KVM (`enabled`); false under TCG.
+    public struct QueryKVM: QMPCommand {
+        public static let name = "query-kvm"
+        public func response(_ r: JSONValue) -> Bool { r["enabled"]?.bool ?? false }
+    }
+
     public struct QueryBlock: QMPCommand {
         public static let name = "query-block"
         public func response(_ r: JSONValue) -> [QEMUBlockDevice] {
@@ -207,6 +213,17 @@ public enum QMP {
                         ["capability": .string($0.key), "state": .bool($0.value)]
                     })
             ]
+        }
+    }
+
+    /// The migration capabilities switched on.
+    public struct QueryMigrateCapabilities: QMPCommand {
+        public static let name = "query-migrate-capabilities"
+        public func response(_ r: JSONValue) -> Set<String> {
+            Set(
+                (r.array ?? []).compactMap {
+                    $0["state"]?.bool == true ? $0["capability"]?.string : nil
+                })
         }
     }
 

@@ -54,7 +54,7 @@ struct Guest {
     /// Creates the disks (16 MiB each) and defines the domain.
     static func define(
         _ cli: CLI, name: String = "g", disks specs: [(String, String)] = [("vda", "qcow2"), ("vdb", "qcow2")],
-        memoryMiB: Int = 192, fill: Int? = nil, resume: Bool = false, agent: Bool = false,
+        memoryMiB: Int = 192, fill: Int? = nil, memcheck: Int? = nil, resume: Bool = false, agent: Bool = false,
         firmware: [String: String]? = nil, tpm: [String: String]? = nil
     ) async throws -> Guest {
         let (kernel, initrd) = try await GuestImage.shared.files()
@@ -76,6 +76,7 @@ struct Guest {
             "boot": [
                 "kernel": kernel, "initrd": initrd,
                 "cmdline": "console=ttyS0 quiet panic=-1" + (fill.map { " vmsnap.fill=\($0)" } ?? "")
+                    + (memcheck.map { " vmsnap.memcheck=\($0)" } ?? "")
                     + (resume ? " vmsnap.resume" : "") + (agent ? " vmsnap.agent" : ""),
             ],
         ]
@@ -97,11 +98,38 @@ struct Guest {
 
     /// The counters a console log at `path` holds after byte `mark` (vmsnap's or libvirt's).
     static func counters(inLog path: String, after mark: Int = 0) -> [Int] {
+        consoleLines(inLog: path, after: mark, tagged: "vmsnap-counter ").compactMap { Int($0.prefix { $0.isNumber }) }
+    }
+
+    /// What follows `tag` on each console line after byte `mark` that has it.
+    static func consoleLines(inLog path: String, after mark: Int, tagged tag: String) -> [Substring] {
         guard let data = FileManager.default.contents(atPath: path), data.count >= mark else { return [] }
         return String(decoding: data[mark...], as: UTF8.self).split(whereSeparator: \.isNewline).compactMap { line in
-            guard let r = line.range(of: "vmsnap-counter ") else { return nil }
-            return Int(line[r.upperBound...].prefix { $0.isNumber })
+            line.range(of: tag).map { line[$0.upperBound...] }
         }
+    }
+
+    /// The memory checker's lines (`vmsnap.memcheck`) after `mark`: its progress ("sweep S bad
+    /// N"), and every page it found that lost a write ("BAD ...") or its end ("exited").
+    func memcheckLines(after mark: Int) -> [String] {
+        Self.consoleLines(inLog: serialLog, after: mark, tagged: "vmsnap-memcheck ").map(String.init)
+    }
+
+    /// Waits until the memory checker has reported its progress `n` times after `mark`, or has
+    /// ended (a restored checker that crashed on a stale page).
+    func waitMemcheck(sweeps n: Int, after mark: Int, timeout: Double = 120) async throws {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            let lines = memcheckLines(after: mark)
+            if lines.filter({ $0.hasPrefix("sweep ") }).count >= n || lines.contains(where: { $0.hasPrefix("exited") })
+            {
+                return
+            }
+            try await Task.sleep(for: .milliseconds(250))
+        }
+        throw CLIFailure(
+            "guest '\(name)': the memory checker reported fewer than \(n) sweeps within \(Int(timeout)) s; its lines: \(memcheckLines(after: mark).suffix(5))"
+        )
     }
 
     /// Waits until the guest prints a counter of at least `n` after `mark`; returns it.
