@@ -83,7 +83,8 @@ public struct CreateReport: Codable, Sendable, Hashable {
     /// Guest pause from QMP STOP to RESUME events, in milliseconds (running domains).
     public var pauseMs: Double?
     /// vmsnap's share of the pause: from the guest stopped to the memory save let go (the disk
-    /// snapshots; the rest is the hypervisor's last memory round and resume).
+    /// snapshots; the rest is the hypervisor's: its last memory round or its save's setup, and
+    /// the resume).
     public var ownPauseMs: Double?
     /// The pause step by step, as the hypervisor stamped it.
     public var pausePhases: [PausePhase]?
@@ -564,7 +565,7 @@ extension DomainService {
         try phase(journalID, &j, "disks-recorded")
         if withMemory {
             let (size, downtime) = try await finishMemory(live, fd: memoryFD, guestBytes: guestBytes, since: memoryMark)
-            // The whole save: a pre-copy streams most of the memory before the pause.
+            // The whole save (a pre-copy streams most of the memory before the pause).
             report.memorySeconds = (ContinuousClock.now - saveStarted).seconds
             report.qemuDowntimeMs = downtime
             report.memorySaveMethod = liveMemory ? await live.memorySaveMethod() : nil

@@ -37,15 +37,18 @@ public struct QEMULiveDomain: LiveDomain {
     /// From QEMU's event stamps: the vCPUs stopped (STOP) to the save waiting for vmsnap
     /// (pre-switchover), vmsnap's disk snapshots until it let the save go on (device), the last
     /// memory round and device state (completed), then the images reopened and the vCPUs
-    /// started (RESUME). A stop without a pre-copy has only STOP and RESUME.
+    /// started (RESUME). A background copy (``LiveSave/writeProtect``): the disk snapshots until
+    /// vmsnap started the save (setup), QEMU's setup (active), the device state and the
+    /// write-protection (RESUME). A plain stop has only STOP and RESUME.
     public func pausePhases(since mark: Int) async -> [PausePhase] {
         let events = await client.events(since: mark)
         guard let stop = events.first(where: { $0.name == "STOP" }) else { return [] }
+        let background = save.method == .writeProtect
         var marks: [(String, Double)] = []
         for e in events where e.timestamp >= stop.timestamp {
             switch (e.name, e.data["status"]?.string) {
-            case ("MIGRATION", "setup"): marks.append(("disk snapshots (vmsnap)", e.timestamp))
-            case ("MIGRATION", "active"):
+            case ("MIGRATION", "setup") where background: marks.append(("disk snapshots (vmsnap)", e.timestamp))
+            case ("MIGRATION", "active") where background:
                 marks.append(("save set up (bitmaps, pages read for write-protection)", e.timestamp))
             case ("MIGRATION", "pre-switchover"): marks.append(("vCPUs stopped, memory synced", e.timestamp))
             case ("MIGRATION", "device"): marks.append(("disk snapshots (vmsnap)", e.timestamp))
@@ -236,9 +239,10 @@ public struct QEMULiveDomain: LiveDomain {
         return last.downtimeMs
     }
 
-    /// A save that is still streaming is cancelled (a pre-copy leaves the guest as it was; one
-    /// stopped at its switchover runs again); a completed one has its images reopened (`cont`),
-    /// so an undo can write into them. The guest is resumed by the caller if vmsnap paused it.
+    /// A pre-copy still streaming is cancelled (it leaves the guest as it was; one stopped at
+    /// its switchover runs again); a background copy is let finish; a completed save has its
+    /// images reopened (`cont`), so an undo can write into them. The guest is resumed by the
+    /// caller if vmsnap paused it.
     public func drainMemorySave() async { await releaseSave() }
 
     /// Ends whatever migration this QEMU has going and gives the images back (also after a
@@ -247,13 +251,18 @@ public struct QEMULiveDomain: LiveDomain {
     /// write-protected pages.
     func releaseSave() async {
         save.stage = .none
+        // Marked before the status is read: an end that comes in between is not missed.
+        let mark = await client.eventMark
         guard let info = try? await client.migrationInfo() else { return }
         if ["active", "setup", "device", "pre-switchover"].contains(info.status) {
-            let mark = await client.eventMark
-            let background =
-                (try? await client.run(QMP.QueryMigrateCapabilities()).contains("background-snapshot")) ?? false
-            if !background { _ = try? await client.run(QMP.MigrateCancel()) }
-            _ = try? await client.waitForEvent("MIGRATION", since: mark, timeout: .seconds(background ? 1800 : 30)) {
+            // Only a pre-copy stops at its switchover; otherwise cancel only when QEMU said the
+            // migration is no background snapshot (an unanswered question is not a no).
+            var precopy = ["device", "pre-switchover"].contains(info.status)
+            if !precopy, let on = try? await client.run(QMP.QueryMigrateCapabilities()) {
+                precopy = !on.contains("background-snapshot")
+            }
+            if precopy { _ = try? await client.run(QMP.MigrateCancel()) }
+            _ = try? await client.waitForEvent("MIGRATION", since: mark, timeout: .seconds(precopy ? 30 : 1800)) {
                 ["completed", "failed", "cancelled"].contains($0.data["status"]?.string ?? "")
             }
         }
@@ -417,6 +426,9 @@ public struct QEMULiveDomain: LiveDomain {
                 nodes.append(node)
             }
             let job = "vmsnap-save-\(name)"
+            // Off after an earlier live save's background copy: QEMU's RAM saving polls for
+            // write faults while the capability is on.
+            try await client.setMigrationCapabilities(["background-snapshot": false])
             try await client.run(QMP.SnapshotSave(jobID: job, tag: name, vmstate: nodes[0], devices: nodes))
             try await client.waitForJob(job, progress: nil)
         }

@@ -254,9 +254,13 @@ struct QEMUDriverTests {
         qemu.forceLiveSaveMethod(.writeProtect)
         try await first.prepareMemorySave(to: fd, live: true, guestBytes: 32 << 20, progress: nil)
         #expect(await first.memorySaveMethod()?.hasPrefix("background copy") == true)
+        // Slowed down so that the copy is still running when vmsnap dies.
+        try await qemu.client.run(QMP.MigrateSetParameters(maxBandwidth: 64 << 10))
         try await first.pause()
         #expect(try await first.isRunning() == false)
         try await first.startMemorySave()
+        let during = try await qemu.client.migrationInfo().status
+        try #require(["setup", "active"].contains(during), "the copy is under way: \(during)")
         await first.close()  // vmsnap died here, the copy under way
         let second = try #require(try await driver.connect("d") as? QEMULiveDomain)
         await second.drainMemorySave()

@@ -19,14 +19,14 @@ struct MemoryImageTests {
                 struct Report: Decodable { var memorySaveMethod: String? }
                 let method = try decodeJSON(Report.self, created, from: "snapshot create").memorySaveMethod
                 #expect(method != nil, "the report says how the memory was saved: \(created)")
-                // The guest writes on after the snapshot; the revert must bring back the older pages.
-                try await g.waitMemcheck(sweeps: 2, after: g.mark())
+                // The guest writes on after the snapshot (4 reports, over 3 s of sweeps): the
+                // revert must bring back the older pages, and the restored checker's numbers
+                // start below the old one's last.
+                try await g.waitMemcheck(sweeps: 4, after: g.mark())
                 let mark = g.mark()
+                let lastBefore = Self.sweeps(g.memcheckLines(after: 0)).max() ?? 0
                 try await cli.ok("snapshot", "revert", g.name, "m\(round)", "--running")
-                // The old guest may report once more before it is stopped; two more reports are
-                // the restored checker's, after it read every page at least once.
-                try await g.waitMemcheck(sweeps: 3, after: mark)
-                let lines = g.memcheckLines(after: mark)
+                let lines = try await restoredLines(g, after: mark, lastBefore: lastBefore)
                 let lost = lines.filter { !$0.hasPrefix("sweep ") }
                 // "BAD ...": a page that lost a write; "exited ...": the checker died on one.
                 try #require(
@@ -37,6 +37,41 @@ struct MemoryImageTests {
                 let panics = Guest.consoleLines(inLog: g.serialLog, after: mark, tagged: "Kernel panic")
                 #expect(panics.isEmpty, "the restored guest's kernel panicked: \(panics)")
             }
+        }
+    }
+
+    static func sweeps(_ lines: [String]) -> [Int] {
+        lines.compactMap { $0.hasPrefix("sweep ") ? Int($0.dropFirst(6).prefix { $0.isNumber }) : nil }
+    }
+
+    /// The restored checker's lines after `mark`: every "BAD" or "exited" line, and its progress
+    /// from the first report whose sweep number drops below the old guest's (which may report
+    /// once more before the revert stops it). Waits for two progress reports, after which it
+    /// has read every page at least once, or for the checker's end.
+    func restoredLines(_ g: Guest, after mark: Int, lastBefore: Int) async throws -> [String] {
+        let deadline = Date().addingTimeInterval(120)
+        while true {
+            var high = lastBefore
+            var dropped = false
+            var restored: [String] = []
+            for line in g.memcheckLines(after: mark) {
+                if let n = Self.sweeps([line]).first {
+                    dropped = dropped || n < high
+                    high = max(high, n)
+                    if dropped { restored.append(line) }
+                } else {
+                    restored.append(line)
+                }
+            }
+            if Self.sweeps(restored).count >= 2 || restored.contains(where: { $0.hasPrefix("exited") }) {
+                return restored
+            }
+            guard Date() < deadline else {
+                throw CLIFailure(
+                    "the restored checker reported too little within 120 s; lines after the revert: \(g.memcheckLines(after: mark).suffix(5))"
+                )
+            }
+            try await Task.sleep(for: .milliseconds(250))
         }
     }
 }
