@@ -25,6 +25,8 @@ public enum LibvirtDomainXML {
         public var uuid: UUID?
         public var memoryMiB: Int
         public var vcpus: Int
+        /// `<memoryBacking><hugepages>`: huge pages of one size for all of the guest's memory.
+        public var memoryBacking: DomainMemoryBacking?
         public var boot: DomainBoot
         public var domainType: String
         public var disks: [Disk]
@@ -50,6 +52,10 @@ public enum LibvirtDomainXML {
         var x = "\(pad)<domain type='\(escape(domainType))'>\n"
         x += "\(pad)  <name>\(escape(def.name))</name>\n\(pad)  <uuid>\(def.uuid.uuidString.lowercased())</uuid>\n"
         x += "\(pad)  <memory unit='KiB'>\(def.memoryMiB * 1024)</memory>\n\(pad)  <vcpu>\(def.vcpus)</vcpu>\n"
+        if let backing = def.memoryBacking {
+            x += "\(pad)  <memoryBacking><hugepages><page size='\(backing.hugepageMiB * 1024)' unit='KiB'/></hugepages>"
+            x += "</memoryBacking>\n"
+        }
         x += "\(pad)  <os>\n\(pad)    <type arch='x86_64' machine='\(escape(hardware.machine))'>hvm</type>\n"
         if let f = def.firmware {
             x += "\(pad)    <loader readonly='yes' type='pflash'>\(escape(f.code))</loader>\n"
@@ -125,10 +131,12 @@ public enum LibvirtDomainXML {
         let known: Set<String> = [
             "name", "uuid", "memory", "currentMemory", "vcpu", "os", "devices", "on_poweroff", "on_reboot", "on_crash",
             "resource", "clock", "features", "cpu", "pm", "seclabel", "metadata", "description", "title",
+            "memoryBacking",
         ]
         for e in domain.children?.compactMap({ $0 as? XMLElement }) ?? [] where !known.contains(e.name ?? "") {
             unmodeled.append("<\(e.name ?? "?")>")
         }
+        let memoryBacking = child(domain, "memoryBacking").flatMap { hugepages($0, unmodeled: &unmodeled) }
         let memory = try kibibytes(child(domain, "memory"))
         let vcpus = Int(text(child(domain, "vcpu")) ?? "1") ?? 1
         let os = child(domain, "os")
@@ -183,14 +191,48 @@ public enum LibvirtDomainXML {
         return Parsed(
             name: name, uuid: text(child(domain, "uuid")).flatMap(UUID.init(uuidString:)),
             memoryMiB: max(memory >> 10, 1),
-            vcpus: vcpus, boot: boot, domainType: domain.attribute(forName: "type")?.stringValue ?? "qemu",
+            vcpus: vcpus, memoryBacking: memoryBacking, boot: boot,
+            domainType: domain.attribute(forName: "type")?.stringValue ?? "qemu",
             disks: disks,
             unmodeled: unmodeled)
     }
 
+    /// The huge pages of `<memoryBacking>`: one page size for all memory (none given: the
+    /// host's default, 2 MiB). Anything else in it (per-NUMA-node sizes, locked, shared,
+    /// file-backed memory) is named in `unmodeled`.
+    static func hugepages(_ backing: XMLElement, unmodeled: inout [String]) -> DomainMemoryBacking? {
+        var found: DomainMemoryBacking?
+        for e in backing.children?.compactMap({ $0 as? XMLElement }) ?? [] {
+            guard e.name == "hugepages" else {
+                unmodeled.append("<memoryBacking><\(e.name ?? "?")>")
+                continue
+            }
+            let pages = e.elements(forName: "page")
+            guard pages.count <= 1, pages.first?.attribute(forName: "nodeset") == nil else {
+                unmodeled.append("<memoryBacking><hugepages> (page sizes per NUMA node)")
+                continue
+            }
+            guard let page = pages.first else {
+                found = DomainMemoryBacking(hugepageMiB: 2)
+                continue
+            }
+            let kib = try? kibibytes(page, value: page.attribute(forName: "size")?.stringValue)
+            guard let kib, kib % 1024 == 0, DomainMemoryBacking.hugepageSizes.contains(kib / 1024) else {
+                unmodeled.append(
+                    "<memoryBacking><hugepages> (page size \(page.attribute(forName: "size")?.stringValue ?? "?") \(page.attribute(forName: "unit")?.stringValue ?? "KiB"): vmsnap takes 2 MiB or 1 GiB)"
+                )
+                continue
+            }
+            found = DomainMemoryBacking(hugepageMiB: kib / 1024)
+        }
+        return found
+    }
+
     /// `<memory unit='...'>N</memory>` in KiB.
-    static func kibibytes(_ e: XMLElement?) throws -> Int {
-        guard let e, let n = Int(e.stringValue?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") else {
+    /// A size element's `value` (its text unless given: `<page size=...>` holds it in an
+    /// attribute) in KiB, read in its `unit` (default KiB).
+    static func kibibytes(_ e: XMLElement?, value: String? = nil) throws -> Int {
+        guard let e, let n = Int((value ?? e.stringValue)?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") else {
             throw SnapshotError(.invalidArgument, "the domain XML has no <memory> size")
         }
         let unit = (e.attribute(forName: "unit")?.stringValue ?? "KiB").lowercased()

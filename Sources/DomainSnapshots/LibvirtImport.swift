@@ -119,7 +119,7 @@ extension DomainService {
         let definition = DomainDefinition(
             name: parsed.name, uuid: parsed.uuid ?? UUID(), memoryMiB: parsed.memoryMiB, vcpus: parsed.vcpus,
             disks: disks,
-            boot: parsed.boot, accel: accel, hypervisor: driver.name)
+            boot: parsed.boot, accel: accel, hypervisor: driver.name, memoryBacking: parsed.memoryBacking)
         try await define(definition)
         for snapshot in snapshots {
             _ = try await redefine(domain: parsed.name, xml: snapshot.xml, makeCurrent: snapshot.name == current)

@@ -108,6 +108,27 @@ public struct DomainTPM: Codable, Sendable, Hashable {
     }
 }
 
+/// Where a domain's memory lives on the host. nil in the definition: the hypervisor's default
+/// (QEMU: anonymous memory, which the kernel may map with transparent huge pages).
+public struct DomainMemoryBacking: Codable, Sendable, Hashable {
+    /// Back the guest's RAM with the host's reserved huge pages of this size (2, or 1024 for
+    /// 1 GiB pages), all taken when the domain starts (libvirt's `<memoryBacking><hugepages/>`).
+    /// The host must have them free (`vm.nr_hugepages`); the memory is never swapped.
+    public var hugepageMiB: Int
+
+    public static let hugepageSizes = [2, 1024]
+
+    public init(hugepageMiB: Int = 2) { self.hugepageMiB = hugepageMiB }
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case hugepageMiB }
+
+    public init(from decoder: any Decoder) throws {
+        try StrictKeys.refuseUnknown(decoder, known: CodingKeys.allCases.map(\.rawValue), in: "memoryBacking")
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        hugepageMiB = try StrictKeys.wholeNumber(c, .hugepageMiB, range: 1...(1 << 20), unit: "MiB")
+    }
+}
+
 /// A virtual machine as vmsnap knows it. `vmsnap domain define FILE` reads this as JSON.
 public struct DomainDefinition: Codable, Sendable, Hashable {
     public var name: String
@@ -132,14 +153,17 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
     /// domain was adopted: a JSON text only that driver reads. It lays what the definition says
     /// over it each time it creates the domain, so a revert recreates the whole domain. nil: none.
     public var hypervisorConfig: String?
+    /// Where the guest's memory lives on the host; nil: the hypervisor's default.
+    public var memoryBacking: DomainMemoryBacking?
 
     public init(
         name: String, uuid: UUID = UUID(), memoryMiB: Int, vcpus: Int = 1, disks: [DomainDisk],
         boot: DomainBoot = DomainBoot(),
         accel: String = "auto", qemuArgs: [String] = [], hypervisor: String = "qemu", firmware: DomainFirmware? = nil,
-        tpm: DomainTPM? = nil, hypervisorConfig: String? = nil
+        tpm: DomainTPM? = nil, hypervisorConfig: String? = nil, memoryBacking: DomainMemoryBacking? = nil
     ) {
         self.hypervisorConfig = hypervisorConfig
+        self.memoryBacking = memoryBacking
         self.firmware = firmware
         self.tpm = tpm
         self.name = name
@@ -155,6 +179,7 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case name, uuid, memoryMiB, vcpus, disks, boot, accel, qemuArgs, hypervisor, firmware, tpm, hypervisorConfig
+        case memoryBacking
     }
 
     public init(from decoder: any Decoder) throws {
@@ -172,6 +197,7 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
         firmware = try c.decodeIfPresent(DomainFirmware.self, forKey: .firmware)
         tpm = try c.decodeIfPresent(DomainTPM.self, forKey: .tpm)
         hypervisorConfig = try c.decodeIfPresent(String.self, forKey: .hypervisorConfig)
+        memoryBacking = try c.decodeIfPresent(DomainMemoryBacking.self, forKey: .memoryBacking)
     }
 
     /// Checks everything that can be checked without touching storage.
@@ -220,6 +246,20 @@ public struct DomainDefinition: Codable, Sendable, Hashable {
                 throw SnapshotError(
                     .invalidArgument,
                     "domain '\(name)': firmware.vars must be the domain's own file, not the firmware code or the shared template"
+                )
+            }
+        }
+        if let memoryBacking {
+            let page = memoryBacking.hugepageMiB
+            guard DomainMemoryBacking.hugepageSizes.contains(page) else {
+                throw SnapshotError(
+                    .invalidArgument,
+                    "domain '\(name)': memoryBacking.hugepageMiB is \(page); x86-64 huge pages are 2 or 1024 MiB")
+            }
+            guard memoryMiB % page == 0 else {
+                throw SnapshotError(
+                    .invalidArgument,
+                    "domain '\(name)': memoryMiB \(memoryMiB) is not a whole number of \(page) MiB huge pages; make it a multiple of \(page)"
                 )
             }
         }

@@ -307,6 +307,21 @@ public struct QEMUDriver: HypervisorDriver {
     /// A `-drive` or `-chardev` option value: commas doubled, as QEMU's option parser wants.
     static func escape(_ value: String) -> String { value.replacingOccurrences(of: ",", with: ",,") }
 
+    /// The guest RAM's id: the machine's own default name, so a memory image names its RAM the
+    /// same with and without a memory backend, and loads into either.
+    static let ramID = "pc.ram"
+
+    /// Guest RAM in the host's reserved huge pages: a memfd (no hugetlbfs mount, no file to
+    /// create), every page taken at start (`prealloc`, as libvirt does for huge pages: a page
+    /// missing later would kill the guest with SIGBUS), by up to four threads.
+    ///
+    /// A background copy write-protects and reads guest RAM page by page in the pause; with
+    /// 2 MiB pages there are 512 times fewer of them (docs/benchmarks.md: the pause and the save
+    /// rate of huge-page guests).
+    static func hugepageBackend(_ backing: DomainMemoryBacking, memoryMiB: Int, vcpus: Int) -> String {
+        "memory-backend-memfd,id=\(ramID),size=\(memoryMiB)M,hugetlb=on,hugetlbsize=\(backing.hugepageMiB)M,prealloc=on,prealloc-threads=\(min(max(vcpus, 1), 4))"
+    }
+
     /// The command line for `definition` with `drives`, as an argument array.
     public func argv(
         _ definition: DomainDefinition, drives: [DomainDrive], runtime: QEMURuntime, options: QEMULaunchOptions
@@ -315,7 +330,8 @@ public struct QEMUDriver: HypervisorDriver {
             binary,
             "-name", "guest=\(Self.escape(definition.name)),debug-threads=on",
             "-uuid", definition.uuid.uuidString.lowercased(),
-            "-machine", "pc", "-accel", Self.chooseAccelerator(definition.accel),
+            "-machine", "pc" + (definition.memoryBacking == nil ? "" : ",memory-backend=\(Self.ramID)"),
+            "-accel", Self.chooseAccelerator(definition.accel),
             "-m", "\(definition.memoryMiB)", "-smp", "\(definition.vcpus)",
             "-nodefaults", "-no-user-config", "-display", "none",
             "-daemonize", "-pidfile", runtime.pidFile,
@@ -327,6 +343,11 @@ public struct QEMUDriver: HypervisorDriver {
             "-chardev", "socket,id=qga0,path=\(Self.escape(runtime.agentSocket)),server=on,wait=off",
             "-device", "virtserialport,bus=vmsnap-vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
         ]
+        if let backing = definition.memoryBacking {
+            argv += [
+                "-object", Self.hugepageBackend(backing, memoryMiB: definition.memoryMiB, vcpus: definition.vcpus),
+            ]
+        }
         if let firmware = definition.firmware {
             // OVMF as two flash chips: the code read-only, the domain's variable store writable.
             argv += [
@@ -375,6 +396,7 @@ public struct QEMUDriver: HypervisorDriver {
             atPath: runtime.directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         unlink(runtime.qmpSocket)
         unlink(runtime.pidFile)
+        try HostHugePages.check(definition)
         let argv = argv(definition, drives: drives, runtime: runtime, options: options)
         let tpm = SoftwareTPM(runtime: runtime, runner: runner)
         if let device = definition.tpm { try await tpm.start(device, domain: definition.name) }

@@ -67,6 +67,12 @@ public struct XenDriver: HypervisorDriver {
                 "domain '\(definition.name)': an emulated TPM (swtpm) is for QEMU domains; a Xen PV domain has no TPM device here (remove tpm)"
             )
         }
+        guard definition.memoryBacking == nil else {
+            throw SnapshotError(
+                .invalidArgument,
+                "domain '\(definition.name)': memoryBacking (huge pages) is for QEMU domains; Xen gives a PV guest its memory itself (remove memoryBacking)"
+            )
+        }
         _ = try XenConfig.kept(definition)  // a kept configuration that is not libxl's, refused now
         guard definition.name != "Domain-0" else {
             throw SnapshotError(.invalidArgument, "'Domain-0' is Xen's control domain; it cannot be a vmsnap domain")

@@ -66,7 +66,7 @@ struct DomainCommand: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "define",
             abstract:
-                "Define (or update) a domain from a JSON file: name, uuid, memoryMiB, vcpus, disks [{target, backend, locator}], boot {kernel, initrd, cmdline}, hypervisor (qemu, or xen for a PV guest through libxl), accel, qemuArgs, firmware {code, vars, template} (UEFI), tpm {state, model} (an emulated TPM 2.0 through swtpm)."
+                "Define (or update) a domain from a JSON file: name, uuid, memoryMiB, vcpus, disks [{target, backend, locator}], boot {kernel, initrd, cmdline}, hypervisor (qemu, or xen for a PV guest through libxl), accel, qemuArgs, firmware {code, vars, template} (UEFI), tpm {state, model} (an emulated TPM 2.0 through swtpm), memoryBacking {hugepageMiB: 2 or 1024} (guest RAM in the host's reserved huge pages, taken at start: the shortest pause for a live snapshot under TCG)."
         )
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The definition file (JSON).") var file: String

@@ -13,30 +13,66 @@ struct MemoryImageTests {
         let g = try await Guest.define(cli, name: "mc", disks: [("vda", "qcow2")], memcheck: 32)
         try await g.running {
             try await cli.ok("domain", "start", g.name)
-            try await g.waitMemcheck(sweeps: 2, after: 0)
-            for round in 1...2 {
-                let created = try await cli.ok("snapshot", "create", g.name, "--name", "m\(round)", "--json")
-                struct Report: Decodable { var memorySaveMethod: String? }
-                let method = try decodeJSON(Report.self, created, from: "snapshot create").memorySaveMethod
-                #expect(method != nil, "the report says how the memory was saved: \(created)")
-                // The guest writes on after the snapshot (4 reports, over 3 s of sweeps): the
-                // revert must bring back the older pages, and the restored checker's numbers
-                // start below the old one's last.
-                try await g.waitMemcheck(sweeps: 4, after: g.mark())
-                let mark = g.mark()
-                let lastBefore = Self.sweeps(g.memcheckLines(after: 0)).max() ?? 0
-                try await cli.ok("snapshot", "revert", g.name, "m\(round)", "--running")
-                let lines = try await restoredLines(g, after: mark, lastBefore: lastBefore)
-                let lost = lines.filter { !$0.hasPrefix("sweep ") }
-                // "BAD ...": a page that lost a write; "exited ...": the checker died on one.
-                try #require(
-                    lost.isEmpty,
-                    "round \(round) (\(method ?? "?")): the restored checker reported \(lost.count) line(s) of lost writes, first: \(lost.prefix(3))"
-                )
-                #expect(lines.allSatisfy { !$0.hasPrefix("sweep ") || $0.hasSuffix(" bad 0") }, "\(lines.suffix(3))")
-                let panics = Guest.consoleLines(inLog: g.serialLog, after: mark, tagged: "Kernel panic")
-                #expect(panics.isEmpty, "the restored guest's kernel panicked: \(panics)")
-            }
+            try await snapshotAndRevert(g, cli)
+        }
+    }
+
+    /// The same with the guest's RAM in 2 MiB huge pages (`memoryBacking`): QEMU write-protects
+    /// and copies 2 MiB at a time there, and the restored QEMU loads the image into huge pages.
+    /// The test reserves the pages it needs on the host and gives them back.
+    @Test(.enabled(if: getuid() == 0, "reserving huge pages (vm.nr_hugepages) needs root"))
+    func hugePageGuestRestoresEveryPageTheGuestWrote() async throws {
+        let pool = "/sys/kernel/mm/hugepages/hugepages-2048kB/"
+        func count(_ file: String) throws -> Int {
+            try #require(
+                Int(
+                    String(contentsOfFile: pool + file, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+                ))
+        }
+        let before = try count("nr_hugepages")
+        let memoryMiB = 192
+        try "\(before + memoryMiB / 2)\n".write(toFile: pool + "nr_hugepages", atomically: false, encoding: .utf8)
+        defer { try? "\(before)\n".write(toFile: pool + "nr_hugepages", atomically: false, encoding: .utf8) }
+        try #require(
+            try count("nr_hugepages") == before + memoryMiB / 2, "the kernel reserved fewer huge pages than asked")
+        let cli = try CLI()
+        let g = try await Guest.define(
+            cli, name: "mh", disks: [("vda", "qcow2")], memoryMiB: memoryMiB, memcheck: 32, hugepageMiB: 2)
+        try await g.running {
+            let freeBefore = try count("free_hugepages")
+            try await cli.ok("domain", "start", g.name)
+            #expect(
+                freeBefore - (try count("free_hugepages")) >= memoryMiB / 2, "QEMU took the guest's RAM in huge pages")
+            try await snapshotAndRevert(g, cli)
+            #expect(freeBefore - (try count("free_hugepages")) >= memoryMiB / 2, "the restored QEMU runs in huge pages")
+        }
+    }
+
+    /// Two rounds of live snapshot, revert, and the restored checker's reports.
+    func snapshotAndRevert(_ g: Guest, _ cli: CLI) async throws {
+        try await g.waitMemcheck(sweeps: 2, after: 0)
+        for round in 1...2 {
+            let created = try await cli.ok("snapshot", "create", g.name, "--name", "m\(round)", "--json")
+            struct Report: Decodable { var memorySaveMethod: String? }
+            let method = try decodeJSON(Report.self, created, from: "snapshot create").memorySaveMethod
+            #expect(method != nil, "the report says how the memory was saved: \(created)")
+            // The guest writes on after the snapshot (4 reports, over 3 s of sweeps): the
+            // revert must bring back the older pages, and the restored checker's numbers
+            // start below the old one's last.
+            try await g.waitMemcheck(sweeps: 4, after: g.mark())
+            let mark = g.mark()
+            let lastBefore = Self.sweeps(g.memcheckLines(after: 0)).max() ?? 0
+            try await cli.ok("snapshot", "revert", g.name, "m\(round)", "--running")
+            let lines = try await restoredLines(g, after: mark, lastBefore: lastBefore)
+            let lost = lines.filter { !$0.hasPrefix("sweep ") }
+            // "BAD ...": a page that lost a write; "exited ...": the checker died on one.
+            try #require(
+                lost.isEmpty,
+                "round \(round) (\(method ?? "?")): the restored checker reported \(lost.count) line(s) of lost writes, first: \(lost.prefix(3))"
+            )
+            #expect(lines.allSatisfy { !$0.hasPrefix("sweep ") || $0.hasSuffix(" bad 0") }, "\(lines.suffix(3))")
+            let panics = Guest.consoleLines(inLog: g.serialLog, after: mark, tagged: "Kernel panic")
+            #expect(panics.isEmpty, "the restored guest's kernel panicked: \(panics)")
         }
     }
 

@@ -75,6 +75,10 @@ import Testing
         tpm.tpm = DomainTPM(state: "/var/lib/x/tpm")
         let refused = #expect(throws: SnapshotError.self) { try driver.validate(tpm) }
         #expect(refused?.message.contains("TPM") == true)
+        var huge = definition()
+        huge.memoryBacking = DomainMemoryBacking(hugepageMiB: 2)
+        let hugeRefused = #expect(throws: SnapshotError.self) { try driver.validate(huge) }
+        #expect(hugeRefused?.message.contains("memoryBacking") == true)
     }
 
     @Test func offADom0TheDriverSaysSo() async throws {

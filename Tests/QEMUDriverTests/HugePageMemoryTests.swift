@@ -1,0 +1,102 @@
+import Foundation
+import HypervisorDriver
+import SnapshotCore
+import Testing
+
+@testable import QEMUDriver
+
+/// A domain's memory in the host's huge pages (`memoryBacking`): what the definition accepts,
+/// the command line it gives QEMU, and the check of the host's pool before QEMU starts. The
+/// guest that runs in huge pages is MemoryImageTests' (VMSnapCLITests).
+@Suite("Huge-page memory: definition, command line, host pool")
+struct HugePageMemoryTests {
+    let driver = QEMUDriver(storeDirectory: NSTemporaryDirectory() + "vmsnap-argv")
+
+    func definition(memoryMiB: Int = 512, page: Int? = 2) -> DomainDefinition {
+        DomainDefinition(
+            name: "hp", memoryMiB: memoryMiB,
+            disks: [DomainDisk(target: "vda", backend: "qcow2", locator: "/x/a.qcow2")],
+            accel: "tcg", memoryBacking: page.map { DomainMemoryBacking(hugepageMiB: $0) })
+    }
+
+    func argv(_ def: DomainDefinition) -> [String] {
+        driver.argv(
+            def, drives: [DomainDrive(target: "vda", drive: HypervisorDrive(path: "/x/a.qcow2", format: "qcow2"))],
+            runtime: QEMURuntime(storeDirectory: "/tmp/s", domain: def.name), options: QEMULaunchOptions())
+    }
+
+    /// The value after the first `option` in `argv`.
+    func value(_ argv: [String], _ option: String) -> String? {
+        argv.firstIndex(of: option).flatMap { $0 + 1 < argv.count ? argv[$0 + 1] : nil }
+    }
+
+    @Test("the definition reads memoryBacking and refuses page sizes and memory sizes that cannot be")
+    func definitionChecks() throws {
+        let json = #"{"name":"hp","memoryMiB":512,"memoryBacking":{"hugepageMiB":2},"boot":{"kernel":"/k"}}"#
+        let read = try JSONDecoder().decode(DomainDefinition.self, from: Data(json.utf8))
+        #expect(read.memoryBacking == DomainMemoryBacking(hugepageMiB: 2))
+        try read.validate()
+        let encoded = try JSONDecoder().decode(DomainDefinition.self, from: JSONEncoder().encode(read))
+        #expect(encoded.memoryBacking == read.memoryBacking, "kept through a store round trip")
+
+        let typo = #"{"name":"hp","memoryMiB":512,"memoryBacking":{"hugepages":true},"boot":{"kernel":"/k"}}"#
+        #expect(throws: DecodingError.self) { try JSONDecoder().decode(DomainDefinition.self, from: Data(typo.utf8)) }
+
+        let fourMiB = #expect(throws: SnapshotError.self) { try definition(page: 4).validate() }
+        #expect(fourMiB?.message.contains("2 or 1024 MiB") == true, "\(fourMiB?.message ?? "")")
+        let odd = #expect(throws: SnapshotError.self) { try definition(memoryMiB: 1500, page: 1024).validate() }
+        #expect(odd?.message.contains("multiple of 1024") == true, "\(odd?.message ?? "")")
+        try definition(memoryMiB: 2048, page: 1024).validate()
+    }
+
+    @Test("QEMU gets the guest's RAM as a huge-page memfd, taken at start, under the machine's own RAM name")
+    func commandLine() throws {
+        let huge = argv(definition())
+        let backend = try #require(value(huge, "-object"), "\(huge)")
+        let options = Set(backend.split(separator: ",").map(String.init))
+        #expect(backend.hasPrefix("memory-backend-memfd,"))
+        for expected in ["id=pc.ram", "size=512M", "hugetlb=on", "hugetlbsize=2M", "prealloc=on"] {
+            #expect(options.contains(expected), "\(expected) in \(backend)")
+        }
+        #expect(value(huge, "-machine") == "pc,memory-backend=pc.ram")
+        #expect(value(huge, "-m") == "512")
+
+        let plain = argv(definition(page: nil))
+        #expect(value(plain, "-machine") == "pc")
+        #expect(!plain.contains { $0.hasPrefix("memory-backend") }, "\(plain)")
+    }
+
+    /// A directory laid out as /sys/kernel/mm/hugepages with one pool of `pageMiB` pages.
+    func sysfs(pageMiB: Int = 2, total: Int, free: Int, reserved: Int) throws -> String {
+        let root = NSTemporaryDirectory() + "vmsnap-hugepages-\(UUID().uuidString.prefix(8))"
+        let dir = HostHugePages.directory(pageMiB: pageMiB, root: root)
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        for (file, n) in [("nr_hugepages", total), ("free_hugepages", free), ("resv_hugepages", reserved)] {
+            try "\(n)\n".write(toFile: "\(dir)/\(file)", atomically: false, encoding: .utf8)
+        }
+        return root
+    }
+
+    @Test("a host short of huge pages is told how many the domain needs and how to reserve them")
+    func hostPoolChecked() throws {
+        let enough = try sysfs(total: 300, free: 280, reserved: 20)
+        defer { try? FileManager.default.removeItem(atPath: enough) }
+        try HostHugePages.check(definition(), root: enough)  // 256 needed, 260 available
+
+        let short = try sysfs(total: 300, free: 280, reserved: 100)
+        defer { try? FileManager.default.removeItem(atPath: short) }
+        let refused = #expect(throws: SnapshotError.self) { try HostHugePages.check(definition(), root: short) }
+        #expect(refused?.code == .noSpace)
+        for part in ["needs 256 huge pages of 2 MiB", "has 180 available", "sysctl vm.nr_hugepages=376"] {
+            #expect(refused?.message.contains(part) == true, "\(part) in \(refused?.message ?? "")")
+        }
+
+        let gigantic = #expect(throws: SnapshotError.self) {
+            try HostHugePages.check(definition(memoryMiB: 2048, page: 1024), root: enough)
+        }
+        #expect(gigantic?.code == .unsupported)
+        #expect(gigantic?.message.contains("none of that size") == true, "\(gigantic?.message ?? "")")
+
+        try HostHugePages.check(definition(page: nil), root: short)  // ordinary memory: nothing to check
+    }
+}
