@@ -158,26 +158,8 @@ extension DomainService {
         return ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).sorted()
     }
 
-    /// posix_spawn in a session of its own, stdin from /dev/null, stdout and stderr to `output`.
+    /// In a session of its own, stdin from /dev/null, stdout and stderr to `output`.
     static func spawnDetached(_ argv: [String], output: Int32) throws -> pid_t {
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_adddup2(&actions, output, 1)
-        posix_spawn_file_actions_adddup2(&actions, output, 2)
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        let setsid: Int16 = 0x80  // POSIX_SPAWN_SETSID (glibc)
-        posix_spawnattr_setflags(&attributes, setsid)
-        var cArgs = argv.map { strdup($0) } + [nil]
-        defer { for p in cArgs { free(p) } }
-        var pid: pid_t = 0
-        let rc = posix_spawn(&pid, argv[0], &actions, &attributes, &cArgs, environ)
-        guard rc == 0 else {
-            throw SnapshotError(.commandFailed, "cannot start \(argv[0]): \(String(cString: strerror(rc)))")
-        }
-        return pid
+        try DetachedProcess.spawn(argv, stdin: nil, stdout: output, stderr: output)
     }
 }

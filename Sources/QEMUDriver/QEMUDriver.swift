@@ -227,7 +227,8 @@ public struct QEMUDriver: HypervisorDriver {
 
     public func connect(_ domain: String) async throws -> any LiveDomain {
         QEMULiveDomain(
-            client: try await connect(runtime(domain), domain: domain), agentSocket: runtime(domain).agentSocket)
+            client: try await connect(runtime(domain), domain: domain), agentSocket: runtime(domain).agentSocket,
+            pid: runtime(domain).pid())
     }
 
     /// QMP refusals as the layer's error type.

@@ -18,8 +18,16 @@ public struct QEMULiveDomain: LiveDomain {
     /// What this handle prepared for a snapshot: the memory save's stage, the overlays opened.
     let save = SnapshotSession()
 
-    public init(client: QMPClient, agentSocket: String? = nil, addressing: any QEMUDiskAddressing = QEMUDriveIDs()) {
+    /// QEMU's process, when it runs on this host: its guest RAM is read through before a
+    /// background copy's pause (``GuestMemoryPrefault``).
+    public let pid: pid_t?
+
+    public init(
+        client: QMPClient, agentSocket: String? = nil, addressing: any QEMUDiskAddressing = QEMUDriveIDs(),
+        pid: pid_t? = nil
+    ) {
         self.client = client
+        self.pid = pid
         self.agentSocket = agentSocket
         self.addressing = addressing
     }
@@ -44,14 +52,19 @@ public struct QEMULiveDomain: LiveDomain {
         let events = await client.events(since: mark)
         guard let stop = events.first(where: { $0.name == "STOP" }) else { return [] }
         let background = save.method == .writeProtect
+        var stopped = false
+        if case .stopped = save.method { stopped = true }
         var marks: [(String, Double)] = []
         for e in events where e.timestamp >= stop.timestamp {
             switch (e.name, e.data["status"]?.string) {
-            case ("MIGRATION", "setup") where background: marks.append(("disk snapshots (vmsnap)", e.timestamp))
+            case ("MIGRATION", "setup") where background || stopped:
+                marks.append(("disk snapshots (vmsnap)", e.timestamp))
             case ("MIGRATION", "active") where background:
                 marks.append(("save set up (bitmaps, pages read for write-protection)", e.timestamp))
             case ("MIGRATION", "pre-switchover"): marks.append(("vCPUs stopped, memory synced", e.timestamp))
             case ("MIGRATION", "device"): marks.append(("disk snapshots (vmsnap)", e.timestamp))
+            case ("MIGRATION", "completed") where stopped:
+                marks.append(("memory and device state saved, the guest stopped", e.timestamp))
             case ("MIGRATION", "completed"): marks.append(("last memory round and device state", e.timestamp))
             case ("RESUME", _):
                 marks.append(
@@ -86,6 +99,12 @@ public struct QEMULiveDomain: LiveDomain {
                 try await runPrecopyToSwitchover(fd: fd, total: total, progress: progress)
                 save.stage = .atSwitchover
             default:
+                // Every guest page read once while the guest still runs: QEMU reads them again
+                // in the pause to set the background copy up, and then finds them at hand.
+                if save.method == .writeProtect, let pid, let bytes = save.guestBytes {
+                    let pages = GuestMemoryPrefault.touch(pid: pid, guestBytes: bytes)
+                    Trace.mark("guest memory read through (\(pages ?? 0) pages)")
+                }
                 try await client.stop()
             }
         }
@@ -120,7 +139,10 @@ public struct QEMULiveDomain: LiveDomain {
         async throws
     {
         try await layer {
-            let method = live ? try await liveSaveMethod() : nil
+            var method = live ? try await liveSaveMethod() : nil
+            if method == .writeProtect {
+                method = try await enableWriteProtection()
+            }
             // auto-converge: QEMU itself slows a guest that dirties memory faster than the save
             // writes it, so the save ends (and the file stops growing) even if vmsnap dies.
             try await client.setMigrationCapabilities([
@@ -132,10 +154,29 @@ public struct QEMULiveDomain: LiveDomain {
                 QMP.MigrateSetParameters(
                     maxBandwidth: 1 << 40,
                     downtimeLimitMs: method == .precopy ? PrecopyPolicy.downtimeLimitsMs[0] : nil))
-            try await client.passFile(fd, name: QEMUDriver.memoryFDName)
+            // QEMU writes into a pipe that a copier drains into the file (``MemoryPump``).
+            let (pump, qemuEnd) = try MemoryPump.start(into: fd)
+            defer { Glibc.close(qemuEnd) }
+            save.pump = pump
+            try await client.passFile(qemuEnd, name: QEMUDriver.memoryFDName)
             save.method = method
+            save.guestBytes = guestBytes
             save.stage =
                 method == .precopy ? .precopyPrepared(fd: fd, total: guestBytes, progress: progress) : .prepared
+        }
+    }
+
+    /// Turns QEMU's background snapshot on, or says why not: QEMU refuses it when it cannot
+    /// write-protect the guest's memory (no userfaultfd for its user: an unprivileged QEMU, as
+    /// with `-runas`, where vm.unprivileged_userfaultfd is 0; memory it cannot protect). The save
+    /// is then made with the guest stopped throughout (``LiveSave/stopped(because:)``): the
+    /// only other way under TCG, whose pre-copy loses writes (``liveSaveMethod()``).
+    func enableWriteProtection() async throws -> LiveSave {
+        do {
+            try await client.setMigrationCapabilities(["background-snapshot": true])
+            return .writeProtect
+        } catch let e as QMPError {
+            return .stopped(because: e.reason)
         }
     }
 
@@ -168,7 +209,15 @@ public struct QEMULiveDomain: LiveDomain {
         try await layer {
             guard case .atSwitchover = save.stage else {
                 // A background snapshot resumes the guest by itself once memory is write-protected.
-                try await client.run(QMP.Migrate(uri: "fd:\(QEMUDriver.memoryFDName)"))
+                do {
+                    try await client.run(QMP.Migrate(uri: "fd:\(QEMUDriver.memoryFDName)"))
+                } catch let e as QMPError where save.method == .writeProtect {
+                    // QEMU may refuse to protect the memory only now (a RAM block it cannot
+                    // register): the guest is stopped, so save it stopped.
+                    try await client.setMigrationCapabilities(["background-snapshot": false])
+                    save.method = .stopped(because: e.reason)
+                    try await client.run(QMP.Migrate(uri: "fd:\(QEMUDriver.memoryFDName)"))
+                }
                 return
             }
             // The last round, then the guest runs again at once: the disks are recorded and the
@@ -236,6 +285,8 @@ public struct QEMULiveDomain: LiveDomain {
                 "saving the guest's memory failed: \(info?.errorDescription ?? status); the snapshot is rolled back and the guest keeps running"
             )
         }
+        // The copier has the last of it once QEMU has closed the pipe.
+        if let pump = save.takePump() { try await pump.finish() }
         return last.downtimeMs
     }
 
@@ -268,6 +319,13 @@ public struct QEMULiveDomain: LiveDomain {
         }
         // A completed save leaves the images inactive until `cont`.
         if (try? await settledRunState()) == "postmigrate" { _ = try? await client.cont() }
+        // A save prepared and never started leaves the pipe's end with QEMU, by its name, until
+        // `closefd` (a started one has consumed the name: refused, nothing to do); then the
+        // copier ends.
+        if let pump = save.takePump() {
+            _ = try? await client.run(QMP.CloseFD(name: QEMUDriver.memoryFDName))
+            try? await pump.finish(timeout: .seconds(30))
+        }
     }
 
     /// QEMU's run state once a migration thread has finished: QEMU sends "completed" before the
@@ -702,6 +760,25 @@ final class SnapshotSession: Sendable {
         get { state.withLock { $0 } }
         set { state.withLock { $0 = newValue } }
     }
+    private let bytes = Mutex<UInt64?>(nil)
+    /// The guest's RAM size of the save prepared.
+    var guestBytes: UInt64? {
+        get { bytes.withLock { $0 } }
+        set { bytes.withLock { $0 = newValue } }
+    }
+    private let copier = Mutex<MemoryPump?>(nil)
+    /// The copier of the save under way into its file (``MemoryPump``).
+    var pump: MemoryPump? {
+        get { copier.withLock { $0 } }
+        set { copier.withLock { $0 = newValue } }
+    }
+    /// The copier, once: whoever waits for it takes it.
+    func takePump() -> MemoryPump? {
+        copier.withLock { p in
+            defer { p = nil }
+            return p
+        }
+    }
     /// The overlays made and opened before the pause: their node names by path.
     private let overlays = Mutex([String: String]())
     var preparedOverlays: [String: String] {
@@ -712,18 +789,23 @@ final class SnapshotSession: Sendable {
 
 /// How a live memory save keeps the memory of the pause's instant
 /// (``QEMULiveDomain/liveSaveMethod()``).
-public enum LiveSave: Sendable, CustomStringConvertible {
+public enum LiveSave: Sendable, Equatable, CustomStringConvertible {
     /// Memory streams while the guest runs; the last round runs in the pause (KVM).
     case precopy
     /// Memory is write-protected in the pause; each page is copied before the guest's first
     /// write to it (QEMU's background snapshot; TCG).
     case writeProtect
+    /// The guest stays stopped until all of its memory is saved: QEMU refused the background
+    /// copy (`because`: its words), and under TCG the pre-copy is no option.
+    case stopped(because: String)
 
     public var description: String {
         switch self {
         case .precopy: "pre-copy (memory streamed while the guest ran; the last round in the pause)"
         case .writeProtect:
             "background copy (memory write-protected in the pause, each page saved before the guest's first write to it)"
+        case .stopped(let why):
+            "stopped save (the guest paused until all of its memory was saved: QEMU refused the background copy: \(why))"
         }
     }
 }

@@ -100,3 +100,34 @@ struct HugePageMemoryTests {
         try HostHugePages.check(definition(page: nil), root: short)  // ordinary memory: nothing to check
     }
 }
+
+/// The guest RAM found in a QEMU's /proc/PID/maps, read through before a background copy's pause.
+@Suite("Guest memory read through before the pause: finding guest RAM")
+struct GuestMemoryPrefaultTests {
+    let maps = """
+        55f9a2c00000-55f9a3400000 r-xp 00000000 fe:00 1234   /usr/bin/qemu-system-x86_64
+        7fe9ebe00000-7fea4be00000 rw-p 00000000 00:00 0
+        7fea4be00000-7fea4be01000 ---p 00000000 00:00 0
+        7ff31be00000-7ff41be00000 rw-s 00000000 00:01 77     /memfd:memory-backend-memfd (deleted)
+        7ff500000000-7ff540000000 rwxp 00000000 00:00 0
+        7ff600000000-7ff600200000 rw-p 00000000 00:00 0
+        """
+
+    @Test("a huge-page memfd by its name, stepped 2 MiB; anonymous RAM only at the guest's exact size, stepped 4 KiB")
+    func regionsFound() {
+        let anon = GuestMemoryPrefault.regions(maps: maps, guestBytes: 1536 << 20)
+        #expect(
+            anon == [
+                .init(start: 0x7fe9_ebe0_0000, length: 1536 << 20, step: 4096),
+                .init(start: 0x7ff3_1be0_0000, length: 4096 << 20, step: 2 << 20),
+            ], "\(anon)")
+        // The TCG code buffer (rwxp) and smaller anonymous mappings are never taken for RAM.
+        let none = GuestMemoryPrefault.regions(maps: maps, guestBytes: 1024 << 20)
+        #expect(none == [.init(start: 0x7ff3_1be0_0000, length: 4096 << 20, step: 2 << 20)], "\(none)")
+    }
+
+    @Test("a process without guest RAM is read nothing of")
+    func nothingToRead() {
+        #expect(GuestMemoryPrefault.touch(pid: getpid(), guestBytes: 1 << 40) == nil)
+    }
+}

@@ -244,7 +244,13 @@ struct QEMUDriverTests {
     )
     func backgroundCopyDrainedAfterKill() async throws {
         let a = try await image("a")
-        try await driver.start(definition([a]), drives: drives([a]), mode: .boot(paused: false), progress: nil)
+        // 8 MiB of random bytes in guest RAM (QEMU's generic loader), so the image is larger
+        // than the pipe the copier drains: with the copier stopped, QEMU's copy waits, under way.
+        let random = dir + "/random.bin"
+        try Data((0..<(8 << 20)).map { _ in UInt8.random(in: 0...255) }).write(to: URL(fileURLWithPath: random))
+        var def = definition([a])
+        def.qemuArgs = ["-device", "loader,file=\(random),addr=0x100000,force-raw=on"]
+        try await driver.start(def, drives: drives([a]), mode: .boot(paused: false), progress: nil)
         defer { if let pid = driver.pid("d") { kill(pid, SIGKILL) } }
         let fd = open(dir + "/mem.bg.vmstate", O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         try #require(fd >= 0)
@@ -252,18 +258,28 @@ struct QEMUDriverTests {
         let first = try await driver.connect("d")
         let qemu = try #require(first as? QEMULiveDomain)
         qemu.forceLiveSaveMethod(.writeProtect)
+        let others = Set(Self.children(named: "cat"))  // other tests' copiers, in this process
         try await first.prepareMemorySave(to: fd, live: true, guestBytes: 32 << 20, progress: nil)
         #expect(await first.memorySaveMethod()?.hasPrefix("background copy") == true)
-        // Slowed down so that the copy is still running when vmsnap dies.
-        try await qemu.client.run(QMP.MigrateSetParameters(maxBandwidth: 64 << 10))
+        let copier = try #require(
+            Self.children(named: "cat").first { !others.contains($0) }, "the memory save's copier runs")
+        kill(copier, SIGSTOP)
+        defer { kill(copier, SIGCONT) }
         try await first.pause()
         #expect(try await first.isRunning() == false)
         try await first.startMemorySave()
+        try await Task.sleep(for: .milliseconds(500))
         let during = try await qemu.client.migrationInfo().status
         try #require(["setup", "active"].contains(during), "the copy is under way: \(during)")
         await first.close()  // vmsnap died here, the copy under way
         let second = try #require(try await driver.connect("d") as? QEMULiveDomain)
-        await second.drainMemorySave()
+        // The drain waits for the copy; it must still be running after a while, not cancelled.
+        let drain = Task { await second.drainMemorySave() }
+        try await Task.sleep(for: .seconds(1))
+        let held = try await second.client.migrationInfo().status
+        #expect(held == "active", "the drain waits for the copy, it does not cancel it: \(held)")
+        kill(copier, SIGCONT)
+        await drain.value
         let status = try await second.client.migrationInfo().status
         await second.close()
         #expect(status == "completed", "the copy ran to its end, not cancelled: \(status)")
@@ -271,6 +287,20 @@ struct QEMUDriverTests {
         var magic = [UInt8](repeating: 0, count: 4)
         #expect(pread(fd, &magic, 4, 0) == 4 && magic == Array("QEVM".utf8), "the image was written: \(magic)")
         try await driver.destroy("d")
+    }
+
+    /// This process's children running `name` (by /proc's stat: parent and command).
+    static func children(named name: String) -> [pid_t] {
+        let me = getpid()
+        return ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { entry in
+            guard let pid = pid_t(entry),
+                let stat = try? String(contentsOfFile: "/proc/\(entry)/stat", encoding: .utf8),
+                let open = stat.firstIndex(of: "("), let close = stat.lastIndex(of: ")")
+            else { return nil }
+            let comm = stat[stat.index(after: open)..<close]
+            let rest = stat[stat.index(after: close)...].split(separator: " ")
+            return comm == name && rest.count > 2 && pid_t(rest[1]) == me ? pid : nil
+        }
     }
 
     @Test(

@@ -55,7 +55,8 @@ struct Guest {
     static func define(
         _ cli: CLI, name: String = "g", disks specs: [(String, String)] = [("vda", "qcow2"), ("vdb", "qcow2")],
         memoryMiB: Int = 192, fill: Int? = nil, memcheck: Int? = nil, resume: Bool = false, agent: Bool = false,
-        firmware: [String: String]? = nil, tpm: [String: String]? = nil, hugepageMiB: Int? = nil
+        firmware: [String: String]? = nil, tpm: [String: String]? = nil, hugepageMiB: Int? = nil,
+        qemuArgs: [String]? = nil
     ) async throws -> Guest {
         let (kernel, initrd) = try await GuestImage.shared.files()
         var disks: [Disk] = []
@@ -83,6 +84,7 @@ struct Guest {
         if let firmware { definition["firmware"] = firmware }
         if let tpm { definition["tpm"] = tpm }
         if let hugepageMiB { definition["memoryBacking"] = ["hugepageMiB": hugepageMiB] }
+        if let qemuArgs { definition["qemuArgs"] = qemuArgs }
         let file = cli.root + "/\(name).json"
         try JSONSerialization.data(withJSONObject: definition).write(to: URL(fileURLWithPath: file))
         try await cli.ok("domain", "define", file)

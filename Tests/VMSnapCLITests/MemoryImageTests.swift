@@ -48,14 +48,47 @@ struct MemoryImageTests {
         }
     }
 
-    /// Two rounds of live snapshot, revert, and the restored checker's reports.
-    func snapshotAndRevert(_ g: Guest, _ cli: CLI) async throws {
+    /// A QEMU that may not write-protect memory (run as `nobody` through `-runas`, with
+    /// vm.unprivileged_userfaultfd 0: no userfaultfd for it) refuses the background copy; the
+    /// memory is then saved with the guest stopped, the report says so, and the image is right.
+    @Test(.enabled(if: getuid() == 0, "-runas and vm.unprivileged_userfaultfd need root"))
+    func refusedBackgroundCopySavesWithTheGuestStopped() async throws {
+        let knob = "/proc/sys/vm/unprivileged_userfaultfd"
+        let before = try String(contentsOfFile: knob, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        if before != "0" { try "0\n".write(toFile: knob, atomically: false, encoding: .utf8) }
+        defer { if before != "0" { try? "\(before)\n".write(toFile: knob, atomically: false, encoding: .utf8) } }
+        let cli = try CLI()
+        let g = try await Guest.define(
+            cli, name: "mn", disks: [("vda", "qcow2")], memcheck: 32, qemuArgs: ["-runas", "nobody"])
+        // QEMU reopens the image as `nobody` after a save (as libvirt's QEMU user owns its images).
+        try FileManager.default.setAttributes([.ownerAccountName: "nobody"], ofItemAtPath: g.disks[0].path)
+        try await g.running {
+            try await cli.ok("domain", "start", g.name)
+            try await snapshotAndRevert(g, cli) { method, pauseMs in
+                #expect(method?.hasPrefix("stopped save") == true, "\(method ?? "no method")")
+                #expect(method?.contains("QEMU refused the background copy") == true, "\(method ?? "")")
+                // The guest stays stopped for the whole save: far longer than a background copy's pause.
+                #expect((pauseMs ?? 0) > 100, "pause \(pauseMs ?? -1) ms")
+            }
+        }
+    }
+
+    /// Two rounds of live snapshot, revert, and the restored checker's reports; `check` sees
+    /// each snapshot's memory save method and pause.
+    func snapshotAndRevert(
+        _ g: Guest, _ cli: CLI, check: (_ method: String?, _ pauseMs: Double?) -> Void = { _, _ in }
+    ) async throws {
         try await g.waitMemcheck(sweeps: 2, after: 0)
         for round in 1...2 {
             let created = try await cli.ok("snapshot", "create", g.name, "--name", "m\(round)", "--json")
-            struct Report: Decodable { var memorySaveMethod: String? }
-            let method = try decodeJSON(Report.self, created, from: "snapshot create").memorySaveMethod
+            struct Report: Decodable {
+                var memorySaveMethod: String?
+                var pauseMs: Double?
+            }
+            let report = try decodeJSON(Report.self, created, from: "snapshot create")
+            let method = report.memorySaveMethod
             #expect(method != nil, "the report says how the memory was saved: \(created)")
+            check(method, report.pauseMs)
             // The guest writes on after the snapshot (4 reports, over 3 s of sweeps): the
             // revert must bring back the older pages, and the restored checker's numbers
             // start below the old one's last.
