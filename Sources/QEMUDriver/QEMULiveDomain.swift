@@ -154,11 +154,7 @@ public struct QEMULiveDomain: LiveDomain {
                 QMP.MigrateSetParameters(
                     maxBandwidth: 1 << 40,
                     downtimeLimitMs: method == .precopy ? PrecopyPolicy.downtimeLimitsMs[0] : nil))
-            // QEMU writes into a pipe that a copier drains into the file (``MemoryPump``).
-            let (pump, qemuEnd) = try MemoryPump.start(into: fd)
-            defer { Glibc.close(qemuEnd) }
-            save.pump = pump
-            try await client.passFile(qemuEnd, name: QEMUDriver.memoryFDName)
+            try await client.passFile(fd, name: QEMUDriver.memoryFDName)
             save.method = method
             save.guestBytes = guestBytes
             save.stage =
@@ -285,8 +281,6 @@ public struct QEMULiveDomain: LiveDomain {
                 "saving the guest's memory failed: \(info?.errorDescription ?? status); the snapshot is rolled back and the guest keeps running"
             )
         }
-        // The copier has the last of it once QEMU has closed the pipe.
-        if let pump = save.takePump() { try await pump.finish() }
         return last.downtimeMs
     }
 
@@ -319,13 +313,6 @@ public struct QEMULiveDomain: LiveDomain {
         }
         // A completed save leaves the images inactive until `cont`.
         if (try? await settledRunState()) == "postmigrate" { _ = try? await client.cont() }
-        // A save prepared and never started leaves the pipe's end with QEMU, by its name, until
-        // `closefd` (a started one has consumed the name: refused, nothing to do); then the
-        // copier ends.
-        if let pump = save.takePump() {
-            _ = try? await client.run(QMP.CloseFD(name: QEMUDriver.memoryFDName))
-            try? await pump.finish(timeout: .seconds(30))
-        }
     }
 
     /// QEMU's run state once a migration thread has finished: QEMU sends "completed" before the
@@ -765,19 +752,6 @@ final class SnapshotSession: Sendable {
     var guestBytes: UInt64? {
         get { bytes.withLock { $0 } }
         set { bytes.withLock { $0 = newValue } }
-    }
-    private let copier = Mutex<MemoryPump?>(nil)
-    /// The copier of the save under way into its file (``MemoryPump``).
-    var pump: MemoryPump? {
-        get { copier.withLock { $0 } }
-        set { copier.withLock { $0 = newValue } }
-    }
-    /// The copier, once: whoever waits for it takes it.
-    func takePump() -> MemoryPump? {
-        copier.withLock { p in
-            defer { p = nil }
-            return p
-        }
     }
     /// The overlays made and opened before the pause: their node names by path.
     private let overlays = Mutex([String: String]())

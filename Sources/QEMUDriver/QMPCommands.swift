@@ -190,14 +190,6 @@ public enum QMP {
         public var arguments: JSONValue? { ["fdname": .string(name)] }
     }
 
-    /// Closes a descriptor passed with `getfd` that nothing consumed.
-    public struct CloseFD: QMPCommand {
-        public typealias Response = Void
-        public static let name = "closefd"
-        public var name: String
-        public var arguments: JSONValue? { ["fdname": .string(name)] }
-    }
-
     public struct QueryMigrate: QMPCommand {
         public static let name = "query-migrate"
         public func response(_ r: JSONValue) -> MigrationInfo {
