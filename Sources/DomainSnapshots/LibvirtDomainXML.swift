@@ -232,8 +232,12 @@ public enum LibvirtDomainXML {
     /// A size element's `value` (its text unless given: `<page size=...>` holds it in an
     /// attribute) in KiB, read in its `unit` (default KiB).
     static func kibibytes(_ e: XMLElement?, value: String? = nil) throws -> Int {
-        guard let e, let n = Int((value ?? e.stringValue)?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "") else {
-            throw SnapshotError(.invalidArgument, "the domain XML has no <memory> size")
+        let text = (value ?? e?.stringValue)?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
+        guard let e, let n = Int(text), n > 0 else {
+            throw SnapshotError(
+                .invalidArgument,
+                "the domain XML's \(e.map { "<\($0.name ?? "?")>" } ?? "<memory>") size '\(text)' is no positive whole number; give one, with a unit such as unit='MiB'"
+            )
         }
         let unit = (e.attribute(forName: "unit")?.stringValue ?? "KiB").lowercased()
         let factor: [String: Int] = [
@@ -243,7 +247,13 @@ public enum LibvirtDomainXML {
         guard let f = factor[unit] else {
             throw SnapshotError(.invalidArgument, "the domain XML's memory unit '\(unit)' is not one vmsnap knows")
         }
-        return n * f / 1024
+        let (bytes, overflow) = n.multipliedReportingOverflow(by: f)
+        guard !overflow else {
+            throw SnapshotError(
+                .invalidArgument,
+                "the domain XML's memory size \(n) \(unit) is larger than any host's; give the guest's size")
+        }
+        return bytes / 1024
     }
 
     /// The root element of an XML document.

@@ -112,14 +112,20 @@ extension DomainService {
         }
         var disks: [DomainDisk] = []
         for disk in parsed.disks {
-            let kind = try await backendKind(for: disk)
-            try await adoptDisk(disk, kind: kind, snapshots: snapshots, current: current)
-            disks.append(DomainDisk(target: disk.target, backend: kind, locator: disk.source))
+            disks.append(
+                DomainDisk(target: disk.target, backend: try await backendKind(for: disk), locator: disk.source))
         }
         let definition = DomainDefinition(
             name: parsed.name, uuid: parsed.uuid ?? UUID(), memoryMiB: parsed.memoryMiB, vcpus: parsed.vcpus,
             disks: disks,
             boot: parsed.boot, accel: accel, hypervisor: driver.name, memoryBacking: parsed.memoryBacking)
+        // The whole definition is checked (memory backing, boot, the driver's rules) before any
+        // disk is adopted: a definition refused leaves no disk half brought in.
+        try definition.validate()
+        try driver.validate(definition)
+        for (disk, adopted) in zip(parsed.disks, disks) {
+            try await adoptDisk(disk, kind: adopted.backend, snapshots: snapshots, current: current)
+        }
         try await define(definition)
         for snapshot in snapshots {
             _ = try await redefine(domain: parsed.name, xml: snapshot.xml, makeCurrent: snapshot.name == current)

@@ -112,7 +112,8 @@ public struct DomainTPM: Codable, Sendable, Hashable {
 /// (QEMU: anonymous memory, which the kernel may map with transparent huge pages).
 public struct DomainMemoryBacking: Codable, Sendable, Hashable {
     /// Back the guest's RAM with the host's reserved huge pages of this size (2, or 1024 for
-    /// 1 GiB pages), all taken when the domain starts (libvirt's `<memoryBacking><hugepages/>`).
+    /// 1 GiB pages; 2 when not given), all taken when the domain starts (libvirt's
+    /// `<memoryBacking><hugepages/>`).
     /// The host must have them free (`vm.nr_hugepages`); the memory is never swapped.
     public var hugepageMiB: Int
 
@@ -125,7 +126,10 @@ public struct DomainMemoryBacking: Codable, Sendable, Hashable {
     public init(from decoder: any Decoder) throws {
         try StrictKeys.refuseUnknown(decoder, known: CodingKeys.allCases.map(\.rawValue), in: "memoryBacking")
         let c = try decoder.container(keyedBy: CodingKeys.self)
-        hugepageMiB = try StrictKeys.wholeNumber(c, .hugepageMiB, range: 1...(1 << 20), unit: "MiB")
+        // `"memoryBacking": {}` is the host's default huge pages, 2 MiB (libvirt's `<hugepages/>`).
+        hugepageMiB =
+            c.contains(.hugepageMiB)
+            ? try StrictKeys.wholeNumber(c, .hugepageMiB, range: 1...(1 << 20), unit: "MiB") : 2
     }
 }
 

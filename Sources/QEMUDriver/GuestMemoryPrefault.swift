@@ -12,8 +12,13 @@ import SnapshotCore
 /// the same reads in the pause took 0.45-1 ms and the pause 6.9-11.3 ms (docs/notes.md). The
 /// read here costs what QEMU's would have (115-165 ms there), while the guest runs.
 ///
-/// Guest RAM is found in /proc/PID/maps: a huge-page memfd (`memory-backend-memfd`, stepped by
-/// 2 MiB) or an anonymous private mapping exactly the guest's size (stepped by 4 KiB).
+/// Guest RAM is found in /proc/PID/maps: a huge-page memfd (`memory-backend-memfd`) or an
+/// anonymous private mapping, either exactly the guest's size. A memfd is stepped by its page
+/// size as /proc/PID/smaps gives it (2 MiB or 1 GiB), anonymous memory by 4 KiB.
+///
+/// The reads allocate nothing QEMU would not: QEMU's own read of each page in the pause maps
+/// the same pages (a never-written anonymous page reads as the shared zero page, or, with
+/// transparent huge pages and their use_zero_page off, as a new huge page, in QEMU's read too).
 enum GuestMemoryPrefault {
     struct Region: Equatable {
         var start: UInt
@@ -21,24 +26,56 @@ enum GuestMemoryPrefault {
         var step: UInt
     }
 
-    /// The guest RAM regions in a maps text (`/proc/PID/maps`).
-    static func regions(maps: String, guestBytes: UInt64) -> [Region] {
+    /// The guest RAM regions in a maps text (`/proc/PID/maps`); `pageSizes` gives the kernel's
+    /// page size by a mapping's start (from smaps; a memfd without one is stepped by 2 MiB).
+    static func regions(maps: String, guestBytes: UInt64, pageSizes: [UInt: UInt] = [:]) -> [Region] {
         var found: [Region] = []
         for line in maps.split(separator: "\n") {
             let fields = line.split(separator: " ", omittingEmptySubsequences: true)
             guard fields.count >= 5 else { continue }
             let bounds = fields[0].split(separator: "-")
-            guard bounds.count == 2, let a = UInt(bounds[0], radix: 16), let b = UInt(bounds[1], radix: 16), b > a
+            guard bounds.count == 2, let a = UInt(bounds[0], radix: 16), let b = UInt(bounds[1], radix: 16), b > a,
+                UInt64(b - a) == guestBytes
             else { continue }
             let path = fields.count > 5 ? String(fields[5]) : ""
-            let length = b - a
-            if path.hasPrefix("/memfd:memory-backend-memfd"), length >= 2 << 20 {
-                found.append(Region(start: a, length: length, step: 2 << 20))
-            } else if path.isEmpty, fields[1] == "rw-p", UInt64(length) == guestBytes {
-                found.append(Region(start: a, length: length, step: 4096))
+            if path.hasPrefix("/memfd:memory-backend-memfd") {
+                found.append(Region(start: a, length: b - a, step: pageSizes[a] ?? (2 << 20)))
+            } else if path.isEmpty, fields[1] == "rw-p" {
+                found.append(Region(start: a, length: b - a, step: 4096))
             }
         }
         return found
+    }
+
+    /// Each mapping's kernel page size in an smaps text (`/proc/PID/smaps`), by its start.
+    static func pageSizes(smaps: String) -> [UInt: UInt] {
+        var sizes: [UInt: UInt] = [:]
+        var current: UInt?
+        for line in smaps.split(separator: "\n") {
+            if let dash = line.firstIndex(of: "-"), let start = UInt(line[..<dash], radix: 16) {
+                current = start
+            } else if line.hasPrefix("KernelPageSize:"), let current,
+                let kB = UInt(line.dropFirst("KernelPageSize:".count).split(separator: " ").first ?? "")
+            {
+                sizes[current] = kB << 10
+            }
+        }
+        return sizes
+    }
+
+    /// A /proc file's whole text: /proc files have no size, and Foundation's whole-file readers
+    /// stop after the first 4 KiB of one (measured: 4,066 of 34,618 bytes of a QEMU's maps).
+    static func procText(_ path: String) -> String? {
+        guard let data = try? FileHandle(forReadingFrom: URL(fileURLWithPath: path)).readToEnd() else { return nil }
+        return String(data: data, encoding: .utf8)
+    }
+
+    /// ``touch(pid:guestBytes:)`` on a thread of its own: a 4 GiB guest's read takes 115-165 ms,
+    /// too long to hold one of the cooperative pool's few threads.
+    static func touchOffPool(pid: pid_t, guestBytes: UInt64) async -> Int? {
+        await withCheckedContinuation { continuation in
+            Thread.detachNewThread { continuation.resume(returning: touch(pid: pid, guestBytes: guestBytes)) }
+        }
     }
 
     /// process_vm_readv (glibc), which Swift's Glibc module does not show.
@@ -55,13 +92,12 @@ enum GuestMemoryPrefault {
     /// them in the pause, as before).
     @discardableResult
     static func touch(pid: pid_t, guestBytes: UInt64) -> Int? {
-        // Read to its end: /proc files have no size, and Foundation's whole-file readers stop
-        // after the first 4 KiB of one (measured: 4,066 of 34,618 bytes of a QEMU's maps).
-        guard let readv,
-            let data = try? FileHandle(forReadingFrom: URL(fileURLWithPath: "/proc/\(pid)/maps")).readToEnd(),
-            let maps = String(data: data, encoding: .utf8)
-        else { return nil }
-        let found = regions(maps: maps, guestBytes: guestBytes)
+        guard let readv, let maps = procText("/proc/\(pid)/maps") else { return nil }
+        var found = regions(maps: maps, guestBytes: guestBytes)
+        // A memfd's page size (2 MiB or 1 GiB) only when there is one: smaps is the longer read.
+        if found.contains(where: { $0.step > 4096 }), let smaps = procText("/proc/\(pid)/smaps") {
+            found = regions(maps: maps, guestBytes: guestBytes, pageSizes: pageSizes(smaps: smaps))
+        }
         guard !found.isEmpty else { return nil }
         let batch = 1024
         var sink = [UInt8](repeating: 0, count: batch)

@@ -43,10 +43,10 @@ struct HostHugePages: Sendable, Equatable {
             )
         }
         guard pool.available >= needed else {
+            // The pool of this page size by its own path: vm.nr_hugepages is the default size's,
+            // which a host may have set to 1 GiB.
             let knob =
-                page == 2
-                ? "sysctl vm.nr_hugepages=\(pool.total + needed - pool.available)"
-                : "echo \(pool.total + needed - pool.available) > \(directory(pageMiB: page, root: root))/nr_hugepages"
+                "echo \(pool.total + needed - pool.available) > \(directory(pageMiB: page, root: root))/nr_hugepages"
             throw SnapshotError(
                 .noSpace,
                 "domain '\(definition.name)' needs \(needed) huge pages of \(page) MiB for its \(definition.memoryMiB) MiB of memory, and the host has \(pool.available) available (\(pool.total) reserved in all, \(pool.free) free, \(pool.reserved) of those promised to other processes). Reserve more as root (\(knob)), or remove memoryBacking from the definition"

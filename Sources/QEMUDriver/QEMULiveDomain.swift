@@ -102,7 +102,7 @@ public struct QEMULiveDomain: LiveDomain {
                 // Every guest page read once while the guest still runs: QEMU reads them again
                 // in the pause to set the background copy up, and then finds them at hand.
                 if save.method == .writeProtect, let pid, let bytes = save.guestBytes {
-                    let pages = GuestMemoryPrefault.touch(pid: pid, guestBytes: bytes)
+                    let pages = await GuestMemoryPrefault.touchOffPool(pid: pid, guestBytes: bytes)
                     Trace.mark("guest memory read through (\(pages ?? 0) pages)")
                 }
                 try await client.stop()
@@ -143,12 +143,9 @@ public struct QEMULiveDomain: LiveDomain {
             if method == .writeProtect {
                 method = try await enableWriteProtection()
             }
-            // auto-converge: QEMU itself slows a guest that dirties memory faster than the save
-            // writes it, so the save ends (and the file stops growing) even if vmsnap dies.
-            try await client.setMigrationCapabilities([
-                "background-snapshot": method == .writeProtect, "pause-before-switchover": method == .precopy,
-                "auto-converge": method == .precopy, "events": true,
-            ])
+            if method != .writeProtect {
+                try await client.setMigrationCapabilities(Self.capabilities(for: method))
+            }
             // QEMU rate-limits migration (128 MiB/s by default); a save to a local file should not be.
             try await client.run(
                 QMP.MigrateSetParameters(
@@ -166,14 +163,37 @@ public struct QEMULiveDomain: LiveDomain {
     /// write-protect the guest's memory (no userfaultfd for its user: an unprivileged QEMU, as
     /// with `-runas`, where vm.unprivileged_userfaultfd is 0; memory it cannot protect). The save
     /// is then made with the guest stopped throughout (``LiveSave/stopped(because:)``): the
-    /// only other way under TCG, whose pre-copy loses writes (``liveSaveMethod()``).
+    /// only other way under TCG, whose pre-copy loses writes (``liveSaveMethod()``). The
+    /// capabilities go in as one set, so one an earlier pre-copy left on (pause-before-switchover,
+    /// auto-converge: QEMU refuses them beside a background snapshot) never reads as a refusal;
+    /// any other refusal is an error, not a reason to stop the guest.
     func enableWriteProtection() async throws -> LiveSave {
         do {
-            try await client.setMigrationCapabilities(["background-snapshot": true])
+            try await client.setMigrationCapabilities(Self.capabilities(for: .writeProtect))
             return .writeProtect
-        } catch let e as QMPError {
+        } catch let e as QMPError where Self.refusesWriteProtection(e.reason) {
             return .stopped(because: e.reason)
         }
+    }
+
+    /// The migration capabilities a save by `method` runs with, every one vmsnap sets named, so
+    /// one call leaves none from an earlier save. auto-converge: QEMU itself slows a guest that
+    /// dirties memory faster than a pre-copy writes it, so the save ends (and the file stops
+    /// growing) even if vmsnap dies.
+    static func capabilities(for method: LiveSave?) -> [String: Bool] {
+        [
+            "background-snapshot": method == .writeProtect, "pause-before-switchover": method == .precopy,
+            "auto-converge": method == .precopy, "events": true,
+        ]
+    }
+
+    /// Whether QEMU's words refuse the background snapshot because it cannot write-protect this
+    /// guest's memory (QEMU 7.2: "Background-snapshot is not supported by host kernel", "... is
+    /// not compatible with guest memory configuration"), as opposed to a capability set wrong.
+    static func refusesWriteProtection(_ reason: String) -> Bool {
+        let r = reason.lowercased()
+        return r.contains("background-snapshot")
+            && (r.contains("host kernel") || r.contains("guest memory") || r.contains("userfault"))
     }
 
     /// How live saves of this domain keep their point in time. A pre-copy trusts the
@@ -205,15 +225,10 @@ public struct QEMULiveDomain: LiveDomain {
         try await layer {
             guard case .atSwitchover = save.stage else {
                 // A background snapshot resumes the guest by itself once memory is write-protected.
-                do {
-                    try await client.run(QMP.Migrate(uri: "fd:\(QEMUDriver.memoryFDName)"))
-                } catch let e as QMPError where save.method == .writeProtect {
-                    // QEMU may refuse to protect the memory only now (a RAM block it cannot
-                    // register): the guest is stopped, so save it stopped.
-                    try await client.setMigrationCapabilities(["background-snapshot": false])
-                    save.method = .stopped(because: e.reason)
-                    try await client.run(QMP.Migrate(uri: "fd:\(QEMUDriver.memoryFDName)"))
-                }
+                // (QEMU 7.2 checks write-protection when the capability is set, in
+                // enableWriteProtection(); one that fails later fails the migration, which
+                // finishMemorySave reports and the snapshot rolls back.)
+                try await client.run(QMP.Migrate(uri: "fd:\(QEMUDriver.memoryFDName)"))
                 return
             }
             // The last round, then the guest runs again at once: the disks are recorded and the
@@ -280,6 +295,13 @@ public struct QEMULiveDomain: LiveDomain {
                 .io,
                 "saving the guest's memory failed: \(info?.errorDescription ?? status); the snapshot is rolled back and the guest keeps running"
             )
+        }
+        // A live save QEMU made with the guest stopped: the guest runs again as soon as its
+        // memory is in the file, not after the caller has recorded the disks and synced it.
+        if case .stopped = save.method {
+            try await layer {
+                if try await settledRunState() != "running" { try await client.cont() }
+            }
         }
         return last.downtimeMs
     }

@@ -1,12 +1,17 @@
 import Foundation
 
-/// A child started in a session of its own: it lives on if vmsnap is killed (a disk server that
-/// QEMU reads through, the pump of a memory save that QEMU writes through), and a signal to
-/// vmsnap's process group does not reach it.
+/// A child started in a session of its own: it lives on if vmsnap is killed (a disk server a
+/// hypervisor reads through), and a signal to vmsnap's process group does not reach it.
 public enum DetachedProcess {
     /// posix_spawn of `argv` (an absolute path first; never a shell) with its standard input,
     /// output and error on the given descriptors (nil: /dev/null), in a new session.
     public static func spawn(_ argv: [String], stdin: Int32?, stdout: Int32?, stderr: Int32?) throws -> pid_t {
+        guard let program = argv.first, program.hasPrefix("/") else {
+            throw SnapshotError(
+                .invalidArgument,
+                "cannot start a detached process from \(argv.isEmpty ? "an empty command" : "'\(argv[0])'"): the first argument must be an absolute path to the program"
+            )
+        }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -25,9 +30,9 @@ public enum DetachedProcess {
         var cArgs = argv.map { strdup($0) } + [nil]
         defer { for p in cArgs { free(p) } }
         var pid: pid_t = 0
-        let rc = posix_spawn(&pid, argv[0], &actions, &attributes, &cArgs, environ)
+        let rc = posix_spawn(&pid, program, &actions, &attributes, &cArgs, environ)
         guard rc == 0 else {
-            throw SnapshotError(.commandFailed, "cannot start \(argv[0]): \(String(cString: strerror(rc)))")
+            throw SnapshotError(.commandFailed, "cannot start \(program): \(String(cString: strerror(rc)))")
         }
         return pid
     }

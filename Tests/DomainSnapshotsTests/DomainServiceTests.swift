@@ -36,6 +36,24 @@ struct DomainServiceTests {
         return path
     }
 
+    @Test("a libvirt domain whose memory backing is refused is not imported, and none of its disks is adopted")
+    func importRefusedBeforeAnyDiskIsAdopted() async throws {
+        let a = try await disk("imp")
+        // 1 GiB pages for 1,025 MiB: the page size is valid, the memory no whole number of pages.
+        let xml = """
+            <domain type='qemu'><name>imp</name><memory unit='MiB'>1025</memory>
+            <memoryBacking><hugepages><page size='1' unit='G'/></hugepages></memoryBacking>
+            <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+            <source file='\(a)'/><target dev='vda' bus='virtio'/></disk></devices></domain>
+            """
+        let error = await #expect(throws: SnapshotError.self) {
+            _ = try await service.importDomain(domainXML: xml, snapshotXMLs: [], current: nil)
+        }
+        #expect(error?.message.contains("huge pages") == true, "\(String(describing: error))")
+        #expect(try service.disks.store.disks().isEmpty, "a refused import adopted no disk")
+        #expect(try service.disks.store.domain(named: "imp") == nil)
+    }
+
     @Test("a domain whose hypervisor has no driver, or with an option its driver refuses, is not defined")
     func unknownHypervisor() async throws {
         let a = try await disk("a")
@@ -128,6 +146,22 @@ struct LibvirtMemoryBackingTests {
         #expect(perNode.memoryBacking == nil && perNode.unmodeled.count == 1, "\(perNode.unmodeled)")
         let odd = try parse("<memoryBacking><hugepages><page size='16' unit='M'/></hugepages></memoryBacking>")
         #expect(odd.memoryBacking == nil && odd.unmodeled.first?.contains("16 M") == true, "\(odd.unmodeled)")
+    }
+
+    @Test("a memory or page size too large for any host, or no number, is refused with the reason")
+    func sizesRefused() throws {
+        let huge = "<domain type='kvm'><name>d</name><memory unit='GiB'>9223372036854775807</memory></domain>"
+        let error = #expect(throws: SnapshotError.self) {
+            try LibvirtDomainXML.parse(try XMLDocument(xmlString: huge).rootElement()!)
+        }
+        #expect(error?.message.contains("larger than any host") == true, "\(String(describing: error))")
+        let negative = "<domain type='kvm'><name>d</name><memory unit='MiB'>-5</memory></domain>"
+        #expect(throws: SnapshotError.self) {
+            try LibvirtDomainXML.parse(try XMLDocument(xmlString: negative).rootElement()!)
+        }
+        let page = try parse(
+            "<memoryBacking><hugepages><page size='9223372036854775807' unit='G'/></hugepages></memoryBacking>")
+        #expect(page.memoryBacking == nil && page.unmodeled.count == 1, "\(page.unmodeled)")
     }
 
     @Test("the domain XML for libvirt carries the page size, and reads back the same")

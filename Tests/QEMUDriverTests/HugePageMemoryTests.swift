@@ -39,6 +39,10 @@ struct HugePageMemoryTests {
         let encoded = try JSONDecoder().decode(DomainDefinition.self, from: JSONEncoder().encode(read))
         #expect(encoded.memoryBacking == read.memoryBacking, "kept through a store round trip")
 
+        let empty = #"{"name":"hp","memoryMiB":512,"memoryBacking":{},"boot":{"kernel":"/k"}}"#
+        let byDefault = try JSONDecoder().decode(DomainDefinition.self, from: Data(empty.utf8))
+        #expect(byDefault.memoryBacking == DomainMemoryBacking(hugepageMiB: 2), "an empty backing: 2 MiB pages")
+
         let typo = #"{"name":"hp","memoryMiB":512,"memoryBacking":{"hugepages":true},"boot":{"kernel":"/k"}}"#
         #expect(throws: DecodingError.self) { try JSONDecoder().decode(DomainDefinition.self, from: Data(typo.utf8)) }
 
@@ -87,7 +91,9 @@ struct HugePageMemoryTests {
         defer { try? FileManager.default.removeItem(atPath: short) }
         let refused = #expect(throws: SnapshotError.self) { try HostHugePages.check(definition(), root: short) }
         #expect(refused?.code == .noSpace)
-        for part in ["needs 256 huge pages of 2 MiB", "has 180 available", "sysctl vm.nr_hugepages=376"] {
+        for part in [
+            "needs 256 huge pages of 2 MiB", "has 180 available", "echo 376 > \(short)/hugepages-2048kB/nr_hugepages",
+        ] {
             #expect(refused?.message.contains(part) == true, "\(part) in \(refused?.message ?? "")")
         }
 
@@ -113,17 +119,52 @@ struct GuestMemoryPrefaultTests {
         7ff600000000-7ff600200000 rw-p 00000000 00:00 0
         """
 
-    @Test("a huge-page memfd by its name, stepped 2 MiB; anonymous RAM only at the guest's exact size, stepped 4 KiB")
+    @Test(
+        "guest RAM only at the guest's exact size: a huge-page memfd by its name, stepped 2 MiB; anonymous RAM stepped 4 KiB"
+    )
     func regionsFound() {
         let anon = GuestMemoryPrefault.regions(maps: maps, guestBytes: 1536 << 20)
-        #expect(
-            anon == [
-                .init(start: 0x7fe9_ebe0_0000, length: 1536 << 20, step: 4096),
-                .init(start: 0x7ff3_1be0_0000, length: 4096 << 20, step: 2 << 20),
-            ], "\(anon)")
-        // The TCG code buffer (rwxp) and smaller anonymous mappings are never taken for RAM.
+        #expect(anon == [.init(start: 0x7fe9_ebe0_0000, length: 1536 << 20, step: 4096)], "\(anon)")
+        let memfd = GuestMemoryPrefault.regions(maps: maps, guestBytes: 4096 << 20)
+        #expect(memfd == [.init(start: 0x7ff3_1be0_0000, length: 4096 << 20, step: 2 << 20)], "\(memfd)")
+        // The TCG code buffer (rwxp), smaller anonymous mappings and a memfd of another size
+        // are never taken for RAM.
         let none = GuestMemoryPrefault.regions(maps: maps, guestBytes: 1024 << 20)
-        #expect(none == [.init(start: 0x7ff3_1be0_0000, length: 4096 << 20, step: 2 << 20)], "\(none)")
+        #expect(none.isEmpty, "\(none)")
+    }
+
+    @Test("a memfd of 1 GiB pages is stepped by 1 GiB, by the page size smaps gives")
+    func gigabytePages() {
+        let smaps = """
+            7fe9ebe00000-7fea4be00000 rw-p 00000000 00:00 0
+            Size:            1572864 kB
+            KernelPageSize:        4 kB
+            7ff31be00000-7ff41be00000 rw-s 00000000 00:01 77     /memfd:memory-backend-memfd (deleted)
+            Size:            4194304 kB
+            KernelPageSize:  1048576 kB
+            MMUPageSize:     1048576 kB
+            """
+        let sizes = GuestMemoryPrefault.pageSizes(smaps: smaps)
+        #expect(sizes == [0x7fe9_ebe0_0000: 4096, 0x7ff3_1be0_0000: 1 << 30], "\(sizes)")
+        let memfd = GuestMemoryPrefault.regions(maps: maps, guestBytes: 4096 << 20, pageSizes: sizes)
+        #expect(memfd == [.init(start: 0x7ff3_1be0_0000, length: 4096 << 20, step: 1 << 30)], "\(memfd)")
+    }
+
+    @Test("every page of a mapping this process holds is read, through process_vm_readv")
+    func readsEveryPage() throws {
+        // 301 pages of RAM between two inaccessible pages, so the kernel keeps it one mapping
+        // of exactly that size; its pages written, so each read finds a page.
+        let page = 4096
+        let pages = 301
+        let base = try #require(
+            mmap(nil, (pages + 2) * page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0).flatMap {
+                $0 == MAP_FAILED ? nil : $0
+            })
+        defer { munmap(base, (pages + 2) * page) }
+        let ram = base + page
+        try #require(mprotect(ram, pages * page, PROT_READ | PROT_WRITE) == 0)
+        memset(ram, 0x5a, pages * page)
+        #expect(GuestMemoryPrefault.touch(pid: getpid(), guestBytes: UInt64(pages * page)) == pages)
     }
 
     @Test("a process without guest RAM is read nothing of")

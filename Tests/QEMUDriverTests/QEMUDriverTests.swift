@@ -1,8 +1,9 @@
 import Foundation
 import HypervisorDriver
-import QEMUDriver
 import SnapshotCore
 import Testing
+
+@testable import QEMUDriver
 
 let hasQEMU =
     FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-system-x86_64")
@@ -258,11 +259,14 @@ struct QEMUDriverTests {
         try #require(pipe(&ends) == 0)
         let reader = ends[0]
         defer { close(reader) }
+        var writer = ends[1]
+        defer { if writer >= 0 { close(writer) } }
         let first = try await driver.connect("d")
         let qemu = try #require(first as? QEMULiveDomain)
         qemu.forceLiveSaveMethod(.writeProtect)
-        try await first.prepareMemorySave(to: ends[1], live: true, guestBytes: 32 << 20, progress: nil)
-        close(ends[1])  // QEMU has its own copy
+        try await first.prepareMemorySave(to: writer, live: true, guestBytes: 32 << 20, progress: nil)
+        close(writer)  // QEMU has its own copy
+        writer = -1
         #expect(await first.memorySaveMethod()?.hasPrefix("background copy") == true)
         try await first.pause()
         #expect(try await first.isRunning() == false)
@@ -277,14 +281,20 @@ struct QEMUDriverTests {
         try await Task.sleep(for: .seconds(1))
         let held = try await second.client.migrationInfo().status
         #expect(held == "active", "the drain waits for the copy, it does not cancel it: \(held)")
-        // Now the image is read to its end (QEMU closes the pipe when the copy ends).
-        let image = Task.detached { () -> [UInt8] in
-            var all: [UInt8] = []
-            var chunk = [UInt8](repeating: 0, count: 1 << 16)
-            while true {
-                let n = read(reader, &chunk, chunk.count)
-                if n <= 0 { return all }
-                all += chunk[0..<n]
+        // Now the image is read to its end (QEMU closes the pipe when the copy ends), on a
+        // thread of its own: the blocking reads must not hold one of the test pool's threads.
+        let image = Task {
+            await withCheckedContinuation { (done: CheckedContinuation<[UInt8], Never>) in
+                Thread.detachNewThread {
+                    var all: [UInt8] = []
+                    var chunk = [UInt8](repeating: 0, count: 1 << 16)
+                    while true {
+                        let n = read(reader, &chunk, chunk.count)
+                        if n <= 0 { break }
+                        all += chunk[0..<n]
+                    }
+                    done.resume(returning: all)
+                }
             }
         }
         await drain.value
@@ -296,6 +306,16 @@ struct QEMUDriverTests {
         #expect(
             bytes.count > 8 << 20 && Array(bytes.prefix(4)) == Array("QEVM".utf8),
             "the image was written: \(bytes.count) bytes")
+        try await driver.destroy("d")
+    }
+
+    @Test("every page of a running QEMU's guest RAM is read through from outside, and nothing else")
+    func guestMemoryReadThrough() async throws {
+        let a = try await image("a")
+        try await driver.start(definition([a]), drives: drives([a]), mode: .boot(paused: false), progress: nil)
+        let pid = try #require(driver.pid("d"))
+        let pages = await GuestMemoryPrefault.touchOffPool(pid: pid, guestBytes: 32 << 20)
+        #expect(pages == (32 << 20) / 4096, "pages read: \(String(describing: pages))")
         try await driver.destroy("d")
     }
 
@@ -311,9 +331,15 @@ struct QEMUDriverTests {
         let live = try await driver.connect("d")
         // Each method's steps; only the pre-copy's loses writes under TCG, and this guest has no
         // OS writing memory (MemoryImageTests checks the pages with one that does).
-        try #require(live as? QEMULiveDomain).forceLiveSaveMethod(method)
+        let qemu = try #require(live as? QEMULiveDomain)
+        qemu.forceLiveSaveMethod(method)
+        // The capabilities an earlier pre-copy leaves on, which QEMU refuses beside a
+        // background copy: the save must still be the method asked for, not a stopped save.
+        try await qemu.client.setMigrationCapabilities(["pause-before-switchover": true, "auto-converge": true])
         let mark = await live.mark()
         try await live.prepareMemorySave(to: fd, live: true, guestBytes: 32 << 20, progress: nil)
+        let said = await live.memorySaveMethod() ?? "none"
+        #expect(said.hasPrefix(method == .writeProtect ? "background copy" : "pre-copy"), "\(said)")
         try await live.pause()
         let saveMark = await live.mark()
         try await live.startMemorySave()
