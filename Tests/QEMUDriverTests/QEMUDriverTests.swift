@@ -246,8 +246,10 @@ struct QEMUDriverTests {
     func backgroundCopyDrainedAfterKill() async throws {
         let a = try await image("a")
         // 8 MiB of random bytes in guest RAM (QEMU's generic loader), saved into a pipe this test
-        // reads only when it wants: QEMU's copy blocks once the pipe is full, under way when
+        // reads slowly (64 KiB every 50 ms) until its checks are done: the copy is under way when
         // vmsnap dies and while the next drain waits (a background copy ignores max-bandwidth).
+        // Never not at all: a guest write to a protected page from QEMU's main loop (the
+        // firmware's port I/O into RAM) waits for the copy, and QMP with it (seen in CI).
         let random = dir + "/random.bin"
         let urandom = try #require(FileHandle(forReadingAtPath: "/dev/urandom"))
         try urandom.readData(ofLength: 8 << 20).write(to: URL(fileURLWithPath: random))
@@ -257,8 +259,8 @@ struct QEMUDriverTests {
         defer { if let pid = driver.pid("d") { kill(pid, SIGKILL) } }
         var ends: [Int32] = [-1, -1]
         try #require(pipe(&ends) == 0)
-        let reader = ends[0]
-        defer { close(reader) }
+        let reader = SlowPipeReader(fd: ends[0])
+        defer { reader.hurry() }
         var writer = ends[1]
         defer { if writer >= 0 { close(writer) } }
         let first = try await driver.connect("d")
@@ -281,24 +283,10 @@ struct QEMUDriverTests {
         try await Task.sleep(for: .seconds(1))
         let held = try await second.client.migrationInfo().status
         #expect(held == "active", "the drain waits for the copy, it does not cancel it: \(held)")
-        // Now the image is read to its end (QEMU closes the pipe when the copy ends), on a
-        // thread of its own: the blocking reads must not hold one of the test pool's threads.
-        let image = Task {
-            await withCheckedContinuation { (done: CheckedContinuation<[UInt8], Never>) in
-                Thread.detachNewThread {
-                    var all: [UInt8] = []
-                    var chunk = [UInt8](repeating: 0, count: 1 << 16)
-                    while true {
-                        let n = read(reader, &chunk, chunk.count)
-                        if n <= 0 { break }
-                        all += chunk[0..<n]
-                    }
-                    done.resume(returning: all)
-                }
-            }
-        }
+        // Now the image is read to its end at full speed (QEMU closes the pipe when the copy ends).
+        reader.hurry()
         await drain.value
-        let bytes = await image.value
+        let bytes = await reader.bytes()
         let status = try await second.client.migrationInfo().status
         await second.close()
         #expect(status == "completed", "the copy ran to its end, not cancelled: \(status)")
@@ -392,6 +380,50 @@ struct QEMUDriverTests {
 
 /// The PCI slots on QEMU's command line are the ones the driver gives libvirt: both describe one
 /// machine, or libvirt's QEMU cannot load vmsnap's saved device state.
+/// Reads a pipe to its end on a thread of its own (blocking reads must not hold one of the test
+/// pool's threads): 64 KiB every 50 ms until ``hurry()``, then as fast as it comes. Closes the
+/// pipe at its end.
+final class SlowPipeReader: @unchecked Sendable {
+    private let lock = NSLock()
+    private var fast = false
+    private var data: [UInt8] = []
+    private var done = false
+    private var waiter: CheckedContinuation<[UInt8], Never>?
+
+    init(fd: Int32) {
+        Thread.detachNewThread { [self] in
+            var chunk = [UInt8](repeating: 0, count: 1 << 16)
+            while true {
+                let n = read(fd, &chunk, chunk.count)
+                if n <= 0 { break }
+                lock.withLock { data += chunk[0..<n] }
+                if !lock.withLock({ fast }) { usleep(50_000) }
+            }
+            close(fd)
+            let w: CheckedContinuation<[UInt8], Never>? = lock.withLock {
+                done = true
+                defer { waiter = nil }
+                return waiter
+            }
+            w?.resume(returning: lock.withLock { data })
+        }
+    }
+
+    func hurry() { lock.withLock { fast = true } }
+
+    /// Everything read, once the writer has closed its end.
+    func bytes() async -> [UInt8] {
+        await withCheckedContinuation { continuation in
+            let ready: [UInt8]? = lock.withLock {
+                if done { return data }
+                waiter = continuation
+                return nil
+            }
+            if let ready { continuation.resume(returning: ready) }
+        }
+    }
+}
+
 @Suite("QEMU command line and libvirt hardware")
 struct QEMUCommandLineSlotTests {
     let driver = QEMUDriver(storeDirectory: NSTemporaryDirectory() + "vmsnap-argv")
