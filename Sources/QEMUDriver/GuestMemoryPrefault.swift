@@ -70,14 +70,6 @@ enum GuestMemoryPrefault {
         return String(data: data, encoding: .utf8)
     }
 
-    /// ``touch(pid:guestBytes:)`` on a thread of its own: a 4 GiB guest's read takes 115-165 ms,
-    /// too long to hold one of the cooperative pool's few threads.
-    static func touchOffPool(pid: pid_t, guestBytes: UInt64) async -> Int? {
-        await withCheckedContinuation { continuation in
-            Thread.detachNewThread { continuation.resume(returning: touch(pid: pid, guestBytes: guestBytes)) }
-        }
-    }
-
     /// process_vm_readv (glibc), which Swift's Glibc module does not show.
     typealias ReadV =
         @convention(c) (

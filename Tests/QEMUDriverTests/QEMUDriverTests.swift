@@ -302,7 +302,7 @@ struct QEMUDriverTests {
         let a = try await image("a")
         try await driver.start(definition([a]), drives: drives([a]), mode: .boot(paused: false), progress: nil)
         let pid = try #require(driver.pid("d"))
-        let pages = await GuestMemoryPrefault.touchOffPool(pid: pid, guestBytes: 32 << 20)
+        let pages = try await QEMULiveDomain.offPool { GuestMemoryPrefault.touch(pid: pid, guestBytes: 32 << 20) }
         #expect(pages == (32 << 20) / 4096, "pages read: \(String(describing: pages))")
         try await driver.destroy("d")
     }
